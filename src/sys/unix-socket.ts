@@ -1,0 +1,198 @@
+/**
+ * AF_UNIX stream sockets with SCM_RIGHTS fd passing, through raw libc calls (Node's net module cannot
+ * carry fds). Sockets are non-blocking; `recvWithFds`/`sendWithFds` report EAGAIN as `null` so callers
+ * can wait with `koffi.node.poll` (daemon) or `waitReadable` (test front-end).
+ */
+import {
+  sys,
+  addressOf,
+  AF_UNIX,
+  SOCK_STREAM,
+  SOCK_NONBLOCK,
+  SOCK_CLOEXEC,
+  SOL_SOCKET,
+  SCM_RIGHTS,
+  MSG_NOSIGNAL,
+  MSG_CMSG_CLOEXEC,
+  MSG_CTRUNC,
+  POLLIN,
+} from './libc.js';
+import { check, lastErrno, Errno, SyscallError } from './errors.js';
+import { closeAll } from './fd.js';
+
+const SOCKADDR_UN_SIZE = 110;
+const MAX_PATH_BYTES = 107;
+const MSGHDR_SIZE = 56;
+const CMSG_HEADER_SIZE = 16;
+/** Control space for up to 16 fds; more than that in one message is truncated by the kernel (and rejected by us). */
+const MAX_RECEIVED_FDS = 16;
+const CONTROL_SIZE = CMSG_HEADER_SIZE + MAX_RECEIVED_FDS * 4;
+
+export class SocketPathError extends Error {
+  constructor(path: string, reason: string) {
+    super(`socket path ${path}: ${reason}`);
+    this.name = 'SocketPathError';
+  }
+}
+
+function sockaddrFor(path: string): Buffer {
+  const encoded = Buffer.from(path, 'utf8');
+  if (encoded.length > MAX_PATH_BYTES) {
+    throw new SocketPathError(path, `is ${encoded.length} bytes, the limit for a Unix socket is ${MAX_PATH_BYTES}`);
+  }
+  const address = Buffer.alloc(SOCKADDR_UN_SIZE);
+  address.writeUInt16LE(AF_UNIX, 0);
+  encoded.copy(address, 2);
+  return address;
+}
+
+export function listenUnix(path: string, backlog = 16): number {
+  const address = sockaddrFor(path);
+  const fd = check(sys.socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0), 'socket(AF_UNIX)');
+  try {
+    check(sys.bind(fd, addressOf(address), SOCKADDR_UN_SIZE), 'bind', path);
+    check(sys.listen(fd, backlog), 'listen', path);
+  } catch (error) {
+    sys.close(fd);
+    throw error;
+  }
+  return fd;
+}
+
+/** Returns the connected fd, or null when no connection is pending. */
+export function acceptConnection(listenFd: number): number | null {
+  const fd = sys.accept4(listenFd, 0, 0, SOCK_NONBLOCK | SOCK_CLOEXEC);
+  if (fd >= 0) return fd;
+  const errno = lastErrno();
+  if (errno === Errno.EAGAIN || errno === Errno.EINTR) return null;
+  throw new SyscallError('accept4', errno);
+}
+
+/** Blocking connect, then the socket is switched to non-blocking. */
+export function connectUnix(path: string): number {
+  const address = sockaddrFor(path);
+  const fd = check(sys.socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0), 'socket(AF_UNIX)');
+  if (sys.connect(fd, addressOf(address), SOCKADDR_UN_SIZE) < 0) {
+    const errno = lastErrno();
+    sys.close(fd);
+    throw new SyscallError('connect', errno, path);
+  }
+  const flags = check(sys.fcntl(fd, 3, 0), 'fcntl(F_GETFL)');
+  check(sys.fcntl(fd, 4, flags | 0o4000), 'fcntl(F_SETFL)');
+  return fd;
+}
+
+/** True if something is listening on `path` (used to tell a live daemon's socket from a stale file). */
+export function isSocketLive(path: string): boolean {
+  try {
+    sys.close(connectUnix(path));
+    return true;
+  } catch (error) {
+    if (error instanceof SyscallError && (error.errno === Errno.ECONNREFUSED || error.errno === Errno.ENOENT)) return false;
+    throw error;
+  }
+}
+
+export interface Received {
+  /** 0 means the peer closed the connection. */
+  bytes: number;
+  fds: number[];
+}
+
+/** Reusable per-thread scratch for msghdr, iovec and control data: no allocation per message. */
+const msghdr = Buffer.alloc(MSGHDR_SIZE);
+const iovec = Buffer.alloc(16);
+const control = Buffer.alloc(CONTROL_SIZE);
+const msghdrAddress = addressOf(msghdr);
+const iovecAddress = addressOf(iovec);
+const controlAddress = addressOf(control);
+
+function prepareMsghdr(buffer: Uint8Array, offset: number, length: number, controlLength: number): void {
+  msghdr.fill(0);
+  iovec.writeBigUInt64LE(BigInt(addressOf(buffer) + offset), 0);
+  iovec.writeBigUInt64LE(BigInt(length), 8);
+  msghdr.writeBigUInt64LE(BigInt(iovecAddress), 16);
+  msghdr.writeBigUInt64LE(1n, 24);
+  if (controlLength > 0) {
+    msghdr.writeBigUInt64LE(BigInt(controlAddress), 32);
+    msghdr.writeBigUInt64LE(BigInt(controlLength), 40);
+  }
+}
+
+export class TruncatedFdsError extends Error {
+  constructor() {
+    super(`a message carried more than ${MAX_RECEIVED_FDS} fds; the extra ones were discarded`);
+    this.name = 'TruncatedFdsError';
+  }
+}
+
+/**
+ * One non-blocking recvmsg into buffer[offset, offset+length). Returns null on EAGAIN.
+ * Received fds are close-on-exec and owned by the caller (also when this throws TruncatedFdsError: they are closed).
+ */
+export function recvWithFds(fd: number, buffer: Uint8Array, offset: number, length: number): Received | null {
+  prepareMsghdr(buffer, offset, length, CONTROL_SIZE);
+  control.fill(0);
+  const bytes = sys.recvmsg(fd, msghdrAddress, MSG_CMSG_CLOEXEC);
+  if (bytes < 0) {
+    const errno = lastErrno();
+    if (errno === Errno.EAGAIN || errno === Errno.EINTR) return null;
+    throw new SyscallError('recvmsg', errno);
+  }
+  const fds: number[] = [];
+  const controlLength = Number(msghdr.readBigUInt64LE(40));
+  let at = 0;
+  while (at + CMSG_HEADER_SIZE <= controlLength) {
+    const cmsgLength = Number(control.readBigUInt64LE(at));
+    if (cmsgLength < CMSG_HEADER_SIZE) break;
+    const level = control.readInt32LE(at + 8);
+    const type = control.readInt32LE(at + 12);
+    if (level === SOL_SOCKET && type === SCM_RIGHTS) {
+      for (let p = at + CMSG_HEADER_SIZE; p + 4 <= at + cmsgLength; p += 4) fds.push(control.readInt32LE(p));
+    }
+    at += (cmsgLength + 7) & ~7;
+  }
+  if (msghdr.readInt32LE(48) & MSG_CTRUNC) {
+    closeAll(fds);
+    throw new TruncatedFdsError();
+  }
+  return { bytes, fds };
+}
+
+/** One sendmsg; fds (if any) ride on the first byte. Returns bytes sent, or null on EAGAIN. */
+export function sendWithFds(fd: number, data: Uint8Array, offset: number, fds: readonly number[] = []): number | null {
+  if (fds.length > MAX_RECEIVED_FDS) throw new RangeError(`cannot send more than ${MAX_RECEIVED_FDS} fds at once`);
+  const controlLength = fds.length > 0 ? CMSG_HEADER_SIZE + ((fds.length * 4 + 7) & ~7) : 0;
+  prepareMsghdr(data, offset, data.length - offset, controlLength);
+  if (controlLength > 0) {
+    control.fill(0);
+    control.writeBigUInt64LE(BigInt(CMSG_HEADER_SIZE + fds.length * 4), 0);
+    control.writeInt32LE(SOL_SOCKET, 8);
+    control.writeInt32LE(SCM_RIGHTS, 12);
+    fds.forEach((f, i) => control.writeInt32LE(f, CMSG_HEADER_SIZE + i * 4));
+  }
+  const sent = sys.sendmsg(fd, msghdrAddress, MSG_NOSIGNAL);
+  if (sent < 0) {
+    const errno = lastErrno();
+    if (errno === Errno.EAGAIN || errno === Errno.EINTR) return null;
+    throw new SyscallError('sendmsg', errno);
+  }
+  return sent;
+}
+
+const pollfd = Buffer.alloc(8);
+const pollfdAddress = addressOf(pollfd);
+
+/** Blocks the calling thread until fd is readable (or hung up) or the timeout passes; true if readable. */
+export function waitReadable(fd: number, timeoutMs: number): boolean {
+  pollfd.writeInt32LE(fd, 0);
+  pollfd.writeInt16LE(POLLIN, 4);
+  pollfd.writeInt16LE(0, 6);
+  const ready = sys.poll(pollfdAddress, 1, timeoutMs);
+  if (ready < 0) {
+    const errno = lastErrno();
+    if (errno === Errno.EINTR) return false;
+    throw new SyscallError('poll', errno);
+  }
+  return ready > 0;
+}

@@ -1,0 +1,195 @@
+#!/usr/bin/env bash
+# Builds the tiny Linux guest used by the QEMU end-to-end tests:
+#   .cache/guest/vmlinuz            Debian cloud kernel
+#   .cache/guest/initramfs.cpio.gz  busybox + virtio modules + /init (workloads below)
+#   .cache/guest/pattern.bin        the data the "rw" workload writes, for host-side checks
+# Idempotent: rebuilds only when this script changes; downloaded .debs are kept in
+# .cache/guest/debs so a rebuild needs no network. Needs root (apt-get install of tools).
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+out=$repo/.cache/guest
+debs=$out/debs
+stamp=$out/stamp
+want_stamp=$(sha256sum "${BASH_SOURCE[0]}" | cut -d' ' -f1)
+
+mkdir -p "$debs"
+# Serialise concurrent builds (e.g. parallel test workers).
+exec 9>"$out/.lock"
+flock 9
+
+if [[ -f $stamp && $(cat "$stamp") == "$want_stamp" && -f $out/vmlinuz && -f $out/initramfs.cpio.gz && -f $out/pattern.bin ]]; then
+  echo "guest is up to date in $out"
+  exit 0
+fi
+
+# Runs an apt command, refreshing the package lists once if it fails (fresh CI containers have none).
+apt_retry() {
+  "$@" || { apt-get update -qq && "$@"; }
+}
+
+missing=()
+command -v cpio >/dev/null || missing+=(cpio)
+command -v xz >/dev/null || missing+=(xz-utils)
+command -v depmod >/dev/null && command -v modprobe >/dev/null || missing+=(kmod)
+if ((${#missing[@]})); then
+  apt_retry apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+# The metapackage only depends on the real, versioned kernel package; that is the one with files.
+kernel_pkg_of_meta() {
+  apt-cache depends linux-image-cloud-amd64 2>/dev/null |
+    awk '$1 == "Depends:" && $2 ~ /^linux-image-.*-cloud-amd64$/ { print $2; exit }'
+}
+shopt -s nullglob
+kernel_debs=("$debs"/linux-image-[0-9]*-cloud-amd64_*.deb)
+busybox_debs=("$debs"/busybox-static_*.deb)
+if ((${#kernel_debs[@]} == 0 || ${#busybox_debs[@]} == 0)); then
+  kernel_pkg=$(kernel_pkg_of_meta)
+  if [[ -z $kernel_pkg ]]; then
+    apt-get update -qq
+    kernel_pkg=$(kernel_pkg_of_meta)
+  fi
+  [[ -n $kernel_pkg ]] || { echo "cannot resolve the package behind linux-image-cloud-amd64" >&2; exit 1; }
+  rm -f "$debs"/*.deb
+  # Sandbox user root: the _apt user cannot write into a root-owned cache directory.
+  (cd "$debs" && apt_retry apt-get download -qq -o APT::Sandbox::User=root "$kernel_pkg" busybox-static)
+  kernel_debs=("$debs"/linux-image-[0-9]*-cloud-amd64_*.deb)
+  busybox_debs=("$debs"/busybox-static_*.deb)
+fi
+shopt -u nullglob
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+dpkg -x "${kernel_debs[0]}" "$work/kernel"
+dpkg -x "${busybox_debs[0]}" "$work/busybox"
+kver=$(basename "$work"/kernel/lib/modules/*)
+echo "kernel $kver from $(basename "${kernel_debs[0]}")"
+
+root=$work/root
+mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,proc,sys,dev,tmp,etc,lib/modules}
+cp "$work/busybox/bin/busybox" "$root/bin/busybox"
+
+# The package ships no modules.dep (postinst generates it), so run depmod on the
+# extracted tree, then let modprobe print the load order; "builtin" lines need nothing.
+depmod -b "$work/kernel" "$kver"
+: >"$root/etc/modules"
+for mod in virtio_pci virtio_blk; do
+  modprobe -d "$work/kernel" -S "$kver" --show-depends "$mod"
+done | awk '!seen[$2]++' | while read -r kind what _; do
+  case $kind in
+    builtin) echo "  $what: built-in" ;;
+    insmod)
+      name=$(basename "$what")
+      case $name in
+        *.ko) cp "$what" "$root/lib/modules/$name" ;;
+        # busybox insmod cannot read compressed modules.
+        *.ko.xz) xz -dc "$what" >"$root/lib/modules/${name%.xz}"; name=${name%.xz} ;;
+        *) echo "unsupported module format: $what" >&2; exit 1 ;;
+      esac
+      echo "${name%.ko}" >>"$root/etc/modules"
+      echo "  ${name%.ko}: module"
+      ;;
+    *) echo "unexpected modprobe output: $kind $what" >&2; exit 1 ;;
+  esac
+done
+
+# 4 MiB; every 32-byte line names its 512-byte sector, so misplaced sectors show up in a hexdump.
+awk 'BEGIN { for (s = 0; s < 8192; s++) for (l = 0; l < 16; l++) printf "vublk-e2e sector %06d line %02d\n", s, l }' \
+  >"$root/pattern.bin"
+
+cat >"$root/init" <<'INIT'
+#!/bin/busybox sh
+# PID 1 of the e2e guest. Kernel command line:
+#   vublk.test=probe|rw|verify  workload on /dev/vda
+#   vublk.offset=BYTES          where rw/verify put /pattern.bin on the disk
+#   vublk.timeout=SECONDS       guest-side watchdog (default 60)
+# Reports "VUBLK-E2E: ..." lines on the console and always powers off, never hangs.
+/bin/busybox --install -s
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+
+say() { echo "VUBLK-E2E: $*"; }
+fail() {
+  say "FAIL $*"
+  dmesg | tail -n 20 | sed 's/^/VUBLK-E2E-DMESG: /'
+  poweroff -f
+}
+param() {
+  for word in $(cat /proc/cmdline); do
+    case $word in "$1="*) echo "${word#*=}" ;; esac
+  done
+}
+step() { echo "$*" >/tmp/step; }
+
+workload=$(param vublk.test)
+offset=$(param vublk.offset)
+timeout=$(param vublk.timeout)
+timeout=${timeout:-60}
+
+# A wedged backend would block dd forever; report where we were stuck instead.
+( sleep "$timeout"; say "FAIL timeout after ${timeout}s during: $(cat /tmp/step)"; poweroff -f ) &
+
+step "loading modules"
+for mod in $(cat /etc/modules); do
+  insmod "/lib/modules/$mod.ko" || fail "insmod $mod"
+done
+
+step "waiting for /dev/vda"
+tries=0
+while [ ! -b /dev/vda ] && [ $tries -lt 100 ]; do
+  usleep 100000
+  tries=$((tries + 1))
+done
+if [ ! -b /dev/vda ]; then
+  [ "$workload" = probe ] && { say "PASS probe no-vda"; poweroff -f; }
+  fail "$workload: /dev/vda did not appear"
+fi
+
+size=$(cat /sys/block/vda/size)
+say "size=$size ro=$(cat /sys/block/vda/ro) queues=$(ls /sys/block/vda/mq | wc -l)"
+
+expected=$(md5sum /pattern.bin | cut -d' ' -f1)
+length=$(stat -c %s /pattern.bin)
+readback() {
+  step "$workload: reading back"
+  dd if=/dev/vda of=/tmp/readback bs=1M iflag=skip_bytes,count_bytes,direct \
+    skip="$offset" count="$length" status=none || fail "$workload: read failed"
+  actual=$(md5sum /tmp/readback | cut -d' ' -f1)
+  [ "$actual" = "$expected" ] || fail "$workload md5=$actual expected=$expected"
+  say "PASS $workload md5=$actual"
+}
+
+case $workload in
+  probe) say "PASS probe" ;;
+  rw | verify)
+    [ -n "$offset" ] || fail "$workload: vublk.offset missing"
+    [ $((offset + length)) -le $((size * 512)) ] || fail "$workload: disk too small ($size sectors)"
+    if [ "$workload" = rw ]; then
+      step "rw: writing"
+      # conv=fsync makes the guest send a FLUSH, which the backend must honour too.
+      dd if=/pattern.bin of=/dev/vda bs=1M oflag=seek_bytes,direct seek="$offset" \
+        conv=fsync,notrunc status=none || fail "rw: write failed"
+      sync
+      echo 3 >/proc/sys/vm/drop_caches
+    fi
+    readback
+    ;;
+  *) fail "unknown workload '$workload'" ;;
+esac
+poweroff -f
+INIT
+chmod 755 "$root/init"
+
+tmp_initrd=$out/initramfs.cpio.gz.tmp
+(cd "$root" && find . -print0 | LC_ALL=C sort -z | cpio --null -o -H newc -R 0:0 --reproducible --quiet) |
+  gzip -9n >"$tmp_initrd"
+cp "$work/kernel/boot/vmlinuz-$kver" "$out/vmlinuz.tmp"
+cp "$root/pattern.bin" "$out/pattern.bin.tmp"
+mv "$tmp_initrd" "$out/initramfs.cpio.gz"
+mv "$out/vmlinuz.tmp" "$out/vmlinuz"
+mv "$out/pattern.bin.tmp" "$out/pattern.bin"
+echo "$kver" >"$out/kernel-version"
+echo "$want_stamp" >"$stamp"
+echo "guest built in $out ($(du -h "$out/initramfs.cpio.gz" | cut -f1) initramfs)"
