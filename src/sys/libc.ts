@@ -46,6 +46,7 @@ export const sys = {
   >,
   preadv: libc.func('intptr_t preadv(int fd, uintptr_t iov, int iovcnt, int64_t offset)') as Fn<[number, number, number, number], number>,
   pwritev: libc.func('intptr_t pwritev(int fd, uintptr_t iov, int iovcnt, int64_t offset)') as Fn<[number, number, number, number], number>,
+  lseek: libc.func('int64_t lseek(int fd, int64_t offset, int whence)') as Fn<[number, number, number], number>,
   fdatasync: libc.func('int fdatasync(int fd)') as Fn<[number], number>,
   fallocate: libc.func('int fallocate(int fd, int mode, int64_t offset, int64_t len)') as Fn<[number, number, number, number], number>,
   memfdCreate: libc.func('int memfd_create(const char *name, unsigned int flags)') as Fn<[string, number], number>,
@@ -89,6 +90,7 @@ export const MFD_CLOEXEC = 1;
 export const F_GETFL = 3;
 export const F_SETFL = 4;
 export const O_NONBLOCK = 0o4000;
+export const SEEK_END = 2;
 export const FALLOC_FL_KEEP_SIZE = 0x1;
 export const FALLOC_FL_PUNCH_HOLE = 0x2;
 export const FALLOC_FL_ZERO_RANGE = 0x10;

@@ -6,6 +6,7 @@
 # Idempotent: rebuilds only when this script changes; downloaded .debs are kept in
 # .cache/guest/debs so a rebuild needs no network. Needs root (apt-get install of tools).
 set -euo pipefail
+trap 'echo "build-guest.sh: line $LINENO failed: $BASH_COMMAND" >&2' ERR
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 out=$repo/.cache/guest
@@ -39,7 +40,7 @@ fi
 # The metapackage only depends on the real, versioned kernel package; that is the one with files.
 kernel_pkg_of_meta() {
   apt-cache depends linux-image-cloud-amd64 2>/dev/null |
-    awk '$1 == "Depends:" && $2 ~ /^linux-image-.*-cloud-amd64$/ { print $2; exit }'
+    awk '$1 == "Depends:" && $2 ~ /^linux-image-.*-cloud-amd64$/ { print $2; exit }' || true
 }
 shopt -s nullglob
 kernel_debs=("$debs"/linux-image-[0-9]*-cloud-amd64_*.deb)

@@ -1,0 +1,94 @@
+/**
+ * The listening socket of one disk. One front-end at a time: while a session is active, further
+ * connections are accepted and closed at once with a log line (a second QEMU must not share the rings).
+ * When the session ends the next connection is served, so a restarted QEMU reconnects to the same daemon.
+ */
+import fs from 'node:fs';
+import koffi from 'koffi';
+import { acceptConnection, isSocketLive, listenUnix, SocketPathError } from '../sys/unix-socket.js';
+import { closeFd } from '../sys/fd.js';
+import { VhostUserSession } from './session.js';
+import type { BlkDisk } from '../device/blk-disk.js';
+import { errorFields, type Logger } from '../log.js';
+
+type PollHandle = { stop(): void; close(): void };
+type PollCallback = (status: number, events: { readable: boolean }) => void;
+const pollFd = koffi.node.poll as unknown as (fd: number, opts: object, cb: PollCallback) => PollHandle;
+
+export type ListenAddress = { kind: 'path'; path: string; mode?: number } | { kind: 'fd'; fd: number };
+
+/** Binds `path`, replacing a stale socket file left by a dead daemon but never a live one. */
+export function bindSocketPath(path: string, mode = 0o600): number {
+  if (fs.existsSync(path)) {
+    const stat = fs.lstatSync(path);
+    if (!stat.isSocket()) throw new SocketPathError(path, 'exists and is not a socket; refusing to replace it');
+    if (isSocketLive(path)) throw new SocketPathError(path, 'is in use by a running process (another vublk?)');
+    fs.unlinkSync(path);
+  }
+  const fd = listenUnix(path);
+  fs.chmodSync(path, mode);
+  return fd;
+}
+
+export class ExportListener {
+  private readonly listenFd: number;
+  private readonly poll: PollHandle;
+  private session: VhostUserSession | null = null;
+  private closed = false;
+  private sessionEnded: (() => void) | null = null;
+  /** Connections served since start (including the current one). */
+  connections = 0;
+
+  constructor(
+    private readonly disk: BlkDisk,
+    private readonly address: ListenAddress,
+    private readonly log: Logger,
+  ) {
+    this.listenFd = address.kind === 'path' ? bindSocketPath(address.path, address.mode) : address.fd;
+    this.poll = pollFd(this.listenFd, { readable: true }, () => this.acceptPending());
+    log.info({ socket: address.kind === 'path' ? address.path : `fd:${address.fd}` }, 'listening for a vhost-user front-end');
+  }
+
+  get hasSession(): boolean {
+    return this.session !== null;
+  }
+
+  private acceptPending(): void {
+    for (;;) {
+      let fd: number | null;
+      try {
+        fd = acceptConnection(this.listenFd);
+      } catch (error) {
+        this.log.error(errorFields(error), 'accept failed');
+        return;
+      }
+      if (fd === null) return;
+      if (this.session !== null || this.closed) {
+        this.log.warn('refused a second front-end: this disk already has one connected');
+        closeFd(fd);
+        continue;
+      }
+      this.connections++;
+      this.log.info({ connection: this.connections }, 'front-end connected');
+      this.session = new VhostUserSession(fd, this.disk, this.log, () => {
+        this.session = null;
+        this.sessionEnded?.();
+      });
+    }
+  }
+
+  /** Stops accepting, closes the active session and waits for its teardown; removes the socket file. */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    this.poll.stop();
+    this.poll.close();
+    if (this.session !== null) {
+      const ended = new Promise<void>((resolve) => (this.sessionEnded = resolve));
+      this.session.close();
+      await ended;
+    }
+    closeFd(this.listenFd);
+    if (this.address.kind === 'path') fs.rmSync(this.address.path, { force: true });
+  }
+}

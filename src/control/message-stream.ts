@@ -1,0 +1,162 @@
+/**
+ * vhost-user message framing on a non-blocking Unix socket watched by koffi.node.poll.
+ *
+ * One message is read at a time (header, then payload) and handed to `onMessage`; reading pauses until its
+ * promise settles, which keeps message handling strictly in order and gives the peer back-pressure.
+ * A header that cannot start a valid message (bad version, oversized payload) means the stream is no longer
+ * framed: the stream is closed rather than guessed at.
+ */
+import koffi from 'koffi';
+import { HEADER_SIZE, MAX_PAYLOAD_SIZE, HeaderFlag, decodeHeader, type MessageHeader } from '../../protocol/vhost-user.js';
+import { recvWithFds, sendWithFds, TruncatedFdsError } from '../sys/unix-socket.js';
+import { closeAll, closeFd } from '../sys/fd.js';
+
+export interface IncomingMessage {
+  header: MessageHeader;
+  payload: Uint8Array;
+  /** Owned by the handler: whatever it does not keep must be closed (the stream closes leftovers). */
+  fds: number[];
+}
+
+export type CloseReason = { kind: 'peer-closed' } | { kind: 'protocol-error'; detail: string } | { kind: 'local' };
+
+export class StreamCorruptError extends Error {
+  constructor(detail: string) {
+    super(`vhost-user stream is corrupt: ${detail}`);
+    this.name = 'StreamCorruptError';
+  }
+}
+
+type PollCallback = (status: number, events: { readable: boolean; writable: boolean; disconnect: boolean }) => void;
+type PollHandle = { start(opts: object, cb: PollCallback): void; stop(): void; close(): void };
+const pollFd = koffi.node.poll as unknown as (fd: number, opts: object, cb: PollCallback) => PollHandle;
+
+export class MessageStream {
+  private readonly buffer = Buffer.alloc(HEADER_SIZE + MAX_PAYLOAD_SIZE);
+  private received = 0;
+  private header: MessageHeader | null = null;
+  private fds: number[] = [];
+  private readonly poll: PollHandle;
+  private closed = false;
+  private busy = false;
+  private readonly outbox: { bytes: Uint8Array; offset: number; fds: number[] }[] = [];
+
+  constructor(
+    readonly fd: number,
+    private readonly onMessage: (message: IncomingMessage) => Promise<void>,
+    private readonly onClose: (reason: CloseReason) => void,
+  ) {
+    this.poll = pollFd(fd, { readable: true, disconnect: true }, (status, events) => this.onPoll(status, events));
+  }
+
+  get isClosed(): boolean {
+    return this.closed;
+  }
+
+  /** Sends (or queues, if the socket is full) one whole message; fds are sent, not closed. */
+  send(bytes: Uint8Array, fds: number[] = []): void {
+    if (this.closed) return;
+    this.outbox.push({ bytes, offset: 0, fds });
+    this.flush();
+  }
+
+  close(reason: CloseReason = { kind: 'local' }): void {
+    if (this.closed) return;
+    this.closed = true;
+    this.poll.stop();
+    this.poll.close();
+    closeAll(this.fds);
+    this.fds = [];
+    closeFd(this.fd);
+    this.onClose(reason);
+  }
+
+  private onPoll(status: number, events: { readable: boolean; writable: boolean; disconnect: boolean }): void {
+    if (this.closed) return;
+    if (status < 0) {
+      this.close({ kind: 'protocol-error', detail: `poll failed with status ${status}` });
+      return;
+    }
+    if (events.writable) this.flush();
+    if (events.readable || events.disconnect) this.readAvailable();
+  }
+
+  private flush(): void {
+    while (this.outbox.length > 0) {
+      const next = this.outbox[0]!;
+      let sent: number | null;
+      try {
+        sent = sendWithFds(this.fd, next.bytes, next.offset, next.offset === 0 ? next.fds : []);
+      } catch (error) {
+        this.close({ kind: 'protocol-error', detail: error instanceof Error ? error.message : String(error) });
+        return;
+      }
+      if (sent === null) break;
+      next.offset += sent;
+      if (next.offset >= next.bytes.length) this.outbox.shift();
+    }
+    this.rearm();
+  }
+
+  private rearm(): void {
+    if (this.closed) return;
+    this.poll.start({ readable: !this.busy, writable: this.outbox.length > 0, disconnect: true }, (s, e) => this.onPoll(s, e));
+  }
+
+  private readAvailable(): void {
+    while (!this.closed && !this.busy) {
+      const want = this.header === null ? HEADER_SIZE : HEADER_SIZE + this.header.size;
+      let got;
+      try {
+        got = recvWithFds(this.fd, this.buffer, this.received, want - this.received);
+      } catch (error) {
+        const detail = error instanceof TruncatedFdsError ? error.message : `recvmsg: ${error instanceof Error ? error.message : String(error)}`;
+        this.close({ kind: 'protocol-error', detail });
+        return;
+      }
+      if (got === null) return;
+      if (got.bytes === 0) {
+        this.close({ kind: 'peer-closed' });
+        return;
+      }
+      this.fds.push(...got.fds);
+      this.received += got.bytes;
+      if (this.header === null && this.received >= HEADER_SIZE) {
+        const header = decodeHeader(this.buffer);
+        if ((header.flags & HeaderFlag.VERSION_MASK) !== HeaderFlag.VERSION) {
+          this.close({ kind: 'protocol-error', detail: `unsupported protocol version ${header.flags & HeaderFlag.VERSION_MASK}` });
+          return;
+        }
+        if (header.size > MAX_PAYLOAD_SIZE) {
+          this.close({ kind: 'protocol-error', detail: `payload size ${header.size} exceeds ${MAX_PAYLOAD_SIZE}` });
+          return;
+        }
+        this.header = header;
+      }
+      if (this.header !== null && this.received === HEADER_SIZE + this.header.size) this.dispatch(this.header);
+    }
+  }
+
+  private dispatch(header: MessageHeader): void {
+    const message: IncomingMessage = {
+      header,
+      payload: Uint8Array.prototype.slice.call(this.buffer, HEADER_SIZE, HEADER_SIZE + header.size),
+      fds: this.fds,
+    };
+    this.header = null;
+    this.received = 0;
+    this.fds = [];
+    this.busy = true;
+    this.rearm();
+    this.onMessage(message)
+      .catch((error: unknown) => {
+        this.close({ kind: 'protocol-error', detail: error instanceof Error ? error.message : String(error) });
+      })
+      .finally(() => {
+        this.busy = false;
+        if (this.closed) return;
+        this.rearm();
+        this.readAvailable();
+      });
+  }
+}

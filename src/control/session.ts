@@ -1,0 +1,466 @@
+/**
+ * One vhost-user session: a front-end connected to a disk. Messages are dispatched through a single table
+ * (like libvhost-user's); each handler returns a reply payload, or nothing when only REPLY_ACK may be owed.
+ *
+ * Invariants:
+ * - The handshake never fails on our side: messages we do not act on are still answered where a reply is owed.
+ * - Every fd received is either kept by exactly one owner (ring, backend channel) or closed before the next
+ *   message is read.
+ * - A worker's ring is stopped (acknowledged) before any fd or mapping it uses is closed or unmapped.
+ */
+import {
+  FrontendRequest,
+  HeaderFlag,
+  MAX_MEM_SLOTS,
+  MalformedMessageError,
+  ProtocolFeature,
+  VHOST_USER_F_PROTOCOL_FEATURES,
+  decodeConfigMessage,
+  decodeMemoryTable,
+  decodeSingleRegion,
+  decodeU64,
+  decodeVringAddress,
+  decodeVringFdRequest,
+  decodeVringState,
+  encodeConfigMessage,
+  encodeReply,
+  encodeU64,
+  encodeVringState,
+  requestName,
+} from '../../protocol/vhost-user.js';
+import { DeviceStatus, hasFeature } from '../../protocol/virtio.js';
+import { BlkConfigOffset } from '../../protocol/virtio-blk.js';
+import { isValidQueueSize } from '../../protocol/split-ring.js';
+import { VirtioFeature } from '../../protocol/virtio.js';
+import { closeAll, closeFd } from '../sys/fd.js';
+import { MessageStream, type CloseReason, type IncomingMessage } from './message-stream.js';
+import { VringConfig } from './vring-config.js';
+import { assertNoOverlap, layoutsOf, mapRegion, unmapRegion, type MappedRegion } from './memory-table.js';
+import { OFFERED_PROTOCOL_FEATURES } from '../device/blk-features.js';
+import type { BlkDisk } from '../device/blk-disk.js';
+import type { WorkerEvent } from '../dataplane/worker-protocol.js';
+import { errorFields, type Logger } from '../log.js';
+
+/** A request the session refuses; the message names the request and what to fix. */
+export class SessionRequestError extends Error {
+  constructor(request: number, detail: string) {
+    super(`${requestName(request)}: ${detail}`);
+    this.name = 'SessionRequestError';
+  }
+}
+
+type Handler = (message: IncomingMessage) => Promise<Uint8Array | void> | Uint8Array | void;
+
+/** Requests whose reply is part of the request itself (REPLY_ACK does not apply to them). */
+const REPLYING_REQUESTS = new Set<number>([
+  FrontendRequest.GET_FEATURES,
+  FrontendRequest.GET_PROTOCOL_FEATURES,
+  FrontendRequest.GET_VRING_BASE,
+  FrontendRequest.GET_QUEUE_NUM,
+  FrontendRequest.GET_CONFIG,
+  FrontendRequest.GET_INFLIGHT_FD,
+  FrontendRequest.GET_MAX_MEM_SLOTS,
+  FrontendRequest.GET_STATUS,
+]);
+
+export interface SessionStats {
+  messages: number;
+  rejected: number;
+}
+
+export class VhostUserSession {
+  private readonly stream: MessageStream;
+  private readonly rings: VringConfig[];
+  private regions: MappedRegion[] = [];
+  private ackedFeatures = 0n;
+  private featuresSet = false;
+  private protocolFeatures = 0n;
+  private status = 0;
+  private backendFd = -1;
+  private ended = false;
+  readonly stats: SessionStats = { messages: 0, rejected: 0 };
+  private readonly handlers: Record<number, Handler>;
+
+  constructor(
+    fd: number,
+    private readonly disk: BlkDisk,
+    private readonly log: Logger,
+    private readonly onEnd: (session: VhostUserSession, reason: CloseReason) => void,
+  ) {
+    this.rings = Array.from({ length: disk.options.numQueues }, (_, i) => new VringConfig(i));
+    const R = FrontendRequest;
+    this.handlers = {
+      [R.GET_FEATURES]: () => encodeU64(this.disk.offeredFeatures),
+      [R.SET_FEATURES]: (m) => this.setFeatures(decodeU64(m.header.request, m.payload)),
+      [R.GET_PROTOCOL_FEATURES]: () => encodeU64(OFFERED_PROTOCOL_FEATURES),
+      [R.SET_PROTOCOL_FEATURES]: (m) => this.setProtocolFeatures(decodeU64(m.header.request, m.payload)),
+      [R.SET_OWNER]: () => undefined,
+      [R.RESET_OWNER]: () => this.resetDevice('RESET_OWNER'),
+      [R.RESET_DEVICE]: () => this.resetDevice('RESET_DEVICE'),
+      [R.GET_QUEUE_NUM]: () => encodeU64(this.rings.length),
+      [R.GET_MAX_MEM_SLOTS]: () => encodeU64(MAX_MEM_SLOTS),
+      [R.SET_MEM_TABLE]: (m) => this.setMemTable(m),
+      [R.ADD_MEM_REG]: (m) => this.addMemRegion(m),
+      [R.REM_MEM_REG]: (m) => this.removeMemRegion(m),
+      [R.SET_VRING_NUM]: (m) => this.setVringNum(m),
+      [R.SET_VRING_ADDR]: (m) => this.setVringAddr(m),
+      [R.SET_VRING_BASE]: (m) => this.setVringBase(m),
+      [R.GET_VRING_BASE]: (m) => this.getVringBase(m),
+      [R.SET_VRING_KICK]: (m) => this.setVringKick(m),
+      [R.SET_VRING_CALL]: (m) => this.setVringCall(m),
+      [R.SET_VRING_ERR]: (m) => this.setVringErr(m),
+      [R.SET_VRING_ENABLE]: (m) => this.setVringEnable(m),
+      [R.GET_CONFIG]: (m) => this.getConfig(m),
+      [R.SET_CONFIG]: (m) => this.setConfig(m),
+      [R.SET_BACKEND_REQ_FD]: (m) => this.setBackendReqFd(m),
+      [R.SET_STATUS]: (m) => this.setStatus(decodeU64(m.header.request, m.payload)),
+      [R.GET_STATUS]: () => encodeU64(this.deviceStatus()),
+    };
+    disk.setWorkerEventListener((event) => this.onWorkerEvent(event));
+    this.stream = new MessageStream(fd, (message) => this.handle(message), (reason) => void this.teardown(reason));
+  }
+
+  get protocolFeaturesNegotiated(): boolean {
+    return this.featuresSet && hasFeature(this.ackedFeatures, VHOST_USER_F_PROTOCOL_FEATURES);
+  }
+
+  private hasProtocolFeature(bit: number): boolean {
+    return hasFeature(this.protocolFeatures, bit);
+  }
+
+  /** GET_STATUS: what the front-end set, plus NEEDS_RESET while any queue is poisoned. */
+  deviceStatus(): number {
+    const poisoned = this.rings.some((ring) => ring.poisoned);
+    return poisoned ? this.status | DeviceStatus.NEEDS_RESET : this.status & ~DeviceStatus.NEEDS_RESET;
+  }
+
+  close(): void {
+    this.stream.close({ kind: 'local' });
+  }
+
+  private async handle(message: IncomingMessage): Promise<void> {
+    const { request, flags } = message.header;
+    this.stats.messages++;
+    const handler = this.handlers[request];
+    const replying = REPLYING_REQUESTS.has(request);
+    const wantsAck = (flags & HeaderFlag.NEED_REPLY) !== 0 && this.hasProtocolFeature(ProtocolFeature.REPLY_ACK) && !replying;
+    let reply: Uint8Array | void = undefined;
+    let failed = false;
+    try {
+      if (handler === undefined) throw new SessionRequestError(request, 'request not supported by vublk');
+      reply = await handler(message);
+    } catch (error) {
+      failed = true;
+      this.stats.rejected++;
+      const level = error instanceof MalformedMessageError || error instanceof SessionRequestError ? 'warn' : 'error';
+      this.log[level]({ request: requestName(request), ...errorFields(error) }, 'vhost-user request rejected');
+    } finally {
+      // Whatever a handler did not take ownership of is closed here (handlers splice out the fds they keep).
+      closeAll(message.fds);
+      message.fds.length = 0;
+    }
+    if (this.stream.isClosed) return;
+    if (replying) {
+      // A reply is owed whatever happened; an empty payload is the clearest "no" the protocol has.
+      this.stream.send(encodeReply(request, reply instanceof Uint8Array && !failed ? reply : new Uint8Array(0)));
+    } else if (wantsAck) {
+      this.stream.send(encodeReply(request, encodeU64(failed ? 1 : 0)));
+    }
+  }
+
+  // --- features -----------------------------------------------------------------------------------
+
+  private async setFeatures(features: bigint): Promise<void> {
+    const unknown = features & ~this.disk.offeredFeatures;
+    if (unknown !== 0n) {
+      // Accept the intersection: failing here would fail the front-end's device start for good.
+      this.log.warn({ unknown: `0x${unknown.toString(16)}` }, 'front-end acknowledged features that were not offered; ignoring them');
+    }
+    const previous = this.ackedFeatures;
+    this.ackedFeatures = features & this.disk.offeredFeatures;
+    this.featuresSet = true;
+    this.log.info({ features: `0x${this.ackedFeatures.toString(16)}`, eventIdx: this.eventIdx, version1: hasFeature(this.ackedFeatures, VirtioFeature.VERSION_1) }, 'features negotiated');
+    // EVENT_IDX changes how a running ring suppresses notifications: restart running rings with it.
+    if (hasFeature(previous ^ this.ackedFeatures, VirtioFeature.RING_EVENT_IDX)) {
+      for (const ring of this.rings) if (ring.running) await this.restartRing(ring);
+    }
+    for (const ring of this.rings) await this.reconcile(ring);
+  }
+
+  private get eventIdx(): boolean {
+    return hasFeature(this.ackedFeatures, VirtioFeature.RING_EVENT_IDX);
+  }
+
+  private setProtocolFeatures(features: bigint): void {
+    this.protocolFeatures = features & OFFERED_PROTOCOL_FEATURES;
+  }
+
+  private setStatus(value: bigint): void {
+    // SET_STATUS(0) may come before or after GET_VRING_BASE depending on the QEMU version: it only records.
+    this.status = Number(value & 0xffn) & ~DeviceStatus.NEEDS_RESET;
+  }
+
+  // --- memory -------------------------------------------------------------------------------------
+
+  private async setMemTable(message: IncomingMessage): Promise<void> {
+    const request = message.header.request;
+    const regions = decodeMemoryTable(request, message.payload);
+    if (message.fds.length !== regions.length) {
+      throw new SessionRequestError(request, `${regions.length} regions but ${message.fds.length} fds`);
+    }
+    const fds = message.fds.splice(0);
+    const mapped: MappedRegion[] = [];
+    try {
+      regions.forEach((region, i) => mapped.push(mapRegion(region, fds[i]!)));
+      assertNoOverlap(mapped);
+    } catch (error) {
+      mapped.forEach(unmapRegion);
+      closeAll(fds.slice(mapped.length));
+      throw error;
+    }
+    await this.replaceMemory(mapped);
+  }
+
+  private async addMemRegion(message: IncomingMessage): Promise<void> {
+    const request = message.header.request;
+    const region = decodeSingleRegion(request, message.payload);
+    const fd = message.fds.shift();
+    if (fd === undefined) throw new SessionRequestError(request, 'no fd for the region');
+    if (this.regions.length >= MAX_MEM_SLOTS) {
+      closeFd(fd);
+      throw new SessionRequestError(request, `all ${MAX_MEM_SLOTS} memory slots are in use`);
+    }
+    const mapped = mapRegion(region, fd);
+    try {
+      assertNoOverlap([...this.regions, mapped]);
+    } catch (error) {
+      unmapRegion(mapped);
+      throw error;
+    }
+    await this.replaceMemory([...this.regions, mapped]);
+  }
+
+  private async removeMemRegion(message: IncomingMessage): Promise<void> {
+    const request = message.header.request;
+    const region = decodeSingleRegion(request, message.payload);
+    // QEMU may attach the region's fd again; it is not needed (closed with the message's leftovers).
+    const gpa = Number(region.guestPhysAddr);
+    const size = Number(region.memorySize);
+    const match = this.regions.find((r) => r.layout.guestPhysAddr === gpa && r.layout.size === size);
+    if (match === undefined) throw new SessionRequestError(request, `no region at 0x${gpa.toString(16)} of ${size} bytes`);
+    await this.replaceMemory(this.regions.filter((r) => r !== match));
+  }
+
+  /** Publishes a new table to every worker, then unmaps what is no longer in it. */
+  private async replaceMemory(next: MappedRegion[]): Promise<void> {
+    const previous = this.regions;
+    this.regions = next;
+    const layouts = layoutsOf(next);
+    await Promise.all(this.disk.queueWorkers().map((worker) => worker.send({ op: 'memory', regions: layouts })));
+    for (const region of previous) if (!next.includes(region)) unmapRegion(region);
+    this.log.debug({ regions: layouts.length }, 'memory table updated');
+    for (const ring of this.rings) await this.reconcile(ring);
+  }
+
+  // --- rings --------------------------------------------------------------------------------------
+
+  private ring(request: number, index: number): VringConfig {
+    const ring = this.rings[index];
+    if (ring === undefined) throw new SessionRequestError(request, `queue ${index} does not exist (the disk has ${this.rings.length})`);
+    return ring;
+  }
+
+  private async setVringNum(message: IncomingMessage): Promise<void> {
+    const { index, num } = decodeVringState(message.header.request, message.payload);
+    const ring = this.ring(message.header.request, index);
+    if (!isValidQueueSize(num) || num > this.disk.options.queueSize) {
+      throw new SessionRequestError(message.header.request, `queue size ${num} is not a power of two up to ${this.disk.options.queueSize}`);
+    }
+    await this.stopRing(ring);
+    ring.size = num;
+  }
+
+  private async setVringAddr(message: IncomingMessage): Promise<void> {
+    const address = decodeVringAddress(message.header.request, message.payload);
+    const ring = this.ring(message.header.request, address.index);
+    const limit = BigInt(Number.MAX_SAFE_INTEGER);
+    if (address.descUserAddr > limit || address.availUserAddr > limit || address.usedUserAddr > limit) {
+      throw new SessionRequestError(message.header.request, 'ring address beyond 2^53');
+    }
+    const wasRunning = ring.running;
+    await this.stopRing(ring);
+    ring.descUserAddr = Number(address.descUserAddr);
+    ring.availUserAddr = Number(address.availUserAddr);
+    ring.usedUserAddr = Number(address.usedUserAddr);
+    if (wasRunning) await this.reconcile(ring);
+  }
+
+  private async setVringBase(message: IncomingMessage): Promise<void> {
+    const { index, num } = decodeVringState(message.header.request, message.payload);
+    const ring = this.ring(message.header.request, index);
+    await this.stopRing(ring);
+    ring.base = num & 0xffff;
+  }
+
+  private async getVringBase(message: IncomingMessage): Promise<Uint8Array> {
+    const { index } = decodeVringState(message.header.request, message.payload);
+    const ring = this.ring(message.header.request, index);
+    await this.stopRing(ring);
+    // The ring is now stopped: it restarts with the next SET_VRING_KICK, poison and NEEDS_RESET cleared.
+    ring.kickArmed = false;
+    closeFd(ring.kickFd);
+    ring.kickFd = -1;
+    if (ring.poisoned) this.log.info({ queue: index }, 'poisoned queue stopped by the front-end; poison cleared');
+    ring.poisoned = false;
+    return encodeVringState({ index, num: ring.base });
+  }
+
+  private async setVringKick(message: IncomingMessage): Promise<void> {
+    const request = message.header.request;
+    const { index, noFd } = decodeVringFdRequest(request, message.payload);
+    const ring = this.ring(request, index);
+    const fd = noFd ? -1 : message.fds.shift();
+    if (fd === undefined) throw new SessionRequestError(request, 'no kick fd attached and the no-fd flag is clear');
+    await this.stopRing(ring);
+    closeFd(ring.kickFd);
+    ring.kickFd = fd;
+    ring.kickArmed = true;
+    if (noFd) this.log.warn({ queue: index }, 'kick fd absent: queue is polled every millisecond');
+    await this.reconcile(ring);
+  }
+
+  private async setVringCall(message: IncomingMessage): Promise<void> {
+    await this.replaceNotifyFd(message, 'callFd', 'setCall');
+  }
+
+  private async setVringErr(message: IncomingMessage): Promise<void> {
+    await this.replaceNotifyFd(message, 'errFd', 'setErr');
+  }
+
+  /** Swaps a call/err fd; the old one is closed only after the worker has switched to the new one. */
+  private async replaceNotifyFd(message: IncomingMessage, field: 'callFd' | 'errFd', op: 'setCall' | 'setErr'): Promise<void> {
+    const request = message.header.request;
+    const { index, noFd } = decodeVringFdRequest(request, message.payload);
+    const ring = this.ring(request, index);
+    const fd = noFd ? -1 : message.fds.shift();
+    if (fd === undefined) throw new SessionRequestError(request, 'no fd attached and the no-fd flag is clear');
+    const old = ring[field];
+    ring[field] = fd;
+    if (ring.running) await this.disk.queueWorkers()[index]!.send({ op, fd });
+    closeFd(old);
+  }
+
+  private async setVringEnable(message: IncomingMessage): Promise<void> {
+    const { index, num } = decodeVringState(message.header.request, message.payload);
+    const ring = this.ring(message.header.request, index);
+    if (num > 1) throw new SessionRequestError(message.header.request, `enable value ${num} is neither 0 nor 1`);
+    ring.enabled = num === 1;
+    await this.reconcile(ring);
+  }
+
+  /** Starts or stops the worker's ring so that it runs exactly when the configuration allows it. */
+  private async reconcile(ring: VringConfig): Promise<void> {
+    const shouldRun = ring.kickArmed && ring.addressed && ring.isEnabled(this.protocolFeaturesNegotiated) && this.regions.length > 0;
+    if (shouldRun && !ring.running) {
+      await this.disk.queueWorkers()[ring.index]!.send({
+        op: 'start',
+        ring: {
+          size: ring.size,
+          descUserAddr: ring.descUserAddr,
+          availUserAddr: ring.availUserAddr,
+          usedUserAddr: ring.usedUserAddr,
+          lastAvailIdx: ring.base,
+          eventIdx: this.eventIdx,
+          kickFd: ring.kickFd,
+          callFd: ring.callFd,
+          errFd: ring.errFd,
+        },
+      });
+      ring.running = true;
+      this.log.info({ queue: ring.index, size: ring.size, base: ring.base, eventIdx: this.eventIdx }, 'ring started');
+    } else if (!shouldRun && ring.running) {
+      await this.stopRing(ring);
+    }
+  }
+
+  private async stopRing(ring: VringConfig): Promise<void> {
+    if (!ring.running) return;
+    const ack = await this.disk.queueWorkers()[ring.index]!.send({ op: 'stop' });
+    ring.running = false;
+    if (ack.lastAvailIdx !== undefined) ring.base = ack.lastAvailIdx;
+    this.log.info({ queue: ring.index, base: ring.base }, 'ring stopped');
+  }
+
+  private async restartRing(ring: VringConfig): Promise<void> {
+    await this.stopRing(ring);
+    await this.reconcile(ring);
+  }
+
+  private onWorkerEvent(event: WorkerEvent): void {
+    if (event.kind !== 'poisoned') return;
+    const ring = this.rings[event.queue];
+    if (ring === undefined) return;
+    ring.poisoned = true;
+    this.log.warn({ queue: event.queue, cause: event.cause, reason: event.reason }, 'queue poisoned: device needs reset');
+  }
+
+  // --- config space -------------------------------------------------------------------------------
+
+  private getConfig(message: IncomingMessage): Uint8Array {
+    const { offset, size } = decodeConfigMessage(message.header.request, message.payload);
+    const space = new Uint8Array(Math.max(offset + size, 0));
+    space.set(this.disk.configSpace().subarray(0, space.length));
+    return encodeConfigMessage({ offset, flags: 0, data: space.subarray(offset, offset + size) });
+  }
+
+  private async setConfig(message: IncomingMessage): Promise<void> {
+    const request = message.header.request;
+    const { offset, size, data } = decodeConfigMessage(request, message.payload);
+    if (offset !== BlkConfigOffset.writeback || size !== 1) {
+      throw new SessionRequestError(request, `only the writeback byte (offset ${BlkConfigOffset.writeback}, size 1) is writable`);
+    }
+    const writeback = data[0] !== 0;
+    await this.disk.setWriteback(writeback);
+    this.log.info({ writeback }, 'guest changed the write cache mode');
+  }
+
+  private setBackendReqFd(message: IncomingMessage): void {
+    const fd = message.fds.shift();
+    if (fd === undefined) throw new SessionRequestError(message.header.request, 'no fd attached');
+    closeFd(this.backendFd);
+    this.backendFd = fd;
+  }
+
+  // --- reset and teardown -------------------------------------------------------------------------
+
+  private async resetDevice(why: string): Promise<void> {
+    for (const ring of this.rings) {
+      await this.stopRing(ring);
+      ring.reset();
+    }
+    this.status = 0;
+    this.ackedFeatures = 0n;
+    this.featuresSet = false;
+    this.log.info({ request: why }, 'device reset');
+  }
+
+  private async teardown(reason: CloseReason): Promise<void> {
+    if (this.ended) return;
+    this.ended = true;
+    const level = reason.kind === 'protocol-error' ? 'warn' : 'info';
+    this.log[level]({ reason: reason.kind, ...(reason.kind === 'protocol-error' ? { detail: reason.detail } : {}) }, 'front-end disconnected');
+    try {
+      for (const ring of this.rings) await this.stopRing(ring).catch(() => undefined);
+      if (this.regions.length > 0) {
+        await Promise.all(this.disk.queueWorkers().map((w) => w.send({ op: 'memory', regions: [] }))).catch(() => undefined);
+      }
+    } finally {
+      for (const ring of this.rings) ring.reset();
+      this.regions.forEach(unmapRegion);
+      this.regions = [];
+      closeFd(this.backendFd);
+      this.backendFd = -1;
+      this.onEnd(this, reason);
+    }
+  }
+}

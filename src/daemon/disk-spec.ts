@@ -1,0 +1,136 @@
+/**
+ * A disk as the user described it (flags or `--disk key=value,...`), validated into DiskOptions plus where to
+ * listen. Pure: no files are touched here, so every error is reported before anything is created.
+ */
+import path from 'node:path';
+import { parseSize } from '../throttle/size.js';
+import type { DiskOptions } from '../device/blk-disk.js';
+import type { ListenAddress } from '../control/export-listener.js';
+import { MAX_QUEUE_SIZE } from '../../protocol/split-ring.js';
+
+export class DiskSpecError extends Error {
+  constructor(where: string, detail: string) {
+    super(`${where}: ${detail}`);
+    this.name = 'DiskSpecError';
+  }
+}
+
+export interface DiskSpec {
+  options: DiskOptions;
+  listen: ListenAddress;
+}
+
+export interface DiskSpecInput {
+  name?: string | undefined;
+  image?: string | undefined;
+  socket?: string | undefined;
+  socketFd?: string | undefined;
+  size?: string | undefined;
+  numQueues?: string | undefined;
+  queueSize?: string | undefined;
+  readOnly?: boolean | undefined;
+  serial?: string | undefined;
+  logicalBlockSize?: string | undefined;
+  writeback?: boolean | undefined;
+}
+
+export const DEFAULT_QUEUE_SIZE = 1024;
+export const MAX_QUEUES = 64;
+
+function integer(where: string, key: string, text: string, min: number, max: number): number {
+  if (!/^\d+$/.test(text)) throw new DiskSpecError(where, `${key} must be a whole number, got '${text}'`);
+  const value = Number(text);
+  if (value < min || value > max) throw new DiskSpecError(where, `${key} must be between ${min} and ${max}, got ${value}`);
+  return value;
+}
+
+function onOff(where: string, key: string, text: string): boolean {
+  if (['on', 'true', 'yes', '1'].includes(text)) return true;
+  if (['off', 'false', 'no', '0'].includes(text)) return false;
+  throw new DiskSpecError(where, `${key} must be on or off, got '${text}'`);
+}
+
+export function buildDiskSpec(input: DiskSpecInput, where: string, index: number): DiskSpec {
+  if (!input.image) throw new DiskSpecError(where, 'an image path is required');
+  if (input.socket && input.socketFd) throw new DiskSpecError(where, 'give either a socket path or a socket fd, not both');
+  if (!input.socket && !input.socketFd) throw new DiskSpecError(where, 'a socket path (socket=PATH) or an inherited socket fd (socket-fd=N) is required');
+  const numQueues = input.numQueues ? integer(where, 'num-queues', input.numQueues, 1, MAX_QUEUES) : 1;
+  const queueSize = input.queueSize ? integer(where, 'queue-size', input.queueSize, 1, MAX_QUEUE_SIZE) : DEFAULT_QUEUE_SIZE;
+  if ((queueSize & (queueSize - 1)) !== 0) throw new DiskSpecError(where, `queue-size must be a power of two, got ${queueSize}`);
+  const block = input.logicalBlockSize ? integer(where, 'logical-block-size', input.logicalBlockSize, 512, 4096) : 512;
+  if (block !== 512 && block !== 4096) throw new DiskSpecError(where, `logical-block-size must be 512 or 4096, got ${block}`);
+  let sizeBytes: number | undefined;
+  if (input.size !== undefined) {
+    try {
+      sizeBytes = parseSize(input.size);
+    } catch (error) {
+      throw new DiskSpecError(where, `size: ${(error as Error).message}`);
+    }
+    if (sizeBytes < block || sizeBytes % block !== 0) throw new DiskSpecError(where, `size must be a non-zero multiple of ${block} bytes, got ${sizeBytes}`);
+  }
+  const listen: ListenAddress = input.socketFd
+    ? { kind: 'fd', fd: integer(where, 'socket-fd', input.socketFd, 0, 1 << 20) }
+    : { kind: 'path', path: path.resolve(input.socket!) };
+  return {
+    options: {
+      name: input.name ?? (index === 0 ? 'disk0' : `disk${index}`),
+      imagePath: path.resolve(input.image),
+      sizeBytes,
+      numQueues,
+      queueSize,
+      readOnly: input.readOnly ?? false,
+      serial: input.serial,
+      logicalBlockSize: block as 512 | 4096,
+      writeback: input.writeback ?? true,
+    },
+    listen,
+  };
+}
+
+const DISK_KEYS = new Set(['name', 'image', 'socket', 'socket-fd', 'size', 'num-queues', 'queue-size', 'read-only', 'serial', 'logical-block-size', 'writeback']);
+
+/** Parses `image=PATH,socket=PATH,num-queues=2,read-only=on,...` (a value may not contain a comma). */
+export function parseDiskArgument(text: string, index: number): DiskSpec {
+  const where = `--disk #${index + 1} (${text})`;
+  const fields = new Map<string, string>();
+  for (const part of text.split(',')) {
+    const eq = part.indexOf('=');
+    if (eq <= 0) throw new DiskSpecError(where, `'${part}' is not key=value`);
+    const key = part.slice(0, eq);
+    if (!DISK_KEYS.has(key)) throw new DiskSpecError(where, `unknown key '${key}' (known: ${[...DISK_KEYS].join(', ')})`);
+    if (fields.has(key)) throw new DiskSpecError(where, `key '${key}' given twice`);
+    fields.set(key, part.slice(eq + 1));
+  }
+  const flag = (key: string): boolean | undefined => (fields.has(key) ? onOff(where, key, fields.get(key)!) : undefined);
+  return buildDiskSpec(
+    {
+      name: fields.get('name'),
+      image: fields.get('image'),
+      socket: fields.get('socket'),
+      socketFd: fields.get('socket-fd'),
+      size: fields.get('size'),
+      numQueues: fields.get('num-queues'),
+      queueSize: fields.get('queue-size'),
+      readOnly: flag('read-only'),
+      serial: fields.get('serial'),
+      logicalBlockSize: fields.get('logical-block-size'),
+      writeback: flag('writeback'),
+    },
+    where,
+    index,
+  );
+}
+
+/** Names must be unique (metrics labels, logs) and so must socket paths. */
+export function checkDistinct(specs: readonly DiskSpec[]): void {
+  const names = new Set<string>();
+  const sockets = new Set<string>();
+  for (const spec of specs) {
+    if (names.has(spec.options.name)) throw new DiskSpecError('disks', `two disks are named '${spec.options.name}'`);
+    names.add(spec.options.name);
+    if (spec.listen.kind === 'path') {
+      if (sockets.has(spec.listen.path)) throw new DiskSpecError('disks', `two disks listen on ${spec.listen.path}`);
+      sockets.add(spec.listen.path);
+    }
+  }
+}

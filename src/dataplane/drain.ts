@@ -1,0 +1,177 @@
+/**
+ * The drain bracket: everything one queue does per wake-up.
+ *
+ *   gate (running, not poisoned) → suppress kicks → pop/validate/throttle/execute/publish until empty →
+ *   re-arm kicks and re-check (never strand a request) → one interrupt if the driver wants it.
+ *
+ * A broken avail index or descriptor table poisons the queue: nothing more is consumed or published and
+ * kicks are not re-armed, so a hostile guest cannot make the worker spin. Only a ring restart clears it.
+ */
+import { BlkRequestType, BlkStatus } from '../../protocol/virtio-blk.js';
+import { ChainOutcome, ChainScratch, walkChain } from './descriptor-chain.js';
+import { BlkRequest, Disposition, parseRequest } from './blk-request.js';
+import { Counter, type QueueCounters } from './counters.js';
+import type { GuestMemory } from './guest-memory.js';
+import type { SplitQueue } from './split-queue.js';
+import type { DeviceLimits } from './device-limits.js';
+import type { SyncExecutor } from './sync-executor.js';
+
+/** Admission control: 0 = go (tokens taken), otherwise nanoseconds to wait (nothing taken). */
+export interface Admission {
+  admit(bytes: number): number;
+}
+
+export const unlimited: Admission = { admit: () => 0 };
+
+export type PoisonCause = 'invalid_avail_idx' | 'ring_structure';
+
+export interface DrainContext {
+  queue: SplitQueue;
+  memory: GuestMemory;
+  limits: DeviceLimits;
+  capacityBytes: number;
+  writeback: boolean;
+  executor: SyncExecutor;
+  counters: QueueCounters;
+  admission: Admission;
+  scratch: ChainScratch;
+  request: BlkRequest;
+  /** Set once a stall has been counted, cleared when the stalled request is admitted. */
+  stalled: boolean;
+  poisoned: boolean;
+  onPoison(cause: PoisonCause, reason: string): void;
+  /** Raises the guest interrupt (call eventfd). */
+  interrupt(): void;
+}
+
+export function createRequestScratch(limits: DeviceLimits): { scratch: ChainScratch; request: BlkRequest } {
+  return { scratch: new ChainScratch(limits.segMax + 2), request: new BlkRequest(limits.segMax + 2) };
+}
+
+/** Runs one drain. Returns 0 when the queue is empty, or the nanoseconds to wait before retrying a stall. */
+export function drainQueue(ctx: DrainContext): number {
+  if (ctx.poisoned) return 0;
+  const queue = ctx.queue;
+  const usedBefore = queue.usedIdx;
+  let wait = 0;
+  try {
+    wait = drainUntilEmpty(ctx);
+  } finally {
+    if (queue.shouldInterrupt(usedBefore)) {
+      ctx.interrupt();
+      ctx.counters.add(Counter.notifications);
+    }
+    ctx.counters.add(Counter.drains);
+    ctx.counters.flush();
+  }
+  return wait;
+}
+
+function drainUntilEmpty(ctx: DrainContext): number {
+  const { queue, counters } = ctx;
+  for (;;) {
+    queue.suppressKicks();
+    for (;;) {
+      const pending = queue.pending();
+      if (pending === 0) break;
+      if (pending > queue.size) {
+        counters.add(Counter.invalidAvailIdx);
+        poison(ctx, 'invalid_avail_idx', `avail.idx is ${pending} entries ahead of the device, more than the queue size ${queue.size}`);
+        return 0;
+      }
+      const head = queue.popHead();
+      const outcome = walkChain(ctx.memory, queue.descView, queue.descBase, queue.size, head, ctx.scratch);
+      if (outcome === ChainOutcome.Poison) {
+        counters.add(Counter.ioErrors);
+        poison(ctx, 'ring_structure', ctx.scratch.reason);
+        return 0;
+      }
+      if (outcome === ChainOutcome.Drop) {
+        counters.add(Counter.ioErrors);
+        continue;
+      }
+      const wait = serveRequest(ctx, head);
+      if (wait > 0) return wait;
+    }
+    if (!queue.rearmKicks()) return 0;
+  }
+}
+
+/** Validates, admits, executes and publishes one chain. Returns a stall wait (the chain was put back) or 0. */
+function serveRequest(ctx: DrainContext, head: number): number {
+  const { request, counters } = ctx;
+  const disposition = parseRequest(ctx.memory, ctx.scratch, ctx.limits, ctx.capacityBytes, request);
+  if (disposition === Disposition.Drop) {
+    counters.add(Counter.ioErrors);
+    return 0;
+  }
+  if (disposition === Disposition.Complete) {
+    if (request.status === BlkStatus.IOERR) counters.add(Counter.ioErrors);
+    else if (request.status === BlkStatus.UNSUPP) counters.add(Counter.unsupported);
+    else if (request.type === BlkRequestType.FLUSH) counters.add(Counter.flushes);
+    publish(ctx, head, request.status, 0);
+    return 0;
+  }
+
+  const wait = ctx.admission.admit(request.dataBytes);
+  if (wait > 0) {
+    ctx.queue.unpop();
+    if (!ctx.stalled) {
+      ctx.stalled = true;
+      counters.add(Counter.throttled);
+      counters.setGauge(Counter.throttlePending, 1);
+    }
+    return wait;
+  }
+  if (ctx.stalled) {
+    ctx.stalled = false;
+    counters.setGauge(Counter.throttlePending, 0);
+  }
+
+  const result = ctx.executor.execute(ctx.memory, request, ctx.capacityBytes, ctx.writeback);
+  if (result.status === BlkStatus.OK) countSuccess(counters, request);
+  else if (result.status === BlkStatus.UNSUPP) counters.add(Counter.unsupported);
+  else counters.add(Counter.ioErrors);
+  publish(ctx, head, result.status, result.status === BlkStatus.OK ? result.written : 0);
+  return 0;
+}
+
+function countSuccess(counters: QueueCounters, request: BlkRequest): void {
+  switch (request.type) {
+    case BlkRequestType.IN:
+      counters.add(Counter.reads);
+      counters.add(Counter.bytesRead, request.dataBytes);
+      break;
+    case BlkRequestType.OUT:
+      counters.add(Counter.writes);
+      counters.add(Counter.bytesWritten, request.dataBytes);
+      break;
+    case BlkRequestType.FLUSH:
+      counters.add(Counter.flushes);
+      break;
+    case BlkRequestType.GET_ID:
+      counters.add(Counter.getIds);
+      break;
+    case BlkRequestType.DISCARD:
+      counters.add(Counter.discards);
+      break;
+    case BlkRequestType.WRITE_ZEROES:
+      counters.add(Counter.writeZeroes);
+      break;
+  }
+}
+
+/** Status byte first; the used element only if the status byte landed, or the guest would read a stale one. */
+function publish(ctx: DrainContext, head: number, status: number, written: number): void {
+  if (!ctx.memory.writeU8(ctx.request.statusGpa, status)) {
+    ctx.counters.add(Counter.ioErrors);
+    return;
+  }
+  ctx.queue.pushUsed(head, written + 1);
+}
+
+function poison(ctx: DrainContext, cause: PoisonCause, reason: string): void {
+  ctx.poisoned = true;
+  ctx.counters.setGauge(Counter.poisoned, 1);
+  ctx.onPoison(cause, reason);
+}

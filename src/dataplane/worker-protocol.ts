@@ -1,0 +1,64 @@
+/**
+ * Messages between the control plane and a queue worker. Commands travel on a MessagePort and the worker
+ * is woken by its control eventfd (it sleeps in epoll_wait, not in the Node event loop), then picks them up
+ * synchronously with receiveMessageOnPort. Every command carries a sequence number and is acknowledged.
+ * The control plane owns every fd; a worker only uses the fds it was handed and never closes them.
+ */
+import type { DeviceLimits } from './device-limits.js';
+import type { RegionLayout } from './memory-regions.js';
+
+export interface WorkerInit {
+  disk: string;
+  queue: number;
+  imageFd: number;
+  controlFd: number;
+  limits: DeviceLimits;
+  capacityBytes: number;
+  writeback: boolean;
+  counters: SharedArrayBuffer;
+  /** Shared token-bucket state of the disk, or null when the disk is not throttled. */
+  throttle: SharedArrayBuffer | null;
+}
+
+/** Everything needed to run a ring; addresses are front-end virtual addresses as SET_VRING_ADDR sent them. */
+export interface RingStart {
+  size: number;
+  descUserAddr: number;
+  availUserAddr: number;
+  usedUserAddr: number;
+  lastAvailIdx: number;
+  eventIdx: boolean;
+  /** -1 when the front-end negotiated polling (no kick fd). */
+  kickFd: number;
+  callFd: number;
+  errFd: number;
+}
+
+export type WorkerCommand =
+  | { op: 'memory'; seq: number; regions: RegionLayout[] }
+  | { op: 'start'; seq: number; ring: RingStart }
+  | { op: 'stop'; seq: number }
+  | { op: 'setCall'; seq: number; fd: number }
+  | { op: 'setErr'; seq: number; fd: number }
+  | { op: 'settings'; seq: number; capacityBytes: number; writeback: boolean }
+  | { op: 'exit'; seq: number };
+
+export interface WorkerAck {
+  type: 'ack';
+  seq: number;
+  /** For `stop`: where the ring stopped (GET_VRING_BASE answers with it). */
+  lastAvailIdx?: number;
+  error?: string;
+}
+
+/** Unsolicited events a worker reports (rare: never per request). */
+export interface WorkerEvent {
+  type: 'event';
+  kind: 'poisoned' | 'started' | 'stopped' | 'error';
+  queue: number;
+  reason: string;
+  /** For `poisoned`: which counter the poison was charged to. */
+  cause?: 'invalid_avail_idx' | 'ring_structure';
+}
+
+export type WorkerMessage = WorkerAck | WorkerEvent;

@@ -1,0 +1,214 @@
+/**
+ * One exported disk: its backing image, the virtio-blk configuration it presents, its counters, and its
+ * queue workers. Workers are created with the first session and kept across reconnects (a reconnecting
+ * QEMU should not pay thread start-up again); sessions come and go, the disk stays.
+ */
+import fs from 'node:fs';
+import path from 'node:path';
+import { BLK_ID_BYTES, SECTOR_SIZE, encodeBlkConfig, type BlkConfig } from '../../protocol/virtio-blk.js';
+import { createCounterBuffer, CounterReader } from '../dataplane/counters.js';
+import {
+  DEFAULT_MAX_DISCARD_SECTORS,
+  DEFAULT_MAX_DISCARD_SEG,
+  DEFAULT_SEG_MAX,
+  DEFAULT_SIZE_MAX,
+  type DeviceLimits,
+} from '../dataplane/device-limits.js';
+import type { WorkerEvent } from '../dataplane/worker-protocol.js';
+import { QueueWorkerHandle } from '../control/queue-worker-handle.js';
+import { offeredVirtioFeatures } from './blk-features.js';
+import type { Logger } from '../log.js';
+import { sys, SEEK_END } from '../sys/libc.js';
+import { check } from '../sys/errors.js';
+
+export interface DiskOptions {
+  name: string;
+  imagePath: string;
+  /** Create the image with this size if missing, or grow it to this size; never shrinks. */
+  sizeBytes?: number | undefined;
+  numQueues: number;
+  queueSize: number;
+  readOnly: boolean;
+  serial?: string | undefined;
+  logicalBlockSize: 512 | 4096;
+  /** Initial write-cache mode; the guest may flip it through the config space (CONFIG_WCE). */
+  writeback: boolean;
+}
+
+export class DiskSetupError extends Error {
+  constructor(disk: string, detail: string) {
+    super(`disk ${disk}: ${detail}`);
+    this.name = 'DiskSetupError';
+  }
+}
+
+/** GET_ID answer: printable ASCII, at most 20 bytes, zero padded. */
+export function serialBytes(serial: string): Uint8Array {
+  const bytes = new Uint8Array(BLK_ID_BYTES);
+  const ascii = serial.replace(/[^\x20-\x7e]/g, '_').slice(0, BLK_ID_BYTES);
+  bytes.set(Buffer.from(ascii, 'ascii'));
+  return bytes;
+}
+
+export function defaultSerial(imagePath: string): string {
+  const base = path.basename(imagePath).replace(/\.[^.]*$/, '');
+  return (base || 'vublk').slice(0, BLK_ID_BYTES);
+}
+
+export type PoisonListener = (event: WorkerEvent) => void;
+
+export class BlkDisk {
+  readonly fd: number;
+  readonly limits: DeviceLimits;
+  readonly counterBuffer: SharedArrayBuffer;
+  readonly counters: CounterReader;
+  readonly offeredFeatures: bigint;
+  private capacity: number;
+  private writebackEnabled: boolean;
+  private workers: QueueWorkerHandle[] = [];
+  private workerEventListener: PoisonListener = () => undefined;
+  readonly throttleBuffer: SharedArrayBuffer | null = null;
+
+  constructor(
+    readonly options: DiskOptions,
+    private readonly log: Logger,
+  ) {
+    const { name, imagePath, sizeBytes, readOnly } = options;
+    let exists = fs.existsSync(imagePath);
+    if (!exists && sizeBytes === undefined) {
+      throw new DiskSetupError(name, `image ${imagePath} does not exist (pass --size to create it)`);
+    }
+    if (!exists && readOnly) throw new DiskSetupError(name, `image ${imagePath} does not exist and the disk is read-only`);
+    if (!exists) {
+      fs.writeFileSync(imagePath, '', { flag: 'wx', mode: 0o600 });
+      exists = true;
+    }
+    const stat = fs.statSync(imagePath);
+    if (!stat.isFile() && !stat.isBlockDevice()) throw new DiskSetupError(name, `${imagePath} is neither a regular file nor a block device`);
+    this.fd = fs.openSync(imagePath, readOnly ? 'r' : 'r+');
+    let size = stat.isFile() ? stat.size : this.blockDeviceSize();
+    if (sizeBytes !== undefined && stat.isFile() && size < sizeBytes) {
+      if (readOnly) throw new DiskSetupError(name, `image is ${size} bytes, smaller than --size, and the disk is read-only`);
+      fs.ftruncateSync(this.fd, sizeBytes);
+      size = sizeBytes;
+    }
+    const block = options.logicalBlockSize;
+    this.capacity = Math.floor(size / block) * block;
+    if (this.capacity === 0) throw new DiskSetupError(name, `image ${imagePath} is smaller than one ${block}-byte block`);
+    this.writebackEnabled = options.writeback;
+    this.limits = {
+      sizeMax: DEFAULT_SIZE_MAX,
+      segMax: DEFAULT_SEG_MAX,
+      logicalBlockSize: block,
+      readOnly,
+      serial: serialBytes(options.serial ?? defaultSerial(imagePath)),
+      maxDiscardSectors: DEFAULT_MAX_DISCARD_SECTORS,
+      maxDiscardSeg: DEFAULT_MAX_DISCARD_SEG,
+      maxWriteZeroesSectors: DEFAULT_MAX_DISCARD_SECTORS,
+      maxWriteZeroesSeg: DEFAULT_MAX_DISCARD_SEG,
+    };
+    this.counterBuffer = createCounterBuffer(options.numQueues);
+    this.counters = new CounterReader(this.counterBuffer);
+    this.offeredFeatures = offeredVirtioFeatures(readOnly);
+  }
+
+  private blockDeviceSize(): number {
+    // A block device's stat size is 0; seeking to its end reports its size.
+    return check(sys.lseek(this.fd, 0, SEEK_END), 'lseek', this.options.imagePath);
+  }
+
+  get name(): string {
+    return this.options.name;
+  }
+
+  get capacityBytes(): number {
+    return this.capacity;
+  }
+
+  get writeback(): boolean {
+    return this.writebackEnabled;
+  }
+
+  config(): BlkConfig {
+    const block = this.options.logicalBlockSize;
+    const l = this.limits;
+    return {
+      capacity: this.capacity / SECTOR_SIZE,
+      sizeMax: l.sizeMax,
+      segMax: l.segMax,
+      blkSize: block,
+      physicalBlockExp: 0,
+      alignmentOffset: 0,
+      minIoSize: 1,
+      optIoSize: 0,
+      writeback: this.writebackEnabled ? 1 : 0,
+      numQueues: this.options.numQueues,
+      maxDiscardSectors: l.maxDiscardSectors,
+      maxDiscardSeg: l.maxDiscardSeg,
+      discardSectorAlignment: block / SECTOR_SIZE,
+      maxWriteZeroesSectors: l.maxWriteZeroesSectors,
+      maxWriteZeroesSeg: l.maxWriteZeroesSeg,
+      writeZeroesMayUnmap: 1,
+    };
+  }
+
+  configSpace(): Uint8Array {
+    return encodeBlkConfig(this.config());
+  }
+
+  /** Switches write cache mode (SET_CONFIG of the writeback byte); workers pick it up before their next drain. */
+  async setWriteback(enabled: boolean): Promise<void> {
+    this.writebackEnabled = enabled;
+    await this.pushSettings();
+  }
+
+  private async pushSettings(): Promise<void> {
+    await Promise.all(this.workers.map((w) => w.send({ op: 'settings', capacityBytes: this.capacity, writeback: this.writebackEnabled })));
+  }
+
+  /** Routes worker events (poison) to the current session. */
+  setWorkerEventListener(listener: PoisonListener): void {
+    this.workerEventListener = listener;
+  }
+
+  /** The queue workers, spawned on first use. */
+  queueWorkers(): QueueWorkerHandle[] {
+    if (this.workers.length === 0) {
+      for (let queue = 0; queue < this.options.numQueues; queue++) {
+        this.workers.push(
+          new QueueWorkerHandle(
+            {
+              disk: this.name,
+              queue,
+              imageFd: this.fd,
+              limits: this.limits,
+              capacityBytes: this.capacity,
+              writeback: this.writebackEnabled,
+              counters: this.counterBuffer,
+              throttle: this.throttleBuffer,
+            },
+            (event) => this.workerEventListener(event),
+            (q, code) => {
+              if (code !== 0) this.log.error({ disk: this.name, queue: q, code }, 'queue worker exited unexpectedly');
+            },
+          ),
+        );
+      }
+    }
+    return this.workers;
+  }
+
+  /** Stops the workers and syncs and closes the image. */
+  async close(): Promise<void> {
+    await Promise.all(this.workers.map((w) => w.exit()));
+    this.workers = [];
+    if (!this.options.readOnly) {
+      try {
+        fs.fdatasyncSync(this.fd);
+      } catch (error) {
+        this.log.error({ disk: this.name, err: (error as Error).message }, 'fdatasync of the image failed at shutdown');
+      }
+    }
+    fs.closeSync(this.fd);
+  }
+}

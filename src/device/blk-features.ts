@@ -1,0 +1,36 @@
+/** The virtio and vhost-user feature sets vublk offers for a virtio-blk disk. */
+import { VirtioFeature, featureMask } from '../../protocol/virtio.js';
+import { BlkFeature } from '../../protocol/virtio-blk.js';
+import { ProtocolFeature, VHOST_USER_F_PROTOCOL_FEATURES } from '../../protocol/vhost-user.js';
+
+export function offeredVirtioFeatures(readOnly: boolean): bigint {
+  const common = featureMask(
+    VirtioFeature.VERSION_1,
+    VirtioFeature.RING_INDIRECT_DESC,
+    VirtioFeature.RING_EVENT_IDX,
+    VHOST_USER_F_PROTOCOL_FEATURES,
+    BlkFeature.SIZE_MAX,
+    BlkFeature.SEG_MAX,
+    BlkFeature.BLK_SIZE,
+    BlkFeature.FLUSH,
+    BlkFeature.TOPOLOGY,
+    BlkFeature.MQ,
+    BlkFeature.CONFIG_WCE,
+  );
+  // A read-only disk advertises RO and no way to change data, so guests never issue discards to it.
+  return readOnly ? common | featureMask(BlkFeature.RO) : common | featureMask(BlkFeature.DISCARD, BlkFeature.WRITE_ZEROES);
+}
+
+/**
+ * INFLIGHT_SHMFD is deliberately not offered yet: offering it obliges the back-end to track and resubmit
+ * in-flight requests across reconnects, and vublk completes every request before its drain returns.
+ */
+export const OFFERED_PROTOCOL_FEATURES = featureMask(
+  ProtocolFeature.MQ,
+  ProtocolFeature.REPLY_ACK,
+  ProtocolFeature.CONFIG,
+  ProtocolFeature.BACKEND_REQ,
+  ProtocolFeature.CONFIGURE_MEM_SLOTS,
+  ProtocolFeature.RESET_DEVICE,
+  ProtocolFeature.STATUS,
+);

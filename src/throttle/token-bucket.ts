@@ -1,0 +1,425 @@
+/**
+ * A token bucket whose whole state lives in a 64-byte region of a SharedArrayBuffer, so that every
+ * worker_thread serving a queue of the same disk draws from the same bucket.
+ *
+ * Model (per the throttle design):
+ * - `rate` tokens are credited per second up to `burst` (the capacity); rate 0 = unlimited, which is a
+ *   fast path that never reads the clock.
+ * - Credit is computed on demand from a monotonic clock. Only WHOLE tokens are credited, and the refill
+ *   timestamp (`lastRefill`) only advances when at least one whole token was credited, and then only by
+ *   the time those whole tokens took — so the fraction of a token that has accrued is never thrown away
+ *   and a 1 op/s bucket polled every millisecond still refills. (When the bucket reaches capacity the
+ *   timestamp jumps to "now": time spent full earns nothing.)
+ * - A request of at most `burst` tokens is granted when the balance covers it. A request larger than
+ *   `burst` could never be covered, so it is granted as soon as the balance is >= 0 and drives the
+ *   balance negative (debt); later requests wait until the debt is repaid.
+ * - A zero-cost request always passes (no clock read either).
+ * - A refusal returns `waitNanos`: the time until the bucket could grant this request (assuming nobody
+ *   else takes tokens meanwhile), always >= 1. The bucket never sleeps or blocks.
+ *
+ * Concurrency: lock-free. The state is four int64 words updated with Atomics compare-exchange loops
+ * (64-bit atomics are only available on BigInt64Array in JS, so BigInt appears at the Atomics boundary;
+ * all arithmetic is done on Numbers, with an exact BigInt fallback only for values beyond 2^53).
+ *   - Refill claims the time interval [lastRefill, newLast) by a CAS on LAST; LAST only ever increases,
+ *     so each interval is claimed by exactly one thread (no ABA) and credited exactly once, with at most
+ *     `rate * (newLast - lastRefill) / 1e9` tokens (never more than the time elapsed), capped at `burst`.
+ *   - Consumption is a CAS on TOKENS that only succeeds if the balance it checked is still current.
+ *   Hence, whatever the number of threads and however they interleave, the tokens granted over any run
+ *   are <= burst (initial balance) + rate * elapsed + (at most one oversized request's debt).
+ *   Races can only make the bucket conservative (a refill CAS winner that has not yet added its credit,
+ *   a credit clipped by a concurrent consumer), never generous.
+ *
+ * Time unit: the clock returns nanoseconds as a Number, relative to an origin captured when the bucket
+ * (or DiskThrottle) is created and stored in the shared region, so every worker shares the same zero.
+ * Values are exact integers for 2^53 ns ≈ 104.2 days after creation; beyond that the default clock's
+ * resolution coarsens gracefully (2 ns until ~208 days, 4 ns until ~1.14 years, ... ~1 µs at 146 years)
+ * while staying monotonic, and the bucket stores timestamps as exact int64 and switches its time
+ * arithmetic to BigInt for values >= 2^53 — so there is no wrap or cliff for any realistic uptime.
+ * Rounding: advancing `lastRefill` by the time of k whole tokens rounds up to the next nanosecond, so
+ * each refill forgoes < 1 ns of credit (conservative; e.g. <= 0.1% if refilling every microsecond).
+ *
+ * Limits: `rate` and `burst` live in the shared region and can be changed live (`setLimits`) by one
+ * writer (the main thread); concurrent users pick the change up on their next call.
+ */
+
+/** Monotonic clock: nanoseconds (Number) since a fixed origin shared by every user of the bucket. */
+export type Clock = () => number;
+
+/** A CLOCK_MONOTONIC reading (`process.hrtime()`), used as the zero of a shared clock. */
+export interface ClockOrigin {
+  readonly sec: number;
+  readonly nsec: number;
+}
+
+export interface BucketLimits {
+  /** Tokens credited per second (whole number); 0 = unlimited. */
+  rate: number;
+  /** Capacity in tokens (whole number); omitted or 0 = one second's worth of `rate`. */
+  burst?: number | undefined;
+}
+
+export interface ResolvedBucketLimits {
+  /** Tokens per second; 0 = unlimited. */
+  readonly rate: number;
+  /** Capacity; 0 when unlimited. */
+  readonly burst: number;
+}
+
+export function captureClockOrigin(): ClockOrigin {
+  const [sec, nsec] = process.hrtime();
+  return { sec, nsec };
+}
+
+/**
+ * The default clock: CLOCK_MONOTONIC (system-wide, so the same in every worker_thread) minus `origin`,
+ * in nanoseconds. No BigInt: `process.hrtime()` gives [seconds, nanoseconds] Numbers and
+ * `(sec - origin.sec) * 1e9` is exact for 146 years, so the result is the correctly rounded elapsed
+ * time — exact below 2^53 ns (104 days), monotonic always.
+ */
+export function monotonicClock(origin: ClockOrigin): Clock {
+  const { sec, nsec } = origin;
+  return () => {
+    const t = process.hrtime();
+    return (t[0] - sec) * NS_PER_S + (t[1] - nsec);
+  };
+}
+
+const NS_PER_S = 1e9;
+const NS_PER_S_BIG = 1_000_000_000n;
+/** The first integer Numbers cannot all represent; below it, Number arithmetic on integers is exact. */
+const TWO_53 = 2 ** 53;
+const MAX_SAFE_BIG = BigInt(Number.MAX_SAFE_INTEGER);
+
+// Layout of a bucket region: 8 int64 words (one 64-byte cache line).
+const W_RATE = 0; // tokens per second, 0 = unlimited
+const W_BURST = 1; // capacity
+const W_TOKENS = 2; // balance; negative = debt
+const W_LAST = 3; // clock value up to which time has been turned into credit
+const W_ORIGIN_SEC = 4; // clock origin (hrtime seconds) for the default clock
+const W_ORIGIN_NSEC = 5; // clock origin (hrtime nanoseconds)
+const W_MAGIC = 6; // layout tag, written last on initialisation
+const WORDS = 8;
+const MAGIC = 0x7675626c6b544231n; // "vublkTB1"
+
+function checkAmount(amount: number): void {
+  if (!Number.isSafeInteger(amount) || amount < 0) {
+    throw new RangeError(`token amount must be a non-negative safe integer, got ${amount}`);
+  }
+}
+
+/** Validates limits and applies the default burst (one second's worth of the rate). */
+export function resolveBucketLimits(limits: BucketLimits): ResolvedBucketLimits {
+  const { rate, burst } = limits;
+  if (!Number.isSafeInteger(rate) || rate < 0) {
+    throw new RangeError(`rate must be a non-negative whole number of tokens per second, got ${rate}`);
+  }
+  if (burst !== undefined && (!Number.isSafeInteger(burst) || burst < 0)) {
+    throw new RangeError(`burst must be a non-negative whole number of tokens, got ${burst}`);
+  }
+  if (rate === 0) return { rate: 0, burst: 0 };
+  return { rate, burst: burst === undefined || burst === 0 ? rate : burst };
+}
+
+/** floor(elapsed * rate / 1e9): whole tokens earned in `elapsed` ns (integer inputs), exact. */
+function creditFor(elapsed: number, rate: number): number {
+  const p = elapsed * rate;
+  if (p <= Number.MAX_SAFE_INTEGER) {
+    // p is exact; the quotient is correctly rounded, so floor() is off by at most one — fix it exactly
+    // (k * 1e9 is exact: k <= 2^53 / 1e9).
+    let k = Math.floor(p / NS_PER_S);
+    if (k * NS_PER_S > p) k -= 1;
+    else if ((k + 1) * NS_PER_S <= p) k += 1;
+    return k;
+  }
+  const k = (BigInt(elapsed) * BigInt(rate)) / NS_PER_S_BIG;
+  return k >= MAX_SAFE_BIG ? Number.MAX_SAFE_INTEGER : Number(k);
+}
+
+/** ceil(tokens * 1e9 / rate): nanoseconds needed to earn `tokens` (integer inputs), exact. */
+function nanosFor(tokens: number, rate: number): number {
+  const n = tokens * NS_PER_S;
+  if (n + rate <= Number.MAX_SAFE_INTEGER) {
+    // n and every product below (<= n + rate) are exact; fix the rounding of the division.
+    let t = Math.ceil(n / rate);
+    if (t * rate < n) t += 1;
+    else if ((t - 1) * rate >= n) t -= 1;
+    return t;
+  }
+  const r = BigInt(rate);
+  return Number((BigInt(tokens) * NS_PER_S_BIG + r - 1n) / r);
+}
+
+/** now - last in ns, exactly; Number arithmetic unless a value is beyond 2^53. */
+function elapsedSince(now: number, last: bigint): number {
+  const lastN = Number(last);
+  if (lastN < TWO_53 && now < TWO_53 && now > -TWO_53 && lastN > -TWO_53) return now - lastN;
+  return Number(BigInt(now) - last);
+}
+
+/** last + ns as an exact int64. */
+function advance(last: bigint, ns: number): bigint {
+  const lastN = Number(last);
+  const sum = lastN + ns; // ns > 0, < 2^53
+  if (sum < TWO_53 && lastN > -TWO_53) return BigInt(sum);
+  return last + BigInt(ns);
+}
+
+function regionView(buffer: SharedArrayBuffer, byteOffset: number): BigInt64Array {
+  if (!(buffer instanceof SharedArrayBuffer)) throw new TypeError('token bucket needs a SharedArrayBuffer');
+  if (!Number.isSafeInteger(byteOffset) || byteOffset < 0 || byteOffset % 8 !== 0) {
+    throw new RangeError(`token bucket byteOffset must be a non-negative multiple of 8, got ${byteOffset}`);
+  }
+  if (byteOffset + TokenBucket.BYTES > buffer.byteLength) {
+    throw new RangeError(
+      `token bucket needs ${TokenBucket.BYTES} bytes at offset ${byteOffset}, buffer has ${buffer.byteLength}`,
+    );
+  }
+  return new BigInt64Array(buffer, byteOffset, WORDS);
+}
+
+export class TokenBucket {
+  /** Size of a bucket region in a SharedArrayBuffer. */
+  static readonly BYTES = WORDS * 8;
+
+  private readonly w: BigInt64Array;
+
+  private constructor(
+    readonly buffer: SharedArrayBuffer,
+    readonly byteOffset: number,
+    readonly clock: Clock,
+  ) {
+    this.w = new BigInt64Array(buffer, byteOffset, WORDS);
+  }
+
+  /** A bucket in a fresh SharedArrayBuffer of its own (starts full). */
+  static create(limits: BucketLimits, clock?: Clock): TokenBucket {
+    return TokenBucket.initialize(new SharedArrayBuffer(TokenBucket.BYTES), 0, limits, clock);
+  }
+
+  /**
+   * Initialises a bucket region (which must not be in use yet) and returns a handle on it. The region
+   * records `origin` so that `attach` without a clock gets the same clock; pass an explicit `clock`
+   * (e.g. a fake in tests) to use another time source — then every attached handle must use it too.
+   */
+  static initialize(
+    buffer: SharedArrayBuffer,
+    byteOffset: number,
+    limits: BucketLimits,
+    clock?: Clock,
+    origin: ClockOrigin = captureClockOrigin(),
+  ): TokenBucket {
+    const w = regionView(buffer, byteOffset);
+    const resolved = resolveBucketLimits(limits); // validate before touching the region
+    Atomics.store(w, W_RATE, 0n);
+    Atomics.store(w, W_ORIGIN_SEC, BigInt(origin.sec));
+    Atomics.store(w, W_ORIGIN_NSEC, BigInt(origin.nsec));
+    Atomics.store(w, W_MAGIC, MAGIC);
+    const bucket = new TokenBucket(buffer, byteOffset, clock ?? monotonicClock(origin));
+    bucket.setLimits(resolved);
+    return bucket;
+  }
+
+  /** Another handle on an initialised bucket region (e.g. in a worker the buffer was posted to). */
+  static attach(buffer: SharedArrayBuffer, byteOffset = 0, clock?: Clock): TokenBucket {
+    const w = regionView(buffer, byteOffset);
+    if (Atomics.load(w, W_MAGIC) !== MAGIC) {
+      throw new TypeError(`no token bucket at offset ${byteOffset} of this SharedArrayBuffer`);
+    }
+    return new TokenBucket(buffer, byteOffset, clock ?? monotonicClock(TokenBucket.originOf(w)));
+  }
+
+  private static originOf(w: BigInt64Array): ClockOrigin {
+    return { sec: Number(Atomics.load(w, W_ORIGIN_SEC)), nsec: Number(Atomics.load(w, W_ORIGIN_NSEC)) };
+  }
+
+  /** The clock origin recorded in the region. */
+  get origin(): ClockOrigin {
+    return TokenBucket.originOf(this.w);
+  }
+
+  /** Tokens per second; 0 = unlimited. */
+  get rate(): number {
+    return Number(Atomics.load(this.w, W_RATE));
+  }
+
+  /** Capacity in tokens (0 when unlimited). */
+  get burst(): number {
+    return Number(Atomics.load(this.w, W_BURST));
+  }
+
+  get unlimited(): boolean {
+    return Atomics.load(this.w, W_RATE) === 0n;
+  }
+
+  get limits(): ResolvedBucketLimits {
+    return { rate: this.rate, burst: this.burst };
+  }
+
+  /** The stored balance (negative = debt), without crediting time elapsed since `lastRefill`. */
+  get balance(): number {
+    return Number(Atomics.load(this.w, W_TOKENS));
+  }
+
+  /** Clock value up to which elapsed time has been turned into whole tokens. */
+  get lastRefill(): number {
+    return Number(Atomics.load(this.w, W_LAST));
+  }
+
+  /** Reads the clock (integer nanoseconds). */
+  now(): number {
+    return Math.floor(this.clock());
+  }
+
+  /**
+   * Takes `amount` tokens if the bucket can grant them: returns 0 (granted, consumed) or the
+   * nanoseconds until it could grant (>= 1, nothing consumed). `now` defaults to a clock read, which
+   * is skipped when the bucket is unlimited or `amount` is 0.
+   */
+  tryConsume(amount: number, now?: number): number {
+    checkAmount(amount);
+    if (amount === 0) return 0;
+    const rate = Number(Atomics.load(this.w, W_RATE));
+    if (rate === 0) return 0;
+    return this.attempt(amount, rate, now === undefined ? this.now() : Math.floor(now), true);
+  }
+
+  /**
+   * Like `tryConsume` without consuming: 0 if `amount` would be granted now, else the wait. It may
+   * bring the refill bookkeeping up to date (crediting elapsed time), which changes no outcome.
+   */
+  peekWait(amount: number, now?: number): number {
+    checkAmount(amount);
+    if (amount === 0) return 0;
+    const rate = Number(Atomics.load(this.w, W_RATE));
+    if (rate === 0) return 0;
+    return this.attempt(amount, rate, now === undefined ? this.now() : Math.floor(now), false);
+  }
+
+  /**
+   * Takes `amount` tokens unconditionally (after crediting elapsed time), possibly into debt: for work
+   * that has to be accounted for although it was not (or could not be) admitted first. Debt is clamped
+   * at -(2^53 - 1).
+   */
+  consume(amount: number, now?: number): void {
+    checkAmount(amount);
+    if (amount === 0) return;
+    const rate = Number(Atomics.load(this.w, W_RATE));
+    if (rate === 0) return;
+    this.refill(rate, Number(Atomics.load(this.w, W_BURST)), now === undefined ? this.now() : Math.floor(now));
+    for (;;) {
+      const t = Atomics.load(this.w, W_TOKENS);
+      const next = Math.max(Number(t) - amount, -Number.MAX_SAFE_INTEGER);
+      if (Atomics.compareExchange(this.w, W_TOKENS, t, BigInt(next)) === t) return;
+    }
+  }
+
+  /**
+   * Returns `amount` tokens taken by this caller and not used (the balance never exceeds `burst`;
+   * anything beyond is dropped). Only give back what you took, or the aggregate bound is void.
+   */
+  refund(amount: number): void {
+    checkAmount(amount);
+    if (amount === 0) return;
+    this.addCapped(amount, Number(Atomics.load(this.w, W_BURST)));
+  }
+
+  /**
+   * Changes the limits live. Single writer (the main thread); other handles see the change on their
+   * next call. Limited → limited: elapsed time is first credited at the old rate, then the new rate and
+   * capacity apply and the balance is clipped to the new capacity (a debt is kept). Unlimited →
+   * limited: the bucket starts full at `now`. Any → unlimited: takes effect at once. A thread that is
+   * mid-call during the change may still apply the old rate or capacity to the few microseconds of the
+   * change itself — the transitional error is bounded by max(old, new rate) × the duration of this call.
+   */
+  setLimits(limits: BucketLimits, now?: number): void {
+    const { rate, burst } = resolveBucketLimits(limits);
+    const w = this.w;
+    if (rate === 0) {
+      Atomics.store(w, W_RATE, 0n);
+      Atomics.store(w, W_BURST, 0n);
+      return;
+    }
+    const at = now === undefined ? this.now() : Math.floor(now);
+    const oldRate = Number(Atomics.load(w, W_RATE));
+    if (oldRate === 0) {
+      // Publish the state first and the rate last: a reader that sees the rate sees a full bucket.
+      Atomics.store(w, W_BURST, BigInt(burst));
+      Atomics.store(w, W_TOKENS, BigInt(burst));
+      Atomics.store(w, W_LAST, BigInt(at));
+      Atomics.store(w, W_RATE, BigInt(rate));
+      return;
+    }
+    this.refill(oldRate, Number(Atomics.load(w, W_BURST)), at);
+    Atomics.store(w, W_BURST, BigInt(burst));
+    Atomics.store(w, W_RATE, BigInt(rate));
+    for (;;) {
+      const t = Atomics.load(w, W_TOKENS);
+      if (Number(t) <= burst) return;
+      if (Atomics.compareExchange(w, W_TOKENS, t, BigInt(burst)) === t) return;
+    }
+  }
+
+  /** The grant decision for a limited bucket and amount > 0. */
+  private attempt(amount: number, rate: number, now: number, take: boolean): number {
+    const w = this.w;
+    for (;;) {
+      const burst = Number(Atomics.load(w, W_BURST));
+      this.refill(rate, burst, now);
+      const t = Atomics.load(w, W_TOKENS);
+      const balance = Number(t);
+      // Oversized requests (amount > burst) need only a non-negative balance, and go into debt.
+      const needed = amount <= burst ? amount : 0;
+      if (balance < needed) return this.waitFor(needed - balance, rate, now);
+      if (!take) return 0;
+      if (Atomics.compareExchange(w, W_TOKENS, t, BigInt(balance - amount)) === t) return 0;
+      // Another thread changed the balance in between: decide again on the fresh state.
+    }
+  }
+
+  /**
+   * Credits whole tokens for the time since LAST. The CAS on LAST claims the interval (LAST only
+   * grows), so exactly one thread credits it; the credit never exceeds the time claimed.
+   */
+  private refill(rate: number, burst: number, now: number): void {
+    const w = this.w;
+    for (;;) {
+      const last = Atomics.load(w, W_LAST);
+      const elapsed = elapsedSince(now, last);
+      if (elapsed <= 0) return;
+      const earned = creditFor(elapsed, rate);
+      if (earned < 1) return; // keep LAST: the fraction of a token accrued so far is not lost
+      const room = burst - Number(Atomics.load(w, W_TOKENS));
+      let credit: number;
+      let next: bigint;
+      if (earned >= room) {
+        // Fills up: the rest of the interval was spent full and earns nothing.
+        credit = room;
+        next = BigInt(now);
+      } else {
+        // Advance only by the time the whole tokens took (rounded up: conservative by < 1 ns).
+        credit = earned;
+        next = advance(last, nanosFor(earned, rate));
+      }
+      if (Atomics.compareExchange(w, W_LAST, last, next) !== last) continue; // someone else refilled
+      if (credit > 0) this.addCapped(credit, burst);
+      return;
+    }
+  }
+
+  private addCapped(amount: number, burst: number): void {
+    const w = this.w;
+    for (;;) {
+      const t = Atomics.load(w, W_TOKENS);
+      const balance = Number(t);
+      if (balance >= burst) return;
+      const next = Math.min(balance + amount, burst);
+      if (Atomics.compareExchange(w, W_TOKENS, t, BigInt(next)) === t) return;
+    }
+  }
+
+  /** Time until `deficit` more tokens will have been credited (>= 1 ns). */
+  private waitFor(deficit: number, rate: number, now: number): number {
+    const elapsed = elapsedSince(now, Atomics.load(this.w, W_LAST));
+    return Math.max(1, nanosFor(deficit, rate) - elapsed);
+  }
+}

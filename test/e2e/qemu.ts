@@ -1,0 +1,167 @@
+// Boots the tiny guest built by build-guest.sh under QEMU (TCG, no KVM needed) and
+// captures its serial console, where /init reports "VUBLK-E2E: ..." marker lines.
+import { spawn, spawnSync } from 'node:child_process';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const QEMU = 'qemu-system-x86_64';
+const BUILD_SCRIPT = fileURLToPath(new URL('./build-guest.sh', import.meta.url));
+
+export const GUEST_DIR = fileURLToPath(new URL('../../.cache/guest/', import.meta.url));
+/** The bytes the rw workload writes and verify expects. */
+export const PATTERN_PATH = path.join(GUEST_DIR, 'pattern.bin');
+/** Where on the guest disk rw/verify put the pattern (passed to the guest as vublk.offset). */
+export const PATTERN_OFFSET = 1024 * 1024;
+
+/**
+ * probe: report the disk (or "no-vda") without I/O; rw: write the pattern, flush,
+ * drop caches, read back; verify: only read back and compare.
+ */
+export type Workload = 'probe' | 'rw' | 'verify';
+
+export interface GuestOptions {
+  /** vhost-user-blk socket of the backend under test. */
+  socketPath?: string;
+  /** Serve this raw image with QEMU's own virtio-blk instead: a control for the harness itself. */
+  imagePath?: string;
+  numQueues?: number;
+  memoryMiB?: number;
+  workload: Workload;
+  timeoutMs?: number;
+}
+
+export interface GuestResult {
+  /** Serial console and QEMU's stderr, interleaved, with \n line ends. */
+  output: string;
+  exitCode: number | null;
+  timedOut: boolean;
+}
+
+export interface GuestReport {
+  /** The "PASS ..." or "FAIL ..." line, null if the guest never got that far. */
+  verdict: string | null;
+  sizeSectors: number | null;
+  readOnly: boolean | null;
+  queues: number | null;
+}
+
+let guestError: string | null | undefined;
+
+/** Builds the guest once per process (build-guest.sh itself caches across runs); throws if that fails. */
+export function ensureGuest(): void {
+  if (guestError === undefined) {
+    const build = spawnSync('bash', [BUILD_SCRIPT], { encoding: 'utf8', timeout: 600_000 });
+    if (build.error) {
+      guestError = `build-guest.sh could not run: ${build.error.message}`;
+    } else if (build.status !== 0) {
+      const log = `${build.stdout}${build.stderr}`.trim().split('\n').slice(-15).join('\n');
+      guestError = `build-guest.sh failed (${build.status ?? build.signal}):\n${log}`;
+    } else {
+      guestError = null;
+    }
+  }
+  if (guestError !== null) throw new Error(guestError);
+}
+
+let availability: string | null | undefined;
+
+/** null if guests can be booted here, otherwise why not. */
+export function qemuAvailable(): string | null {
+  if (availability === undefined) {
+    availability = checkAvailability();
+  }
+  return availability;
+}
+
+function checkAvailability(): string | null {
+  const devices = spawnSync(QEMU, ['-device', 'help'], { encoding: 'utf8' });
+  if (devices.error) return `${QEMU} cannot be run: ${devices.error.message}`;
+  if (!devices.stdout.includes('"vhost-user-blk-pci"')) return `${QEMU} has no vhost-user-blk-pci device`;
+  try {
+    ensureGuest();
+  } catch (err: unknown) {
+    return `the test guest could not be built: ${err instanceof Error ? err.message : String(err)}`;
+  }
+  return null;
+}
+
+export function runGuest(options: GuestOptions): Promise<GuestResult> {
+  const { socketPath, imagePath, numQueues = 1, memoryMiB = 256, workload, timeoutMs = 90_000 } = options;
+  if (socketPath !== undefined && imagePath !== undefined) {
+    throw new Error('runGuest: give socketPath or imagePath, not both');
+  }
+  ensureGuest();
+
+  // The guest's own watchdog fires first, so a stuck guest still says where it was stuck.
+  const guestTimeoutS = Math.max(5, Math.floor((timeoutMs * 0.75) / 1000));
+  const disk: string[] = [];
+  if (socketPath !== undefined) {
+    disk.push(
+      '-chardev', `socket,id=vu0,path=${optionValue(socketPath)}`,
+      '-device', `vhost-user-blk-pci,chardev=vu0,num-queues=${numQueues}`,
+    );
+  } else if (imagePath !== undefined) {
+    disk.push(
+      '-drive', `file=${optionValue(imagePath)},if=none,id=d0,format=raw`,
+      '-device', `virtio-blk-pci,drive=d0,num-queues=${numQueues}`,
+    );
+  }
+  const args = [
+    '-accel', 'tcg',
+    '-machine', 'q35',
+    // virtio_blk uses min(num-queues, CPUs) queues, so multi-queue needs as many vCPUs.
+    '-smp', String(numQueues),
+    '-m', String(memoryMiB),
+    // vhost-user backends map guest RAM, so it must be a shareable fd.
+    '-object', `memory-backend-memfd,id=mem,size=${memoryMiB}M,share=on`,
+    '-numa', 'node,memdev=mem',
+    ...disk,
+    '-kernel', path.join(GUEST_DIR, 'vmlinuz'),
+    '-initrd', path.join(GUEST_DIR, 'initramfs.cpio.gz'),
+    '-append',
+    `console=ttyS0 panic=-1 quiet vublk.test=${workload} vublk.offset=${PATTERN_OFFSET} vublk.timeout=${guestTimeoutS}`,
+    '-display', 'none',
+    '-nodefaults',
+    '-no-reboot',
+    '-serial', 'stdio',
+  ];
+
+  return new Promise((resolve, reject) => {
+    const qemu = spawn(QEMU, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+    let output = '';
+    let timedOut = false;
+    qemu.stdout.setEncoding('utf8');
+    qemu.stderr.setEncoding('utf8');
+    qemu.stdout.on('data', (text: string) => (output += text));
+    qemu.stderr.on('data', (text: string) => (output += text));
+    const timer = setTimeout(() => {
+      timedOut = true;
+      qemu.kill('SIGKILL');
+    }, timeoutMs);
+    qemu.on('error', (err) => {
+      clearTimeout(timer);
+      reject(err);
+    });
+    qemu.on('close', (exitCode) => {
+      clearTimeout(timer);
+      resolve({ output: output.replace(/\r\n/g, '\n'), exitCode, timedOut });
+    });
+  });
+}
+
+/** QEMU option values end at a comma unless it is doubled. */
+function optionValue(value: string): string {
+  return value.replaceAll(',', ',,');
+}
+
+/** Picks the marker lines /init prints out of the console output. */
+export function guestReport(output: string): GuestReport {
+  const verdict = /^VUBLK-E2E: ((?:PASS|FAIL) .*)$/m.exec(output);
+  const disk = /^VUBLK-E2E: size=(\d+) ro=([01]) queues=(\d+)$/m.exec(output);
+  return {
+    verdict: verdict?.[1] ?? null,
+    sizeSectors: disk ? Number(disk[1]) : null,
+    readOnly: disk ? disk[2] === '1' : null,
+    queues: disk ? Number(disk[3]) : null,
+  };
+}
