@@ -17,6 +17,10 @@ interface ServeOptions {
   serial?: string;
   logicalBlockSize?: string;
   writethrough?: boolean;
+  iops?: string;
+  iopsBurst?: string;
+  bps?: string;
+  bpsBurst?: string;
   disk: string[];
   logLevel: LogLevel;
 }
@@ -50,6 +54,10 @@ function diskSpecs(options: ServeOptions): DiskSpec[] {
               serial: options.serial,
               logicalBlockSize: options.logicalBlockSize,
               writeback: options.writethrough ? false : undefined,
+              iops: options.iops,
+              iopsBurst: options.iopsBurst,
+              bps: options.bps,
+              bpsBurst: options.bpsBurst,
             },
             'command line',
             0,
@@ -102,6 +110,10 @@ program
   .option('--serial <str>', 'serial answered to GET_ID (up to 20 ASCII characters; default from the image name)')
   .option('--logical-block-size <n>', 'logical block size: 512 or 4096', '512')
   .option('--writethrough', 'start with the write cache off (every write is synced before it completes)')
+  .option('--iops <n>', 'throttle: requests per second across all queues (e.g. 500, 10k; 0 = unlimited)')
+  .option('--iops-burst <n>', 'throttle: request burst (default: one second of --iops)')
+  .option('--bps <rate>', 'throttle: bytes per second across all queues (e.g. 100M; 0 = unlimited)')
+  .option('--bps-burst <size>', 'throttle: byte burst (default: one second of --bps)')
   .option('--disk <spec>', 'a disk as image=PATH,socket=PATH|socket-fd=N[,num-queues=N][,read-only=on][,serial=STR][,size=BYTES][,name=NAME]; repeatable', collect, [])
   .addOption(new Option('--log-level <level>', 'log level').choices(LOG_LEVELS).default('info'))
   .action((options: ServeOptions) => serve(options));

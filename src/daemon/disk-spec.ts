@@ -3,7 +3,8 @@
  * listen. Pure: no files are touched here, so every error is reported before anything is created.
  */
 import path from 'node:path';
-import { parseSize } from '../throttle/size.js';
+import { parseCount, parseRate, parseSize } from '../throttle/size.js';
+import type { DiskLimits } from '../throttle/disk-throttle.js';
 import type { DiskOptions } from '../device/blk-disk.js';
 import type { ListenAddress } from '../control/export-listener.js';
 import { MAX_QUEUE_SIZE } from '../../protocol/split-ring.js';
@@ -32,6 +33,10 @@ export interface DiskSpecInput {
   serial?: string | undefined;
   logicalBlockSize?: string | undefined;
   writeback?: boolean | undefined;
+  iops?: string | undefined;
+  iopsBurst?: string | undefined;
+  bps?: string | undefined;
+  bpsBurst?: string | undefined;
 }
 
 export const DEFAULT_QUEUE_SIZE = 1024;
@@ -68,6 +73,7 @@ export function buildDiskSpec(input: DiskSpecInput, where: string, index: number
     }
     if (sizeBytes < block || sizeBytes % block !== 0) throw new DiskSpecError(where, `size must be a non-zero multiple of ${block} bytes, got ${sizeBytes}`);
   }
+  const throttle = parseThrottle(input, where);
   const listen: ListenAddress = input.socketFd
     ? { kind: 'fd', fd: integer(where, 'socket-fd', input.socketFd, 0, 1 << 20) }
     : { kind: 'path', path: path.resolve(input.socket!) };
@@ -82,12 +88,33 @@ export function buildDiskSpec(input: DiskSpecInput, where: string, index: number
       serial: input.serial,
       logicalBlockSize: block as 512 | 4096,
       writeback: input.writeback ?? true,
+      throttle,
     },
     listen,
   };
 }
 
-const DISK_KEYS = new Set(['name', 'image', 'socket', 'socket-fd', 'size', 'num-queues', 'queue-size', 'read-only', 'serial', 'logical-block-size', 'writeback']);
+function parseThrottle(input: DiskSpecInput, where: string): DiskLimits {
+  const value = (key: string, text: string | undefined, parse: (t: string) => number): number | undefined => {
+    if (text === undefined) return undefined;
+    try {
+      return parse(text);
+    } catch (error) {
+      throw new DiskSpecError(where, `${key}: ${(error as Error).message}`);
+    }
+  };
+  const limits: DiskLimits = {
+    iops: value('iops', input.iops, parseCount),
+    iopsBurst: value('iops-burst', input.iopsBurst, parseCount),
+    bps: value('bps', input.bps, parseRate),
+    bpsBurst: value('bps-burst', input.bpsBurst, parseSize),
+  };
+  if (limits.iopsBurst && !limits.iops) throw new DiskSpecError(where, 'iops-burst needs iops');
+  if (limits.bpsBurst && !limits.bps) throw new DiskSpecError(where, 'bps-burst needs bps');
+  return limits;
+}
+
+const DISK_KEYS = new Set(['iops', 'iops-burst', 'bps', 'bps-burst', 'name', 'image', 'socket', 'socket-fd', 'size', 'num-queues', 'queue-size', 'read-only', 'serial', 'logical-block-size', 'writeback']);
 
 /** Parses `image=PATH,socket=PATH,num-queues=2,read-only=on,...` (a value may not contain a comma). */
 export function parseDiskArgument(text: string, index: number): DiskSpec {
@@ -115,6 +142,10 @@ export function parseDiskArgument(text: string, index: number): DiskSpec {
       serial: fields.get('serial'),
       logicalBlockSize: fields.get('logical-block-size'),
       writeback: flag('writeback'),
+      iops: fields.get('iops'),
+      iopsBurst: fields.get('iops-burst'),
+      bps: fields.get('bps'),
+      bpsBurst: fields.get('bps-burst'),
     },
     where,
     index,

@@ -25,10 +25,38 @@ export const Counter = {
   notifications: 15,
 } as const;
 export type CounterName = keyof typeof Counter;
-export const COUNTERS_PER_QUEUE = 16;
+const SCALAR_COUNTERS = 16;
+
+/** Operations with a latency histogram each. */
+export const LatencyOp = {
+  read: 0,
+  write: 1,
+  flush: 2,
+  other: 3,
+} as const;
+export type LatencyOpName = keyof typeof LatencyOp;
+const LATENCY_OPS = 4;
+
+/** Upper bounds (seconds) of the latency buckets, Prometheus style (cumulative on export, +Inf implied). */
+export const LATENCY_BUCKETS_SECONDS = [
+  0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
+] as const;
+const BUCKET_BOUNDS_NS = LATENCY_BUCKETS_SECONDS.map((s) => Math.round(s * 1e9));
+/** Per op: one cell per finite bucket, one for +Inf, one for the sum in nanoseconds. */
+const HISTOGRAM_CELLS = LATENCY_BUCKETS_SECONDS.length + 2;
+const HISTOGRAM_BASE = SCALAR_COUNTERS;
+
+export const COUNTERS_PER_QUEUE = SCALAR_COUNTERS + LATENCY_OPS * HISTOGRAM_CELLS;
 
 export function createCounterBuffer(queues: number): SharedArrayBuffer {
   return new SharedArrayBuffer(queues * COUNTERS_PER_QUEUE * 8);
+}
+
+export interface LatencySnapshot {
+  /** Non-cumulative counts per bucket of LATENCY_BUCKETS_SECONDS, then the +Inf bucket. */
+  buckets: number[];
+  count: number;
+  sumSeconds: number;
 }
 
 /** Read side, used by the control plane. */
@@ -51,6 +79,19 @@ export class CounterReader {
     for (let q = 0; q < this.queues; q++) sum += this.read(q, name);
     return sum;
   }
+
+  latency(queue: number, op: LatencyOpName): LatencySnapshot {
+    const base = queue * COUNTERS_PER_QUEUE + HISTOGRAM_BASE + LatencyOp[op] * HISTOGRAM_CELLS;
+    const buckets: number[] = [];
+    let count = 0;
+    for (let i = 0; i <= LATENCY_BUCKETS_SECONDS.length; i++) {
+      const n = Number(Atomics.load(this.cells, base + i));
+      buckets.push(n);
+      count += n;
+    }
+    const sumNs = Number(Atomics.load(this.cells, base + LATENCY_BUCKETS_SECONDS.length + 1));
+    return { buckets, count, sumSeconds: sumNs / 1e9 };
+  }
 }
 
 /** Write side for one queue, used by its worker. */
@@ -68,6 +109,15 @@ export class QueueCounters {
   add(index: number, amount = 1): void {
     this.pending[index] = (this.pending[index] ?? 0) + amount;
     this.dirty = true;
+  }
+
+  /** Records one request's service time in its op's histogram (published with the next flush). */
+  observeLatency(op: number, nanos: number): void {
+    let bucket = 0;
+    while (bucket < BUCKET_BOUNDS_NS.length && nanos > (BUCKET_BOUNDS_NS[bucket] ?? 0)) bucket++;
+    const base = HISTOGRAM_BASE + op * HISTOGRAM_CELLS;
+    this.add(base + bucket);
+    this.add(base + LATENCY_BUCKETS_SECONDS.length + 1, Math.round(nanos));
   }
 
   /** Gauges are set, not accumulated; they are published immediately (rare transitions). */

@@ -10,7 +10,7 @@
 import { BlkRequestType, BlkStatus } from '../../protocol/virtio-blk.js';
 import { ChainOutcome, ChainScratch, walkChain } from './descriptor-chain.js';
 import { BlkRequest, Disposition, parseRequest } from './blk-request.js';
-import { Counter, type QueueCounters } from './counters.js';
+import { Counter, LatencyOp, type QueueCounters } from './counters.js';
 import type { GuestMemory } from './guest-memory.js';
 import type { SplitQueue } from './split-queue.js';
 import type { DeviceLimits } from './device-limits.js';
@@ -128,12 +128,21 @@ function serveRequest(ctx: DrainContext, head: number): number {
     counters.setGauge(Counter.throttlePending, 0);
   }
 
+  const started = performance.now();
   const result = ctx.executor.execute(ctx.memory, request, ctx.capacityBytes, ctx.writeback);
+  counters.observeLatency(latencyOp(request.type), (performance.now() - started) * 1e6);
   if (result.status === BlkStatus.OK) countSuccess(counters, request);
   else if (result.status === BlkStatus.UNSUPP) counters.add(Counter.unsupported);
   else counters.add(Counter.ioErrors);
   publish(ctx, head, result.status, result.status === BlkStatus.OK ? result.written : 0);
   return 0;
+}
+
+function latencyOp(type: number): number {
+  if (type === BlkRequestType.IN) return LatencyOp.read;
+  if (type === BlkRequestType.OUT) return LatencyOp.write;
+  if (type === BlkRequestType.FLUSH) return LatencyOp.flush;
+  return LatencyOp.other;
 }
 
 function countSuccess(counters: QueueCounters, request: BlkRequest): void {

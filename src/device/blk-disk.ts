@@ -18,6 +18,7 @@ import type { WorkerEvent } from '../dataplane/worker-protocol.js';
 import { QueueWorkerHandle } from '../control/queue-worker-handle.js';
 import { offeredVirtioFeatures } from './blk-features.js';
 import type { Logger } from '../log.js';
+import { DiskThrottle, type DiskLimits } from '../throttle/disk-throttle.js';
 import { sys, SEEK_END } from '../sys/libc.js';
 import { check } from '../sys/errors.js';
 
@@ -33,6 +34,8 @@ export interface DiskOptions {
   logicalBlockSize: 512 | 4096;
   /** Initial write-cache mode; the guest may flip it through the config space (CONFIG_WCE). */
   writeback: boolean;
+  /** Token-bucket limits shared by all queues of the disk; all zero = unlimited. */
+  throttle: DiskLimits;
 }
 
 export class DiskSetupError extends Error {
@@ -67,7 +70,8 @@ export class BlkDisk {
   private writebackEnabled: boolean;
   private workers: QueueWorkerHandle[] = [];
   private workerEventListener: PoisonListener = () => undefined;
-  readonly throttleBuffer: SharedArrayBuffer | null = null;
+  /** Always present (unlimited is a no-clock fast path) so limits can be changed live. */
+  readonly throttle: DiskThrottle;
 
   constructor(
     readonly options: DiskOptions,
@@ -110,6 +114,7 @@ export class BlkDisk {
     this.counterBuffer = createCounterBuffer(options.numQueues);
     this.counters = new CounterReader(this.counterBuffer);
     this.offeredFeatures = offeredVirtioFeatures(readOnly);
+    this.throttle = DiskThrottle.create(options.throttle);
   }
 
   private blockDeviceSize(): number {
@@ -185,7 +190,7 @@ export class BlkDisk {
               capacityBytes: this.capacity,
               writeback: this.writebackEnabled,
               counters: this.counterBuffer,
-              throttle: this.throttleBuffer,
+              throttle: this.throttle.buffer,
             },
             (event) => this.workerEventListener(event),
             (q, code) => {
