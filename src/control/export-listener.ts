@@ -34,6 +34,8 @@ export class ExportListener {
   private readonly listenFd: number;
   private readonly poll: PollHandle;
   private session: VhostUserSession | null = null;
+  /** A connection that arrived while the previous session was still tearing down; served right after. */
+  private waiting: number | null = null;
   private closed = false;
   private sessionEnded: (() => void) | null = null;
   /** Connections served since start (including the current one). */
@@ -63,18 +65,34 @@ export class ExportListener {
         return;
       }
       if (fd === null) return;
-      if (this.session !== null || this.closed) {
+      if (this.closed) {
+        closeFd(fd);
+      } else if (this.session === null) {
+        this.startSession(fd);
+      } else if (this.session.isEnding && this.waiting === null) {
+        // A restarted front-end often reconnects before our teardown has finished: serve it next.
+        this.waiting = fd;
+      } else {
         this.log.warn('refused a second front-end: this disk already has one connected');
         closeFd(fd);
-        continue;
       }
-      this.connections++;
-      this.log.info({ connection: this.connections }, 'front-end connected');
-      this.session = new VhostUserSession(fd, this.disk, this.log, () => {
-        this.session = null;
-        this.sessionEnded?.();
-      });
     }
+  }
+
+  private startSession(fd: number): void {
+    this.connections++;
+    this.log.info({ connection: this.connections }, 'front-end connected');
+    this.session = new VhostUserSession(fd, this.disk, this.log, () => {
+      this.session = null;
+      const next = this.waiting;
+      this.waiting = null;
+      if (next !== null && !this.closed) {
+        this.startSession(next);
+        return;
+      }
+      if (next !== null) closeFd(next);
+      this.sessionEnded?.();
+    });
   }
 
   /** Stops accepting, closes the active session and waits for its teardown; removes the socket file. */
@@ -88,6 +106,7 @@ export class ExportListener {
       this.session.close();
       await ended;
     }
+    if (this.waiting !== null) closeFd(this.waiting);
     closeFd(this.listenFd);
     if (this.address.kind === 'path') fs.rmSync(this.address.path, { force: true });
   }

@@ -134,6 +134,11 @@ export class VhostUserSession {
     return poisoned ? this.status | DeviceStatus.NEEDS_RESET : this.status & ~DeviceStatus.NEEDS_RESET;
   }
 
+  /** The connection is gone and teardown is in progress. */
+  get isEnding(): boolean {
+    return this.ended;
+  }
+
   close(): void {
     this.stream.close({ kind: 'local' });
   }

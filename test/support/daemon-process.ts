@@ -1,0 +1,122 @@
+/**
+ * Starts the real daemon (`node dist/src/cli.js serve ...`) as a child process for integration tests and
+ * collects its JSON log lines. Every wait has a deadline; stop() never hangs.
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { existsSync } from 'node:fs';
+import { mkdtemp, rm } from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+export const CLI = fileURLToPath(new URL('../../dist/src/cli.js', import.meta.url));
+
+export interface LogLine {
+  level: number;
+  msg: string;
+  [field: string]: unknown;
+}
+
+export interface DaemonProcess {
+  dir: string;
+  socketPath: string;
+  imagePath: string;
+  child: ChildProcess;
+  running(): boolean;
+  output(): string;
+  logs(): LogLine[];
+  /** Resolves with the first log line matching, or rejects after `timeoutMs`. */
+  waitForLog(match: (line: LogLine) => boolean, timeoutMs?: number): Promise<LogLine>;
+  /** SIGTERM, then SIGKILL after 5 s; resolves with the exit code. */
+  stop(): Promise<number | null>;
+}
+
+export interface StartOptions {
+  args?: string[];
+  /** Image size for --size (default 64M). */
+  size?: string;
+  /** Replace the default --socket/--image/--size arguments entirely. */
+  rawArgs?: string[];
+  env?: NodeJS.ProcessEnv;
+  /** Wait for the socket file (default true). */
+  waitForSocket?: boolean;
+}
+
+export async function startDaemon(options: StartOptions = {}): Promise<DaemonProcess> {
+  if (!existsSync(CLI)) throw new Error(`${CLI} is missing: run npm run build first`);
+  const dir = await mkdtemp(path.join(os.tmpdir(), 'vublk-it-'));
+  const socketPath = path.join(dir, 'vublk.sock');
+  const imagePath = path.join(dir, 'disk.img');
+  const args = options.rawArgs ?? ['serve', '--socket', socketPath, '--image', imagePath, '--size', options.size ?? '64M', ...(options.args ?? [])];
+  const child = spawn(process.execPath, [CLI, ...args], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, ...options.env }, cwd: dir });
+  let output = '';
+  let partial = '';
+  const lines: LogLine[] = [];
+  const waiters: { match: (line: LogLine) => boolean; resolve: (line: LogLine) => void }[] = [];
+  child.stdout?.setEncoding('utf8').on('data', (text: string) => {
+    output += text;
+    partial += text;
+    let nl: number;
+    while ((nl = partial.indexOf('\n')) >= 0) {
+      const raw = partial.slice(0, nl);
+      partial = partial.slice(nl + 1);
+      try {
+        const line = JSON.parse(raw) as LogLine;
+        lines.push(line);
+        for (const w of [...waiters]) {
+          if (w.match(line)) {
+            waiters.splice(waiters.indexOf(w), 1);
+            w.resolve(line);
+          }
+        }
+      } catch {
+        // not JSON: kept in output() only
+      }
+    }
+  });
+  child.stderr?.setEncoding('utf8').on('data', (text: string) => (output += text));
+  const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
+  const running = (): boolean => child.exitCode === null && child.signalCode === null;
+
+  const daemon: DaemonProcess = {
+    dir,
+    socketPath,
+    imagePath,
+    child,
+    running,
+    output: () => output,
+    logs: () => lines,
+    waitForLog(match, timeoutMs = 10_000) {
+      const found = lines.find(match);
+      if (found) return Promise.resolve(found);
+      return new Promise((resolve, reject) => {
+        const timer = setTimeout(() => reject(new Error(`no matching log line within ${timeoutMs} ms; output:\n${output}`)), timeoutMs);
+        waiters.push({ match, resolve: (line) => (clearTimeout(timer), resolve(line)) });
+      });
+    },
+    async stop() {
+      if (running()) {
+        child.kill('SIGTERM');
+        const killer = setTimeout(() => child.kill('SIGKILL'), 5_000);
+        const code = await exited;
+        clearTimeout(killer);
+        await rm(dir, { recursive: true, force: true });
+        return code;
+      }
+      await rm(dir, { recursive: true, force: true });
+      return child.exitCode;
+    },
+  };
+
+  if (options.waitForSocket ?? true) {
+    const deadline = Date.now() + 15_000;
+    while (!existsSync(socketPath)) {
+      if (!running() || Date.now() > deadline) {
+        await daemon.stop();
+        throw new Error(`daemon did not create ${socketPath}; output:\n${output}`);
+      }
+      await new Promise((resolve) => setTimeout(resolve, 25));
+    }
+  }
+  return daemon;
+}
