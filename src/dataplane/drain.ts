@@ -14,7 +14,7 @@ import { Counter, LatencyOp, type QueueCounters } from './counters.js';
 import type { GuestMemory } from './guest-memory.js';
 import type { SplitQueue } from './split-queue.js';
 import type { DeviceLimits } from './device-limits.js';
-import type { SyncExecutor } from './sync-executor.js';
+import type { Completion, RequestExecutor } from './request-executor.js';
 
 /** Admission control: 0 = go (tokens taken), otherwise nanoseconds to wait (nothing taken). */
 export interface Admission {
@@ -31,7 +31,7 @@ export interface DrainContext {
   limits: DeviceLimits;
   capacityBytes: number;
   writeback: boolean;
-  executor: SyncExecutor;
+  executor: RequestExecutor;
   counters: QueueCounters;
   admission: Admission;
   scratch: ChainScratch;
@@ -57,6 +57,7 @@ export function drainQueue(ctx: DrainContext): number {
   try {
     wait = drainUntilEmpty(ctx);
   } finally {
+    ctx.executor.flush();
     if (queue.shouldInterrupt(usedBefore)) {
       ctx.interrupt();
       ctx.counters.add(Counter.notifications);
@@ -93,6 +94,8 @@ function drainUntilEmpty(ctx: DrainContext): number {
       const wait = serveRequest(ctx, head);
       if (wait > 0) return wait;
     }
+    // Complete this round before re-arming, so the driver sees its completions before it is asked to kick.
+    ctx.executor.flush();
     if (!queue.rearmKicks()) return 0;
   }
 }
@@ -128,14 +131,18 @@ function serveRequest(ctx: DrainContext, head: number): number {
     counters.setGauge(Counter.throttlePending, 0);
   }
 
-  const started = performance.now();
-  const result = ctx.executor.execute(ctx.memory, request, ctx.capacityBytes, ctx.writeback);
-  counters.observeLatency(latencyOp(request.type), (performance.now() - started) * 1e6);
-  if (result.status === BlkStatus.OK) countSuccess(counters, request);
-  else if (result.status === BlkStatus.UNSUPP) counters.add(Counter.unsupported);
-  else counters.add(Counter.ioErrors);
-  publish(ctx, head, result.status, result.status === BlkStatus.OK ? result.written : 0);
+  ctx.executor.submit(ctx.memory, request, head, ctx.capacityBytes, ctx.writeback);
   return 0;
+}
+
+/** Counts and publishes one finished request (called by the executor, possibly in a later batch). */
+export function completeRequest(ctx: DrainContext, c: Completion): void {
+  const counters = ctx.counters;
+  counters.observeLatency(latencyOp(c.type), c.latencyNanos);
+  if (c.status === BlkStatus.OK) countSuccess(counters, c.type, c.dataBytes);
+  else if (c.status === BlkStatus.UNSUPP) counters.add(Counter.unsupported);
+  else counters.add(Counter.ioErrors);
+  publishAt(ctx, c.head, c.statusGpa, c.status, c.status === BlkStatus.OK ? c.written : 0);
 }
 
 function latencyOp(type: number): number {
@@ -145,15 +152,15 @@ function latencyOp(type: number): number {
   return LatencyOp.other;
 }
 
-function countSuccess(counters: QueueCounters, request: BlkRequest): void {
-  switch (request.type) {
+function countSuccess(counters: QueueCounters, type: number, dataBytes: number): void {
+  switch (type) {
     case BlkRequestType.IN:
       counters.add(Counter.reads);
-      counters.add(Counter.bytesRead, request.dataBytes);
+      counters.add(Counter.bytesRead, dataBytes);
       break;
     case BlkRequestType.OUT:
       counters.add(Counter.writes);
-      counters.add(Counter.bytesWritten, request.dataBytes);
+      counters.add(Counter.bytesWritten, dataBytes);
       break;
     case BlkRequestType.FLUSH:
       counters.add(Counter.flushes);
@@ -172,7 +179,11 @@ function countSuccess(counters: QueueCounters, request: BlkRequest): void {
 
 /** Status byte first; the used element only if the status byte landed, or the guest would read a stale one. */
 function publish(ctx: DrainContext, head: number, status: number, written: number): void {
-  if (!ctx.memory.writeU8(ctx.request.statusGpa, status)) {
+  publishAt(ctx, head, ctx.request.statusGpa, status, written);
+}
+
+function publishAt(ctx: DrainContext, head: number, statusGpa: number, status: number, written: number): void {
+  if (!ctx.memory.writeU8(statusGpa, status)) {
     ctx.counters.add(Counter.ioErrors);
     return;
   }

@@ -12,7 +12,8 @@ import { SplitQueue, RingMappingError } from './split-queue.js';
 import { descriptorTableBytes, availRingBytes, usedRingBytes } from '../../protocol/split-ring.js';
 import { Counter, QueueCounters } from './counters.js';
 import { SyncExecutor } from './sync-executor.js';
-import { createRequestScratch, drainQueue, unlimited, type Admission, type DrainContext, type PoisonCause } from './drain.js';
+import type { RequestExecutor } from './request-executor.js';
+import { completeRequest, createRequestScratch, drainQueue, unlimited, type Admission, type DrainContext, type PoisonCause } from './drain.js';
 import { DiskThrottle } from '../throttle/disk-throttle.js';
 import type { RingStart, WorkerCommand, WorkerInit, WorkerMessage } from './worker-protocol.js';
 
@@ -23,7 +24,7 @@ class QueueWorker {
   private readonly epoll = new EpollSet();
   private readonly timer = new RetryTimer();
   private readonly counters: QueueCounters;
-  private readonly executor: SyncExecutor;
+  private readonly executor: RequestExecutor;
   private readonly admission: Admission;
   private readonly scratch;
   private readonly request;
@@ -41,6 +42,9 @@ class QueueWorker {
   ) {
     this.counters = new QueueCounters(init.counters, init.queue);
     this.executor = new SyncExecutor(init.imageFd, init.limits);
+    this.executor.onComplete = (completion) => {
+      if (this.context !== null) completeRequest(this.context, completion);
+    };
     this.admission = init.throttle ? DiskThrottle.attach(init.throttle) : unlimited;
     ({ scratch: this.scratch, request: this.request } = createRequestScratch(init.limits));
     this.capacityBytes = init.capacityBytes;

@@ -9,12 +9,13 @@ import type { GuestMemory } from './guest-memory.js';
 import type { BlkRequest } from './blk-request.js';
 import { readDiscardSegments } from './blk-request.js';
 import type { DeviceLimits } from './device-limits.js';
+import type { Completion, RequestExecutor } from './request-executor.js';
 
 /** Linux's IOV_MAX: one preadv/pwritev takes at most this many iovecs. */
 const IOV_MAX = 1024;
 const ZERO_CHUNK = 1 << 20;
 
-export interface ExecutionResult {
+interface ExecutionResult {
   status: number;
   /** Bytes written into guest buffers (not counting the status byte). */
   written: number;
@@ -22,7 +23,11 @@ export interface ExecutionResult {
   error: string;
 }
 
-export class SyncExecutor {
+/** Performs each request inside `submit` with blocking syscalls; `flush` has nothing left to do. */
+export class SyncExecutor implements RequestExecutor {
+  readonly inFlight = 0;
+  onComplete: (completion: Completion) => void = () => undefined;
+  private readonly completion: Completion = { head: 0, statusGpa: 0, type: 0, status: 0, written: 0, dataBytes: 0, latencyNanos: 0, error: '' };
   private readonly iov = Buffer.alloc(IOV_MAX * 16);
   private readonly iovWords = new Uint32Array(this.iov.buffer, this.iov.byteOffset, IOV_MAX * 4);
   private readonly iovAddress = addressOf(this.iov);
@@ -35,7 +40,26 @@ export class SyncExecutor {
     private readonly limits: DeviceLimits,
   ) {}
 
-  execute(memory: GuestMemory, request: BlkRequest, capacityBytes: number, writeback: boolean): ExecutionResult {
+  submit(memory: GuestMemory, request: BlkRequest, head: number, capacityBytes: number, writeback: boolean): void {
+    const started = performance.now();
+    const result = this.execute(memory, request, capacityBytes, writeback);
+    const c = this.completion;
+    c.head = head;
+    c.statusGpa = request.statusGpa;
+    c.type = request.type;
+    c.status = result.status;
+    c.written = result.written;
+    c.dataBytes = request.dataBytes;
+    c.latencyNanos = (performance.now() - started) * 1e6;
+    c.error = result.error;
+    this.onComplete(c);
+  }
+
+  flush(): void {}
+
+  close(): void {}
+
+  private execute(memory: GuestMemory, request: BlkRequest, capacityBytes: number, writeback: boolean): ExecutionResult {
     const result = this.result;
     result.status = BlkStatus.OK;
     result.written = 0;
