@@ -9,6 +9,7 @@
  * - A worker's ring is stopped (acknowledged) before any fd or mapping it uses is closed or unmapped.
  */
 import {
+  BackendRequest,
   FrontendRequest,
   HeaderFlag,
   MAX_MEM_SLOTS,
@@ -23,6 +24,7 @@ import {
   decodeVringFdRequest,
   decodeVringState,
   encodeConfigMessage,
+  encodeMessage,
   encodeReply,
   encodeU64,
   encodeVringState,
@@ -33,6 +35,7 @@ import { BlkConfigOffset } from '../../protocol/virtio-blk.js';
 import { isValidQueueSize } from '../../protocol/split-ring.js';
 import { VirtioFeature } from '../../protocol/virtio.js';
 import { closeAll, closeFd } from '../sys/fd.js';
+import { sendWithFds } from '../sys/unix-socket.js';
 import { MessageStream, type CloseReason, type IncomingMessage } from './message-stream.js';
 import { VringConfig } from './vring-config.js';
 import { assertNoOverlap, layoutsOf, mapRegion, unmapRegion, type MappedRegion } from './memory-table.js';
@@ -117,6 +120,7 @@ export class VhostUserSession {
       [R.GET_STATUS]: () => encodeU64(this.deviceStatus()),
     };
     disk.setWorkerEventListener((event) => this.onWorkerEvent(event));
+    disk.setConfigChangeListener(() => this.notifyConfigChange());
     this.stream = new MessageStream(fd, (message) => this.handle(message), (reason) => void this.teardown(reason));
   }
 
@@ -436,6 +440,24 @@ export class VhostUserSession {
     this.backendFd = fd;
   }
 
+  /**
+   * Tells the front-end the config space changed (a resize): CONFIG_CHANGE_MSG on the back-end channel makes
+   * QEMU re-read GET_CONFIG and interrupt the guest. Without the channel the guest learns on its next reboot.
+   */
+  private notifyConfigChange(): void {
+    if (this.backendFd < 0 || !this.hasProtocolFeature(ProtocolFeature.BACKEND_REQ)) {
+      this.log.warn('config changed but the front-end has no back-end channel: the guest sees it after a reset');
+      return;
+    }
+    try {
+      const sent = sendWithFds(this.backendFd, encodeMessage(BackendRequest.CONFIG_CHANGE_MSG, HeaderFlag.VERSION), 0);
+      if (sent === null) this.log.warn('back-end channel is full: config change notification dropped');
+      else this.log.info('config change sent to the front-end');
+    } catch (error) {
+      this.log.warn(errorFields(error), 'config change notification failed');
+    }
+  }
+
   // --- reset and teardown -------------------------------------------------------------------------
 
   private async resetDevice(why: string): Promise<void> {
@@ -465,6 +487,7 @@ export class VhostUserSession {
       this.regions = [];
       closeFd(this.backendFd);
       this.backendFd = -1;
+      this.disk.setConfigChangeListener(() => undefined);
       this.onEnd(this, reason);
     }
   }

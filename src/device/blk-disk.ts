@@ -70,6 +70,7 @@ export class BlkDisk {
   private writebackEnabled: boolean;
   private workers: QueueWorkerHandle[] = [];
   private workerEventListener: PoisonListener = () => undefined;
+  private configChangeListener: () => void = () => undefined;
   /** Always present (unlimited is a no-clock fast path) so limits can be changed live. */
   readonly throttle: DiskThrottle;
 
@@ -165,6 +166,31 @@ export class BlkDisk {
   async setWriteback(enabled: boolean): Promise<void> {
     this.writebackEnabled = enabled;
     await this.pushSettings();
+  }
+
+  /**
+   * Grows the image and the capacity the guest sees (never shrinks: data past the new end would vanish).
+   * Workers switch to the new capacity before the front-end is told, so the guest can use it at once.
+   */
+  async resize(sizeBytes: number): Promise<void> {
+    const block = this.options.logicalBlockSize;
+    if (this.options.readOnly) throw new DiskSetupError(this.name, 'a read-only disk cannot be resized');
+    if (!Number.isSafeInteger(sizeBytes) || sizeBytes % block !== 0) {
+      throw new DiskSetupError(this.name, `new size ${sizeBytes} is not a multiple of the ${block}-byte block`);
+    }
+    if (sizeBytes < this.capacity) throw new DiskSetupError(this.name, `new size ${sizeBytes} is smaller than the current ${this.capacity}; shrinking is refused`);
+    if (sizeBytes === this.capacity) return;
+    if (fs.fstatSync(this.fd).isFile() && fs.fstatSync(this.fd).size < sizeBytes) fs.ftruncateSync(this.fd, sizeBytes);
+    const previous = this.capacity;
+    this.capacity = sizeBytes;
+    await this.pushSettings();
+    this.log.info({ previousBytes: previous, capacityBytes: sizeBytes }, 'disk resized');
+    this.configChangeListener();
+  }
+
+  /** Called after a config-space change the front-end must be told about (the current session sends it). */
+  setConfigChangeListener(listener: () => void): void {
+    this.configChangeListener = listener;
   }
 
   private async pushSettings(): Promise<void> {
