@@ -2,17 +2,20 @@
  * The per-disk throttle: an ops/s bucket (1 token per request) and a bytes/s bucket (data length per
  * request) in one SharedArrayBuffer, shared by all queue workers of the disk.
  *
- * `admit(bytes)` checks BOTH buckets before consuming EITHER:
- *   1. peek both (no consumption); if either refuses, return the longer wait (capped at 1 s);
- *   2. take the op token; if that fails (another worker got there first), return its wait;
- *   3. take the bytes; if that fails, give the op token back and return the bytes wait.
+ * `admit(bytes)` checks BOTH buckets before charging EITHER (TokenBucket.admitPair):
+ *   1. bring both up to date and check both (nothing charged); if either refuses, return the longer
+ *      wait, capped at 1 s;
+ *   2. charge the op; if that fails (another worker got there first), return its wait;
+ *   3. charge the bytes; if that fails (another worker drained them since step 1), give the op back
+ *      and return the bytes wait.
  * Invariant: when `admit` returns, either both buckets were charged (result 0) or neither was (result
  * > 0) — never one without the other. The only window in which one is charged without the other is
  * between steps 2 and 3 (a few atomic operations); a concurrent caller may see one op token fewer then
  * and be told to wait (conservative). There is no over-grant: the refund only returns the token this
  * call took (capped at the capacity, so at worst the token is lost, again conservatively). Combined with
  * the bucket's own guarantee, the requests admitted across ALL workers over any period of length t
- * satisfy  ops <= iopsBurst + iops·t  and  bytes <= bpsBurst + bps·t (+ one oversized request's debt).
+ * satisfy  ops <= iopsBurst + iops·t  and  bytes <= bpsBurst + bps·t (+ the debt of one oversized
+ * request, i.e. one larger than bpsBurst, which is admitted once the byte balance is >= 0).
  *
  * Limits of 0 mean unlimited; when both are 0, `admit` never reads the clock. Otherwise it reads the
  * clock once per call. Default bursts (unspecified or 0): one second's worth of the rate
@@ -109,20 +112,7 @@ export class DiskThrottle {
     if (!Number.isSafeInteger(bytes) || bytes < 0) {
       throw new RangeError(`request length must be a non-negative safe integer, got ${bytes}`);
     }
-    const { ops, bytes: data } = this;
-    if (ops.unlimited && data.unlimited) return 0;
-    const now = Math.floor(this.clock());
-    const opsWait = ops.peekWait(1, now);
-    const bytesWait = data.peekWait(bytes, now);
-    if (opsWait > 0 || bytesWait > 0) return capWait(Math.max(opsWait, bytesWait));
-    const lostOp = ops.tryConsume(1, now);
-    if (lostOp > 0) return capWait(lostOp);
-    const lostBytes = data.tryConsume(bytes, now);
-    if (lostBytes > 0) {
-      ops.refund(1);
-      return capWait(lostBytes);
-    }
-    return 0;
+    return capWait(TokenBucket.admitPair(this.ops, 1, this.bytes, bytes));
   }
 
   /**

@@ -52,8 +52,8 @@ function exact(input: string, whole: string, fraction: string | undefined, multi
 }
 
 function parseBinary(text: string, what: string, example: string): number {
-  const input = text;
-  const trimmed = text.trim();
+  const input = String(text);
+  const trimmed = input.trim();
   if (/^-\s*\d/.test(trimmed)) throw new InvalidSizeError(input, `${what} (negative)`, example);
   const m = SIZE_SYNTAX.exec(trimmed);
   // A lowercase 'b' means bits; 'i' only belongs after a multiplier (the regex enforces that).
@@ -69,21 +69,22 @@ export function parseSize(text: string): number {
 
 /** Bytes per second: like parseSize, with an optional trailing `/s`. Throws InvalidSizeError. */
 export function parseRate(text: string): number {
-  const body = text.trim().replace(/\s*\/\s*s$/i, '');
+  const body = String(text).trim().replace(/\s*\/\s*s$/i, '');
   try {
     return parseBinary(body, 'rate', RATE_EXAMPLE);
   } catch (error) {
-    if (error instanceof InvalidSizeError) throw new InvalidSizeError(text, error.reason, RATE_EXAMPLE);
+    if (error instanceof InvalidSizeError) throw new InvalidSizeError(String(text), error.reason, RATE_EXAMPLE);
     throw error;
   }
 }
 
 /** A count such as IOPS: `parseCount('10k')` → 10000 (decimal multipliers). Throws InvalidSizeError. */
 export function parseCount(text: string): number {
-  const trimmed = text.trim();
-  if (/^-\s*\d/.test(trimmed)) throw new InvalidSizeError(text, 'count (negative)', COUNT_EXAMPLE);
+  const input = String(text);
+  const trimmed = input.trim();
+  if (/^-\s*\d/.test(trimmed)) throw new InvalidSizeError(input, 'count (negative)', COUNT_EXAMPLE);
   const m = COUNT_SYNTAX.exec(trimmed);
-  if (m === null) throw new InvalidSizeError(text, 'count', COUNT_EXAMPLE);
+  if (m === null) throw new InvalidSizeError(input, 'count', COUNT_EXAMPLE);
   const multiplier = DECIMAL[(m[3] ?? '').toUpperCase()] ?? 1n;
-  return exact(text, m[1] ?? '', m[2], multiplier, 'count', COUNT_EXAMPLE);
+  return exact(input, m[1] ?? '', m[2], multiplier, 'count', COUNT_EXAMPLE);
 }

