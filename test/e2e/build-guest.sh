@@ -95,6 +95,15 @@ done | awk '!seen[$2]++' | while read -r kind what _; do
   esac
 done
 
+# util-linux's blkdiscard (DISCARD and, with -z, WRITE_ZEROES) with the shared libraries it needs:
+# busybox's applet cannot zero-out; it lives apart so busybox --install does not shadow it.
+mkdir -p "$root/lib64" "$root/lib/x86_64-linux-gnu"
+mkdir -p "$root/opt/util-linux"
+cp /usr/sbin/blkdiscard "$root/opt/util-linux/blkdiscard"
+for lib in $(ldd /usr/sbin/blkdiscard | awk '/=>/ { print $3 } /ld-linux/ { print $1 }'); do
+  cp -L "$lib" "$root$lib"
+done
+
 # 4 MiB; every 32-byte line names its 512-byte sector, so misplaced sectors show up in a hexdump.
 awk 'BEGIN { for (s = 0; s < 8192; s++) for (l = 0; l < 16; l++) printf "vublk-e2e sector %06d line %02d\n", s, l }' \
   >"$root/pattern.bin"
@@ -102,7 +111,7 @@ awk 'BEGIN { for (s = 0; s < 8192; s++) for (l = 0; l < 16; l++) printf "vublk-e
 cat >"$root/init" <<'INIT'
 #!/bin/busybox sh
 # PID 1 of the e2e guest. Kernel command line:
-#   vublk.test=probe|rw|verify  workload on /dev/vda
+#   vublk.test=probe|rw|verify|discard|readonly|resize  workload on /dev/vda
 #   vublk.offset=BYTES          where rw/verify put /pattern.bin on the disk
 #   vublk.timeout=SECONDS       guest-side watchdog (default 60)
 # Reports "VUBLK-E2E: ..." lines on the console and always powers off, never hangs.
@@ -176,6 +185,46 @@ case $workload in
       echo 3 >/proc/sys/vm/drop_caches
     fi
     readback
+    ;;
+  discard)
+    # Write the pattern, then DISCARD its first half and WRITE_ZEROES (blkdiscard -z) its second half.
+    half=$((length / 2))
+    step "discard: writing"
+    dd if=/pattern.bin of=/dev/vda bs=1M oflag=seek_bytes,direct seek="$offset" conv=fsync,notrunc status=none ||
+      fail "discard: write failed"
+    step "discard: discarding"
+    /opt/util-linux/blkdiscard -o "$offset" -l "$half" /dev/vda || fail "discard: blkdiscard failed"
+    step "discard: zeroing"
+    /opt/util-linux/blkdiscard -z -o $((offset + half)) -l "$half" /dev/vda || fail "discard: blkdiscard -z failed"
+    echo 3 >/proc/sys/vm/drop_caches
+    dd if=/dev/vda of=/tmp/zeroed bs=1M iflag=skip_bytes,count_bytes,direct skip=$((offset + half)) count="$half" status=none ||
+      fail "discard: read failed"
+    dd if=/dev/zero of=/tmp/zeroes bs="$half" count=1 status=none
+    cmp -s /tmp/zeroed /tmp/zeroes || fail "discard: write-zeroes range does not read back as zeroes"
+    say "PASS discard max_discard=$(cat /sys/block/vda/queue/discard_max_bytes) max_write_zeroes=$(cat /sys/block/vda/queue/write_zeroes_max_bytes)"
+    ;;
+  readonly)
+    [ "$(cat /sys/block/vda/ro)" = 1 ] || fail "readonly: the disk is writable"
+    if dd if=/pattern.bin of=/dev/vda bs=4096 count=1 oflag=direct conv=notrunc status=none 2>/dev/null; then
+      fail "readonly: a write succeeded"
+    fi
+    dd if=/dev/vda of=/dev/null bs=4096 count=16 iflag=direct status=none || fail "readonly: read failed"
+    say "PASS readonly"
+    ;;
+  resize)
+    # The host grows the disk after it sees the size line; wait for the new capacity to show up.
+    step "resize: waiting for a new capacity"
+    tries=0
+    while [ "$(cat /sys/block/vda/size)" = "$size" ] && [ $tries -lt 400 ]; do
+      usleep 100000
+      tries=$((tries + 1))
+    done
+    new=$(cat /sys/block/vda/size)
+    [ "$new" != "$size" ] || fail "resize: capacity stayed at $size sectors"
+    step "resize: writing past the old end"
+    dd if=/pattern.bin of=/dev/vda bs=4096 count=1 oflag=seek_bytes,direct seek=$((size * 512)) conv=notrunc status=none ||
+      fail "resize: write past the old end failed"
+    say "PASS resize size=$new"
     ;;
   *) fail "unknown workload '$workload'" ;;
 esac

@@ -17,7 +17,7 @@ export const PATTERN_OFFSET = 1024 * 1024;
  * probe: report the disk (or "no-vda") without I/O; rw: write the pattern, flush,
  * drop caches, read back; verify: only read back and compare.
  */
-export type Workload = 'probe' | 'rw' | 'verify';
+export type Workload = 'probe' | 'rw' | 'verify' | 'discard' | 'readonly' | 'resize';
 
 export interface GuestOptions {
   /** vhost-user-blk socket of the backend under test. */
@@ -28,6 +28,8 @@ export interface GuestOptions {
   memoryMiB?: number;
   workload: Workload;
   timeoutMs?: number;
+  /** Called with the console output so far whenever more arrives (to react to the guest mid-run). */
+  onOutput?: (outputSoFar: string) => void;
 }
 
 export interface GuestResult {
@@ -132,7 +134,10 @@ export function runGuest(options: GuestOptions): Promise<GuestResult> {
     let timedOut = false;
     qemu.stdout.setEncoding('utf8');
     qemu.stderr.setEncoding('utf8');
-    qemu.stdout.on('data', (text: string) => (output += text));
+    qemu.stdout.on('data', (text: string) => {
+      output += text;
+      options.onOutput?.(output);
+    });
     qemu.stderr.on('data', (text: string) => (output += text));
     const timer = setTimeout(() => {
       timedOut = true;

@@ -1,0 +1,62 @@
+// End to end, beyond plain reads and writes: discard and write-zeroes from the guest's own tools, and a
+// read-only disk as the guest sees it. Skipped with the reason when QEMU is missing (failed if required).
+import { openSync, readSync, closeSync, writeFileSync, truncateSync } from 'node:fs';
+import { mkdtempSync, rmSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
+import { guestReport, PATTERN_OFFSET, qemuAvailable, runGuest } from './qemu.js';
+import { startDaemon, type DaemonProcess } from '../support/daemon-process.js';
+
+const unavailable = qemuAvailable();
+const TEST_TIMEOUT_MS = 120_000;
+const GUEST_TIMEOUT_MS = 100_000;
+
+function imageBytes(imagePath: string, offset: number, length: number): Buffer {
+  const fd = openSync(imagePath, 'r');
+  try {
+    const data = Buffer.alloc(length);
+    readSync(fd, data, 0, length, offset);
+    return data;
+  } finally {
+    closeSync(fd);
+  }
+}
+
+function consoleContext(output: string, daemon: DaemonProcess): string {
+  return `guest console:\n${output}\ndaemon log:\n${daemon.output().split('\n').slice(-30).join('\n')}`;
+}
+
+const daemons: DaemonProcess[] = [];
+afterAll(async () => {
+  await Promise.all(daemons.map((d) => d.stop()));
+});
+
+describe.skipIf(unavailable !== null)('guest-visible features', () => {
+  it('DISCARD and WRITE_ZEROES from blkdiscard leave zeroes in the image', { timeout: TEST_TIMEOUT_MS }, async () => {
+    const daemon = await startDaemon();
+    daemons.push(daemon);
+    const result = await runGuest({ socketPath: daemon.socketPath, workload: 'discard', timeoutMs: GUEST_TIMEOUT_MS });
+    const report = guestReport(result.output);
+    expect(report.verdict, consoleContext(result.output, daemon)).toMatch(/^PASS discard /);
+    const region = imageBytes(daemon.imagePath, PATTERN_OFFSET, 4 * 1024 * 1024);
+    expect(region.every((b) => b === 0), 'the discarded and zeroed range still holds data').toBe(true);
+  });
+
+  it('a read-only disk is read-only in the guest, and writes fail', { timeout: TEST_TIMEOUT_MS }, async () => {
+    const dir = mkdtempSync(path.join(os.tmpdir(), 'vublk-ro-'));
+    const imagePath = path.join(dir, 'ro.img');
+    writeFileSync(imagePath, '');
+    truncateSync(imagePath, 64 * 1024 * 1024);
+    const daemon = await startDaemon({ rawArgs: ['serve', '--socket', path.join(dir, 'ro.sock'), '--image', imagePath, '--read-only'], waitForSocket: false });
+    daemons.push(daemon);
+    const socketPath = path.join(dir, 'ro.sock');
+    await daemon.waitForLog((l) => l.msg === 'listening for a vhost-user front-end');
+    const result = await runGuest({ socketPath, workload: 'readonly', timeoutMs: GUEST_TIMEOUT_MS });
+    const report = guestReport(result.output);
+    expect(report.verdict, consoleContext(result.output, daemon)).toBe('PASS readonly');
+    expect(report.readOnly).toBe(true);
+    expect(imageBytes(imagePath, 0, 4096).every((b) => b === 0)).toBe(true);
+    rmSync(dir, { recursive: true, force: true });
+  });
+});
