@@ -36,6 +36,7 @@ import { isValidQueueSize } from '../../protocol/split-ring.js';
 import { VirtioFeature } from '../../protocol/virtio.js';
 import { closeAll, closeFd } from '../sys/fd.js';
 import { sendWithFds } from '../sys/unix-socket.js';
+import { signalEventFd } from '../sys/eventfd.js';
 import { MessageStream, type CloseReason, type IncomingMessage } from './message-stream.js';
 import { VringConfig } from './vring-config.js';
 import { assertNoOverlap, layoutsOf, mapRegion, unmapRegion, type MappedRegion } from './memory-table.js';
@@ -356,6 +357,8 @@ export class VhostUserSession {
     const old = ring[field];
     ring[field] = fd;
     if (ring.running) await this.disk.queueWorkers()[index]!.send({ op, fd });
+    // A guest may have lost an interrupt across a ring restart; one spurious interrupt is harmless.
+    else if (field === 'callFd' && fd >= 0) signalEventFd(fd);
     closeFd(old);
   }
 

@@ -1,0 +1,87 @@
+// The CLI refuses bad input with a clear message and a non-zero exit, before touching anything.
+import { spawnSync } from 'node:child_process';
+import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
+import { CLI, startDaemon } from '../support/daemon-process.js';
+import { listenUnix } from '../../src/sys/unix-socket.js';
+import { closeFd } from '../../src/sys/fd.js';
+
+const dir = mkdtempSync(path.join(os.tmpdir(), 'vublk-cli-'));
+afterAll(() => rmSync(dir, { recursive: true, force: true }));
+
+function serve(...args: string[]): { status: number | null; stderr: string } {
+  const result = spawnSync(process.execPath, [CLI, 'serve', ...args], { encoding: 'utf8', timeout: 15_000, cwd: dir });
+  return { status: result.status, stderr: result.stderr };
+}
+
+describe('vublk serve refuses bad input', () => {
+  it('names a missing image and how to create it', () => {
+    const { status, stderr } = serve('--socket', path.join(dir, 'a.sock'), '--image', path.join(dir, 'missing.img'));
+    expect(status).toBe(1);
+    expect(stderr).toMatch(/missing\.img does not exist \(pass --size to create it\)/);
+    expect(existsSync(path.join(dir, 'a.sock'))).toBe(false);
+  });
+
+  for (const [size, message] of [
+    ['12X', /invalid size/],
+    ['-5', /negative/],
+    ['1000', /multiple of 512/],
+    ['0', /multiple of 512/],
+  ] as const) {
+    it(`rejects --size ${size}`, () => {
+      const { status, stderr } = serve('--socket', path.join(dir, 'b.sock'), '--image', path.join(dir, 'b.img'), '--size', size);
+      expect(status).toBe(2);
+      expect(stderr).toMatch(message);
+      expect(existsSync(path.join(dir, 'b.img'))).toBe(false);
+    });
+  }
+
+  it('rejects bad queue counts and sizes', () => {
+    expect(serve('--image', 'x', '--socket', 's', '--num-queues', '0').stderr).toMatch(/num-queues must be between 1 and 64/);
+    expect(serve('--image', 'x', '--socket', 's', '--queue-size', '100').stderr).toMatch(/queue-size must be a power of two/);
+    expect(serve('--image', 'x', '--socket', 's', '--logical-block-size', '1024').stderr).toMatch(/512 or 4096/);
+  });
+
+  it('rejects malformed --disk specifications', () => {
+    expect(serve('--disk', 'image=x,sockett=y').stderr).toMatch(/unknown key 'sockett'/);
+    expect(serve('--disk', 'image=x').stderr).toMatch(/socket path .* is required/);
+    expect(serve('--disk', 'image=x,socket=a', '--disk', 'image=y,socket=a').stderr).toMatch(/two disks/);
+  });
+
+  it('refuses a socket path that a live process listens on', async () => {
+    const socketPath = path.join(dir, 'live.sock');
+    const fd = listenUnix(socketPath);
+    try {
+      writeFileSync(path.join(dir, 'live.img'), Buffer.alloc(1 << 20));
+      const { status, stderr } = serve('--socket', socketPath, '--image', path.join(dir, 'live.img'));
+      expect(status).toBe(1);
+      expect(stderr).toMatch(/is in use by a running process/);
+    } finally {
+      closeFd(fd);
+    }
+  });
+
+  it('refuses to replace a path that is not a socket', () => {
+    const notSocket = path.join(dir, 'file.sock');
+    writeFileSync(notSocket, 'precious');
+    writeFileSync(path.join(dir, 'f.img'), Buffer.alloc(1 << 20));
+    const { status, stderr } = serve('--socket', notSocket, '--image', path.join(dir, 'f.img'));
+    expect(status).toBe(1);
+    expect(stderr).toMatch(/exists and is not a socket/);
+  });
+
+  it('replaces a stale socket file left by a dead daemon', async () => {
+    const socketPath = path.join(dir, 'stale.sock');
+    closeFd(listenUnix(socketPath)); // bound, then closed: the file stays, nobody listens
+    expect(existsSync(socketPath)).toBe(true);
+    const daemon = await startDaemon({ rawArgs: ['serve', '--socket', socketPath, '--image', path.join(dir, 'stale.img'), '--size', '1M'], waitForSocket: false });
+    try {
+      await daemon.waitForLog((l) => l.msg === 'listening for a vhost-user front-end');
+    } finally {
+      expect(await daemon.stop()).toBe(0);
+    }
+    expect(existsSync(socketPath)).toBe(false);
+  });
+});
