@@ -1,14 +1,23 @@
 #!/usr/bin/env node
 /** The `vublk` command line. */
+import path from 'node:path';
 import { Command, Option, InvalidArgumentError } from 'commander';
-import { buildDiskSpec, checkDistinct, parseDiskArgument, type DiskSpec } from './daemon/disk-spec.js';
-import { Daemon } from './daemon/daemon.js';
-import { createLogger, LOG_LEVELS, errorFields, type LogLevel } from './log.js';
+import { buildDiskSpec, checkDistinct, parseDiskArgument, setDefaultIoEngine, type DiskSpec } from './daemon/disk-spec.js';
+import { IO_ENGINE_SETTINGS, type IoEngineSetting } from './dataplane/worker-protocol.js';
+import { Daemon, type DaemonMetricsOptions } from './daemon/daemon.js';
+import { loadConfigFile, type ServeConfig } from './daemon/config-file.js';
+import { createLogger, LOG_FORMATS, LOG_LEVELS, errorFields, type LogFormat, type LogLevel } from './log.js';
 import { qemuCommandLine } from './daemon/qemu-hint.js';
+import { DEFAULT_METRICS_LISTEN, parseMetricsListen } from './metrics/listen-address.js';
+import { adminRequest } from './metrics/admin-client.js';
+import { applySocketActivation } from './daemon/socket-activation.js';
+import { SystemdNotifier } from './daemon/systemd-notify.js';
+import { registerBenchCommands } from './bench/command.js';
 
 interface ServeOptions {
   socket?: string;
   socketFd?: string;
+  socketActivation?: boolean;
   image?: string;
   size?: string;
   numQueues?: string;
@@ -22,8 +31,32 @@ interface ServeOptions {
   bps?: string;
   bpsBurst?: string;
   disk: string[];
+  ioEngine: IoEngineSetting;
   logLevel: LogLevel;
+  logFormat: LogFormat;
+  config?: string;
+  metricsListen: string;
+  adminPublic?: boolean;
 }
+
+/** Flags that describe a disk: with --config the file describes the disks, so these are refused. */
+const DISK_FLAGS: ReadonlyArray<readonly [key: keyof ServeOptions, flag: string]> = [
+  ['disk', '--disk'],
+  ['image', '--image'],
+  ['socket', '--socket'],
+  ['socketFd', '--socket-fd'],
+  ['size', '--size'],
+  ['numQueues', '--num-queues'],
+  ['queueSize', '--queue-size'],
+  ['readOnly', '--read-only'],
+  ['serial', '--serial'],
+  ['logicalBlockSize', '--logical-block-size'],
+  ['writethrough', '--writethrough'],
+  ['iops', '--iops'],
+  ['iopsBurst', '--iops-burst'],
+  ['bps', '--bps'],
+  ['bpsBurst', '--bps-burst'],
+];
 
 const DEFAULT_IMAGE = 'vublk-disk.img';
 const DEFAULT_SOCKET = 'vublk.sock';
@@ -67,31 +100,125 @@ function diskSpecs(options: ServeOptions): DiskSpec[] {
   return specs;
 }
 
-async function serve(options: ServeOptions): Promise<void> {
-  const log = createLogger(options.logLevel);
+interface ServeSettings {
+  specs: DiskSpec[];
+  config?: ServeConfig;
+  metrics: DaemonMetricsOptions | null;
+  logLevel: LogLevel;
+  logFormat: LogFormat;
+}
+
+/** Flags, then the config file, then defaults: a flag given on the command line wins over the file. */
+function serveSettings(options: ServeOptions, command: Command): ServeSettings {
+  const fromCli = (key: string): boolean => command.getOptionValueSource(key) === 'cli';
+  let config: ServeConfig | undefined;
   let specs: DiskSpec[];
-  try {
+  if (options.config !== undefined) {
+    const given = DISK_FLAGS.filter(([key]) => fromCli(key)).map(([, flag]) => flag);
+    if (given.length > 0) throw new InvalidArgumentError(`--config describes the disks: drop ${given.join(', ')} (or describe the disk in the file)`);
+    config = loadConfigFile(options.config);
+    specs = config.disks;
+  } else {
     specs = diskSpecs(options);
+  }
+  const metricsText = fromCli('metricsListen') ? options.metricsListen : (config?.metricsListen ?? options.metricsListen);
+  const address = parseMetricsListen(metricsText);
+  const metrics: DaemonMetricsOptions | null =
+    address === null
+      ? null
+      : {
+          address,
+          adminPublic: fromCli('adminPublic') ? options.adminPublic === true : (config?.adminPublic ?? false),
+          optional: !fromCli('metricsListen') && config?.metricsListen === undefined && metricsText === DEFAULT_METRICS_LISTEN,
+        };
+  return {
+    specs,
+    config,
+    metrics,
+    logLevel: fromCli('logLevel') ? options.logLevel : (config?.logLevel ?? options.logLevel),
+    logFormat: fromCli('logFormat') ? options.logFormat : (config?.logFormat ?? options.logFormat),
+  };
+}
+
+async function serve(options: ServeOptions, command: Command): Promise<void> {
+  let settings: ServeSettings;
+  try {
+    setDefaultIoEngine(options.ioEngine);
+    settings = serveSettings(options, command);
   } catch (error) {
     process.stderr.write(`vublk: ${(error as Error).message}\n`);
     process.exit(2);
   }
-  const daemon = new Daemon(log);
+  const log = createLogger(settings.logLevel, settings.logFormat);
+  if (settings.config !== undefined) log.info({ file: settings.config.file, disks: settings.specs.length }, 'config loaded');
+  const systemd = SystemdNotifier.fromEnvironment(log);
+  let specs: DiskSpec[];
+  try {
+    // Sockets passed by systemd (LISTEN_FDS) are used whenever present; see docs/operations.md.
+    const defaultSocket = settings.config === undefined && options.disk.length === 0 && options.socket === undefined && options.socketFd === undefined;
+    specs = applySocketActivation(settings.specs, {
+      required: options.socketActivation === true,
+      implicitSocket: (i) => defaultSocket && settings.specs[i]?.listen.kind === 'path' && settings.specs[i]?.listen.path === path.resolve(DEFAULT_SOCKET),
+      log,
+    });
+  } catch (error) {
+    log.error(errorFields(error), 'socket activation failed');
+    systemd?.startupFailed(error);
+    process.stderr.write(`vublk: ${(error as Error).message}\n`);
+    process.exit(2);
+  }
+  const daemon = new Daemon(log, { metrics: settings.metrics, config: settings.config });
   try {
     await daemon.start(specs);
   } catch (error) {
     log.error(errorFields(error), 'startup failed');
+    systemd?.startupFailed(error);
     process.stderr.write(`vublk: ${(error as Error).message}\n`);
     process.exit(1);
   }
   daemon.installSignalHandlers((code) => process.exit(code));
-  for (const { disk } of daemon.disks) {
-    const spec = specs.find((s) => s.options.name === disk.name)!;
+  systemd?.ready(daemon);
+  for (const { disk, spec } of daemon.disks) {
     if (spec.listen.kind === 'path') {
       log.info({ disk: disk.name, qemu: qemuCommandLine(spec.listen.path, disk.options.numQueues) }, 'attach with QEMU');
       if (process.stderr.isTTY) process.stderr.write(`\nAttach with QEMU:\n  ${qemuCommandLine(spec.listen.path, disk.options.numQueues)}\n\n`);
     }
   }
+}
+
+interface ThrottleCommandOptions {
+  disk: string;
+  iops?: string;
+  iopsBurst?: string;
+  bps?: string;
+  bpsBurst?: string;
+  metricsUrl: string;
+}
+
+/** Prints an admin reply; a failure goes to stderr with exit code 1. */
+function printAdminReply(reply: { status: number; body: unknown }): void {
+  if (reply.status >= 200 && reply.status < 300) {
+    process.stdout.write(`${JSON.stringify(reply.body, null, 2)}\n`);
+    return;
+  }
+  const body = reply.body as { error?: unknown } | null;
+  const detail = body !== null && typeof body === 'object' && typeof body.error === 'string' ? body.error : JSON.stringify(reply.body);
+  process.stderr.write(`vublk: HTTP ${reply.status}: ${detail}\n`);
+  process.exitCode = 1;
+}
+
+async function throttleCommand(options: ThrottleCommandOptions): Promise<void> {
+  const body: Record<string, string> = {};
+  if (options.iops !== undefined) body['iops'] = options.iops;
+  if (options.iopsBurst !== undefined) body['iops-burst'] = options.iopsBurst;
+  if (options.bps !== undefined) body['bps'] = options.bps;
+  if (options.bpsBurst !== undefined) body['bps-burst'] = options.bpsBurst;
+  if (Object.keys(body).length === 0) throw new InvalidArgumentError('give at least one of --iops, --iops-burst, --bps, --bps-burst');
+  printAdminReply(await adminRequest(options.metricsUrl, 'POST', `/admin/disks/${encodeURIComponent(options.disk)}/throttle`, body));
+}
+
+async function disksCommand(options: { metricsUrl: string }): Promise<void> {
+  printAdminReply(await adminRequest(options.metricsUrl, 'GET', '/admin/disks'));
 }
 
 const program = new Command();
@@ -102,6 +229,7 @@ program
   .description('serve one or more disks over vhost-user sockets')
   .option('--socket <path>', `Unix socket to listen on (default ./${DEFAULT_SOCKET} with the default image)`)
   .option('--socket-fd <n>', 'serve on an already-listening inherited Unix socket fd instead of --socket')
+  .option('--socket-activation', 'require sockets passed by systemd socket activation (LISTEN_FDS); without this flag they are used when present')
   .option('--image <path>', `backing image (default ./${DEFAULT_IMAGE}, created sparse at ${DEFAULT_SIZE})`)
   .option('--size <bytes>', 'create the image at this size if missing, or grow it (e.g. 1G, 512M, 1073741824)')
   .option('--num-queues <n>', 'number of virtqueues (one worker thread each)', '1')
@@ -114,9 +242,40 @@ program
   .option('--iops-burst <n>', 'throttle: request burst (default: one second of --iops)')
   .option('--bps <rate>', 'throttle: bytes per second across all queues (e.g. 100M; 0 = unlimited)')
   .option('--bps-burst <size>', 'throttle: byte burst (default: one second of --bps)')
-  .option('--disk <spec>', 'a disk as image=PATH,socket=PATH|socket-fd=N[,num-queues=N][,read-only=on][,serial=STR][,size=BYTES][,name=NAME]; repeatable', collect, [])
+  .option('--disk <spec>', 'a disk as image=PATH,socket=PATH|socket-fd=N[,num-queues=N][,read-only=on][,serial=STR][,size=BYTES][,name=NAME][,io-engine=auto|io_uring|sync]; repeatable', collect, [])
+  .option('--config <file>', 'describe the disks (and these settings) in a YAML or JSON file; SIGHUP re-reads it')
+  .option('--metrics-listen <address>', 'HTTP listener for /metrics, /healthz, /readyz and /admin: HOST:PORT, [IPV6]:PORT, unix:PATH or off', DEFAULT_METRICS_LISTEN)
+  .option('--admin-public', 'serve the admin API even when --metrics-listen is not a loopback address or unix socket')
+  .addOption(
+    new Option('--io-engine <engine>', 'request engine of disks that set no io-engine= key: auto (io_uring, else sync), io_uring or sync')
+      .choices(IO_ENGINE_SETTINGS)
+      .default('auto')
+      .env('VUBLK_IO_ENGINE'),
+  )
   .addOption(new Option('--log-level <level>', 'log level').choices(LOG_LEVELS).default('info'))
-  .action((options: ServeOptions) => serve(options));
+  .addOption(new Option('--log-format <format>', 'log format: auto = human-readable on a terminal, JSON otherwise').choices(LOG_FORMATS).default('auto'))
+  .action((options: ServeOptions, command: Command) => serve(options, command));
+
+const METRICS_URL = `http://${DEFAULT_METRICS_LISTEN}`;
+
+program
+  .command('throttle')
+  .description("change a running disk's throttle limits live (through the admin API on the metrics listener)")
+  .requiredOption('--disk <name>', 'the disk to change')
+  .option('--iops <n>', 'requests per second (e.g. 500, 10k; 0 = unlimited)')
+  .option('--iops-burst <n>', 'request burst (default: one second of --iops)')
+  .option('--bps <rate>', 'bytes per second (e.g. 100M; 0 = unlimited)')
+  .option('--bps-burst <size>', 'byte burst (default: one second of --bps)')
+  .option('--metrics-url <url>', 'the daemon\'s metrics listener: http://HOST:PORT or unix:PATH', METRICS_URL)
+  .action((options: ThrottleCommandOptions) => throttleCommand(options));
+
+program
+  .command('disks')
+  .description("list a running daemon's disks: capacity, queues, throttle limits, whether a front-end is connected")
+  .option('--metrics-url <url>', 'the daemon\'s metrics listener: http://HOST:PORT or unix:PATH', METRICS_URL)
+  .action((options: { metricsUrl: string }) => disksCommand(options));
+
+registerBenchCommands(program);
 
 program.parseAsync(process.argv).catch((error: unknown) => {
   process.stderr.write(`vublk: ${error instanceof Error ? error.message : String(error)}\n`);

@@ -11,6 +11,9 @@ import { VhostUserSession } from './session.js';
 import type { BlkDisk } from '../device/blk-disk.js';
 import { errorFields, type Logger } from '../log.js';
 
+/** How long a second connection waits for the current session to end before it is refused. */
+const RECONNECT_GRACE_MS = 1000;
+
 type PollHandle = { stop(): void; close(): void };
 type PollCallback = (status: number, events: { readable: boolean }) => void;
 const pollFd = koffi.node.poll as unknown as (fd: number, opts: object, cb: PollCallback) => PollHandle;
@@ -36,6 +39,7 @@ export class ExportListener {
   private session: VhostUserSession | null = null;
   /** A connection that arrived while the previous session was still tearing down; served right after. */
   private waiting: number | null = null;
+  private waitingTimer: NodeJS.Timeout | undefined;
   private closed = false;
   private sessionEnded: (() => void) | null = null;
   /** Connections served since start (including the current one). */
@@ -69,14 +73,28 @@ export class ExportListener {
         closeFd(fd);
       } else if (this.session === null) {
         this.startSession(fd);
-      } else if (this.session.isEnding && this.waiting === null) {
-        // A restarted front-end often reconnects before our teardown has finished: serve it next.
+      } else if (this.waiting === null) {
+        // A restarted front-end often reconnects before we have seen the old connection close, or while
+        // its teardown runs: hold the newcomer briefly and serve it next, refusing it only if the current
+        // session is still alive when the grace period ends.
         this.waiting = fd;
+        this.waitingTimer = setTimeout(() => this.refuseWaiting(), RECONNECT_GRACE_MS);
       } else {
-        this.log.warn('refused a second front-end: this disk already has one connected');
-        closeFd(fd);
+        this.refuse(fd);
       }
     }
+  }
+
+  private refuse(fd: number): void {
+    this.log.warn('refused a second front-end: this disk already has one connected');
+    closeFd(fd);
+  }
+
+  private refuseWaiting(): void {
+    if (this.waiting === null || this.session?.isEnding) return;
+    const fd = this.waiting;
+    this.waiting = null;
+    this.refuse(fd);
   }
 
   private startSession(fd: number): void {
@@ -86,6 +104,7 @@ export class ExportListener {
       this.session = null;
       const next = this.waiting;
       this.waiting = null;
+      clearTimeout(this.waitingTimer);
       if (next !== null && !this.closed) {
         this.startSession(next);
         return;
@@ -106,6 +125,7 @@ export class ExportListener {
       this.session.close();
       await ended;
     }
+    clearTimeout(this.waitingTimer);
     if (this.waiting !== null) closeFd(this.waiting);
     closeFd(this.listenFd);
     if (this.address.kind === 'path') fs.rmSync(this.address.path, { force: true });

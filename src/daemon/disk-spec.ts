@@ -8,9 +8,16 @@ import type { DiskLimits } from '../throttle/disk-throttle.js';
 import type { DiskOptions } from '../device/blk-disk.js';
 import type { ListenAddress } from '../control/export-listener.js';
 import { MAX_QUEUE_SIZE } from '../../protocol/split-ring.js';
+import { IO_ENGINE_SETTINGS, isIoEngineSetting, type IoEngineSetting } from '../dataplane/worker-protocol.js';
 
 export class DiskSpecError extends Error {
-  constructor(where: string, detail: string) {
+  constructor(
+    where: string,
+    /** What is wrong, without the `where` prefix. */
+    readonly detail: string,
+    /** The offending key (`num-queues`, `bps`, ...) when one key is to blame; lets a config file name its path. */
+    readonly key?: string,
+  ) {
     super(`${where}: ${detail}`);
     this.name = 'DiskSpecError';
   }
@@ -37,41 +44,43 @@ export interface DiskSpecInput {
   iopsBurst?: string | undefined;
   bps?: string | undefined;
   bpsBurst?: string | undefined;
+  /** auto | io_uring | sync */
+  ioEngine?: string | undefined;
 }
 
 export const DEFAULT_QUEUE_SIZE = 1024;
 export const MAX_QUEUES = 64;
 
 function integer(where: string, key: string, text: string, min: number, max: number): number {
-  if (!/^\d+$/.test(text)) throw new DiskSpecError(where, `${key} must be a whole number, got '${text}'`);
+  if (!/^\d+$/.test(text)) throw new DiskSpecError(where, `${key} must be a whole number, got '${text}'`, key);
   const value = Number(text);
-  if (value < min || value > max) throw new DiskSpecError(where, `${key} must be between ${min} and ${max}, got ${value}`);
+  if (value < min || value > max) throw new DiskSpecError(where, `${key} must be between ${min} and ${max}, got ${value}`, key);
   return value;
 }
 
 function onOff(where: string, key: string, text: string): boolean {
   if (['on', 'true', 'yes', '1'].includes(text)) return true;
   if (['off', 'false', 'no', '0'].includes(text)) return false;
-  throw new DiskSpecError(where, `${key} must be on or off, got '${text}'`);
+  throw new DiskSpecError(where, `${key} must be on or off, got '${text}'`, key);
 }
 
 export function buildDiskSpec(input: DiskSpecInput, where: string, index: number): DiskSpec {
-  if (!input.image) throw new DiskSpecError(where, 'an image path is required');
+  if (!input.image) throw new DiskSpecError(where, 'an image path is required', 'image');
   if (input.socket && input.socketFd) throw new DiskSpecError(where, 'give either a socket path or a socket fd, not both');
-  if (!input.socket && !input.socketFd) throw new DiskSpecError(where, 'a socket path (socket=PATH) or an inherited socket fd (socket-fd=N) is required');
+  if (!input.socket && !input.socketFd) throw new DiskSpecError(where, 'a socket path (socket=PATH) or an inherited socket fd (socket-fd=N) is required', 'socket');
   const numQueues = input.numQueues ? integer(where, 'num-queues', input.numQueues, 1, MAX_QUEUES) : 1;
   const queueSize = input.queueSize ? integer(where, 'queue-size', input.queueSize, 1, MAX_QUEUE_SIZE) : DEFAULT_QUEUE_SIZE;
-  if ((queueSize & (queueSize - 1)) !== 0) throw new DiskSpecError(where, `queue-size must be a power of two, got ${queueSize}`);
+  if ((queueSize & (queueSize - 1)) !== 0) throw new DiskSpecError(where, `queue-size must be a power of two, got ${queueSize}`, 'queue-size');
   const block = input.logicalBlockSize ? integer(where, 'logical-block-size', input.logicalBlockSize, 512, 4096) : 512;
-  if (block !== 512 && block !== 4096) throw new DiskSpecError(where, `logical-block-size must be 512 or 4096, got ${block}`);
+  if (block !== 512 && block !== 4096) throw new DiskSpecError(where, `logical-block-size must be 512 or 4096, got ${block}`, 'logical-block-size');
   let sizeBytes: number | undefined;
   if (input.size !== undefined) {
     try {
       sizeBytes = parseSize(input.size);
     } catch (error) {
-      throw new DiskSpecError(where, `size: ${(error as Error).message}`);
+      throw new DiskSpecError(where, `size: ${(error as Error).message}`, 'size');
     }
-    if (sizeBytes < block || sizeBytes % block !== 0) throw new DiskSpecError(where, `size must be a non-zero multiple of ${block} bytes, got ${sizeBytes}`);
+    if (sizeBytes < block || sizeBytes % block !== 0) throw new DiskSpecError(where, `size must be a non-zero multiple of ${block} bytes, got ${sizeBytes}`, 'size');
   }
   const throttle = parseThrottle(input, where);
   const listen: ListenAddress = input.socketFd
@@ -88,10 +97,24 @@ export function buildDiskSpec(input: DiskSpecInput, where: string, index: number
       serial: input.serial,
       logicalBlockSize: block as 512 | 4096,
       writeback: input.writeback ?? true,
+      ioEngine: parseIoEngine(where, input.ioEngine),
       throttle,
     },
     listen,
   };
+}
+
+let defaultIoEngine: IoEngineSetting = 'auto';
+
+/** The engine of disks that do not name one (`--io-engine`, itself defaulting to $VUBLK_IO_ENGINE or auto). */
+export function setDefaultIoEngine(engine: IoEngineSetting): void {
+  defaultIoEngine = engine;
+}
+
+function parseIoEngine(where: string, text: string | undefined): IoEngineSetting {
+  if (text === undefined) return defaultIoEngine;
+  if (!isIoEngineSetting(text)) throw new DiskSpecError(where, `io-engine must be one of ${IO_ENGINE_SETTINGS.join(', ')}, got '${text}'`, 'io-engine');
+  return text;
 }
 
 function parseThrottle(input: DiskSpecInput, where: string): DiskLimits {
@@ -100,7 +123,7 @@ function parseThrottle(input: DiskSpecInput, where: string): DiskLimits {
     try {
       return parse(text);
     } catch (error) {
-      throw new DiskSpecError(where, `${key}: ${(error as Error).message}`);
+      throw new DiskSpecError(where, `${key}: ${(error as Error).message}`, key);
     }
   };
   const limits: DiskLimits = {
@@ -109,12 +132,12 @@ function parseThrottle(input: DiskSpecInput, where: string): DiskLimits {
     bps: value('bps', input.bps, parseRate),
     bpsBurst: value('bps-burst', input.bpsBurst, parseSize),
   };
-  if (limits.iopsBurst && !limits.iops) throw new DiskSpecError(where, 'iops-burst needs iops');
-  if (limits.bpsBurst && !limits.bps) throw new DiskSpecError(where, 'bps-burst needs bps');
+  if (limits.iopsBurst && !limits.iops) throw new DiskSpecError(where, 'iops-burst needs iops', 'iops-burst');
+  if (limits.bpsBurst && !limits.bps) throw new DiskSpecError(where, 'bps-burst needs bps', 'bps-burst');
   return limits;
 }
 
-const DISK_KEYS = new Set(['iops', 'iops-burst', 'bps', 'bps-burst', 'name', 'image', 'socket', 'socket-fd', 'size', 'num-queues', 'queue-size', 'read-only', 'serial', 'logical-block-size', 'writeback']);
+const DISK_KEYS = new Set(['iops', 'iops-burst', 'bps', 'bps-burst', 'name', 'image', 'socket', 'socket-fd', 'size', 'num-queues', 'queue-size', 'read-only', 'serial', 'logical-block-size', 'writeback', 'io-engine']);
 
 /** Parses `image=PATH,socket=PATH,num-queues=2,read-only=on,...` (a value may not contain a comma). */
 export function parseDiskArgument(text: string, index: number): DiskSpec {
@@ -146,6 +169,7 @@ export function parseDiskArgument(text: string, index: number): DiskSpec {
       iopsBurst: fields.get('iops-burst'),
       bps: fields.get('bps'),
       bpsBurst: fields.get('bps-burst'),
+      ioEngine: fields.get('io-engine'),
     },
     where,
     index,

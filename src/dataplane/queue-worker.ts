@@ -12,7 +12,8 @@ import { SplitQueue, RingMappingError } from './split-queue.js';
 import { descriptorTableBytes, availRingBytes, usedRingBytes } from '../../protocol/split-ring.js';
 import { Counter, QueueCounters } from './counters.js';
 import { SyncExecutor } from './sync-executor.js';
-import type { RequestExecutor } from './request-executor.js';
+import { UringExecutor } from './uring-executor.js';
+import type { IoEngineName, RequestExecutor } from './request-executor.js';
 import { completeRequest, createRequestScratch, drainQueue, unlimited, type Admission, type DrainContext, type PoisonCause } from './drain.js';
 import { DiskThrottle } from '../throttle/disk-throttle.js';
 import type { RingStart, WorkerCommand, WorkerInit, WorkerMessage } from './worker-protocol.js';
@@ -41,7 +42,7 @@ class QueueWorker {
     private readonly port: MessagePort,
   ) {
     this.counters = new QueueCounters(init.counters, init.queue);
-    this.executor = new SyncExecutor(init.imageFd, init.limits);
+    this.executor = this.createExecutor();
     this.executor.onComplete = (completion) => {
       if (this.context !== null) completeRequest(this.context, completion);
     };
@@ -70,8 +71,33 @@ class QueueWorker {
         }
       }
     }
+    this.executor.close();
     this.epoll.close();
     this.timer.close();
+  }
+
+  /** `auto` tries io_uring and falls back to the sync engine; an explicit `io_uring` that fails is fatal. */
+  private createExecutor(): RequestExecutor {
+    const setting = this.init.ioEngine ?? 'auto';
+    let engine: IoEngineName = 'sync';
+    let reason = 'sync engine requested';
+    let executor: RequestExecutor | null = null;
+    if (setting !== 'sync') {
+      try {
+        executor = new UringExecutor(this.init.imageFd, this.init.limits);
+        engine = 'io_uring';
+        reason = `io_uring (${setting === 'auto' ? 'auto' : 'requested'})`;
+      } catch (error) {
+        const detail = error instanceof Error ? error.message : String(error);
+        if (setting === 'io_uring') {
+          this.post({ type: 'event', kind: 'error', queue: this.init.queue, reason: `io_uring requested but unavailable: ${detail}` });
+          throw new Error(`queue ${this.init.queue}: io_uring requested but unavailable: ${detail}`);
+        }
+        reason = `io_uring unavailable, using sync: ${detail}`;
+      }
+    }
+    this.post({ type: 'event', kind: 'started', queue: this.init.queue, reason, ioEngine: engine });
+    return executor ?? new SyncExecutor(this.init.imageFd, this.init.limits);
   }
 
   private drain(): void {

@@ -6,6 +6,15 @@
  */
 import type { DeviceLimits } from './device-limits.js';
 import type { RegionLayout } from './memory-regions.js';
+import type { IoEngineName } from './request-executor.js';
+
+/** What the user asked for: `auto` tries io_uring and falls back to the sync engine. */
+export const IO_ENGINE_SETTINGS = ['auto', 'io_uring', 'sync'] as const;
+export type IoEngineSetting = (typeof IO_ENGINE_SETTINGS)[number];
+
+export function isIoEngineSetting(text: string): text is IoEngineSetting {
+  return (IO_ENGINE_SETTINGS as readonly string[]).includes(text);
+}
 
 export interface WorkerInit {
   disk: string;
@@ -18,6 +27,8 @@ export interface WorkerInit {
   counters: SharedArrayBuffer;
   /** Shared token-bucket state of the disk, or null when the disk is not throttled. */
   throttle: SharedArrayBuffer | null;
+  /** Request engine; the worker reports the one it ended up with in a `started` event. Default `auto`. */
+  ioEngine?: IoEngineSetting;
 }
 
 /** Everything needed to run a ring; addresses are front-end virtual addresses as SET_VRING_ADDR sent them. */
@@ -59,6 +70,8 @@ export interface WorkerEvent {
   reason: string;
   /** For `poisoned`: which counter the poison was charged to. */
   cause?: 'invalid_avail_idx' | 'ring_structure';
+  /** For `started`: the request engine in use (`reason` says why, e.g. an io_uring fallback). */
+  ioEngine?: IoEngineName;
 }
 
 export type WorkerMessage = WorkerAck | WorkerEvent;

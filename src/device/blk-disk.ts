@@ -14,7 +14,8 @@ import {
   DEFAULT_SIZE_MAX,
   type DeviceLimits,
 } from '../dataplane/device-limits.js';
-import type { WorkerEvent } from '../dataplane/worker-protocol.js';
+import type { IoEngineSetting, WorkerEvent } from '../dataplane/worker-protocol.js';
+import { probeIoUring } from '../sys/io-uring.js';
 import { QueueWorkerHandle } from '../control/queue-worker-handle.js';
 import { offeredVirtioFeatures } from './blk-features.js';
 import type { Logger } from '../log.js';
@@ -36,6 +37,8 @@ export interface DiskOptions {
   writeback: boolean;
   /** Token-bucket limits shared by all queues of the disk; all zero = unlimited. */
   throttle: DiskLimits;
+  /** Request engine of the queue workers (default `auto`: io_uring when available, else sync). */
+  ioEngine?: IoEngineSetting | undefined;
 }
 
 export class DiskSetupError extends Error {
@@ -79,6 +82,10 @@ export class BlkDisk {
     private readonly log: Logger,
   ) {
     const { name, imagePath, sizeBytes, readOnly } = options;
+    if (options.ioEngine === 'io_uring') {
+      const unavailable = probeIoUring();
+      if (unavailable !== null) throw new DiskSetupError(name, `io engine io_uring was asked for, but io_uring is unavailable: ${unavailable}`);
+    }
     let exists = fs.existsSync(imagePath);
     if (!exists && sizeBytes === undefined) {
       throw new DiskSetupError(name, `image ${imagePath} does not exist (pass --size to create it)`);
@@ -217,8 +224,14 @@ export class BlkDisk {
               writeback: this.writebackEnabled,
               counters: this.counterBuffer,
               throttle: this.throttle.buffer,
+              ioEngine: this.options.ioEngine ?? 'auto',
             },
-            (event) => this.workerEventListener(event),
+            (event) => {
+              if (event.kind === 'started' && event.ioEngine !== undefined) {
+                this.log.info({ disk: this.name, queue: event.queue, ioEngine: event.ioEngine, reason: event.reason }, 'queue worker io engine');
+              }
+              this.workerEventListener(event);
+            },
             (q, code) => {
               if (code !== 0) this.log.error({ disk: this.name, queue: q, code }, 'queue worker exited unexpectedly');
             },

@@ -51,6 +51,12 @@ export const sys = {
   fallocate: libc.func('int fallocate(int fd, int mode, int64_t offset, int64_t len)') as Fn<[number, number, number, number], number>,
   memfdCreate: libc.func('int memfd_create(const char *name, unsigned int flags)') as Fn<[string, number], number>,
   ftruncate: libc.func('int ftruncate(int fd, int64_t length)') as Fn<[number, number], number>,
+  sendto: libc.func('intptr_t sendto(int fd, uintptr_t buf, size_t len, int flags, uintptr_t addr, uint32_t addrlen)') as Fn<
+    [number, number, number, number, number, number],
+    number
+  >,
+  recv: libc.func('intptr_t recv(int fd, uintptr_t buf, size_t len, int flags)') as Fn<[number, number, number, number], number>,
+  getsockname: libc.func('int getsockname(int fd, uintptr_t addr, uintptr_t len)') as Fn<[number, number, number], number>,
 };
 
 /** Address of a Buffer's bytes as a Number. The caller keeps the Buffer alive while the address is in use. */
@@ -66,6 +72,9 @@ export const SOCK_CLOEXEC = 0o2000000;
 export const SOL_SOCKET = 1;
 export const SCM_RIGHTS = 1;
 export const SO_ERROR = 4;
+export const SO_TYPE = 3;
+export const SO_ACCEPTCONN = 30;
+export const SO_DOMAIN = 39;
 export const MSG_NOSIGNAL = 0x4000;
 export const MSG_DONTWAIT = 0x40;
 export const MSG_CMSG_CLOEXEC = 0x40000000;
@@ -89,6 +98,9 @@ export const TFD_CLOEXEC = 0o2000000;
 export const MFD_CLOEXEC = 1;
 export const F_GETFL = 3;
 export const F_SETFL = 4;
+export const F_GETFD = 1;
+export const F_SETFD = 2;
+export const FD_CLOEXEC = 1;
 export const O_NONBLOCK = 0o4000;
 export const SEEK_END = 2;
 export const FALLOC_FL_KEEP_SIZE = 0x1;

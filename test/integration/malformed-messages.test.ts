@@ -115,6 +115,7 @@ describe('malformed requests are refused, the session stays up', () => {
 
 describe('a corrupt stream closes the session cleanly', () => {
   it('closes on a payload size larger than any message', async () => {
+    const since = daemon.logs().length;
     const client = new RawVhostClient(daemon.socketPath);
     const header = Buffer.alloc(12);
     header.writeUInt32LE(FrontendRequest.SET_FEATURES, 0);
@@ -123,20 +124,22 @@ describe('a corrupt stream closes the session cleanly', () => {
     client.sendBytes(header);
     expect(client.closedByPeer()).toBe(true);
     client.close();
-    await daemon.waitForLog((l) => l.msg === 'front-end disconnected' && String(l['detail']).includes('exceeds'));
+    await daemon.waitForLog((l) => l.msg === 'front-end disconnected' && String(l['detail']).includes('exceeds'), 10_000, since);
     assertServing();
   });
 
   it('closes on a wrong protocol version', async () => {
+    const since = daemon.logs().length;
     const client = new RawVhostClient(daemon.socketPath);
     client.send(FrontendRequest.GET_FEATURES, 0x2);
     expect(client.closedByPeer()).toBe(true);
     client.close();
-    await daemon.waitForLog((l) => l.msg === 'front-end disconnected' && String(l['detail']).includes('version'));
+    await daemon.waitForLog((l) => l.msg === 'front-end disconnected' && String(l['detail']).includes('version'), 10_000, since);
     assertServing();
   });
 
   it('tears down after a truncated message and serves the next front-end', async () => {
+    const since = daemon.logs().length;
     const client = new RawVhostClient(daemon.socketPath);
     const header = Buffer.alloc(12 + 4);
     header.writeUInt32LE(FrontendRequest.SET_FEATURES, 0);
@@ -144,7 +147,7 @@ describe('a corrupt stream closes the session cleanly', () => {
     header.writeUInt32LE(8, 8);
     client.sendBytes(header);
     client.close();
-    await daemon.waitForLog((l) => l.msg === 'front-end disconnected' && l['reason'] === 'peer-closed');
+    await daemon.waitForLog((l) => l.msg === 'front-end disconnected' && l['reason'] === 'peer-closed', 10_000, since);
     assertServing();
   });
 
@@ -153,7 +156,10 @@ describe('a corrupt stream closes the session cleanly', () => {
     first.send(FrontendRequest.GET_FEATURES, V);
     expect(first.receive()).not.toBeNull();
     const second = new RawVhostClient(daemon.socketPath);
-    expect(second.closedByPeer()).toBe(true);
+    // Held for the reconnect grace period (1 s), then refused because the first session is still alive.
+    expect(second.closedByPeer(5_000)).toBe(true);
+    first.send(FrontendRequest.GET_QUEUE_NUM, V);
+    expect(first.receive()).not.toBeNull();
     second.close();
     await daemon.waitForLog((l) => String(l.msg).includes('refused a second front-end'));
     first.close();

@@ -25,8 +25,8 @@ export interface DaemonProcess {
   running(): boolean;
   output(): string;
   logs(): LogLine[];
-  /** Resolves with the first log line matching, or rejects after `timeoutMs`. */
-  waitForLog(match: (line: LogLine) => boolean, timeoutMs?: number): Promise<LogLine>;
+  /** Resolves with the first log line at index ≥ `since` matching, or rejects after `timeoutMs`. */
+  waitForLog(match: (line: LogLine) => boolean, timeoutMs?: number, since?: number): Promise<LogLine>;
   /** SIGTERM, then SIGKILL after 5 s; resolves with the exit code. */
   stop(): Promise<number | null>;
 }
@@ -86,8 +86,8 @@ export async function startDaemon(options: StartOptions = {}): Promise<DaemonPro
     running,
     output: () => output,
     logs: () => lines,
-    waitForLog(match, timeoutMs = 10_000) {
-      const found = lines.find(match);
+    waitForLog(match, timeoutMs = 10_000, since = 0) {
+      const found = lines.slice(since).find(match);
       if (found) return Promise.resolve(found);
       return new Promise((resolve, reject) => {
         const timer = setTimeout(() => reject(new Error(`no matching log line within ${timeoutMs} ms; output:\n${output}`)), timeoutMs);
