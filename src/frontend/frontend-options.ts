@@ -34,6 +34,8 @@ export interface ProtocolOptions {
   status?: boolean;
   /** Needed for ADD_MEM_REG; default true iff memoryMessages is 'add-mem-reg'. */
   configureMemSlots?: boolean;
+  /** BACKEND_REQ: when negotiated, the handshake sets up the back-end channel (SET_BACKEND_REQ_FD) like QEMU. Default false. */
+  backendReq?: boolean;
   extra?: bigint;
   /** Send exactly this to SET_PROTOCOL_FEATURES (hostile tests). */
   exact?: bigint;
@@ -103,5 +105,6 @@ export function wantedProtocolFeatures(options: ProtocolOptions = {}, memoryMess
   if (options.config ?? true) wanted |= featureMask(ProtocolFeature.CONFIG);
   if (options.status ?? false) wanted |= featureMask(ProtocolFeature.STATUS);
   if (options.configureMemSlots ?? memoryMessages === 'add-mem-reg') wanted |= featureMask(ProtocolFeature.CONFIGURE_MEM_SLOTS);
+  if (options.backendReq ?? false) wanted |= featureMask(ProtocolFeature.BACKEND_REQ);
   return wanted | (options.extra ?? 0n);
 }

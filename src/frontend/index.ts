@@ -21,6 +21,7 @@ export * from './ring-memory.js';
 export * from './memory-fence.js';
 export * from './fd-watcher.js';
 export * from './vhost-user-channel.js';
+export * from './socket-pair.js';
 export * from './virtqueue-driver.js';
 export * from './frontend-options.js';
 export * from './vhost-user-frontend.js';

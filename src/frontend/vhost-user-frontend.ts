@@ -23,7 +23,7 @@ import {
 } from '../../protocol/vhost-user.js';
 import { DeviceStatus, VirtioFeature, hasFeature } from '../../protocol/virtio.js';
 import { decodeBlkConfig, type BlkConfig } from '../../protocol/virtio-blk.js';
-import { closeAll } from '../sys/fd.js';
+import { closeAll, closeFd } from '../sys/fd.js';
 import { GuestMemory } from './guest-memory.js';
 import { VhostUserChannel, type VhostUserMessage } from './vhost-user-channel.js';
 import { VirtqueueDriver } from './virtqueue-driver.js';
@@ -36,7 +36,8 @@ import {
   wantedProtocolFeatures,
   type FrontendOptions,
 } from './frontend-options.js';
-import { BackendNackError, FrontendClosedError, NegotiationError, UnexpectedReplyError } from './errors.js';
+import { BackendNackError, FrontendClosedError, FrontendError, NegotiationError, UnexpectedReplyError } from './errors.js';
+import { createSocketPair } from './socket-pair.js';
 
 export interface RawSendOptions {
   /** Header flags; default VERSION (1). Add HeaderFlag.NEED_REPLY yourself for raw messages. */
@@ -64,6 +65,8 @@ export class VhostUserFrontend {
   maxMemSlots: number | null = null;
   /** Raw config space from GET_CONFIG (null if not fetched). */
   config: Buffer | null = null;
+  /** Our end of the back-end channel (SET_BACKEND_REQ_FD), once set up. */
+  backendChannel: VhostUserChannel | null = null;
   private readonly ownsMemory: boolean;
   private closed = false;
 
@@ -163,6 +166,8 @@ export class VhostUserFrontend {
       }
       if (this.hasProtocolFeature(ProtocolFeature.MQ)) this.maxQueues = await this.getQueueNum();
       if (this.hasProtocolFeature(ProtocolFeature.CONFIGURE_MEM_SLOTS)) this.maxMemSlots = await this.getMaxMemSlots();
+      // QEMU (vhost_setup_backend_channel) hands over the back-end channel right after this point.
+      if (this.hasProtocolFeature(ProtocolFeature.BACKEND_REQ)) await this.setBackendReqFd();
     } else if (this.options.memoryMessages === 'add-mem-reg') {
       throw new NegotiationError('memoryMessages "add-mem-reg" needs protocol features, which are disabled or not offered');
     }
@@ -356,6 +361,39 @@ export class VhostUserFrontend {
     await this.set(FrontendRequest.SET_VRING_ENABLE, encodeVringState({ index, num: enable ? 1 : 0 }), [], options);
   }
 
+  /**
+   * SET_BACKEND_REQ_FD: creates a socket pair, sends one end, keeps the other as `backendChannel` (replacing
+   * an earlier one). The back-end sends its requests (CONFIG_CHANGE_MSG, ...) there.
+   */
+  async setBackendReqFd(options?: SetOptions): Promise<VhostUserChannel> {
+    this.assertOpen();
+    const [ours, theirs] = createSocketPair();
+    const channel = new VhostUserChannel(ours);
+    try {
+      await this.set(FrontendRequest.SET_BACKEND_REQ_FD, new Uint8Array(0), [theirs], options);
+    } catch (error) {
+      channel.close();
+      throw error;
+    } finally {
+      closeFd(theirs);
+    }
+    this.backendChannel?.close();
+    this.backendChannel = channel;
+    return channel;
+  }
+
+  /** Waits for the next request on the back-end channel; answers it with an ack of 0 if it asks for a reply. */
+  async receiveBackendRequest(timeoutMs = this.timeoutMs): Promise<VhostUserMessage> {
+    this.assertOpen();
+    const channel = this.backendChannel;
+    if (channel === null) throw new FrontendError('no back-end channel: negotiate protocol.backendReq or call setBackendReqFd() first');
+    const message = await channel.receive(timeoutMs, 'a request on the back-end channel');
+    if ((message.flags & HeaderFlag.NEED_REPLY) !== 0) {
+      await channel.send(message.request, HeaderFlag.VERSION | HeaderFlag.REPLY, encodeU64(0n), [], timeoutMs);
+    }
+    return message;
+  }
+
   async setStatus(status: number, options?: SetOptions): Promise<void> {
     await this.set(FrontendRequest.SET_STATUS, encodeU64(status), [], options);
   }
@@ -461,6 +499,7 @@ export class VhostUserFrontend {
     if (this.closed) return;
     this.closed = true;
     this.channel.close();
+    this.backendChannel?.close();
     for (const queue of this.queues) queue.close();
     if (this.ownsMemory) this.memory.close();
   }
