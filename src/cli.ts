@@ -217,6 +217,10 @@ async function throttleCommand(options: ThrottleCommandOptions): Promise<void> {
   printAdminReply(await adminRequest(options.metricsUrl, 'POST', `/admin/disks/${encodeURIComponent(options.disk)}/throttle`, body));
 }
 
+async function resizeCommand(options: { disk: string; size: string; metricsUrl: string }): Promise<void> {
+  printAdminReply(await adminRequest(options.metricsUrl, 'POST', `/admin/disks/${encodeURIComponent(options.disk)}/resize`, { size: options.size }));
+}
+
 async function disksCommand(options: { metricsUrl: string }): Promise<void> {
   printAdminReply(await adminRequest(options.metricsUrl, 'GET', '/admin/disks'));
 }
@@ -268,6 +272,14 @@ program
   .option('--bps-burst <size>', 'byte burst (default: one second of --bps)')
   .option('--metrics-url <url>', 'the daemon\'s metrics listener: http://HOST:PORT or unix:PATH', METRICS_URL)
   .action((options: ThrottleCommandOptions) => throttleCommand(options));
+
+program
+  .command('resize')
+  .description('grow a running disk (image and guest-visible capacity) through the admin API; never shrinks')
+  .requiredOption('--disk <name>', 'the disk to grow')
+  .requiredOption('--size <bytes>', 'the new size, e.g. 2G')
+  .option('--metrics-url <url>', 'the daemon\'s metrics listener: http://HOST:PORT or unix:PATH', METRICS_URL)
+  .action((options: { disk: string; size: string; metricsUrl: string }) => resizeCommand(options));
 
 program
   .command('disks')

@@ -4,7 +4,7 @@
  * socket files it created, exit 0). A second signal exits at once. With a config file, SIGHUP re-reads it
  * and applies throttle limits live (reload.ts).
  */
-import { BlkDisk } from '../device/blk-disk.js';
+import { BlkDisk, DiskSetupError } from '../device/blk-disk.js';
 import { ExportListener } from '../control/export-listener.js';
 import type { DiskSpec } from './disk-spec.js';
 import { errorFields, type Logger } from '../log.js';
@@ -206,7 +206,17 @@ export class Daemon implements AdminTarget {
     return throttle.limits;
   }
 
-  // Resize: add `resize(disk, sizeBytes)` here (AdminTarget.resize) once BlkDisk can grow live.
+  async resize(name: string, sizeBytes: number): Promise<number> {
+    const running = this.disks.find(({ disk }) => disk.name === name);
+    if (running === undefined) throw new AdminError(404, `no disk named '${name}' (disks: ${this.disks.map(({ disk }) => disk.name).join(', ')})`);
+    try {
+      await running.disk.resize(sizeBytes);
+    } catch (error) {
+      if (error instanceof DiskSetupError) throw new AdminError(400, error.message);
+      throw error;
+    }
+    return running.disk.capacityBytes;
+  }
 
   stop(): Promise<void> {
     this.state = 'stopping';

@@ -4,7 +4,7 @@
  *
  *   GET  /admin/disks                   → { "disks": [ { name, capacity-bytes, num-queues, ..., throttle } ] }
  *   POST /admin/disks/NAME/throttle     body { "iops": 500, "bps": "100M", ... } → { disk, throttle }
- *   POST /admin/disks/NAME/resize       body { "size": "20G" } → 501 until BlkDisk can resize (see AdminTarget)
+ *   POST /admin/disks/NAME/resize       body { "size": "20G" } → grows the disk; the guest is told over the back-end channel
  *
  * Throttle values are numbers or strings with units, like the config file ("10k" IOPS, "100M" bytes/s);
  * 0 = unlimited. Keys left out keep their current value, except that a rate given without its burst gets
@@ -40,11 +40,8 @@ export interface AdminTarget {
   listDisks(): AdminDiskInfo[];
   /** Applies a partial change (see the module comment); throws AdminError(404) for an unknown disk. */
   setThrottle(disk: string, change: DiskLimits): ResolvedDiskLimits;
-  /**
-   * Resize seam: when BlkDisk can grow a disk live (config-space change notification), implement this in
-   * the daemon and the route below starts working; until then POST .../resize answers 501.
-   */
-  resize?(disk: string, sizeBytes: number): Promise<number>;
+  /** Grows a disk live and returns its new capacity; AdminError(404) for an unknown disk, 400 for a bad size. */
+  resize(disk: string, sizeBytes: number): Promise<number>;
 }
 
 export class AdminError extends Error {
@@ -170,7 +167,6 @@ async function route(request: AdminRequest, target: AdminTarget): Promise<AdminR
     }
     if (action === 'resize') {
       requireMethod(request, 'POST');
-      if (target.resize === undefined) throw new AdminError(501, 'resizing a disk live is not implemented yet');
       const body = request.body as Record<string, unknown> | null;
       const size = body !== null && typeof body === 'object' ? body['size'] : undefined;
       if (typeof size !== 'number' && typeof size !== 'string') throw new AdminError(400, 'the body must be {"size": BYTES or "20G"}');

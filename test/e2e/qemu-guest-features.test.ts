@@ -7,6 +7,7 @@ import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { guestReport, PATTERN_OFFSET, qemuAvailable, runGuest } from './qemu.js';
 import { startDaemon, type DaemonProcess } from '../support/daemon-process.js';
+import { METRICS_ARGS, metricsUrl, queueCounts, scrape } from '../support/metrics-scrape.js';
 
 const unavailable = qemuAvailable();
 const TEST_TIMEOUT_MS = 120_000;
@@ -34,13 +35,18 @@ afterAll(async () => {
 
 describe.skipIf(unavailable !== null)('guest-visible features', () => {
   it('DISCARD and WRITE_ZEROES from blkdiscard leave zeroes in the image', { timeout: TEST_TIMEOUT_MS }, async () => {
-    const daemon = await startDaemon();
+    const daemon = await startDaemon({ args: [...METRICS_ARGS] });
     daemons.push(daemon);
     const result = await runGuest({ socketPath: daemon.socketPath, workload: 'discard', timeoutMs: GUEST_TIMEOUT_MS });
     const report = guestReport(result.output);
     expect(report.verdict, consoleContext(result.output, daemon)).toMatch(/^PASS discard /);
     const region = imageBytes(daemon.imagePath, PATTERN_OFFSET, 4 * 1024 * 1024);
     expect(region.every((b) => b === 0), 'the discarded and zeroed range still holds data').toBe(true);
+    // The guest used the commands (not plain writes of zeroes), and none of them failed.
+    const counts = queueCounts(await scrape(await metricsUrl(daemon)), 0);
+    expect(counts.discards).toBeGreaterThan(0);
+    expect(counts.writeZeroes).toBeGreaterThan(0);
+    expect(counts.ioErrors).toBe(0);
   });
 
   it('a read-only disk is read-only in the guest, and writes fail', { timeout: TEST_TIMEOUT_MS }, async () => {
@@ -58,5 +64,34 @@ describe.skipIf(unavailable !== null)('guest-visible features', () => {
     expect(report.readOnly).toBe(true);
     expect(imageBytes(imagePath, 0, 4096).every((b) => b === 0)).toBe(true);
     rmSync(dir, { recursive: true, force: true });
+  });
+
+  it('a live resize reaches the running guest through the back-end channel', { timeout: TEST_TIMEOUT_MS }, async () => {
+    const daemon = await startDaemon({ args: [...METRICS_ARGS] });
+    daemons.push(daemon);
+    const base = await metricsUrl(daemon);
+    let resize: Promise<Response> | null = null;
+    const result = await runGuest({
+      socketPath: daemon.socketPath,
+      workload: 'resize',
+      timeoutMs: GUEST_TIMEOUT_MS,
+      onOutput: (output) => {
+        // Grow the disk once the guest has reported its starting size.
+        if (resize === null && /VUBLK-E2E: size=\d+/.test(output)) {
+          resize = fetch(`${base}/admin/disks/disk0/resize`, {
+            method: 'POST',
+            headers: { 'content-type': 'application/json' },
+            body: JSON.stringify({ size: '128M' }),
+          });
+        }
+      },
+    });
+    expect(resize, 'the guest never reported its size').not.toBeNull();
+    const reply = await resize!;
+    expect(reply.status).toBe(200);
+    const report = guestReport(result.output);
+    expect(report.sizeSectors).toBe(131072);
+    expect(report.verdict, consoleContext(result.output, daemon)).toBe('PASS resize size=262144');
+    await daemon.waitForLog((l) => l.msg === 'config change sent to the front-end');
   });
 });

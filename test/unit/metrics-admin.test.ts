@@ -71,6 +71,12 @@ class FakeTarget implements AdminTarget {
     this.limits.set(disk, next);
     return next;
   }
+  resized: [string, number][] = [];
+  async resize(disk: string, sizeBytes: number): Promise<number> {
+    if (!this.limits.has(disk)) throw new AdminError(404, `no disk named '${disk}'`);
+    this.resized.push([disk, sizeBytes]);
+    return sizeBytes;
+  }
 }
 
 describe('handleAdmin', () => {
@@ -94,13 +100,15 @@ describe('handleAdmin', () => {
     expect((await call('POST', '/admin/disks/%E0%A4%A/throttle', { iops: 1 })).status).toBe(400);
   });
 
-  it('leaves a seam for resize: 501 until the target implements it', async () => {
+  it('routes resize with a parsed size, and validates the body', async () => {
     const target = new FakeTarget();
-    expect((await handleAdmin({ method: 'POST', pathname: '/admin/disks/disk0/resize', body: { size: '2G' } }, target)).status).toBe(501);
-    const resizing: AdminTarget = Object.assign(target, { resize: async (_disk: string, bytes: number) => bytes });
-    expect(await handleAdmin({ method: 'POST', pathname: '/admin/disks/disk0/resize', body: { size: '2G' } }, resizing)).toEqual({
+    expect(await handleAdmin({ method: 'POST', pathname: '/admin/disks/disk0/resize', body: { size: '2G' } }, target)).toEqual({
       status: 200,
       body: { disk: 'disk0', 'capacity-bytes': 2 * 1024 ** 3 },
     });
+    expect(target.resized).toEqual([['disk0', 2 * 1024 ** 3]]);
+    expect((await handleAdmin({ method: 'POST', pathname: '/admin/disks/disk0/resize', body: { size: 'big' } }, target)).status).toBe(400);
+    expect((await handleAdmin({ method: 'POST', pathname: '/admin/disks/nope/resize', body: { size: '2G' } }, target)).status).toBe(404);
+    expect((await handleAdmin({ method: 'GET', pathname: '/admin/disks/disk0/resize', body: null }, target)).status).toBe(405);
   });
 });
