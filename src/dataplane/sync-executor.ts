@@ -141,21 +141,8 @@ export class SyncExecutor implements RequestExecutor {
   }
 
   private read(memory: GuestMemory, request: BlkRequest): ExecutionResult {
-    if (!this.buildIov(memory, request)) return this.fail(BlkStatus.IOERR, 'request needs more than IOV_MAX iovecs');
-    const offset = request.sector * 512;
-    let done = 0;
-    let first = 0;
-    while (done < request.dataBytes) {
-      const n = sys.preadv(this.fd, this.iovAddress + first * 16, this.iovCount - first, offset + done);
-      if (n < 0) {
-        const errno = lastErrno();
-        if (errno === Errno.EINTR) continue;
-        return this.fail(BlkStatus.IOERR, `preadv: ${errnoName(errno)}`);
-      }
-      if (n === 0) break;
-      done += n;
-      first = this.skipIov(first, n);
-    }
+    const done = this.transfer(memory, request, sys.preadv, 'preadv');
+    if (done < 0) return this.result;
     if (done < request.dataBytes) this.zeroTail(memory, request, done);
     this.result.written = request.dataBytes;
     return this.result;
@@ -176,22 +163,36 @@ export class SyncExecutor implements RequestExecutor {
   }
 
   private write(memory: GuestMemory, request: BlkRequest): ExecutionResult {
-    if (!this.buildIov(memory, request)) return this.fail(BlkStatus.IOERR, 'request needs more than IOV_MAX iovecs');
+    const done = this.transfer(memory, request, sys.pwritev, 'pwritev');
+    if (done >= 0 && done < request.dataBytes) this.fail(BlkStatus.IOERR, 'pwritev wrote nothing');
+    return this.result;
+  }
+
+  /**
+   * Moves the request's data with one vectored call, continuing after short transfers. Returns the bytes
+   * moved (less than asked only at end of file), or -1 after recording the failure in `result`.
+   */
+  private transfer(memory: GuestMemory, request: BlkRequest, call: typeof sys.preadv, name: string): number {
+    if (!this.buildIov(memory, request)) {
+      this.fail(BlkStatus.IOERR, 'request needs more than IOV_MAX iovecs');
+      return -1;
+    }
     const offset = request.sector * 512;
     let done = 0;
     let first = 0;
     while (done < request.dataBytes) {
-      const n = sys.pwritev(this.fd, this.iovAddress + first * 16, this.iovCount - first, offset + done);
+      const n = call(this.fd, this.iovAddress + first * 16, this.iovCount - first, offset + done);
       if (n < 0) {
         const errno = lastErrno();
         if (errno === Errno.EINTR) continue;
-        return this.fail(BlkStatus.IOERR, `pwritev: ${errnoName(errno)}`);
+        this.fail(BlkStatus.IOERR, `${name}: ${errnoName(errno)}`);
+        return -1;
       }
-      if (n === 0) return this.fail(BlkStatus.IOERR, 'pwritev wrote nothing');
+      if (n === 0) break;
       done += n;
       first = this.skipIov(first, n);
     }
-    return this.result;
+    return done;
   }
 
   private sync(): ExecutionResult {
