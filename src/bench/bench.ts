@@ -23,6 +23,8 @@ export interface BenchOptions {
   /** Bytes of the disk to use from offset 0; null = the whole capacity. */
   size: number | null;
   verify: boolean;
+  /** With verify: skip the write pass, only read back and compare (data written by an earlier --verify with the same seed). */
+  verifyOnly: boolean;
   /** Block size of the verify read pass; null = chosen (2×bs, else 4 KiB, ...). */
   verifyBs: number | null;
   seed: number;
@@ -50,8 +52,9 @@ export interface VerifyResult {
   writeBs: number;
   readBs: number;
   bytes: number;
-  write: PhaseResult;
-  flush: PhaseResult;
+  /** null with verifyOnly. */
+  write: PhaseResult | null;
+  flush: PhaseResult | null;
   read: PhaseResult | null;
   mismatches: number;
   firstMismatch: PatternMismatch | null;
@@ -90,10 +93,12 @@ export function ringPlan(iodepth: number, queueSize: number | null, indirect: bo
   return { queueSize: size, indirect: useIndirect };
 }
 
-/** The verify read block size: another size than bs that divides the region (2×bs, 4 KiB, bs/2, 512). */
-export function chooseVerifyBs(bs: number, size: number): number {
+/** The verify read block size: another size than bs that divides the region (2×bs, 4 KiB, bs/2, 512), at most `limit`. */
+export function chooseVerifyBs(bs: number, size: number, limit = Infinity): number {
   for (const candidate of [2 * bs, 4096, bs / 2, 8192, 512]) {
-    if (candidate !== bs && Number.isInteger(candidate) && candidate % SECTOR_SIZE === 0 && candidate <= size && size % candidate === 0) return candidate;
+    if (candidate !== bs && Number.isInteger(candidate) && candidate % SECTOR_SIZE === 0 && candidate <= size && candidate <= limit && size % candidate === 0) {
+      return candidate;
+    }
   }
   return bs;
 }
@@ -118,13 +123,14 @@ function guestMemoryBytes(queues: number, queueSize: number, iodepth: number, ma
 export async function runBench(options: BenchOptions): Promise<BenchResult> {
   const { bs, iodepth, queues: queueCount } = options;
   const plan = ringPlan(iodepth, options.queueSize, options.indirect);
-  const maxData = Math.max(bs, options.verifyBs ?? 2 * bs, 4096);
+  // Guest memory for the largest buffer any request of this run may need (the verify read size is chosen later).
+  const bufferBound = Math.max(bs, options.verify ? Math.max(options.verifyBs ?? 2 * bs, 8192) : 0, 4096);
   // QEMU 7.2's handshake; asking for more queues than GET_QUEUE_NUM offers fails it with a NegotiationError.
   const frontend = await VhostUserFrontend.connect(options.socket, {
     numQueues: queueCount,
     queueSize: plan.queueSize,
     timeoutMs: options.timeoutMs,
-    memory: [{ gpa: 0, size: guestMemoryBytes(queueCount, plan.queueSize, iodepth, maxData) }],
+    memory: [{ gpa: 0, size: guestMemoryBytes(queueCount, plan.queueSize, iodepth, bufferBound) }],
   });
   try {
     const config = frontend.blkConfig;
@@ -147,13 +153,15 @@ export async function runBench(options: BenchOptions): Promise<BenchResult> {
     }
     const size = options.size ?? capacityBytes;
     if (size > capacityBytes) throw new BenchUsageError(`--size ${size} is larger than the disk (${capacityBytes} bytes)`);
-    for (const [name, value] of [['--bs', bs], ['verify block size', options.verifyBs ?? logicalBlockSize]] as const) {
+    const sizeMax = frontend.hasFeature(BlkFeature.SIZE_MAX) ? config.sizeMax : 0;
+    const readBs = options.verify ? (options.verifyBs ?? chooseVerifyBs(bs, size, sizeMax > 0 ? sizeMax : Infinity)) : bs;
+    const maxData = Math.max(bs, readBs);
+    for (const [name, value] of [['--bs', bs], ['the verify read size (--verify-bs)', readBs]] as const) {
       if (value % logicalBlockSize !== 0) throw new BenchUsageError(`${name} ${value} is not a multiple of the logical block size ${logicalBlockSize}`);
     }
-    const sizeMax = frontend.hasFeature(BlkFeature.SIZE_MAX) ? config.sizeMax : 0;
     if (sizeMax > 0 && maxData > sizeMax) throw new BenchUsageError(`block size ${maxData} exceeds the device's size_max ${sizeMax} (one data segment per request)`);
     if (size < bs * queueCount) throw new BenchUsageError(`--size ${size} holds fewer than one ${bs}-byte block per queue`);
-    const writes = options.verify || options.rw !== 'randread' && options.rw !== 'read';
+    const writes = (options.verify && !options.verifyOnly) || (!options.verify && options.rw !== 'randread' && options.rw !== 'read');
     if (writes && readOnly) throw new BenchUsageError('the disk is read-only (VIRTIO_BLK_F_RO); use --rw randread or read');
 
     const key = patternKey(options.seed);
@@ -169,7 +177,7 @@ export async function runBench(options: BenchOptions): Promise<BenchResult> {
     );
     const socketFd = frontend.channel.fd;
     if (options.verify) {
-      const verify = runVerify(loadQueues, size, bs, options.verifyBs ?? chooseVerifyBs(bs, size), key, options.timeoutMs, socketFd);
+      const verify = runVerify(loadQueues, size, bs, readBs, key, options.verifyOnly, options.timeoutMs, socketFd);
       return { target, options, size, run: null, verify };
     }
     const run = runPhase({
@@ -187,12 +195,21 @@ export async function runBench(options: BenchOptions): Promise<BenchResult> {
 }
 
 /** Write the pattern with bs over [0, size), flush, read back with readBs and compare every byte. */
-function runVerify(queues: LoadQueue[], size: number, bs: number, readBs: number, key: number, stallMs: number, socketFd: number): VerifyResult {
+function runVerify(
+  queues: LoadQueue[],
+  size: number,
+  bs: number,
+  readBs: number,
+  key: number,
+  readOnly: boolean,
+  stallMs: number,
+  socketFd: number,
+): VerifyResult {
   const unit = lcm(bs, readBs);
   const bytes = Math.floor(size / unit) * unit;
   if (bytes === 0) throw new BenchUsageError(`--size ${size} is smaller than one ${unit}-byte verify unit (write ${bs}, read ${readBs})`);
   const writeRanges = splitRegion(bytes, bs, queues.length);
-  const write = runPhase({
+  const write = readOnly ? null : runPhase({
     queues,
     sources: queues.map((_, q) => {
       const range = writeRanges[q] as { start: number; end: number };
@@ -204,7 +221,7 @@ function runVerify(queues: LoadQueue[], size: number, bs: number, readBs: number
     stallMs,
     socketFd,
   });
-  const flush = runPhase({
+  const flush = readOnly ? null : runPhase({
     queues,
     sources: queues.map((_, q) => new FixedSource(q === 0 ? 1 : 0, BlkRequestType.FLUSH)),
     stallMs,
@@ -213,7 +230,7 @@ function runVerify(queues: LoadQueue[], size: number, bs: number, readBs: number
   let mismatches = 0;
   let firstMismatch: PatternMismatch | null = null;
   let read: PhaseResult | null = null;
-  if (write.failure === null && flush.failure === null) {
+  if (write?.failure == null && flush?.failure == null) {
     const readRanges = splitRegion(bytes, readBs, queues.length);
     // Each queue reads another queue's writes back (rotated), so a queue mix-up cannot hide.
     read = runPhase({
@@ -238,6 +255,6 @@ function runVerify(queues: LoadQueue[], size: number, bs: number, readBs: number
       socketFd,
     });
   }
-  const ok = write.failure === null && flush.failure === null && read !== null && read.failure === null && mismatches === 0;
+  const ok = write?.failure == null && flush?.failure == null && read !== null && read.failure === null && mismatches === 0;
   return { ok, writeBs: bs, readBs, bytes, write, flush, read, mismatches, firstMismatch };
 }

@@ -20,6 +20,7 @@ interface BenchFlags {
   ramp: string;
   size?: string;
   verify?: boolean;
+  verifyOnly?: boolean;
   verifyBs?: string;
   json?: boolean;
   seed: string;
@@ -67,7 +68,8 @@ export function benchOptionsFromFlags(flags: BenchFlags): BenchOptions {
     runtimeSec: seconds('--runtime', flags.runtime, 0.01),
     rampSec: seconds('--ramp', flags.ramp, 0),
     size: flags.size === undefined ? null : blockSize('--size', flags.size),
-    verify: flags.verify === true,
+    verify: flags.verify === true || flags.verifyOnly === true,
+    verifyOnly: flags.verifyOnly === true,
     verifyBs: flags.verifyBs === undefined ? null : blockSize('--verify-bs', flags.verifyBs),
     seed: integer('--seed', flags.seed, 0, 0xffff_ffff),
     rwmixread: integer('--rwmixread', flags.rwmixread, 0, 100),
@@ -111,7 +113,8 @@ export function registerBenchCommands(program: Command): void {
     .option('--ramp <seconds>', 'warm-up before measuring (not counted)', '0')
     .option('--size <bytes>', 'use only the first SIZE bytes of the disk (default: all of it)')
     .option('--verify', 'write a seeded pattern over the region with --bs, flush, read it back with another block size and compare; exit 1 on any mismatch')
-    .option('--verify-bs <size>', 'block size of the verify read pass (default 2×bs, else 4k)')
+    .option('--verify-only', 'like --verify without the write pass: check data an earlier --verify (same --seed, --size, --bs) left on the disk')
+    .option('--verify-bs <size>', 'block size of the verify read pass (default 2×bs if it divides --size and fits size_max, else 4k)')
     .option('--json', 'print the result as JSON')
     .option('--seed <n>', 'seed of offsets and of the verify pattern', '1')
     .option('--rwmixread <percent>', 'share of reads for --rw randrw', '50')
@@ -125,12 +128,11 @@ export function registerBenchCommands(program: Command): void {
     .description('benchmark vublk against qemu-storage-daemon on one page-cached image and write docs/benchmarks.md (npm run bench)')
     .option('--rounds <n>', 'A/B rounds per workload', '3')
     .option('--runtime <seconds>', 'measured seconds per run', '2')
-    .option('--ramp <seconds>', 'warm-up seconds per run', '0.5')
+    .option('--ramp <seconds>', 'warm-up seconds per run', '0.3')
     .option('--image-size <bytes>', 'size of the test image', '1G')
     .option('--dir <path>', 'where the image and sockets go (default: a fresh directory under the OS temp dir)')
     .option('--out <file>', 'the report to write', 'docs/benchmarks.md')
     .option('--json-out <file>', 'also write every raw measurement as JSON')
-    .option('--profile', 'also profile vublk on the missed targets (node --cpu-prof, strace -c) and add the findings')
     .action(async (flags: Record<string, string | boolean | undefined>) => {
       const { benchCompare } = await import('./compare.js');
       process.exitCode = await benchCompare(flags);

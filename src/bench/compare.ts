@@ -32,7 +32,6 @@ export interface CompareFlags {
   dir?: string | boolean;
   out?: string | boolean;
   jsonOut?: string | boolean;
-  profile?: string | boolean;
 }
 
 interface Workload {
@@ -76,6 +75,8 @@ interface Measurement {
   completions: number;
   cpuSecPerMillion: number;
   rssMiB: number;
+  /** Share of all CPUs of the host that sat idle during the run (the rest: this benchmark and everything else). */
+  hostIdlePercent: number;
 }
 
 interface RssSample {
@@ -101,6 +102,15 @@ export function processCpuSeconds(pid: number): number {
   const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
   // fields[0] is field 3 (state): utime is field 14, stime field 15.
   return (Number(fields[11]) + Number(fields[12])) / ticksPerSecond();
+}
+
+/** Busy and idle jiffies of all CPUs together, from /proc/stat. */
+function hostCpuTicks(): { busy: number; idle: number } {
+  const line = readFileSync('/proc/stat', 'utf8').split('\n')[0] ?? '';
+  const v = line.trim().split(/\s+/).slice(1).map(Number);
+  const idle = (v[3] ?? 0) + (v[4] ?? 0);
+  const total = v.slice(0, 8).reduce((a, b) => a + b, 0);
+  return { busy: total - idle, idle };
 }
 
 /** VmRSS (or another Vm* line) of a process, in MiB. */
@@ -233,6 +243,7 @@ function machineFacts(): Record<string, string> {
     kernel: `${os.type()} ${os.release()} ${os.machine()}`,
     node: process.version,
     qemu: qemuVersion,
+    date: new Date().toISOString().replace(/\.\d+Z$/, 'Z'),
     loadAverageAtStart: os.loadavg().map((v) => v.toFixed(2)).join(' '),
   };
 }
@@ -274,7 +285,7 @@ function variants(qsdBinary: string | null, engines: string[]): Variant[] {
 export async function benchCompare(flags: CompareFlags): Promise<number> {
   const rounds = Math.max(1, Number(flagString(flags.rounds, '3')));
   const runtime = Number(flagString(flags.runtime, '2'));
-  const ramp = Number(flagString(flags.ramp, '0.5'));
+  const ramp = Number(flagString(flags.ramp, '0.3'));
   const imageBytes = parseSize(flagString(flags.imageSize, '1G'));
   const out = path.resolve(flagString(flags.out, 'docs/benchmarks.md'));
   const started = Date.now();
@@ -336,8 +347,12 @@ export async function benchCompare(flags: CompareFlags): Promise<number> {
         for (const daemon of order) {
           const args = benchArgs(workload, daemon.socket, runtime, ramp, round);
           const cpuBefore = processCpuSeconds(daemon.pid);
+          const hostBefore = hostCpuTicks();
           const result = await runBenchChild(args);
           const cpuAfter = processCpuSeconds(daemon.pid);
+          const hostAfter = hostCpuTicks();
+          const hostBusy = hostAfter.busy - hostBefore.busy;
+          const hostIdle = hostAfter.idle - hostBefore.idle;
           let doc: BenchDocument | null = null;
           try {
             doc = JSON.parse(result.stdout) as BenchDocument;
@@ -366,6 +381,7 @@ export async function benchCompare(flags: CompareFlags): Promise<number> {
             completions: doc.result.allCompletions,
             cpuSecPerMillion: doc.result.allCompletions > 0 ? (daemonCpuSec / doc.result.allCompletions) * 1e6 : NaN,
             rssMiB: processMemoryMiB(daemon.pid),
+            hostIdlePercent: hostBusy + hostIdle > 0 ? (hostIdle / (hostBusy + hostIdle)) * 100 : NaN,
           });
           log(
             `round ${round} ${workload.id.padEnd(10)} ${daemon.variant.label.padEnd(34)} ${String(total.iops).padStart(7)} IOPS ` +
@@ -409,7 +425,7 @@ interface ReportInput {
   imageBytes: number;
 }
 
-type Metric = 'iops' | 'mibps' | 'p50Us' | 'p99Us' | 'p999Us' | 'cpuSecPerMillion' | 'generatorCpuPercent';
+type Metric = 'iops' | 'mibps' | 'p50Us' | 'p99Us' | 'p999Us' | 'cpuSecPerMillion' | 'generatorCpuPercent' | 'hostIdlePercent';
 
 function runsOf(m: readonly Measurement[], variant: string, workload: string): Measurement[] {
   return m.filter((x) => x.variant === variant && x.workload === workload);
@@ -452,7 +468,8 @@ function renderReport(input: ReportInput): { markdown: string; summary: string }
     `rotated every round), ${rounds} rounds, ${ramp} s warm-up + ${runtime} s measured per run; the tables show the median of the rounds, and`,
     'ratios are the median of the per-round ratios. The faster qemu-storage-daemon variant of each workload is the reference.',
     'Daemon CPU is utime+stime from `/proc/PID/stat` around each run divided by every request of the run (warm-up included);',
-    'RSS is `VmRSS` from `/proc/PID/status`.',
+    'RSS is `VmRSS` from `/proc/PID/status`. All back-ends stay up on the one image for the whole benchmark (each idle while',
+    'another is measured), which is why qemu-storage-daemon gets `locking=off`; vublk runs with `--metrics-listen off --log-level warn`.',
     '',
     '### Machine',
     '',
@@ -460,7 +477,8 @@ function renderReport(input: ReportInput): { markdown: string; summary: string }
     '|---|---|',
     ...Object.entries(facts).map(([k, v]) => `| ${k} | ${v} |`),
     '',
-    'The machine is shared and noisy (other jobs run on it), so compare numbers within one run, not across runs.',
+    'The machine is shared and noisy (other jobs run on it), so compare numbers within one run, not across runs. The',
+    `host CPU idle column below shows how much of the machine was left over during each run (median of all runs: ${fmt(median(m.map((x) => x.hostIdlePercent)))} %).`,
     '',
     '### Commands',
     '',
@@ -497,14 +515,14 @@ function renderReport(input: ReportInput): { markdown: string; summary: string }
     push('');
   }
 
-  push('### Every back-end (medians)', '', '| workload | back-end | IOPS | MiB/s | p50 µs | p99 µs | p99.9 µs | daemon CPU s / M req | generator CPU % of a core |', '|---|---|---:|---:|---:|---:|---:|---:|---:|');
+  push('### Every back-end (medians)', '', '| workload | back-end | IOPS | MiB/s | p50 µs | p99 µs | p99.9 µs | daemon CPU s / M req | generator CPU % of a core | host CPU idle % |', '|---|---|---:|---:|---:|---:|---:|---:|---:|---:|');
   for (const w of WORKLOADS) {
     for (const v of all) {
       if (runsOf(m, v.id, w.id).length === 0) continue;
       push(
         `| ${w.title} | ${v.label} | ${fmt(medianOf(m, v.id, w.id, 'iops'))} | ${fmt(medianOf(m, v.id, w.id, 'mibps'), 1)} | ` +
           `${fmt(medianOf(m, v.id, w.id, 'p50Us'), 1)} | ${fmt(medianOf(m, v.id, w.id, 'p99Us'), 1)} | ${fmt(medianOf(m, v.id, w.id, 'p999Us'), 1)} | ` +
-          `${fmt(medianOf(m, v.id, w.id, 'cpuSecPerMillion'), 2)} | ${fmt(medianOf(m, v.id, w.id, 'generatorCpuPercent'))} |`,
+          `${fmt(medianOf(m, v.id, w.id, 'cpuSecPerMillion'), 2)} | ${fmt(medianOf(m, v.id, w.id, 'generatorCpuPercent'))} | ${fmt(medianOf(m, v.id, w.id, 'hostIdlePercent'))} |`,
       );
     }
   }

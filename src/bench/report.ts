@@ -173,8 +173,8 @@ export interface BenchDocument {
     bytes: number;
     writeBs: number;
     readBs: number;
-    write: PhaseSummary;
-    flush: PhaseSummary;
+    write: PhaseSummary | null;
+    flush: PhaseSummary | null;
     read: PhaseSummary | null;
     mismatches: number;
     firstMismatch: { offset: number; expected: number; actual: number } | null;
@@ -189,7 +189,7 @@ export function benchDocument(result: BenchResult): BenchDocument {
   return {
     target: result.target,
     job: {
-      rw: o.verify ? 'verify' : o.rw,
+      rw: o.verify ? (o.verifyOnly ? 'verify-only' : 'verify') : o.rw,
       bs: o.bs,
       iodepth: o.iodepth,
       queues: o.queues,
@@ -208,8 +208,8 @@ export function benchDocument(result: BenchResult): BenchDocument {
             bytes: verify.bytes,
             writeBs: verify.writeBs,
             readBs: verify.readBs,
-            write: summarizePhase(verify.write),
-            flush: summarizePhase(verify.flush),
+            write: verify.write === null ? null : summarizePhase(verify.write),
+            flush: verify.flush === null ? null : summarizePhase(verify.flush),
             read: verify.read === null ? null : summarizePhase(verify.read),
             mismatches: verify.mismatches,
             firstMismatch: verify.firstMismatch,
@@ -255,7 +255,7 @@ export function formatHuman(doc: BenchDocument): string {
   const lines: string[] = [];
   lines.push(
     `vublk bench: ${j.rw}${j.rwmixread !== null ? ` (${j.rwmixread} % reads)` : ''} bs=${j.bs} iodepth=${j.iodepth} queues=${j.queues}` +
-      (j.rw === 'verify' ? '' : ` runtime=${j.runtimeSec}s${j.rampSec > 0 ? ` (+${j.rampSec}s ramp)` : ''}`) +
+      (j.rw.startsWith('verify') ? '' : ` runtime=${j.runtimeSec}s${j.rampSec > 0 ? ` (+${j.rampSec}s ramp)` : ''}`) +
       ` size=${formatBytes(j.size)} seed=${j.seed}`,
   );
   lines.push(
@@ -269,7 +269,11 @@ export function formatHuman(doc: BenchDocument): string {
   const v = doc.verify;
   if (v !== null) {
     const rate = (p: PhaseSummary | null): string => (p === null ? '-' : `${p.total.mibps.toFixed(1)} MiB/s`);
-    lines.push(`verify: wrote ${formatBytes(v.bytes)} with ${v.writeBs}-byte requests (${rate(v.write)}), flushed, read back with ${v.readBs}-byte requests (${rate(v.read)})`);
+    lines.push(
+      v.write === null
+        ? `verify: read ${formatBytes(v.bytes)} with ${v.readBs}-byte requests (${rate(v.read)}) and compared it with the pattern of seed ${j.seed} (no write pass)`
+        : `verify: wrote ${formatBytes(v.bytes)} with ${v.writeBs}-byte requests (${rate(v.write)}), flushed, read back with ${v.readBs}-byte requests (${rate(v.read)})`,
+    );
     for (const [name, p] of [['write', v.write], ['flush', v.flush], ['read', v.read]] as const) {
       if (p?.failure) lines.push(`FAILED (${name}): ${p.failure.description}`);
     }
