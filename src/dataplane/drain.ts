@@ -58,12 +58,12 @@ export function drainQueue(ctx: DrainContext): number {
     wait = drainUntilEmpty(ctx);
   } finally {
     ctx.executor.flush();
-    if (queue.shouldInterrupt(usedBefore)) {
-      ctx.interrupt();
-      ctx.counters.add(Counter.notifications);
-    }
+    const interrupt = queue.shouldInterrupt(usedBefore);
+    if (interrupt) ctx.counters.add(Counter.notifications);
     ctx.counters.add(Counter.drains);
+    // Counters are published before the guest is told, so anyone who saw the completion sees it counted.
     ctx.counters.flush();
+    if (interrupt) ctx.interrupt();
   }
   return wait;
 }

@@ -55,6 +55,16 @@ class QueueWorker {
   }
 
   run(): void {
+    try {
+      this.serve();
+    } finally {
+      this.executor.close();
+      this.epoll.close();
+      this.timer.close();
+    }
+  }
+
+  private serve(): void {
     while (this.running) {
       const n = this.epoll.wait(this.ready);
       for (let i = 0; i < n; i++) {
@@ -71,9 +81,6 @@ class QueueWorker {
         }
       }
     }
-    this.executor.close();
-    this.epoll.close();
-    this.timer.close();
   }
 
   /** `auto` tries io_uring and falls back to the sync engine; an explicit `io_uring` that fails is fatal. */

@@ -17,6 +17,7 @@
  * Requests occupy one of `depth` slots, each with its own preallocated iovec array; when all slots are busy,
  * `submit` submits and reaps until one frees. Nothing is left in flight when `flush` returns.
  */
+import koffi from 'koffi';
 import { BlkRequestType, BlkStatus } from '../../protocol/virtio-blk.js';
 import { addressOf } from '../sys/libc.js';
 import { errnoName, Errno } from '../sys/errors.js';
@@ -31,7 +32,9 @@ import { SyncExecutor } from './sync-executor.js';
 export const DEFAULT_URING_DEPTH = 128;
 /** Linux's UIO_MAXIOV: one READV/WRITEV takes at most this many iovecs. */
 const IOV_MAX = 1024;
-const ECANCELED = 125;
+const ECANCELED = koffi.os.errno['ECANCELED'] ?? 125;
+/** Something to sleep on (Atomics.wait) when the kernel is short of resources and nothing is in flight. */
+const NAP = new Int32Array(new SharedArrayBuffer(4));
 
 /** CQE kinds, in the high half of the 32-bit user data; the slot is in the low half. */
 const KIND_RW = 0;
@@ -222,10 +225,7 @@ export class UringExecutor implements RequestExecutor {
   flush(): void {
     while (this.active > 0 || this.ring.pendingSubmissions > 0) {
       if (this.outstandingCqes === 0) throw new Error(`io_uring engine: ${this.active} requests active but no completion expected`);
-      if (!this.ring.submitAndWait(this.outstandingCqes)) {
-        // The kernel wants completions reaped first; if there are none yet, wait for one.
-        if (this.ring.cqReady === 0) this.ring.wait(1);
-      }
+      if (!this.ring.submitAndWait(this.outstandingCqes)) this.backOff();
       this.ring.reap(this.onCqe);
     }
   }
@@ -282,10 +282,21 @@ export class UringExecutor implements RequestExecutor {
     this.slotMemory[slot] = memory;
   }
 
+  /**
+   * io_uring_enter said EBUSY / EAGAIN (completions to reap first, or no memory for requests): wait for a
+   * completion if the kernel holds any, else nap for a millisecond and let the caller try again.
+   */
+  private backOff(): void {
+    if (this.ring.cqReady > 0) return;
+    const inKernel = this.outstandingCqes - this.ring.pendingSubmissions;
+    if (inKernel > 0 && this.ring.wait(1)) return;
+    Atomics.wait(NAP, 0, 0, 1);
+  }
+
   private acquireSlot(): number {
     while (this.freeCount === 0) {
       // Submit what is pending and wait for at least one completion; reaping frees slots.
-      if (!this.ring.submitAndWait(1) && this.ring.cqReady === 0) this.ring.wait(1);
+      if (!this.ring.submitAndWait(1)) this.backOff();
       this.ring.reap(this.onCqe);
     }
     this.active++;
@@ -302,7 +313,7 @@ export class UringExecutor implements RequestExecutor {
   private ensureSqSpace(n: number): void {
     while (this.ring.sqSpace < n) {
       if (this.ring.submitAndWait(0)) continue;
-      if (this.ring.cqReady === 0) this.ring.wait(1);
+      this.backOff();
       this.ring.reap(this.onCqe);
     }
   }

@@ -229,6 +229,8 @@ export class BlkDisk {
             (event) => {
               if (event.kind === 'started' && event.ioEngine !== undefined) {
                 this.log.info({ disk: this.name, queue: event.queue, ioEngine: event.ioEngine, reason: event.reason }, 'queue worker io engine');
+              } else if (event.kind === 'error') {
+                this.log.error({ disk: this.name, queue: event.queue, reason: event.reason }, 'queue worker failed to start');
               }
               this.workerEventListener(event);
             },
