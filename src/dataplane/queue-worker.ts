@@ -76,7 +76,7 @@ class QueueWorker {
           this.timer.acknowledge();
           this.drain();
         } else if (this.ring !== null && fd === this.ring.kickFd) {
-          drainEventFd(fd);
+          // Edge-triggered: the kick counter is never read back (it would take 2^64 kicks to saturate).
           this.drain();
         }
       }
@@ -216,7 +216,7 @@ class QueueWorker {
         if (fd >= 0) signalEventFd(fd);
       },
     };
-    if (ring.kickFd >= 0) this.epoll.add(ring.kickFd);
+    if (ring.kickFd >= 0) this.epoll.add(ring.kickFd, true);
     else this.timer.arm(POLL_TICK_NANOS, POLL_TICK_NANOS);
     // Requests may have been queued before the ring (re)started; their kick is long gone.
     this.drain();
