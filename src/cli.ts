@@ -21,6 +21,7 @@ interface ServeOptions {
   image?: string;
   size?: string;
   numQueues?: string;
+  threads?: string;
   queueSize?: string;
   readOnly?: boolean;
   serial?: string;
@@ -47,6 +48,7 @@ const DISK_FLAGS: ReadonlyArray<readonly [key: keyof ServeOptions, flag: string]
   ['socketFd', '--socket-fd'],
   ['size', '--size'],
   ['numQueues', '--num-queues'],
+  ['threads', '--threads'],
   ['queueSize', '--queue-size'],
   ['readOnly', '--read-only'],
   ['serial', '--serial'],
@@ -82,6 +84,7 @@ function diskSpecs(options: ServeOptions): DiskSpec[] {
               socketFd: options.socketFd,
               size: options.size ?? (options.image === undefined ? DEFAULT_SIZE : undefined),
               numQueues: options.numQueues,
+              threads: options.threads,
               queueSize: options.queueSize,
               readOnly: options.readOnly,
               serial: options.serial,
@@ -236,7 +239,8 @@ program
   .option('--socket-activation', 'require sockets passed by systemd socket activation (LISTEN_FDS); without this flag they are used when present')
   .option('--image <path>', `backing image (default ./${DEFAULT_IMAGE}, created sparse at ${DEFAULT_SIZE})`)
   .option('--size <bytes>', 'create the image at this size if missing, or grow it (e.g. 1G, 512M, 1073741824)')
-  .option('--num-queues <n>', 'number of virtqueues (one worker thread each)', '1')
+  .option('--num-queues <n>', 'number of virtqueues', '1')
+  .option('--threads <n>', 'worker threads serving the queues (default: one per queue, at most one per CPU)')
   .option('--queue-size <n>', 'largest queue size a front-end may configure (power of two)')
   .option('--read-only', 'export the disk read-only (VIRTIO_BLK_F_RO)')
   .option('--serial <str>', 'serial answered to GET_ID (up to 20 ASCII characters; default from the image name)')
@@ -246,7 +250,7 @@ program
   .option('--iops-burst <n>', 'throttle: request burst (default: one second of --iops)')
   .option('--bps <rate>', 'throttle: bytes per second across all queues (e.g. 100M; 0 = unlimited)')
   .option('--bps-burst <size>', 'throttle: byte burst (default: one second of --bps)')
-  .option('--disk <spec>', 'a disk as image=PATH,socket=PATH|socket-fd=N[,num-queues=N][,read-only=on][,serial=STR][,size=BYTES][,name=NAME][,io-engine=auto|io_uring|sync]; repeatable', collect, [])
+  .option('--disk <spec>', 'a disk as image=PATH,socket=PATH|socket-fd=N[,num-queues=N][,read-only=on][,serial=STR][,size=BYTES][,name=NAME][,threads=N][,io-engine=auto|io_uring|sync]; repeatable', collect, [])
   .option('--config <file>', 'describe the disks (and these settings) in a YAML or JSON file; SIGHUP re-reads it')
   .option('--metrics-listen <address>', 'HTTP listener for /metrics, /healthz, /readyz and /admin: HOST:PORT, [IPV6]:PORT, unix:PATH or off', DEFAULT_METRICS_LISTEN)
   .option('--admin-public', 'serve the admin API even when --metrics-listen is not a loopback address or unix socket')

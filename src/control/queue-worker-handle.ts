@@ -12,8 +12,8 @@ const WORKER_URL = new URL('../dataplane/queue-worker.js', import.meta.url);
 const ACK_TIMEOUT_MS = 10_000;
 
 export class WorkerCommandError extends Error {
-  constructor(queue: number, op: string, detail: string) {
-    super(`queue ${queue} worker failed '${op}': ${detail}`);
+  constructor(label: string, op: string, detail: string) {
+    super(`${label} worker failed '${op}': ${detail}`);
     this.name = 'WorkerCommandError';
   }
 }
@@ -31,39 +31,43 @@ export class QueueWorkerHandle {
   constructor(
     init: Omit<WorkerInit, 'controlFd'>,
     private readonly onEvent: (event: WorkerEvent) => void,
-    private readonly onExit: (queue: number, code: number) => void,
+    private readonly onExit: (queues: readonly number[], code: number) => void,
   ) {
     this.controlFd = createEventFd();
-    this.worker = new Worker(WORKER_URL, { workerData: { ...init, controlFd: this.controlFd } satisfies WorkerInit, name: `vublk-${init.disk}-q${init.queue}` });
+    this.label = `queue${init.queues.length > 1 ? 's' : ''} ${init.queues.join(',')}`;
+    this.worker = new Worker(WORKER_URL, {
+      workerData: { ...init, controlFd: this.controlFd } satisfies WorkerInit,
+      name: `vublk-${init.disk}-q${init.queues.join('-')}`,
+    });
     this.worker.on('message', (message: WorkerMessage) => this.onMessage(message));
     this.worker.on('error', (error) => this.failAll(error));
     this.worker.on('exit', (code) => {
       this.exited = true;
       this.failAll(new Error(`worker exited with code ${code}`));
       closeFd(this.controlFd);
-      this.onExit(init.queue, code);
+      this.onExit(init.queues, code);
     });
     // Workers must not keep the daemon alive on their own: shutdown is explicit.
     this.worker.unref();
-    this.queue = init.queue;
   }
 
-  readonly queue: number;
+  /** "queue 0" or "queues 0,2": names the worker in errors. */
+  private readonly label: string;
 
   /** Sends a command and waits for its acknowledgement; rejects on a worker error or a wedged worker. */
   send(body: CommandBody): Promise<WorkerAck> {
-    if (this.exited) return Promise.reject(new WorkerCommandError(this.queue, body.op, 'worker has exited'));
+    if (this.exited) return Promise.reject(new WorkerCommandError(this.label, body.op, 'worker has exited'));
     const seq = ++this.seq;
     return new Promise<WorkerAck>((resolve, reject) => {
       const timer = setTimeout(() => {
         this.pending.delete(seq);
-        reject(new WorkerCommandError(this.queue, body.op, `no acknowledgement within ${ACK_TIMEOUT_MS} ms`));
+        reject(new WorkerCommandError(this.label, body.op, `no acknowledgement within ${ACK_TIMEOUT_MS} ms`));
       }, ACK_TIMEOUT_MS);
       this.pending.set(seq, {
         op: body.op,
         resolve: (ack) => {
           clearTimeout(timer);
-          if (ack.error) reject(new WorkerCommandError(this.queue, body.op, ack.error));
+          if (ack.error) reject(new WorkerCommandError(this.label, body.op, ack.error));
           else resolve(ack);
         },
         reject: (error) => {
@@ -98,7 +102,7 @@ export class QueueWorkerHandle {
   private failAll(error: Error): void {
     for (const [seq, waiter] of this.pending) {
       this.pending.delete(seq);
-      waiter.reject(new WorkerCommandError(this.queue, waiter.op, error.message));
+      waiter.reject(new WorkerCommandError(this.label, waiter.op, error.message));
     }
   }
 }

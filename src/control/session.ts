@@ -135,7 +135,9 @@ export class VhostUserSession {
 
   /** GET_STATUS: what the front-end set, plus NEEDS_RESET while any queue is poisoned. */
   deviceStatus(): number {
-    const poisoned = this.rings.some((ring) => ring.poisoned);
+    // A worker sets its shared `poisoned` gauge before it signals the err eventfd, but its event reaches this
+    // thread later: read the gauge too, so a GET_STATUS sent in reaction to the err signal sees NEEDS_RESET.
+    const poisoned = this.rings.some((ring) => ring.poisoned || (ring.running && this.disk.counters.read(ring.index, 'poisoned') !== 0));
     return poisoned ? this.status | DeviceStatus.NEEDS_RESET : this.status & ~DeviceStatus.NEEDS_RESET;
   }
 
@@ -356,7 +358,7 @@ export class VhostUserSession {
     if (fd === undefined) throw new SessionRequestError(request, 'no fd attached and the no-fd flag is clear');
     const old = ring[field];
     ring[field] = fd;
-    if (ring.running) await this.disk.queueWorkers()[index]!.send({ op, fd });
+    if (ring.running) await this.disk.workerFor(index).send({ op, queue: index, fd });
     // A guest may have lost an interrupt across a ring restart; one spurious interrupt is harmless.
     else if (field === 'callFd' && fd >= 0) signalEventFd(fd);
     closeFd(old);
@@ -374,8 +376,9 @@ export class VhostUserSession {
   private async reconcile(ring: VringConfig): Promise<void> {
     const shouldRun = ring.kickArmed && ring.addressed && ring.isEnabled(this.protocolFeaturesNegotiated) && this.regions.length > 0;
     if (shouldRun && !ring.running) {
-      await this.disk.queueWorkers()[ring.index]!.send({
+      await this.disk.workerFor(ring.index).send({
         op: 'start',
+        queue: ring.index,
         ring: {
           size: ring.size,
           descUserAddr: ring.descUserAddr,
@@ -397,7 +400,7 @@ export class VhostUserSession {
 
   private async stopRing(ring: VringConfig): Promise<void> {
     if (!ring.running) return;
-    const ack = await this.disk.queueWorkers()[ring.index]!.send({ op: 'stop' });
+    const ack = await this.disk.workerFor(ring.index).send({ op: 'stop', queue: ring.index });
     ring.running = false;
     if (ack.lastAvailIdx !== undefined) ring.base = ack.lastAvailIdx;
     this.log.info({ queue: ring.index, base: ring.base }, 'ring stopped');

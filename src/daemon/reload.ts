@@ -64,6 +64,7 @@ export function changedDiskKeys(running: DiskSpec, next: DiskSpec): string[] {
   if (listenKey(running) !== listenKey(next)) keys.push(next.listen.kind === 'path' ? 'socket' : 'socket-fd');
   if (a.sizeBytes !== b.sizeBytes) keys.push('size');
   if (a.numQueues !== b.numQueues) keys.push('num-queues');
+  if (a.threads !== b.threads) keys.push('threads');
   if (a.queueSize !== b.queueSize) keys.push('queue-size');
   if (a.readOnly !== b.readOnly) keys.push('read-only');
   if (a.serial !== b.serial) keys.push('serial');

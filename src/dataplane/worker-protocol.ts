@@ -18,7 +18,8 @@ export function isIoEngineSetting(text: string): text is IoEngineSetting {
 
 export interface WorkerInit {
   disk: string;
-  queue: number;
+  /** The queues this worker serves (several when there are more queues than worker threads). */
+  queues: number[];
   imageFd: number;
   controlFd: number;
   limits: DeviceLimits;
@@ -47,10 +48,10 @@ export interface RingStart {
 
 export type WorkerCommand =
   | { op: 'memory'; seq: number; regions: RegionLayout[] }
-  | { op: 'start'; seq: number; ring: RingStart }
-  | { op: 'stop'; seq: number }
-  | { op: 'setCall'; seq: number; fd: number }
-  | { op: 'setErr'; seq: number; fd: number }
+  | { op: 'start'; seq: number; queue: number; ring: RingStart }
+  | { op: 'stop'; seq: number; queue: number }
+  | { op: 'setCall'; seq: number; queue: number; fd: number }
+  | { op: 'setErr'; seq: number; queue: number; fd: number }
   | { op: 'settings'; seq: number; capacityBytes: number; writeback: boolean }
   | { op: 'exit'; seq: number };
 

@@ -1,0 +1,199 @@
+/**
+ * Everything one virtqueue needs on its worker thread: its counters, I/O engine, throttle handle, request
+ * scratch, retry timer, and — while started — its ring and drain context. A worker thread runs one
+ * RingServer per queue it serves; all of them share the thread's epoll set and guest memory table.
+ */
+import { signalEventFd } from '../sys/eventfd.js';
+import type { EpollSet } from './epoll.js';
+import { RetryTimer } from './retry-timer.js';
+import type { GuestMemory } from './guest-memory.js';
+import { SplitQueue, RingMappingError } from './split-queue.js';
+import { descriptorTableBytes, availRingBytes, usedRingBytes } from '../../protocol/split-ring.js';
+import { Counter, QueueCounters } from './counters.js';
+import { SyncExecutor } from './sync-executor.js';
+import { UringExecutor } from './uring-executor.js';
+import type { IoEngineName, RequestExecutor } from './request-executor.js';
+import { completeRequest, createRequestScratch, drainQueue, unlimited, type Admission, type DrainContext, type PoisonCause } from './drain.js';
+import { DiskThrottle } from '../throttle/disk-throttle.js';
+import type { RingStart, WorkerInit, WorkerMessage } from './worker-protocol.js';
+
+/** Kick-less (polling-mode) rings are drained on this tick. */
+const POLL_TICK_NANOS = 1_000_000;
+
+export class RingServer {
+  readonly timer = new RetryTimer();
+  private readonly counters: QueueCounters;
+  private readonly executor: RequestExecutor;
+  private readonly admission: Admission;
+  private readonly scratch;
+  private readonly request;
+  private ring: RingStart | null = null;
+  private context: DrainContext | null = null;
+
+  constructor(
+    readonly queue: number,
+    private readonly init: WorkerInit,
+    private readonly epoll: EpollSet,
+    private readonly post: (message: WorkerMessage) => void,
+    private settings: { capacityBytes: number; writeback: boolean },
+  ) {
+    this.counters = new QueueCounters(init.counters, queue);
+    this.executor = this.createExecutor();
+    this.executor.onComplete = (completion) => {
+      if (this.context !== null) completeRequest(this.context, completion);
+    };
+    this.admission = init.throttle ? DiskThrottle.attach(init.throttle) : unlimited;
+    ({ scratch: this.scratch, request: this.request } = createRequestScratch(init.limits));
+    epoll.add(this.timer.fd);
+  }
+
+  /** The kick fd currently watched for this ring, or -1. */
+  get kickFd(): number {
+    return this.context !== null ? (this.ring?.kickFd ?? -1) : -1;
+  }
+
+  /** `auto` tries io_uring and falls back to the sync engine; an explicit `io_uring` that fails is fatal. */
+  private createExecutor(): RequestExecutor {
+    const setting = this.init.ioEngine ?? 'auto';
+    let engine: IoEngineName = 'sync';
+    let reason = 'sync engine requested';
+    let executor: RequestExecutor | null = null;
+    if (setting !== 'sync') {
+      try {
+        executor = new UringExecutor(this.init.imageFd, this.init.limits);
+        engine = 'io_uring';
+        reason = `io_uring (${setting === 'auto' ? 'auto' : 'requested'})`;
+      } catch (error) {
+        const detail = error instanceof Error ? error.message : String(error);
+        if (setting === 'io_uring') {
+          this.post({ type: 'event', kind: 'error', queue: this.queue, reason: `io_uring requested but unavailable: ${detail}` });
+          throw new Error(`queue ${this.queue}: io_uring requested but unavailable: ${detail}`);
+        }
+        reason = `io_uring unavailable, using sync: ${detail}`;
+      }
+    }
+    this.post({ type: 'event', kind: 'started', queue: this.queue, reason, ioEngine: engine });
+    return executor ?? new SyncExecutor(this.init.imageFd, this.init.limits);
+  }
+
+  /** A kick or a timer expiry: drain, and arm the retry timer if the throttle stalled us. */
+  drain(): void {
+    const ctx = this.context;
+    if (ctx === null) return;
+    const wait = drainQueue(ctx);
+    // A polling-mode ring (no kick fd) must keep its periodic tick after a throttle retry.
+    if (wait > 0) this.timer.arm(Math.min(wait, 1e9), this.ring !== null && this.ring.kickFd < 0 ? POLL_TICK_NANOS : 0);
+  }
+
+  onTimer(): void {
+    this.timer.acknowledge();
+    this.drain();
+  }
+
+  /** Re-resolves a started ring against a new memory table, continuing where it stopped. */
+  memoryChanged(memory: GuestMemory): void {
+    if (this.ring !== null) this.start(this.ring, this.context?.queue.lastAvailIdx ?? this.ring.lastAvailIdx, memory);
+  }
+
+  applySettings(capacityBytes: number, writeback: boolean): void {
+    this.settings = { capacityBytes, writeback };
+    if (this.context !== null) {
+      this.context.capacityBytes = capacityBytes;
+      this.context.writeback = writeback;
+    }
+  }
+
+  setCall(fd: number): void {
+    if (this.ring === null) return;
+    this.ring.callFd = fd;
+    // A guest may have missed an interrupt while the old call fd was being replaced.
+    if (fd >= 0) signalEventFd(fd);
+  }
+
+  setErr(fd: number): void {
+    if (this.ring !== null) this.ring.errFd = fd;
+  }
+
+  /** Resolves ring memory and begins serving; an unusable ring poisons the queue instead of failing the session. */
+  start(ring: RingStart, lastAvailIdx: number, memory: GuestMemory): void {
+    if (this.context !== null && this.ring !== null && this.ring.kickFd >= 0) this.epoll.remove(this.ring.kickFd);
+    this.ring = ring;
+    this.context = null;
+    const desc = memory.userToGuest(ring.descUserAddr, descriptorTableBytes(ring.size));
+    const avail = memory.userToGuest(ring.availUserAddr, availRingBytes(ring.size));
+    const used = memory.userToGuest(ring.usedUserAddr, usedRingBytes(ring.size));
+    if (desc < 0 || avail < 0 || used < 0) {
+      this.poisonedFromStart('ring addresses are not inside the memory table');
+      return;
+    }
+    let queue: SplitQueue;
+    try {
+      queue = new SplitQueue(memory, { size: ring.size, descGpa: desc, availGpa: avail, usedGpa: used }, ring.eventIdx, lastAvailIdx);
+    } catch (error) {
+      if (error instanceof RingMappingError) {
+        this.poisonedFromStart(error.message);
+        return;
+      }
+      throw error;
+    }
+    this.counters.setGauge(Counter.poisoned, 0);
+    this.context = {
+      queue,
+      memory,
+      limits: this.init.limits,
+      capacityBytes: this.settings.capacityBytes,
+      writeback: this.settings.writeback,
+      executor: this.executor,
+      counters: this.counters,
+      admission: this.admission,
+      scratch: this.scratch,
+      request: this.request,
+      stalled: false,
+      poisoned: false,
+      onPoison: (cause, reason) => this.raisePoison(cause, reason),
+      interrupt: () => {
+        const fd = this.ring?.callFd ?? -1;
+        if (fd >= 0) signalEventFd(fd);
+      },
+    };
+    if (ring.kickFd >= 0) this.epoll.add(ring.kickFd, true);
+    else this.timer.arm(POLL_TICK_NANOS, POLL_TICK_NANOS);
+    // Requests may have been queued before the ring (re)started; their kick is long gone.
+    this.drain();
+  }
+
+  private poisonedFromStart(reason: string): void {
+    this.counters.add(Counter.ioErrors);
+    this.counters.setGauge(Counter.poisoned, 1);
+    this.counters.flush();
+    this.raisePoison('ring_structure', reason);
+  }
+
+  /** Stops serving and returns the next avail index to consume (what GET_VRING_BASE reports). */
+  stop(): number | undefined {
+    const ring = this.ring;
+    if (ring === null) return undefined;
+    const ctx = this.context;
+    const lastAvailIdx = ctx?.queue.lastAvailIdx ?? ring.lastAvailIdx;
+    if (ctx !== null && ring.kickFd >= 0) this.epoll.remove(ring.kickFd);
+    if (ctx?.stalled) this.counters.setGauge(Counter.throttlePending, 0);
+    this.timer.disarm();
+    this.timer.acknowledge();
+    this.ring = null;
+    this.context = null;
+    this.counters.setGauge(Counter.poisoned, 0);
+    return lastAvailIdx;
+  }
+
+  private raisePoison(cause: PoisonCause, reason: string): void {
+    const errFd = this.ring?.errFd ?? -1;
+    if (errFd >= 0) signalEventFd(errFd);
+    this.post({ type: 'event', kind: 'poisoned', queue: this.queue, reason, cause });
+  }
+
+  close(): void {
+    this.stop();
+    this.executor.close();
+    this.timer.close();
+  }
+}
