@@ -227,9 +227,14 @@ export class VirtqueueDriver {
       // virtqueue_enable_cb + virtqueue_poll loop). Entries pushed while used_event was stale may legitimately
       // have come without an interrupt, so they count as covered if everything before them was; once the loop
       // ends, used_event equals used.idx and the next completion must interrupt.
+      // Exception, when interrupts are required: used_event never moves past an entry still waiting for its
+      // interrupt. The device reads used_event after publishing, so an entry reaped (by polling) before its
+      // interrupt arrived, with used_event then moved past it, may legitimately get no interrupt at all, and
+      // the wait would blame the device. Left at the first uncovered entry, used_event keeps that interrupt owed.
       const fullyCovered = this.indices.uncoveredReaped === 0;
       for (;;) {
-        this.ring.usedEvent = this.indices.lastUsedIdx;
+        const holdForInterrupt = this.requireInterrupts && this.indices.uncoveredReaped > 0;
+        this.ring.usedEvent = holdForInterrupt ? this.indices.coveredUsedIdx : this.indices.lastUsedIdx;
         memoryFence();
         const again = this.ring.usedIdx;
         if (again === this.indices.lastUsedIdx) break;

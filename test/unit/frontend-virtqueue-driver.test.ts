@@ -7,7 +7,7 @@ import { GuestMemory } from '../../src/frontend/guest-memory.js';
 import { VirtqueueDriver } from '../../src/frontend/virtqueue-driver.js';
 import { MissingCompletionError, MissingInterruptError, RingFullError, UsedRingError } from '../../src/frontend/errors.js';
 import { drainEventFd, signalEventFd } from '../../src/sys/eventfd.js';
-import { DescFlag, UsedOffset, USED_F_NO_NOTIFY, availEventOffset, usedEventOffset } from '../../protocol/split-ring.js';
+import { DescFlag, UsedOffset, USED_F_NO_NOTIFY, availEventOffset, needsEvent, usedEventOffset } from '../../protocol/split-ring.js';
 
 class FakeDevice {
   lastAvail = 0;
@@ -149,6 +149,21 @@ describe('VirtqueueDriver', () => {
     device.pop();
     device.push(first, 1);
     await queue.waitUsed();
+    expect(device.usedEvent).toBe(1);
+  });
+
+  it('under EVENT_IDX, used_event stays at an entry reaped before its interrupt, so the device still owes it', async () => {
+    const device = setup(true);
+    const head = queue.submit([{ gpa: 0x20000, len: 1, writable: true }]);
+    device.pop();
+    device.push(head, 1, false); // published; the device has not made its notification check yet
+    expect(queue.poll()).toHaveLength(1); // the driver finds it by polling, before any interrupt
+    // Moving used_event to 1 now would let the device skip the interrupt legitimately (and the wait would then
+    // report a missing interrupt): it must stay at the entry still waiting for one.
+    expect(device.usedEvent).toBe(0);
+    expect(needsEvent(device.usedEvent, 1, 0)).toBe(true);
+    signalEventFd(queue.callFd);
+    expect(await queue.waitUsed()).toHaveLength(1);
     expect(device.usedEvent).toBe(1);
   });
 
