@@ -2,7 +2,6 @@
  * A disk as the user described it (flags or `--disk key=value,...`), validated into DiskOptions plus where to
  * listen. Pure: no files are touched here, so every error is reported before anything is created.
  */
-import os from 'node:os';
 import path from 'node:path';
 import { parseCount, parseRate, parseSize } from '../throttle/size.js';
 import type { DiskLimits } from '../throttle/disk-throttle.js';
@@ -71,8 +70,7 @@ export function buildDiskSpec(input: DiskSpecInput, where: string, index: number
   if (input.socket && input.socketFd) throw new DiskSpecError(where, 'give either a socket path or a socket fd, not both');
   if (!input.socket && !input.socketFd) throw new DiskSpecError(where, 'a socket path (socket=PATH) or an inherited socket fd (socket-fd=N) is required', 'socket');
   const numQueues = input.numQueues ? integer(where, 'num-queues', input.numQueues, 1, MAX_QUEUES) : 1;
-  // More threads than cores only adds memory (~11 MiB each) and context switches.
-  const threads = input.threads ? integer(where, 'threads', input.threads, 1, MAX_QUEUES) : Math.min(numQueues, os.availableParallelism());
+  const threads = input.threads ? integer(where, 'threads', input.threads, 1, MAX_QUEUES) : undefined;
   const queueSize = input.queueSize ? integer(where, 'queue-size', input.queueSize, 1, MAX_QUEUE_SIZE) : DEFAULT_QUEUE_SIZE;
   if ((queueSize & (queueSize - 1)) !== 0) throw new DiskSpecError(where, `queue-size must be a power of two, got ${queueSize}`, 'queue-size');
   const block = input.logicalBlockSize ? integer(where, 'logical-block-size', input.logicalBlockSize, 512, 4096) : 512;
@@ -102,7 +100,7 @@ export function buildDiskSpec(input: DiskSpecInput, where: string, index: number
       logicalBlockSize: block as 512 | 4096,
       writeback: input.writeback ?? true,
       ioEngine: parseIoEngine(where, input.ioEngine),
-      threads: Math.min(threads, numQueues),
+      threads,
       throttle,
     },
     listen,

@@ -4,6 +4,7 @@
  * QEMU should not pay thread start-up again); sessions come and go, the disk stays.
  */
 import fs from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import { BLK_ID_BYTES, SECTOR_SIZE, encodeBlkConfig, type BlkConfig } from '../../protocol/virtio-blk.js';
 import { createCounterBuffer, CounterReader } from '../dataplane/counters.js';
@@ -33,7 +34,7 @@ export interface DiskOptions {
   readOnly: boolean;
   serial?: string | undefined;
   logicalBlockSize: 512 | 4096;
-  /** Worker threads serving the queues (default: one per queue); fewer saves ~11 MiB of memory per thread. */
+  /** Worker threads serving the queues (default: one per queue, at most one per CPU). */
   threads?: number | undefined;
   /** Initial write-cache mode; the guest may flip it through the config space (CONFIG_WCE). */
   writeback: boolean;
@@ -214,7 +215,8 @@ export class BlkDisk {
   /** The worker threads, spawned on first use: queue q is served by worker q mod threads. */
   queueWorkers(): QueueWorkerHandle[] {
     if (this.workers.length === 0) {
-      const threads = Math.min(this.options.threads ?? this.options.numQueues, this.options.numQueues);
+      // By default at most one thread per CPU: more only adds memory (~11 MiB each) and context switches.
+      const threads = Math.min(this.options.threads ?? os.availableParallelism(), this.options.numQueues);
       for (let t = 0; t < threads; t++) {
         const queues: number[] = [];
         for (let q = t; q < this.options.numQueues; q += threads) queues.push(q);

@@ -17,6 +17,7 @@ disks:
     image: /var/lib/vublk/fast.img
     size: 10G
     num-queues: 4
+    threads: 2
     queue-size: 256
     read-only: false
     serial: FAST-1
@@ -55,6 +56,7 @@ describe('parseConfig', () => {
       imagePath: '/var/lib/vublk/fast.img',
       sizeBytes: 10 * 1024 ** 3,
       numQueues: 4,
+      threads: 2,
       queueSize: 256,
       readOnly: false,
       serial: 'FAST-1',
