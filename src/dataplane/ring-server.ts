@@ -90,9 +90,18 @@ export class RingServer {
     this.drain();
   }
 
-  /** Re-resolves a started ring against a new memory table, continuing where it stopped. */
+  /**
+   * Re-resolves a started ring against a new memory table, continuing where it stopped. A poisoned ring
+   * stays poisoned (only a ring restart clears it) and touches no guest memory, so it is left alone.
+   */
   memoryChanged(memory: GuestMemory): void {
-    if (this.ring !== null) this.start(this.ring, this.context?.queue.lastAvailIdx ?? this.ring.lastAvailIdx, memory);
+    if (this.ring === null || this.poisoned) return;
+    this.start(this.ring, this.context?.queue.lastAvailIdx ?? this.ring.lastAvailIdx, memory);
+  }
+
+  /** Poisoned since the last (re)start: by the drain, or because the ring could not be mapped at all. */
+  private get poisoned(): boolean {
+    return this.context === null ? this.ring !== null : this.context.poisoned;
   }
 
   applySettings(capacityBytes: number, writeback: boolean): void {
