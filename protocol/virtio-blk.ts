@@ -3,6 +3,7 @@
  * the request header, discard/write-zeroes segments, and the device configuration space.
  * Pure data: no I/O. All fields are little-endian (legacy drivers on x86 are little-endian too).
  */
+import { readLe64 } from './virtio.js';
 
 export const BlkFeature = {
   SIZE_MAX: 1,
@@ -58,12 +59,10 @@ export function decodeRequestHeader(bytes: Uint8Array): BlkRequestHeader {
     throw new RangeError(`virtio-blk header needs ${REQUEST_HEADER_SIZE} bytes, got ${bytes.length}`);
   }
   const view = new DataView(bytes.buffer, bytes.byteOffset, REQUEST_HEADER_SIZE);
-  const lo = view.getUint32(8, true);
-  const hi = view.getUint32(12, true);
   return {
     type: view.getUint32(0, true),
     ioprio: view.getUint32(4, true),
-    sector: hi >= 0x200000 ? Infinity : hi * 0x1_0000_0000 + lo,
+    sector: readLe64(view, 8),
   };
 }
 
@@ -84,10 +83,8 @@ export interface DiscardSegment {
 
 export function decodeDiscardSegment(bytes: Uint8Array, offset = 0): DiscardSegment {
   const view = new DataView(bytes.buffer, bytes.byteOffset + offset, DISCARD_SEGMENT_SIZE);
-  const lo = view.getUint32(0, true);
-  const hi = view.getUint32(4, true);
   return {
-    sector: hi >= 0x200000 ? Infinity : hi * 0x1_0000_0000 + lo,
+    sector: readLe64(view, 0),
     numSectors: view.getUint32(8, true),
     flags: view.getUint32(12, true),
   };

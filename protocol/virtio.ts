@@ -33,3 +33,13 @@ export function featureMask(...bits: number[]): bigint {
 export function hasFeature(features: bigint, bit: number): boolean {
   return (features & (1n << BigInt(bit))) !== 0n;
 }
+
+/**
+ * Reads a little-endian u64 as a Number without BigInt (two u32 reads). Values of 2^53 and above cannot be
+ * represented exactly and come back as Infinity, which every range or address check then rejects.
+ */
+export function readLe64(view: DataView, offset: number): number {
+  const lo = view.getUint32(offset, true);
+  const hi = view.getUint32(offset + 4, true);
+  return hi >= 0x200000 ? Infinity : hi * 0x1_0000_0000 + lo;
+}

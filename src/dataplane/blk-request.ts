@@ -15,6 +15,7 @@ import {
   DISCARD_SEGMENT_SIZE,
   DISCARD_FLAG_UNMAP,
 } from '../../protocol/virtio-blk.js';
+import { readLe64 } from '../../protocol/virtio.js';
 import type { GuestMemory } from './guest-memory.js';
 import type { ChainScratch } from './descriptor-chain.js';
 import type { DeviceLimits } from './device-limits.js';
@@ -63,9 +64,7 @@ export class BlkRequest {
 
   decodeHeaderFields(): void {
     this.type = this.headerView.getUint32(0, true);
-    const lo = this.headerView.getUint32(8, true);
-    const hi = this.headerView.getUint32(12, true);
-    this.sector = hi >= 0x200000 ? Infinity : hi * 0x1_0000_0000 + lo;
+    this.sector = readLe64(this.headerView, 8);
   }
 
   drop(reason: string): DispositionCode {
@@ -280,9 +279,7 @@ export function readDiscardSegments(
   const view = new DataView(payload.buffer);
   const ranges: RangeSegment[] = [];
   for (let off = 0; off < payload.length; off += DISCARD_SEGMENT_SIZE) {
-    const lo = view.getUint32(off, true);
-    const hi = view.getUint32(off + 4, true);
-    const sector = hi >= 0x200000 ? Infinity : hi * 0x1_0000_0000 + lo;
+    const sector = readLe64(view, off);
     const numSectors = view.getUint32(off + 8, true);
     const flags = view.getUint32(off + 12, true);
     if ((flags & ~DISCARD_FLAG_UNMAP) !== 0) {

@@ -10,6 +10,7 @@
  */
 import { DESCRIPTOR_SIZE, DescFlag, MAX_QUEUE_SIZE } from '../../protocol/split-ring.js';
 import type { GuestMemory } from './guest-memory.js';
+import { readLe64 } from '../../protocol/virtio.js';
 
 export const ChainOutcome = {
   Ok: 0,
@@ -18,8 +19,6 @@ export const ChainOutcome = {
 } as const;
 export type ChainOutcomeCode = (typeof ChainOutcome)[keyof typeof ChainOutcome];
 
-/** Guest addresses at or above 2^53 are stored as this and fail every translation. */
-const UNREPRESENTABLE = Infinity;
 
 /** Reusable per-queue storage for one chain: parallel arrays, no allocation per request. */
 export class ChainScratch {
@@ -37,11 +36,6 @@ export class ChainScratch {
   }
 }
 
-function readAddress(view: DataView, offset: number): number {
-  const lo = view.getUint32(offset, true);
-  const hi = view.getUint32(offset + 4, true);
-  return hi >= 0x200000 ? UNREPRESENTABLE : hi * 0x1_0000_0000 + lo;
-}
 
 /**
  * Fills `scratch` with the chain starting at `head` of a table of `queueSize` entries at
@@ -75,7 +69,8 @@ export function walkChain(
       return inIndirect ? ChainOutcome.Drop : ChainOutcome.Poison;
     }
     const at = base + index * DESCRIPTOR_SIZE;
-    const addr = readAddress(view, at);
+    // Addresses at or above 2^53 read as Infinity and fail every translation.
+    const addr = readLe64(view, at);
     const len = view.getUint32(at + 8, true);
     const flags = view.getUint16(at + 12, true);
     const next = view.getUint16(at + 14, true);
