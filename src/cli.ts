@@ -22,6 +22,9 @@ interface ServeOptions {
   size?: string;
   numQueues?: string;
   threads?: string;
+  socketMode?: string;
+  socketOwner?: string;
+  socketGroup?: string;
   queueSize?: string;
   readOnly?: boolean;
   serial?: string;
@@ -49,6 +52,9 @@ const DISK_FLAGS: ReadonlyArray<readonly [key: keyof ServeOptions, flag: string]
   ['size', '--size'],
   ['numQueues', '--num-queues'],
   ['threads', '--threads'],
+  ['socketMode', '--socket-mode'],
+  ['socketOwner', '--socket-owner'],
+  ['socketGroup', '--socket-group'],
   ['queueSize', '--queue-size'],
   ['readOnly', '--read-only'],
   ['serial', '--serial'],
@@ -85,6 +91,9 @@ function diskSpecs(options: ServeOptions): DiskSpec[] {
               size: options.size ?? (options.image === undefined ? DEFAULT_SIZE : undefined),
               numQueues: options.numQueues,
               threads: options.threads,
+              socketMode: options.socketMode,
+              socketOwner: options.socketOwner,
+              socketGroup: options.socketGroup,
               queueSize: options.queueSize,
               readOnly: options.readOnly,
               serial: options.serial,
@@ -235,6 +244,9 @@ program
   .command('serve')
   .description('serve one or more disks over vhost-user sockets')
   .option('--socket <path>', `Unix socket to listen on (default ./${DEFAULT_SOCKET} with the default image)`)
+  .option('--socket-mode <octal>', 'permissions of the socket file vublk creates (default 0600)')
+  .option('--socket-owner <user>', 'owner of the socket file (name or uid), e.g. the user QEMU runs as')
+  .option('--socket-group <group>', 'group of the socket file (name or gid); use with --socket-mode 0660')
   .option('--socket-fd <n>', 'serve on an already-listening inherited Unix socket fd instead of --socket')
   .option('--socket-activation', 'require sockets passed by systemd socket activation (LISTEN_FDS); without this flag they are used when present')
   .option('--image <path>', `backing image (default ./${DEFAULT_IMAGE}, created sparse at ${DEFAULT_SIZE})`)

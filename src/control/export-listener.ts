@@ -18,18 +18,41 @@ type PollHandle = { stop(): void; close(): void };
 type PollCallback = (status: number, events: { readable: boolean }) => void;
 const pollFd = koffi.node.poll as unknown as (fd: number, opts: object, cb: PollCallback) => PollHandle;
 
-export type ListenAddress = { kind: 'path'; path: string; mode?: number } | { kind: 'fd'; fd: number };
+/** Who may connect to a socket vublk creates: its mode (default 0600) and, optionally, its owner and group. */
+export interface SocketAccess {
+  mode?: number | undefined;
+  uid?: number | undefined;
+  gid?: number | undefined;
+}
+
+export type ListenAddress = ({ kind: 'path'; path: string } & SocketAccess) | { kind: 'fd'; fd: number };
+
+export const DEFAULT_SOCKET_MODE = 0o600;
 
 /** Binds `path`, replacing a stale socket file left by a dead daemon but never a live one. */
-export function bindSocketPath(path: string, mode = 0o600): number {
+export function bindSocketPath(path: string, access: SocketAccess = {}): number {
   if (fs.existsSync(path)) {
     const stat = fs.lstatSync(path);
     if (!stat.isSocket()) throw new SocketPathError(path, 'exists and is not a socket; refusing to replace it');
     if (isSocketLive(path)) throw new SocketPathError(path, 'is in use by a running process (another vublk?)');
     fs.unlinkSync(path);
   }
-  const fd = listenUnix(path);
-  fs.chmodSync(path, mode);
+  // Created owner-only, so there is no moment in which the socket is reachable with the umask's looser mode.
+  const previousMask = process.umask(0o177);
+  let fd: number;
+  try {
+    fd = listenUnix(path);
+  } finally {
+    process.umask(previousMask);
+  }
+  try {
+    if (access.uid !== undefined || access.gid !== undefined) fs.chownSync(path, access.uid ?? -1, access.gid ?? -1);
+    fs.chmodSync(path, access.mode ?? DEFAULT_SOCKET_MODE);
+  } catch (error) {
+    closeFd(fd);
+    fs.rmSync(path, { force: true });
+    throw new SocketPathError(path, `cannot set its owner or mode: ${(error as Error).message}`);
+  }
   return fd;
 }
 
@@ -50,7 +73,7 @@ export class ExportListener {
     private readonly address: ListenAddress,
     private readonly log: Logger,
   ) {
-    this.listenFd = address.kind === 'path' ? bindSocketPath(address.path, address.mode) : address.fd;
+    this.listenFd = address.kind === 'path' ? bindSocketPath(address.path, address) : address.fd;
     this.poll = pollFd(this.listenFd, { readable: true }, () => this.acceptPending());
     log.info({ socket: address.kind === 'path' ? address.path : `fd:${address.fd}` }, 'listening for a vhost-user front-end');
   }

@@ -6,7 +6,8 @@ import path from 'node:path';
 import { parseCount, parseRate, parseSize } from '../throttle/size.js';
 import type { DiskLimits } from '../throttle/disk-throttle.js';
 import type { DiskOptions } from '../device/blk-disk.js';
-import type { ListenAddress } from '../control/export-listener.js';
+import type { ListenAddress, SocketAccess } from '../control/export-listener.js';
+import { groupId, userId } from './account-lookup.js';
 import { MAX_QUEUE_SIZE } from '../../protocol/split-ring.js';
 import { IO_ENGINE_SETTINGS, isIoEngineSetting, type IoEngineSetting } from '../dataplane/worker-protocol.js';
 
@@ -47,6 +48,9 @@ export interface DiskSpecInput {
   /** auto | io_uring | sync */
   ioEngine?: string | undefined;
   threads?: string | undefined;
+  socketMode?: string | undefined;
+  socketOwner?: string | undefined;
+  socketGroup?: string | undefined;
 }
 
 export const DEFAULT_QUEUE_SIZE = 1024;
@@ -87,7 +91,7 @@ export function buildDiskSpec(input: DiskSpecInput, where: string, index: number
   const throttle = parseThrottle(input, where);
   const listen: ListenAddress = input.socketFd
     ? { kind: 'fd', fd: integer(where, 'socket-fd', input.socketFd, 0, 1 << 20) }
-    : { kind: 'path', path: path.resolve(input.socket!) };
+    : { kind: 'path', path: path.resolve(input.socket!), ...socketAccess(input, where) };
   return {
     options: {
       name: input.name ?? (index === 0 ? 'disk0' : `disk${index}`),
@@ -140,7 +144,24 @@ function parseThrottle(input: DiskSpecInput, where: string): DiskLimits {
   return limits;
 }
 
-const DISK_KEYS = new Set(['iops', 'iops-burst', 'bps', 'bps-burst', 'name', 'image', 'socket', 'socket-fd', 'size', 'num-queues', 'queue-size', 'read-only', 'serial', 'logical-block-size', 'writeback', 'io-engine', 'threads']);
+function socketAccess(input: DiskSpecInput, where: string): SocketAccess {
+  let mode: number | undefined;
+  if (input.socketMode !== undefined) {
+    if (!/^0?[0-7]{3}$/.test(input.socketMode)) throw new DiskSpecError(where, `socket-mode must be octal like 0660, got '${input.socketMode}'`, 'socket-mode');
+    mode = parseInt(input.socketMode, 8);
+  }
+  const resolve = (key: string, text: string | undefined, lookup: (name: string) => number): number | undefined => {
+    if (text === undefined) return undefined;
+    try {
+      return lookup(text);
+    } catch (error) {
+      throw new DiskSpecError(where, `${key}: ${(error as Error).message}`, key);
+    }
+  };
+  return { mode, uid: resolve('socket-owner', input.socketOwner, userId), gid: resolve('socket-group', input.socketGroup, groupId) };
+}
+
+const DISK_KEYS = new Set(['socket-mode', 'socket-owner', 'socket-group', 'iops', 'iops-burst', 'bps', 'bps-burst', 'name', 'image', 'socket', 'socket-fd', 'size', 'num-queues', 'queue-size', 'read-only', 'serial', 'logical-block-size', 'writeback', 'io-engine', 'threads']);
 
 /** Parses `image=PATH,socket=PATH,num-queues=2,read-only=on,...` (a value may not contain a comma). */
 export function parseDiskArgument(text: string, index: number): DiskSpec {
@@ -174,6 +195,9 @@ export function parseDiskArgument(text: string, index: number): DiskSpec {
       bpsBurst: fields.get('bps-burst'),
       ioEngine: fields.get('io-engine'),
       threads: fields.get('threads'),
+      socketMode: fields.get('socket-mode'),
+      socketOwner: fields.get('socket-owner'),
+      socketGroup: fields.get('socket-group'),
     },
     where,
     index,

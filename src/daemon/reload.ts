@@ -52,7 +52,8 @@ export function sameLimits(a: ResolvedDiskLimits, b: ResolvedDiskLimits): boolea
 }
 
 function listenKey(spec: DiskSpec): string {
-  return spec.listen.kind === 'path' ? `socket=${spec.listen.path}` : `socket-fd=${spec.listen.fd}`;
+  const l = spec.listen;
+  return l.kind === 'path' ? `socket=${l.path} mode=${l.mode} uid=${l.uid} gid=${l.gid}` : `socket-fd=${l.fd}`;
 }
 
 /** Keys other than throttle whose values differ, named as in the config file. */

@@ -1,6 +1,6 @@
 // The CLI refuses bad input with a clear message and a non-zero exit, before touching anything.
 import { spawnSync } from 'node:child_process';
-import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
@@ -44,6 +44,11 @@ describe('vublk serve refuses bad input', () => {
     expect(serve('--image', 'x', '--socket', 's', '--logical-block-size', '1024').stderr).toMatch(/512 or 4096/);
   });
 
+  it('rejects a bad socket mode and an unknown socket owner', () => {
+    expect(serve('--image', 'x', '--socket', 's', '--socket-mode', '999').stderr).toMatch(/socket-mode must be octal/);
+    expect(serve('--image', 'x', '--socket', 's', '--socket-owner', 'no-such-user-here').stderr).toMatch(/no user named 'no-such-user-here'/);
+  });
+
   it('rejects malformed --disk specifications', () => {
     expect(serve('--disk', 'image=x,sockett=y').stderr).toMatch(/unknown key 'sockett'/);
     expect(serve('--disk', 'image=x').stderr).toMatch(/socket path .* is required/);
@@ -70,6 +75,23 @@ describe('vublk serve refuses bad input', () => {
     const { status, stderr } = serve('--socket', notSocket, '--image', path.join(dir, 'f.img'));
     expect(status).toBe(1);
     expect(stderr).toMatch(/exists and is not a socket/);
+  });
+
+  it('creates the socket 0600 by default, or with the mode, owner and group asked for', async () => {
+    const plain = await startDaemon();
+    try {
+      expect(statSync(plain.socketPath).mode & 0o777).toBe(0o600);
+    } finally {
+      await plain.stop();
+    }
+    const shared = await startDaemon({ args: ['--socket-mode', '0660', '--socket-owner', 'root', '--socket-group', 'root'] });
+    try {
+      const stat = statSync(shared.socketPath);
+      expect(stat.mode & 0o777).toBe(0o660);
+      expect([stat.uid, stat.gid]).toEqual([0, 0]);
+    } finally {
+      await shared.stop();
+    }
   });
 
   it('replaces a stale socket file left by a dead daemon', async () => {
