@@ -9,15 +9,6 @@ import { parseExposition, select, type Exposition } from './prom-text.js';
 /** Arguments that make a test daemon serve metrics on an ephemeral loopback port. */
 export const METRICS_ARGS = ['--metrics-listen', '127.0.0.1:0'] as const;
 
-/**
- * `--io-engine X` when VUBLK_TEST_IO_ENGINE is set (sync | io_uring | auto), so the request-engine suites
- * can be run against each engine; nothing (the daemon's default) otherwise.
- */
-export function ioEngineArgs(): string[] {
-  const engine = process.env['VUBLK_TEST_IO_ENGINE'];
-  return engine ? ['--io-engine', engine] : [];
-}
-
 /** http://HOST:PORT of the daemon's metrics listener, from its "metrics listening" log line. */
 export async function metricsUrl(daemon: DaemonProcess, timeoutMs = 15_000): Promise<string> {
   const line = await daemon.waitForLog((l) => l.msg === 'metrics listening', timeoutMs);
@@ -113,6 +104,22 @@ export class QueueMetrics {
   async all(queues: number): Promise<QueueCounts[]> {
     const m = await scrape(this.base);
     return Array.from({ length: queues }, (_, q) => queueCounts(m, q, this.disk));
+  }
+
+  /**
+   * A baseline to diff against: the worker publishes a drain's counters just after it raises the interrupt,
+   * so right after a completion the last drain may not be counted yet. Reads until two reads 15 ms apart
+   * agree (bounded).
+   */
+  async settledCounts(queue: number, timeoutMs = 2_000): Promise<QueueCounts> {
+    const deadline = Date.now() + timeoutMs;
+    let previous = await this.counts(queue);
+    for (;;) {
+      await new Promise((r) => setTimeout(r, 15));
+      const current = await this.counts(queue);
+      if (JSON.stringify(current) === JSON.stringify(previous) || Date.now() > deadline) return current;
+      previous = current;
+    }
   }
 
   /** Counters are published at the end of each drain; poll (bounded) until `ready` holds, return the last read. */
