@@ -6,17 +6,7 @@ import { Worker } from 'node:worker_threads';
 import ts from 'typescript';
 import { afterAll, describe, expect, it } from 'vitest';
 import { DiskThrottle, MAX_THROTTLE_WAIT_NS, type DiskLimits } from '../../src/throttle/disk-throttle.js';
-
-const S = 1_000_000_000;
-const MS = 1_000_000;
-
-function fakeClock(start = 0) {
-  const clock = Object.assign(() => {
-    clock.calls += 1;
-    return clock.t;
-  }, { t: start, calls: 0 });
-  return clock;
-}
+import { fakeClock, MS, S } from '../support/fake-clock.js';
 
 describe('DiskThrottle', () => {
   it('is a no-op that never reads the clock when unlimited', () => {

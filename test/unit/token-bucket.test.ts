@@ -1,17 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import { TokenBucket, monotonicClock, captureClockOrigin, resolveBucketLimits } from '../../src/throttle/token-bucket.js';
-
-const S = 1_000_000_000;
-const MS = 1_000_000;
-
-/** A hand-driven clock that counts its reads. */
-function fakeClock(start = 0) {
-  const clock = Object.assign(() => {
-    clock.calls += 1;
-    return clock.t;
-  }, { t: start, calls: 0 });
-  return clock;
-}
+import { fakeClock, MS, S } from '../support/fake-clock.js';
 
 describe('TokenBucket', () => {
   describe('unlimited (rate 0)', () => {
