@@ -4,7 +4,7 @@
  * When the session ends the next connection is served, so a restarted QEMU reconnects to the same daemon.
  */
 import fs from 'node:fs';
-import koffi from 'koffi';
+import { pollFd, type PollHandle } from '../sys/fd-poll.js';
 import { acceptConnection, isSocketLive, listenUnix, SocketPathError } from '../sys/unix-socket.js';
 import { closeFd } from '../sys/fd.js';
 import { VhostUserSession } from './session.js';
@@ -14,9 +14,6 @@ import { errorFields, type Logger } from '../log.js';
 /** How long a second connection waits for the current session to end before it is refused. */
 const RECONNECT_GRACE_MS = 1000;
 
-type PollHandle = { stop(): void; close(): void };
-type PollCallback = (status: number, events: { readable: boolean }) => void;
-const pollFd = koffi.node.poll as unknown as (fd: number, opts: object, cb: PollCallback) => PollHandle;
 
 /** Who may connect to a socket vublk creates: its mode (default 0600) and, optionally, its owner and group. */
 export interface SocketAccess {

@@ -6,7 +6,7 @@
  * A header that cannot start a valid message (bad version, oversized payload) means the stream is no longer
  * framed: the stream is closed rather than guessed at.
  */
-import koffi from 'koffi';
+import { pollFd, type PollEvents, type PollHandle } from '../sys/fd-poll.js';
 import { HEADER_SIZE, MAX_PAYLOAD_SIZE, HeaderFlag, decodeHeader, type MessageHeader } from '../../protocol/vhost-user.js';
 import { recvWithFds, sendWithFds, TruncatedFdsError } from '../sys/unix-socket.js';
 import { closeAll, closeFd } from '../sys/fd.js';
@@ -27,9 +27,6 @@ export class StreamCorruptError extends Error {
   }
 }
 
-type PollCallback = (status: number, events: { readable: boolean; writable: boolean; disconnect: boolean }) => void;
-type PollHandle = { start(opts: object, cb: PollCallback): void; stop(): void; close(): void };
-const pollFd = koffi.node.poll as unknown as (fd: number, opts: object, cb: PollCallback) => PollHandle;
 
 export class MessageStream {
   private readonly buffer = Buffer.alloc(HEADER_SIZE + MAX_PAYLOAD_SIZE);
@@ -71,7 +68,7 @@ export class MessageStream {
     this.onClose(reason);
   }
 
-  private onPoll(status: number, events: { readable: boolean; writable: boolean; disconnect: boolean }): void {
+  private onPoll(status: number, events: PollEvents): void {
     if (this.closed) return;
     if (status < 0) {
       this.close({ kind: 'protocol-error', detail: `poll failed with status ${status}` });

@@ -4,7 +4,7 @@
  * without an interrupt). The event loop keeps running meanwhile, so a back-end living in the same process
  * still makes progress — a blocking poll() would deadlock it.
  */
-import koffi from 'koffi';
+import { pollFd, type PollHandle } from '../sys/fd-poll.js';
 import { FrontendClosedError, FrontendError, FrontendTimeoutError } from './errors.js';
 
 export interface WaitOptions {
@@ -21,8 +21,6 @@ export interface WaitOptions {
 
 /** Returned by a probe that has not succeeded yet. */
 export const NOT_YET: unique symbol = Symbol('not yet');
-
-type PollHandle = ReturnType<typeof koffi.node.poll>;
 
 export class FdWatcher {
   private handle: PollHandle | null = null;
@@ -71,7 +69,7 @@ export class FdWatcher {
         }, options.timeoutMs);
         if (this.fd >= 0) {
           const events = { readable: !options.writable, writable: options.writable === true, disconnect: true };
-          if (this.handle === null) this.handle = koffi.node.poll(this.fd, events, run);
+          if (this.handle === null) this.handle = pollFd(this.fd, events, run);
           else this.handle.start(events, run);
         }
       });
