@@ -2,6 +2,7 @@
  * Runs qemu-storage-daemon (QEMU's reference vhost-user-blk back-end) for tests, or skips them with a reason
  * when it is not installed — unless VUBLK_E2E_REQUIRED=1, which turns the skip into a failure.
  */
+export { pattern } from '../support/pattern.js';
 import type { TestContext } from 'vitest';
 import { closeSync, mkdtempSync, openSync, readSync, rmSync, writeFileSync, truncateSync } from 'node:fs';
 import { join } from 'node:path';
@@ -63,17 +64,4 @@ export async function startQsd(options: { sizeBytes?: number } & Partial<QsdOpti
       rmSync(dir, { recursive: true, force: true });
     },
   };
-}
-
-/** Deterministic, position-dependent bytes: a misplaced sector shows up as a mismatch. */
-export function pattern(seed: number, length: number): Buffer {
-  const out = Buffer.alloc(length);
-  let x = (seed * 2654435761) >>> 0 || 1;
-  for (let i = 0; i < length; i++) {
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    out[i] = x & 0xff;
-  }
-  return out;
 }

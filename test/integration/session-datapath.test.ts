@@ -7,7 +7,7 @@ import { VirtioFeature } from '../../protocol/virtio.js';
 import { BlkRequestType, BlkStatus, SECTOR_SIZE } from '../../protocol/virtio-blk.js';
 import type { BlkRequest, BlkSubmitOptions, FrontendOptions, VirtioBlkDriver } from '../../src/frontend/index.js';
 import { startDaemon, type DaemonProcess } from '../support/daemon-process.js';
-import { KiB, MiB, Rng, connect, imageBytes, pattern, sectorBytes, testSeed, useCleanups, stopCleanly } from '../support/session-harness.js';
+import { KiB, MiB, Prng, connect, imageBytes, pattern, sectorBytes, testSeed, useCleanups, stopCleanly } from '../support/session-harness.js';
 
 const NUM_QUEUES = 4;
 const DISK_BYTES = 64 * MiB;
@@ -34,7 +34,7 @@ class ShadowDisk {
 }
 
 /** Non-overlapping random extents (sector, bytes) for one batch: the disk is cut into `count` zones. */
-function randomExtents(rng: Rng, count: number, maxBytes: number): { sector: number; bytes: number }[] {
+function randomExtents(rng: Prng, count: number, maxBytes: number): { sector: number; bytes: number }[] {
   const zoneSectors = Math.floor(DISK_SECTORS / count);
   return Array.from({ length: count }, (_, i) => {
     const bytes = rng.int(1, Math.min(maxBytes, zoneSectors * SECTOR_SIZE) / SECTOR_SIZE) * SECTOR_SIZE;
@@ -43,7 +43,7 @@ function randomExtents(rng: Rng, count: number, maxBytes: number): { sector: num
   });
 }
 
-function shuffle<T>(rng: Rng, items: T[]): T[] {
+function shuffle<T>(rng: Prng, items: T[]): T[] {
   for (let i = items.length - 1; i > 0; i--) {
     const j = rng.int(0, i);
     [items[i], items[j]] = [items[j] as T, items[i] as T];
@@ -74,12 +74,12 @@ for (const engine of ['auto', 'sync'] as const) {
     }
 
     /** Writes a batch (one kick per queue), then reads every extent back on another queue; checks all of it. */
-    async function writeThenRead(blk: VirtioBlkDriver, rng: Rng, count: number, maxBytes: number, framing: (i: number) => BlkSubmitOptions): Promise<void> {
+    async function writeThenRead(blk: VirtioBlkDriver, rng: Prng, count: number, maxBytes: number, framing: (i: number) => BlkSubmitOptions): Promise<void> {
       const extents = randomExtents(rng, count, maxBytes);
       const writes = extents.map(({ sector, bytes }, i) => ({
         type: BlkRequestType.OUT,
         sector,
-        out: pattern(rng.next(), bytes),
+        out: pattern(rng.u32(), bytes),
         options: { queue: rng.int(0, NUM_QUEUES - 1), ...framing(i) },
       }));
       const written = await blk.executeAll(writes);
@@ -130,14 +130,14 @@ for (const engine of ['auto', 'sync'] as const) {
 
     it('random offsets and sizes from 512 B to 1 MiB, one at a time, every queue', { timeout: 180_000 }, async () => {
       seed = testSeed();
-      const rng = new Rng(seed);
+      const rng = new Prng(seed);
       const blk = await open();
       for (let i = 0; i < 48; i++) {
         const bytes = (i === 0 ? 1 : i === 1 ? 2048 : rng.int(1, 2048)) * SECTOR_SIZE; // 512 B and 1 MiB always included
         const sector = rng.int(0, DISK_SECTORS - bytes / SECTOR_SIZE);
         const queue = rng.int(0, NUM_QUEUES - 1);
         const indirect = rng.int(0, 1) === 1;
-        const data = pattern(rng.next(), bytes);
+        const data = pattern(rng.u32(), bytes);
         await blk.write(sector, data, { queue, indirect });
         shadow.write(sector, data);
         const back = await blk.read(sector, bytes, { queue: (queue + 1) % NUM_QUEUES, indirect: !indirect });
@@ -149,7 +149,7 @@ for (const engine of ['auto', 'sync'] as const) {
 
     it('depth-32 batches across all queues, mixed sizes up to 1 MiB', { timeout: 180_000 }, async () => {
       seed = testSeed();
-      const rng = new Rng(seed);
+      const rng = new Prng(seed);
       const blk = await open();
       for (let round = 0; round < 6; round++) {
         await writeThenRead(blk, rng, 32, round % 2 === 0 ? 16 * KiB : 1 * MiB, (i) => ({ indirect: i % 3 === 0 }));
@@ -161,7 +161,7 @@ for (const engine of ['auto', 'sync'] as const) {
       for (const indirect of [true, false]) {
         it(`EVENT_IDX ${eventIdx ? 'on' : 'off'}, INDIRECT ${indirect ? 'on' : 'off'}: depth-32 batches, every completion interrupts`, { timeout: 180_000 }, async () => {
           seed = testSeed();
-          const rng = new Rng(seed);
+          const rng = new Prng(seed);
           const { frontend, blk } = await connect(daemon, defer, {
             numQueues: NUM_QUEUES,
             memory: GUEST_MEMORY,
@@ -174,7 +174,7 @@ for (const engine of ['auto', 'sync'] as const) {
           }
           // Single requests too: the interrupt decision for one completion at a time.
           for (let i = 0; i < 16; i++) {
-            const data = pattern(rng.next(), 4096);
+            const data = pattern(rng.u32(), 4096);
             await blk.write(i * 8, data, { queue: i % NUM_QUEUES, indirect: indirect && i % 2 === 1 });
             shadow.write(i * 8, data);
             expect((await blk.read(i * 8, 4096, { queue: (i + 3) % NUM_QUEUES })).equals(data)).toBe(true);
@@ -232,7 +232,7 @@ for (const engine of ['auto', 'sync'] as const) {
 
     it('a legacy driver (VERSION_1 not acknowledged) is served on every queue', async () => {
       seed = testSeed();
-      const rng = new Rng(seed);
+      const rng = new Prng(seed);
       const { frontend, blk } = await connect(daemon, defer, { numQueues: NUM_QUEUES, memory: GUEST_MEMORY, features: { version1: false } });
       expect(frontend.hasFeature(VirtioFeature.VERSION_1)).toBe(false);
       expect(frontend.offeredFeatures & (1n << BigInt(VirtioFeature.VERSION_1))).not.toBe(0n);

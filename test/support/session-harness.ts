@@ -2,6 +2,8 @@
  * Shared helpers of the session / data-path integration tests (test/integration/session-*.test.ts): the
  * real daemon driven by the TypeScript front-end. Everything that waits has a deadline.
  */
+export { pattern } from './pattern.js';
+export { Prng } from './prng.js';
 import { afterEach, expect } from 'vitest';
 import { closeSync, openSync, readdirSync, readFileSync, readSync } from 'node:fs';
 import type { ChildProcess } from 'node:child_process';
@@ -12,42 +14,6 @@ import type { DaemonProcess } from './daemon-process.js';
 export const KiB = 1024;
 export const MiB = 1024 * KiB;
 export const GiB = 1024 * MiB;
-
-/** Deterministic, position-dependent bytes: a misplaced sector shows up as a mismatch. */
-export function pattern(seed: number, length: number): Buffer {
-  const out = Buffer.alloc(length);
-  let x = (seed * 2654435761) >>> 0 || 1;
-  for (let i = 0; i < length; i++) {
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    out[i] = x & 0xff;
-  }
-  return out;
-}
-
-/** Small seeded PRNG (xorshift32) so a failing random run can be replayed from its seed. */
-export class Rng {
-  private state: number;
-
-  constructor(readonly seed: number) {
-    this.state = seed >>> 0 || 0x9e3779b9;
-  }
-
-  next(): number {
-    let x = this.state;
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    this.state = x >>> 0;
-    return this.state;
-  }
-
-  /** Integer in [min, max]. */
-  int(min: number, max: number): number {
-    return min + (this.next() % (max - min + 1));
-  }
-}
 
 /** The seed of a randomized test: VUBLK_TEST_SEED if set, else time-based (printed with every failure). */
 export function testSeed(): number {
