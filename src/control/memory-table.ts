@@ -6,7 +6,7 @@
 import type { MemoryRegion } from '../../protocol/vhost-user.js';
 import { mapShared, unmap } from '../sys/memory-map.js';
 import { closeFd } from '../sys/fd.js';
-import type { RegionLayout } from '../dataplane/memory-regions.js';
+import { MAX_GUEST_ADDRESS, type RegionLayout } from '../dataplane/memory-regions.js';
 
 export class MemoryTableError extends Error {
   constructor(detail: string) {
@@ -21,11 +21,9 @@ export interface MappedRegion {
   mapLength: number;
 }
 
-/** Largest address the data plane represents exactly (Number); regions beyond it are refused. */
-const MAX_ADDRESS = Number.MAX_SAFE_INTEGER;
 
 function toNumber(value: bigint, what: string): number {
-  if (value > BigInt(MAX_ADDRESS)) throw new MemoryTableError(`${what} 0x${value.toString(16)} is beyond 2^53`);
+  if (value > BigInt(MAX_GUEST_ADDRESS)) throw new MemoryTableError(`${what} 0x${value.toString(16)} is beyond 2^53`);
   return Number(value);
 }
 
@@ -40,7 +38,7 @@ export function mapRegion(region: MemoryRegion, fd: number): MappedRegion {
     const guestPhysAddr = toNumber(region.guestPhysAddr, 'guest address');
     const userAddr = toNumber(region.userAddr, 'user address');
     if (size === 0) throw new MemoryTableError('region of size 0');
-    if (guestPhysAddr + size > MAX_ADDRESS || userAddr + size > MAX_ADDRESS) throw new MemoryTableError('region end beyond 2^53');
+    if (guestPhysAddr + size > MAX_GUEST_ADDRESS || userAddr + size > MAX_GUEST_ADDRESS) throw new MemoryTableError('region end beyond 2^53');
     const mapLength = mmapOffset + size;
     const mapAddress = mapShared(fd, mapLength, 0);
     return { layout: { guestPhysAddr, size, userAddr, hostAddr: mapAddress + mmapOffset }, mapAddress, mapLength };

@@ -30,8 +30,6 @@ export const Disposition = {
 } as const;
 export type DispositionCode = (typeof Disposition)[keyof typeof Disposition];
 
-const WRITE_LIKE = new Set<number>([BlkRequestType.OUT, BlkRequestType.DISCARD, BlkRequestType.WRITE_ZEROES]);
-
 /** One parsed request; a single instance is reused by its queue. */
 export class BlkRequest {
   disposition: DispositionCode = Disposition.Drop;
@@ -51,15 +49,6 @@ export class BlkRequest {
   constructor(readonly segCapacity: number) {
     this.segGpa = new Float64Array(segCapacity);
     this.segLen = new Uint32Array(segCapacity);
-  }
-
-  get isWriteLike(): boolean {
-    return WRITE_LIKE.has(this.type);
-  }
-
-  /** Bytes the device writes into guest buffers for a successful request (excluding the status byte). */
-  get deviceWrittenBytes(): number {
-    return this.type === BlkRequestType.IN || this.type === BlkRequestType.GET_ID ? this.dataBytes : 0;
   }
 
   decodeHeaderFields(): void {

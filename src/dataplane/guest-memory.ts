@@ -58,10 +58,6 @@ export class GuestMemory {
     this.regions = layouts.map((layout) => new MappedRegion(layout));
   }
 
-  get regionLayouts(): RegionLayout[] {
-    return this.regions.map((region) => region.layout);
-  }
-
   private regionOf(gpa: number): MappedRegion | undefined {
     for (const region of this.regions) {
       if (gpa >= region.layout.guestPhysAddr && gpa < region.guestEnd) return region;

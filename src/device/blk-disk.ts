@@ -190,7 +190,8 @@ export class BlkDisk {
     }
     if (sizeBytes < this.capacity) throw new DiskSetupError(this.name, `new size ${sizeBytes} is smaller than the current ${this.capacity}; shrinking is refused`);
     if (sizeBytes === this.capacity) return;
-    if (fs.fstatSync(this.fd).isFile() && fs.fstatSync(this.fd).size < sizeBytes) fs.ftruncateSync(this.fd, sizeBytes);
+    const stat = fs.fstatSync(this.fd);
+    if (stat.isFile() && stat.size < sizeBytes) fs.ftruncateSync(this.fd, sizeBytes);
     const previous = this.capacity;
     this.capacity = sizeBytes;
     await this.pushSettings();

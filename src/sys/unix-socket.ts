@@ -18,7 +18,7 @@ import {
   POLLIN,
 } from './libc.js';
 import { check, lastErrno, Errno, SyscallError } from './errors.js';
-import { closeAll } from './fd.js';
+import { closeAll, setNonBlocking } from './fd.js';
 
 const SOCKADDR_UN_SIZE = 110;
 const MAX_PATH_BYTES = 107;
@@ -77,8 +77,7 @@ export function connectUnix(path: string): number {
     sys.close(fd);
     throw new SyscallError('connect', errno, path);
   }
-  const flags = check(sys.fcntl(fd, 3, 0), 'fcntl(F_GETFL)');
-  check(sys.fcntl(fd, 4, flags | 0o4000), 'fcntl(F_SETFL)');
+  setNonBlocking(fd);
   return fd;
 }
 
