@@ -5,6 +5,8 @@
 #     -v /etc/vublk:/etc/vublk:ro vublk
 
 # ---- build: compile the TypeScript (needs the dev dependencies) --------------------------------------------
+# Only the daemon: the bench/ workspace (test front-end, load generator) is not in the build context, and
+# npm ci skips a workspace whose folder is absent.
 FROM node:24-bookworm-slim AS build
 WORKDIR /app
 COPY package.json package-lock.json ./
@@ -12,7 +14,7 @@ RUN npm ci --no-audit --no-fund
 COPY tsconfig.json tsconfig.build.json ./
 COPY src ./src
 COPY protocol ./protocol
-RUN npm run build
+RUN npm run build:daemon
 
 # ---- runtime: production dependencies and the compiled code ------------------------------------------------
 FROM node:24-bookworm-slim

@@ -12,7 +12,6 @@ import { DEFAULT_METRICS_LISTEN, parseMetricsListen } from './metrics/listen-add
 import { adminRequest } from './metrics/admin-client.js';
 import { applySocketActivation } from './daemon/socket-activation.js';
 import { SystemdNotifier } from './daemon/systemd-notify.js';
-import { registerBenchCommands } from './bench/command.js';
 
 interface ServeOptions {
   socket?: string;
@@ -302,8 +301,6 @@ program
   .description("list a running daemon's disks: capacity, queues, throttle limits, whether a front-end is connected")
   .option('--metrics-url <url>', 'the daemon\'s metrics listener: http://HOST:PORT or unix:PATH', METRICS_URL)
   .action((options: { metricsUrl: string }) => disksCommand(options));
-
-registerBenchCommands(program);
 
 program.parseAsync(process.argv).catch((error: unknown) => {
   process.stderr.write(`vublk: ${error instanceof Error ? error.message : String(error)}\n`);

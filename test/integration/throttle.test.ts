@@ -5,7 +5,7 @@
 // a benchmark. The request engine follows $VUBLK_IO_ENGINE, as in .ci/run.
 import { afterEach, describe, expect, it } from 'vitest';
 import { BlkRequestType, BlkStatus } from '../../protocol/virtio-blk.js';
-import { VhostUserFrontend, VirtioBlkDriver, type BlkSubmission } from '../../src/frontend/index.js';
+import { VhostUserFrontend, VirtioBlkDriver, type BlkSubmission } from '../../bench/src/frontend/index.js';
 import { startDaemon, type DaemonProcess } from '../support/daemon-process.js';
 import { METRICS_ARGS, QueueMetrics, countsDelta, metricsUrl, type QueueCounts } from '../support/metrics-scrape.js';
 

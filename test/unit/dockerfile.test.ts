@@ -97,6 +97,17 @@ describe('Dockerfile', () => {
     }
   });
 
+  it('leaves the bench/ workspace (test front-end and load generator) out of the image', () => {
+    const sources = [...of('COPY'), ...of('ADD')].flatMap((i) => copyParts(i.args).sources);
+    for (const source of sources) expect(path.posix.normalize(source).split('/')[0], `COPY ${source}`).not.toBe('bench');
+    expect(excludedFromContext('bench/src/frontend/index.ts')).toBe(true);
+    expect(excludedFromContext('bench/package.json')).toBe(true);
+    // The build stage compiles the daemon alone: `npm run build` would also build the absent workspace.
+    const builds = of('RUN').flatMap((i) => [...i.args.matchAll(/npm run(?:-script)?\s+([\w:-]+)/g)].map((m) => m[1]!));
+    expect(builds).not.toContain('build');
+    expect(pkg.scripts['build:daemon']).toMatch(/tsc -p tsconfig.build.json$/);
+  });
+
   it('copies from a stage that exists, out of the directory the build writes', () => {
     const fromStage = of('COPY')
       .map((i) => copyParts(i.args))

@@ -1,12 +1,12 @@
 /**
- * `vublk bench`: the TypeScript front-end as a load generator for any vhost-user-blk back-end, no VM.
+ * `vublk-bench`: the TypeScript front-end as a load generator for any vhost-user-blk back-end, no VM.
  * Connects like QEMU, takes the rings over with LoadQueue (preallocated chains and buffers), and runs either
  * a timed workload or the --verify pass (seeded pattern written with --bs, flushed, read back with another
  * block size and compared).
  */
 import { VhostUserFrontend } from '../frontend/vhost-user-frontend.js';
-import { VirtioFeature } from '../../protocol/virtio.js';
-import { BlkFeature, BlkRequestType, SECTOR_SIZE } from '../../protocol/virtio-blk.js';
+import { VirtioFeature } from '../../../protocol/virtio.js';
+import { BlkFeature, BlkRequestType, SECTOR_SIZE } from '../../../protocol/virtio-blk.js';
 import { LoadQueue, descriptorsPerRequest } from './load-queue.js';
 import { runPhase, type PhaseResult, type RequestSource } from './engine.js';
 import { FixedSource, SequentialSource, splitRegion, timedSources, type RwMode } from './workload.js';

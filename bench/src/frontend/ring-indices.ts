@@ -2,7 +2,7 @@
  * The driver's 16-bit ring indices and the two notification decisions built on them (virtio 1.2 §2.7.7–2.7.10).
  * Pure: callers read the device-written fields from guest memory and pass them in.
  */
-import { needsEvent, ringDistance, wrapIndex, USED_F_NO_NOTIFY } from '../../protocol/split-ring.js';
+import { needsEvent, ringDistance, wrapIndex, USED_F_NO_NOTIFY } from '../../../protocol/split-ring.js';
 
 export class RingIndices {
   /** Next avail.idx value the driver will publish (free-running mod 2^16). */

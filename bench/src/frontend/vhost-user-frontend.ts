@@ -20,10 +20,10 @@ import {
   encodeVringState,
   requestName,
   type MemoryRegion,
-} from '../../protocol/vhost-user.js';
-import { DeviceStatus, VirtioFeature, hasFeature } from '../../protocol/virtio.js';
-import { decodeBlkConfig, type BlkConfig } from '../../protocol/virtio-blk.js';
-import { closeAll, closeFd } from '../sys/fd.js';
+} from '../../../protocol/vhost-user.js';
+import { DeviceStatus, VirtioFeature, hasFeature } from '../../../protocol/virtio.js';
+import { decodeBlkConfig, type BlkConfig } from '../../../protocol/virtio-blk.js';
+import { closeAll, closeFd } from '../../../src/sys/fd.js';
 import { GuestMemory } from './guest-memory.js';
 import { VhostUserChannel, type VhostUserMessage } from './vhost-user-channel.js';
 import { VirtqueueDriver } from './virtqueue-driver.js';

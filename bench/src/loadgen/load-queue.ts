@@ -7,10 +7,10 @@
  * the status byte and one avail-ring entry; a batch ends with one avail.idx store and at most one kick.
  * Nothing is allocated per request.
  */
-import { DescFlag, USED_F_NO_NOTIFY, needsEvent } from '../../protocol/split-ring.js';
-import { BlkRequestType } from '../../protocol/virtio-blk.js';
-import { sys, addressOf } from '../sys/libc.js';
-import { lastErrno, Errno, SyscallError } from '../sys/errors.js';
+import { DescFlag, USED_F_NO_NOTIFY, needsEvent } from '../../../protocol/split-ring.js';
+import { BlkRequestType } from '../../../protocol/virtio-blk.js';
+import { sys, addressOf } from '../../../src/sys/libc.js';
+import { lastErrno, Errno, SyscallError } from '../../../src/sys/errors.js';
 import { memoryFence } from '../frontend/memory-fence.js';
 import type { GuestMemory } from '../frontend/guest-memory.js';
 import type { VirtqueueDriver } from '../frontend/virtqueue-driver.js';

@@ -2,9 +2,9 @@
  * Options of the test front-end and the virtio / protocol feature masks they translate to. Defaults mirror
  * what QEMU 7.2 negotiates with a vhost-user-blk back-end (split rings only).
  */
-import { ProtocolFeature, VHOST_USER_F_PROTOCOL_FEATURES } from '../../protocol/vhost-user.js';
-import { VirtioFeature, featureMask } from '../../protocol/virtio.js';
-import { BlkFeature } from '../../protocol/virtio-blk.js';
+import { ProtocolFeature, VHOST_USER_F_PROTOCOL_FEATURES } from '../../../protocol/vhost-user.js';
+import { VirtioFeature, featureMask } from '../../../protocol/virtio.js';
+import { BlkFeature } from '../../../protocol/virtio-blk.js';
 import type { GuestAllocOptions, GuestMemory, GuestRegionSpec } from './guest-memory.js';
 import type { KickPolicy } from './virtqueue-driver.js';
 

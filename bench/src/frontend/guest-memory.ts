@@ -5,9 +5,9 @@
  * windows of at most WINDOW_BYTES (cached) or ad-hoc views of at most MAX_VIEW_BYTES.
  */
 import koffi from 'koffi';
-import { createMemfd, mapShared, unmap } from '../sys/memory-map.js';
-import { closeFd } from '../sys/fd.js';
-import type { MemoryRegion } from '../../protocol/vhost-user.js';
+import { createMemfd, mapShared, unmap } from '../../../src/sys/memory-map.js';
+import { closeFd } from '../../../src/sys/fd.js';
+import type { MemoryRegion } from '../../../protocol/vhost-user.js';
 import { RangeAllocator, type AllocOptions } from './range-allocator.js';
 import { FrontendClosedError, GuestMemoryError, OutOfGuestMemoryError } from './errors.js';
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env node
 // Prints the top self-time functions of V8 .cpuprofile files (node --cpu-prof), e.g.
-//   node scripts/cpuprofile-top.mjs /tmp/prof/*.cpuprofile
+//   node bench/scripts/cpuprofile-top.mjs /tmp/prof/*.cpuprofile
 import { readFileSync } from 'node:fs';
 
 const limit = Number(process.env.TOP ?? 25);

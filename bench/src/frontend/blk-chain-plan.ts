@@ -8,7 +8,7 @@
  * descriptor, data and status in one descriptor, data split into many segments, a status descriptor longer
  * than one byte (the status is its LAST byte, as QEMU and Linux treat it). Pure arithmetic.
  */
-import { REQUEST_HEADER_SIZE } from '../../protocol/virtio-blk.js';
+import { REQUEST_HEADER_SIZE } from '../../../protocol/virtio-blk.js';
 
 export interface BlkFraming {
   /** Header and out data (write payload, discard segments) in one readable descriptor. */

@@ -10,7 +10,7 @@ import {
   encodeDiscardSegment,
   encodeRequestHeader,
   type DiscardSegment,
-} from '../../protocol/virtio-blk.js';
+} from '../../../protocol/virtio-blk.js';
 import { planBlkChain, type BlkChainPlan, type BlkFraming } from './blk-chain-plan.js';
 import type { GuestAllocOptions, GuestMemory } from './guest-memory.js';
 import type { VhostUserFrontend } from './vhost-user-frontend.js';

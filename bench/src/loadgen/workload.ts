@@ -2,7 +2,7 @@
  * Request sources for the load generator: random and sequential offsets, reads, writes and a read/write mix,
  * each queue with its own seeded PRNG so a run is reproducible for a given --seed.
  */
-import { BlkRequestType } from '../../protocol/virtio-blk.js';
+import { BlkRequestType } from '../../../protocol/virtio-blk.js';
 import type { RequestSource } from './engine.js';
 import type { LoadQueue } from './load-queue.js';
 

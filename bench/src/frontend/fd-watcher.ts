@@ -4,7 +4,7 @@
  * without an interrupt). The event loop keeps running meanwhile, so a back-end living in the same process
  * still makes progress — a blocking poll() would deadlock it.
  */
-import { pollFd, type PollHandle } from '../sys/fd-poll.js';
+import { pollFd, type PollHandle } from '../../../src/sys/fd-poll.js';
 import { FrontendClosedError, FrontendError, FrontendTimeoutError } from './errors.js';
 
 export interface WaitOptions {

@@ -6,8 +6,8 @@
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { acceptConnection, connectUnix, listenUnix } from '../sys/unix-socket.js';
-import { closeFd } from '../sys/fd.js';
+import { acceptConnection, connectUnix, listenUnix } from '../../../src/sys/unix-socket.js';
+import { closeFd } from '../../../src/sys/fd.js';
 import { FrontendError } from './errors.js';
 
 /** Returns [ours, theirs]: keep the first, send the second over SCM_RIGHTS (then close it here). */

@@ -1,5 +1,5 @@
 /**
- * The seeded data pattern of `vublk bench --verify`: every 4-byte word of the disk has a value computed from
+ * The seeded data pattern of `vublk-bench run --verify`: every 4-byte word of the disk has a value computed from
  * the seed and the word's absolute position, so a block read back from the wrong place, a stale block from
  * an earlier run (another seed), a torn or partially written block all show up as a mismatch, whatever
  * block sizes were used to write and to read. Words are little-endian u32 (the host order on x86/arm64).

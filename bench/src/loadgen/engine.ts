@@ -7,9 +7,9 @@
  * epoll_wait and at most one eventfd write per queue and wake-up on top of the JS that builds requests.
  */
 import { performance } from 'node:perf_hooks';
-import { sys, addressOf, EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOLLIN } from '../sys/libc.js';
-import { check, lastErrno, Errno, SyscallError } from '../sys/errors.js';
-import { BlkRequestType, BlkStatus } from '../../protocol/virtio-blk.js';
+import { sys, addressOf, EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOLLIN } from '../../../src/sys/libc.js';
+import { check, lastErrno, Errno, SyscallError } from '../../../src/sys/errors.js';
+import { BlkRequestType, BlkStatus } from '../../../protocol/virtio-blk.js';
 import { LatencyHistogram } from './latency-histogram.js';
 import type { LoadQueue } from './load-queue.js';
 

@@ -1,5 +1,5 @@
 /** Turns bench results into the --json document and the human-readable report. */
-import { BlkRequestType, BlkStatus } from '../../protocol/virtio-blk.js';
+import { BlkRequestType, BlkStatus } from '../../../protocol/virtio-blk.js';
 import { LatencyHistogram } from './latency-histogram.js';
 import type { PhaseResult, QueueStats, RequestFailure } from './engine.js';
 import type { BenchResult, VerifyResult } from './bench.js';
@@ -254,7 +254,7 @@ export function formatHuman(doc: BenchDocument): string {
   const j = doc.job;
   const lines: string[] = [];
   lines.push(
-    `vublk bench: ${j.rw}${j.rwmixread !== null ? ` (${j.rwmixread} % reads)` : ''} bs=${j.bs} iodepth=${j.iodepth} queues=${j.queues}` +
+    `vublk-bench: ${j.rw}${j.rwmixread !== null ? ` (${j.rwmixread} % reads)` : ''} bs=${j.bs} iodepth=${j.iodepth} queues=${j.queues}` +
       (j.rw.startsWith('verify') ? '' : ` runtime=${j.runtimeSec}s${j.rampSec > 0 ? ` (+${j.rampSec}s ramp)` : ''}`) +
       ` size=${formatBytes(j.size)} seed=${j.seed}`,
   );

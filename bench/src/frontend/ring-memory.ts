@@ -13,7 +13,7 @@ import {
   descriptorTableBytes,
   usedEventOffset,
   usedRingBytes,
-} from '../../protocol/split-ring.js';
+} from '../../../protocol/split-ring.js';
 import type { GuestMemory } from './guest-memory.js';
 
 export interface Descriptor {

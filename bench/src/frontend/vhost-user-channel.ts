@@ -3,10 +3,10 @@
  * replies from the byte stream, every wait bounded. It checks nothing about meaning: that is the caller's
  * job, so hostile tests can send and read anything.
  */
-import { connectUnix, recvWithFds, sendWithFds } from '../sys/unix-socket.js';
-import { closeAll, closeFd } from '../sys/fd.js';
-import { Errno, SyscallError } from '../sys/errors.js';
-import { decodeHeader, encodeMessage, HEADER_SIZE, requestName } from '../../protocol/vhost-user.js';
+import { connectUnix, recvWithFds, sendWithFds } from '../../../src/sys/unix-socket.js';
+import { closeAll, closeFd } from '../../../src/sys/fd.js';
+import { Errno, SyscallError } from '../../../src/sys/errors.js';
+import { decodeHeader, encodeMessage, HEADER_SIZE, requestName } from '../../../protocol/vhost-user.js';
 import { FdWatcher, NOT_YET } from './fd-watcher.js';
 import { BackendDisconnectedError, FrontendClosedError, FrontendTimeoutError, UnexpectedReplyError } from './errors.js';
 

@@ -1,10 +1,10 @@
 #!/usr/bin/env node
 // Compares the request engines of the daemon (--io-engine sync vs io_uring) with the built-in load
-// generator (`vublk bench`): 4 KiB random reads at depth 32 on one queue by default, from a warm page cache.
+// generator (`vublk-bench run`): 4 KiB random reads at depth 32 on one queue by default, from a warm page cache.
 // With --strace, a second, shorter run per engine is made with `strace -c -f` attached to the daemon to
 // count syscalls per request (strace slows the daemon a lot: its IOPS are not comparable).
 //
-//   npm run build && node scripts/bench-io-engines.mjs [--runtime 10] [--rw randread] [--bs 4k]
+//   npm run build && node bench/scripts/bench-io-engines.mjs [--runtime 10] [--rw randread] [--bs 4k]
 //                                                     [--iodepth 32] [--queues 1] [--strace] [--engines sync,io_uring]
 import { spawn, execFileSync } from 'node:child_process';
 import { existsSync, mkdtempSync, openSync, writeSync, closeSync, rmSync, readFileSync } from 'node:fs';
@@ -13,8 +13,9 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
-const CLI = fileURLToPath(new URL('../dist/src/cli.js', import.meta.url));
-if (!existsSync(CLI)) throw new Error(`${CLI} is missing: run npm run build first`);
+const CLI = fileURLToPath(new URL('../../dist/src/cli.js', import.meta.url));
+const BENCH_CLI = fileURLToPath(new URL('../dist/bench/src/cli.js', import.meta.url));
+for (const file of [CLI, BENCH_CLI]) if (!existsSync(file)) throw new Error(`${file} is missing: run npm run build first`);
 
 const args = process.argv.slice(2);
 const flag = (name, fallback) => {
@@ -64,7 +65,7 @@ function bench(socket, seconds, ramp = 1) {
   return new Promise((resolve, reject) => {
     const child = spawn(
       process.execPath,
-      [CLI, 'bench', '--socket', socket, '--rw', rw, '--bs', bs, '--iodepth', iodepth, '--queues', queues, '--runtime', String(seconds), '--ramp', String(ramp), '--json'],
+      [BENCH_CLI, 'run', '--socket', socket, '--rw', rw, '--bs', bs, '--iodepth', iodepth, '--queues', queues, '--runtime', String(seconds), '--ramp', String(ramp), '--json'],
       { stdio: ['ignore', 'pipe', 'inherit'] },
     );
     let out = '';
