@@ -7,11 +7,12 @@ import { IO_ENGINE_SETTINGS, type IoEngineSetting } from './dataplane/worker-pro
 import { Daemon, type DaemonMetricsOptions } from './daemon/daemon.js';
 import { loadConfigFile, type ServeConfig } from './daemon/config-file.js';
 import { createLogger, LOG_FORMATS, LOG_LEVELS, errorFields, type LogFormat, type LogLevel } from './log.js';
-import { qemuCommandLine } from './daemon/qemu-hint.js';
+import { qemuCommandLine, qemuCommandLineForDisks, type QemuHintDisk } from './daemon/qemu-hint.js';
 import { DEFAULT_METRICS_LISTEN, parseMetricsListen } from './metrics/listen-address.js';
 import { adminRequest } from './metrics/admin-client.js';
 import { applySocketActivation } from './daemon/socket-activation.js';
 import { SystemdNotifier } from './daemon/systemd-notify.js';
+import { VERSION } from './version.js';
 
 interface ServeOptions {
   socket?: string;
@@ -189,12 +190,15 @@ async function serve(options: ServeOptions, command: Command): Promise<void> {
   }
   daemon.installSignalHandlers((code) => process.exit(code));
   systemd?.ready(daemon);
+  const attach: QemuHintDisk[] = [];
   for (const { disk, spec } of daemon.disks) {
     if (spec.listen.kind === 'path') {
       log.info({ disk: disk.name, qemu: qemuCommandLine(spec.listen.path, disk.options.numQueues) }, 'attach with QEMU');
-      if (process.stderr.isTTY) process.stderr.write(`\nAttach with QEMU:\n  ${qemuCommandLine(spec.listen.path, disk.options.numQueues)}\n\n`);
+      attach.push({ socketPath: spec.listen.path, numQueues: disk.options.numQueues });
     }
   }
+  // Plain text on stderr, terminal or not (stdout carries the JSON log): what a new user copies first.
+  if (attach.length > 0) process.stderr.write(`\nAttach with QEMU:\n  ${qemuCommandLineForDisks(attach)}\n\n`);
 }
 
 interface ThrottleCommandOptions {
@@ -238,6 +242,7 @@ async function disksCommand(options: { metricsUrl: string }): Promise<void> {
 
 const program = new Command();
 program.name('vublk').description('vhost-user-blk back-end: serves virtio-blk disks to QEMU and cloud-hypervisor guests');
+program.version(VERSION, '-v, --version', 'print the version of vublk');
 
 program
   .command('serve')
