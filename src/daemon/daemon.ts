@@ -10,6 +10,7 @@ import { BlkDisk, DiskSetupError } from '../device/blk-disk.js';
 import { ExportListener } from '../control/export-listener.js';
 import { DiskQueues } from '../control/disk-queues.js';
 import { WorkerPool } from '../control/worker-pool.js';
+import { pino } from 'pino';
 import { sys } from '../sys/libc.js';
 import type { DiskSpec } from './disk-spec.js';
 import { errorFields, type Logger } from '../log.js';
@@ -137,11 +138,11 @@ export class Daemon implements AdminTarget {
     const handler = (signal: NodeJS.Signals): void => {
       if (this.stopping !== null) {
         this.log.warn({ signal }, 'second signal: exiting immediately');
-        sys.exitNow(1);
+        exitNow(this.log, 1);
         return;
       }
       this.log.info({ signal }, 'shutting down');
-      const done = (code: number): void => (this.workersStopped ? onStopped(code) : sys.exitNow(code === 0 ? 1 : code));
+      const done = (code: number): void => (this.workersStopped ? onStopped(code) : exitNow(this.log, code === 0 ? 1 : code));
       this.stop().then(
         () => done(0),
         (error: unknown) => {
@@ -262,6 +263,18 @@ export class Daemon implements AdminTarget {
     })();
     return this.stopping;
   }
+}
+
+/** Writes out buffered log lines, then ends the process without joining worker threads. */
+function exitNow(log: Logger, code: number): never {
+  const stream = (log as unknown as Record<symbol, { flushSync?: () => void } | undefined>)[pino.symbols.streamSym];
+  try {
+    stream?.flushSync?.();
+  } catch {
+    // Nothing more can be done about a log that cannot be written.
+  }
+  sys.exitNow(code);
+  throw new Error('unreachable: _exit returned');
 }
 
 function metricsSource({ disk, listener }: RunningDisk): DiskMetricsSource {
