@@ -203,6 +203,8 @@ export class RingServer {
 
   close(): void {
     this.stop();
+    // The ring may next run on another worker: nothing counted here may stay unpublished.
+    this.counters.flush();
     this.executor.close();
     this.timer.close();
   }
