@@ -51,7 +51,6 @@ const DISK_FLAGS: ReadonlyArray<readonly [key: keyof ServeOptions, flag: string]
   ['socketFd', '--socket-fd'],
   ['size', '--size'],
   ['numQueues', '--num-queues'],
-  ['threads', '--threads'],
   ['socketMode', '--socket-mode'],
   ['socketOwner', '--socket-owner'],
   ['socketGroup', '--socket-group'],

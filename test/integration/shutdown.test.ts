@@ -2,7 +2,7 @@
 // `stopped` and exits 0 (also without a metrics listener keeping the event loop alive), with several disks
 // whose rings ran on shared workers; a second signal exits at once.
 import { afterEach, describe, expect, it } from 'vitest';
-import { existsSync } from 'node:fs';
+import { existsSync, readFileSync, readdirSync } from 'node:fs';
 import path from 'node:path';
 import { VhostUserFrontend, VirtioBlkDriver } from '../../src/frontend/index.js';
 import { startDaemon, type DaemonProcess } from '../support/daemon-process.js';
@@ -63,6 +63,9 @@ describe('shutdown', () => {
       await waitForDisconnects(daemon, seen + 1);
     }
 
+    const pid = daemon.child.pid as number;
+    const rss = /VmRSS:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1];
+    console.log(`[shutdown] after 4 disks used in turn: ${readdirSync(`/proc/${pid}/task`).length} threads, RSS ${Math.round(Number(rss) / 1024)} MiB`);
     const exit = await terminate(daemon, 20_000);
     expect(exit, daemon.output().slice(-3000)).toEqual({ code: 0, signal: null });
     expect(daemon.logs().at(-1)?.msg).toBe('stopped');
