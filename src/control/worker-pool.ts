@@ -15,8 +15,8 @@
  *   what the update removed.
  */
 import type { Logger } from '../log.js';
-import type { DiskContext, DiskSettings, MemoryTable, RingStart, WorkerEvent } from '../dataplane/worker-protocol.js';
-import { WorkerThread } from './worker-thread.js';
+import type { DiskContext, DiskSettings, MemoryTable, RingStart, WorkerAck, WorkerEvent } from '../dataplane/worker-protocol.js';
+import { WorkerThread, type CommandBody } from './worker-thread.js';
 
 /** How long shutdown waits for each worker thread to leave. */
 const EXIT_TIMEOUT_MS = 5_000;
@@ -34,12 +34,23 @@ export interface RingStartCommand {
   ring: RingStart;
 }
 
+/** What the pool needs of a worker thread (WorkerThread; a stand-in in the pool's unit test). */
+export interface PoolThread {
+  readonly exited: boolean;
+  send(body: CommandBody): Promise<WorkerAck>;
+  exit(timeoutMs: number): Promise<boolean>;
+}
+
+export type SpawnThread = (index: number, onEvent: (event: WorkerEvent) => void, onExit: (code: number) => void) => PoolThread;
+
+const spawnWorkerThread: SpawnThread = (index, onEvent, onExit) => new WorkerThread(index, onEvent, onExit);
+
 function ringKey(diskId: number, queue: number): string {
   return `${diskId}:${queue}`;
 }
 
 export class WorkerPool {
-  private readonly threads: (WorkerThread | undefined)[];
+  private readonly threads: (PoolThread | undefined)[];
   /** Rings placed on each worker. */
   private readonly load: number[];
   private readonly placements = new Map<string, Placement>();
@@ -51,9 +62,10 @@ export class WorkerPool {
   constructor(
     readonly size: number,
     private readonly log: Logger,
+    private readonly spawn: SpawnThread = spawnWorkerThread,
   ) {
     if (!Number.isSafeInteger(size) || size < 1) throw new RangeError(`worker pool size ${size} is not a positive integer`);
-    this.threads = new Array<WorkerThread | undefined>(size).fill(undefined);
+    this.threads = new Array<PoolThread | undefined>(size).fill(undefined);
     this.load = new Array<number>(size).fill(0);
   }
 
@@ -170,10 +182,10 @@ export class WorkerPool {
   }
 
   /** The worker thread at `index`, spawned on first use (again after an unexpected exit). */
-  private thread(index: number): WorkerThread {
+  private thread(index: number): PoolThread {
     const existing = this.threads[index];
     if (existing !== undefined && !existing.exited) return existing;
-    const thread = new WorkerThread(
+    const thread = this.spawn(
       index,
       (event) => this.eventListeners.get(event.diskId)?.(event),
       (code) => {
