@@ -51,7 +51,6 @@ const DISK_FLAGS: ReadonlyArray<readonly [key: keyof ServeOptions, flag: string]
   ['socketFd', '--socket-fd'],
   ['size', '--size'],
   ['numQueues', '--num-queues'],
-  ['threads', '--threads'],
   ['socketMode', '--socket-mode'],
   ['socketOwner', '--socket-owner'],
   ['socketGroup', '--socket-group'],
@@ -152,11 +151,21 @@ function serveSettings(options: ServeOptions, command: Command): ServeSettings {
   };
 }
 
+/** The daemon's worker pool size (`--threads`); the per-disk `threads` key is ignored. */
+function poolThreads(text: string | undefined): number | undefined {
+  if (text === undefined) return undefined;
+  const n = Number(text);
+  if (!Number.isSafeInteger(n) || n < 1 || n > 1024) throw new InvalidArgumentError(`--threads ${text}: expected an integer from 1 to 1024`);
+  return n;
+}
+
 async function serve(options: ServeOptions, command: Command): Promise<void> {
   let settings: ServeSettings;
+  let threads: number | undefined;
   try {
     setDefaultIoEngine(options.ioEngine);
     settings = serveSettings(options, command);
+    threads = poolThreads(options.threads);
   } catch (error) {
     process.stderr.write(`vublk: ${(error as Error).message}\n`);
     process.exit(2);
@@ -179,7 +188,7 @@ async function serve(options: ServeOptions, command: Command): Promise<void> {
     process.stderr.write(`vublk: ${(error as Error).message}\n`);
     process.exit(2);
   }
-  const daemon = new Daemon(log, { metrics: settings.metrics, config: settings.config });
+  const daemon = new Daemon(log, { metrics: settings.metrics, config: settings.config, threads });
   try {
     await daemon.start(specs);
   } catch (error) {
@@ -256,7 +265,7 @@ program
   .option('--image <path>', `backing image (default ./${DEFAULT_IMAGE}, created sparse at ${DEFAULT_SIZE})`)
   .option('--size <bytes>', 'create the image at this size if missing, or grow it (e.g. 1G, 512M, 1073741824)')
   .option('--num-queues <n>', 'number of virtqueues', '1')
-  .option('--threads <n>', 'worker threads serving the queues (default: one per queue, at most one per CPU)')
+  .option('--threads <n>', 'worker threads serving every queue of every disk (default: the number of CPUs)')
   .option('--queue-size <n>', 'largest queue size a front-end may configure (power of two)')
   .option('--read-only', 'export the disk read-only (VIRTIO_BLK_F_RO)')
   .option('--serial <str>', 'serial answered to GET_ID (up to 20 ASCII characters; default from the image name)')

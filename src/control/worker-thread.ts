@@ -1,6 +1,7 @@
 /**
- * The control plane's handle on one queue worker: spawns it, sends commands (MessagePort + control eventfd
- * wake-up) and resolves each command's promise when the worker acknowledges it.
+ * The control plane's handle on one pool worker thread: spawns it, sends commands (MessagePort + control
+ * eventfd wake-up) and resolves each command's promise when the worker acknowledges it. Commands of
+ * different sessions are independent: each waits only for its own acknowledgement.
  */
 import { Worker } from 'node:worker_threads';
 import { createEventFd, signalEventFd } from '../sys/eventfd.js';
@@ -12,8 +13,9 @@ const WORKER_URL = new URL('../dataplane/queue-worker.js', import.meta.url);
 const ACK_TIMEOUT_MS = 10_000;
 
 export class WorkerCommandError extends Error {
+  readonly code = 'ERR_WORKER_COMMAND';
   constructor(label: string, op: string, detail: string) {
-    super(`${label} worker failed '${op}': ${detail}`);
+    super(`${label} failed '${op}': ${detail}`);
     this.name = 'WorkerCommandError';
   }
 }
@@ -21,42 +23,49 @@ export class WorkerCommandError extends Error {
 type Distribute<T> = T extends unknown ? Omit<T, 'seq'> : never;
 export type CommandBody = Distribute<WorkerCommand>;
 
-export class QueueWorkerHandle {
+export class WorkerThread {
   private readonly worker: Worker;
   private readonly controlFd: number;
   private seq = 0;
   private readonly pending = new Map<number, { resolve(ack: WorkerAck): void; reject(error: Error): void; op: string }>();
-  private exited = false;
+  private exitedFlag = false;
+  private readonly exitedPromise: Promise<void>;
+  /** "pool worker 0": names the worker in errors. */
+  readonly label: string;
 
   constructor(
-    init: Omit<WorkerInit, 'controlFd'>,
+    index: number,
     private readonly onEvent: (event: WorkerEvent) => void,
-    private readonly onExit: (queues: readonly number[], code: number) => void,
+    onExit: (code: number) => void,
   ) {
     this.controlFd = createEventFd();
-    this.label = `queue${init.queues.length > 1 ? 's' : ''} ${init.queues.join(',')}`;
+    this.label = `pool worker ${index}`;
     this.worker = new Worker(WORKER_URL, {
-      workerData: { ...init, controlFd: this.controlFd } satisfies WorkerInit,
-      name: `vublk-${init.disk}-q${init.queues.join('-')}`,
+      workerData: { worker: index, controlFd: this.controlFd } satisfies WorkerInit,
+      name: `vublk-worker-${index}`,
     });
     this.worker.on('message', (message: WorkerMessage) => this.onMessage(message));
     this.worker.on('error', (error) => this.failAll(error));
-    this.worker.on('exit', (code) => {
-      this.exited = true;
-      this.failAll(new Error(`worker exited with code ${code}`));
-      closeFd(this.controlFd);
-      this.onExit(init.queues, code);
+    this.exitedPromise = new Promise((resolve) => {
+      this.worker.on('exit', (code) => {
+        this.exitedFlag = true;
+        this.failAll(new Error(`worker exited with code ${code}`));
+        closeFd(this.controlFd);
+        resolve();
+        onExit(code);
+      });
     });
-    // Workers must not keep the daemon alive on their own: shutdown is explicit.
+    // An idle worker must not keep the daemon alive on its own: shutdown is explicit (and refs it again).
     this.worker.unref();
   }
 
-  /** "queue 0" or "queues 0,2": names the worker in errors. */
-  private readonly label: string;
+  get exited(): boolean {
+    return this.exitedFlag;
+  }
 
   /** Sends a command and waits for its acknowledgement; rejects on a worker error or a wedged worker. */
   send(body: CommandBody): Promise<WorkerAck> {
-    if (this.exited) return Promise.reject(new WorkerCommandError(this.label, body.op, 'worker has exited'));
+    if (this.exitedFlag) return Promise.reject(new WorkerCommandError(this.label, body.op, 'worker has exited'));
     const seq = ++this.seq;
     return new Promise<WorkerAck>((resolve, reject) => {
       const timer = setTimeout(() => {
@@ -80,12 +89,20 @@ export class QueueWorkerHandle {
     });
   }
 
-  async exit(): Promise<void> {
-    if (this.exited) return;
-    const exited = new Promise<void>((resolve) => this.worker.once('exit', () => resolve()));
-    await this.send({ op: 'exit' }).catch(() => undefined);
-    await Promise.race([exited, new Promise((resolve) => setTimeout(resolve, 2000).unref())]);
-    if (!this.exited) await this.worker.terminate();
+  /**
+   * Tells the worker to stop its rings and leave its loop, and waits (the event loop kept alive) until the
+   * thread is gone. Returns false when it is still running after `timeoutMs`: a thread blocked in a system
+   * call cannot be terminated, and the process must then not wait for it at exit.
+   */
+  async exit(timeoutMs: number): Promise<boolean> {
+    if (this.exitedFlag) return true;
+    this.worker.ref();
+    this.send({ op: 'exit' }).catch(() => undefined);
+    let timer: NodeJS.Timeout | undefined;
+    const timedOut = new Promise<void>((resolve) => (timer = setTimeout(resolve, timeoutMs)));
+    await Promise.race([this.exitedPromise, timedOut]);
+    clearTimeout(timer);
+    return this.exitedFlag;
   }
 
   private onMessage(message: WorkerMessage): void {
