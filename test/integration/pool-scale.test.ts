@@ -4,7 +4,7 @@
 import { afterEach, describe, expect, it } from 'vitest';
 import { readFileSync, readdirSync, existsSync } from 'node:fs';
 import path from 'node:path';
-import { VhostUserFrontend, VirtioBlkDriver } from '../../src/frontend/index.js';
+import { VhostUserFrontend, VirtioBlkDriver } from '../../bench/src/frontend/index.js';
 import { startDaemon, type DaemonProcess } from '../support/daemon-process.js';
 import { KiB, MiB, errorLogs, pattern, sectorBytes, waitUntil } from '../support/session-harness.js';
 
