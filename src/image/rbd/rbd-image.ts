@@ -230,6 +230,22 @@ export class RbdImage {
     return out[0] !== 0;
   }
 
+  /**
+   * Gives the exclusive lock up (live migration: the source releases it at switch-over so the target's
+   * writes can take it). Call with no write in flight; later writes through this handle may take it back.
+   */
+  async releaseLock(): Promise<void> {
+    this.live();
+    const r = await call(this.lib.rbdLockRelease, this.handle);
+    if (r < 0 && r !== -RbdErrno.EINVAL) throw new RbdError('RBD_FAILED', `releasing the exclusive lock of ${this.name} failed`, r);
+  }
+
+  /** Takes the exclusive lock and keeps it (the target of a migration, once the source released it). */
+  async acquireLock(): Promise<void> {
+    this.live();
+    await RbdImage.takeLock(this.lib, this.handle, this.name, this.spec.id);
+  }
+
   /** Grows (or shrinks) the image in the cluster; the guest sees the new size after a config change. */
   async resize(bytes: number): Promise<void> {
     this.live();
