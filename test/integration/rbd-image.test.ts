@@ -3,8 +3,8 @@
 // requests in flight, flush, read-back and `rbd export` comparison, discard and write-zeroes, resize, the
 // exclusive lock between two clients, and a clear error (never a hang) for every way opening can fail.
 // Skips with the reason when Ceph is not installed, fails then under VUBLK_E2E_REQUIRED=1.
-import { execFileSync } from 'node:child_process';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { execFileSync, spawn } from 'node:child_process';
+import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { Worker } from 'node:worker_threads';
@@ -63,6 +63,24 @@ function split(prng: Prng, length: number): number[] {
   }
   pieces.push(left);
   return pieces;
+}
+
+/** Waits (bounded) until every thread of `pid` is in the stopped state: SIGSTOP is delivered asynchronously. */
+async function allThreadsStopped(pid: number): Promise<void> {
+  for (let attempt = 0; attempt < 200; attempt++) {
+    const tasks = readdirSync(`/proc/${pid}/task`);
+    const states = tasks.map((tid) => {
+      try {
+        const stat = readFileSync(`/proc/${pid}/task/${tid}/stat`, 'utf8');
+        return stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3);
+      } catch {
+        return 'T'; // the thread exited
+      }
+    });
+    if (states.every((state) => state === 'T' || state === 't')) return;
+    await new Promise((resolve) => setTimeout(resolve, 10));
+  }
+  throw new Error(`process ${pid} did not stop within 2 s of SIGSTOP`);
 }
 
 async function expectOpenError(spec: ReturnType<typeof parseRbdSpec>, code: RbdErrorCode, message: RegExp): Promise<RbdError> {
@@ -375,6 +393,108 @@ describe('RBD back-end against a real Ceph cluster', () => {
     expect(exported.subarray(8 * MiB, 8 * MiB + 65536).equals(model.subarray(8 * MiB, 8 * MiB + 65536))).toBe(true);
     await close(image);
   });
+
+  it('cluster stalls: with osd-timeout requests fail with ETIMEDOUT, without it they wait and complete', async () => {
+    const osdPid = Number(readFileSync(path.join(cluster.dir, 'run/osd.0.pid'), 'utf8'));
+    const timed = await open('rbd:rbd/img1', { osdTimeout: '2', lock: 'none' });
+    const patient = await open('rbd:rbd/img1', { lock: 'none' });
+    const timedQueue = new RbdQueue(timed.handle, timed.eventFd);
+    const patientQueue = new RbdQueue(patient.handle, patient.eventFd);
+    const a = Buffer.alloc(4096);
+    const b = Buffer.alloc(4096);
+    const iovA = iovOver([a]);
+    const iovB = iovOver([b]);
+    const results = new Map<string, number>();
+    process.kill(osdPid, 'SIGSTOP');
+    await allThreadsStopped(osdPid);
+    try {
+      timedQueue.submitReadv(1, MiB, iovA.address, 1);
+      patientQueue.submitReadv(1, MiB, iovB.address, 1);
+      expect(timedQueue.waitIdle(30_000, (tag, result) => results.set(`timed ${tag}`, result))).toBe(true);
+      expect(results.get('timed 1')).toBe(-110 /* ETIMEDOUT */);
+      // The patient one is still waiting for the OSD.
+      expect(patientQueue.waitIdle(500, (tag, result) => results.set(`patient ${tag}`, result))).toBe(false);
+    } finally {
+      process.kill(osdPid, 'SIGCONT');
+    }
+    expect(patientQueue.waitIdle(60_000, (tag, result) => results.set(`patient ${tag}`, result))).toBe(true);
+    expect(results.get('patient 1')).toBe(4096);
+    expect(b.equals(model.subarray(MiB, MiB + 4096))).toBe(true);
+    // The timed-out handle recovers with the cluster.
+    timedQueue.submitReadv(2, MiB, iovA.address, 1);
+    expect(timedQueue.waitIdle(30_000, (tag, result) => results.set(`timed ${tag}`, result))).toBe(true);
+    expect(results.get('timed 2')).toBe(4096);
+    expect(a.equals(b)).toBe(true);
+    await close(timed, timedQueue);
+    await close(patient, patientQueue);
+  });
+
+  it('a writer killed under I/O: flushed data survives, and a new exclusive open takes the dead holder\'s lock', async () => {
+    const root = path.resolve(import.meta.dirname, '../..');
+    // The child opens with the exclusive lock, writes and flushes a pattern, says so, then keeps writing
+    // until it is killed.
+    const childCode = `
+      const { RbdImage } = await import(${JSON.stringify(path.join(root, 'dist/src/image/rbd/rbd-image.js'))});
+      const { RbdQueue, IovecArray } = await import(${JSON.stringify(path.join(root, 'dist/src/image/rbd/rbd-queue.js'))});
+      const { parseRbdSpec } = await import(${JSON.stringify(path.join(root, 'dist/src/image/rbd/rbd-spec.js'))});
+      const { addressOf } = await import(${JSON.stringify(path.join(root, 'dist/src/sys/libc.js'))});
+      const image = await RbdImage.open(parseRbdSpec('rbd:rbd/img1', ${JSON.stringify(options())}));
+      const queue = new RbdQueue(image.handle, image.eventFd);
+      const data = Buffer.alloc(MIB, 0xc3);
+      const iov = new IovecArray(1);
+      iov.set(0, addressOf(data), data.length);
+      const check = (tag, result) => { if (result < 0) { console.log('FAILED ' + tag + ' ' + result); process.exit(1); } };
+      queue.submitWritev(1, 16 * MIB, iov.address, 1);
+      if (!queue.waitIdle(60000, check)) process.exit(2);
+      queue.submitFlush(2);
+      if (!queue.waitIdle(60000, check)) process.exit(3);
+      console.log('FLUSHED');
+      const junk = Buffer.alloc(MIB, 0x3c);
+      const junkIov = new IovecArray(1);
+      junkIov.set(0, addressOf(junk), junk.length);
+      for (let i = 0; ; i++) {
+        queue.submitWritev(10 + i, 20 * MIB + (i % 4) * MIB, junkIov.address, 1);
+        queue.waitIdle(1000, check);
+      }
+    `.replace(/MIB/g, String(MiB));
+    const child = spawn(process.execPath, ['--input-type=module', '-e', childCode], { stdio: ['ignore', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+    const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
+    try {
+      await new Promise<void>((resolve, reject) => {
+        const timer = setTimeout(() => reject(new Error(`child did not flush in 60 s: ${stdout} ${stderr}`)), 60_000);
+        child.stdout.on('data', (d: Buffer) => {
+          stdout += d.toString();
+          if (stdout.includes('FLUSHED')) {
+            clearTimeout(timer);
+            resolve();
+          }
+        });
+        child.once('exit', (code) => reject(new Error(`child exited ${code}: ${stdout} ${stderr}`)));
+      });
+      // Let a few unflushed writes be in flight, then kill it the hard way (no close, lock not released).
+      await new Promise((resolve) => setTimeout(resolve, 300));
+    } finally {
+      child.kill('SIGKILL');
+      await exited;
+    }
+    model.fill(0xc3, 16 * MiB, 17 * MiB);
+    // librbd breaks a dead holder's lock once its watch times out (osd_client_watch_timeout, 30 s).
+    const image = await open();
+    expect(image.isLockOwner()).toBe(true);
+    const queue = new RbdQueue(image.handle, image.eventFd);
+    const back = Buffer.alloc(MiB);
+    const read = drive(queue, (pending) => {
+      const iov = iovOver([back]);
+      pending.set(1, { buffers: [back], iov });
+      queue.submitReadv(1, 16 * MiB, iov.address, 1);
+    });
+    expect(read.get(1)).toBe(MiB);
+    expect(back.equals(model.subarray(16 * MiB, 17 * MiB))).toBe(true);
+    await close(image, queue);
+  }, 150_000);
 
   describe('clear errors, each within a bounded time', () => {
     it('missing pool', async () => {
