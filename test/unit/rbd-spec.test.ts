@@ -97,3 +97,18 @@ describe('rbd: image spec', () => {
     expect(specError('rbd:pool/img', options).message).toMatch(message);
   });
 });
+
+describe('rbd: library loading', () => {
+  it('a missing librbd is RBD_LIBRARY_MISSING naming the packages', async () => {
+    const { loadLibRbd } = await import('../../src/image/rbd/librbd.js');
+    let caught: unknown;
+    try {
+      loadLibRbd('librados-vublk-missing.so.2', 'librbd-vublk-missing.so.1');
+    } catch (error) {
+      caught = error;
+    }
+    expect(caught).toBeInstanceOf(RbdError);
+    expect((caught as RbdError).code).toBe('RBD_LIBRARY_MISSING');
+    expect((caught as RbdError).message).toMatch(/apt-get install librbd1 librados2/);
+  });
+});

@@ -106,18 +106,22 @@ let loaded: LibRbd | undefined;
 
 /** The bindings, loading the libraries on first call; RbdError RBD_LIBRARY_MISSING when they are absent. */
 export function librbd(): LibRbd {
-  if (loaded) return loaded;
+  loaded ??= loadLibRbd(RADOS_LIBRARY, RBD_LIBRARY);
+  return loaded;
+}
+
+/** Loads and binds the two libraries by file name (tests pass a missing one to see the error). */
+export function loadLibRbd(radosLibrary: string, rbdLibrary: string): LibRbd {
   let rados: LibraryHandle;
   let rbd: LibraryHandle;
   try {
-    rados = koffi.load(RADOS_LIBRARY);
-    rbd = koffi.load(RBD_LIBRARY);
+    rados = koffi.load(radosLibrary);
+    rbd = koffi.load(rbdLibrary);
   } catch (error) {
     throw new RbdError(
       'RBD_LIBRARY_MISSING',
-      `rbd: images need ${RBD_LIBRARY} and ${RADOS_LIBRARY} (Debian/Ubuntu: apt-get install librbd1 librados2): ${(error as Error).message}`,
+      `rbd: images need ${rbdLibrary} and ${radosLibrary} (Debian/Ubuntu: apt-get install librbd1 librados2): ${(error as Error).message}`,
     );
   }
-  loaded = bind(rados, rbd);
-  return loaded;
+  return bind(rados, rbd);
 }
