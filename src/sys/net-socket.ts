@@ -32,6 +32,7 @@ const net = {
   >,
   shutdown: libc.func('int shutdown(int fd, int how)') as Fn<[number, number], number>,
   memcpy: libc.func('uintptr_t memcpy(uintptr_t dest, uintptr_t src, size_t n)') as Fn<[number, number, number], number>,
+  poll: libc.func('int poll(uintptr_t fds, unsigned long nfds, int timeout)') as Fn<[number, number, number], number>,
   memset: libc.func('uintptr_t memset(uintptr_t dest, int c, size_t n)') as Fn<[number, number, number], number>,
 };
 
@@ -131,8 +132,21 @@ export function startConnect(endpoint: StreamEndpoint): PendingConnect {
   throw new SyscallError('connect', errno, describeEndpoint(endpoint));
 }
 
-/** After writability: 0 if the connect succeeded, else its errno. */
+const POLLOUT = 0x4;
+const POLLERR = 0x8;
+const POLLHUP = 0x10;
+
+/**
+ * Result of a non-blocking connect: EINPROGRESS while it is still under way, 0 once connected, else the
+ * errno it failed with. (SO_ERROR alone reads 0 while the connect is still in progress.)
+ */
 export function connectResult(fd: number): number {
+  const pollfd = Buffer.alloc(8);
+  pollfd.writeInt32LE(fd, 0);
+  pollfd.writeInt16LE(POLLOUT, 4);
+  const ready = net.poll(addressOf(pollfd), 1, 0);
+  if (ready === 0) return EINPROGRESS;
+  if (ready > 0 && (pollfd.readInt16LE(6) & (POLLOUT | POLLERR | POLLHUP)) === 0) return EINPROGRESS;
   const value = Buffer.alloc(4);
   const length = Buffer.alloc(4);
   length.writeUInt32LE(4, 0);
