@@ -284,6 +284,7 @@ describe('NBD client across server failures', () => {
     expect(await driven.flush()).toBe(0);
     expect(driven.client.counters.connectionsLost).toBeGreaterThanOrEqual(1);
     expect(driven.client.counters.connects).toBeGreaterThanOrEqual(2);
+    expect(driven.client.counters.resubmitted).toBeGreaterThan(0);
     expect(driven.client.state).toBe('connected');
     // Every write, acknowledged before or after the kill, is in the image.
     expect(fileBytes(image, 0, blocks * 4096).equals(buffer.bytes)).toBe(true);
