@@ -121,6 +121,8 @@ export interface NbdClientCounters {
 
 const IOV_MAX = 1024;
 const STAGING_SIZE = 64 * 1024;
+/** Read data of at least this size is worth a header-sized recv first, so the data lands without a copy. */
+const LARGE_DATA = 32 * 1024;
 /** Syscalls one pump may make before yielding back to the caller's loop (fairness between disks). */
 const PUMP_SYSCALL_BUDGET = 64;
 /** Trim / write-zeroes parts stay below 2^32 and aligned to any power-of-two block size. */
@@ -241,6 +243,10 @@ export class NbdClient {
   private readonly headers: Buffer;
   private readonly headersAddress: number;
   private readonly ready: Array<[number, number]> = [];
+  /** The wake eventfd has been signalled and not drained yet (saves a read per pump when idle). */
+  private wakeSignalled = false;
+  /** Absolute deadline the timerfd is armed for; -1 when disarmed. */
+  private armedDeadline = -1;
 
   // transmit scratch
   private readonly iov = Buffer.alloc(IOV_MAX * 16);
@@ -260,6 +266,8 @@ export class NbdClient {
   private rxDataPos = 0;
   private rxDataLeft = 0;
   private rxDone = false;
+  /** The last read data moved was large: fetch only the next header so its data can skip the staging copy. */
+  private rxLargeData = false;
 
   private constructor(
     options: NbdClientOptions,
@@ -417,6 +425,12 @@ export class NbdClient {
   /** Completions that do not touch the wire are delivered from the next pump (callbacks never nest in submit). */
   private finishLater(cookie: number, errno: number): void {
     this.ready.push([cookie, errno]);
+    this.signalWake();
+  }
+
+  private signalWake(): void {
+    if (this.wakeSignalled) return;
+    this.wakeSignalled = true;
     signalEventFd(this.wake);
   }
 
@@ -425,8 +439,14 @@ export class NbdClient {
   /** Progresses everything that can progress without blocking; calls onComplete. Returns completions delivered. */
   pump(): number {
     if (this.stateValue === 'closed') return 0;
-    drainEventFd(this.wake);
-    this.timer.clear();
+    if (this.wakeSignalled) {
+      this.wakeSignalled = false;
+      drainEventFd(this.wake);
+    }
+    if (this.armedDeadline >= 0 && this.now() >= this.armedDeadline) {
+      this.timer.clear();
+      this.armedDeadline = -1;
+    }
     let delivered = this.deliverReady();
     if (this.stateValue === 'connected') {
       try {
@@ -456,18 +476,26 @@ export class NbdClient {
     } catch (error) {
       this.connectionLost(error);
       this.armTimer();
-      signalEventFd(this.wake);
+      this.signalWake();
     }
   }
 
   /** Milliseconds until the client needs a pump even without socket activity (-1: none). The timerfd inside `fd` covers this already. */
   nextTimerMs(): number {
-    const deadlines: number[] = [];
-    if (this.stateValue === 'disconnected') deadlines.push(this.nextAttemptAt);
-    if (this.stateValue === 'connecting') deadlines.push(this.attemptDeadline);
-    if (this.disconnectedSince >= 0 && this.waiting.length > 0) deadlines.push(this.disconnectedSince + this.options.reconnectTimeoutMs);
-    if (deadlines.length === 0) return -1;
-    return Math.max(0, Math.min(...deadlines) - this.now());
+    const deadline = this.nextDeadline();
+    return deadline < 0 ? -1 : Math.max(0, deadline - this.now());
+  }
+
+  /** The earliest absolute time a timer must fire, or -1. Connected and healthy: none, so no timer syscalls. */
+  private nextDeadline(): number {
+    let deadline = -1;
+    const consider = (at: number): void => {
+      if (deadline < 0 || at < deadline) deadline = at;
+    };
+    if (this.stateValue === 'disconnected') consider(this.nextAttemptAt);
+    if (this.stateValue === 'connecting') consider(this.attemptDeadline);
+    if (this.disconnectedSince >= 0 && this.waiting.length > 0) consider(this.disconnectedSince + this.options.reconnectTimeoutMs);
+    return deadline;
   }
 
   private deliverReady(): number {
@@ -478,7 +506,7 @@ export class NbdClient {
       n++;
       this.onComplete(cookie, errno);
     }
-    if (this.ready.length > 0) signalEventFd(this.wake);
+    if (this.ready.length > 0) this.signalWake();
     return n;
   }
 
@@ -579,7 +607,8 @@ export class NbdClient {
         this.rxEnd -= this.rxStart;
         this.rxStart = 0;
       }
-      const n = receiveInto(this.socket, this.rxAddress + this.rxEnd, this.rx.length - this.rxEnd);
+      const want = this.rxLargeData && this.rxState === Rx.Header && this.rxEnd === 0 ? CHUNK_HEADER_SIZE + 8 : this.rx.length - this.rxEnd;
+      const n = receiveInto(this.socket, this.rxAddress + this.rxEnd, want);
       calls++;
       if (n === -Errno.EAGAIN || n === -Errno.EINTR) break;
       if (n < 0) throw new SyscallError('recv', -n, 'NBD socket');
@@ -725,6 +754,7 @@ export class NbdClient {
   }
 
   private beginData(part: Part, position: number, length: number, finishAfter: boolean): void {
+    this.rxLargeData = length >= LARGE_DATA;
     this.rxPart = part;
     this.rxDataPos = position;
     this.rxDataLeft = length;
@@ -941,9 +971,11 @@ export class NbdClient {
   }
 
   private armTimer(): void {
-    const next = this.nextTimerMs();
-    if (next < 0) this.timer.disarm();
-    else this.timer.arm(next);
+    const deadline = this.nextDeadline();
+    if (deadline === this.armedDeadline) return;
+    if (deadline < 0) this.timer.disarm();
+    else this.timer.arm(Math.max(0, deadline - this.now()));
+    this.armedDeadline = deadline;
   }
 
   // ------------------------------------------------------------------ close
