@@ -149,6 +149,27 @@ describe('NBD client against nbdkit', () => {
     expect(await driven.read(512, buffer, 0, 4096)).toBe(22);
   });
 
+  it('more iovecs than IOV_MAX, and close() completing what is pending with EIO', async (context) => {
+    requireTool(context, 'nbdkit');
+    const socket = join(scratch(), 'nbd.sock');
+    track(await startNbdkit({ unix: socket }, ['memory', '16M']));
+    const driven = DrivenClient.open({ endpoint: { kind: 'unix', path: socket }, exportName: '' });
+    cleanups.push(() => driven.client.state !== 'closed' && driven.close());
+    const size = 1 << 20;
+    const buffer = new HostBuffer(2 * size);
+    pattern(21, size).copy(buffer.bytes);
+    expect(await driven.write(0, buffer, 0, size, 512)).toBe(0); // 2048 segments
+    expect(await driven.read(0, buffer, size, size, 512)).toBe(0);
+    expect(buffer.bytes.subarray(size).equals(pattern(21, size))).toBe(true);
+
+    const pending = [driven.cookie(), driven.cookie()];
+    driven.client.submitRead(pending[0] as number, 0, buffer.segments(0, 4096));
+    driven.client.submitFlush(pending[1] as number);
+    driven.close();
+    expect(pending.map((c) => driven.results.get(c))).toEqual([EIO, EIO]);
+    expect(() => driven.client.submitFlush(driven.cookie())).toThrow(/closed/);
+  });
+
   it('delay filter: replies arrive late and out of order; every request completes with the right data', async (context) => {
     requireTool(context, 'nbdkit');
     const socket = join(scratch(), 'nbd.sock');
@@ -358,6 +379,20 @@ describe('NBD client against a malicious server', () => {
     expect(buffer.bytes.subarray(8192, 16384).equals(expectedData)).toBe(true);
     expect(driven.client.counters).toMatchObject({ protocolErrors: 1, connectionsLost: 1, connects: 2 });
     expect(driven.client.lastError).toBe('');
+  });
+
+  it('FUA on a server without NBD_FLAG_SEND_FUA: the write is followed by a FLUSH before it completes', async () => {
+    const socket = join(scratch(), 'fake.sock');
+    const fake = await startFakeServer(socket, 'good');
+    cleanups.push(() => fake.stop());
+    const driven = track(DrivenClient.open({ endpoint: { kind: 'unix', path: socket }, exportName: '' }));
+    expect(driven.client.info).toMatchObject({ canFua: false, canFlush: true });
+    const buffer = new HostBuffer(4096);
+    const before = driven.client.counters.requests;
+    const durable = driven.cookie();
+    driven.client.submitWrite(durable, 0, buffer.segments(0, 4096), true);
+    expect(await driven.settle([durable])).toEqual([0]);
+    expect(driven.client.counters.requests - before).toBe(2); // the write, then its FLUSH
   });
 
   it('eof in the middle of read data: reconnect and resend', async () => {
