@@ -341,6 +341,23 @@ describe('NBD client across server failures', () => {
     expect(await driven.read(0, buffer, 4096, 4096)).toBe(0);
     expect(buffer.bytes.subarray(4096).equals(pattern(11, 4096))).toBe(true);
   });
+  it('a stalled server (connected, never answering): reset, resend, then EIO after the timeout; other requests still work', async (context) => {
+    requireTool(context, 'nbdkit');
+    const socket = join(scratch(), 'nbd.sock');
+    track(await startNbdkit({ unix: socket }, ['--filter=delay', 'memory', '16M', 'rdelay=20']));
+    const driven = track(
+      DrivenClient.open({ endpoint: { kind: 'unix', path: socket }, exportName: '', requestTimeoutMs: 300, reconnectTimeoutMs: 1000, initialBackoffMs: 20 }),
+    );
+    const buffer = new HostBuffer(8192);
+    buffer.bytes.fill(0xee);
+    expect(await driven.read(0, buffer, 0, 4096)).toBe(EIO);
+    expect(driven.client.counters.stalls).toBeGreaterThanOrEqual(1);
+    expect(driven.client.counters.timedOutRequests).toBe(1);
+    expect(buffer.bytes.subarray(4096).every((b) => b === 0xee)).toBe(true);
+    // Writes are not delayed: the disk keeps working for them.
+    await driven.until(() => driven.client.state === 'connected', 10_000, 'reconnect');
+    expect(await driven.write(0, buffer, 4096, 4096)).toBe(0);
+  });
 });
 
 describe('NBD client against a malicious server', () => {

@@ -86,8 +86,17 @@ export interface NbdClientOptions {
   structuredReplies?: boolean;
   /** Deadline for one connect + handshake, at open and on every reconnect attempt (default 5000 ms). */
   connectTimeoutMs?: number;
-  /** How long requests wait for a lost server before completing with EIO (default 30000 ms). */
+  /**
+   * How long requests wait for a lost or stalled server before completing with EIO (default 30000 ms),
+   * counted from the moment the connection was lost until a reply arrives again.
+   */
   reconnectTimeoutMs?: number;
+  /**
+   * A request unanswered for this long means the server is stalled: the connection is reset (so no late
+   * reply can touch the caller's buffers) and the request is resent after reconnecting (default 60000 ms;
+   * 0 disables).
+   */
+  requestTimeoutMs?: number;
   /** First reconnect delay, doubled per failed attempt up to `maxBackoffMs` (defaults 50 ms, 2000 ms). */
   initialBackoffMs?: number;
   maxBackoffMs?: number;
@@ -108,6 +117,8 @@ export interface NbdClientCounters {
   connectFailures: number;
   connectionsLost: number;
   protocolErrors: number;
+  /** Connections reset because a request got no reply within requestTimeoutMs. */
+  stalls: number;
   /** Requests (parts) sent again after a reconnect. */
   resubmitted: number;
   /** Requests completed with EIO because the server stayed away longer than reconnectTimeoutMs. */
@@ -150,6 +161,8 @@ class Part {
   slot = -1;
   /** Bytes of header+payload sent so far. */
   sent = 0;
+  /** When the part went on the wire (ms). */
+  admittedAt = 0;
   /** Structured read bookkeeping: sorted disjoint [start, end) ranges already received. */
   ranges: number[] = [];
   covered = 0;
@@ -196,6 +209,7 @@ export class NbdClient {
     connectFailures: 0,
     connectionsLost: 0,
     protocolErrors: 0,
+    stalls: 0,
     resubmitted: 0,
     timedOutRequests: 0,
     serverErrors: 0,
@@ -228,7 +242,10 @@ export class NbdClient {
   private structured = false;
 
   // reconnect
-  private disconnectedSince = -1;
+  /** When the connection was lost (-1: healthy). Cleared by the first reply after a reconnect, not by the handshake. */
+  private unhealthySince = -1;
+  /** Next time the in-flight requests are checked against requestTimeoutMs. */
+  private stallScanAt = 0;
   private nextAttemptAt = 0;
   private backoffMs: number;
 
@@ -279,6 +296,7 @@ export class NbdClient {
       structuredReplies: options.structuredReplies ?? true,
       connectTimeoutMs: options.connectTimeoutMs ?? 5000,
       reconnectTimeoutMs: options.reconnectTimeoutMs ?? 30_000,
+      requestTimeoutMs: options.requestTimeoutMs ?? 60_000,
       initialBackoffMs: options.initialBackoffMs ?? 50,
       maxBackoffMs: options.maxBackoffMs ?? 2000,
       maxInFlight: Math.max(1, Math.min(options.maxInFlight ?? 128, 4096)),
@@ -404,7 +422,7 @@ export class NbdClient {
   /** False (and the cookie already answered) when the client cannot take requests now. */
   private accepting(cookie: number): boolean {
     if (this.stateValue === 'closed') throw new NbdClientError('submit on a closed NBD client', 'NBD_CLOSED');
-    if (this.disconnectedSince >= 0 && this.now() - this.disconnectedSince >= this.options.reconnectTimeoutMs) {
+    if (this.stateValue !== 'connected' && this.unhealthySince >= 0 && this.now() - this.unhealthySince >= this.options.reconnectTimeoutMs) {
       this.counters.timedOutRequests++;
       this.finishLater(cookie, EIO);
       return false;
@@ -475,9 +493,9 @@ export class NbdClient {
       this.transmit();
     } catch (error) {
       this.connectionLost(error);
-      this.armTimer();
       this.signalWake();
     }
+    this.armTimer(); // requests went on the wire without a pump: the stall check must still be scheduled
   }
 
   /** Milliseconds until the client needs a pump even without socket activity (-1: none). The timerfd inside `fd` covers this already. */
@@ -494,7 +512,8 @@ export class NbdClient {
     };
     if (this.stateValue === 'disconnected') consider(this.nextAttemptAt);
     if (this.stateValue === 'connecting') consider(this.attemptDeadline);
-    if (this.disconnectedSince >= 0 && this.waiting.length > 0) consider(this.disconnectedSince + this.options.reconnectTimeoutMs);
+    if (this.unhealthySince >= 0 && this.waiting.length > 0) consider(this.unhealthySince + this.options.reconnectTimeoutMs);
+    if (this.stateValue === 'connected' && this.inFlightCount > 0 && this.options.requestTimeoutMs > 0) consider(this.stallScanAt);
     return deadline;
   }
 
@@ -514,6 +533,7 @@ export class NbdClient {
 
   /** Moves waiting parts onto the wire while slots are free. */
   private admit(): void {
+    const now = this.waiting.length > 0 ? this.now() : 0;
     while (this.waiting.length > 0 && this.inFlightCount < this.options.maxInFlight) {
       const part = this.waiting.shift() as Part;
       const slot = this.freeSlots.length > 0 ? (this.freeSlots.pop() as number) : this.slots.length;
@@ -521,6 +541,7 @@ export class NbdClient {
       this.slots[slot] = part;
       part.slot = slot;
       part.sent = 0;
+      part.admittedAt = now;
       this.inFlightCount++;
       encodeRequestHeader(this.headers, slot * REQUEST_HEADER_SIZE, part.flags, part.command, this.epoch, slot, part.offset, part.length);
       this.sendQueue.push(part);
@@ -788,6 +809,7 @@ export class NbdClient {
   }
 
   private finishPart(part: Part, errno: number): number {
+    this.unhealthySince = -1;
     this.slots[part.slot] = null;
     this.freeSlots.push(part.slot);
     this.inFlightCount--;
@@ -885,7 +907,8 @@ export class NbdClient {
     this.stateValue = 'connected';
     this.epoch = (this.epoch + 1) >>> 0;
     this.counters.connects++;
-    this.disconnectedSince = -1;
+    // Healthy again only once the server answers something; with nothing to resend there is nothing to prove.
+    if (this.waiting.length === 0) this.unhealthySince = -1;
     this.backoffMs = this.options.initialBackoffMs;
     this.lastError = '';
     this.lastErrorCode = '';
@@ -901,7 +924,7 @@ export class NbdClient {
     if (this.counters.connects === 0 && !this.openFailure) this.openFailure = error instanceof Error ? error : new Error(String(error));
     this.dropSocket();
     this.stateValue = 'disconnected';
-    if (this.disconnectedSince < 0) this.disconnectedSince = this.now();
+    if (this.unhealthySince < 0) this.unhealthySince = this.now();
     const permanent = error instanceof NbdHandshakeError && error.permanent;
     this.nextAttemptAt = this.now() + (permanent ? this.options.maxBackoffMs : this.backoffMs);
     this.backoffMs = Math.min(this.backoffMs * 2, this.options.maxBackoffMs);
@@ -926,7 +949,7 @@ export class NbdClient {
     this.rxPart = null;
     this.rxStart = this.rxEnd = 0;
     this.stateValue = 'disconnected';
-    this.disconnectedSince = this.now();
+    if (this.unhealthySince < 0) this.unhealthySince = this.now();
     this.nextAttemptAt = this.now(); // the first retry is immediate: a restarted server is often already back
   }
 
@@ -947,10 +970,19 @@ export class NbdClient {
 
   private checkTimers(): void {
     const now = this.now();
+    if (this.stateValue === 'connected' && this.inFlightCount > 0 && this.options.requestTimeoutMs > 0 && now >= this.stallScanAt) {
+      // Coarse scan (a quarter of the timeout apart) so the healthy path costs no timer syscalls per request.
+      this.stallScanAt = now + this.options.requestTimeoutMs / 4;
+      const oldest = this.slots.reduce((min, part) => (part && part.admittedAt < min ? part.admittedAt : min), Infinity);
+      if (now - oldest >= this.options.requestTimeoutMs) {
+        this.connectionLost(new NbdClientError(`a request got no reply within ${this.options.requestTimeoutMs} ms`, 'NBD_REQUEST_TIMEOUT'));
+        this.counters.stalls++;
+      }
+    }
     if (this.stateValue === 'connecting' && now >= this.attemptDeadline) {
       this.attemptFailed(new NbdClientError(`NBD connect to ${describeEndpoint(this.options.endpoint)} timed out`, 'NBD_TIMEOUT'));
     }
-    if (this.disconnectedSince >= 0 && now - this.disconnectedSince >= this.options.reconnectTimeoutMs && this.waiting.length > 0) {
+    if (this.unhealthySince >= 0 && now - this.unhealthySince >= this.options.reconnectTimeoutMs && this.waiting.length > 0) {
       this.failWaiting();
     }
     if (this.stateValue === 'disconnected' && now >= this.nextAttemptAt) this.beginAttempt();
