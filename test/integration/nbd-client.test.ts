@@ -412,6 +412,21 @@ describe('NBD client against a malicious server', () => {
     expect(driven.client.counters.requests - before).toBe(2); // the write, then its FLUSH
   });
 
+  it('a server that breaks every connection: the client backs off instead of spinning, then fails the read with EIO', async () => {
+    const socket = join(scratch(), 'fake.sock');
+    const fake = await startFakeServer(socket, 'always-bad-magic');
+    cleanups.push(() => fake.stop());
+    const driven = track(
+      DrivenClient.open({ endpoint: { kind: 'unix', path: socket }, exportName: '', reconnectTimeoutMs: 1500, initialBackoffMs: 50, maxBackoffMs: 400 }),
+    );
+    const buffer = new HostBuffer(8192);
+    expect(await driven.read(0, buffer, 0, 8192)).toBe(EIO);
+    // 1.5 s of 50, 100, 200, 400, 400 ms pauses allows about 7 attempts; a client retrying at once would make thousands.
+    expect(driven.client.counters.connects).toBeLessThan(20);
+    expect(driven.client.counters.protocolErrors).toBe(driven.client.counters.connectionsLost);
+    expect(driven.client.counters.timedOutRequests).toBe(1);
+  });
+
   it('eof in the middle of read data: reconnect and resend', async () => {
     const { driven, buffer, errno } = await fakeRead('eof-mid-data');
     expect(errno).toBe(0);

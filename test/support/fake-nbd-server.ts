@@ -31,7 +31,8 @@ export type FakeMode =
   | 'error-message-overflow'
   | 'block-status-chunk'
   | 'eshutdown'
-  | 'error-chunk';
+  | 'error-chunk'
+  | 'always-bad-magic';
 
 const SOURCE = String.raw`
 const { parentPort, workerData } = require('node:worker_threads');
@@ -50,7 +51,7 @@ const chunk = (flags, type, handle, payload, lengthOverride) =>
 
 const server = net.createServer((sock) => {
   const first = connections++ === 0;
-  const hs = mode.startsWith('hs-');
+  const hs = mode.startsWith('hs-') || mode.startsWith('always-');
   let bad = hs || first ? mode : 'good';
   let buf = Buffer.alloc(0);
   let phase = 'flags';
@@ -98,7 +99,7 @@ const server = net.createServer((sock) => {
         bad = 'good';
         const half = length / 2;
         switch (m) {
-          case 'bad-magic': sock.write(Buffer.alloc(16, 0x41)); break;
+          case 'bad-magic': case 'always-bad-magic': sock.write(Buffer.alloc(16, 0x41)); break;
           case 'unknown-handle': { const h = Buffer.from(handle); h[7] ^= 0x55; sock.write(chunk(1, 0, h, Buffer.alloc(0))); break; }
           case 'chunk-outside': sock.write(chunk(1, 1, handle, Buffer.concat([u64(offset + length), content]))); break;
           case 'overlap':

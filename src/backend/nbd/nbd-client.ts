@@ -809,7 +809,10 @@ export class NbdClient {
   }
 
   private finishPart(part: Part, errno: number): number {
-    this.unhealthySince = -1;
+    if (this.unhealthySince >= 0) {
+      this.unhealthySince = -1;
+      this.backoffMs = this.options.initialBackoffMs;
+    }
     this.slots[part.slot] = null;
     this.freeSlots.push(part.slot);
     this.inFlightCount--;
@@ -897,10 +900,7 @@ export class NbdClient {
 
   private connected(info: NbdExportInfo): void {
     const reconnect = this.counters.connects > 0;
-    if (reconnect && info.size < this.info.size) {
-      // The export shrank under us: requests past the new end will fail at the server (EINVAL/ENOSPC).
-      this.lastError = `export shrank from ${this.info.size} to ${info.size} bytes across a reconnect`;
-    }
+    const shrunk = reconnect && info.size < this.info.size ? this.info.size : -1;
     this.info = info;
     this.structured = info.structuredReplies;
     this.handshake = null;
@@ -909,9 +909,14 @@ export class NbdClient {
     this.counters.connects++;
     // Healthy again only once the server answers something; with nothing to resend there is nothing to prove.
     if (this.waiting.length === 0) this.unhealthySince = -1;
-    this.backoffMs = this.options.initialBackoffMs;
+    if (this.unhealthySince < 0) this.backoffMs = this.options.initialBackoffMs;
     this.lastError = '';
     this.lastErrorCode = '';
+    if (shrunk >= 0) {
+      // The export shrank under us: requests past the new end will fail at the server (EINVAL/ENOSPC).
+      this.lastError = `export shrank from ${shrunk} to ${info.size} bytes across a reconnect`;
+      this.lastErrorCode = 'NBD_EXPORT_SHRANK';
+    }
     this.rxState = Rx.Header;
     this.rxStart = this.rxEnd = 0;
     this.interest.watch(this.socket, true, this.waiting.length > 0);
@@ -949,8 +954,15 @@ export class NbdClient {
     this.rxPart = null;
     this.rxStart = this.rxEnd = 0;
     this.stateValue = 'disconnected';
-    if (this.unhealthySince < 0) this.unhealthySince = this.now();
-    this.nextAttemptAt = this.now(); // the first retry is immediate: a restarted server is often already back
+    if (this.unhealthySince < 0) {
+      // The first retry after a healthy period is immediate: a restarted server is often already back.
+      this.unhealthySince = this.now();
+      this.nextAttemptAt = this.now();
+    } else {
+      // Lost again before any reply: back off, or a server that kills every connection would make us spin.
+      this.nextAttemptAt = this.now() + this.backoffMs;
+      this.backoffMs = Math.min(this.backoffMs * 2, this.options.maxBackoffMs);
+    }
   }
 
   private recordError(error: unknown): void {
