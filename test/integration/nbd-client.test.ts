@@ -427,6 +427,19 @@ describe('NBD client against a malicious server', () => {
     expect(driven.client.counters.timedOutRequests).toBe(1);
   });
 
+  it('thousands of one-byte chunks with gaps: merged and accepted up to 4096 gaps, a protocol error beyond', async () => {
+    const socket = join(scratch(), 'fake.sock');
+    const fake = await startFakeServer(socket, 'gappy');
+    cleanups.push(() => fake.stop());
+    const driven = track(DrivenClient.open({ endpoint: { kind: 'unix', path: socket }, exportName: '', reconnectTimeoutMs: 800, initialBackoffMs: 50 }));
+    const buffer = new HostBuffer(3 * 8192);
+    expect(await driven.read(65536, buffer, 8192, 8192, 3000)).toBe(0); // 4096 gaps, then all filled
+    expect(buffer.bytes.subarray(8192, 16384).equals(expectedData)).toBe(true);
+    expect(driven.client.counters.protocolErrors).toBe(0);
+    expect(await driven.read(65536, buffer, 0, 16384)).toBe(EIO); // 8192 gaps: hostile, reset until the timeout
+    expect(driven.client.counters.protocolErrors).toBeGreaterThanOrEqual(1);
+  });
+
   it('eof in the middle of read data: reconnect and resend', async () => {
     const { driven, buffer, errno } = await fakeRead('eof-mid-data');
     expect(errno).toBe(0);

@@ -32,7 +32,8 @@ export type FakeMode =
   | 'block-status-chunk'
   | 'eshutdown'
   | 'error-chunk'
-  | 'always-bad-magic';
+  | 'always-bad-magic'
+  | 'gappy';
 
 const SOURCE = String.raw`
 const { parentPort, workerData } = require('node:worker_threads');
@@ -125,6 +126,15 @@ const server = net.createServer((sock) => {
           case 'error-chunk': sock.write(chunk(1, 0x8001, handle, Buffer.concat([u32(28), u16(4), Buffer.from('full')]))); break;
           default:
             if (!structured) { sock.write(simple(0, handle, content)); break; }
+            if (mode === 'gappy') {
+              // Legal but nasty: one-byte chunks at even offsets first, then the odd ones filling every gap.
+              const parts = [];
+              for (let pass = 0; pass < 2; pass++)
+                for (let i = pass; i < length; i += 2) parts.push(chunk(0, 1, handle, Buffer.concat([u64(offset + i), content.subarray(i, i + 1)])));
+              parts.push(chunk(1, 0, handle, Buffer.alloc(0)));
+              sock.write(Buffer.concat(parts));
+              break;
+            }
             // Correct but fragmented: a hole-free data chunk per half, in reverse order, then NONE.
             sock.write(chunk(0, 1, handle, Buffer.concat([u64(offset + half), content.subarray(half)])));
             sock.write(chunk(0, 1, handle, Buffer.concat([u64(offset), content.subarray(0, half)])));

@@ -138,6 +138,8 @@ const LARGE_DATA = 32 * 1024;
 const PUMP_SYSCALL_BUDGET = 64;
 /** Trim / write-zeroes parts stay below 2^32 and aligned to any power-of-two block size. */
 const MAX_ZERO_PART = 0x8000_0000;
+/** Separate (non-touching) data ranges one read reply may have outstanding before it is declared hostile. */
+const MAX_READ_GAPS = 4096;
 const EIO = NbdErrno.EIO;
 const ENOTSUP = NbdErrno.ENOTSUP;
 const EINVAL = NbdErrno.EINVAL;
@@ -466,6 +468,7 @@ export class NbdClient {
       this.armedDeadline = -1;
     }
     let delivered = this.deliverReady();
+    if (this.state === 'closed') return delivered; // a callback closed the client
     if (this.stateValue === 'connected') {
       try {
         delivered += this.receive();
@@ -760,17 +763,36 @@ export class NbdClient {
     this.beginData(part, part.dataStart + (offset - part.offset), length, this.rxDone);
   }
 
-  /** Records [offset, offset+length) as received for a structured read: inside the request, no overlap. */
+  /**
+   * Records [offset, offset+length) as received for a structured read: inside the request, no overlap.
+   * Ranges are kept sorted and merged when they touch, so a server sending chunks in order keeps one range;
+   * at most MAX_READ_GAPS separate ranges may exist (a hostile server cannot make this quadratic).
+   */
   private claimRange(part: Part, offset: number, length: number): void {
     const end = offset + length;
     if (offset < part.offset || end > part.offset + part.length) throw new NbdProtocolError('read chunk outside its request');
     const ranges = part.ranges;
-    let i = 0;
-    while (i < ranges.length && (ranges[i] as number) < offset) i += 2;
-    // Neighbours: the range before must end at or before `offset`, the one at i must start at or after `end`.
-    if (i >= 2 && (ranges[i - 1] as number) > offset) throw new NbdProtocolError('overlapping read chunks');
-    if (i < ranges.length && (ranges[i] as number) < end) throw new NbdProtocolError('overlapping read chunks');
-    ranges.splice(i, 0, offset, end);
+    // Binary search for the first range starting at or after `offset` (ranges = [start0, end0, start1, end1, ...]).
+    let low = 0;
+    let high = ranges.length / 2;
+    while (low < high) {
+      const mid = (low + high) >>> 1;
+      if ((ranges[mid * 2] as number) < offset) low = mid + 1;
+      else high = mid;
+    }
+    const i = low * 2;
+    const before = i >= 2 ? (ranges[i - 1] as number) : -1;
+    const after = i < ranges.length ? (ranges[i] as number) : Infinity;
+    if (before > offset || after < end) throw new NbdProtocolError('overlapping read chunks');
+    const joinsBefore = before === offset;
+    const joinsAfter = after === end;
+    if (joinsBefore && joinsAfter) ranges.splice(i - 1, 2);
+    else if (joinsBefore) ranges[i - 1] = end;
+    else if (joinsAfter) ranges[i] = offset;
+    else {
+      if (ranges.length >= MAX_READ_GAPS * 2) throw new NbdProtocolError('too many separate read chunks');
+      ranges.splice(i, 0, offset, end);
+    }
     part.covered += length;
   }
 
@@ -937,6 +959,7 @@ export class NbdClient {
 
   /** The connection broke (EOF, socket error, protocol error): requeue everything on the wire and reconnect. */
   private connectionLost(error: unknown): void {
+    if (this.state === 'closed') return;
     if (error instanceof NbdProtocolError) this.counters.protocolErrors++;
     this.counters.connectionsLost++;
     this.recordError(error);
@@ -981,6 +1004,7 @@ export class NbdClient {
   }
 
   private checkTimers(): void {
+    if (this.stateValue === 'closed') return;
     const now = this.now();
     if (this.stateValue === 'connected' && this.inFlightCount > 0 && this.options.requestTimeoutMs > 0 && now >= this.stallScanAt) {
       // Coarse scan (a quarter of the timeout apart) so the healthy path costs no timer syscalls per request.
@@ -1015,6 +1039,7 @@ export class NbdClient {
   }
 
   private armTimer(): void {
+    if (this.stateValue === 'closed') return;
     const deadline = this.nextDeadline();
     if (deadline === this.armedDeadline) return;
     if (deadline < 0) this.timer.disarm();
