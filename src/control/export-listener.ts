@@ -13,6 +13,8 @@ import { errorFields, type Logger } from '../log.js';
 
 /** How long a second connection waits for the current session to end before it is refused. */
 const RECONNECT_GRACE_MS = 1000;
+/** After a failed accept (EMFILE), how long the listener waits before trying again. */
+const ACCEPT_BACKOFF_MS = 200;
 
 
 /** Who may connect to a socket vublk creates: its mode (default 0600) and, optionally, its owner and group. */
@@ -86,6 +88,11 @@ export class ExportListener {
         fd = acceptConnection(this.listenFd);
       } catch (error) {
         this.log.error(errorFields(error), 'accept failed');
+        // EMFILE/ENFILE leave the connection pending and the socket readable: back off instead of spinning.
+        this.poll.stop();
+        setTimeout(() => {
+          if (!this.closed) this.poll.start({ readable: true }, () => this.acceptPending());
+        }, ACCEPT_BACKOFF_MS).unref();
         return;
       }
       if (fd === null) return;

@@ -39,7 +39,8 @@ import { sendWithFds } from '../sys/unix-socket.js';
 import { signalEventFd } from '../sys/eventfd.js';
 import { MessageStream, type CloseReason, type IncomingMessage } from './message-stream.js';
 import { VringConfig } from './vring-config.js';
-import { assertNoOverlap, layoutsOf, mapRegion, unmapRegion, type MappedRegion } from './memory-table.js';
+import { assertNoOverlap, assertWithinLimits, layoutsOf, mapRegion, unmapRegion, type MappedRegion } from './memory-table.js';
+import { adoptNotifyFd } from './notify-fd.js';
 import { OFFERED_PROTOCOL_FEATURES } from '../device/blk-features.js';
 import type { BlkDisk } from '../device/blk-disk.js';
 import type { WorkerEvent } from '../dataplane/worker-protocol.js';
@@ -225,6 +226,7 @@ export class VhostUserSession {
     try {
       regions.forEach((region, i) => mapped.push(mapRegion(region, fds[i]!)));
       assertNoOverlap(mapped);
+      assertWithinLimits(mapped);
     } catch (error) {
       mapped.forEach(unmapRegion);
       closeAll(fds.slice(mapped.length));
@@ -245,6 +247,7 @@ export class VhostUserSession {
     const mapped = mapRegion(region, fd);
     try {
       assertNoOverlap([...this.regions, mapped]);
+      assertWithinLimits([...this.regions, mapped]);
     } catch (error) {
       unmapRegion(mapped);
       throw error;
@@ -267,6 +270,8 @@ export class VhostUserSession {
   private async replaceMemory(next: MappedRegion[]): Promise<void> {
     const previous = this.regions;
     this.regions = next;
+    const unsealed = next.filter((region) => region.shrinkGuard === 'unsealable' && !previous.includes(region)).length;
+    if (unsealed > 0) this.log.warn({ regions: unsealed }, 'guest memory fd cannot be sealed against shrinking; the front-end must not truncate it');
     const layouts = layoutsOf(next);
     await Promise.all(this.disk.queueWorkers().map((worker) => worker.send({ op: 'memory', regions: layouts })));
     for (const region of previous) if (!next.includes(region)) unmapRegion(region);
@@ -333,6 +338,7 @@ export class VhostUserSession {
     const ring = this.ring(request, index);
     const fd = noFd ? -1 : message.fds.shift();
     if (fd === undefined) throw new SessionRequestError(request, 'no kick fd attached and the no-fd flag is clear');
+    this.adopt(request, fd, 'kick');
     await this.stopRing(ring);
     closeFd(ring.kickFd);
     ring.kickFd = fd;
@@ -356,12 +362,27 @@ export class VhostUserSession {
     const ring = this.ring(request, index);
     const fd = noFd ? -1 : message.fds.shift();
     if (fd === undefined) throw new SessionRequestError(request, 'no fd attached and the no-fd flag is clear');
+    this.adopt(request, fd, field === 'callFd' ? 'call' : 'err');
     const old = ring[field];
     ring[field] = fd;
-    if (ring.running) await this.disk.workerFor(index).send({ op, queue: index, fd });
-    // A guest may have lost an interrupt across a ring restart; one spurious interrupt is harmless.
-    else if (field === 'callFd' && fd >= 0) signalEventFd(fd);
-    closeFd(old);
+    try {
+      if (ring.running) await this.disk.workerFor(index).send({ op, queue: index, fd });
+      // A guest may have lost an interrupt across a ring restart; one spurious interrupt is harmless.
+      else if (field === 'callFd' && fd >= 0) signalEventFd(fd);
+    } finally {
+      closeFd(old);
+    }
+  }
+
+  /** A received kick/call/err fd must be an eventfd; it is made non-blocking. On refusal the fd is closed. */
+  private adopt(request: number, fd: number, role: 'kick' | 'call' | 'err'): void {
+    if (fd < 0) return;
+    try {
+      adoptNotifyFd(fd, role);
+    } catch (error) {
+      closeFd(fd);
+      throw new SessionRequestError(request, error instanceof Error ? error.message : String(error));
+    }
   }
 
   private async setVringEnable(message: IncomingMessage): Promise<void> {
