@@ -105,7 +105,7 @@ export class Daemon implements AdminTarget {
   }
 
   private async startAdminSocket(specs: readonly DiskSpec[]): Promise<void> {
-    const setting = this.options.adminSocket ?? 'default';
+    const setting = this.options.adminSocket === undefined ? 'default' : this.options.adminSocket;
     if (setting === null || specs.length === 0) return;
     let options: AdminSocketOptions;
     if (setting === 'default') {
