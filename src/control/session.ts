@@ -39,7 +39,7 @@ import { sendWithFds } from '../sys/unix-socket.js';
 import { signalEventFd } from '../sys/eventfd.js';
 import { MessageStream, type CloseReason, type IncomingMessage } from './message-stream.js';
 import { VringConfig } from './vring-config.js';
-import { assertNoOverlap, assertWithinLimits, layoutsOf, mapRegion, unmapRegion, type MappedRegion } from './memory-table.js';
+import { MemoryTableError, assertNoOverlap, assertWithinLimits, layoutsOf, mapRegion, unmapRegion, type MappedRegion } from './memory-table.js';
 import { adoptNotifyFd } from './notify-fd.js';
 import { OFFERED_PROTOCOL_FEATURES } from '../device/blk-features.js';
 import type { BlkDisk } from '../device/blk-disk.js';
@@ -165,7 +165,7 @@ export class VhostUserSession {
     } catch (error) {
       failed = true;
       this.stats.rejected++;
-      const level = error instanceof MalformedMessageError || error instanceof SessionRequestError ? 'warn' : 'error';
+      const level = error instanceof MalformedMessageError || error instanceof SessionRequestError || error instanceof MemoryTableError ? 'warn' : 'error';
       this.log[level]({ request: requestName(request), ...errorFields(error) }, 'vhost-user request rejected');
     } finally {
       // Whatever a handler did not take ownership of is closed here (handlers splice out the fds they keep).

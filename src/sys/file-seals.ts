@@ -7,7 +7,7 @@ import fs from 'node:fs';
 import { sys, F_ADD_SEALS, F_GET_SEALS, F_SEAL_SEAL, F_SEAL_SHRINK } from './libc.js';
 import { lastErrno, SyscallError, Errno } from './errors.js';
 
-export type FdKind = 'file' | 'directory' | 'pipe' | 'socket' | 'char-device' | 'block-device' | 'symlink' | 'other';
+export type FdKind = 'file' | 'directory' | 'pipe' | 'socket' | 'char-device' | 'block-device' | 'symlink' | 'special file (an eventfd or another anonymous inode)';
 
 export interface FdInfo {
   kind: FdKind;
@@ -35,7 +35,7 @@ export function describeFd(fd: number): FdInfo {
               ? 'block-device'
               : stat.isSymbolicLink()
                 ? 'symlink'
-                : 'other';
+                : 'special file (an eventfd or another anonymous inode)';
   return { kind, size: stat.size };
 }
 
