@@ -11,7 +11,7 @@
 import type { MemoryRegion } from '../../protocol/vhost-user.js';
 import { mapShared, unmap } from '../sys/memory-map.js';
 import { closeFd } from '../sys/fd.js';
-import { describeFd, guardAgainstShrink, type ShrinkGuard } from '../sys/file-seals.js';
+import { describeFd, guardAgainstShrink, isOpenReadWrite, type ShrinkGuard } from '../sys/file-seals.js';
 import { MAX_GUEST_ADDRESS, type RegionLayout } from '../dataplane/memory-regions.js';
 import { SessionLimits } from './limits.js';
 
@@ -64,7 +64,14 @@ export function mapRegion(region: MemoryRegion, fd: number): MappedRegion {
         `region needs ${mapLength} bytes of its fd (mmap_offset ${mmapOffset} + size ${size}) but the file has only ${fileSize}`,
       );
     }
-    const mapAddress = mapShared(fd, mapLength, 0);
+    if (!isOpenReadWrite(fd)) throw new MemoryTableError('region fd is not open for reading and writing (O_RDWR): the device writes guest memory');
+    let mapAddress: number;
+    try {
+      mapAddress = mapShared(fd, mapLength, 0);
+    } catch (error) {
+      // What the kernel refuses here (ENODEV, EACCES, ENOMEM, EINVAL) is a property of what the front-end sent.
+      throw new MemoryTableError(error instanceof Error ? error.message : String(error));
+    }
     return { layout: { guestPhysAddr, size, userAddr, hostAddr: mapAddress + mmapOffset }, mapAddress, mapLength, shrinkGuard };
   } finally {
     closeFd(fd);

@@ -4,7 +4,10 @@
  * before mapping, and kept from shrinking afterwards where the kernel allows (memfd seals).
  */
 import fs from 'node:fs';
-import { sys, F_ADD_SEALS, F_GET_SEALS, F_SEAL_SEAL, F_SEAL_SHRINK } from './libc.js';
+import { sys, F_ADD_SEALS, F_GETFL, F_GET_SEALS, F_SEAL_SEAL, F_SEAL_SHRINK } from './libc.js';
+
+const O_ACCMODE = 0o3;
+const O_RDWR = 0o2;
 import { lastErrno, SyscallError, Errno } from './errors.js';
 
 export type FdKind = 'file' | 'directory' | 'pipe' | 'socket' | 'char-device' | 'block-device' | 'symlink' | 'special file (an eventfd or another anonymous inode)';
@@ -61,4 +64,10 @@ export function guardAgainstShrink(fd: number): ShrinkGuard {
     throw new SyscallError('fcntl(F_ADD_SEALS)', errno, `fd ${fd}`);
   }
   return 'sealed-now';
+}
+
+/** True when the fd was opened O_RDWR (a MAP_SHARED, PROT_WRITE mapping needs it). */
+export function isOpenReadWrite(fd: number): boolean {
+  const flags = sys.fcntl(fd, F_GETFL, 0);
+  return flags >= 0 && (flags & O_ACCMODE) === O_RDWR;
 }

@@ -454,6 +454,7 @@ describe('vhost-user message fuzzer', () => {
 
     for (let round = 1; figures.messages < MESSAGES; round++) {
       let client = fuzzSession();
+      let replyAck = true;
       figures.sessions++;
       const batchEnd = Math.min(MESSAGES, figures.messages + BATCH);
       while (figures.messages < batchEnd) {
@@ -467,9 +468,23 @@ describe('vhost-user message fuzzer', () => {
           if (!/EPIPE|ECONNRESET/.test(String(error))) throw new Error(`${context()}: send failed: ${String(error)}`);
         }
         const stream = message.claimedSize !== undefined || (message.flags & HeaderFlag.VERSION_MASK) !== V;
-        const owed = stream || (message.flags & NEED_REPLY) !== 0 || REPLYING.has(message.request);
+        // The daemon acks only while REPLY_ACK is negotiated (as it was when the message arrived); a mutated
+        // SET_PROTOCOL_FEATURES may switch it off or on again for the messages after it.
+        const owed = stream || ((message.flags & NEED_REPLY) !== 0 && replyAck) || REPLYING.has(message.request >>> 0);
+        if (!stream && message.request === R.SET_PROTOCOL_FEATURES && message.payload.length === 8) {
+          replyAck = (Buffer.from(message.payload).readBigUInt64LE(0) & (1n << BigInt(ProtocolFeature.REPLY_ACK))) !== 0n;
+        }
         if (owed) {
-          const reply = receiveOrClosed(client);
+          let reply: ReturnType<RawVhostClient['receive']>;
+          try {
+            reply = receiveOrClosed(client);
+          } catch (error) {
+            const fdKinds = message.fds.map((fd) => fs.readlinkSync(`/proc/self/fd/${fd}`)).join(', ');
+            throw new Error(
+              `${context()}: no answer to ${message.kind} request ${message.request} flags 0x${(message.flags >>> 0).toString(16)} ` +
+                `payload ${Buffer.from(message.payload).toString('hex')} fds [${fdKinds}]: ${String(error)}\ndaemon log tail:\n${daemon.output().slice(-3000)}`,
+            );
+          }
           if (reply === null) {
             if (!stream) figures.unexpectedCloses++;
             figures.closedByDaemon++;
@@ -478,6 +493,7 @@ describe('vhost-user message fuzzer', () => {
             });
             client.close();
             client = fuzzSession();
+            replyAck = true;
             figures.sessions++;
           } else {
             if (stream) throw new Error(`${context()}: a ${message.kind} message was answered instead of closing the session`);
