@@ -264,3 +264,26 @@ describe('fd ownership', () => {
     }
   });
 });
+
+describe('a front-end that never reads its replies', () => {
+  it('cannot make the daemon queue replies without bound: its own socket fills up', () => {
+    const client = new RawVhostClient(daemon.socketPath);
+    const getConfig = new Uint8Array(12 + 60);
+    new DataView(getConfig.buffer).setUint32(4, 60, true);
+    const limit = 200_000;
+    let sent = 0;
+    try {
+      for (; sent < limit; sent++) client.send(FrontendRequest.GET_CONFIG, V, getConfig);
+    } catch (error) {
+      expect(String(error)).toMatch(/socket full/);
+    }
+    // Without back-pressure the daemon would read all 200,000 (and queue 14 MB of replies).
+    expect(sent).toBeLessThan(limit);
+    // The session is still healthy: every reply arrives, in order, once the client reads.
+    for (let i = 0; i < sent; i++) expect(client.receive()?.header.request).toBe(FrontendRequest.GET_CONFIG);
+    client.send(FrontendRequest.GET_QUEUE_NUM, V);
+    expect(client.receive()?.payload.readBigUInt64LE(0)).toBe(4n);
+    client.close();
+    assertServing();
+  });
+});
