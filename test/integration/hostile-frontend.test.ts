@@ -22,7 +22,7 @@ import { RawVhostClient } from '../support/raw-vhost-client.js';
 import { createEventFd, signalEventFd } from '../../src/sys/eventfd.js';
 import { closeFd } from '../../src/sys/fd.js';
 import { createMemfd } from '../../src/sys/memory-map.js';
-import { sys, addressOf, F_GET_SEALS, F_SEAL_SHRINK, EFD_CLOEXEC } from '../../src/sys/libc.js';
+import { sys, addressOf, F_GET_SEALS, F_SEAL_SHRINK, EFD_CLOEXEC, POLLOUT } from '../../src/sys/libc.js';
 import { VhostUserFrontend } from '../../src/frontend/index.js';
 
 const V = HeaderFlag.VERSION;
@@ -270,14 +270,21 @@ describe('a front-end that never reads its replies', () => {
     const client = new RawVhostClient(daemon.socketPath);
     const getConfig = new Uint8Array(12 + 60);
     new DataView(getConfig.buffer).setUint32(4, 60, true);
-    const limit = 200_000;
+    const limit = 100_000;
     let sent = 0;
-    try {
-      for (; sent < limit; sent++) client.send(FrontendRequest.GET_CONFIG, V, getConfig);
-    } catch (error) {
-      expect(String(error)).toMatch(/socket full/);
+    let stalled = false;
+    while (sent < limit && !stalled) {
+      try {
+        client.send(FrontendRequest.GET_CONFIG, V, getConfig);
+        sent++;
+      } catch (error) {
+        expect(String(error)).toMatch(/socket full/);
+        // Full: wait for the daemon to read more. With back-pressure it stops reading once its replies back up.
+        stalled = !waitWritable(client.fd, 2_000);
+      }
     }
-    // Without back-pressure the daemon would read all 200,000 (and queue 14 MB of replies).
+    // Without back-pressure the daemon would read all 100,000 requests (and queue 7 MB of replies).
+    expect(stalled).toBe(true);
     expect(sent).toBeLessThan(limit);
     // The session is still healthy: every reply arrives, in order, once the client reads.
     for (let i = 0; i < sent; i++) expect(client.receive()?.header.request).toBe(FrontendRequest.GET_CONFIG);
@@ -287,3 +294,11 @@ describe('a front-end that never reads its replies', () => {
     assertServing();
   });
 });
+
+/** poll(POLLOUT) with a deadline: true once the socket can take more bytes. */
+function waitWritable(fd: number, timeoutMs: number): boolean {
+  const pollfd = Buffer.alloc(8);
+  pollfd.writeInt32LE(fd, 0);
+  pollfd.writeInt16LE(POLLOUT, 4);
+  return sys.poll(addressOf(pollfd), 1, timeoutMs) > 0;
+}
