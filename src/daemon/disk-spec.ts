@@ -107,7 +107,7 @@ export function buildDiskSpec(input: DiskSpecInput, where: string, index: number
       ioEngine: parseIoEngine(where, input.ioEngine),
       threads,
       throttle,
-      locking: input.locking ?? true,
+      ...(input.locking === false ? { locking: false } : {}),
     },
     listen,
   };
