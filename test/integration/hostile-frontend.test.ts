@@ -23,7 +23,7 @@ import { createEventFd, signalEventFd } from '../../src/sys/eventfd.js';
 import { closeFd } from '../../src/sys/fd.js';
 import { createMemfd } from '../../src/sys/memory-map.js';
 import { sys, addressOf, F_GET_SEALS, F_SEAL_SHRINK, EFD_CLOEXEC, POLLOUT } from '../../src/sys/libc.js';
-import { VhostUserFrontend } from '../../src/frontend/index.js';
+import { VhostUserFrontend } from '../../bench/src/frontend/index.js';
 
 const V = HeaderFlag.VERSION;
 const NEED_REPLY = HeaderFlag.NEED_REPLY;

@@ -41,7 +41,7 @@ import { createEventFd, signalEventFd } from '../../src/sys/eventfd.js';
 import { closeFd } from '../../src/sys/fd.js';
 import { createMemfd } from '../../src/sys/memory-map.js';
 import { sys, addressOf, AF_UNIX, EFD_CLOEXEC, MFD_CLOEXEC, SOCK_CLOEXEC, SOCK_STREAM } from '../../src/sys/libc.js';
-import { VhostUserFrontend, VirtioBlkDriver } from '../../src/frontend/index.js';
+import { VhostUserFrontend, VirtioBlkDriver } from '../../bench/src/frontend/index.js';
 
 const MESSAGES = Number(process.env['VUBLK_MSGFUZZ_MESSAGES'] ?? 100_000);
 const SEED = seedFromEnv('VUBLK_MSGFUZZ_SEED');
