@@ -31,6 +31,9 @@ export interface MappedRegion {
   shrinkGuard: ShrinkGuard;
 }
 
+/** Regions are page-granular on every front-end vublk serves. */
+const PAGE_SIZE = 4096;
+
 function toNumber(value: bigint, what: string): number {
   if (value > BigInt(MAX_GUEST_ADDRESS)) throw new MemoryTableError(`${what} 0x${value.toString(16)} is beyond 2^53`);
   return Number(value);
@@ -47,6 +50,11 @@ export function mapRegion(region: MemoryRegion, fd: number): MappedRegion {
     const guestPhysAddr = toNumber(region.guestPhysAddr, 'guest address');
     const userAddr = toNumber(region.userAddr, 'user address');
     if (size === 0) throw new MemoryTableError('region of size 0');
+    // Front-ends (QEMU, cloud-hypervisor) map whole pages; an unaligned region would turn aligned ring
+    // addresses into unaligned host addresses, which the data plane's ring views cannot use.
+    if (guestPhysAddr % PAGE_SIZE !== 0 || userAddr % PAGE_SIZE !== 0 || mmapOffset % PAGE_SIZE !== 0) {
+      throw new MemoryTableError(`region guest address, user address and mmap offset must be multiples of ${PAGE_SIZE}`);
+    }
     if (guestPhysAddr + size > MAX_GUEST_ADDRESS || userAddr + size > MAX_GUEST_ADDRESS) throw new MemoryTableError('region end beyond 2^53');
     const mapLength = mmapOffset + size;
     if (mapLength > SessionLimits.mappedBytes) {

@@ -318,6 +318,10 @@ export class VhostUserSession {
     if (address.descUserAddr > limit || address.availUserAddr > limit || address.usedUserAddr > limit) {
       throw new SessionRequestError(message.header.request, 'ring address beyond 2^53');
     }
+    // Split-ring alignment (virtio 1.x 2.7): the worker views the rings as typed arrays at these addresses.
+    if (address.descUserAddr % 16n !== 0n || address.availUserAddr % 2n !== 0n || address.usedUserAddr % 4n !== 0n) {
+      throw new SessionRequestError(message.header.request, 'ring addresses must be aligned: descriptor table to 16, avail ring to 2, used ring to 4 bytes');
+    }
     const wasRunning = ring.running;
     await this.stopRing(ring);
     ring.descUserAddr = Number(address.descUserAddr);

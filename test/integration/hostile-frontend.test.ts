@@ -302,3 +302,33 @@ function waitWritable(fd: number, timeoutMs: number): boolean {
   pollfd.writeInt16LE(POLLOUT, 4);
   return sys.poll(addressOf(pollfd), 1, timeoutMs) > 0;
 }
+
+describe('ring addresses', () => {
+  it('refuses unaligned ring addresses (found by the message fuzzer: the worker failed to start the ring)', async () => {
+    const since = daemon.logs().length;
+    const client = ackingClient();
+    const base = 0x7f00_0000_0000n;
+    const address = (desc: bigint, avail: bigint, used: bigint) =>
+      encodeVringAddress({ index: 0, flags: 0, descUserAddr: desc, availUserAddr: avail, usedUserAddr: used, logGuestAddr: 0n });
+    expect(acked(client, FrontendRequest.SET_VRING_ADDR, address(base + 8n, base + 4096n, base + 8192n))).toBe(1n);
+    expect(acked(client, FrontendRequest.SET_VRING_ADDR, address(base, base + 4097n, base + 8192n))).toBe(1n);
+    expect(acked(client, FrontendRequest.SET_VRING_ADDR, address(base, base + 4096n, base + 8194n))).toBe(1n);
+    expect(acked(client, FrontendRequest.SET_VRING_ADDR, address(base, base + 4096n, base + 8192n))).toBe(0n);
+    await daemon.waitForLog((l) => String(l['err']).includes('must be aligned'), 5_000, since);
+    client.close();
+    assertServing();
+  });
+
+  it('refuses memory regions that are not page-aligned (an aligned ring would map to an unaligned host address)', async () => {
+    const since = daemon.logs().length;
+    const client = ackingClient();
+    const memfd = createMemfd('unaligned', 2 * MiB);
+    const shifted = { guestPhysAddr: 0n, memorySize: BigInt(MiB), userAddr: 0x7f00_0000_0008n, mmapOffset: 0n };
+    expect(acked(client, FrontendRequest.SET_MEM_TABLE, encodeMemoryTable([shifted]), [memfd])).toBe(1n);
+    expect(acked(client, FrontendRequest.SET_MEM_TABLE, encodeMemoryTable([{ ...shifted, userAddr: 0x7f00_0000_0000n, mmapOffset: 24n }]), [memfd])).toBe(1n);
+    await daemon.waitForLog((l) => String(l['err']).includes('must be multiples of 4096'), 5_000, since);
+    closeFd(memfd);
+    client.close();
+    assertServing();
+  });
+});
