@@ -52,8 +52,8 @@ function ackingClient(socketPath = daemon.socketPath): RawVhostClient {
 function acked(client: RawVhostClient, request: number, payload: Uint8Array, fds: number[] = [], timeoutMs = 5_000): bigint {
   client.send(request, V | NEED_REPLY, payload, fds);
   const reply = client.receive(timeoutMs);
-  expect(reply, 'daemon closed the session instead of answering').not.toBeNull();
-  expect(reply!.header.request).toBe(request);
+  expect(reply, `daemon closed the session instead of answering; daemon output:\n${daemon.output().slice(-3000)}`).not.toBeNull();
+  expect(reply!.header.request, `reply to the wrong request; daemon output:\n${daemon.output().slice(-3000)}`).toBe(request);
   return reply!.payload.readBigUInt64LE(0);
 }
 
