@@ -1,4 +1,4 @@
-// The RBD back-end library (src/image/rbd/) against a real single-node Ceph cluster started by
+// The RBD back-end library (src/backend/rbd/) against a real single-node Ceph cluster started by
 // test/support/ceph/micro-cluster.sh: aio through the eventfd + rbd_poll_io_events path with several
 // requests in flight, flush, read-back and `rbd export` comparison, discard and write-zeroes, resize, the
 // exclusive lock between two clients, and a clear error (never a hang) for every way opening can fail.
@@ -9,10 +9,10 @@ import os from 'node:os';
 import path from 'node:path';
 import { Worker } from 'node:worker_threads';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { RbdImage } from '../../src/image/rbd/rbd-image.js';
-import { IovecArray, RbdQueue } from '../../src/image/rbd/rbd-queue.js';
-import { parseRbdSpec, type RbdSpecOptions } from '../../src/image/rbd/rbd-spec.js';
-import { RbdError, type RbdErrorCode } from '../../src/image/rbd/rbd-error.js';
+import { RbdImage } from '../../src/backend/rbd/rbd-image.js';
+import { IovecArray, RbdQueue, type RbdSegments } from '../../src/backend/rbd/rbd-queue.js';
+import { parseRbdSpec, type RbdSpecOptions } from '../../src/backend/rbd/rbd-spec.js';
+import { RbdError, type RbdErrorCode } from '../../src/backend/rbd/rbd-error.js';
 import { addressOf } from '../../src/sys/libc.js';
 import { cephMissing, startMicroCluster, type MicroCluster } from '../support/ceph/micro-cluster.js';
 import { Prng, seedFromEnv } from '../support/prng.js';
@@ -49,6 +49,11 @@ function iovOver(buffers: Buffer[]): IovecArray {
   const iov = new IovecArray(buffers.length);
   buffers.forEach((b, i) => iov.set(i, addressOf(b), b.length));
   return iov;
+}
+
+/** A segment list over `buffers` (what the data plane hands in: host addresses and lengths). */
+function segmentsOf(buffers: Buffer[]): RbdSegments {
+  return { count: buffers.length, addresses: buffers.map((b) => addressOf(b)), lengths: buffers.map((b) => b.length) };
 }
 
 /** Splits `length` bytes into 1..4 pieces of random sizes (multiples of 512). */
@@ -181,6 +186,12 @@ describe('RBD back-end against a real Ceph cluster', () => {
         for (const { tag, offset, data } of writes) {
           let at = 0;
           const buffers = split(prng, data.length).map((len) => data.subarray(at, (at += len)));
+          // Odd tags: a segment list the queue copies; even tags: the caller's own iovec array.
+          if (tag % 2 === 1) {
+            pending.set(tag, { buffers });
+            queue.submitWrite(tag, offset, segmentsOf(buffers));
+            continue;
+          }
           const iov = iovOver(buffers);
           pending.set(tag, { buffers, iov });
           queue.submitWritev(tag, offset, iov.address, buffers.length);
@@ -204,9 +215,14 @@ describe('RBD back-end against a real Ceph cluster', () => {
         const length = prng.int(1, 128) * 512;
         const offset = prng.int(0, (IMAGE_SIZE - length) / 512) * 512;
         const buffers = split(prng, length).map((len) => Buffer.alloc(len, 0xee));
+        reads.push({ tag, offset, buffers });
+        if (tag % 2 === 1) {
+          pending.set(tag, { buffers });
+          queue.submitRead(tag, offset, segmentsOf(buffers));
+          continue;
+        }
         const iov = iovOver(buffers);
         pending.set(tag, { buffers, iov });
-        reads.push({ tag, offset, buffers });
         queue.submitReadv(tag, offset, iov.address, buffers.length);
       }
     });
@@ -287,8 +303,12 @@ describe('RBD back-end against a real Ceph cluster', () => {
       pending.set(1, { buffers: [buffer], iov });
       // iovcnt 0: librbd rejects the request before starting it.
       queue.submitReadv(1, 0, iov.address, 0);
+      // Too many segments: refused by the queue itself, also through reap.
+      pending.set(2, { buffers: [] });
+      queue.submitRead(2, 0, { count: 2000, addresses: new Array<number>(2000).fill(addressOf(buffer)), lengths: new Array<number>(2000).fill(1) });
     });
     expect(results.get(1)).toBeLessThan(0);
+    expect(results.get(2)).toBe(-22 /* EINVAL */);
     await close(image, queue);
   });
 
@@ -372,7 +392,7 @@ describe('RBD back-end against a real Ceph cluster', () => {
         handle: image.handle,
         eventFd: image.eventFd,
         offset: 8 * MiB,
-        queueModule: path.join(root, 'dist/src/image/rbd/rbd-queue.js'),
+        queueModule: path.join(root, 'dist/src/backend/rbd/rbd-queue.js'),
         libcModule: path.join(root, 'dist/src/sys/libc.js'),
       },
     });
@@ -434,9 +454,9 @@ describe('RBD back-end against a real Ceph cluster', () => {
     // The child opens with the exclusive lock, writes and flushes a pattern, says so, then keeps writing
     // until it is killed.
     const childCode = `
-      const { RbdImage } = await import(${JSON.stringify(path.join(root, 'dist/src/image/rbd/rbd-image.js'))});
-      const { RbdQueue, IovecArray } = await import(${JSON.stringify(path.join(root, 'dist/src/image/rbd/rbd-queue.js'))});
-      const { parseRbdSpec } = await import(${JSON.stringify(path.join(root, 'dist/src/image/rbd/rbd-spec.js'))});
+      const { RbdImage } = await import(${JSON.stringify(path.join(root, 'dist/src/backend/rbd/rbd-image.js'))});
+      const { RbdQueue, IovecArray } = await import(${JSON.stringify(path.join(root, 'dist/src/backend/rbd/rbd-queue.js'))});
+      const { parseRbdSpec } = await import(${JSON.stringify(path.join(root, 'dist/src/backend/rbd/rbd-spec.js'))});
       const { addressOf } = await import(${JSON.stringify(path.join(root, 'dist/src/sys/libc.js'))});
       const image = await RbdImage.open(parseRbdSpec('rbd:rbd/img1', ${JSON.stringify(options())}));
       const queue = new RbdQueue(image.handle, image.eventFd);

@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
-import { DEFAULT_CONNECT_TIMEOUT_SECONDS, isRbdImage, parseRbdSpec, rbdImageName } from '../../src/image/rbd/rbd-spec.js';
-import { RbdError } from '../../src/image/rbd/rbd-error.js';
+import { DEFAULT_CONNECT_TIMEOUT_SECONDS, isRbdImage, parseRbdSpec, rbdImageName } from '../../src/backend/rbd/rbd-spec.js';
+import { RbdError } from '../../src/backend/rbd/rbd-error.js';
 
 function specError(image: string, options = {}): RbdError {
   try {
@@ -100,7 +100,7 @@ describe('rbd: image spec', () => {
 
 describe('rbd: library loading', () => {
   it('a missing librbd is RBD_LIBRARY_MISSING naming the packages', async () => {
-    const { loadLibRbd } = await import('../../src/image/rbd/librbd.js');
+    const { loadLibRbd } = await import('../../src/backend/rbd/librbd.js');
     let caught: unknown;
     try {
       loadLibRbd('librados-vublk-missing.so.2', 'librbd-vublk-missing.so.1');

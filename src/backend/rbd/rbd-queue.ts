@@ -10,8 +10,10 @@
  * Invariants:
  * - One RbdQueue per image handle, used by one thread: the notification and its completion list are per
  *   image, so a second queue (or thread) would steal completions.
- * - The iovec arrays (and the memory they point to) passed to submitReadv / submitWritev stay valid and
- *   unchanged until that tag is reaped: librbd keeps the iovec pointer, it does not copy the array.
+ * - librbd keeps the iovec pointer until completion (it does not copy the array): submitRead / submitWrite
+ *   copy the caller's segment list into an iovec array owned here until the tag is reaped; with
+ *   submitReadv / submitWritev the caller's own iovec array must stay valid and unchanged until then.
+ *   Either way the memory the iovecs point to must stay mapped until the tag is reaped.
  * - Every submit is answered by exactly one reaped completion, also when librbd refuses it at submit time
  *   (then the error is queued here and the eventfd is signalled, so the loop wakes as usual).
  */
@@ -22,6 +24,16 @@ import { drainEventFd, signalEventFd } from '../../sys/eventfd.js';
 /** (tag, result): result >= 0 on success (bytes for reads and writes, 0 otherwise), else a negative errno. */
 export type RbdCompletionHandler = (tag: number, result: number) => void;
 
+/** Host-memory scatter list (guest buffers translated to host addresses), the shape the NBD client takes too. */
+export interface RbdSegments {
+  readonly count: number;
+  readonly addresses: ArrayLike<number>;
+  readonly lengths: ArrayLike<number>;
+}
+
+/** librbd refuses more iovecs than IOV_MAX in one request. */
+export const RBD_MAX_SEGMENTS = 1024;
+const IOVEC_BYTES = 16;
 /** Completions taken per rbd_poll_io_events call. */
 const POLL_BATCH = 64;
 const TWO_32 = 0x1_0000_0000;
@@ -34,6 +46,11 @@ export class RbdQueue {
   private readonly lib: LibRbd;
   /** completion pointer -> caller's tag */
   private readonly tags = new Map<number, number>();
+  /** completion pointer -> iovec slot this queue filled for it (submitRead / submitWrite) */
+  private readonly slotOf = new Map<number, number>();
+  /** Owned iovec arrays (RBD_MAX_SEGMENTS entries each), grown on demand up to the requests in flight. */
+  private readonly slots: { buffer: Buffer; words: Uint32Array; address: number }[] = [];
+  private readonly freeSlots: number[] = [];
   /** Requests librbd refused at submit: delivered by the next reap. */
   private readonly refused: { tag: number; result: number }[] = [];
   private readonly completionOut = Buffer.alloc(8);
@@ -60,6 +77,19 @@ export class RbdQueue {
   /** Requests submitted and not yet reaped. */
   get inFlight(): number {
     return this.tags.size + this.refused.length;
+  }
+
+  /**
+   * Reads into `segments`; the list is copied (the caller may reuse it at once), the memory it points to
+   * must stay mapped until the tag is reaped.
+   */
+  submitRead(tag: number, offset: number, segments: RbdSegments): void {
+    this.submitSegments(tag, offset, segments, false);
+  }
+
+  /** Writes `segments` (copied; the memory must stay mapped and unchanged until reaped). */
+  submitWrite(tag: number, offset: number, segments: RbdSegments): void {
+    this.submitSegments(tag, offset, segments, true);
   }
 
   /** Reads into the iovec array at `iovAddress` (`iovCount` struct iovec, kept valid until reaped). */
@@ -104,6 +134,7 @@ export class RbdQueue {
         const c = (this.polledWords[i * 2] ?? 0) + (this.polledWords[i * 2 + 1] ?? 0) * TWO_32;
         const result = this.lib.rbdAioGetReturnValue(c);
         this.lib.rbdAioRelease(c);
+        this.releaseSlot(c);
         const tag = this.tags.get(c);
         // A completion we did not submit cannot happen (one queue per image); skip it rather than crash.
         if (tag === undefined) continue;
@@ -140,6 +171,49 @@ export class RbdQueue {
   /** Refuses further submits (EBADF through reap). Call when idle (`waitIdle`), before RbdImage.close. */
   close(): void {
     this.closed = true;
+  }
+
+  private submitSegments(tag: number, offset: number, segments: RbdSegments, write: boolean): void {
+    const count = segments.count;
+    if (count <= 0 || count > RBD_MAX_SEGMENTS) {
+      this.refuse(tag, -22 /* EINVAL */);
+      return;
+    }
+    const slot = this.freeSlots.pop() ?? this.newSlot();
+    const { words, address } = this.slots[slot]!;
+    for (let i = 0; i < count; i++) {
+      const a = segments.addresses[i] ?? 0;
+      const len = segments.lengths[i] ?? 0;
+      const w = i * 4;
+      words[w] = a % TWO_32;
+      words[w + 1] = Math.floor(a / TWO_32);
+      words[w + 2] = len % TWO_32;
+      words[w + 3] = Math.floor(len / TWO_32);
+    }
+    const c = this.completion(tag);
+    if (c === 0) {
+      this.freeSlots.push(slot);
+      return;
+    }
+    const r = write
+      ? this.lib.rbdAioWritev(this.image, address, count, offset, c)
+      : this.lib.rbdAioReadv(this.image, address, count, offset, c);
+    if (r >= 0) this.slotOf.set(c, slot);
+    else this.freeSlots.push(slot);
+    this.started(tag, c, r);
+  }
+
+  private newSlot(): number {
+    const buffer = Buffer.alloc(RBD_MAX_SEGMENTS * IOVEC_BYTES);
+    this.slots.push({ buffer, words: new Uint32Array(buffer.buffer, buffer.byteOffset, RBD_MAX_SEGMENTS * 4), address: addressOf(buffer) });
+    return this.slots.length - 1;
+  }
+
+  private releaseSlot(c: number): void {
+    const slot = this.slotOf.get(c);
+    if (slot === undefined) return;
+    this.slotOf.delete(c);
+    this.freeSlots.push(slot);
   }
 
   private completion(tag: number): number {
