@@ -368,7 +368,7 @@ describe('RBD back-end against a real Ceph cluster', () => {
     await close(first);
   });
 
-  it('a worker thread drives I/O on a handle opened by the main thread', async () => {
+  it('a worker thread drives I/O on a handle opened by the main thread, woken by its epoll set', async () => {
     const image = await open();
     const workerCode = `
       const { parentPort, workerData } = require('node:worker_threads');
@@ -378,11 +378,23 @@ describe('RBD back-end against a real Ceph cluster', () => {
         const data = Buffer.alloc(65536, 0x42);
         const iov = new IovecArray(1);
         iov.set(0, addressOf(data), data.length);
+        const { EpollSet } = await import(workerData.epollModule);
         const results = [];
+        // The data plane's way: the queue's fd in the worker's epoll set (edge-triggered), reap on readiness.
+        const epoll = new EpollSet();
+        epoll.add(queue.fd, true);
+        const ready = new Int32Array(8);
         queue.submitWritev(1, workerData.offset, iov.address, 1);
         queue.submitFlush(2);
-        const idle = queue.waitIdle(30000, (tag, result) => results.push([tag, result]));
-        parentPort.postMessage({ idle, results });
+        const deadline = Date.now() + 30000;
+        let wakeups = 0;
+        while (queue.inFlight > 0 && Date.now() < deadline) {
+          const n = epoll.wait(ready, 1000);
+          if (n > 0 && ready[0] === queue.fd) wakeups++;
+          queue.reap((tag, result) => results.push([tag, result]));
+        }
+        epoll.close();
+        parentPort.postMessage({ idle: queue.inFlight === 0, results, wakeups });
       }).catch((error) => parentPort.postMessage({ error: String(error) }));
     `;
     const root = path.resolve(import.meta.dirname, '../..');
@@ -394,9 +406,10 @@ describe('RBD back-end against a real Ceph cluster', () => {
         offset: 8 * MiB,
         queueModule: path.join(root, 'dist/src/backend/rbd/rbd-queue.js'),
         libcModule: path.join(root, 'dist/src/sys/libc.js'),
+        epollModule: path.join(root, 'dist/src/dataplane/epoll.js'),
       },
     });
-    const reply = await new Promise<{ idle?: boolean; results?: [number, number][]; error?: string }>((resolve, reject) => {
+    const reply = await new Promise<{ idle?: boolean; results?: [number, number][]; wakeups?: number; error?: string }>((resolve, reject) => {
       const timer = setTimeout(() => reject(new Error('worker did not answer in 60 s')), 60_000);
       worker.once('message', (message) => {
         clearTimeout(timer);
@@ -407,6 +420,7 @@ describe('RBD back-end against a real Ceph cluster', () => {
     await worker.terminate();
     expect(reply.error).toBeUndefined();
     expect(reply.idle).toBe(true);
+    expect(reply.wakeups).toBeGreaterThan(0);
     expect(new Map(reply.results)).toEqual(new Map([[1, 0], [2, 0]]));
     model.fill(0x42, 8 * MiB, 8 * MiB + 65536);
     const exported = await cluster.run('rbd', ['export', '--no-progress', 'rbd/img1', '-'], 120_000);
