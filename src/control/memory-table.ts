@@ -7,11 +7,11 @@ import type { MemoryRegion } from '../../protocol/vhost-user.js';
 import { mapShared, unmap } from '../sys/memory-map.js';
 import { closeFd } from '../sys/fd.js';
 import { MAX_GUEST_ADDRESS, type RegionLayout } from '../dataplane/memory-regions.js';
+import { VublkError } from '../errors.js';
 
-export class MemoryTableError extends Error {
+export class MemoryTableError extends VublkError {
   constructor(detail: string) {
-    super(`memory table rejected: ${detail}`);
-    this.name = 'MemoryTableError';
+    super('VUBLK_ERR_MEMORY_TABLE', `memory table rejected: ${detail}`, { peerFault: true });
   }
 }
 

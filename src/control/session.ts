@@ -13,7 +13,6 @@ import {
   FrontendRequest,
   HeaderFlag,
   MAX_MEM_SLOTS,
-  MalformedMessageError,
   ProtocolFeature,
   VHOST_USER_F_PROTOCOL_FEATURES,
   decodeConfigMessage,
@@ -44,12 +43,12 @@ import { OFFERED_PROTOCOL_FEATURES } from '../device/blk-features.js';
 import type { BlkDisk } from '../device/blk-disk.js';
 import type { WorkerEvent } from '../dataplane/worker-protocol.js';
 import { errorFields, type Logger } from '../log.js';
+import { VublkError } from '../errors.js';
 
 /** A request the session refuses; the message names the request and what to fix. */
-export class SessionRequestError extends Error {
+export class SessionRequestError extends VublkError {
   constructor(request: number, detail: string) {
-    super(`${requestName(request)}: ${detail}`);
-    this.name = 'SessionRequestError';
+    super('VUBLK_ERR_SESSION_REQUEST', `${requestName(request)}: ${detail}`, { peerFault: true });
   }
 }
 
@@ -164,8 +163,11 @@ export class VhostUserSession {
     } catch (error) {
       failed = true;
       this.stats.rejected++;
-      const level = error instanceof MalformedMessageError || error instanceof SessionRequestError ? 'warn' : 'error';
-      this.log[level]({ request: requestName(request), ...errorFields(error) }, 'vhost-user request rejected');
+      // The error's classification decides: the front-end's fault is a warning, ours an error;
+      // a fatal error ends the connection instead of a reply.
+      const classified = error instanceof VublkError ? error : null;
+      this.log[classified?.peerFault === true ? 'warn' : 'error']({ request: requestName(request), ...errorFields(error) }, 'vhost-user request rejected');
+      if (classified?.fatal === true) this.stream.close({ kind: 'protocol-error', detail: classified.message });
     } finally {
       // Whatever a handler did not take ownership of is closed here (handlers splice out the fds they keep).
       closeAll(message.fds);
@@ -189,9 +191,12 @@ export class VhostUserSession {
       this.log.warn({ unknown: `0x${unknown.toString(16)}` }, 'front-end acknowledged features that were not offered; ignoring them');
     }
     const previous = this.ackedFeatures;
+    const wasSet = this.featuresSet;
     this.ackedFeatures = features & this.disk.offeredFeatures;
     this.featuresSet = true;
-    this.log.info({ features: `0x${this.ackedFeatures.toString(16)}`, eventIdx: this.eventIdx, version1: hasFeature(this.ackedFeatures, VirtioFeature.VERSION_1) }, 'features negotiated');
+    // QEMU sends SET_FEATURES more than once per start (vhost_dev_start and again for the log): only a change is news.
+    const level = previous === this.ackedFeatures && wasSet ? 'debug' : 'info';
+    this.log[level]({ features: `0x${this.ackedFeatures.toString(16)}`, eventIdx: this.eventIdx, version1: hasFeature(this.ackedFeatures, VirtioFeature.VERSION_1) }, 'features negotiated');
     // EVENT_IDX changes how a running ring suppresses notifications: restart running rings with it.
     if (hasFeature(previous ^ this.ackedFeatures, VirtioFeature.RING_EVENT_IDX)) {
       for (const ring of this.rings) if (ring.running) await this.restartRing(ring);

@@ -23,6 +23,7 @@ import type { Logger } from '../log.js';
 import { DiskThrottle, type DiskLimits } from '../throttle/disk-throttle.js';
 import { sys, SEEK_END } from '../sys/libc.js';
 import { check } from '../sys/errors.js';
+import { VublkError } from '../errors.js';
 
 export interface DiskOptions {
   name: string;
@@ -44,10 +45,9 @@ export interface DiskOptions {
   ioEngine?: IoEngineSetting | undefined;
 }
 
-export class DiskSetupError extends Error {
-  constructor(disk: string, detail: string) {
-    super(`disk ${disk}: ${detail}`);
-    this.name = 'DiskSetupError';
+export class DiskSetupError extends VublkError {
+  constructor(disk: string, detail: string, options: { cause?: unknown } = {}) {
+    super('VUBLK_ERR_DISK_SETUP', `disk ${disk}: ${detail}`, { peerFault: true, fatal: true, ...options });
   }
 }
 

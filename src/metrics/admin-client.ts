@@ -3,16 +3,16 @@
  * metrics listener, given as `http://HOST:PORT` or `unix:/path`.
  */
 import http from 'node:http';
+import { VublkError } from '../errors.js';
 
 export interface AdminReply {
   status: number;
   body: unknown;
 }
 
-export class AdminClientError extends Error {
+export class AdminClientError extends VublkError {
   constructor(message: string) {
-    super(message);
-    this.name = 'AdminClientError';
+    super('VUBLK_ERR_ADMIN_CLIENT', message);
   }
 }
 

@@ -13,6 +13,7 @@
  */
 import { parseCount, parseRate, parseSize } from '../throttle/size.js';
 import type { DiskLimits, ResolvedDiskLimits } from '../throttle/disk-throttle.js';
+import { VublkError } from '../errors.js';
 
 /** Limits as the admin API and the config file spell them. */
 export interface ThrottleJson {
@@ -44,13 +45,13 @@ export interface AdminTarget {
   resize(disk: string, sizeBytes: number): Promise<number>;
 }
 
-export class AdminError extends Error {
+/** An admin request that is refused; `status` is the HTTP status of the answer. */
+export class AdminError extends VublkError {
   constructor(
     readonly status: number,
     message: string,
   ) {
-    super(message);
-    this.name = 'AdminError';
+    super('VUBLK_ERR_ADMIN', message, { peerFault: status < 500 });
   }
 }
 
