@@ -18,8 +18,12 @@ export type LogFormat = (typeof LOG_FORMATS)[number];
 /** `auto`: pretty when stdout is a terminal, JSON otherwise. */
 export function createLogger(level: LogLevel = 'info', format: LogFormat = 'json'): Logger {
   const options = { level, base: { service: 'vublk' }, timestamp: pino.stdTimeFunctions.isoTime };
-  const pretty = format === 'pretty' || (format === 'auto' && process.stdout.isTTY === true);
-  return pretty ? pino(options, prettyDestination()) : pino(options);
+  return isPrettyLog(format) ? pino(options, prettyDestination()) : pino(options);
+}
+
+/** Whether `format` prints human-readable lines (`auto` on a terminal) rather than JSON. */
+export function isPrettyLog(format: LogFormat): boolean {
+  return format === 'pretty' || (format === 'auto' && process.stdout.isTTY === true);
 }
 
 /**

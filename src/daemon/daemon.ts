@@ -4,7 +4,9 @@
  * socket files it created, exit 0). A second signal exits at once. With a config file, SIGHUP re-reads it
  * and applies throttle limits live (reload.ts).
  */
+import fs from 'node:fs';
 import { BlkDisk, DiskSetupError } from '../device/blk-disk.js';
+import { checkDiskPaths } from './disk-paths.js';
 import { ExportListener } from '../control/export-listener.js';
 import type { DiskSpec } from './disk-spec.js';
 import { errorFields, type Logger } from '../log.js';
@@ -64,10 +66,14 @@ export class Daemon implements AdminTarget {
   /** Opens and serves every disk; on any failure, what was already opened is closed again. */
   async start(specs: readonly DiskSpec[]): Promise<void> {
     this.state = 'starting';
+    // Images this start creates: a failed start removes them again.
+    const created: string[] = [];
     try {
       if (this.options.metrics) await this.startMetrics(this.options.metrics);
       for (const spec of specs) {
         const log = this.log.child({ disk: spec.options.name });
+        checkDiskPaths(spec);
+        if (!fs.existsSync(spec.options.imagePath)) created.push(spec.options.imagePath);
         const disk = new BlkDisk(spec.options, log);
         try {
           const listener = new ExportListener(disk, spec.listen, log);
@@ -83,7 +89,10 @@ export class Daemon implements AdminTarget {
       }
       if (this.state === 'starting') this.state = 'running';
     } catch (error) {
-      await this.stop();
+      // Not a shutdown: no `stopped` line; the caller reports the error once.
+      this.state = 'stopping';
+      await this.closeEverything();
+      for (const image of created) fs.rmSync(image, { force: true });
       throw error;
     }
   }
@@ -130,7 +139,9 @@ export class Daemon implements AdminTarget {
     };
     process.on('SIGTERM', handler);
     process.on('SIGINT', handler);
-    if (this.options.config !== undefined) process.on('SIGHUP', () => this.reload());
+    // SIGHUP is the habitual reload signal: without --config there is nothing to reload, but its default
+    // action (exit) would drop every disk.
+    process.on('SIGHUP', () => this.reload());
   }
 
   /**
@@ -140,7 +151,7 @@ export class Daemon implements AdminTarget {
   reload(): ReloadPlan | null {
     const config = this.options.config;
     if (config === undefined) {
-      this.log.warn('reload ignored: vublk was not started with --config');
+      this.log.warn('SIGHUP: nothing to reload (vublk was not started with --config); still serving');
       return null;
     }
     if (this.state !== 'running') {
@@ -149,7 +160,7 @@ export class Daemon implements AdminTarget {
     }
     let plan: ReloadPlan;
     try {
-      const next = loadConfigFile(config.file);
+      const next = loadConfigFile(config.file, config.diskDefaults);
       // Baseline: the disks as the file described them at start (before socket activation swapped
       // a socket path for an inherited fd), so only real edits of the file are reported.
       const running = this.disks.map(({ spec, disk }) => ({
@@ -221,12 +232,16 @@ export class Daemon implements AdminTarget {
   stop(): Promise<void> {
     this.state = 'stopping';
     this.stopping ??= (async () => {
-      for (const { listener } of this.disks) await listener.close();
-      for (const { disk } of this.disks) await disk.close();
-      if (this.metricsServer !== null) await this.metricsServer.close();
+      await this.closeEverything();
       this.log.info('stopped');
     })();
     return this.stopping;
+  }
+
+  private async closeEverything(): Promise<void> {
+    for (const { listener } of this.disks) await listener.close();
+    for (const { disk } of this.disks) await disk.close();
+    if (this.metricsServer !== null) await this.metricsServer.close();
   }
 }
 

@@ -10,7 +10,6 @@ import { BLK_ID_BYTES, SECTOR_SIZE, encodeBlkConfig, type BlkConfig } from '../.
 import { createCounterBuffer, CounterReader } from '../dataplane/counters.js';
 import {
   DEFAULT_MAX_DISCARD_SECTORS,
-  DEFAULT_MAX_DISCARD_SEG,
   DEFAULT_SEG_MAX,
   DEFAULT_SIZE_MAX,
   type DeviceLimits,
@@ -41,8 +40,11 @@ export interface DiskOptions {
   writeback: boolean;
   /** Token-bucket limits shared by all queues of the disk; all zero = unlimited. */
   throttle: DiskLimits;
-  /** Request engine of the queue workers (default `auto`: io_uring when available, else sync). */
-  ioEngine?: IoEngineSetting | undefined;
+  /** Request engine of the queue workers (`auto`: io_uring when available, else sync). */
+  ioEngine: IoEngineSetting;
+  /** Ranges one DISCARD / WRITE_ZEROES request may carry (config max_discard_seg / max_write_zeroes_seg). */
+  maxDiscardSeg: number;
+  maxWriteZeroesSeg: number;
 }
 
 export class DiskSetupError extends VublkError {
@@ -118,9 +120,9 @@ export class BlkDisk {
       readOnly,
       serial: serialBytes(options.serial ?? defaultSerial(imagePath)),
       maxDiscardSectors: DEFAULT_MAX_DISCARD_SECTORS,
-      maxDiscardSeg: DEFAULT_MAX_DISCARD_SEG,
+      maxDiscardSeg: options.maxDiscardSeg,
       maxWriteZeroesSectors: DEFAULT_MAX_DISCARD_SECTORS,
-      maxWriteZeroesSeg: DEFAULT_MAX_DISCARD_SEG,
+      maxWriteZeroesSeg: options.maxWriteZeroesSeg,
     };
     this.counterBuffer = createCounterBuffer(options.numQueues);
     this.counters = new CounterReader(this.counterBuffer);
@@ -232,18 +234,18 @@ export class BlkDisk {
               writeback: this.writebackEnabled,
               counters: this.counterBuffer,
               throttle: this.throttle.buffer,
-              ioEngine: this.options.ioEngine ?? 'auto',
+              ioEngine: this.options.ioEngine,
             },
             (event) => {
               if (event.kind === 'started' && event.ioEngine !== undefined) {
-                this.log.info({ disk: this.name, queue: event.queue, ioEngine: event.ioEngine, reason: event.reason }, 'queue worker io engine');
+                this.log.info({ queue: event.queue, ioEngine: event.ioEngine, reason: event.reason }, 'queue worker io engine');
               } else if (event.kind === 'error') {
-                this.log.error({ disk: this.name, queue: event.queue, reason: event.reason }, 'queue worker failed to start');
+                this.log.error({ queue: event.queue, reason: event.reason }, 'queue worker failed to start');
               }
               this.workerEventListener(event);
             },
             (served, code) => {
-              if (code !== 0) this.log.error({ disk: this.name, queues: served, code }, 'queue worker exited unexpectedly');
+              if (code !== 0) this.log.error({ queues: served, code }, 'queue worker exited unexpectedly');
             },
           ),
         );
@@ -266,7 +268,7 @@ export class BlkDisk {
       try {
         fs.fdatasyncSync(this.fd);
       } catch (error) {
-        this.log.error({ disk: this.name, err: (error as Error).message }, 'fdatasync of the image failed at shutdown');
+        this.log.error({ err: (error as Error).message }, 'fdatasync of the image failed at shutdown');
       }
     }
     fs.closeSync(this.fd);
