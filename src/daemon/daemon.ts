@@ -7,6 +7,7 @@
 import fs from 'node:fs';
 import { BlkDisk, DiskSetupError } from '../device/blk-disk.js';
 import { checkDiskPaths } from './disk-paths.js';
+import { adminOptionValues } from './disk-options.js';
 import { ExportListener } from '../control/export-listener.js';
 import type { DiskSpec } from './disk-spec.js';
 import { errorFields, type Logger } from '../log.js';
@@ -188,14 +189,9 @@ export class Daemon implements AdminTarget {
 
   listDisks(): AdminDiskInfo[] {
     return this.disks.map(({ disk, listener, spec }) => ({
-      name: disk.name,
-      image: disk.options.imagePath,
+      ...adminOptionValues(spec.fields),
       socket: spec.listen.kind === 'path' ? spec.listen.path : `fd:${spec.listen.fd}`,
       'capacity-bytes': disk.capacityBytes,
-      'num-queues': disk.options.numQueues,
-      'queue-size': disk.options.queueSize,
-      'read-only': disk.options.readOnly,
-      'logical-block-size': disk.options.logicalBlockSize,
       connected: listener.hasSession,
       connections: listener.connections,
       throttle: throttleJson(disk.throttle.limits),

@@ -286,3 +286,13 @@ export function defaultFields(overrides: Partial<DiskFields> = {}): DiskFields {
 export function withoutUndefined<T extends object>(value: T): Partial<T> {
   return Object.fromEntries(Object.entries(value).filter(([, v]) => v !== undefined)) as Partial<T>;
 }
+
+/** The options shown in `GET /admin/disks` (`vublk disks`), by their admin names. */
+export function adminOptionValues(fields: DiskFields): Record<string, unknown> {
+  const shown: Record<string, unknown> = {};
+  for (const row of DISK_OPTIONS) {
+    const value = fields[row.field];
+    if (row.admin !== undefined && value !== undefined) shown[row.admin] = value;
+  }
+  return shown;
+}

@@ -23,15 +23,12 @@ export interface ThrottleJson {
   'bps-burst': number;
 }
 
+/** One disk in `GET /admin/disks`: the options the option table shows (`admin` names), plus live state. */
 export interface AdminDiskInfo {
-  name: string;
-  image: string;
+  /** Option values by their admin name (`name`, `image`, `num-queues`, ...; see disk-options.ts). */
+  [option: string]: unknown;
   socket: string;
   'capacity-bytes': number;
-  'num-queues': number;
-  'queue-size': number;
-  'read-only': boolean;
-  'logical-block-size': number;
   connected: boolean;
   connections: number;
   throttle: ThrottleJson;
