@@ -56,7 +56,7 @@ function flagFields(options: ServeOptions, command: Command, rows = FLAG_ROWS): 
   for (const { row, attribute } of rows) {
     const value = options[attribute];
     if (value === undefined || command.getOptionValueSource(attribute) === 'default') continue;
-    fields[row.field] = readOption(row, 'command line', 'flags', (r) => (r.flagSets !== undefined ? r.flagSets : r.type.text(String(value))));
+    fields[row.field] = readOption(row, '', 'flags', (r) => (r.flagSets !== undefined ? r.flagSets : r.type.text(String(value))));
   }
   return fields as Partial<DiskFields>;
 }
@@ -82,7 +82,7 @@ function diskSpecs(options: ServeOptions, command: Command): DiskSpec[] {
       fields.sizeBytes ??= parseSize(DEFAULT_SIZE);
     }
     if (fields.socket === undefined && fields.socketFd === undefined) fields.socket = path.resolve(DEFAULT_SOCKET);
-    specs = [buildDiskSpec(fields, 'command line', 0, 'flags')];
+    specs = [buildDiskSpec(fields, '', 0, 'flags')];
   }
   checkDistinct(specs);
   return specs;

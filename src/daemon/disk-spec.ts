@@ -23,7 +23,7 @@ export { DEFAULT_QUEUE_SIZE, MAX_QUEUES } from './disk-options.js';
 /** A disk description that cannot be served. `key` names the option to blame, when one is. */
 export class DiskSpecError extends VublkError {
   constructor(
-    /** Which disk: `--disk #2 (...)`, `command line`, `disks[1]`. */
+    /** Which disk: `--disk #2 (...)`, `disks[1]`; empty for the command line's single disk (the flag says it). */
     readonly where: string,
     /** What is wrong, without `where` or the key. */
     readonly detail: string,
@@ -32,7 +32,8 @@ export class DiskSpecError extends VublkError {
     /** How the option is named in `message` (the flag on the command line, else the key). */
     label?: string,
   ) {
-    super('VUBLK_ERR_DISK_SPEC', `${where}: ${option === undefined ? '' : `${label ?? option.key}: `}${detail}`, { peerFault: true });
+    const prefix = [where, option === undefined ? '' : (label ?? option.key)].filter((part) => part !== '').join(': ');
+    super('VUBLK_ERR_DISK_SPEC', prefix === '' ? detail : `${prefix}: ${detail}`, { peerFault: true });
   }
 }
 
