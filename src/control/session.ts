@@ -52,6 +52,10 @@ export class SessionRequestError extends VublkError {
   }
 }
 
+/** What a QEMU command line needs so vublk can map guest RAM (vhost-user shares memory by fd). */
+export const NO_SHARED_MEMORY_HINT =
+  'give QEMU shared guest RAM: -object memory-backend-memfd,id=mem,size=<RAM>,share=on plus -numa node,memdev=mem (or -machine memory-backend=mem)';
+
 type Handler = (message: IncomingMessage) => Promise<Uint8Array | void> | Uint8Array | void;
 
 /** Requests whose reply is part of the request itself (REPLY_ACK does not apply to them). */
@@ -81,6 +85,7 @@ export class VhostUserSession {
   private status = 0;
   private backendFd = -1;
   private ended = false;
+  private noMemoryWarned = false;
   readonly stats: SessionStats = { messages: 0, rejected: 0 };
   private readonly handlers: Record<number, Handler>;
 
@@ -343,7 +348,21 @@ export class VhostUserSession {
     ring.kickFd = fd;
     ring.kickArmed = true;
     if (noFd) this.log.warn({ queue: index }, 'kick fd absent: queue is polled every millisecond');
+    if (!this.protocolFeaturesNegotiated) this.warnIfNoMemory(index);
     await this.reconcile(ring);
+  }
+
+  /**
+   * A ring is being started but no memory table ever came: QEMU leaves guest RAM out of the table when it
+   * cannot share it (no fd), so the guest hangs at boot with nothing logged anywhere. Said once per session.
+   */
+  private warnIfNoMemory(queue: number): void {
+    if (this.regions.length > 0 || this.noMemoryWarned) return;
+    this.noMemoryWarned = true;
+    this.log.warn(
+      { queue, hint: NO_SHARED_MEMORY_HINT },
+      'the front-end starts a queue but has sent no guest memory table: its guest RAM is probably not shared memory (the guest will hang at boot)',
+    );
   }
 
   private async setVringCall(message: IncomingMessage): Promise<void> {
@@ -374,6 +393,7 @@ export class VhostUserSession {
     const ring = this.ring(message.header.request, index);
     if (num > 1) throw new SessionRequestError(message.header.request, `enable value ${num} is neither 0 nor 1`);
     ring.enabled = num === 1;
+    if (ring.enabled) this.warnIfNoMemory(index);
     await this.reconcile(ring);
   }
 
