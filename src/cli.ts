@@ -225,9 +225,15 @@ program
   .exitOverride((error: CommanderError) => process.exit(error.exitCode === 0 ? 0 : EXIT_USAGE));
 
 const serveCommand = program.command('serve').description('serve one or more disks over vhost-user sockets');
+/** What `serve` without --image/--socket does, said where those flags are described. */
+const SINGLE_DISK_DEFAULTS: Record<string, string> = {
+  '--image': ` (default ./${DEFAULT_IMAGE}, created sparse at ${DEFAULT_SIZE})`,
+  '--socket': ` (default ./${DEFAULT_SOCKET})`,
+};
 for (const { row } of FLAG_ROWS) {
   const flag = row.flagSets !== undefined ? row.flag! : `${row.flag!} ${row.type.placeholder}`;
-  const shownDefault = row.default !== undefined && row.flagSets === undefined ? ` (default ${String(row.default)})` : '';
+  const shownDefault =
+    SINGLE_DISK_DEFAULTS[row.flag!] ?? (row.default !== undefined && row.flagSets === undefined ? ` (default ${String(row.default)})` : '');
   const option = new Option(flag, `${row.help}${shownDefault}`);
   if (row.env !== undefined) option.env(row.env);
   serveCommand.addOption(option);
