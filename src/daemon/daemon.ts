@@ -5,7 +5,8 @@
  * and applies throttle limits live (reload.ts).
  */
 import fs from 'node:fs';
-import { BlkDisk, DiskSetupError } from '../device/blk-disk.js';
+import { BlkDisk } from '../device/blk-disk.js';
+import { VublkError } from '../errors.js';
 import { checkDiskPaths } from './disk-paths.js';
 import { adminOptionValues } from './disk-options.js';
 import { ExportListener } from '../control/export-listener.js';
@@ -15,7 +16,7 @@ import type { DiskLimits, ResolvedDiskLimits } from '../throttle/disk-throttle.j
 import { loadConfigFile, type ServeConfig } from './config-file.js';
 import { planReload, type ReloadPlan } from './reload.js';
 import { createMetricsRegistry, type DiskMetricsSource } from '../metrics/registry.js';
-import { MetricsServer, type Readiness } from '../metrics/http-server.js';
+import { MetricsListenError, MetricsServer, type Readiness } from '../metrics/http-server.js';
 import { AdminError, mergeThrottle, throttleJson, type AdminDiskInfo, type AdminTarget } from '../metrics/admin.js';
 import { baseUrl, formatAddress, isLoopback, type MetricsAddress } from '../metrics/listen-address.js';
 
@@ -115,7 +116,7 @@ export class Daemon implements AdminTarget {
         this.log.warn({ address: formatAddress(address) }, 'metrics listener not started: the default address is in use (pass --metrics-listen to choose another)');
         return;
       }
-      throw new Error(`metrics listener ${formatAddress(address)}: ${(error as Error).message}`);
+      throw new MetricsListenError(`metrics listener ${formatAddress(address)}: ${(error as Error).message}`, { cause: error });
     }
     const bound = this.metricsServer.address;
     if (!adminAllowed) this.log.warn({ address: formatAddress(bound) }, refusal);
@@ -219,7 +220,8 @@ export class Daemon implements AdminTarget {
     try {
       await running.disk.resize(sizeBytes);
     } catch (error) {
-      if (error instanceof DiskSetupError) throw new AdminError(400, error.message);
+      // The admin client asked for something the disk refuses (shrink, misaligned, read-only): a 400.
+      if (error instanceof VublkError && error.peerFault) throw new AdminError(400, error.message);
       throw error;
     }
     return running.disk.capacityBytes;
