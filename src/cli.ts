@@ -9,12 +9,12 @@ import { parseSize } from './throttle/size.js';
 import { Daemon, type DaemonMetricsOptions } from './daemon/daemon.js';
 import { loadConfigFile, type ServeConfig } from './daemon/config-file.js';
 import { createLogger, isPrettyLog, LOG_FORMATS, LOG_LEVELS, errorFields, type LogFormat, type LogLevel } from './log.js';
-import { qemuCommandLine } from './daemon/qemu-hint.js';
+import { qemuCommandLine, qemuCommandLineForDisks, type QemuHintDisk } from './daemon/qemu-hint.js';
 import { DEFAULT_METRICS_LISTEN, parseMetricsListen } from './metrics/listen-address.js';
 import { adminRequest } from './metrics/admin-client.js';
 import { applySocketActivation } from './daemon/socket-activation.js';
 import { SystemdNotifier } from './daemon/systemd-notify.js';
-import { registerBenchCommands } from './bench/command.js';
+import { VERSION } from './version.js';
 
 /** Wrong use of the command line: exit code 2, like every other usage error. */
 class UsageError extends VublkError {
@@ -128,10 +128,20 @@ function serveSettings(options: ServeOptions, command: Command): ServeSettings {
   };
 }
 
+/** The daemon's worker pool size (`--threads`): a daemon setting, not a disk option. */
+function poolThreads(text: string | undefined): number | undefined {
+  if (text === undefined) return undefined;
+  const n = Number(text);
+  if (!Number.isSafeInteger(n) || n < 1 || n > 1024) throw new UsageError(`--threads ${text}: expected an integer from 1 to 1024`);
+  return n;
+}
+
 async function serve(options: ServeOptions, command: Command): Promise<void> {
   let settings: ServeSettings;
+  let threads: number | undefined;
   try {
     settings = serveSettings(options, command);
+    threads = poolThreads(options['threads'] as string | undefined);
   } catch (error) {
     process.stderr.write(`vublk: ${(error as Error).message}\n`);
     process.exit(2);
@@ -154,7 +164,7 @@ async function serve(options: ServeOptions, command: Command): Promise<void> {
     process.stderr.write(`vublk: ${(error as Error).message}\n`);
     process.exit(2);
   }
-  const daemon = new Daemon(log, { metrics: settings.metrics, config: settings.config });
+  const daemon = new Daemon(log, { metrics: settings.metrics, config: settings.config, threads });
   try {
     await daemon.start(specs);
   } catch (error) {
@@ -167,12 +177,15 @@ async function serve(options: ServeOptions, command: Command): Promise<void> {
   }
   daemon.installSignalHandlers((code) => process.exit(code));
   systemd?.ready(daemon);
+  const attach: QemuHintDisk[] = [];
   for (const { disk, spec } of daemon.disks) {
     if (spec.listen.kind === 'path') {
       log.info({ disk: disk.name, qemu: qemuCommandLine(spec.listen.path, disk.options.numQueues) }, 'attach with QEMU');
-      if (process.stderr.isTTY) process.stderr.write(`\nAttach with QEMU:\n  ${qemuCommandLine(spec.listen.path, disk.options.numQueues)}\n\n`);
+      attach.push({ socketPath: spec.listen.path, numQueues: disk.options.numQueues });
     }
   }
+  // Plain text on stderr, terminal or not (stdout carries the JSON log): what a new user copies first.
+  if (attach.length > 0) process.stderr.write(`\nAttach with QEMU:\n  ${qemuCommandLineForDisks(attach)}\n\n`);
 }
 
 interface ThrottleCommandOptions {
@@ -221,6 +234,7 @@ const program = new Command();
 program
   .name('vublk')
   .description('vhost-user-blk back-end: serves virtio-blk disks to QEMU and cloud-hypervisor guests')
+  .version(VERSION, '-v, --version', 'print the version of vublk')
   // Inherited by every subcommand defined below; commander has already printed its message.
   .exitOverride((error: CommanderError) => process.exit(error.exitCode === 0 ? 0 : EXIT_USAGE));
 
@@ -241,6 +255,7 @@ for (const { row } of FLAG_ROWS) {
 serveCommand
   .option('--socket-activation', 'require sockets passed by systemd socket activation (LISTEN_FDS); without this flag they are used when present')
   .option('--disk <spec>', `a disk as key=value pairs: image=PATH,socket=PATH|socket-fd=N[,...]; keys: ${DISK_OPTIONS.map((row) => row.key).join(', ')}; repeatable`, collect, [])
+  .option('--threads <n>', 'worker threads of the daemon\'s one pool, serving every queue of every disk (default: the number of CPUs)')
   .option('--config <file>', 'describe the disks (and these settings) in a YAML or JSON file; SIGHUP re-reads it')
   .option('--metrics-listen <address>', 'HTTP listener for /metrics, /healthz, /readyz and /admin: HOST:PORT, [IPV6]:PORT, unix:PATH or off', DEFAULT_METRICS_LISTEN)
   .option('--admin-public', 'serve the admin API even when --metrics-listen is not a loopback address or unix socket')
@@ -274,8 +289,6 @@ program
   .description("list a running daemon's disks: capacity, queues, throttle limits, whether a front-end is connected")
   .option('--metrics-url <url>', 'the daemon\'s metrics listener: http://HOST:PORT or unix:PATH', METRICS_URL)
   .action((options: { metricsUrl: string }) => disksCommand(options));
-
-registerBenchCommands(program);
 
 program.parseAsync(process.argv).catch((error: unknown) => {
   process.stderr.write(`vublk: ${error instanceof Error ? error.message : String(error)}\n`);

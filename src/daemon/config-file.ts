@@ -21,7 +21,7 @@ import { createRequire } from 'node:module';
 /** The YAML parser is loaded only when a YAML file is read: it costs ~8 MiB of RSS a daemon without one need not pay. */
 const loadYaml = (): typeof import('yaml') => createRequire(import.meta.url)('yaml') as typeof import('yaml');
 import { buildDiskSpec, checkDistinct, DiskSpecError, readOption, type DiskSpec } from './disk-spec.js';
-import { DISK_OPTIONS, configKeyOf, type DiskFields } from './disk-options.js';
+import { DISK_OPTIONS, RETIRED_DISK_KEYS, configKeyOf, type DiskFields } from './disk-options.js';
 import { LOG_FORMATS, LOG_LEVELS, type LogFormat, type LogLevel } from '../log.js';
 import { parseMetricsListen } from '../metrics/listen-address.js';
 import { VublkError } from '../errors.js';
@@ -173,6 +173,10 @@ function text(value: unknown, keyPath: string, fail: Fail): string {
 function diskSpec(entry: unknown, index: number, base: string, defaults: Partial<DiskFields>, fail: Fail): DiskSpec {
   const where = `disks[${index}]`;
   if (!isMapping(entry)) return fail(where, `must be a mapping (name, image, socket, ...), got ${describe(entry)}`);
+  for (const key of Object.keys(entry)) {
+    const retired = RETIRED_DISK_KEYS[key];
+    if (retired !== undefined) fail(`${where}.${key}`, retired);
+  }
   checkKeys(entry, DISK_KEYS, where, fail);
   const throttle = entry['throttle'];
   if ('throttle' in entry) {

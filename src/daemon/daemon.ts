@@ -1,15 +1,21 @@
 /**
- * The running daemon: opens every disk, listens on every socket, serves metrics (and the admin API) over
- * HTTP, and shuts down cleanly on SIGTERM/SIGINT (close sessions, stop workers, sync images, remove the
- * socket files it created, exit 0). A second signal exits at once. With a config file, SIGHUP re-reads it
- * and applies throttle limits live (reload.ts).
+ * The running daemon: opens every disk, listens on every socket, owns the one worker pool that serves every
+ * disk's rings, serves metrics (and the admin API) over HTTP, and shuts down cleanly on SIGTERM/SIGINT
+ * (close sessions, stop the workers, sync images, remove the socket files it created, log `stopped`,
+ * exit 0). A second signal exits at once, without waiting for anything. With a config file, SIGHUP re-reads
+ * it and applies throttle limits live (reload.ts); without one, SIGHUP is logged and ignored.
  */
 import fs from 'node:fs';
+import os from 'node:os';
 import { BlkDisk } from '../device/blk-disk.js';
 import { VublkError } from '../errors.js';
 import { checkDiskPaths } from './disk-paths.js';
 import { adminOptionValues } from './disk-options.js';
 import { ExportListener } from '../control/export-listener.js';
+import { DiskQueues } from '../control/disk-queues.js';
+import { WorkerPool } from '../control/worker-pool.js';
+import { pino } from 'pino';
+import { sys } from '../sys/libc.js';
 import type { DiskSpec } from './disk-spec.js';
 import { errorFields, type Logger } from '../log.js';
 import type { DiskLimits, ResolvedDiskLimits } from '../throttle/disk-throttle.js';
@@ -22,6 +28,7 @@ import { baseUrl, formatAddress, isLoopback, type MetricsAddress } from '../metr
 
 export interface RunningDisk {
   disk: BlkDisk;
+  queues: DiskQueues;
   listener: ExportListener;
   spec: DiskSpec;
 }
@@ -39,6 +46,8 @@ export interface DaemonOptions {
   metrics?: DaemonMetricsOptions | null;
   /** The config file the disks came from; SIGHUP re-reads it. */
   config?: ServeConfig;
+  /** Worker threads serving every queue of every disk (default: the number of CPUs). */
+  threads?: number | undefined;
 }
 
 type State = 'idle' | 'starting' | 'running' | 'stopping';
@@ -48,11 +57,16 @@ export class Daemon implements AdminTarget {
   private stopping: Promise<void> | null = null;
   private state: State = 'idle';
   private metricsServer: MetricsServer | null = null;
+  readonly pool: WorkerPool;
+  /** False when a worker thread did not stop at shutdown: the process must not wait for it at exit. */
+  private workersStopped = true;
 
   constructor(
     private readonly log: Logger,
     private readonly options: DaemonOptions = {},
-  ) {}
+  ) {
+    this.pool = new WorkerPool(options.threads ?? os.availableParallelism(), log);
+  }
 
   /** The metrics listener's bound address (port 0 resolved), or null when there is none. */
   get metricsAddress(): MetricsAddress | null {
@@ -77,11 +91,13 @@ export class Daemon implements AdminTarget {
         checkDiskPaths(spec);
         if (!fs.existsSync(spec.options.imagePath)) created.push(spec.options.imagePath);
         const disk = new BlkDisk(spec.options, log);
+        const queues = new DiskQueues(disk, this.pool, log);
         try {
-          const listener = new ExportListener(disk, spec.listen, log);
-          this.disks.push({ disk, listener, spec });
+          const listener = new ExportListener(queues, spec.listen, log);
+          this.disks.push({ disk, queues, listener, spec });
         } catch (error) {
-          await disk.close();
+          queues.close();
+          disk.close();
           throw error;
         }
         log.info(
@@ -89,12 +105,14 @@ export class Daemon implements AdminTarget {
           'disk ready',
         );
       }
+      this.log.info({ threads: this.pool.size, disks: this.disks.length }, 'worker pool ready');
       if (this.state === 'starting') this.state = 'running';
     } catch (error) {
       // Not a shutdown: no `stopped` line; the caller reports the error once.
       this.state = 'stopping';
       await this.closeEverything();
       for (const image of created) fs.rmSync(image, { force: true });
+      this.stopping = Promise.resolve();
       throw error;
     }
   }
@@ -123,26 +141,31 @@ export class Daemon implements AdminTarget {
     this.log.info({ address: formatAddress(bound), url: `${baseUrl(bound)}/metrics`, admin: adminAllowed }, 'metrics listening');
   }
 
+  /**
+   * `onStopped` runs after a clean shutdown. A second signal, or a worker thread that would not stop, ends
+   * the process with _exit: process.exit joins every worker thread, and one blocked in a system call would
+   * hold the process forever.
+   */
   installSignalHandlers(onStopped: (code: number) => void): void {
     const handler = (signal: NodeJS.Signals): void => {
       if (this.stopping !== null) {
         this.log.warn({ signal }, 'second signal: exiting immediately');
-        onStopped(1);
+        exitNow(this.log, 1);
         return;
       }
       this.log.info({ signal }, 'shutting down');
+      const done = (code: number): void => (this.workersStopped ? onStopped(code) : exitNow(this.log, code === 0 ? 1 : code));
       this.stop().then(
-        () => onStopped(0),
+        () => done(0),
         (error: unknown) => {
           this.log.error(errorFields(error), 'shutdown failed');
-          onStopped(1);
+          done(1);
         },
       );
     };
     process.on('SIGTERM', handler);
     process.on('SIGINT', handler);
-    // SIGHUP is the habitual reload signal: without --config there is nothing to reload, but its default
-    // action (exit) would drop every disk.
+    // SIGHUP's default action kills the process: always handle it (reload() says when there is nothing to do).
     process.on('SIGHUP', () => this.reload());
   }
 
@@ -218,7 +241,7 @@ export class Daemon implements AdminTarget {
     const running = this.disks.find(({ disk }) => disk.name === name);
     if (running === undefined) throw new AdminError(404, `no disk named '${name}' (disks: ${this.disks.map(({ disk }) => disk.name).join(', ')})`);
     try {
-      await running.disk.resize(sizeBytes);
+      await running.queues.resize(sizeBytes);
     } catch (error) {
       // The admin client asked for something the disk refuses (shrink, misaligned, read-only): a 400.
       if (error instanceof VublkError && error.peerFault) throw new AdminError(400, error.message);
@@ -230,17 +253,41 @@ export class Daemon implements AdminTarget {
   stop(): Promise<void> {
     this.state = 'stopping';
     this.stopping ??= (async () => {
-      await this.closeEverything();
-      this.log.info('stopped');
+      // Nothing else may keep the event loop alive here (no metrics listener, idle workers are unref'd):
+      // without this the process would end mid-shutdown, before the images are synced.
+      const keepAlive = setInterval(() => undefined, 60_000);
+      try {
+        await this.closeEverything();
+        this.log.info('stopped');
+      } finally {
+        clearInterval(keepAlive);
+      }
     })();
     return this.stopping;
   }
 
+  /** Everything stop() closes, without its log line: a failed start is not a shutdown. */
   private async closeEverything(): Promise<void> {
-    for (const { listener } of this.disks) await listener.close();
-    for (const { disk } of this.disks) await disk.close();
+    await Promise.all(this.disks.map(({ listener }) => listener.close()));
+    this.workersStopped = await this.pool.close();
+    for (const { disk, queues } of this.disks) {
+      queues.close();
+      disk.close();
+    }
     if (this.metricsServer !== null) await this.metricsServer.close();
   }
+}
+
+/** Writes out buffered log lines, then ends the process without joining worker threads. */
+function exitNow(log: Logger, code: number): never {
+  const stream = (log as unknown as Record<symbol, { flushSync?: () => void } | undefined>)[pino.symbols.streamSym];
+  try {
+    stream?.flushSync?.();
+  } catch {
+    // Nothing more can be done about a log that cannot be written.
+  }
+  sys.exitNow(code);
+  throw new Error('unreachable: _exit returned');
 }
 
 function metricsSource({ disk, listener }: RunningDisk): DiskMetricsSource {

@@ -42,7 +42,6 @@ export interface DiskFields {
   socketGroup?: number | undefined;
   sizeBytes?: number | undefined;
   numQueues: number;
-  threads?: number | undefined;
   queueSize: number;
   readOnly: boolean;
   serial?: string | undefined;
@@ -252,7 +251,6 @@ export const DISK_OPTIONS: readonly AnyDiskOption[] = [
   option({ field: 'socketGroup', key: 'socket-group', flag: '--socket-group', help: 'group of the socket file (name or gid); use with --socket-mode 0660', type: account(groupId, '<group>'), reload: 'restart' }),
   option({ field: 'sizeBytes', key: 'size', flag: '--size', help: 'create the image at this size if missing, or grow it (e.g. 1G, 512M, 1073741824)', type: amount(parseSize, '<bytes>', '10G'), reload: 'restart' }),
   option({ field: 'numQueues', key: 'num-queues', flag: '--num-queues', help: 'number of virtqueues', type: wholeNumber(1, MAX_QUEUES), default: 1, reload: 'restart', admin: 'num-queues' }),
-  option({ field: 'threads', key: 'threads', flag: '--threads', help: 'worker threads serving the queues (default: one per queue, at most one per CPU)', type: wholeNumber(1, MAX_QUEUES), reload: 'restart' }),
   option({ field: 'queueSize', key: 'queue-size', flag: '--queue-size', help: 'largest queue size a front-end may configure (power of two)', type: powerOfTwo(MAX_QUEUE_SIZE), default: DEFAULT_QUEUE_SIZE, reload: 'restart', admin: 'queue-size' }),
   option({ field: 'readOnly', key: 'read-only', flag: '--read-only', flagSets: true, help: 'export the disk read-only (VIRTIO_BLK_F_RO)', type: onOff, default: false, reload: 'restart', admin: 'read-only' }),
   option({ field: 'serial', key: 'serial', flag: '--serial', help: 'serial answered to GET_ID (up to 20 ASCII characters; default from the image name)', type: serialText, reload: 'restart' }),
@@ -266,6 +264,11 @@ export const DISK_OPTIONS: readonly AnyDiskOption[] = [
   option({ field: 'bps', key: 'bps', group: 'throttle', flag: '--bps', help: 'throttle: bytes per second across all queues (e.g. 100M; 0 = unlimited)', type: amount(parseRate, '<rate>', '100M'), reload: 'live' }),
   option({ field: 'bpsBurst', key: 'bps-burst', group: 'throttle', flag: '--bps-burst', help: 'throttle: byte burst (default: one second of --bps)', type: amount(parseSize, '<size>', '200M'), reload: 'live' }),
 ];
+
+/** Keys that used to be disk options, and where the setting lives now (said instead of "unknown key"). */
+export const RETIRED_DISK_KEYS: Readonly<Record<string, string>> = {
+  threads: 'threads is no longer a disk option: the daemon has one worker pool for every disk, sized by `vublk serve --threads N`',
+};
 
 export function diskOptionByKey(key: string): AnyDiskOption | undefined {
   return DISK_OPTIONS.find((row) => row.key === key);

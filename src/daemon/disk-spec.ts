@@ -10,6 +10,7 @@ import { VublkError } from '../errors.js';
 import {
   DISK_OPTIONS,
   OptionValueError,
+  RETIRED_DISK_KEYS,
   configKeyOf,
   defaultFields,
   diskOptionByKey,
@@ -102,6 +103,8 @@ export function parseDiskArgument(text: string, index: number, defaults: Partial
     const eq = part.indexOf('=');
     if (eq <= 0) throw new DiskSpecError(where, `'${part}' is not key=value`);
     const key = part.slice(0, eq);
+    const retired = RETIRED_DISK_KEYS[key];
+    if (retired !== undefined) throw new DiskSpecError(where, retired);
     if (diskOptionByKey(key) === undefined) {
       throw new DiskSpecError(where, `unknown key '${key}' (known: ${DISK_OPTIONS.map((row) => row.key).join(', ')})`);
     }

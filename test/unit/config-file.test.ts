@@ -17,7 +17,6 @@ disks:
     image: /var/lib/vublk/fast.img
     size: 10G
     num-queues: 4
-    threads: 2
     queue-size: 256
     read-only: false
     serial: FAST-1
@@ -57,7 +56,6 @@ describe('parseConfig', () => {
       imagePath: '/var/lib/vublk/fast.img',
       sizeBytes: 10 * 1024 ** 3,
       numQueues: 4,
-      threads: 2,
       queueSize: 256,
       readOnly: false,
       serial: 'FAST-1',
@@ -93,6 +91,7 @@ describe('parseConfig', () => {
     ['disks:\n  - { image: a, socket: a, size: 1000 }\n', 'disks[0].size', /multiple of 512/],
     ['disks:\n  - { image: a, socket: a, read-only: yes }\n', 'disks[0].read-only', /true or false, got string "yes"/],
     ['disks:\n  - { image: a, socket: a, io-engine: turbo }\n', 'disks[0].io-engine', /must be one of/],
+    ['disks:\n  - { image: a, socket: a, threads: 2 }\n', 'disks[0].threads', /no longer a disk option.*--threads/],
     ['disks:\n  - { image: a, socket: a, max-write-zeroes-seg: 0 }\n', 'disks[0].max-write-zeroes-seg', /^must be between 1 and 256, got 0$/],
     ['disks:\n  - { socket: a }\n', 'disks[0].image', /image path is required/],
     ['disks:\n  - { image: a }\n', 'disks[0].socket', /is required/],

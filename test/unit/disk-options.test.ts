@@ -54,7 +54,7 @@ describe('the disk option table', () => {
 
   it('accepts every table key in --disk and (for settable rows) in a config file', () => {
     const samples: Record<string, string | number | boolean> = {
-      name: 'n', image: '/i', 'socket-mode': '0660', 'socket-owner': 0, 'socket-group': 0, size: '1M', 'num-queues': 2, threads: 1,
+      name: 'n', image: '/i', 'socket-mode': '0660', 'socket-owner': 0, 'socket-group': 0, size: '1M', 'num-queues': 2,
       'queue-size': 64, 'read-only': true, serial: 'S', 'logical-block-size': 4096, writeback: false, 'io-engine': 'sync',
       'max-discard-seg': 2, 'max-write-zeroes-seg': 2, iops: 10, 'iops-burst': 20, bps: '1M', 'bps-burst': '2M',
     };
@@ -70,6 +70,10 @@ describe('the disk option table', () => {
       const config = parseConfig(`disks:\n  - { image: /x.img, socket: /x.sock, ${entry} }\n`, '/etc/v.yaml');
       expect(config.disks[0]!.fields[row.field], configKeyOf(row)).toEqual(spec.fields[row.field]);
     }
+  });
+
+  it('says where a retired key went', () => {
+    expect(() => parseDiskArgument('image=/x.img,socket=/x.sock,threads=2', 0)).toThrow(/threads is no longer a disk option.*serve --threads N/);
   });
 
   it('drives the reload plan: restart-only rows are reported, live rows are not', () => {
