@@ -90,6 +90,7 @@ export class VhostUserSession {
   private backendFd = -1;
   private ended = false;
   private noMemoryWarned = false;
+  private featuresLogged = false;
   readonly stats: SessionStats = { messages: 0, rejected: 0 };
   private readonly handlers: Record<number, Handler>;
 
@@ -204,17 +205,31 @@ export class VhostUserSession {
       this.log.warn({ unknown: `0x${unknown.toString(16)}` }, 'front-end acknowledged features that were not offered; ignoring them');
     }
     const previous = this.ackedFeatures;
-    const wasSet = this.featuresSet;
     this.ackedFeatures = features & this.disk.offeredFeatures;
     this.featuresSet = true;
-    // QEMU sends SET_FEATURES more than once per start (vhost_dev_start and again for the log): only a change is news.
-    const level = previous === this.ackedFeatures && wasSet ? 'debug' : 'info';
-    this.log[level]({ features: `0x${this.ackedFeatures.toString(16)}`, eventIdx: this.eventIdx, version1: hasFeature(this.ackedFeatures, VirtioFeature.VERSION_1) }, 'features negotiated');
+    this.logFeatures(previous);
     // EVENT_IDX changes how a running ring suppresses notifications: restart running rings with it.
     if (hasFeature(previous ^ this.ackedFeatures, VirtioFeature.RING_EVENT_IDX)) {
       for (const ring of this.rings) if (ring.running) await this.restartRing(ring);
     }
     for (const ring of this.rings) await this.reconcile(ring);
+  }
+
+  /**
+   * One `features negotiated` line per session. QEMU sends SET_FEATURES at every device start: the firmware's
+   * driver (SeaBIOS) starts the device with a few features, the guest kernel's again with its own; repeats
+   * with the same set are debug, a different set is `features renegotiated` with both values.
+   */
+  private logFeatures(previous: bigint): void {
+    const fields = { features: `0x${this.ackedFeatures.toString(16)}`, eventIdx: this.eventIdx, version1: hasFeature(this.ackedFeatures, VirtioFeature.VERSION_1) };
+    if (!this.featuresLogged) {
+      this.featuresLogged = true;
+      this.log.info(fields, 'features negotiated');
+    } else if (previous !== this.ackedFeatures) {
+      this.log.info({ ...fields, previous: `0x${previous.toString(16)}` }, 'features renegotiated');
+    } else {
+      this.log.debug(fields, 'features negotiated again (unchanged)');
+    }
   }
 
   private get eventIdx(): boolean {

@@ -45,12 +45,18 @@ describe('a front-end that never sends guest memory', () => {
     expect(daemon.logs().slice(since).filter((l) => NO_MEMORY(l.msg))).toEqual([]);
   });
 
-  it('logs features negotiated at info once per session when SET_FEATURES repeats the same set (as QEMU does)', async () => {
+  it('logs features negotiated once per session; a different set later (firmware, then kernel) is a renegotiation', async () => {
     const since = daemon.logs().length;
     const { frontend } = await connect(daemon, defer);
-    await frontend.setFeatures(frontend.ackedFeatures);
+    const full = frontend.ackedFeatures;
+    await frontend.setFeatures(full); // the same set again: debug only
+    const firmware = full & ((1n << 32n) | (1n << 30n) | 0x46n); // VERSION_1, PROTOCOL_FEATURES, SIZE_MAX, SEG_MAX, BLK_SIZE
+    await frontend.setFeatures(firmware);
     await frontend.getFeatures();
-    const lines = daemon.logs().slice(since).filter((l) => l.msg === 'features negotiated' && l.level === 30);
-    expect(lines).toHaveLength(1);
+    const logs = daemon.logs().slice(since);
+    expect(logs.filter((l) => l.msg === 'features negotiated')).toHaveLength(1);
+    const renegotiated = logs.filter((l) => l.msg === 'features renegotiated');
+    expect(renegotiated).toHaveLength(1);
+    expect(renegotiated[0]).toMatchObject({ features: `0x${firmware.toString(16)}`, previous: `0x${full.toString(16)}` });
   });
 });
