@@ -341,7 +341,7 @@ describe('RBD back-end against a real Ceph cluster', () => {
 
   it('exclusive lock: a second writer is refused; with lock=none it cannot write until the owner releases', async () => {
     const first = await open();
-    const firstError = await expectOpenError(parseRbdSpec('rbd:rbd/img1', options()), 'RBD_LOCKED', /another client holds its exclusive lock/);
+    const firstError = await expectOpenError(parseRbdSpec('rbd:rbd/img1', options()), 'VUBLK_ERR_RBD_LOCKED', /another client holds its exclusive lock/);
     expect(firstError.errno).toBeLessThan(0);
 
     // lock=none (the target of a live migration): opens, but its writes fail while the owner keeps the lock.
@@ -532,15 +532,15 @@ describe('RBD back-end against a real Ceph cluster', () => {
 
   describe('clear errors, each within a bounded time', () => {
     it('missing pool', async () => {
-      await expectOpenError(parseRbdSpec('rbd:nosuchpool/img1', options()), 'RBD_NO_POOL', /pool 'nosuchpool' does not exist/);
+      await expectOpenError(parseRbdSpec('rbd:nosuchpool/img1', options()), 'VUBLK_ERR_RBD_NO_POOL', /pool 'nosuchpool' does not exist/);
     });
 
     it('missing image', async () => {
-      await expectOpenError(parseRbdSpec('rbd:rbd/nosuchimage', options()), 'RBD_NO_IMAGE', /image 'nosuchimage' does not exist in pool 'rbd'/);
+      await expectOpenError(parseRbdSpec('rbd:rbd/nosuchimage', options()), 'VUBLK_ERR_RBD_NO_IMAGE', /image 'nosuchimage' does not exist in pool 'rbd'/);
     });
 
     it('missing keyring file', async () => {
-      await expectOpenError(parseRbdSpec('rbd:rbd/img1', options({ keyring: '/nonexistent/keyring' })), 'RBD_AUTH', /keyring \/nonexistent\/keyring .* not readable/);
+      await expectOpenError(parseRbdSpec('rbd:rbd/img1', options({ keyring: '/nonexistent/keyring' })), 'VUBLK_ERR_RBD_AUTH', /keyring \/nonexistent\/keyring .* not readable/);
     });
 
     it('keyring with the wrong key, and an id the cluster does not know', async () => {
@@ -548,21 +548,21 @@ describe('RBD back-end against a real Ceph cluster', () => {
       try {
         const wrong = path.join(dir, 'wrong.keyring');
         execFileSync('ceph-authtool', ['--create-keyring', wrong, '--gen-key', '-n', 'client.vublk']);
-        await expectOpenError(parseRbdSpec('rbd:rbd/img1', options({ keyring: wrong })), 'RBD_AUTH', /refused client\.vublk/);
-        await expectOpenError(parseRbdSpec('rbd:rbd/img1', options({ id: 'nobody' })), 'RBD_AUTH', /refused client\.nobody/);
+        await expectOpenError(parseRbdSpec('rbd:rbd/img1', options({ keyring: wrong })), 'VUBLK_ERR_RBD_AUTH', /refused client\.vublk/);
+        await expectOpenError(parseRbdSpec('rbd:rbd/img1', options({ id: 'nobody' })), 'VUBLK_ERR_RBD_AUTH', /refused client\.nobody/);
       } finally {
         rmSync(dir, { recursive: true, force: true });
       }
     });
 
     it('unreadable ceph.conf', async () => {
-      await expectOpenError(parseRbdSpec('rbd:rbd/img1', options({ conf: '/nonexistent/ceph.conf' })), 'RBD_CONFIG', /ceph configuration \/nonexistent\/ceph.conf is not readable/);
+      await expectOpenError(parseRbdSpec('rbd:rbd/img1', options({ conf: '/nonexistent/ceph.conf' })), 'VUBLK_ERR_RBD_CONFIG', /ceph configuration \/nonexistent\/ceph.conf is not readable/);
     });
 
     it('permission denied: a read-only client opening for writing', async () => {
       const error = await expectOpenError(
         parseRbdSpec('rbd:rbd/img1', options({ id: 'reader', keyring: cluster.readerKeyring })),
-        'RBD_PERMISSION',
+        'VUBLK_ERR_RBD_PERMISSION',
         /client\.reader may not/,
       );
       expect(error.errno).toBeLessThan(0);
@@ -580,13 +580,13 @@ describe('RBD back-end against a real Ceph cluster', () => {
         writeFileSync(conf, `[global]\nmon_host = v2:127.0.0.1:9\nauth_client_required = cephx\n`);
         await expectOpenError(
           parseRbdSpec('rbd:rbd/img1', options({ conf, connectTimeout: '3' })),
-          'RBD_CLUSTER_UNREACHABLE',
+          'VUBLK_ERR_RBD_CLUSTER_UNREACHABLE',
           /no Ceph monitor answered within 3 s/,
         );
         // mon-host= overrides ceph.conf's monitors.
         await expectOpenError(
           parseRbdSpec('rbd:rbd/img1', options({ monHost: `v2:127.0.0.1:9`, connectTimeout: '2' })),
-          'RBD_CLUSTER_UNREACHABLE',
+          'VUBLK_ERR_RBD_CLUSTER_UNREACHABLE',
           /within 2 s/,
         );
       } finally {

@@ -7,7 +7,7 @@ function specError(image: string, options = {}): RbdError {
     parseRbdSpec(image, options);
   } catch (error) {
     expect(error).toBeInstanceOf(RbdError);
-    expect((error as RbdError).code).toBe('RBD_SPEC');
+    expect((error as RbdError).code).toBe('VUBLK_ERR_RBD_SPEC');
     return error as RbdError;
   }
   throw new Error(`parseRbdSpec accepted ${image}`);
@@ -108,7 +108,7 @@ describe('rbd: library loading', () => {
       caught = error;
     }
     expect(caught).toBeInstanceOf(RbdError);
-    expect((caught as RbdError).code).toBe('RBD_LIBRARY_MISSING');
+    expect((caught as RbdError).code).toBe('VUBLK_ERR_RBD_LIBRARY_MISSING');
     expect((caught as RbdError).message).toMatch(/apt-get install librbd1 librados2/);
   });
 });

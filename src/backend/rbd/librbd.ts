@@ -119,7 +119,7 @@ export function loadLibRbd(radosLibrary: string, rbdLibrary: string): LibRbd {
     rbd = koffi.load(rbdLibrary);
   } catch (error) {
     throw new RbdError(
-      'RBD_LIBRARY_MISSING',
+      'VUBLK_ERR_RBD_LIBRARY_MISSING',
       `rbd: images need ${rbdLibrary} and ${radosLibrary} (Debian/Ubuntu: apt-get install librbd1 librados2): ${(error as Error).message}`,
     );
   }

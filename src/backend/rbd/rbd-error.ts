@@ -1,30 +1,32 @@
 /**
- * Every failure of the RBD back-end: a stable `code` for callers and counters, the negative errno librados /
- * librbd returned (0 when none), and a message that says what to check.
+ * Every failure of the RBD back-end: a VublkError with a stable `code` (VUBLK_ERR_RBD_*), the negative errno
+ * librados / librbd returned (0 when none), and a message that says what to check. A malformed spec is the
+ * operator's input (peerFault); any other failure ends the open of that disk (fatal).
  */
 import koffi from 'koffi';
+import { VublkError } from '../../errors.js';
 
 export type RbdErrorCode =
   /** The image spec or one of its options is malformed. */
-  | 'RBD_SPEC'
+  | 'VUBLK_ERR_RBD_SPEC'
   /** librbd.so.1 / librados.so.2 could not be loaded. */
-  | 'RBD_LIBRARY_MISSING'
+  | 'VUBLK_ERR_RBD_LIBRARY_MISSING'
   /** ceph.conf unreadable, or an option rejected by librados. */
-  | 'RBD_CONFIG'
+  | 'VUBLK_ERR_RBD_CONFIG'
   /** No monitor answered within the connect timeout. */
-  | 'RBD_CLUSTER_UNREACHABLE'
+  | 'VUBLK_ERR_RBD_CLUSTER_UNREACHABLE'
   /** Authentication failed: missing/unreadable keyring, unknown id, wrong key. */
-  | 'RBD_AUTH'
+  | 'VUBLK_ERR_RBD_AUTH'
   /** The pool does not exist. */
-  | 'RBD_NO_POOL'
+  | 'VUBLK_ERR_RBD_NO_POOL'
   /** The image does not exist in the pool. */
-  | 'RBD_NO_IMAGE'
+  | 'VUBLK_ERR_RBD_NO_IMAGE'
   /** The cluster refused the operation for this client's caps. */
-  | 'RBD_PERMISSION'
+  | 'VUBLK_ERR_RBD_PERMISSION'
   /** Another client holds the image's exclusive lock. */
-  | 'RBD_LOCKED'
+  | 'VUBLK_ERR_RBD_LOCKED'
   /** Any other librados / librbd failure. */
-  | 'RBD_FAILED';
+  | 'VUBLK_ERR_RBD_FAILED';
 
 const errnoNames = new Map<number, string>(Object.entries(koffi.os.errno).map(([name, code]) => [code, name]));
 
@@ -33,15 +35,16 @@ export function errnoName(errno: number): string {
   return errnoNames.get(Math.abs(errno)) ?? `errno ${Math.abs(errno)}`;
 }
 
-export class RbdError extends Error {
+export class RbdError extends VublkError {
+  declare readonly code: RbdErrorCode;
+
   constructor(
-    readonly code: RbdErrorCode,
+    code: RbdErrorCode,
     message: string,
     /** Negative errno from librados / librbd, 0 when the failure was not a library return value. */
     readonly errno = 0,
   ) {
-    super(errno ? `${message} (${errnoName(errno)})` : message);
-    this.name = 'RbdError';
+    super(code, errno ? `${message} (${errnoName(errno)})` : message, code === 'VUBLK_ERR_RBD_SPEC' ? { peerFault: true } : { fatal: true });
   }
 }
 

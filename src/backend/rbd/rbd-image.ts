@@ -46,19 +46,19 @@ async function connect(lib: LibRbd, spec: RbdSpec, options: RbdOpenOptions): Pro
     try {
       accessSync(spec.keyring, constants.R_OK);
     } catch (error) {
-      throw new RbdError('RBD_AUTH', `keyring ${spec.keyring} for ${who} is not readable: ${(error as NodeJS.ErrnoException).code ?? String(error)}`);
+      throw new RbdError('VUBLK_ERR_RBD_AUTH', `keyring ${spec.keyring} for ${who} is not readable: ${(error as NodeJS.ErrnoException).code ?? String(error)}`);
     }
   }
   if (spec.conf !== undefined) {
     try {
       accessSync(spec.conf, constants.R_OK);
     } catch (error) {
-      throw new RbdError('RBD_CONFIG', `ceph configuration ${spec.conf} is not readable: ${(error as NodeJS.ErrnoException).code ?? String(error)}`);
+      throw new RbdError('VUBLK_ERR_RBD_CONFIG', `ceph configuration ${spec.conf} is not readable: ${(error as NodeJS.ErrnoException).code ?? String(error)}`);
     }
   }
   const out: [number] = [0];
   let r = lib.radosCreate2(out, 'ceph', who, 0);
-  if (r < 0) throw new RbdError('RBD_CONFIG', `rados_create2 for ${who} failed`, r);
+  if (r < 0) throw new RbdError('VUBLK_ERR_RBD_CONFIG', `rados_create2 for ${who} failed`, r);
   const cluster = out[0];
   try {
     // Quiet: librados' own stderr lines ("unable to find a keyring ...") would interleave with the daemon's
@@ -72,7 +72,7 @@ async function connect(lib: LibRbd, spec: RbdSpec, options: RbdOpenOptions): Pro
     r = await call(lib.radosConfReadFile, cluster, spec.conf ?? null);
     if (r < 0 && (spec.conf !== undefined || spec.monHost === undefined)) {
       throw new RbdError(
-        'RBD_CONFIG',
+        'VUBLK_ERR_RBD_CONFIG',
         spec.conf !== undefined
           ? `cannot read ceph configuration ${spec.conf}`
           : 'no ceph configuration found ($CEPH_CONF, /etc/ceph/ceph.conf, ~/.ceph/config, ./ceph.conf): give conf= or mon-host=',
@@ -89,30 +89,30 @@ async function connect(lib: LibRbd, spec: RbdSpec, options: RbdOpenOptions): Pro
     for (const [key, value] of Object.entries(options.conf ?? {})) settings.push([key, value]);
     for (const [key, value] of settings) {
       r = lib.radosConfSet(cluster, key, value);
-      if (r < 0) throw new RbdError('RBD_CONFIG', `ceph option ${key}=${value} rejected`, r);
+      if (r < 0) throw new RbdError('VUBLK_ERR_RBD_CONFIG', `ceph option ${key}=${value} rejected`, r);
     }
     r = await call(lib.radosConnect, cluster);
     if (r === -RbdErrno.ETIMEDOUT) {
       throw new RbdError(
-        'RBD_CLUSTER_UNREACHABLE',
+        'VUBLK_ERR_RBD_CLUSTER_UNREACHABLE',
         `no Ceph monitor answered within ${spec.connectTimeoutSeconds} s (mon_host from ${spec.monHost !== undefined ? 'mon-host=' : (spec.conf ?? 'the default ceph.conf')})`,
         r,
       );
     }
     if (isAuthErrno(r)) {
       throw new RbdError(
-        'RBD_AUTH',
+        'VUBLK_ERR_RBD_AUTH',
         `the cluster refused ${who}: check id= and keyring=${spec.keyring !== undefined ? ` (${spec.keyring})` : ' (default keyring search)'}`,
         r,
       );
     }
-    if (r < 0) throw new RbdError('RBD_FAILED', `connecting to the Ceph cluster as ${who} failed`, r);
+    if (r < 0) throw new RbdError('VUBLK_ERR_RBD_FAILED', `connecting to the Ceph cluster as ${who} failed`, r);
 
     const io: [number] = [0];
     r = await call(lib.radosIoctxCreate, cluster, spec.pool, io);
-    if (r === -RbdErrno.ENOENT) throw new RbdError('RBD_NO_POOL', `pool '${spec.pool}' does not exist`, r);
-    if (r === -RbdErrno.EACCES || r === -RbdErrno.EPERM) throw new RbdError('RBD_PERMISSION', `${who} may not use pool '${spec.pool}'`, r);
-    if (r < 0) throw new RbdError('RBD_FAILED', `opening pool '${spec.pool}' failed`, r);
+    if (r === -RbdErrno.ENOENT) throw new RbdError('VUBLK_ERR_RBD_NO_POOL', `pool '${spec.pool}' does not exist`, r);
+    if (r === -RbdErrno.EACCES || r === -RbdErrno.EPERM) throw new RbdError('VUBLK_ERR_RBD_PERMISSION', `${who} may not use pool '${spec.pool}'`, r);
+    if (r < 0) throw new RbdError('VUBLK_ERR_RBD_FAILED', `opening pool '${spec.pool}' failed`, r);
     if (spec.namespace !== '') lib.radosIoctxSetNamespace(io[0], spec.namespace);
     return { cluster, ioctx: io[0] };
   } catch (error) {
@@ -154,15 +154,15 @@ export class RbdImage {
     let eventFd = -1;
     try {
       const r = await call(spec.readOnly ? lib.rbdOpenReadOnly : lib.rbdOpen, ioctx, spec.image, out, null);
-      if (r === -RbdErrno.ENOENT) throw new RbdError('RBD_NO_IMAGE', `image '${spec.image}' does not exist in pool '${spec.pool}'${spec.namespace ? ` namespace '${spec.namespace}'` : ''}`, r);
-      if (r === -RbdErrno.EACCES || r === -RbdErrno.EPERM) throw new RbdError('RBD_PERMISSION', `client.${spec.id} may not open ${name}`, r);
-      if (r < 0) throw new RbdError('RBD_FAILED', `opening ${name} failed`, r);
+      if (r === -RbdErrno.ENOENT) throw new RbdError('VUBLK_ERR_RBD_NO_IMAGE', `image '${spec.image}' does not exist in pool '${spec.pool}'${spec.namespace ? ` namespace '${spec.namespace}'` : ''}`, r);
+      if (r === -RbdErrno.EACCES || r === -RbdErrno.EPERM) throw new RbdError('VUBLK_ERR_RBD_PERMISSION', `client.${spec.id} may not open ${name}`, r);
+      if (r < 0) throw new RbdError('VUBLK_ERR_RBD_FAILED', `opening ${name} failed`, r);
       handle = out[0];
       const lockHeld = !spec.readOnly && spec.lock === 'exclusive';
       if (lockHeld) await RbdImage.takeLock(lib, handle, name, spec.id);
       eventFd = createEventFd();
       const n = lib.rbdSetImageNotification(handle, eventFd, EVENT_TYPE_EVENTFD);
-      if (n < 0) throw new RbdError('RBD_FAILED', `rbd_set_image_notification on ${name} failed`, n);
+      if (n < 0) throw new RbdError('VUBLK_ERR_RBD_FAILED', `rbd_set_image_notification on ${name} failed`, n);
       return new RbdImage(lib, spec, cluster, ioctx, handle, lockHeld, eventFd);
     } catch (error) {
       if (handle !== 0) await call(lib.rbdClose, handle).catch(() => undefined);
@@ -176,27 +176,27 @@ export class RbdImage {
   private static async takeLock(lib: LibRbd, handle: number, name: string, id: string): Promise<void> {
     const features: [number] = [0];
     let r = lib.rbdGetFeatures(handle, features);
-    if (r < 0) throw new RbdError('RBD_FAILED', `reading the features of ${name} failed`, r);
+    if (r < 0) throw new RbdError('VUBLK_ERR_RBD_FAILED', `reading the features of ${name} failed`, r);
     if ((features[0] & RBD_FEATURE_EXCLUSIVE_LOCK) === 0) {
       throw new RbdError(
-        'RBD_LOCKED',
+        'VUBLK_ERR_RBD_LOCKED',
         `${name} has no exclusive-lock feature, so two daemons could write it at once: enable it (rbd feature enable ${name.slice(4)} exclusive-lock) or open with lock=none`,
       );
     }
     r = await call(lib.rbdLockAcquire, handle, RBD_LOCK_MODE_EXCLUSIVE);
     if (r === -RbdErrno.EROFS || r === -RbdErrno.EBUSY || r === -RbdErrno.EEXIST) {
       throw new RbdError(
-        'RBD_LOCKED',
+        'VUBLK_ERR_RBD_LOCKED',
         `${name} is in use: another client holds its exclusive lock (see 'rbd lock ls ${name.slice(4)}' and 'rbd status ${name.slice(4)}'; open with lock=none only for a live migration)`,
         r,
       );
     }
-    if (r === -RbdErrno.EACCES || r === -RbdErrno.EPERM) throw new RbdError('RBD_PERMISSION', `client.${id} may not lock ${name}`, r);
-    if (r < 0) throw new RbdError('RBD_FAILED', `taking the exclusive lock of ${name} failed`, r);
+    if (r === -RbdErrno.EACCES || r === -RbdErrno.EPERM) throw new RbdError('VUBLK_ERR_RBD_PERMISSION', `client.${id} may not lock ${name}`, r);
+    if (r < 0) throw new RbdError('VUBLK_ERR_RBD_FAILED', `taking the exclusive lock of ${name} failed`, r);
   }
 
   private live(): void {
-    if (this.closed) throw new RbdError('RBD_FAILED', `${this.name} is closed`);
+    if (this.closed) throw new RbdError('VUBLK_ERR_RBD_FAILED', `${this.name} is closed`);
   }
 
   /** Size in bytes from the image's cached header (no cluster round trip); follows resizes by any client. */
@@ -204,7 +204,7 @@ export class RbdImage {
     this.live();
     const out: [number] = [0];
     const r = this.lib.rbdGetSize(this.handle, out);
-    if (r < 0) throw new RbdError('RBD_FAILED', `reading the size of ${this.name} failed`, r);
+    if (r < 0) throw new RbdError('VUBLK_ERR_RBD_FAILED', `reading the size of ${this.name} failed`, r);
     return Number(out[0]);
   }
 
@@ -212,7 +212,7 @@ export class RbdImage {
     this.live();
     const info = Buffer.alloc(RBD_IMAGE_INFO_BYTES);
     const r = this.lib.rbdStat(this.handle, addressOf(info), info.length);
-    if (r < 0) throw new RbdError('RBD_FAILED', `rbd_stat of ${this.name} failed`, r);
+    if (r < 0) throw new RbdError('VUBLK_ERR_RBD_FAILED', `rbd_stat of ${this.name} failed`, r);
     return {
       size: Number(info.readBigUInt64LE(0)),
       objectSize: Number(info.readBigUInt64LE(8)),
@@ -226,7 +226,7 @@ export class RbdImage {
     this.live();
     const out: [number] = [0];
     const r = this.lib.rbdIsExclusiveLockOwner(this.handle, out);
-    if (r < 0) throw new RbdError('RBD_FAILED', `rbd_is_exclusive_lock_owner on ${this.name} failed`, r);
+    if (r < 0) throw new RbdError('VUBLK_ERR_RBD_FAILED', `rbd_is_exclusive_lock_owner on ${this.name} failed`, r);
     return out[0] !== 0;
   }
 
@@ -237,7 +237,7 @@ export class RbdImage {
   async releaseLock(): Promise<void> {
     this.live();
     const r = await call(this.lib.rbdLockRelease, this.handle);
-    if (r < 0 && r !== -RbdErrno.EINVAL) throw new RbdError('RBD_FAILED', `releasing the exclusive lock of ${this.name} failed`, r);
+    if (r < 0 && r !== -RbdErrno.EINVAL) throw new RbdError('VUBLK_ERR_RBD_FAILED', `releasing the exclusive lock of ${this.name} failed`, r);
   }
 
   /** Takes the exclusive lock and keeps it (the target of a migration, once the source released it). */
@@ -249,11 +249,11 @@ export class RbdImage {
   /** Grows (or shrinks) the image in the cluster; the guest sees the new size after a config change. */
   async resize(bytes: number): Promise<void> {
     this.live();
-    if (!Number.isSafeInteger(bytes) || bytes < 0) throw new RbdError('RBD_SPEC', `resize: ${bytes} is not a size in bytes`);
+    if (!Number.isSafeInteger(bytes) || bytes < 0) throw new RbdError('VUBLK_ERR_RBD_SPEC', `resize: ${bytes} is not a size in bytes`);
     const r = await call(this.lib.rbdResize, this.handle, bytes);
-    if (r === -RbdErrno.EROFS) throw new RbdError('RBD_FAILED', `${this.name} is read-only: cannot resize`, r);
-    if (r === -RbdErrno.EACCES || r === -RbdErrno.EPERM) throw new RbdError('RBD_PERMISSION', `client.${this.spec.id} may not resize ${this.name}`, r);
-    if (r < 0) throw new RbdError('RBD_FAILED', `resizing ${this.name} to ${bytes} bytes failed`, r);
+    if (r === -RbdErrno.EROFS) throw new RbdError('VUBLK_ERR_RBD_FAILED', `${this.name} is read-only: cannot resize`, r);
+    if (r === -RbdErrno.EACCES || r === -RbdErrno.EPERM) throw new RbdError('VUBLK_ERR_RBD_PERMISSION', `client.${this.spec.id} may not resize ${this.name}`, r);
+    if (r < 0) throw new RbdError('VUBLK_ERR_RBD_FAILED', `resizing ${this.name} to ${bytes} bytes failed`, r);
   }
 
   /** Flushes, releases the lock and disconnects. Idempotent. The RbdQueue on this image must be closed first. */
@@ -264,6 +264,6 @@ export class RbdImage {
     sys.close(this.eventFd);
     this.lib.radosIoctxDestroy(this.ioctx);
     await call(this.lib.radosShutdown, this.cluster);
-    if (r < 0) throw new RbdError('RBD_FAILED', `closing ${this.name} failed (${errnoName(r)})`, r);
+    if (r < 0) throw new RbdError('VUBLK_ERR_RBD_FAILED', `closing ${this.name} failed (${errnoName(r)})`, r);
   }
 }

@@ -55,7 +55,7 @@ export function isRbdImage(image: string): boolean {
 }
 
 function fail(detail: string): never {
-  throw new RbdError('RBD_SPEC', detail);
+  throw new RbdError('VUBLK_ERR_RBD_SPEC', detail);
 }
 
 /** Names librados would take but a spec should never carry: empty, whitespace, control characters, '@'. */
