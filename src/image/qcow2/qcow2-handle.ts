@@ -99,7 +99,7 @@ export class Qcow2Handle implements ReadLayer, CompressedSource {
   private eLo = 0;
   private lockDepth = 0;
   private nextTicket = 1;
-  private readonly tickets = new Map<number, PendingCluster[]>();
+  private readonly tickets = new Map<number, { slot: number; pending: PendingCluster[] }>();
   private metaGen = -1;
   private readonly metadataClusters = new Set<number>();
   private readonly scratch: Uint8Array;
@@ -426,31 +426,40 @@ export class Qcow2Handle implements ReadLayer, CompressedSource {
     }
   }
 
-  private inflightIndex(g: number): number {
+  /** True when guest clusters [first, end) overlap an allocating write in flight (LOCK held). */
+  private inflightOverlaps(first: number, end: number): boolean {
     const table = this.views.inflight;
-    for (let i = 0; i < INFLIGHT_SLOTS; i++) if (table[i] === g) return i;
+    for (let i = 0; i < INFLIGHT_SLOTS; i++) {
+      const start = table[i * 2]!;
+      if (start >= 0 && start < end && first < table[i * 2 + 1]!) return true;
+    }
+    return false;
+  }
+
+  private inflightClaim(first: number, end: number): number {
+    const table = this.views.inflight;
+    for (let i = 0; i < INFLIGHT_SLOTS; i++) {
+      if (table[i * 2]! < 0) {
+        table[i * 2] = first;
+        table[i * 2 + 1] = end;
+        return i;
+      }
+    }
     return -1;
   }
 
-  private inflightFree(): number {
-    return this.inflightIndex(-1);
+  private inflightRelease(slot: number): void {
+    this.views.inflight[slot * 2] = -1;
+    this.views.inflight[slot * 2 + 1] = -1;
   }
 
   private prepareAllocatingWrite(offset: number, length: number, out: WriteExtent[]): number {
     const end = offset + length;
     const first = Math.floor(offset / this.cs);
     const last = Math.floor((end - 1) / this.cs);
-    let needed = 0;
-    for (let g = first; g <= last; g++) {
-      this.lookupLocked(g);
-      if (this.inPlace()) continue;
-      if (this.inflightIndex(g) >= 0) return RETRY;
-      needed++;
-    }
-    let free = 0;
-    for (let i = 0; i < INFLIGHT_SLOTS; i++) if (this.views.inflight[i] === -1) free++;
-    if (needed > free) return RETRY;
-
+    if (this.inflightOverlaps(first, last + 1)) return RETRY;
+    const slot = this.inflightClaim(first, last + 1);
+    if (slot < 0) return RETRY;
     const pending: PendingCluster[] = [];
     const ticket = this.nextTicket++;
     try {
@@ -468,17 +477,16 @@ export class Qcow2Handle implements ReadLayer, CompressedSource {
         const oldHi = this.eHi;
         const oldLo = this.eLo;
         const { cluster, fresh } = this.allocator.takeCluster();
-        this.views.inflight[this.inflightFree()] = g;
         pending.push({ guestCluster: g, hostCluster: cluster, oldHi, oldLo });
         this.copyOnWrite(g, oldHi, oldLo, cluster, fresh, start, stop);
         pushWriteExtent(out, { fd: this.fd, hostOffset: cluster * this.cs + start, length: stop - start });
       }
     } catch (error) {
       // Clusters taken so far keep refcount 1 without a reference: a leak, never a corruption.
-      for (const p of pending) this.views.inflight[this.inflightIndex(p.guestCluster)] = -1;
+      this.inflightRelease(slot);
       throw error;
     }
-    this.tickets.set(ticket, pending);
+    this.tickets.set(ticket, { slot, pending });
     return ticket;
   }
 
@@ -595,9 +603,10 @@ export class Qcow2Handle implements ReadLayer, CompressedSource {
   /** Publishes the clusters of a ticket after their data was written. */
   commitWrite(ticket: number): void {
     if (ticket === NO_COMMIT) return;
-    const pending = this.tickets.get(ticket);
-    if (pending === undefined) throw new Qcow2Error('QCOW2_IO', `unknown write ticket ${ticket}`);
+    const entry = this.tickets.get(ticket);
+    if (entry === undefined) throw new Qcow2Error('QCOW2_IO', `unknown write ticket ${ticket}`);
     this.tickets.delete(ticket);
+    const pending = entry.pending;
     this.lock();
     try {
       const frees: Array<[number, number]> = [];
@@ -616,9 +625,9 @@ export class Qcow2Handle implements ReadLayer, CompressedSource {
         for (let k = i; k < j; k++) frees.push([pending[k]!.oldHi, pending[k]!.oldLo]);
         i = j;
       }
-      for (const p of pending) this.views.inflight[this.inflightIndex(p.guestCluster)] = -1;
       this.freeEntries(frees);
     } finally {
+      this.inflightRelease(entry.slot); // even after an error: a stuck range would RETRY forever
       this.unlock();
     }
   }
@@ -626,15 +635,13 @@ export class Qcow2Handle implements ReadLayer, CompressedSource {
   /** Gives back the clusters of a ticket whose data write failed (they were never referenced). */
   abortWrite(ticket: number): void {
     if (ticket === NO_COMMIT) return;
-    const pending = this.tickets.get(ticket);
-    if (pending === undefined) return;
+    const entry = this.tickets.get(ticket);
+    if (entry === undefined) return;
     this.tickets.delete(ticket);
     this.lock();
     try {
-      for (const p of pending) {
-        this.views.inflight[this.inflightIndex(p.guestCluster)] = -1;
-        this.allocator.adjust(p.hostCluster, 1, -1);
-      }
+      this.inflightRelease(entry.slot);
+      for (const p of entry.pending) this.allocator.adjust(p.hostCluster, 1, -1);
     } finally {
       this.unlock();
     }
@@ -717,7 +724,7 @@ export class Qcow2Handle implements ReadLayer, CompressedSource {
     const zeroFlag = this.geometry.version === 3 && (mode === 'zero' || this.backing !== null);
     this.lock();
     try {
-      for (let g = first; g < end; g++) if (this.inflightIndex(g) >= 0) return RETRY;
+      if (this.inflightOverlaps(first, end)) return RETRY;
       const frees: Array<[number, number]> = [];
       const entryHi = 0;
       const entryLo = zeroFlag ? L2_ZERO_LO : 0;

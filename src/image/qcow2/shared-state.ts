@@ -62,6 +62,7 @@ export const F_FREE_HINT = 8; // no free cluster below this index (allocation se
 export const F_FILE_CLUSTERS = 9; // clusters covered by the file's length
 const FLOAT_WORDS = 16;
 
+/** Allocating writes in flight at once per image (each holds one guest cluster range). */
 export const INFLIGHT_SLOTS = 128;
 
 export interface SharedViews {
@@ -74,7 +75,7 @@ export interface SharedViews {
   readonly l2LastUse: Int32Array;
   readonly l2Data: Uint8Array;
   readonly l2DataView: DataView;
-  /** Guest cluster indices with an allocation in flight (-1: free slot). */
+  /** Guest cluster ranges [start, end) with an allocation in flight, as pairs (start -1: free slot). */
   readonly inflight: Float64Array;
 }
 
@@ -85,7 +86,7 @@ export function createSharedState(
   l2Slots: number,
   backing: LayerDescription | null,
 ): Qcow2SharedState {
-  const inflight = new SharedArrayBuffer(INFLIGHT_SLOTS * 8);
+  const inflight = new SharedArrayBuffer(INFLIGHT_SLOTS * 2 * 8);
   new Float64Array(inflight).fill(-1);
   return {
     geometry,
