@@ -234,10 +234,10 @@ describe.skipIf(skip !== null)('malformed images', () => {
     const h = header(image);
     const l2 = readU64(image, h.l1);
     const past = Buffer.from(u64(h.size + 64 * h.cluster));
-    past[0] |= 0x80;
+    past[0] = past[0]! | 0x80;
     patch(image, l2, past); // guest cluster 0
     const into = Buffer.from(u64(h.l1));
-    into[0] |= 0x80;
+    into[0] = into[0]! | 0x80;
     patch(image, l2 + 8, into); // guest cluster 1 → the L1 table
     const l1Before = fs.readFileSync(image).subarray(h.l1, h.l1 + h.cluster);
     const handle = attach(openImage(image, { format: 'qcow2', ...quiet }));
