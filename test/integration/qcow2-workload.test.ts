@@ -19,6 +19,7 @@ import {
   qemuImgSkipReason,
   readThrough,
   runWorkload,
+  writeThrough,
 } from '../support/qcow2-harness.js';
 
 const skip = qemuImgSkipReason();
@@ -90,4 +91,35 @@ describe.skipIf(skip !== null)('qcow2 random workload checked by qemu-img', () =
       }
     });
   }
+});
+
+describe.skipIf(skip !== null)('write-zeroes without unmap', () => {
+  it('keeps the cluster allocated under the zero flag and reuses it for the next write', () => {
+    const image = path.join(dir, 'keep.qcow2');
+    qemuImg('create', '-q', '-f', 'qcow2', '-o', 'cluster_size=65536', image, String(4 * MiB));
+    const handle = attachTop(image);
+    const mapOf = (): Array<{ start: number; zero: boolean; data: boolean; offset?: number }> =>
+      JSON.parse(qemuImg('map', '--output=json', '-f', 'qcow2', image));
+    try {
+      writeThrough(handle, 65536, patternFor(1, 65536));
+      const before = mapOf().find((m) => m.start === 65536)!;
+      expect(before.data).toBe(true);
+      expect(handle.writeZeroes(65536, 65536, false)).toBe(0);
+      const zeroed = mapOf().find((m) => m.start === 65536)!;
+      expect(zeroed).toMatchObject({ zero: true, data: false, offset: before.offset });
+      expect(readThrough(handle, 65536, 65536).every((b) => b === 0)).toBe(true);
+      writeThrough(handle, 65536 + 4096, patternFor(2, 4096));
+      const reused = mapOf().find((m) => m.start === 65536)!;
+      expect(reused).toMatchObject({ data: true, offset: before.offset });
+      const expected = Buffer.alloc(65536);
+      patternFor(2, 4096).copy(expected, 4096);
+      expect(readThrough(handle, 65536, 65536).equals(expected)).toBe(true);
+      expect(handle.writeZeroes(65536, 65536, true)).toBe(0);
+      expect(mapOf().find((m) => m.start === 65536)).toMatchObject({ zero: true, data: false });
+      expect(mapOf().find((m) => m.start === 65536)?.offset).toBeUndefined();
+    } finally {
+      handle.close();
+    }
+    expect(qemuImgCheck(image).output).toContain('No errors were found');
+  });
 });

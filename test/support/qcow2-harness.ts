@@ -80,7 +80,7 @@ export function untilDone(op: () => number): void {
 export type WorkloadOp =
   | { kind: 'write'; offset: number; length: number; seed: number }
   | { kind: 'discard'; offset: number; length: number }
-  | { kind: 'zero'; offset: number; length: number }
+  | { kind: 'zero'; offset: number; length: number; unmap: boolean }
   | { kind: 'flush' }
   | { kind: 'read'; offset: number; length: number };
 
@@ -108,6 +108,7 @@ export function makeWorkload(seed: number, diskBytes: number, clusterSize: numbe
     if (rng.chance(0.3)) startSector = Math.floor((startSector * 512) / clusterSize) * (clusterSize / 512);
     const length = Math.min(lengthSectors, sectors - startSector) * 512;
     if (kind === 'write') ops.push({ kind, offset: startSector * 512, length, seed: rng.u32() });
+    else if (kind === 'zero') ops.push({ kind, offset: startSector * 512, length, unmap: rng.chance(0.5) });
     else ops.push({ kind, offset: startSector * 512, length });
   }
   return ops;
@@ -140,7 +141,7 @@ export function runWorkload(handle: Qcow2Handle, model: Buffer, ops: readonly Wo
         break;
       }
       case 'zero':
-        untilDone(() => handle.writeZeroes(op.offset, op.length));
+        untilDone(() => handle.writeZeroes(op.offset, op.length, op.unmap));
         model.fill(0, op.offset, op.offset + op.length);
         break;
       case 'flush':

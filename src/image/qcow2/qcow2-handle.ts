@@ -76,6 +76,8 @@ interface PendingCluster {
   /** The L2 entry it replaces (its clusters are freed after the commit). */
   readonly oldHi: number;
   readonly oldLo: number;
+  /** The cluster was already this image's (a zero-flagged allocation): never freed by an abort. */
+  readonly reused: boolean;
 }
 
 /** Opens a handle (or raw layer) on any layer description: what a worker calls for each image. */
@@ -476,8 +478,11 @@ export class Qcow2Handle implements ReadLayer, CompressedSource {
         this.lookupLocked(g);
         const oldHi = this.eHi;
         const oldLo = this.eLo;
-        const { cluster, fresh } = this.allocator.takeCluster();
-        pending.push({ guestCluster: g, hostCluster: cluster, oldHi, oldLo });
+        // A zero-flagged cluster this image owns (WRITE_ZEROES without UNMAP) is reused in place.
+        const reuse =
+          (oldHi & ENTRY_COPIED_HI) !== 0 && (oldHi & ENTRY_COMPRESSED_HI) === 0 && (oldLo & L2_ZERO_LO) !== 0 && standardEntryOffset(oldHi, oldLo) !== 0;
+        const { cluster, fresh } = reuse ? { cluster: this.dataCluster(g, oldHi, oldLo), fresh: false } : this.allocator.takeCluster();
+        pending.push({ guestCluster: g, hostCluster: cluster, oldHi, oldLo, reused: reuse });
         this.copyOnWrite(g, oldHi, oldLo, cluster, fresh, start, stop);
         pushWriteExtent(out, { fd: this.fd, hostOffset: cluster * this.cs + start, length: stop - start });
       }
@@ -622,7 +627,10 @@ export class Qcow2Handle implements ReadLayer, CompressedSource {
           entries[(k - i) * 2 + 1] = offsetLo(host);
         }
         this.setL2Entries(pending[i]!.guestCluster, entries);
-        for (let k = i; k < j; k++) frees.push([pending[k]!.oldHi, pending[k]!.oldLo]);
+        for (let k = i; k < j; k++) {
+          const p = pending[k]!;
+          if (standardEntryOffset(p.oldHi, p.oldLo) !== p.hostCluster * this.cs || (p.oldHi & ENTRY_COMPRESSED_HI) !== 0) frees.push([p.oldHi, p.oldLo]);
+        }
         i = j;
       }
       this.freeEntries(frees);
@@ -641,7 +649,7 @@ export class Qcow2Handle implements ReadLayer, CompressedSource {
     this.lock();
     try {
       this.inflightRelease(entry.slot);
-      for (const p of entry.pending) this.allocator.adjust(p.hostCluster, 1, -1);
+      for (const p of entry.pending) if (!p.reused) this.allocator.adjust(p.hostCluster, 1, -1);
     } finally {
       this.unlock();
     }
@@ -677,20 +685,21 @@ export class Qcow2Handle implements ReadLayer, CompressedSource {
   }
 
   /**
-   * WRITE_ZEROES: whole clusters become zero clusters (v3) or are deallocated (v2 without backing);
-   * partial clusters (and v2 images with a backing file) get zeroes written. RETRY as for prepareWrite.
+   * WRITE_ZEROES: whole clusters become zero clusters (v3; with `unmap` false, clusters this image owns stay
+   * allocated under the zero flag) or are deallocated (v2 without backing); partial clusters, v2 images
+   * with a backing file and v2 without `unmap` get zeroes written. RETRY as for prepareWrite.
    */
-  writeZeroes(offset: number, length: number): number {
+  writeZeroes(offset: number, length: number, unmap = true): number {
     this.checkRange(offset, length);
     this.checkWritable();
     const end = offset + length;
     const firstWhole = Math.ceil(offset / this.cs) * this.cs;
     const lastWhole = Math.floor(end / this.cs) * this.cs;
-    const explicit = this.geometry.version === 2 && this.backing !== null;
+    const explicit = this.geometry.version === 2 && (this.backing !== null || !unmap);
     if (explicit || firstWhole >= lastWhole) return this.writeZeroData(offset, length);
     if (offset < firstWhole && this.writeZeroData(offset, firstWhole - offset) === RETRY) return RETRY;
     if (lastWhole < end && this.writeZeroData(lastWhole, end - lastWhole) === RETRY) return RETRY;
-    return this.unmapClusters(firstWhole, lastWhole - firstWhole, 'zero');
+    return this.unmapClusters(firstWhole, lastWhole - firstWhole, 'zero', unmap);
   }
 
   private writeZeroData(offset: number, length: number): number {
@@ -717,17 +726,20 @@ export class Qcow2Handle implements ReadLayer, CompressedSource {
     return 0;
   }
 
-  private unmapClusters(offset: number, length: number, mode: 'discard' | 'zero'): number {
+  private unmapClusters(offset: number, length: number, mode: 'discard' | 'zero', unmap = true): number {
     const first = Math.ceil(offset / this.cs);
     const end = Math.floor((offset + length) / this.cs);
     if (first >= end) return 0; // discard of partial clusters is advisory: nothing to do
-    const zeroFlag = this.geometry.version === 3 && (mode === 'zero' || this.backing !== null);
+    const v3 = this.geometry.version === 3;
+    const zeroFlag = v3 && (mode === 'zero' || this.backing !== null);
+    const emptyLo = zeroFlag ? L2_ZERO_LO : 0;
+    // WRITE_ZEROES without UNMAP keeps a cluster this image owns allocated (offset | COPIED | zero flag)
+    const keepsCluster = (hi: number, lo: number): boolean =>
+      mode === 'zero' && !unmap && v3 && (hi & ENTRY_COPIED_HI) !== 0 && (hi & ENTRY_COMPRESSED_HI) === 0 && standardEntryOffset(hi, lo) !== 0;
     this.lock();
     try {
       if (this.inflightOverlaps(first, end)) return RETRY;
       const frees: Array<[number, number]> = [];
-      const entryHi = 0;
-      const entryLo = zeroFlag ? L2_ZERO_LO : 0;
       for (let g = first; g < end; ) {
         const l2Index = Math.floor(g / this.geometry.l2Entries);
         const stop = Math.min(end, (l2Index + 1) * this.geometry.l2Entries);
@@ -735,9 +747,8 @@ export class Qcow2Handle implements ReadLayer, CompressedSource {
         let changed = false;
         for (let k = g; k < stop && !changed; k++) {
           this.lookupLocked(k);
-          const same = this.eHi === entryHi && this.eLo === entryLo;
-          const alreadyZero = this.eHi === 0 && this.eLo === 0 && this.backing === null;
-          changed = !same && !alreadyZero;
+          if (keepsCluster(this.eHi, this.eLo)) changed = (this.eLo & L2_ZERO_LO) === 0;
+          else changed = !(this.eHi === 0 && this.eLo === emptyLo) && !(this.eHi === 0 && this.eLo === 0 && this.backing === null);
         }
         if (!changed) {
           g = stop;
@@ -747,9 +758,15 @@ export class Qcow2Handle implements ReadLayer, CompressedSource {
         const entries = new Uint32Array((stop - g) * 2);
         for (let k = g; k < stop; k++) {
           this.lookupLocked(k);
-          frees.push([this.eHi, this.eLo]);
-          entries[(k - g) * 2] = entryHi;
-          entries[(k - g) * 2 + 1] = entryLo;
+          if (keepsCluster(this.eHi, this.eLo)) {
+            this.dataCluster(k, this.eHi, this.eLo);
+            entries[(k - g) * 2] = this.eHi;
+            entries[(k - g) * 2 + 1] = (this.eLo | L2_ZERO_LO) >>> 0;
+          } else {
+            frees.push([this.eHi, this.eLo]);
+            entries[(k - g) * 2] = 0;
+            entries[(k - g) * 2 + 1] = emptyLo;
+          }
         }
         this.setL2Entries(g, entries);
         g = stop;
