@@ -51,8 +51,11 @@ import {
   INFLIGHT_SLOTS,
   I_CLOCK,
   I_HANDLES,
+  I_META_ADDS,
   I_META_GEN,
   I_SEQ,
+  METADATA_RING,
+  publishMetadataCluster,
   acquireLock,
   beginPublish,
   endPublish,
@@ -103,6 +106,7 @@ export class Qcow2Handle implements ReadLayer, CompressedSource {
   private nextTicket = 1;
   private readonly tickets = new Map<number, { slot: number; pending: PendingCluster[] }>();
   private metaGen = -1;
+  private metaAddsSeen = 0;
   private readonly metadataClusters = new Set<number>();
   private readonly scratch: Uint8Array;
   private readonly cowBuffer: Uint8Array;
@@ -190,7 +194,7 @@ export class Qcow2Handle implements ReadLayer, CompressedSource {
       const at = slot * this.cs + (g % this.geometry.l2Entries) * 8;
       this.eHi = this.views.l2DataView.getUint32(at);
       this.eLo = this.views.l2DataView.getUint32(at + 4);
-      this.views.l2LastUse[slot] = Atomics.add(ints, I_CLOCK, 1);
+      this.views.l2LastUse[slot] = ints[I_CLOCK]!; // approximate LRU: no shared read-modify-write on a hit
     }
     return Atomics.load(ints, I_SEQ) === seq;
   }
@@ -255,10 +259,23 @@ export class Qcow2Handle implements ReadLayer, CompressedSource {
 
   // ---- validation of entries found in the image ----
 
+  /**
+   * Keeps this thread's set of metadata clusters current: new L2 tables and refcount blocks arrive through
+   * the shared ring; a moved table (or falling more than the ring behind) means a full rebuild.
+   */
   private refreshMetadataClusters(): void {
     const gen = Atomics.load(this.views.ints, I_META_GEN);
-    if (gen === this.metaGen) return;
+    const adds = Atomics.load(this.views.ints, I_META_ADDS);
+    if (gen === this.metaGen && adds === this.metaAddsSeen) return;
+    if (gen === this.metaGen && adds - this.metaAddsSeen <= METADATA_RING) {
+      for (let i = this.metaAddsSeen; i < adds; i++) this.metadataClusters.add(this.views.metaAdds[i % METADATA_RING]!);
+      if (Atomics.load(this.views.ints, I_META_ADDS) - this.metaAddsSeen <= METADATA_RING) {
+        this.metaAddsSeen = adds;
+        return;
+      }
+    }
     this.metaGen = gen;
+    this.metaAddsSeen = adds;
     const set = this.metadataClusters;
     set.clear();
     const f = this.views.floats;
@@ -578,7 +595,7 @@ export class Qcow2Handle implements ReadLayer, CompressedSource {
     this.views.l1[l1Index * 2] = hi;
     this.views.l1[l1Index * 2 + 1] = lo;
     endPublish(this.views.ints);
-    Atomics.add(this.views.ints, I_META_GEN, 1);
+    publishMetadataCluster(this.views, table / this.cs);
   }
 
   /** Writes L2 entries of guest clusters [g, g+count) (same L2 table, LOCK held) on disk and in the cache. */

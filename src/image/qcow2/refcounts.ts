@@ -26,6 +26,7 @@ import {
   F_RT_ENTRIES,
   F_RT_OFFSET,
   I_META_GEN,
+  publishMetadataCluster,
   type Qcow2Geometry,
   type SharedViews,
 } from './shared-state.js';
@@ -184,7 +185,8 @@ export class RefcountAllocator {
       this.views.floats[F_RT_ENTRIES] = newEntries;
       this.adjust(oldOffset / cs, oldClusters, -1);
     }
-    Atomics.add(this.views.ints, I_META_GEN, 1);
+    if (tableClusters > 0) Atomics.add(this.views.ints, I_META_GEN, 1); // the table moved: full rebuild
+    else publishMetadataCluster(this.views, home);
     return home + 1 + tableClusters;
   }
 

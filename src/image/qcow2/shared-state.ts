@@ -39,6 +39,7 @@ export interface Qcow2SharedState {
   readonly l2Tags: SharedArrayBuffer;
   readonly l2Data: SharedArrayBuffer;
   readonly inflight: SharedArrayBuffer;
+  readonly metaAdds: SharedArrayBuffer;
   readonly backing: LayerDescription | null;
 }
 
@@ -48,6 +49,7 @@ export const I_SEQ = 1;
 export const I_META_GEN = 2; // bumped when the set of metadata clusters changes (L2 tables, refcount blocks, L1/RT moves)
 export const I_CLOCK = 3; // LRU clock of the L2 cache
 export const I_HANDLES = 4; // open handles (the last one to close returns the unused reserve)
+export const I_META_ADDS = 5; // metadata clusters added so far (the last METADATA_RING of them are in metaAdds)
 const INT_WORDS = 16;
 /** Float64 words of `meta` (after the Int32 words). */
 export const F_SIZE = 0; // virtual disk size
@@ -64,6 +66,8 @@ const FLOAT_WORDS = 16;
 
 /** Allocating writes in flight at once per image (each holds one guest cluster range). */
 export const INFLIGHT_SLOTS = 128;
+/** Recently added metadata clusters (new L2 tables, refcount blocks), so handles update their sets incrementally. */
+export const METADATA_RING = 1024;
 
 export interface SharedViews {
   readonly ints: Int32Array;
@@ -77,6 +81,7 @@ export interface SharedViews {
   readonly l2DataView: DataView;
   /** Guest cluster ranges [start, end) with an allocation in flight, as pairs (start -1: free slot). */
   readonly inflight: Float64Array;
+  readonly metaAdds: Float64Array;
 }
 
 export function createSharedState(
@@ -99,6 +104,7 @@ export function createSharedState(
     l2Tags: new SharedArrayBuffer(l2Slots * 8 + l2Slots * 4),
     l2Data: new SharedArrayBuffer(l2Slots * geometry.clusterSize),
     inflight,
+    metaAdds: new SharedArrayBuffer(METADATA_RING * 8),
     backing,
   };
 }
@@ -114,6 +120,7 @@ export function viewsOf(state: Qcow2SharedState): SharedViews {
     l2Data: new Uint8Array(state.l2Data),
     l2DataView: new DataView(state.l2Data),
     inflight: new Float64Array(state.inflight),
+    metaAdds: new Float64Array(state.metaAdds),
   };
 }
 
@@ -145,4 +152,11 @@ export function beginPublish(ints: Int32Array): void {
 
 export function endPublish(ints: Int32Array): void {
   Atomics.add(ints, I_SEQ, 1);
+}
+
+/** Records a new metadata cluster (LOCK held): slot first, then the count readers go by. */
+export function publishMetadataCluster(views: SharedViews, cluster: number): void {
+  const count = Atomics.load(views.ints, I_META_ADDS);
+  views.metaAdds[count % METADATA_RING] = cluster;
+  Atomics.add(views.ints, I_META_ADDS, 1);
 }
