@@ -1,7 +1,8 @@
 /**
  * Everything one virtqueue needs on its worker thread: its counters, I/O engine, throttle handle, request
- * scratch, retry timer, and — while started — its ring and drain context. A worker thread runs one
- * RingServer per queue it serves; all of them share the thread's epoll set and guest memory table.
+ * scratch, retry timer, and — while started — its ring and drain context. A pool worker runs one RingServer
+ * per ring it serves (of any disk); they share the thread's epoll set, each uses its own disk context and
+ * its session's guest memory table.
  */
 import { signalEventFd } from '../sys/eventfd.js';
 import type { EpollSet } from './epoll.js';
@@ -15,7 +16,7 @@ import { UringExecutor } from './uring-executor.js';
 import type { IoEngineName, RequestExecutor } from './request-executor.js';
 import { completeRequest, createRequestScratch, drainQueue, unlimited, type Admission, type DrainContext, type PoisonCause } from './drain.js';
 import { DiskThrottle } from '../throttle/disk-throttle.js';
-import type { RingStart, WorkerInit, WorkerMessage } from './worker-protocol.js';
+import type { DiskContext, DiskSettings, RingEvent, RingStart } from './worker-protocol.js';
 
 /** Kick-less (polling-mode) rings are drained on this tick. */
 const POLL_TICK_NANOS = 1_000_000;
@@ -32,10 +33,10 @@ export class RingServer {
 
   constructor(
     readonly queue: number,
-    private readonly init: WorkerInit,
+    private readonly init: DiskContext,
     private readonly epoll: EpollSet,
-    private readonly post: (message: WorkerMessage) => void,
-    private settings: { capacityBytes: number; writeback: boolean },
+    private readonly post: (message: RingEvent) => void,
+    private settings: DiskSettings,
   ) {
     this.counters = new QueueCounters(init.counters, queue);
     this.executor = this.createExecutor();
@@ -202,6 +203,8 @@ export class RingServer {
 
   close(): void {
     this.stop();
+    // The ring may next run on another worker: nothing counted here may stay unpublished.
+    this.counters.flush();
     this.executor.close();
     this.timer.close();
   }
