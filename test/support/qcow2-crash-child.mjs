@@ -44,6 +44,12 @@ for (;;) {
       at += e.length;
     }
     handle.commitWrite(ticket);
+  } else if (kind < 16) {
+    const count = 1 + (u32() % 64);
+    const first = u32() % (blocks - count);
+    const unmap = u32() % 2 === 0;
+    say(`Z ${op} ${first} ${count}`);
+    handle.writeZeroes(first * BLOCK, count * BLOCK, unmap);
   } else if (kind < 17) {
     const perCluster = cluster / BLOCK;
     const clusters = handle.size / cluster;
