@@ -8,7 +8,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { Qcow2Handle, attachLayer, openImage } from '../../src/image/qcow2/index.js';
+import { Qcow2Handle, attachLayer, openImage, type WriteExtent } from '../../src/image/qcow2/index.js';
 import { seedFromEnv } from '../support/prng.js';
 import {
   makeWorkload,
@@ -117,6 +117,43 @@ describe.skipIf(skip !== null)('write-zeroes without unmap', () => {
       expect(handle.writeZeroes(65536, 65536, true)).toBe(0);
       expect(mapOf().find((m) => m.start === 65536)).toMatchObject({ zero: true, data: false });
       expect(mapOf().find((m) => m.start === 65536)?.offset).toBeUndefined();
+    } finally {
+      handle.close();
+    }
+    expect(qemuImgCheck(image).output).toContain('No errors were found');
+  });
+});
+
+describe.skipIf(skip !== null)('an in-place write racing a discard of its cluster', () => {
+  it('the discarded cluster is not reused for other data while the write is in flight', () => {
+    const image = path.join(dir, 'race.qcow2');
+    qemuImg('create', '-q', '-f', 'qcow2', '-o', 'cluster_size=65536', image, String(16 * MiB));
+    const handle = attachTop(image);
+    try {
+      writeThrough(handle, 0, patternFor(1, 65536)); // guest cluster 0 allocated
+      const extents: WriteExtent[] = [];
+      const ticket = handle.prepareWrite(0, 4096, extents); // in place, not completed yet
+      expect(ticket).toBeGreaterThan(0);
+      const racingHost = extents[0]!.hostOffset;
+      expect(handle.discard(0, 65536)).toBe(0); // the guest discards the same cluster meanwhile
+      // other guest clusters are written (past the allocation reserve, so freed clusters get reused):
+      // none may land on the cluster the in-flight write targets
+      for (let c = 1; c < 220; c++) {
+        const other: WriteExtent[] = [];
+        const t = handle.prepareWrite(c * 65536, 65536, other);
+        for (const e of other) expect(Math.floor(e.hostOffset / 65536)).not.toBe(Math.floor(racingHost / 65536));
+        const data = patternFor(100 + c, 65536);
+        let at = 0;
+        for (const e of other) {
+          fs.writeSync(e.fd, data, at, e.length, e.hostOffset);
+          at += e.length;
+        }
+        handle.commitWrite(t);
+      }
+      fs.writeSync(extents[0]!.fd, Buffer.alloc(4096, 0xee), 0, 4096, racingHost); // the late write lands
+      handle.commitWrite(ticket);
+      handle.flush(); // the deferred free happens now
+      for (let c = 1; c < 220; c++) expect(readThrough(handle, c * 65536, 65536).equals(patternFor(100 + c, 65536))).toBe(true);
     } finally {
       handle.close();
     }

@@ -51,7 +51,10 @@ import {
   INFLIGHT_SLOTS,
   I_CLOCK,
   I_HANDLES,
+  DEFERRED_FREES,
+  I_DEFERRED,
   I_META_ADDS,
+  WRITER_BUCKETS,
   I_META_GEN,
   I_SEQ,
   METADATA_RING,
@@ -104,7 +107,7 @@ export class Qcow2Handle implements ReadLayer, CompressedSource {
   private eLo = 0;
   private lockDepth = 0;
   private nextTicket = 1;
-  private readonly tickets = new Map<number, { slot: number; pending: PendingCluster[] }>();
+  private readonly tickets = new Map<number, { slot: number; pending: PendingCluster[]; first: number; last: number }>();
   private metaGen = -1;
   private metaAddsSeen = 0;
   private readonly metadataClusters = new Set<number>();
@@ -423,26 +426,50 @@ export class Qcow2Handle implements ReadLayer, CompressedSource {
     this.checkRange(offset, length);
     this.checkWritable();
     out.length = 0;
+    if (length === 0) return NO_COMMIT;
     const end = offset + length;
-    let at = offset;
-    while (at < end) {
-      const g = Math.floor(at / this.cs);
-      const inCluster = at - g * this.cs;
-      const n = Math.min(end - at, this.cs - inCluster);
-      this.lookup(g);
-      if (!this.inPlace()) break;
-      const cluster = this.dataCluster(g, this.eHi, this.eLo);
-      pushWriteExtent(out, { fd: this.fd, hostOffset: cluster * this.cs + inCluster, length: n });
-      at += n;
-    }
-    if (at >= end) return NO_COMMIT;
-    out.length = 0;
-    this.lock();
+    const first = Math.floor(offset / this.cs);
+    const last = Math.floor((end - 1) / this.cs);
+    this.countWriters(first, last, +1); // before the lookup: see shared-state.ts WRITER_BUCKETS
+    let ticket = RETRY;
     try {
-      return this.prepareAllocatingWrite(offset, length, out);
+      let at = offset;
+      while (at < end) {
+        const g = Math.floor(at / this.cs);
+        const inCluster = at - g * this.cs;
+        const n = Math.min(end - at, this.cs - inCluster);
+        this.lookup(g);
+        if (!this.inPlace()) break;
+        const cluster = this.dataCluster(g, this.eHi, this.eLo);
+        pushWriteExtent(out, { fd: this.fd, hostOffset: cluster * this.cs + inCluster, length: n });
+        at += n;
+      }
+      if (at >= end) {
+        ticket = this.nextTicket++;
+        this.tickets.set(ticket, { slot: -1, pending: [], first, last });
+        return ticket;
+      }
+      out.length = 0;
+      this.lock();
+      try {
+        ticket = this.prepareAllocatingWrite(offset, length, out);
+        return ticket;
+      } finally {
+        this.unlock();
+      }
     } finally {
-      this.unlock();
+      if (ticket === RETRY) this.countWriters(first, last, -1); // RETRY or an exception
     }
+  }
+
+  private countWriters(first: number, last: number, delta: number): void {
+    const writers = this.views.writers;
+    const count = Math.min(last - first + 1, WRITER_BUCKETS);
+    for (let i = 0; i < count; i++) Atomics.add(writers, (first + i) % WRITER_BUCKETS, delta);
+  }
+
+  private hasWriters(guestCluster: number): boolean {
+    return Atomics.load(this.views.writers, guestCluster % WRITER_BUCKETS) !== 0;
   }
 
   /** True when guest clusters [first, end) overlap an allocating write in flight (LOCK held). */
@@ -508,7 +535,7 @@ export class Qcow2Handle implements ReadLayer, CompressedSource {
       this.inflightRelease(slot);
       throw error;
     }
-    this.tickets.set(ticket, { slot, pending });
+    this.tickets.set(ticket, { slot, pending, first, last });
     return ticket;
   }
 
@@ -628,6 +655,10 @@ export class Qcow2Handle implements ReadLayer, CompressedSource {
     const entry = this.tickets.get(ticket);
     if (entry === undefined) throw new Qcow2Error('QCOW2_IO', `unknown write ticket ${ticket}`);
     this.tickets.delete(ticket);
+    if (entry.slot < 0) {
+      this.countWriters(entry.first, entry.last, -1); // an in-place overwrite: nothing to publish
+      return;
+    }
     const pending = entry.pending;
     this.lock();
     try {
@@ -650,9 +681,10 @@ export class Qcow2Handle implements ReadLayer, CompressedSource {
         }
         i = j;
       }
-      this.freeEntries(frees);
+      this.freeEntries(frees.map(([hi, lo]) => [hi, lo, -1]));
     } finally {
       this.inflightRelease(entry.slot); // even after an error: a stuck range would RETRY forever
+      this.countWriters(entry.first, entry.last, -1);
       this.unlock();
     }
   }
@@ -663,11 +695,16 @@ export class Qcow2Handle implements ReadLayer, CompressedSource {
     const entry = this.tickets.get(ticket);
     if (entry === undefined) return;
     this.tickets.delete(ticket);
+    if (entry.slot < 0) {
+      this.countWriters(entry.first, entry.last, -1);
+      return;
+    }
     this.lock();
     try {
       this.inflightRelease(entry.slot);
       for (const p of entry.pending) if (!p.reused) this.allocator.adjust(p.hostCluster, 1, -1);
     } finally {
+      this.countWriters(entry.first, entry.last, -1);
       this.unlock();
     }
   }
@@ -676,22 +713,51 @@ export class Qcow2Handle implements ReadLayer, CompressedSource {
    * Drops the references of replaced L2 entries: after a sync (the new L2 entries are durable), each host
    * cluster they held loses one refcount (LOCK held).
    */
-  private freeEntries(entries: Array<[number, number]>): void {
-    const clusters: number[] = [];
-    for (const [hi, lo] of entries) {
+  private freeEntries(entries: Array<[number, number, number]>): void {
+    const clusters: Array<[number, number]> = [];
+    for (const [hi, lo, guest] of entries) {
       if ((hi & ENTRY_COMPRESSED_HI) !== 0) {
         const d = decodeCompressedEntry(hi, lo, this.geometry.clusterBits);
         const from = Math.floor((d.hostOffset - (d.hostOffset % 512)) / this.cs);
         const to = Math.floor((d.hostOffset + d.maxLength - 1) / this.cs);
-        for (let c = from; c <= to; c++) clusters.push(c);
+        for (let c = from; c <= to; c++) clusters.push([c, -1]);
       } else {
         const host = standardEntryOffset(hi, lo);
-        if (host !== 0) clusters.push(host / this.cs);
+        if (host !== 0) clusters.push([host / this.cs, (hi & ENTRY_COPIED_HI) !== 0 ? guest : -1]);
       }
     }
     if (clusters.length === 0) return;
     syncData(this.fd);
-    for (const c of clusters) this.allocator.adjust(c, 1, -1);
+    const deferred = this.views.deferred;
+    for (const [cluster, guest] of clusters) {
+      // A COPIED cluster may still be the target of an in-place write that looked it up before the unmap.
+      const count = Atomics.load(this.views.ints, I_DEFERRED);
+      if (guest >= 0 && this.hasWriters(guest) && count < DEFERRED_FREES) {
+        deferred[count * 2] = cluster;
+        deferred[count * 2 + 1] = guest;
+        Atomics.store(this.views.ints, I_DEFERRED, count + 1);
+      } else {
+        this.allocator.adjust(cluster, 1, -1);
+      }
+    }
+  }
+
+  /** Frees deferred clusters whose writers have drained (all of them when `all`), LOCK held. */
+  private processDeferred(all: boolean): void {
+    const deferred = this.views.deferred;
+    let count = Atomics.load(this.views.ints, I_DEFERRED);
+    for (let i = 0; i < count; ) {
+      if (all || !this.hasWriters(deferred[i * 2 + 1]!)) {
+        const cluster = deferred[i * 2]!;
+        count--;
+        deferred[i * 2] = deferred[count * 2]!;
+        deferred[i * 2 + 1] = deferred[count * 2 + 1]!;
+        Atomics.store(this.views.ints, I_DEFERRED, count);
+        this.allocator.adjust(cluster, 1, -1);
+      } else {
+        i++;
+      }
+    }
   }
 
   /** DISCARD: whole clusters are deallocated (zero-flagged when a backing file would show through). */
@@ -756,7 +822,8 @@ export class Qcow2Handle implements ReadLayer, CompressedSource {
     this.lock();
     try {
       if (this.inflightOverlaps(first, end)) return RETRY;
-      const frees: Array<[number, number]> = [];
+      const frees: Array<[number, number, number]> = [];
+      this.processDeferred(false);
       for (let g = first; g < end; ) {
         const l2Index = Math.floor(g / this.geometry.l2Entries);
         const stop = Math.min(end, (l2Index + 1) * this.geometry.l2Entries);
@@ -780,7 +847,7 @@ export class Qcow2Handle implements ReadLayer, CompressedSource {
             entries[(k - g) * 2] = this.eHi;
             entries[(k - g) * 2 + 1] = (this.eLo | L2_ZERO_LO) >>> 0;
           } else {
-            frees.push([this.eHi, this.eLo]);
+            frees.push([this.eHi, this.eLo, k]);
             entries[(k - g) * 2] = 0;
             entries[(k - g) * 2 + 1] = emptyLo;
           }
@@ -798,6 +865,13 @@ export class Qcow2Handle implements ReadLayer, CompressedSource {
   /** FLUSH: data and metadata were written through, so one fdatasync makes every completed write durable. */
   flush(): void {
     syncData(this.fd);
+    if (Atomics.load(this.views.ints, I_DEFERRED) === 0 || this.readOnly) return;
+    this.lock();
+    try {
+      this.processDeferred(false);
+    } finally {
+      this.unlock();
+    }
   }
 
   /** Live resize: grows the virtual size (and the L1 table when needed). Shrinking is refused. */
@@ -870,6 +944,7 @@ export class Qcow2Handle implements ReadLayer, CompressedSource {
       if (Atomics.sub(this.views.ints, I_HANDLES, 1) === 1 && !this.readOnly) {
         this.lock();
         try {
+          this.processDeferred(true); // no handle is left, so no writer either
           this.allocator.releaseReserve();
           syncData(this.fd);
         } finally {

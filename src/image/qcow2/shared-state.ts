@@ -40,6 +40,8 @@ export interface Qcow2SharedState {
   readonly l2Data: SharedArrayBuffer;
   readonly inflight: SharedArrayBuffer;
   readonly metaAdds: SharedArrayBuffer;
+  readonly writers: SharedArrayBuffer;
+  readonly deferred: SharedArrayBuffer;
   readonly backing: LayerDescription | null;
 }
 
@@ -49,6 +51,7 @@ export const I_SEQ = 1;
 export const I_META_GEN = 2; // bumped when the set of metadata clusters changes (L2 tables, refcount blocks, L1/RT moves)
 export const I_CLOCK = 3; // LRU clock of the L2 cache
 export const I_HANDLES = 4; // open handles (the last one to close returns the unused reserve)
+export const I_DEFERRED = 6; // entries in the deferred-free list
 export const I_META_ADDS = 5; // metadata clusters added so far (the last METADATA_RING of them are in metaAdds)
 const INT_WORDS = 16;
 /** Float64 words of `meta` (after the Int32 words). */
@@ -68,6 +71,14 @@ const FLOAT_WORDS = 16;
 export const INFLIGHT_SLOTS = 128;
 /** Recently added metadata clusters (new L2 tables, refcount blocks), so handles update their sets incrementally. */
 export const METADATA_RING = 1024;
+/**
+ * In-place writes in flight, counted per guest cluster hash bucket. A writer counts itself before its
+ * lock-free lookup; DISCARD/WRITE_ZEROES publish the new L2 entries first and then look at the counters, so
+ * a cluster that a writer may still be writing to is not freed (and reused for another guest cluster):
+ * its free is deferred until the bucket drains.
+ */
+export const WRITER_BUCKETS = 4096;
+export const DEFERRED_FREES = 4096;
 
 export interface SharedViews {
   readonly ints: Int32Array;
@@ -82,6 +93,9 @@ export interface SharedViews {
   /** Guest cluster ranges [start, end) with an allocation in flight, as pairs (start -1: free slot). */
   readonly inflight: Float64Array;
   readonly metaAdds: Float64Array;
+  readonly writers: Int32Array;
+  /** Deferred frees as [host cluster, guest cluster] pairs (LOCK held). */
+  readonly deferred: Float64Array;
 }
 
 export function createSharedState(
@@ -105,6 +119,8 @@ export function createSharedState(
     l2Data: new SharedArrayBuffer(l2Slots * geometry.clusterSize),
     inflight,
     metaAdds: new SharedArrayBuffer(METADATA_RING * 8),
+    writers: new SharedArrayBuffer(WRITER_BUCKETS * 4),
+    deferred: new SharedArrayBuffer(DEFERRED_FREES * 2 * 8),
     backing,
   };
 }
@@ -121,6 +137,8 @@ export function viewsOf(state: Qcow2SharedState): SharedViews {
     l2DataView: new DataView(state.l2Data),
     inflight: new Float64Array(state.inflight),
     metaAdds: new Float64Array(state.metaAdds),
+    writers: new Int32Array(state.writers),
+    deferred: new Float64Array(state.deferred),
   };
 }
 
