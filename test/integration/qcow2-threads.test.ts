@@ -1,7 +1,8 @@
 /**
  * Two real worker threads write and read one qcow2 image at once through attach(): each owns interleaved
  * 16 KiB stripes, so both allocate the same clusters concurrently (allocation lock, in-flight clusters,
- * RETRY). The merged models must equal the image (`qemu-img compare`) and `qemu-img check` must be clean.
+ * RETRY), and whole clusters it discards and zeroes (deferred frees, unmap paths). The merged models
+ * must equal the image (`qemu-img compare`) and `qemu-img check` must be clean.
  * Runs the compiled module: `npm run build` first.
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -16,6 +17,7 @@ const skip = qemuImgSkipReason();
 const MiB = 1024 * 1024;
 const STRIPE = 16 * 1024;
 const WORKERS = 2;
+const SEED = Number(process.env['QCOW2_THREAD_SEED'] ?? 1000);
 const workerScript = new URL('../support/qcow2-thread-worker.mjs', import.meta.url);
 const built = fs.existsSync(new URL('../../dist/src/image/qcow2/index.js', import.meta.url));
 let dir = '';
@@ -60,15 +62,19 @@ describe.skipIf(skip !== null)('qcow2 shared by two worker threads', () => {
       const description = openImage(image, { format: 'qcow2', l2CacheBytes: 4 * 65536, warn: () => {} });
       const results = await Promise.all(
         Array.from({ length: WORKERS }, (_, index) =>
-          runWorker({ description, index, workers: WORKERS, seed: 1000 + index + (backing ? 10 : 0), ops: 3000, stripe: STRIPE, initial: backing ? base : null }),
+          runWorker({ description, index, workers: WORKERS, seed: SEED + index + (backing ? 10 : 0), ops: 3000, stripe: STRIPE, initial: backing ? base : null }),
         ),
       );
       for (const r of results) expect(r.error).toBeUndefined();
-      // merge: stripe s was written only by worker s % WORKERS, whose model starts from the backing file
+      // merge: the first half is in 16 KiB stripes, the second in clusters; unit u belongs to worker u % WORKERS,
+      // whose model starts from the backing file
       const model = Buffer.alloc(size);
-      for (let s = 0; s < size / STRIPE; s++) {
-        const owner = results[s % WORKERS]!.model!;
-        Buffer.from(owner.buffer, owner.byteOffset + s * STRIPE, STRIPE).copy(model, s * STRIPE);
+      for (const [base, unit] of [[0, STRIPE], [size / 2, 65536]] as const) {
+        for (let u = 0; u < size / 2 / unit; u++) {
+          const owner = results[u % WORKERS]!.model!;
+          const at = base + u * unit;
+          Buffer.from(owner.buffer, owner.byteOffset + at, unit).copy(model, at);
+        }
       }
       const check = qemuImgCheck(image);
       expect(check.output).toContain('No errors were found');

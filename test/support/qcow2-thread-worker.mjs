@@ -66,15 +66,23 @@ function read(offset, length) {
   return out;
 }
 try {
-  const stripes = size / stripe;
+  // First half: 16 KiB stripes (clusters shared by both threads). Second half: whole clusters owned by one
+  // thread, which also discards them and zeroes them whole (the unmap paths run concurrently).
+  const half = size / 2;
+  const cluster = handle.geometry.clusterSize;
   for (let i = 0; i < ops; i++) {
-    let s = u32() % stripes;
+    const whole = u32() % 2 === 1;
+    const unit = whole ? cluster : stripe;
+    const base = whole ? half : 0;
+    const units = half / unit;
+    let s = u32() % units;
     s -= s % workers;
     s += index;
-    if (s >= stripes) s -= workers;
-    const first = (u32() % (stripe / 512)) * 512;
-    const length = (1 + (u32() % ((stripe - first) / 512))) * 512;
-    const offset = s * stripe + first;
+    if (s >= units) s -= workers;
+    const unitStart = base + s * unit;
+    const first = (u32() % (unit / 512)) * 512;
+    const length = (1 + (u32() % ((unit - first) / 512))) * 512;
+    const offset = unitStart + first;
     const kind = u32() % 10;
     if (kind < 6) {
       const data = Buffer.alloc(length);
@@ -83,15 +91,26 @@ try {
       data.copy(model, offset);
     } else if (kind < 7) {
       completeAll();
-      retrying(() => handle.writeZeroes(offset, length));
-      model.fill(0, offset, offset + length);
+      const unmap = u32() % 2 === 0;
+      if (whole && u32() % 2 === 0) {
+        retrying(() => handle.writeZeroes(unitStart, unit, unmap));
+        model.fill(0, unitStart, unitStart + unit);
+      } else {
+        retrying(() => handle.writeZeroes(offset, length, unmap));
+        model.fill(0, offset, offset + length);
+      }
     } else if (kind < 8) {
       completeAll();
-      handle.flush();
+      if (whole) {
+        retrying(() => handle.discard(unitStart, unit));
+        model.fill(0, unitStart, unitStart + unit);
+      } else {
+        handle.flush();
+      }
     } else {
       completeAll();
-      const got = read(s * stripe, stripe);
-      if (!got.equals(model.subarray(s * stripe, (s + 1) * stripe))) throw new Error(`worker ${index}: stripe ${s} read back wrong at op ${i}`);
+      const got = read(unitStart, unit);
+      if (!got.equals(model.subarray(unitStart, unitStart + unit))) throw new Error(`worker ${index}: ${unit}-byte unit at ${unitStart} read back wrong at op ${i}`);
     }
   }
   completeAll();
