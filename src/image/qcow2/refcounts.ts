@@ -25,6 +25,7 @@ import {
   F_RESERVE_NEXT,
   F_RT_ENTRIES,
   F_RT_OFFSET,
+  F_SIZE,
   I_META_GEN,
   publishMetadataCluster,
   type Qcow2Geometry,
@@ -37,7 +38,7 @@ void HEADER_AUTOCLEAR_OFFSET;
 export class RefcountAllocator {
   private readonly block: Uint8Array;
   private readonly max: number;
-  /** Clusters taken per reserve refill: amortizes the fdatasync that makes new refcounts durable. */
+  /** Clusters taken per reserve refill (64 MiB worth): amortizes the fdatasync that makes new refcounts durable. */
   private readonly reserveTarget: number;
 
   constructor(
@@ -47,7 +48,9 @@ export class RefcountAllocator {
   ) {
     this.block = new Uint8Array(geometry.clusterSize);
     this.max = maxRefcount(geometry.refcountOrder);
-    this.reserveTarget = Math.min(256, Math.max(2, (8 * 1024 * 1024) / geometry.clusterSize));
+    // 64 MiB worth, but at most a 16th of the disk so a crash of a small disk does not leak much more than it holds
+    const bytes = Math.min(64 * 1024 * 1024, views.floats[F_SIZE]! / 16);
+    this.reserveTarget = Math.min(4096, Math.max(4, Math.floor(bytes / geometry.clusterSize)));
   }
 
   private get clusterSize(): number {
