@@ -160,3 +160,25 @@ describe.skipIf(skip !== null)('an in-place write racing a discard of its cluste
     expect(qemuImgCheck(image).output).toContain('No errors were found');
   });
 });
+
+describe.skipIf(skip !== null)('thin provisioning', () => {
+  it('DISCARD gives the freed clusters back to the file system', () => {
+    const image = path.join(dir, 'thin.qcow2');
+    qemuImg('create', '-q', '-f', 'qcow2', '-o', 'cluster_size=65536', image, String(32 * MiB));
+    const handle = attachTop(image);
+    try {
+      for (let at = 0; at < 16 * MiB; at += MiB) writeThrough(handle, at, patternFor(at, MiB));
+      handle.flush();
+      const full = fs.statSync(image).blocks * 512;
+      expect(full).toBeGreaterThanOrEqual(16 * MiB);
+      expect(handle.discard(0, 16 * MiB)).toBe(0);
+      handle.flush();
+      const after = fs.statSync(image).blocks * 512;
+      expect(after).toBeLessThan(full - 15 * MiB);
+      expect(readThrough(handle, 0, MiB).every((b) => b === 0)).toBe(true);
+    } finally {
+      handle.close();
+    }
+    expect(qemuImgCheck(image).output).toContain('No errors were found');
+  });
+});

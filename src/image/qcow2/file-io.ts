@@ -4,6 +4,7 @@
  * node:fs sync calls work on worker threads and need no event loop turn.
  */
 import * as fs from 'node:fs';
+import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, sys } from '../../sys/libc.js';
 import { Qcow2Error } from './errors.js';
 
 const MAX_ROUNDS = 1024; // a short read/write loop that makes no progress this often is an error, not a hang
@@ -60,4 +61,12 @@ export function truncateFile(fd: number, length: number): void {
   } catch (error) {
     throw new Qcow2Error('QCOW2_IO', `ftruncate to ${length} failed: ${(error as Error).message}`);
   }
+}
+
+/**
+ * Gives the blocks of a freed range back to the file system (thin provisioning: what DISCARD is for).
+ * Best effort: a file system without hole punching keeps the blocks, which is only a space cost.
+ */
+export function punchHole(fd: number, offset: number, length: number): void {
+  sys.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length);
 }

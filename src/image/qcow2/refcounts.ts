@@ -16,7 +16,7 @@ import {
   writeRefcount,
 } from '../../../protocol/qcow2.js';
 import { Qcow2Error } from './errors.js';
-import { preadFull, pwriteFull, syncData, truncateFile } from './file-io.js';
+import { preadFull, punchHole, pwriteFull, syncData, truncateFile } from './file-io.js';
 import {
   F_FILE_CLUSTERS,
   F_FREE_HINT,
@@ -76,6 +76,7 @@ export class RefcountAllocator {
     const order = this.geometry.refcountOrder;
     let cluster = start;
     const end = start + count;
+    const freed: number[] = [];
     while (cluster < end) {
       const blockIndex = Math.floor(cluster / n);
       const first = cluster % n;
@@ -92,12 +93,21 @@ export class RefcountAllocator {
         if (value > this.max) throw new Qcow2Error('QCOW2_INVALID', `refcount overflow at cluster ${blockIndex * n + i}`);
         writeRefcount(this.block, i, order, value);
         if (value === 0 && blockIndex * n + i < this.views.floats[F_FREE_HINT]!) this.views.floats[F_FREE_HINT] = blockIndex * n + i;
+        if (value === 0 && delta < 0) freed.push(blockIndex * n + i);
       }
       const bits = 1 << order;
       const byteStart = Math.floor((first * bits) / 8);
       const byteEnd = Math.ceil((last * bits) / 8);
       pwriteFull(this.fd, this.block.subarray(byteStart, byteEnd), offset + byteStart);
       cluster = blockIndex * n + last;
+    }
+    // Free clusters are unreferenced (the caller synced the unlink first): their blocks can go, in runs.
+    const fileClusters = this.views.floats[F_FILE_CLUSTERS]!;
+    for (let i = 0; i < freed.length; ) {
+      let j = i + 1;
+      while (j < freed.length && freed[j] === freed[j - 1]! + 1) j++;
+      if (freed[i]! < fileClusters) punchHole(this.fd, freed[i]! * this.clusterSize, (j - i) * this.clusterSize);
+      i = j;
     }
   }
 
