@@ -71,7 +71,7 @@ import {
 } from './shared-state.js';
 
 const WAYS = 4; // L2 cache associativity
-const FAST_TRIES = 3;
+const FAST_TRIES = 32; // odd-SEQ windows hold only memory copies: spinning beats waiting behind a writer's I/O
 const HEADER_SIZE_FIELD = 24;
 const HEADER_L1_FIELDS = 36; // l1_size (u32) then l1_table_offset (u64)
 
