@@ -94,10 +94,10 @@ describe.skipIf(skip !== null)('qcow2 images made by qemu-img', () => {
     });
   }
 
-  it('internal snapshots: reads match, writes never touch the snapshot (snapshot -a then compare)', () => {
+  for (const cluster of [4096, 65536, 2 * MiB]) it(`internal snapshots, cluster ${cluster / 1024} KiB: reads match, writes never touch the snapshot (snapshot -a then compare)`, () => {
     const size = 16 * MiB;
-    const image = path.join(dir, 'snap.qcow2');
-    qemuImg('create', '-q', '-f', 'qcow2', '-o', 'cluster_size=65536', image, String(size));
+    const image = path.join(dir, `snap-${cluster}.qcow2`);
+    qemuImg('create', '-q', '-f', 'qcow2', '-o', `cluster_size=${cluster}`, image, String(size));
     qemuIo(image, 'qcow2', 'write -P 0x11 0 6M', 'write -P 0x22 8M 1M', 'write -z 9M 512k');
     qemuImg('snapshot', '-c', 's1', image);
     qemuIo(image, 'qcow2', 'write -P 0x33 1M 512k', 'discard 3M 1M');
@@ -109,7 +109,7 @@ describe.skipIf(skip !== null)('qcow2 images made by qemu-img', () => {
     const model = Buffer.from(expected);
     try {
       expect(readThrough(handle, 0, size).equals(expected)).toBe(true);
-      runWorkload(handle, model, makeWorkload(99, size, 65536, 200), 65536);
+      runWorkload(handle, model, makeWorkload(99 + cluster, size, cluster, 200), cluster);
     } finally {
       handle.close();
     }
@@ -128,6 +128,11 @@ describe.skipIf(skip !== null)('qcow2 images made by qemu-img', () => {
     const mid = path.join(chainDir, 'mid', 'mid.qcow2');
     qemuImg('create', '-q', '-f', 'qcow2', '-o', 'cluster_size=65536', '-b', '../base.raw', '-F', 'raw', mid, String(size));
     qemuIo(mid, 'qcow2', 'write -P 0x5a 1M 3M', 'write -z 6M 2M', 'write -P 0x6b 18M 100k');
+    // and a compressed layer in the middle of the chain: mid.qcow2 rewritten by convert -c, same backing
+    const compressedMid = path.join(chainDir, 'mid', 'mid-c.qcow2');
+    qemuImg('convert', '-c', '-B', '../base.raw', '-F', 'raw', '-O', 'qcow2', mid, compressedMid);
+    fs.renameSync(compressedMid, mid);
+    expect(qemuImgCheck(mid).output).toMatch(/[1-9][0-9.]*% compressed clusters/);
     const top = path.join(chainDir, 'top.qcow2');
     qemuImg('create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4096', '-b', 'mid/mid.qcow2', '-F', 'qcow2', top, String(size));
     qemuIo(top, 'qcow2', 'write -P 0x7c 2M 64k', 'write -P 0x7d 7M 4k');
