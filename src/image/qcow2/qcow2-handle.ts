@@ -86,6 +86,20 @@ interface PendingCluster {
   readonly reused: boolean;
 }
 
+/** Reads a guest range of any layer synchronously (copy-on-write from the backing file). */
+function readLayerInto(layer: ReadLayer, offset: number, into: Uint8Array): void {
+  const extents: ReadExtent[] = [];
+  layer.mapRead(offset, into.length, extents);
+  let at = 0;
+  for (const e of extents) {
+    const part = into.subarray(at, at + e.length);
+    if (e.kind === 'zero') part.fill(0);
+    else if (e.kind === 'data') preadFull(e.fd, part, e.hostOffset);
+    else e.source.readCompressed(e, part);
+    at += e.length;
+  }
+}
+
 /** Opens a handle (or raw layer) on any layer description: what a worker calls for each image. */
 export function attachLayer(description: LayerDescription): Qcow2Handle | RawLayer {
   return description.format === 'raw' ? new RawLayer(description.path) : Qcow2Handle.attach(description);
@@ -400,18 +414,9 @@ export class Qcow2Handle implements ReadLayer, CompressedSource {
     into.set(this.inflated.subarray(extent.offsetInCluster, extent.offsetInCluster + extent.length));
   }
 
-  /** Reads a guest range of this layer into `into` (used for copy-on-write and by tests). */
+  /** Reads a guest range of this layer into `into` with synchronous preads (tests, tools). */
   readInto(offset: number, into: Uint8Array): void {
-    const extents: ReadExtent[] = [];
-    this.mapRead(offset, into.length, extents);
-    let at = 0;
-    for (const e of extents) {
-      const part = into.subarray(at, at + e.length);
-      if (e.kind === 'zero') part.fill(0);
-      else if (e.kind === 'data') preadFull(e.fd, part, e.hostOffset);
-      else this.readCompressed(e, part);
-      at += e.length;
-    }
+    readLayerInto(this, offset, into);
   }
 
   // ---- writes ----
@@ -563,21 +568,8 @@ export class Qcow2Handle implements ReadLayer, CompressedSource {
       const part = this.cowBuffer.subarray(from, to);
       if (source === 'zero') part.fill(0);
       else if (source === 'old') preadFull(this.fd, part, this.dataCluster(g, oldHi, oldLo) * this.cs + from);
-      else if (source === 'backing') this.readBacking(g * this.cs + from, part);
+      else if (source === 'backing') readLayerInto(this.backing as ReadLayer, g * this.cs + from, part);
       pwriteFull(this.fd, part, host + from);
-    }
-  }
-
-  private readBacking(offset: number, into: Uint8Array): void {
-    const extents: ReadExtent[] = [];
-    (this.backing as ReadLayer).mapRead(offset, into.length, extents);
-    let at = 0;
-    for (const e of extents) {
-      const part = into.subarray(at, at + e.length);
-      if (e.kind === 'zero') part.fill(0);
-      else if (e.kind === 'data') preadFull(e.fd, part, e.hostOffset);
-      else e.source.readCompressed(e, part);
-      at += e.length;
     }
   }
 

@@ -7,7 +7,6 @@
  * So a crash can leak clusters (refcount 1, no reference) but never leave a reference to a free cluster.
  */
 import {
-  HEADER_AUTOCLEAR_OFFSET,
   MAX_REFCOUNT_TABLE_BYTES,
   maxRefcount,
   offsetHi,
@@ -33,7 +32,6 @@ import {
 } from './shared-state.js';
 
 const HEADER_RT_OFFSET = 48; // refcount_table_offset (u64) followed by refcount_table_clusters (u32)
-void HEADER_AUTOCLEAR_OFFSET;
 
 export class RefcountAllocator {
   private readonly block: Uint8Array;
