@@ -122,9 +122,17 @@ export function patternFor(seed: number, length: number): Buffer {
 
 /**
  * Applies `ops` to the handle and to `model` (the expected disk content). Discarded whole clusters read
- * as zeroes (v3 zero flag or deallocation without backing); partial-cluster discards change nothing.
+ * as zeroes (v3 zero flag or deallocation without backing) or, for v2 with a backing file, as the backing
+ * file (`discardShows`); partial-cluster discards change nothing.
  */
-export function runWorkload(handle: Qcow2Handle, model: Buffer, ops: readonly WorkloadOp[], clusterSize: number): void {
+export function runWorkload(
+  handle: Qcow2Handle,
+  model: Buffer,
+  ops: readonly WorkloadOp[],
+  clusterSize: number,
+  /** v2 with a backing file: a discarded cluster shows the backing file's bytes again */
+  discardShows?: Buffer,
+): void {
   for (const [index, op] of ops.entries()) {
     switch (op.kind) {
       case 'write': {
@@ -137,7 +145,8 @@ export function runWorkload(handle: Qcow2Handle, model: Buffer, ops: readonly Wo
         untilDone(() => handle.discard(op.offset, op.length));
         const first = Math.ceil(op.offset / clusterSize) * clusterSize;
         const last = Math.floor((op.offset + op.length) / clusterSize) * clusterSize;
-        if (first < last) model.fill(0, first, last);
+        if (first < last && discardShows !== undefined) discardShows.copy(model, first, first, last);
+        else if (first < last) model.fill(0, first, last);
         break;
       }
       case 'zero':
