@@ -4,12 +4,14 @@ import path from 'node:path';
 import { Command, Option, InvalidArgumentError } from 'commander';
 import { buildDiskSpec, checkDistinct, parseDiskArgument, setDefaultIoEngine, type DiskSpec } from './daemon/disk-spec.js';
 import { IO_ENGINE_SETTINGS, type IoEngineSetting } from './dataplane/worker-protocol.js';
-import { Daemon, type DaemonMetricsOptions } from './daemon/daemon.js';
+import { Daemon, type DaemonAdminSocket, type DaemonMetricsOptions } from './daemon/daemon.js';
+import { groupId, userId } from './daemon/account-lookup.js';
 import { loadConfigFile, type ServeConfig } from './daemon/config-file.js';
 import { createLogger, LOG_FORMATS, LOG_LEVELS, errorFields, type LogFormat, type LogLevel } from './log.js';
 import { qemuCommandLine, qemuCommandLineForDisks, type QemuHintDisk } from './daemon/qemu-hint.js';
 import { DEFAULT_METRICS_LISTEN, parseMetricsListen } from './metrics/listen-address.js';
-import { adminRequest } from './metrics/admin-client.js';
+import { adminRequest, defaultAdminSocket, type AdminEndpoint } from './metrics/admin-client.js';
+import fs from 'node:fs';
 import { applySocketActivation } from './daemon/socket-activation.js';
 import { SystemdNotifier } from './daemon/systemd-notify.js';
 import { VERSION } from './version.js';
@@ -41,6 +43,11 @@ interface ServeOptions {
   config?: string;
   metricsListen: string;
   adminPublic?: boolean;
+  adminSocket?: string;
+  adminSocketMode?: string;
+  adminSocketOwner?: string;
+  adminSocketGroup?: string;
+  adminTokenFile?: string;
 }
 
 /** Flags that describe a disk: with --config the file describes the disks, so these are refused. */
@@ -112,11 +119,29 @@ function diskSpecs(options: ServeOptions): DiskSpec[] {
 }
 
 interface ServeSettings {
+  adminSocket: DaemonAdminSocket;
   specs: DiskSpec[];
   config?: ServeConfig;
   metrics: DaemonMetricsOptions | null;
   logLevel: LogLevel;
   logFormat: LogFormat;
+}
+
+/** --admin-socket PATH|off and its mode/owner/group (issue 10: the admin API is not open to every local user). */
+function adminSocketSetting(options: ServeOptions): DaemonAdminSocket {
+  if (options.adminSocket === 'off') return null;
+  const mode = options.adminSocketMode;
+  if (mode !== undefined && !/^0?[0-7]{3}$/.test(mode)) throw new InvalidArgumentError(`--admin-socket-mode must be octal like 0660, got '${mode}'`);
+  const access = {
+    mode: mode === undefined ? undefined : parseInt(mode, 8),
+    uid: options.adminSocketOwner === undefined ? undefined : userId(options.adminSocketOwner),
+    gid: options.adminSocketGroup === undefined ? undefined : groupId(options.adminSocketGroup),
+  };
+  if (options.adminSocket === undefined) {
+    if (access.mode === undefined && access.uid === undefined && access.gid === undefined) return 'default';
+    throw new InvalidArgumentError('--admin-socket-mode/-owner/-group need --admin-socket PATH');
+  }
+  return { path: path.resolve(options.adminSocket), ...access };
 }
 
 /** Flags, then the config file, then defaults: a flag given on the command line wins over the file. */
@@ -141,11 +166,13 @@ function serveSettings(options: ServeOptions, command: Command): ServeSettings {
           address,
           adminPublic: fromCli('adminPublic') ? options.adminPublic === true : (config?.adminPublic ?? false),
           optional: !fromCli('metricsListen') && config?.metricsListen === undefined && metricsText === DEFAULT_METRICS_LISTEN,
+          adminTokenFile: options.adminTokenFile,
         };
   return {
     specs,
     config,
     metrics,
+    adminSocket: adminSocketSetting(options),
     logLevel: fromCli('logLevel') ? options.logLevel : (config?.logLevel ?? options.logLevel),
     logFormat: fromCli('logFormat') ? options.logFormat : (config?.logFormat ?? options.logFormat),
   };
@@ -188,7 +215,7 @@ async function serve(options: ServeOptions, command: Command): Promise<void> {
     process.stderr.write(`vublk: ${(error as Error).message}\n`);
     process.exit(2);
   }
-  const daemon = new Daemon(log, { metrics: settings.metrics, config: settings.config, threads });
+  const daemon = new Daemon(log, { metrics: settings.metrics, config: settings.config, threads, adminSocket: settings.adminSocket });
   try {
     await daemon.start(specs);
   } catch (error) {
@@ -216,7 +243,19 @@ interface ThrottleCommandOptions {
   iopsBurst?: string;
   bps?: string;
   bpsBurst?: string;
-  metricsUrl: string;
+}
+
+/** How a client command reaches the daemon: --admin-socket (default) or --metrics-url with a token. */
+interface AdminClientOptions {
+  adminSocket?: string;
+  metricsUrl?: string;
+  adminTokenFile?: string;
+}
+
+function adminEndpoint(options: AdminClientOptions, disk?: string): AdminEndpoint {
+  const token = options.adminTokenFile === undefined ? undefined : fs.readFileSync(options.adminTokenFile, 'utf8').trim();
+  if (options.metricsUrl !== undefined) return { url: options.metricsUrl, token };
+  return { url: `unix:${options.adminSocket ?? defaultAdminSocket(disk)}` };
 }
 
 /** Prints an admin reply; a failure goes to stderr with exit code 1. */
@@ -231,22 +270,22 @@ function printAdminReply(reply: { status: number; body: unknown }): void {
   process.exitCode = 1;
 }
 
-async function throttleCommand(options: ThrottleCommandOptions): Promise<void> {
+async function throttleCommand(options: ThrottleCommandOptions & AdminClientOptions): Promise<void> {
   const body: Record<string, string> = {};
   if (options.iops !== undefined) body['iops'] = options.iops;
   if (options.iopsBurst !== undefined) body['iops-burst'] = options.iopsBurst;
   if (options.bps !== undefined) body['bps'] = options.bps;
   if (options.bpsBurst !== undefined) body['bps-burst'] = options.bpsBurst;
   if (Object.keys(body).length === 0) throw new InvalidArgumentError('give at least one of --iops, --iops-burst, --bps, --bps-burst');
-  printAdminReply(await adminRequest(options.metricsUrl, 'POST', `/admin/disks/${encodeURIComponent(options.disk)}/throttle`, body));
+  printAdminReply(await adminRequest(adminEndpoint(options, options.disk), 'POST', `/admin/disks/${encodeURIComponent(options.disk)}/throttle`, body));
 }
 
-async function resizeCommand(options: { disk: string; size: string; metricsUrl: string }): Promise<void> {
-  printAdminReply(await adminRequest(options.metricsUrl, 'POST', `/admin/disks/${encodeURIComponent(options.disk)}/resize`, { size: options.size }));
+async function resizeCommand(options: { disk: string; size: string } & AdminClientOptions): Promise<void> {
+  printAdminReply(await adminRequest(adminEndpoint(options, options.disk), 'POST', `/admin/disks/${encodeURIComponent(options.disk)}/resize`, { size: options.size }));
 }
 
-async function disksCommand(options: { metricsUrl: string }): Promise<void> {
-  printAdminReply(await adminRequest(options.metricsUrl, 'GET', '/admin/disks'));
+async function disksCommand(options: AdminClientOptions): Promise<void> {
+  printAdminReply(await adminRequest(adminEndpoint(options), 'GET', '/admin/disks'));
 }
 
 const program = new Command();
@@ -278,7 +317,12 @@ program
   .option('--disk <spec>', 'a disk as image=PATH,socket=PATH|socket-fd=N[,num-queues=N][,read-only=on][,serial=STR][,size=BYTES][,name=NAME][,threads=N][,io-engine=auto|io_uring|sync]; repeatable', collect, [])
   .option('--config <file>', 'describe the disks (and these settings) in a YAML or JSON file; SIGHUP re-reads it')
   .option('--metrics-listen <address>', 'HTTP listener for /metrics, /healthz, /readyz and /admin: HOST:PORT, [IPV6]:PORT, unix:PATH or off', DEFAULT_METRICS_LISTEN)
-  .option('--admin-public', 'serve the admin API even when --metrics-listen is not a loopback address or unix socket')
+  .option('--admin-public', 'allow the admin API on a non-loopback --metrics-listen (needs --admin-token-file)')
+  .option('--admin-socket <path>', 'Unix socket of the admin API, or off (default: next to the first disk socket, DISK.admin.sock)')
+  .option('--admin-socket-mode <octal>', 'permissions of the admin socket (default 0600)')
+  .option('--admin-socket-owner <user>', 'owner of the admin socket (name or uid)')
+  .option('--admin-socket-group <group>', 'group of the admin socket (name or gid); use with --admin-socket-mode 0660')
+  .option('--admin-token-file <file>', 'bearer token that opens the admin API on a TCP --metrics-listen (Host header checked too)')
   .addOption(
     new Option('--io-engine <engine>', 'request engine of disks that set no io-engine= key: auto (io_uring, else sync), io_uring or sync')
       .choices(IO_ENGINE_SETTINGS)
@@ -289,32 +333,37 @@ program
   .addOption(new Option('--log-format <format>', 'log format: auto = human-readable on a terminal, JSON otherwise').choices(LOG_FORMATS).default('auto'))
   .action((options: ServeOptions, command: Command) => serve(options, command));
 
-const METRICS_URL = `http://${DEFAULT_METRICS_LISTEN}`;
 
 program
   .command('throttle')
-  .description("change a running disk's throttle limits live (through the admin API on the metrics listener)")
+  .description("change a running disk's throttle limits live (through the admin socket)")
   .requiredOption('--disk <name>', 'the disk to change')
   .option('--iops <n>', 'requests per second (e.g. 500, 10k; 0 = unlimited)')
   .option('--iops-burst <n>', 'request burst (default: one second of --iops)')
   .option('--bps <rate>', 'bytes per second (e.g. 100M; 0 = unlimited)')
   .option('--bps-burst <size>', 'byte burst (default: one second of --bps)')
-  .option('--metrics-url <url>', 'the daemon\'s metrics listener: http://HOST:PORT or unix:PATH', METRICS_URL)
-  .action((options: ThrottleCommandOptions) => throttleCommand(options));
+  .option('--admin-socket <path>', 'the daemon\'s admin socket (default $VUBLK_ADMIN_SOCKET, /run/vublk/DISK.admin.sock or the only one there)')
+  .option('--metrics-url <url>', 'use a TCP listener instead: http://HOST:PORT (needs --admin-token-file)')
+  .option('--admin-token-file <file>', 'bearer token for --metrics-url')
+  .action((options: ThrottleCommandOptions & AdminClientOptions) => throttleCommand(options));
 
 program
   .command('resize')
   .description('grow a running disk (image and guest-visible capacity) through the admin API; never shrinks')
   .requiredOption('--disk <name>', 'the disk to grow')
   .requiredOption('--size <bytes>', 'the new size, e.g. 2G')
-  .option('--metrics-url <url>', 'the daemon\'s metrics listener: http://HOST:PORT or unix:PATH', METRICS_URL)
-  .action((options: { disk: string; size: string; metricsUrl: string }) => resizeCommand(options));
+  .option('--admin-socket <path>', 'the daemon\'s admin socket (default $VUBLK_ADMIN_SOCKET, /run/vublk/DISK.admin.sock or the only one there)')
+  .option('--metrics-url <url>', 'use a TCP listener instead: http://HOST:PORT (needs --admin-token-file)')
+  .option('--admin-token-file <file>', 'bearer token for --metrics-url')
+  .action((options: { disk: string; size: string } & AdminClientOptions) => resizeCommand(options));
 
 program
   .command('disks')
   .description("list a running daemon's disks: capacity, queues, throttle limits, whether a front-end is connected")
-  .option('--metrics-url <url>', 'the daemon\'s metrics listener: http://HOST:PORT or unix:PATH', METRICS_URL)
-  .action((options: { metricsUrl: string }) => disksCommand(options));
+  .option('--admin-socket <path>', 'the daemon\'s admin socket (default $VUBLK_ADMIN_SOCKET, /run/vublk/DISK.admin.sock or the only one there)')
+  .option('--metrics-url <url>', 'use a TCP listener instead: http://HOST:PORT (needs --admin-token-file)')
+  .option('--admin-token-file <file>', 'bearer token for --metrics-url')
+  .action((options: AdminClientOptions) => disksCommand(options));
 
 program.parseAsync(process.argv).catch((error: unknown) => {
   process.stderr.write(`vublk: ${error instanceof Error ? error.message : String(error)}\n`);

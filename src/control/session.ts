@@ -39,7 +39,8 @@ import { sendWithFds } from '../sys/unix-socket.js';
 import { signalEventFd } from '../sys/eventfd.js';
 import { MessageStream, type CloseReason, type IncomingMessage } from './message-stream.js';
 import { VringConfig } from './vring-config.js';
-import { assertNoOverlap, layoutsOf, mapRegion, unmapRegion, type MappedRegion } from './memory-table.js';
+import { MemoryTableError, assertNoOverlap, assertWithinLimits, layoutsOf, mapRegion, unmapRegion, type MappedRegion } from './memory-table.js';
+import { adoptNotifyFd } from './notify-fd.js';
 import { OFFERED_PROTOCOL_FEATURES } from '../device/blk-features.js';
 import type { BlkDisk } from '../device/blk-disk.js';
 import type { DiskQueues } from './disk-queues.js';
@@ -172,7 +173,7 @@ export class VhostUserSession {
     } catch (error) {
       failed = true;
       this.stats.rejected++;
-      const level = error instanceof MalformedMessageError || error instanceof SessionRequestError ? 'warn' : 'error';
+      const level = error instanceof MalformedMessageError || error instanceof SessionRequestError || error instanceof MemoryTableError ? 'warn' : 'error';
       this.log[level]({ request: requestName(request), ...errorFields(error) }, 'vhost-user request rejected');
     } finally {
       // Whatever a handler did not take ownership of is closed here (handlers splice out the fds they keep).
@@ -233,6 +234,7 @@ export class VhostUserSession {
     try {
       regions.forEach((region, i) => mapped.push(mapRegion(region, fds[i]!)));
       assertNoOverlap(mapped);
+      assertWithinLimits(mapped);
     } catch (error) {
       mapped.forEach(unmapRegion);
       closeAll(fds.slice(mapped.length));
@@ -253,6 +255,7 @@ export class VhostUserSession {
     const mapped = mapRegion(region, fd);
     try {
       assertNoOverlap([...this.regions, mapped]);
+      assertWithinLimits([...this.regions, mapped]);
     } catch (error) {
       unmapRegion(mapped);
       throw error;
@@ -279,6 +282,8 @@ export class VhostUserSession {
   private async replaceMemory(next: MappedRegion[]): Promise<void> {
     const previous = this.regions;
     this.regions = next;
+    const unsealed = next.filter((region) => region.shrinkGuard === 'unsealable' && !previous.includes(region)).length;
+    if (unsealed > 0) this.log.warn({ regions: unsealed }, 'guest memory fd cannot be sealed against shrinking; the front-end must not truncate it');
     this.memoryVersion++;
     const table = this.memoryTable();
     const layouts = table.regions;
@@ -312,6 +317,10 @@ export class VhostUserSession {
     const limit = BigInt(Number.MAX_SAFE_INTEGER);
     if (address.descUserAddr > limit || address.availUserAddr > limit || address.usedUserAddr > limit) {
       throw new SessionRequestError(message.header.request, 'ring address beyond 2^53');
+    }
+    // Split-ring alignment (virtio 1.x 2.7): the worker views the rings as typed arrays at these addresses.
+    if (address.descUserAddr % 16n !== 0n || address.availUserAddr % 2n !== 0n || address.usedUserAddr % 4n !== 0n) {
+      throw new SessionRequestError(message.header.request, 'ring addresses must be aligned: descriptor table to 16, avail ring to 2, used ring to 4 bytes');
     }
     const wasRunning = ring.running;
     await this.stopRing(ring);
@@ -347,6 +356,7 @@ export class VhostUserSession {
     const ring = this.ring(request, index);
     const fd = noFd ? -1 : message.fds.shift();
     if (fd === undefined) throw new SessionRequestError(request, 'no kick fd attached and the no-fd flag is clear');
+    this.adopt(request, fd, 'kick');
     await this.stopRing(ring);
     closeFd(ring.kickFd);
     ring.kickFd = fd;
@@ -370,12 +380,27 @@ export class VhostUserSession {
     const ring = this.ring(request, index);
     const fd = noFd ? -1 : message.fds.shift();
     if (fd === undefined) throw new SessionRequestError(request, 'no fd attached and the no-fd flag is clear');
+    this.adopt(request, fd, field === 'callFd' ? 'call' : 'err');
     const old = ring[field];
     ring[field] = fd;
-    if (ring.running) await this.queues.setNotifyFd(index, op, fd);
-    // A guest may have lost an interrupt across a ring restart; one spurious interrupt is harmless.
-    else if (field === 'callFd' && fd >= 0) signalEventFd(fd);
-    closeFd(old);
+    try {
+      if (ring.running) await this.queues.setNotifyFd(index, op, fd);
+      // A guest may have lost an interrupt across a ring restart; one spurious interrupt is harmless.
+      else if (field === 'callFd' && fd >= 0) signalEventFd(fd);
+    } finally {
+      closeFd(old);
+    }
+  }
+
+  /** A received kick/call/err fd must be an eventfd; it is made non-blocking. On refusal the fd is closed. */
+  private adopt(request: number, fd: number, role: 'kick' | 'call' | 'err'): void {
+    if (fd < 0) return;
+    try {
+      adoptNotifyFd(fd, role);
+    } catch (error) {
+      closeFd(fd);
+      throw new SessionRequestError(request, error instanceof Error ? error.message : String(error));
+    }
   }
 
   private async setVringEnable(message: IncomingMessage): Promise<void> {

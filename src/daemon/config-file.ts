@@ -66,6 +66,7 @@ const DISK_KEYS = [
   'writeback',
   'io-engine',
   'throttle',
+  'locking',
 ] as const;
 const THROTTLE_KEYS = ['iops', 'iops-burst', 'bps', 'bps-burst'] as const;
 type ThrottleKey = (typeof THROTTLE_KEYS)[number];
@@ -224,6 +225,7 @@ function diskSpec(entry: unknown, index: number, base: string, fail: Fail): Disk
     logicalBlockSize: get('logical-block-size', integer),
     writeback: get('writeback', boolean),
     ioEngine: get('io-engine', text),
+    locking: get('locking', boolean),
   };
   if ('throttle' in entry) {
     const throttle = entry['throttle'];

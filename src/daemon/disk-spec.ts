@@ -51,6 +51,7 @@ export interface DiskSpecInput {
   socketMode?: string | undefined;
   socketOwner?: string | undefined;
   socketGroup?: string | undefined;
+  locking?: boolean | undefined;
 }
 
 export const DEFAULT_QUEUE_SIZE = 1024;
@@ -106,6 +107,7 @@ export function buildDiskSpec(input: DiskSpecInput, where: string, index: number
       ioEngine: parseIoEngine(where, input.ioEngine),
       threads,
       throttle,
+      ...(input.locking === false ? { locking: false } : {}),
     },
     listen,
   };
@@ -161,7 +163,7 @@ function socketAccess(input: DiskSpecInput, where: string): SocketAccess {
   return { mode, uid: resolve('socket-owner', input.socketOwner, userId), gid: resolve('socket-group', input.socketGroup, groupId) };
 }
 
-const DISK_KEYS = new Set(['socket-mode', 'socket-owner', 'socket-group', 'iops', 'iops-burst', 'bps', 'bps-burst', 'name', 'image', 'socket', 'socket-fd', 'size', 'num-queues', 'queue-size', 'read-only', 'serial', 'logical-block-size', 'writeback', 'io-engine', 'threads']);
+const DISK_KEYS = new Set(['socket-mode', 'socket-owner', 'socket-group', 'iops', 'iops-burst', 'bps', 'bps-burst', 'name', 'image', 'socket', 'socket-fd', 'size', 'num-queues', 'queue-size', 'read-only', 'serial', 'logical-block-size', 'writeback', 'io-engine', 'threads', 'locking']);
 
 /** Parses `image=PATH,socket=PATH,num-queues=2,read-only=on,...` (a value may not contain a comma). */
 export function parseDiskArgument(text: string, index: number): DiskSpec {
@@ -198,6 +200,7 @@ export function parseDiskArgument(text: string, index: number): DiskSpec {
       socketMode: fields.get('socket-mode'),
       socketOwner: fields.get('socket-owner'),
       socketGroup: fields.get('socket-group'),
+      locking: flag('locking'),
     },
     where,
     index,

@@ -21,6 +21,7 @@ import type { Logger } from '../log.js';
 import { DiskThrottle, type DiskLimits } from '../throttle/disk-throttle.js';
 import { sys, SEEK_END } from '../sys/libc.js';
 import { check } from '../sys/errors.js';
+import { lockImage } from '../sys/image-lock.js';
 
 export interface DiskOptions {
   name: string;
@@ -40,6 +41,8 @@ export interface DiskOptions {
   throttle: DiskLimits;
   /** Request engine of the queue workers (default `auto`: io_uring when available, else sync). */
   ioEngine?: IoEngineSetting | undefined;
+  /** QEMU-compatible image locks (default on); off only where two daemons share an image by design (migration). */
+  locking?: boolean | undefined;
 }
 
 export class DiskSetupError extends Error {
@@ -94,6 +97,12 @@ export class BlkDisk {
     const stat = fs.statSync(imagePath);
     if (!stat.isFile() && !stat.isBlockDevice()) throw new DiskSetupError(name, `${imagePath} is neither a regular file nor a block device`);
     this.fd = fs.openSync(imagePath, readOnly ? 'r' : 'r+');
+    try {
+      if (options.locking ?? true) lockImage(this.fd, imagePath, { write: !readOnly });
+    } catch (error) {
+      fs.closeSync(this.fd);
+      throw new DiskSetupError(name, (error as Error).message);
+    }
     let size = stat.isFile() ? stat.size : this.blockDeviceSize();
     if (sizeBytes !== undefined && stat.isFile() && size < sizeBytes) {
       if (readOnly) throw new DiskSetupError(name, `image is ${size} bytes, smaller than --size, and the disk is read-only`);

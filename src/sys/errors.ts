@@ -28,6 +28,10 @@ export const Errno = {
   ECONNREFUSED: koffi.os.errno['ECONNREFUSED'] ?? 111,
   EINVAL: koffi.os.errno['EINVAL'] ?? 22,
   EOPNOTSUPP: koffi.os.errno['EOPNOTSUPP'] ?? 95,
+  EMFILE: koffi.os.errno['EMFILE'] ?? 24,
+  ENFILE: koffi.os.errno['ENFILE'] ?? 23,
+  EPERM: koffi.os.errno['EPERM'] ?? 1,
+  EACCES: koffi.os.errno['EACCES'] ?? 13,
 } as const;
 
 /** Reads errno of the call that just returned on this thread (must be the very next koffi call). */

@@ -16,6 +16,7 @@ import {
   MSG_CMSG_CLOEXEC,
   MSG_CTRUNC,
   POLLIN,
+  F_DUPFD_CLOEXEC,
 } from './libc.js';
 import { check, lastErrno, Errno, SyscallError } from './errors.js';
 import { closeAll, setNonBlocking } from './fd.js';
@@ -153,9 +154,22 @@ export function recvWithFds(fd: number, buffer: Uint8Array, offset: number, leng
   }
   if (msghdr.readInt32LE(48) & MSG_CTRUNC) {
     closeAll(fds);
+    // The kernel also truncates SCM_RIGHTS when this process has no free fd: say so rather than blame the peer.
+    if (outOfFds()) throw new SyscallError('recvmsg', Errno.EMFILE, 'fds passed with a message were dropped: the process has no free fd (RLIMIT_NOFILE)');
     throw new TruncatedFdsError();
   }
   return { bytes, fds };
+}
+
+/** True when the process cannot open one more fd (EMFILE/ENFILE). */
+export function outOfFds(): boolean {
+  const probe = sys.fcntl(0, F_DUPFD_CLOEXEC, 0);
+  if (probe >= 0) {
+    sys.close(probe);
+    return false;
+  }
+  const errno = lastErrno();
+  return errno === Errno.EMFILE || errno === Errno.ENFILE;
 }
 
 /** One sendmsg; fds (if any) ride on the first byte. Returns bytes sent, or null on EAGAIN. */

@@ -85,10 +85,15 @@ async function waitFor<T>(what: string, probe: () => Promise<T | undefined>, tim
 describe('metrics over HTTP', () => {
   let daemon: DaemonProcess;
   let base: string;
+  /** The admin API: a Unix socket next to the disk's socket (vublk.sock → vublk.admin.sock). */
+  let admin: string;
+  let adminSocket: string;
 
   beforeAll(async () => {
     daemon = await startDaemon({ size: '64M', args: ['--num-queues', '2', '--iops', '1000', '--bps', '10M', '--metrics-listen', '127.0.0.1:0'] });
     base = await metricsBase(daemon);
+    adminSocket = path.join(daemon.dir, 'vublk.admin.sock');
+    admin = `unix:${adminSocket}`;
   });
   afterAll(async () => {
     await daemon?.stop();
@@ -161,8 +166,13 @@ describe('metrics over HTTP', () => {
     });
   });
 
+  it('refuses the admin API on TCP without a token', async () => {
+    expect((await request(base, 'POST', '/admin/disks/disk0/throttle', '{"iops":1}')).status).toBe(403);
+    expect((await request(base, 'GET', '/admin/disks')).status).toBe(403);
+  });
+
   it('changes throttle limits live through POST /admin/disks/NAME/throttle', async () => {
-    const post = (body: string, contentType?: string) => request(base, 'POST', '/admin/disks/disk0/throttle', body, contentType);
+    const post = (body: string, contentType?: string) => request(admin, 'POST', '/admin/disks/disk0/throttle', body, contentType);
     const ok = await post(JSON.stringify({ iops: 2500, bps: '20M' }));
     expect(ok.status).toBe(200);
     expect(JSON.parse(ok.body)).toEqual({ disk: 'disk0', throttle: { iops: 2500, 'iops-burst': 2500, bps: 20 * MiB, 'bps-burst': 20 * MiB } });
@@ -182,15 +192,15 @@ describe('metrics over HTTP', () => {
     expect(JSON.parse(bad.body).error).toMatch(/^bps: invalid rate/);
     expect((await post('{"iops": 1}', 'text/plain')).status).toBe(415);
     expect((await post('{"iops": ')).status).toBe(400);
-    expect((await request(base, 'POST', '/admin/disks/nope/throttle', '{"iops":1}')).status).toBe(404);
-    expect((await request(base, 'GET', '/admin/disks/disk0/throttle')).status).toBe(405);
+    expect((await request(admin, 'POST', '/admin/disks/nope/throttle', '{"iops":1}')).status).toBe(404);
+    expect((await request(admin, 'GET', '/admin/disks/disk0/throttle')).status).toBe(405);
     // Refused changes left the limits alone.
     m = await scrape(base);
     expect(valueOf(m, 'vublk_throttle_limit', { disk: 'disk0', kind: 'bps' })).toBe(20 * MiB);
   });
 
   it('lists disks with GET /admin/disks', async () => {
-    const reply = await request(base, 'GET', '/admin/disks');
+    const reply = await request(admin, 'GET', '/admin/disks');
     expect(reply.status).toBe(200);
     const { disks } = JSON.parse(reply.body) as { disks: Record<string, unknown>[] };
     expect(disks).toHaveLength(1);
@@ -199,7 +209,7 @@ describe('metrics over HTTP', () => {
   });
 
   it('vublk throttle and vublk disks call the admin API and print the result', async () => {
-    const set = await runCli(['throttle', '--disk', 'disk0', '--iops', '7k', '--bps', '0', '--metrics-url', base]);
+    const set = await runCli(['throttle', '--disk', 'disk0', '--iops', '7k', '--bps', '0', '--admin-socket', adminSocket]);
     expect(set.stderr).toBe('');
     expect(set.code).toBe(0);
     expect(JSON.parse(set.stdout)).toEqual({ disk: 'disk0', throttle: { iops: 7000, 'iops-burst': 7000, bps: 0, 'bps-burst': 0 } });
@@ -207,14 +217,14 @@ describe('metrics over HTTP', () => {
     expect(valueOf(m, 'vublk_throttle_limit', { disk: 'disk0', kind: 'iops' })).toBe(7000);
     expect(valueOf(m, 'vublk_throttle_limit', { disk: 'disk0', kind: 'bps' })).toBe(0);
 
-    const list = await runCli(['disks', '--metrics-url', base]);
+    const list = await runCli(['disks', '--admin-socket', adminSocket]);
     expect(list.code).toBe(0);
     expect((JSON.parse(list.stdout) as { disks: { name: string }[] }).disks.map((d) => d.name)).toEqual(['disk0']);
 
-    const missing = await runCli(['throttle', '--disk', 'nope', '--iops', '1', '--metrics-url', base]);
+    const missing = await runCli(['throttle', '--disk', 'nope', '--iops', '1', '--admin-socket', adminSocket]);
     expect(missing.code).toBe(1);
     expect(missing.stderr).toMatch(/HTTP 404: no disk named 'nope'/);
-    const nothing = await runCli(['throttle', '--disk', 'disk0', '--metrics-url', base]);
+    const nothing = await runCli(['throttle', '--disk', 'disk0', '--admin-socket', adminSocket]);
     expect(nothing.code).not.toBe(0);
     expect(nothing.stderr).toMatch(/at least one of --iops/);
   });
@@ -230,7 +240,7 @@ describe('metrics listener lifecycle', () => {
       expect((await request(base, 'GET', '/readyz')).status).toBe(200);
       const m = await scrape(base);
       expect(valueOf(m, 'vublk_disk_capacity_bytes', { disk: 'disk0' })).toBe(8 * MiB);
-      // A unix socket counts as local: the admin API is on.
+      // A unix metrics socket is owner-only: the admin API is on there too.
       const list = await runCli(['disks', '--metrics-url', base]);
       expect(list.code).toBe(0);
 
