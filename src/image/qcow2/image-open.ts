@@ -204,11 +204,13 @@ function openQcow2(
     backing = openLayer(backingPath, backingFormat, true, { ...options, format: backingFormat }, warn, visited, depth + 1);
   }
 
+  // Read-only layers (backing files) never grow: their shared tables are sized exactly.
   const maxVirtual = Math.max(options.maxVirtualSize ?? 0, header.size * 4, 2 ** 40);
-  const l1Capacity = Math.max(header.l1Size, Math.min(MAX_L1_BYTES / 8, Math.ceil(maxVirtual / bytesPerL1Entry)));
+  const l1Capacity = readOnly ? header.l1Size : Math.max(header.l1Size, Math.min(MAX_L1_BYTES / 8, Math.ceil(maxVirtual / bytesPerL1Entry)));
+  const rtCapacity = readOnly ? (header.refcountTableClusters * cs) / 8 : MAX_REFCOUNT_TABLE_BYTES / 8;
   const wantedCache = options.l2CacheBytes ?? Math.min(DEFAULT_L2_CACHE_MAX, Math.max(neededL1, 1) * cs);
-  const l2Slots = Math.max(4, Math.ceil(Math.min(wantedCache / cs, Math.max(l1Capacity, 4)) / 4) * 4);
-  const shared = createSharedState(geometry, l1Capacity, MAX_REFCOUNT_TABLE_BYTES / 8, l2Slots, backing);
+  const l2Slots = Math.max(4, Math.ceil(Math.min(wantedCache / cs, Math.max(header.l1Size, 4)) / 4) * 4);
+  const shared = createSharedState(geometry, l1Capacity, rtCapacity, l2Slots, backing);
   const views = viewsOf(shared);
 
   // L1 table: every entry must point at an aligned cluster inside the file, away from the header and tables.
