@@ -34,14 +34,16 @@ beforeAll(() => {
 });
 afterAll(() => fs.rmSync(dir, { recursive: true, force: true }));
 
-function attachTop(file: string): Qcow2Handle {
-  const layer = attachLayer(openImage(file, { format: 'qcow2', warn: () => {} }));
+function attachTop(file: string, l2CacheBytes?: number): Qcow2Handle {
+  const layer = attachLayer(openImage(file, { format: 'qcow2', warn: () => {}, ...(l2CacheBytes ? { l2CacheBytes } : {}) }));
   if (!(layer instanceof Qcow2Handle)) throw new Error('not qcow2');
   return layer;
 }
 
-const cases = [
+const cases: Array<{ cluster: number; backing: boolean; compat: string; l2CacheBytes?: number }> = [
   { cluster: 4096, backing: false, compat: '1.1' },
+  // 4 cache slots for 24 L2 tables: constant eviction
+  { cluster: 4096, backing: true, compat: '1.1', l2CacheBytes: 4 * 4096 },
   { cluster: 4096, backing: true, compat: '1.1' },
   { cluster: 65536, backing: false, compat: '1.1' },
   { cluster: 65536, backing: true, compat: '1.1' },
@@ -53,8 +55,8 @@ const cases = [
 
 describe.skipIf(skip !== null)('qcow2 random workload checked by qemu-img', () => {
   for (const c of cases) {
-    it(`cluster ${c.cluster / 1024} KiB, ${c.backing ? 'with' : 'without'} backing, compat ${c.compat}`, () => {
-      const name = `w-${c.cluster}-${c.backing}-${c.compat}`;
+    it(`cluster ${c.cluster / 1024} KiB, ${c.backing ? 'with' : 'without'} backing, compat ${c.compat}${c.l2CacheBytes ? `, ${c.l2CacheBytes / c.cluster}-slot L2 cache` : ''}`, () => {
+      const name = `w-${c.cluster}-${c.backing}-${c.compat}-${c.l2CacheBytes ?? 0}`;
       const top = path.join(dir, `${name}.qcow2`);
       const rawModel = path.join(dir, `${name}.model.raw`);
       const model = Buffer.alloc(DISK);
@@ -70,7 +72,7 @@ describe.skipIf(skip !== null)('qcow2 random workload checked by qemu-img', () =
         qemuImg('create', '-q', '-f', 'qcow2', '-o', `cluster_size=${c.cluster},compat=${c.compat}`, top, String(DISK));
       }
       const ops = makeWorkload(SEED + c.cluster + (c.backing ? 1 : 0) + (c.compat === '0.10' ? 2 : 0), DISK, c.cluster, 260);
-      const handle = attachTop(top);
+      const handle = attachTop(top, c.l2CacheBytes);
       try {
         runWorkload(handle, model, ops, c.cluster, c.compat === '0.10' && c.backing ? backingView : undefined);
       } finally {
