@@ -17,8 +17,6 @@ import * as fs from 'node:fs';
 import {
   ENTRY_COMPRESSED_HI,
   ENTRY_COPIED_HI,
-  L2_RESERVED_HI,
-  L2_RESERVED_LO,
   L2_ZERO_LO,
   MAX_L1_BYTES,
   decodeCompressedEntry,
@@ -40,24 +38,20 @@ import {
 } from './extents.js';
 import { preadFull, pwriteFull, syncData } from './file-io.js';
 import { RawLayer, type ReadLayer } from './raw-layer.js';
+import { L2Lookup } from './l2-lookup.js';
+import { MetadataGuard } from './metadata-guard.js';
 import { RefcountAllocator } from './refcounts.js';
 import {
   F_FILE_CLUSTERS,
   F_L1_OFFSET,
   F_L1_SIZE,
-  F_RT_ENTRIES,
-  F_RT_OFFSET,
   F_SIZE,
   INFLIGHT_SLOTS,
-  I_CLOCK,
   I_HANDLES,
   DEFERRED_FREES,
   I_DEFERRED,
-  I_META_ADDS,
   WRITER_BUCKETS,
   I_META_GEN,
-  I_SEQ,
-  METADATA_RING,
   publishMetadataCluster,
   acquireLock,
   beginPublish,
@@ -70,8 +64,6 @@ import {
   type SharedViews,
 } from './shared-state.js';
 
-const WAYS = 4; // L2 cache associativity
-const FAST_TRIES = 32; // odd-SEQ windows hold only memory copies: spinning beats waiting behind a writer's I/O
 const HEADER_SIZE_FIELD = 24;
 const HEADER_L1_FIELDS = 36; // l1_size (u32) then l1_table_offset (u64)
 
@@ -113,19 +105,11 @@ export class Qcow2Handle implements ReadLayer, CompressedSource {
   private readonly backing: ReadLayer | null;
   private readonly allocator: RefcountAllocator;
   private readonly cs: number;
-  private readonly nSets: number;
-  // Result registers of the last lookup (no allocation per lookup).
-  private l1Hi = 0;
-  private l1Lo = 0;
-  private eHi = 0;
-  private eLo = 0;
+  private readonly map: L2Lookup;
+  private readonly guard: MetadataGuard;
   private lockDepth = 0;
   private nextTicket = 1;
   private readonly tickets = new Map<number, { slot: number; pending: PendingCluster[]; first: number; last: number }>();
-  private metaGen = -1;
-  private metaAddsSeen = 0;
-  private readonly metadataClusters = new Set<number>();
-  private readonly scratch: Uint8Array;
   private readonly cowBuffer: Uint8Array;
   private readonly zeroes: Uint8Array;
   private inflatedAt = -1;
@@ -157,9 +141,9 @@ export class Qcow2Handle implements ReadLayer, CompressedSource {
     this.views = viewsOf(shared);
     this.backing = backing;
     this.cs = shared.geometry.clusterSize;
-    this.nSets = shared.l2Slots / WAYS;
     this.allocator = new RefcountAllocator(fd, this.views, this.geometry);
-    this.scratch = new Uint8Array(this.cs);
+    this.guard = new MetadataGuard(this.views, this.geometry);
+    this.map = new L2Lookup(fd, this.views, this.geometry, shared.l2Slots, this.guard, this);
     this.cowBuffer = new Uint8Array(this.cs);
     this.zeroes = new Uint8Array(this.cs);
     this.inflated = new Uint8Array(this.cs);
@@ -176,160 +160,15 @@ export class Qcow2Handle implements ReadLayer, CompressedSource {
 
   // ---- locking ----
 
-  private lock(): void {
+  lock(): void {
     if (this.lockDepth++ === 0) acquireLock(this.views.ints);
   }
 
-  private unlock(): void {
+  unlock(): void {
     if (--this.lockDepth === 0) releaseLock(this.views.ints);
   }
 
-  // ---- L1/L2 lookup ----
 
-  private findSlot(l2Offset: number): number {
-    const base = ((l2Offset / this.cs) % this.nSets) * WAYS;
-    const tags = this.views.l2Tags;
-    for (let w = 0; w < WAYS; w++) if (tags[base + w] === l2Offset) return base + w;
-    return -1;
-  }
-
-  /** Lock-free lookup of guest cluster `g` into the registers; false when it must be redone under LOCK. */
-  private lookupFast(g: number): boolean {
-    const ints = this.views.ints;
-    const seq = Atomics.load(ints, I_SEQ);
-    if ((seq & 1) !== 0) return false;
-    const l1Index = Math.floor(g / this.geometry.l2Entries);
-    this.l1Hi = this.views.l1[l1Index * 2]!;
-    this.l1Lo = this.views.l1[l1Index * 2 + 1]!;
-    const l2 = standardEntryOffset(this.l1Hi, this.l1Lo);
-    if (l2 === 0) {
-      this.eHi = 0;
-      this.eLo = 0;
-    } else {
-      const slot = this.findSlot(l2);
-      if (slot < 0) return false;
-      const at = slot * this.cs + (g % this.geometry.l2Entries) * 8;
-      this.eHi = this.views.l2DataView.getUint32(at);
-      this.eLo = this.views.l2DataView.getUint32(at + 4);
-      this.views.l2LastUse[slot] = ints[I_CLOCK]!; // approximate LRU: no shared read-modify-write on a hit
-    }
-    return Atomics.load(ints, I_SEQ) === seq;
-  }
-
-  private lookup(g: number): void {
-    for (let i = 0; i < FAST_TRIES; i++) if (this.lookupFast(g)) return;
-    this.lock();
-    try {
-      this.lookupLocked(g);
-    } finally {
-      this.unlock();
-    }
-  }
-
-  /** Lookup with LOCK held: loads the L2 table into the cache when missing. */
-  private lookupLocked(g: number): void {
-    const l1Index = Math.floor(g / this.geometry.l2Entries);
-    this.l1Hi = this.views.l1[l1Index * 2]!;
-    this.l1Lo = this.views.l1[l1Index * 2 + 1]!;
-    const l2 = standardEntryOffset(this.l1Hi, this.l1Lo);
-    if (l2 === 0) {
-      this.eHi = 0;
-      this.eLo = 0;
-      return;
-    }
-    const slot = this.slotFor(l2);
-    const at = slot * this.cs + (g % this.geometry.l2Entries) * 8;
-    this.eHi = this.views.l2DataView.getUint32(at);
-    this.eLo = this.views.l2DataView.getUint32(at + 4);
-  }
-
-  /** Cache slot holding L2 table `l2Offset`, loading it (LOCK held). */
-  private slotFor(l2Offset: number): number {
-    const found = this.findSlot(l2Offset);
-    if (found >= 0) return found;
-    this.checkMetadataTarget(l2Offset, 'L2 table');
-    preadFull(this.fd, this.scratch, l2Offset);
-    const base = ((l2Offset / this.cs) % this.nSets) * WAYS;
-    let victim = base;
-    for (let w = 0; w < WAYS; w++) {
-      if (this.views.l2Tags[base + w] === 0) {
-        victim = base + w;
-        break;
-      }
-      if (this.views.l2LastUse[base + w]! < this.views.l2LastUse[victim]!) victim = base + w;
-    }
-    beginPublish(this.views.ints);
-    this.views.l2Tags[victim] = l2Offset;
-    this.views.l2Data.set(this.scratch, victim * this.cs);
-    endPublish(this.views.ints);
-    this.views.l2LastUse[victim] = Atomics.add(this.views.ints, I_CLOCK, 1);
-    return victim;
-  }
-
-  private dropSlot(l2Offset: number): void {
-    const slot = this.findSlot(l2Offset);
-    if (slot < 0) return;
-    beginPublish(this.views.ints);
-    this.views.l2Tags[slot] = 0;
-    endPublish(this.views.ints);
-  }
-
-  // ---- validation of entries found in the image ----
-
-  /**
-   * Keeps this thread's set of metadata clusters current: new L2 tables and refcount blocks arrive through
-   * the shared ring; a moved table (or falling more than the ring behind) means a full rebuild.
-   */
-  private refreshMetadataClusters(): void {
-    const gen = Atomics.load(this.views.ints, I_META_GEN);
-    const adds = Atomics.load(this.views.ints, I_META_ADDS);
-    if (gen === this.metaGen && adds === this.metaAddsSeen) return;
-    if (gen === this.metaGen && adds - this.metaAddsSeen <= METADATA_RING) {
-      for (let i = this.metaAddsSeen; i < adds; i++) this.metadataClusters.add(this.views.metaAdds[i % METADATA_RING]!);
-      if (Atomics.load(this.views.ints, I_META_ADDS) - this.metaAddsSeen <= METADATA_RING) {
-        this.metaAddsSeen = adds;
-        return;
-      }
-    }
-    this.metaGen = gen;
-    this.metaAddsSeen = adds;
-    const set = this.metadataClusters;
-    set.clear();
-    const f = this.views.floats;
-    for (let c = 0; c < this.geometry.headerClusterEnd; c++) set.add(c);
-    const l1Clusters = Math.ceil((f[F_L1_SIZE]! * 8) / this.cs);
-    for (let c = 0; c < l1Clusters; c++) set.add(f[F_L1_OFFSET]! / this.cs + c);
-    const rtClusters = Math.ceil((f[F_RT_ENTRIES]! * 8) / this.cs);
-    for (let c = 0; c < rtClusters; c++) set.add(f[F_RT_OFFSET]! / this.cs + c);
-    for (let i = 0; i < f[F_RT_ENTRIES]!; i++) {
-      const block = this.views.refcountTable[i]!;
-      if (block !== 0) set.add(block / this.cs);
-    }
-    for (let i = 0; i < f[F_L1_SIZE]!; i++) {
-      const l2 = standardEntryOffset(this.views.l1[i * 2]!, this.views.l1[i * 2 + 1]!);
-      if (l2 !== 0) set.add(l2 / this.cs);
-    }
-  }
-
-  /** An L2 table offset read from L1 must be a cluster in the file that is not other metadata. */
-  private checkMetadataTarget(offset: number, what: string): void {
-    if (offset % this.cs !== 0) throw new Qcow2Error('QCOW2_INVALID', `${what} offset ${offset} is not cluster aligned`);
-    if (offset / this.cs >= this.views.floats[F_FILE_CLUSTERS]!) throw new Qcow2Error('QCOW2_INVALID', `${what} at ${offset} lies past the end of the file`);
-  }
-
-  /** The host cluster of a standard L2 entry, validated: aligned, inside the file, not metadata. */
-  private dataCluster(g: number, hi: number, lo: number): number {
-    if ((hi & L2_RESERVED_HI) !== 0 || (lo & L2_RESERVED_LO) !== 0) {
-      throw new Qcow2Error('QCOW2_INVALID', `L2 entry of guest cluster ${g} has reserved bits set`);
-    }
-    const offset = standardEntryOffset(hi, lo);
-    if (offset % this.cs !== 0) throw new Qcow2Error('QCOW2_INVALID', `L2 entry of guest cluster ${g} is not cluster aligned`);
-    const cluster = offset / this.cs;
-    if (cluster >= this.views.floats[F_FILE_CLUSTERS]!) throw new Qcow2Error('QCOW2_INVALID', `L2 entry of guest cluster ${g} points past the end of the file`);
-    this.refreshMetadataClusters();
-    if (this.metadataClusters.has(cluster)) throw new Qcow2Error('QCOW2_INVALID', `L2 entry of guest cluster ${g} points into metadata`);
-    return cluster;
-  }
 
   private isZeroEntry(lo: number, hi: number): boolean {
     if ((lo & L2_ZERO_LO) === 0 || (hi & ENTRY_COMPRESSED_HI) !== 0) return false;
@@ -340,11 +179,11 @@ export class Qcow2Handle implements ReadLayer, CompressedSource {
   /** The registers describe a cluster that may be overwritten in place. */
   private inPlace(): boolean {
     return (
-      (this.l1Hi & ENTRY_COPIED_HI) !== 0 &&
-      (this.eHi & ENTRY_COPIED_HI) !== 0 &&
-      (this.eHi & ENTRY_COMPRESSED_HI) === 0 &&
-      (this.eLo & L2_ZERO_LO) === 0 &&
-      standardEntryOffset(this.eHi, this.eLo) !== 0
+      (this.map.l1Hi & ENTRY_COPIED_HI) !== 0 &&
+      (this.map.eHi & ENTRY_COPIED_HI) !== 0 &&
+      (this.map.eHi & ENTRY_COMPRESSED_HI) === 0 &&
+      (this.map.eLo & L2_ZERO_LO) === 0 &&
+      standardEntryOffset(this.map.eHi, this.map.eLo) !== 0
     );
   }
 
@@ -371,7 +210,7 @@ export class Qcow2Handle implements ReadLayer, CompressedSource {
       const g = Math.floor(at / this.cs);
       const inCluster = at - g * this.cs;
       const n = Math.min(end - at, this.cs - inCluster);
-      this.lookup(g);
+      this.map.lookup(g);
       this.mapCluster(g, at, inCluster, n, out);
       at += n;
     }
@@ -379,8 +218,8 @@ export class Qcow2Handle implements ReadLayer, CompressedSource {
   }
 
   private mapCluster(g: number, at: number, inCluster: number, n: number, out: ReadExtent[]): void {
-    const hi = this.eHi;
-    const lo = this.eLo;
+    const hi = this.map.eHi;
+    const lo = this.map.eLo;
     if ((hi & ENTRY_COMPRESSED_HI) !== 0) {
       const d = decodeCompressedEntry(hi, lo, this.geometry.clusterBits);
       out.push({ kind: 'compressed', source: this, hostOffset: d.hostOffset, maxLength: d.maxLength, offsetInCluster: inCluster, length: n });
@@ -396,7 +235,7 @@ export class Qcow2Handle implements ReadLayer, CompressedSource {
       else pushReadExtent(out, { kind: 'zero', length: n });
       return;
     }
-    const cluster = this.dataCluster(g, hi, lo);
+    const cluster = this.guard.dataCluster(g, hi, lo);
     pushReadExtent(out, { kind: 'data', fd: this.fd, hostOffset: cluster * this.cs + inCluster, length: n });
   }
 
@@ -443,9 +282,9 @@ export class Qcow2Handle implements ReadLayer, CompressedSource {
         const g = Math.floor(at / this.cs);
         const inCluster = at - g * this.cs;
         const n = Math.min(end - at, this.cs - inCluster);
-        this.lookup(g);
+        this.map.lookup(g);
         if (!this.inPlace()) break;
-        const cluster = this.dataCluster(g, this.eHi, this.eLo);
+        const cluster = this.guard.dataCluster(g, this.map.eHi, this.map.eLo);
         pushWriteExtent(out, { fd: this.fd, hostOffset: cluster * this.cs + inCluster, length: n });
         at += n;
       }
@@ -517,20 +356,20 @@ export class Qcow2Handle implements ReadLayer, CompressedSource {
       for (let g = first; g <= last; g++) {
         const start = Math.max(offset, g * this.cs) - g * this.cs;
         const stop = Math.min(end, (g + 1) * this.cs) - g * this.cs;
-        this.lookupLocked(g);
+        this.map.lookupLocked(g);
         if (this.inPlace()) {
-          const cluster = this.dataCluster(g, this.eHi, this.eLo);
+          const cluster = this.guard.dataCluster(g, this.map.eHi, this.map.eLo);
           pushWriteExtent(out, { fd: this.fd, hostOffset: cluster * this.cs + start, length: stop - start });
           continue;
         }
         this.ensureL2(g);
-        this.lookupLocked(g);
-        const oldHi = this.eHi;
-        const oldLo = this.eLo;
+        this.map.lookupLocked(g);
+        const oldHi = this.map.eHi;
+        const oldLo = this.map.eLo;
         // A zero-flagged cluster this image owns (WRITE_ZEROES without UNMAP) is reused in place.
         const reuse =
           (oldHi & ENTRY_COPIED_HI) !== 0 && (oldHi & ENTRY_COMPRESSED_HI) === 0 && (oldLo & L2_ZERO_LO) !== 0 && standardEntryOffset(oldHi, oldLo) !== 0;
-        const { cluster, fresh } = reuse ? { cluster: this.dataCluster(g, oldHi, oldLo), fresh: false } : this.allocator.takeCluster();
+        const { cluster, fresh } = reuse ? { cluster: this.guard.dataCluster(g, oldHi, oldLo), fresh: false } : this.allocator.takeCluster();
         pending.push({ guestCluster: g, hostCluster: cluster, oldHi, oldLo, reused: reuse });
         this.copyOnWrite(g, oldHi, oldLo, cluster, fresh, start, stop);
         pushWriteExtent(out, { fd: this.fd, hostOffset: cluster * this.cs + start, length: stop - start });
@@ -567,7 +406,7 @@ export class Qcow2Handle implements ReadLayer, CompressedSource {
     for (const [from, to] of pieces) {
       const part = this.cowBuffer.subarray(from, to);
       if (source === 'zero') part.fill(0);
-      else if (source === 'old') preadFull(this.fd, part, this.dataCluster(g, oldHi, oldLo) * this.cs + from);
+      else if (source === 'old') preadFull(this.fd, part, this.guard.dataCluster(g, oldHi, oldLo) * this.cs + from);
       else if (source === 'backing') readLayerInto(this.backing as ReadLayer, g * this.cs + from, part);
       pwriteFull(this.fd, part, host + from);
     }
@@ -585,11 +424,10 @@ export class Qcow2Handle implements ReadLayer, CompressedSource {
     if (old !== 0 && (hi & ENTRY_COPIED_HI) !== 0) return old;
     const { cluster, fresh } = this.allocator.takeCluster();
     const table = cluster * this.cs;
-    this.dropSlot(table);
+    this.map.dropSlot(table);
     if (old !== 0) {
-      const slot = this.slotFor(old);
-      this.scratch.set(this.views.l2Data.subarray(slot * this.cs, (slot + 1) * this.cs));
-      pwriteFull(this.fd, this.scratch, table);
+      const slot = this.map.slotFor(old);
+      pwriteFull(this.fd, this.map.tableBytes(slot), table);
     } else if (!fresh) {
       pwriteFull(this.fd, this.zeroes, table);
     }
@@ -633,7 +471,7 @@ export class Qcow2Handle implements ReadLayer, CompressedSource {
     }
     const index = g % this.geometry.l2Entries;
     pwriteFull(this.fd, bytes, table + index * 8);
-    const slot = this.findSlot(table);
+    const slot = this.map.findSlot(table);
     if (slot >= 0) {
       beginPublish(this.views.ints);
       this.views.l2Data.set(bytes, slot * this.cs + index * 8);
@@ -822,9 +660,9 @@ export class Qcow2Handle implements ReadLayer, CompressedSource {
         // Only touch (and only create) an L2 table when some entry does not already read as wanted.
         let changed = false;
         for (let k = g; k < stop && !changed; k++) {
-          this.lookupLocked(k);
-          if (keepsCluster(this.eHi, this.eLo)) changed = (this.eLo & L2_ZERO_LO) === 0;
-          else changed = !(this.eHi === 0 && this.eLo === emptyLo) && !(this.eHi === 0 && this.eLo === 0 && this.backing === null);
+          this.map.lookupLocked(k);
+          if (keepsCluster(this.map.eHi, this.map.eLo)) changed = (this.map.eLo & L2_ZERO_LO) === 0;
+          else changed = !(this.map.eHi === 0 && this.map.eLo === emptyLo) && !(this.map.eHi === 0 && this.map.eLo === 0 && this.backing === null);
         }
         if (!changed) {
           g = stop;
@@ -833,13 +671,13 @@ export class Qcow2Handle implements ReadLayer, CompressedSource {
         this.ensureL2(g);
         const entries = new Uint32Array((stop - g) * 2);
         for (let k = g; k < stop; k++) {
-          this.lookupLocked(k);
-          if (keepsCluster(this.eHi, this.eLo)) {
-            this.dataCluster(k, this.eHi, this.eLo);
-            entries[(k - g) * 2] = this.eHi;
-            entries[(k - g) * 2 + 1] = (this.eLo | L2_ZERO_LO) >>> 0;
+          this.map.lookupLocked(k);
+          if (keepsCluster(this.map.eHi, this.map.eLo)) {
+            this.guard.dataCluster(k, this.map.eHi, this.map.eLo);
+            entries[(k - g) * 2] = this.map.eHi;
+            entries[(k - g) * 2 + 1] = (this.map.eLo | L2_ZERO_LO) >>> 0;
           } else {
-            frees.push([this.eHi, this.eLo, k]);
+            frees.push([this.map.eHi, this.map.eLo, k]);
             entries[(k - g) * 2] = 0;
             entries[(k - g) * 2 + 1] = emptyLo;
           }
