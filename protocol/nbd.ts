@@ -7,12 +7,11 @@
  * magic numbers and reply types are checked, and anything the spec says a client must hang up on throws
  * NbdProtocolError (the caller resets the connection). All integers are big-endian on the wire.
  */
+import { VublkError } from './errors.js';
 
-export class NbdProtocolError extends Error {
-  readonly code = 'NBD_PROTOCOL';
+export class NbdProtocolError extends VublkError {
   constructor(message: string) {
-    super(`NBD protocol error: ${message}`);
-    this.name = 'NbdProtocolError';
+    super('NBD_PROTOCOL', `NBD protocol error: ${message}`, { peerFault: true, fatal: true });
   }
 }
 

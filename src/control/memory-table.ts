@@ -14,12 +14,11 @@ import { closeFd } from '../sys/fd.js';
 import { describeFd, guardAgainstShrink, isOpenReadWrite, type ShrinkGuard } from '../sys/file-seals.js';
 import { MAX_GUEST_ADDRESS, type RegionLayout } from '../dataplane/memory-regions.js';
 import { SessionLimits } from './limits.js';
+import { VublkError } from '../errors.js';
 
-export class MemoryTableError extends Error {
-  readonly code = 'MEMORY_TABLE_REJECTED';
+export class MemoryTableError extends VublkError {
   constructor(detail: string) {
-    super(`memory table rejected: ${detail}`);
-    this.name = 'MemoryTableError';
+    super('VUBLK_ERR_MEMORY_TABLE', `memory table rejected: ${detail}`, { peerFault: true });
   }
 }
 

@@ -8,12 +8,11 @@
  */
 import { fdTarget } from '../sys/fd-kind.js';
 import { setNonBlocking } from '../sys/fd.js';
+import { VublkError } from '../errors.js';
 
-export class NotifyFdError extends Error {
-  readonly code = 'NOTIFY_FD_REJECTED';
+export class NotifyFdError extends VublkError {
   constructor(role: string, detail: string) {
-    super(`${role} fd rejected: ${detail}`);
-    this.name = 'NotifyFdError';
+    super('VUBLK_ERR_NOTIFY_FD', `${role} fd rejected: ${detail}`, { peerFault: true });
   }
 }
 

@@ -13,7 +13,6 @@ import {
   FrontendRequest,
   HeaderFlag,
   MAX_MEM_SLOTS,
-  MalformedMessageError,
   ProtocolFeature,
   VHOST_USER_F_PROTOCOL_FEATURES,
   decodeConfigMessage,
@@ -46,14 +45,18 @@ import type { BlkDisk } from '../device/blk-disk.js';
 import type { DiskQueues } from './disk-queues.js';
 import type { MemoryTable, WorkerEvent } from '../dataplane/worker-protocol.js';
 import { errorFields, type Logger } from '../log.js';
+import { VublkError } from '../errors.js';
 
 /** A request the session refuses; the message names the request and what to fix. */
-export class SessionRequestError extends Error {
+export class SessionRequestError extends VublkError {
   constructor(request: number, detail: string) {
-    super(`${requestName(request)}: ${detail}`);
-    this.name = 'SessionRequestError';
+    super('VUBLK_ERR_SESSION_REQUEST', `${requestName(request)}: ${detail}`, { peerFault: true });
   }
 }
+
+/** What a QEMU command line needs so vublk can map guest RAM (vhost-user shares memory by fd). */
+export const NO_SHARED_MEMORY_HINT =
+  'give QEMU shared guest RAM: -object memory-backend-memfd,id=mem,size=<RAM>,share=on plus -numa node,memdev=mem (or -machine memory-backend=mem)';
 
 type Handler = (message: IncomingMessage) => Promise<Uint8Array | void> | Uint8Array | void;
 
@@ -87,6 +90,8 @@ export class VhostUserSession {
   private status = 0;
   private backendFd = -1;
   private ended = false;
+  private noMemoryWarned = false;
+  private featuresLogged = false;
   readonly stats: SessionStats = { messages: 0, rejected: 0 };
   private readonly handlers: Record<number, Handler>;
 
@@ -173,8 +178,11 @@ export class VhostUserSession {
     } catch (error) {
       failed = true;
       this.stats.rejected++;
-      const level = error instanceof MalformedMessageError || error instanceof SessionRequestError || error instanceof MemoryTableError ? 'warn' : 'error';
-      this.log[level]({ request: requestName(request), ...errorFields(error) }, 'vhost-user request rejected');
+      // The error's classification decides: the front-end's fault is a warning, ours an error;
+      // a fatal error ends the connection instead of a reply.
+      const classified = error instanceof VublkError ? error : null;
+      this.log[classified?.peerFault === true ? 'warn' : 'error']({ request: requestName(request), ...errorFields(error) }, 'vhost-user request rejected');
+      if (classified?.fatal === true) this.stream.close({ kind: 'protocol-error', detail: classified.message });
     } finally {
       // Whatever a handler did not take ownership of is closed here (handlers splice out the fds they keep).
       closeAll(message.fds);
@@ -200,12 +208,29 @@ export class VhostUserSession {
     const previous = this.ackedFeatures;
     this.ackedFeatures = features & this.disk.offeredFeatures;
     this.featuresSet = true;
-    this.log.info({ features: `0x${this.ackedFeatures.toString(16)}`, eventIdx: this.eventIdx, version1: hasFeature(this.ackedFeatures, VirtioFeature.VERSION_1) }, 'features negotiated');
+    this.logFeatures(previous);
     // EVENT_IDX changes how a running ring suppresses notifications: restart running rings with it.
     if (hasFeature(previous ^ this.ackedFeatures, VirtioFeature.RING_EVENT_IDX)) {
       for (const ring of this.rings) if (ring.running) await this.restartRing(ring);
     }
     for (const ring of this.rings) await this.reconcile(ring);
+  }
+
+  /**
+   * One `features negotiated` line per session. QEMU sends SET_FEATURES at every device start: the firmware's
+   * driver (SeaBIOS) starts the device with a few features, the guest kernel's again with its own; repeats
+   * with the same set are debug, a different set is `features renegotiated` with both values.
+   */
+  private logFeatures(previous: bigint): void {
+    const fields = { features: `0x${this.ackedFeatures.toString(16)}`, eventIdx: this.eventIdx, version1: hasFeature(this.ackedFeatures, VirtioFeature.VERSION_1) };
+    if (!this.featuresLogged) {
+      this.featuresLogged = true;
+      this.log.info(fields, 'features negotiated');
+    } else if (previous !== this.ackedFeatures) {
+      this.log.info({ ...fields, previous: `0x${previous.toString(16)}` }, 'features renegotiated');
+    } else {
+      this.log.debug(fields, 'features negotiated again (unchanged)');
+    }
   }
 
   private get eventIdx(): boolean {
@@ -362,7 +387,21 @@ export class VhostUserSession {
     ring.kickFd = fd;
     ring.kickArmed = true;
     if (noFd) this.log.warn({ queue: index }, 'kick fd absent: queue is polled every millisecond');
+    if (!this.protocolFeaturesNegotiated) this.warnIfNoMemory(index);
     await this.reconcile(ring);
+  }
+
+  /**
+   * A ring is being started but no memory table ever came: QEMU leaves guest RAM out of the table when it
+   * cannot share it (no fd), so the guest hangs at boot with nothing logged anywhere. Said once per session.
+   */
+  private warnIfNoMemory(queue: number): void {
+    if (this.regions.length > 0 || this.noMemoryWarned) return;
+    this.noMemoryWarned = true;
+    this.log.warn(
+      { queue, hint: NO_SHARED_MEMORY_HINT },
+      'the front-end starts a queue but has sent no guest memory table: its guest RAM is probably not shared memory (the guest will hang at boot)',
+    );
   }
 
   private async setVringCall(message: IncomingMessage): Promise<void> {
@@ -408,6 +447,7 @@ export class VhostUserSession {
     const ring = this.ring(message.header.request, index);
     if (num > 1) throw new SessionRequestError(message.header.request, `enable value ${num} is neither 0 nor 1`);
     ring.enabled = num === 1;
+    if (ring.enabled) this.warnIfNoMemory(index);
     await this.reconcile(ring);
   }
 

@@ -7,7 +7,10 @@
  */
 import fs from 'node:fs';
 import os from 'node:os';
-import { BlkDisk, DiskSetupError } from '../device/blk-disk.js';
+import { BlkDisk } from '../device/blk-disk.js';
+import { VublkError } from '../errors.js';
+import { checkDiskPaths } from './disk-paths.js';
+import { adminOptionValues } from './disk-options.js';
 import { ExportListener } from '../control/export-listener.js';
 import { DiskQueues } from '../control/disk-queues.js';
 import { WorkerPool } from '../control/worker-pool.js';
@@ -19,7 +22,7 @@ import type { DiskLimits, ResolvedDiskLimits } from '../throttle/disk-throttle.j
 import { loadConfigFile, type ServeConfig } from './config-file.js';
 import { planReload, type ReloadPlan } from './reload.js';
 import { createMetricsRegistry, type DiskMetricsSource } from '../metrics/registry.js';
-import { MetricsServer, type Readiness } from '../metrics/http-server.js';
+import { MetricsListenError, MetricsServer, type Readiness } from '../metrics/http-server.js';
 import { AdminSocketServer, defaultAdminSocketPath, type AdminSocketOptions } from '../metrics/admin-socket.js';
 import { AdminError, mergeThrottle, throttleJson, type AdminDiskInfo, type AdminTarget } from '../metrics/admin.js';
 import { baseUrl, formatAddress, isLoopback, type MetricsAddress } from '../metrics/listen-address.js';
@@ -93,10 +96,14 @@ export class Daemon implements AdminTarget {
   /** Opens and serves every disk; on any failure, what was already opened is closed again. */
   async start(specs: readonly DiskSpec[]): Promise<void> {
     this.state = 'starting';
+    // Images this start creates: a failed start removes them again.
+    const created: string[] = [];
     try {
       if (this.options.metrics) await this.startMetrics(this.options.metrics);
       for (const spec of specs) {
         const log = this.log.child({ disk: spec.options.name });
+        checkDiskPaths(spec);
+        if (!fs.existsSync(spec.options.imagePath)) created.push(spec.options.imagePath);
         const disk = new BlkDisk(spec.options, log);
         const queues = new DiskQueues(disk, this.pool, log);
         try {
@@ -116,7 +123,11 @@ export class Daemon implements AdminTarget {
       this.log.info({ threads: this.pool.size, disks: this.disks.length }, 'worker pool ready');
       if (this.state === 'starting') this.state = 'running';
     } catch (error) {
-      await this.stop();
+      // Not a shutdown: no `stopped` line; the caller reports the error once.
+      this.state = 'stopping';
+      await this.closeEverything();
+      for (const image of created) fs.rmSync(image, { force: true });
+      this.stopping = Promise.resolve();
       throw error;
     }
   }
@@ -165,7 +176,7 @@ export class Daemon implements AdminTarget {
         this.log.warn({ address: formatAddress(address) }, 'metrics listener not started: the default address is in use (pass --metrics-listen to choose another)');
         return;
       }
-      throw new Error(`metrics listener ${formatAddress(address)}: ${(error as Error).message}`);
+      throw new MetricsListenError(`metrics listener ${formatAddress(address)}: ${(error as Error).message}`, { cause: error });
     }
     const bound = this.metricsServer.address;
     if (bound.kind === 'tcp') for (const host of acceptedHosts(bound)) hosts.add(host);
@@ -208,7 +219,7 @@ export class Daemon implements AdminTarget {
   reload(): ReloadPlan | null {
     const config = this.options.config;
     if (config === undefined) {
-      this.log.warn('reload ignored: vublk was not started with --config');
+      this.log.warn('SIGHUP: nothing to reload (vublk was not started with --config); still serving');
       return null;
     }
     if (this.state !== 'running') {
@@ -217,7 +228,7 @@ export class Daemon implements AdminTarget {
     }
     let plan: ReloadPlan;
     try {
-      const next = loadConfigFile(config.file);
+      const next = loadConfigFile(config.file, config.diskDefaults);
       // Baseline: the disks as the file described them at start (before socket activation swapped
       // a socket path for an inherited fd), so only real edits of the file are reported.
       const running = this.disks.map(({ spec, disk }) => ({
@@ -245,14 +256,9 @@ export class Daemon implements AdminTarget {
 
   listDisks(): AdminDiskInfo[] {
     return this.disks.map(({ disk, listener, spec }) => ({
-      name: disk.name,
-      image: disk.options.imagePath,
+      ...adminOptionValues(spec.fields),
       socket: spec.listen.kind === 'path' ? spec.listen.path : `fd:${spec.listen.fd}`,
       'capacity-bytes': disk.capacityBytes,
-      'num-queues': disk.options.numQueues,
-      'queue-size': disk.options.queueSize,
-      'read-only': disk.options.readOnly,
-      'logical-block-size': disk.options.logicalBlockSize,
       connected: listener.hasSession,
       connections: listener.connections,
       throttle: throttleJson(disk.throttle.limits),
@@ -280,7 +286,8 @@ export class Daemon implements AdminTarget {
     try {
       await running.queues.resize(sizeBytes);
     } catch (error) {
-      if (error instanceof DiskSetupError) throw new AdminError(400, error.message);
+      // The admin client asked for something the disk refuses (shrink, misaligned, read-only): a 400.
+      if (error instanceof VublkError && error.peerFault) throw new AdminError(400, error.message);
       throw error;
     }
     return running.disk.capacityBytes;
@@ -293,14 +300,7 @@ export class Daemon implements AdminTarget {
       // without this the process would end mid-shutdown, before the images are synced.
       const keepAlive = setInterval(() => undefined, 60_000);
       try {
-        await Promise.all(this.disks.map(({ listener }) => listener.close()));
-        this.workersStopped = await this.pool.close();
-        for (const { disk, queues } of this.disks) {
-          queues.close();
-          disk.close();
-        }
-        if (this.metricsServer !== null) await this.metricsServer.close();
-        if (this.adminSocket !== null) await this.adminSocket.close();
+        await this.closeEverything();
         this.log.info('stopped');
       } finally {
         clearInterval(keepAlive);
@@ -308,15 +308,27 @@ export class Daemon implements AdminTarget {
     })();
     return this.stopping;
   }
+
+  /** Everything stop() closes, without its log line: a failed start is not a shutdown. */
+  private async closeEverything(): Promise<void> {
+    await Promise.all(this.disks.map(({ listener }) => listener.close()));
+    this.workersStopped = await this.pool.close();
+    for (const { disk, queues } of this.disks) {
+      queues.close();
+      disk.close();
+    }
+    if (this.metricsServer !== null) await this.metricsServer.close();
+    if (this.adminSocket !== null) await this.adminSocket.close();
+  }
 }
 
 /** Reads the admin bearer token; the file must not be readable by other users. */
 function readAdminToken(file: string): string {
   const stat = fs.statSync(file);
-  if ((stat.mode & 0o004) !== 0) throw new Error(`admin token file ${file} is readable by every user (chmod 0600 or 0640 it)`);
+  if ((stat.mode & 0o004) !== 0) throw new AdminTokenError(`admin token file ${file} is readable by every user (chmod 0600 or 0640 it)`);
   const token = fs.readFileSync(file, 'utf8').trim();
-  if (token.length < 16) throw new Error(`admin token file ${file} holds fewer than 16 characters`);
-  if (/\s/.test(token)) throw new Error(`admin token file ${file} must hold one token without spaces`);
+  if (token.length < 16) throw new AdminTokenError(`admin token file ${file} holds fewer than 16 characters`);
+  if (/\s/.test(token)) throw new AdminTokenError(`admin token file ${file} must hold one token without spaces`);
   return token;
 }
 
@@ -350,4 +362,11 @@ function metricsSource({ disk, listener }: RunningDisk): DiskMetricsSource {
     connected: listener.hasSession,
     connections: listener.connections,
   };
+}
+
+/** The admin token file is unusable: the operator's configuration, refused at start. */
+class AdminTokenError extends VublkError {
+  constructor(detail: string) {
+    super('VUBLK_ERR_ADMIN_TOKEN', detail, { fatal: true });
+  }
 }

@@ -5,16 +5,16 @@
 import fs from 'node:fs';
 import http from 'node:http';
 import path from 'node:path';
+import { VublkError } from '../errors.js';
 
 export interface AdminReply {
   status: number;
   body: unknown;
 }
 
-export class AdminClientError extends Error {
+export class AdminClientError extends VublkError {
   constructor(message: string) {
-    super(message);
-    this.name = 'AdminClientError';
+    super('VUBLK_ERR_ADMIN_CLIENT', message);
   }
 }
 

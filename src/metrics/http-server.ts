@@ -13,6 +13,7 @@ import { isSocketLive } from '../sys/unix-socket.js';
 import { errorFields, type Logger } from '../log.js';
 import { AdminError, handleAdmin, type AdminTarget } from './admin.js';
 import { formatAddress, type MetricsAddress } from './listen-address.js';
+import { VublkError } from '../errors.js';
 
 export interface Readiness {
   ready: boolean;
@@ -96,11 +97,18 @@ export class MetricsServer {
   }
 }
 
+/** The metrics listener cannot be started. */
+export class MetricsListenError extends VublkError {
+  constructor(message: string, options: { cause?: unknown } = {}) {
+    super('VUBLK_ERR_METRICS_LISTEN', message, { fatal: true, ...options });
+  }
+}
+
 function removeStaleSocket(path: string): void {
   if (!fs.existsSync(path)) return;
   const stat = fs.lstatSync(path);
-  if (!stat.isSocket()) throw new Error(`metrics socket ${path} exists and is not a socket; refusing to replace it`);
-  if (isSocketLive(path)) throw new Error(`metrics socket ${path} is in use by a running process`);
+  if (!stat.isSocket()) throw new MetricsListenError(`metrics socket ${path} exists and is not a socket; refusing to replace it`);
+  if (isSocketLive(path)) throw new MetricsListenError(`metrics socket ${path} is in use by a running process`);
   fs.unlinkSync(path);
 }
 

@@ -16,6 +16,7 @@
  */
 import { addressOf, fcntlPointer, F_OFD_GETLK, F_OFD_SETLK, F_RDLCK, F_UNLCK, F_WRLCK } from './libc.js';
 import { lastErrno, SyscallError, errnoName } from './errors.js';
+import { VublkError } from '../errors.js';
 
 const PERM_BASE = 100;
 const SHARED_BASE = 200;
@@ -25,11 +26,9 @@ export const BlockPermission = { CONSISTENT_READ: 0, WRITE: 1, WRITE_UNCHANGED: 
 const PERMISSION_NAMES = ['consistent read', 'write', 'write unchanged', 'resize'];
 const ALL_PERMISSIONS = [0, 1, 2, 3];
 
-export class ImageLockError extends Error {
-  readonly code = 'IMAGE_LOCKED';
+export class ImageLockError extends VublkError {
   constructor(imagePath: string, detail: string) {
-    super(`image ${imagePath} is locked: ${detail}`);
-    this.name = 'ImageLockError';
+    super('VUBLK_ERR_IMAGE_LOCKED', `image ${imagePath} is locked: ${detail}`, { fatal: true });
   }
 }
 

@@ -12,6 +12,7 @@ import koffi from 'koffi';
 import { addressOf, AF_UNIX, SOCK_STREAM, SOCK_NONBLOCK, SOCK_CLOEXEC, SOL_SOCKET, SO_ERROR, MSG_NOSIGNAL } from './libc.js';
 import { check, lastErrno, SyscallError } from './errors.js';
 import { encodeUnixAddress } from './unix-address.js';
+import { VublkError } from '../errors.js';
 
 const libc = koffi.load('libc.so.6');
 type Fn<A extends unknown[], R> = (...args: A) => R;
@@ -46,11 +47,9 @@ export const EINPROGRESS = koffi.os.errno['EINPROGRESS'] ?? 115;
 /** A network endpoint: a numeric IP address and port, or a Unix socket path (`@name` = abstract). */
 export type StreamEndpoint = { kind: 'tcp'; host: string; port: number } | { kind: 'unix'; path: string };
 
-export class EndpointError extends Error {
-  readonly code = 'ENDPOINT';
+export class EndpointError extends VublkError {
   constructor(message: string) {
-    super(message);
-    this.name = 'EndpointError';
+    super('ENDPOINT', message, { peerFault: true });
   }
 }
 

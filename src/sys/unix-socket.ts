@@ -20,6 +20,7 @@ import {
 } from './libc.js';
 import { check, lastErrno, Errno, SyscallError } from './errors.js';
 import { closeAll, setNonBlocking } from './fd.js';
+import { VublkError } from '../errors.js';
 
 const SOCKADDR_UN_SIZE = 110;
 const MAX_PATH_BYTES = 107;
@@ -29,10 +30,9 @@ const CMSG_HEADER_SIZE = 16;
 const MAX_RECEIVED_FDS = 16;
 const CONTROL_SIZE = CMSG_HEADER_SIZE + MAX_RECEIVED_FDS * 4;
 
-export class SocketPathError extends Error {
+export class SocketPathError extends VublkError {
   constructor(path: string, reason: string) {
-    super(`socket path ${path}: ${reason}`);
-    this.name = 'SocketPathError';
+    super('VUBLK_ERR_SOCKET_PATH', `socket path ${path}: ${reason}`, { peerFault: true });
   }
 }
 
@@ -119,10 +119,10 @@ function prepareMsghdr(buffer: Uint8Array, offset: number, length: number, contr
   }
 }
 
-export class TruncatedFdsError extends Error {
+/** The peer sent more fds than fit: the stream can no longer be trusted, so the connection closes. */
+export class TruncatedFdsError extends VublkError {
   constructor() {
-    super(`a message carried more than ${MAX_RECEIVED_FDS} fds; the extra ones were discarded`);
-    this.name = 'TruncatedFdsError';
+    super('VUBLK_ERR_TRUNCATED_FDS', `a message carried more than ${MAX_RECEIVED_FDS} fds; the extra ones were discarded`, { peerFault: true, fatal: true });
   }
 }
 

@@ -48,6 +48,10 @@ describe.skipIf(unavailable !== null)('guest-visible features', () => {
     expect(counts.discards).toBeGreaterThan(0);
     expect(counts.writeZeroes).toBeGreaterThan(0);
     expect(counts.ioErrors).toBe(0);
+    // A QEMU with shared guest RAM never draws the "no guest memory table" warning (no false alarm).
+    expect(daemon.logs().filter((l) => /no guest memory table/.test(l.msg))).toEqual([]);
+    // Firmware and kernel each start the device: one `features negotiated`, then `features renegotiated`.
+    expect(daemon.logs().filter((l) => l.msg === 'features negotiated')).toHaveLength(1);
   });
 
   it('a read-only disk is read-only in the guest, and writes fail', { timeout: TEST_TIMEOUT_MS }, async () => {

@@ -1,7 +1,7 @@
 // Metrics, health and admin endpoints of a real daemon (`node dist/src/cli.js serve`; run `npm run build`
 // first): scrape /metrics over HTTP, parse the exposition text, check series, labels and values; /healthz
 // and /readyz; the admin API and `vublk throttle` / `vublk disks`; clean exit on SIGTERM.
-import { spawn } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import http from 'node:http';
 import net from 'node:net';
@@ -82,6 +82,17 @@ async function waitFor<T>(what: string, probe: () => Promise<T | undefined>, tim
   }
 }
 
+/** Why `promtool` (Debian: prometheus) cannot run, or null when it can. */
+function promtoolMissing(): string | null {
+  const probe = spawnSync('promtool', ['--version'], { encoding: 'utf8', timeout: 10_000 });
+  if (probe.error) return `promtool is not installed (${probe.error.message}); Debian: apt-get install prometheus`;
+  if (probe.status !== 0) return `promtool --version failed: ${probe.stderr}`;
+  return null;
+}
+const PROMTOOL_MISSING = promtoolMissing();
+const PROMTOOL_REQUIRED = process.env['VUBLK_E2E_REQUIRED'] === '1';
+if (PROMTOOL_MISSING !== null) console.warn(`promtool lint ${PROMTOOL_REQUIRED ? 'cannot run' : 'skipped'}: ${PROMTOOL_MISSING}`);
+
 describe('metrics over HTTP', () => {
   let daemon: DaemonProcess;
   let base: string;
@@ -97,6 +108,17 @@ describe('metrics over HTTP', () => {
   });
   afterAll(async () => {
     await daemon?.stop();
+  });
+
+  it.skipIf(PROMTOOL_MISSING !== null && !PROMTOOL_REQUIRED)('lints clean with the real `promtool check metrics`', async () => {
+    if (PROMTOOL_MISSING !== null) expect.fail(`VUBLK_E2E_REQUIRED=1 but ${PROMTOOL_MISSING}`);
+    const reply = await request(base, 'GET', '/metrics');
+    expect(reply.status).toBe(200);
+    expect(reply.body).toMatch(/^# TYPE vublk_nodejs_active_handles gauge$/m); // the default Node metrics are part of the scrape
+    const lint = spawnSync('promtool', ['check', 'metrics'], { input: reply.body, encoding: 'utf8', timeout: 20_000 });
+    expect(lint.error).toBeUndefined();
+    expect(`${lint.stdout}${lint.stderr}`).toBe('');
+    expect(lint.status).toBe(0);
   });
 
   it('answers /healthz and /readyz', async () => {

@@ -31,18 +31,16 @@ import {
   isOptionError,
   optionReplyName,
 } from '../../../protocol/nbd.js';
+import { VublkError } from '../../errors.js';
 
-export class NbdHandshakeError extends Error {
-  readonly code: string;
+export class NbdHandshakeError extends VublkError {
   constructor(
     message: string,
     /** True when retrying cannot help (unknown export, policy refusal): reconnect loops stop logging noise on it. */
     readonly permanent: boolean,
     code = 'NBD_HANDSHAKE',
   ) {
-    super(message);
-    this.name = 'NbdHandshakeError';
-    this.code = code;
+    super(code, message, { peerFault: true });
   }
 }
 

@@ -66,16 +66,14 @@ import {
 } from '../../sys/net-socket.js';
 import { clientHandshake, NbdHandshakeError, type HandshakeStep, type NbdExportInfo } from './handshake.js';
 import { SegmentList, writeIovec, type IoSegments } from './io-segments.js';
+import { VublkError } from '../../errors.js';
 
 export type { NbdExportInfo } from './handshake.js';
 export type { IoSegments } from './io-segments.js';
 
-export class NbdClientError extends Error {
-  readonly code: string;
+export class NbdClientError extends VublkError {
   constructor(message: string, code = 'NBD_CLIENT') {
-    super(message);
-    this.name = 'NbdClientError';
-    this.code = code;
+    super(code, message);
   }
 }
 

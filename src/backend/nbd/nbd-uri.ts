@@ -8,12 +8,11 @@ import { lookup } from 'node:dns/promises';
 import { isIP } from 'node:net';
 import { NBD_DEFAULT_PORT, NBD_MAX_STRING } from '../../../protocol/nbd.js';
 import type { StreamEndpoint } from '../../sys/net-socket.js';
+import { VublkError } from '../../errors.js';
 
-export class NbdUriError extends Error {
-  readonly code = 'NBD_URI';
+export class NbdUriError extends VublkError {
   constructor(uri: string, reason: string) {
-    super(`NBD URI '${uri}': ${reason}`);
-    this.name = 'NbdUriError';
+    super('NBD_URI', `NBD URI '${uri}': ${reason}`, { peerFault: true });
   }
 }
 
