@@ -4,6 +4,7 @@
  * Offsets are JavaScript Numbers: a field above 2^53 can only come from a broken image and is reported
  * as invalid by the parser instead of being rounded.
  */
+import { VublkError } from './errors.js';
 
 export const QCOW2_MAGIC = 0x514649fb; // "QFI\xfb"
 export const QCOW2_V2_HEADER_LENGTH = 72;
@@ -82,13 +83,12 @@ export interface Qcow2Header {
 }
 
 /** The header could not be decoded; `field` names the offending part. */
-export class Qcow2HeaderError extends Error {
+export class Qcow2HeaderError extends VublkError {
   constructor(
     readonly field: string,
     message: string,
   ) {
-    super(message);
-    this.name = 'Qcow2HeaderError';
+    super('VUBLK_ERR_QCOW2_HEADER', message, { peerFault: true });
   }
 }
 

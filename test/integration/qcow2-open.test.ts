@@ -97,7 +97,7 @@ describe.skipIf(skip !== null)('format selection', () => {
     // make sure the backing-format extension is absent (a fresh image has none)
     const warnings: string[] = [];
     const error = openError(fake, { warn: (m) => warnings.push(m) });
-    expect(error.code).toBe('QCOW2_FORMAT');
+    expect(error.code).toBe('VUBLK_ERR_QCOW2_FORMAT');
     expect(error.message).toMatch(/without a backing format/);
     expect(warnings.join()).toMatch(/probed 'qcow2'/);
     // an explicit raw format is honoured: the header is just guest data
@@ -155,7 +155,7 @@ describe.skipIf(skip !== null)('format selection', () => {
   it('backing names with a protocol prefix are refused', () => {
     const top = created('proto.qcow2');
     qemuImg('rebase', '-u', '-f', 'qcow2', '-b', 'nbd://127.0.0.1/x', '-F', 'raw', top);
-    expect(openError(top).code).toBe('QCOW2_UNSUPPORTED');
+    expect(openError(top).code).toBe('VUBLK_ERR_QCOW2_UNSUPPORTED');
   });
 });
 
@@ -189,7 +189,7 @@ describe.skipIf(skip !== null)('unsupported features are refused by name', () =>
   for (const [name, make, pattern] of cases) {
     it(name, () => {
       const error = openError(make());
-      expect(error.code).toBe('QCOW2_UNSUPPORTED');
+      expect(error.code).toBe('VUBLK_ERR_QCOW2_UNSUPPORTED');
       expect(error.message).toMatch(pattern);
     });
   }

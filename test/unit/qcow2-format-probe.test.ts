@@ -25,3 +25,13 @@ describe('backing file names', () => {
     expect(() => parseImageFormat('vmdk', 'backing file of a')).toThrow(/format 'vmdk' is not supported/);
   });
 });
+
+describe('Qcow2Error', () => {
+  it('is a VublkError; image faults are peerFault, I/O failures are not', async () => {
+    const { VublkError } = await import('../../src/errors.js');
+    const invalid = new Qcow2Error('QCOW2_INVALID', 'x');
+    expect(invalid).toBeInstanceOf(VublkError);
+    expect(invalid).toMatchObject({ code: 'VUBLK_ERR_QCOW2_INVALID', name: 'Qcow2Error', peerFault: true, fatal: false });
+    expect(new Qcow2Error('QCOW2_IO', 'x')).toMatchObject({ code: 'VUBLK_ERR_QCOW2_IO', peerFault: false });
+  });
+});
