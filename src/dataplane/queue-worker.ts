@@ -42,17 +42,13 @@ class QueueWorker {
     while (this.running) {
       const n = this.epoll.wait(this.ready);
       for (let i = 0; i < n; i++) {
-        const fd = this.ready[i];
+        const fd = this.ready[i] ?? -1;
         if (fd === this.init.controlFd) {
           drainEventFd(fd);
           this.handleCommands();
           continue;
         }
-        for (const ring of this.rings.values()) {
-          // Kick fds are edge-triggered: the counter is never read back (2^64 kicks to saturate).
-          if (fd === ring.kickFd) ring.drain();
-          else if (fd === ring.timer.fd) ring.onTimer();
-        }
+        for (const ring of this.rings.values()) if (ring.dispatch(fd)) break;
       }
     }
   }
