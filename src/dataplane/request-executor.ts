@@ -20,7 +20,9 @@
  * - `waitIdle(ms)` blocks (bounded) until nothing is in flight, delivering completions; used when a ring
  *   stops (GET_VRING_BASE must report an exact index with nothing in flight) or guest memory is replaced.
  * - FLUSH covers every write completed before it was submitted (io_uring: IOSQE_IO_DRAIN). DISCARD and
- *   WRITE_ZEROES are not ordered against other requests in flight (virtio-blk gives no such ordering).
+ *   WRITE_ZEROES start after everything submitted before them completed (vublk's rule since the sync
+ *   engine; virtio-blk itself orders nothing): an asynchronous back-end refuses them in `canAccept` while
+ *   requests are in flight.
  *
  * Control side — the image itself (open with its cache mode, size, resize, block-device probing) lives in
  * `src/dataplane/raw-image.ts`; a network back-end has its own equivalent.

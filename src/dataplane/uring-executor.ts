@@ -13,9 +13,11 @@
  * - FLUSH → FSYNC(DATASYNC) with IOSQE_IO_DRAIN: it starts only after every SQE submitted before it has
  *   completed, so it covers every write completed before it was received. If an earlier write was still
  *   being continued (short write) when the fsync completed, the fsync is issued again behind it.
- * - GET_ID, DISCARD, WRITE_ZEROES (and requests whose iovecs do not fit a slot, or whose bounce does not fit
- *   the pool) run synchronously on an internal SyncExecutor. virtio-blk orders nothing between requests in
- *   flight, so they need not wait for the others.
+ * - DISCARD / WRITE_ZEROES stay behind everything submitted before them without blocking: `canAccept`
+ *   refuses them while anything is in flight (the drain stops popping and resumes on the last completion),
+ *   then they run synchronously on an internal SyncExecutor (fallocate / BLKDISCARD / BLKZEROOUT).
+ * - GET_ID (and requests whose iovecs do not fit a slot, or whose bounce does not fit the pool) run
+ *   synchronously too.
  *
  * Invariants: a slot is owned by exactly one request from `submit` to its completion (its head and
  * submission sequence are stable meanwhile); at most two SQEs per slot are outstanding, and the SQ holds
@@ -175,9 +177,10 @@ export class UringExecutor implements RequestExecutor {
     return this.active;
   }
 
-  /** Room for one more request: a slot (and, in bounce mode, the sync fallback covers anything bigger). */
+  /** Room for one more request: a slot, bounce chunks; DISCARD / WRITE_ZEROES only once nothing is in flight. */
   canAccept(request: BlkRequest): boolean {
     if (this.freeCount === 0) return false;
+    if (request.type === BlkRequestType.DISCARD || request.type === BlkRequestType.WRITE_ZEROES) return this.active === 0;
     if (this.bounce === null || (request.type !== BlkRequestType.IN && request.type !== BlkRequestType.OUT)) return true;
     const chunks = BouncePool.chunksFor(request.dataBytes);
     // Whether this request bounces is only known once its iovecs are built; asking for the chunks it would

@@ -90,6 +90,8 @@ describe.each(engines)('%s engine', (_name, create, skip) => {
     for (const [offset, len] of op.segs ?? []) request.addSegment(fx.gpa(offset), len);
     // The engine never waits for room itself: the drain stops popping; here, wait for what is in flight.
     if (!executor.canAccept(request)) expect(executor.waitIdle(10_000)).toBe(true);
+    // The engine never waits for room itself: the drain stops popping; here, wait for what is in flight.
+    if (!executor.canAccept(request)) expect(executor.waitIdle(10_000)).toBe(true);
     executor.submit(fx.memory, request, head, CAPACITY, writeback);
     return head;
   }
