@@ -10,8 +10,9 @@
  * rest in the avail ring with kicks still suppressed: the completion that frees room wakes the queue again.
  * The drain never blocks on I/O.
  *
- * A broken avail index or descriptor table poisons the queue: nothing more is consumed or published and
- * kicks are not re-armed, so a hostile guest cannot make the worker spin. Only a ring restart clears it.
+ * A broken avail index or descriptor table poisons the queue: nothing more is consumed and kicks are not
+ * re-armed, so a hostile guest cannot make the worker spin; requests popped before the poison still
+ * complete and are published. Only a ring restart clears it.
  */
 import { BlkRequestType, BlkStatus } from '../../protocol/virtio-blk.js';
 import { ChainOutcome, ChainScratch, walkChain } from './descriptor-chain.js';
@@ -209,8 +210,7 @@ export function completeRequest(ctx: DrainContext, c: Completion): void {
   if (c.status === BlkStatus.OK) countSuccess(counters, c.type, c.dataBytes);
   else if (c.status === BlkStatus.UNSUPP) counters.add(Counter.unsupported);
   else counters.add(Counter.ioErrors);
-  // A poisoned ring publishes nothing more (the guest's ring cannot be trusted); the I/O still counts.
-  if (ctx.poisoned) return;
+  // Also after a poison: the request was popped before it, and the sync engine would have published it.
   publishAt(ctx, c.head, c.statusGpa, c.status, c.status === BlkStatus.OK ? c.written : 0);
 }
 

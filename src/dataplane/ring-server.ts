@@ -145,7 +145,12 @@ export class RingServer {
    * stays poisoned (only a ring restart clears it) and touches no guest memory, so it is left alone.
    */
   memoryChanged(memory: GuestMemory): void {
-    if (this.ring === null || this.poisoned) return;
+    if (this.ring === null) return;
+    if (this.poisoned) {
+      // Nothing more is popped, but requests popped before the poison may still point into the old mapping.
+      this.executor.waitIdle(QUIESCE_TIMEOUT_MS);
+      return;
+    }
     // Requests in flight point into the old mapping: let them finish (and publish) first.
     const lastAvailIdx = this.quiesce() ?? this.ring.lastAvailIdx;
     this.start(this.ring, lastAvailIdx, memory);
