@@ -2,7 +2,8 @@
 /** The `vublk` command line. */
 import path from 'node:path';
 import { Command, Option, InvalidArgumentError } from 'commander';
-import { buildDiskSpec, checkDistinct, parseDiskArgument, setDefaultIoEngine, type DiskSpec } from './daemon/disk-spec.js';
+import { buildDiskSpec, checkDistinct, parseDiskArgument, setDefaultCacheMode, setDefaultIoEngine, type DiskSpec } from './daemon/disk-spec.js';
+import { CACHE_MODES, type CacheMode } from './dataplane/request-executor.js';
 import { IO_ENGINE_SETTINGS, type IoEngineSetting } from './dataplane/worker-protocol.js';
 import { Daemon, type DaemonMetricsOptions } from './daemon/daemon.js';
 import { loadConfigFile, type ServeConfig } from './daemon/config-file.js';
@@ -36,6 +37,8 @@ interface ServeOptions {
   bpsBurst?: string;
   disk: string[];
   ioEngine: IoEngineSetting;
+  cache: CacheMode;
+  pollUs?: string;
   logLevel: LogLevel;
   logFormat: LogFormat;
   config?: string;
@@ -60,6 +63,7 @@ const DISK_FLAGS: ReadonlyArray<readonly [key: keyof ServeOptions, flag: string]
   ['serial', '--serial'],
   ['logicalBlockSize', '--logical-block-size'],
   ['writethrough', '--writethrough'],
+  ['pollUs', '--poll-us'],
   ['iops', '--iops'],
   ['iopsBurst', '--iops-burst'],
   ['bps', '--bps'],
@@ -99,6 +103,7 @@ function diskSpecs(options: ServeOptions): DiskSpec[] {
               serial: options.serial,
               logicalBlockSize: options.logicalBlockSize,
               writeback: options.writethrough ? false : undefined,
+              pollUs: options.pollUs,
               iops: options.iops,
               iopsBurst: options.iopsBurst,
               bps: options.bps,
@@ -156,6 +161,7 @@ async function serve(options: ServeOptions, command: Command): Promise<void> {
   let settings: ServeSettings;
   try {
     setDefaultIoEngine(options.ioEngine);
+    setDefaultCacheMode(options.cache);
     settings = serveSettings(options, command);
   } catch (error) {
     process.stderr.write(`vublk: ${(error as Error).message}\n`);
@@ -272,6 +278,12 @@ program
       .default('auto')
       .env('VUBLK_IO_ENGINE'),
   )
+  .addOption(
+    new Option('--cache <mode>', 'cache mode of disks that set no cache= key, as QEMU: writeback, none (O_DIRECT), writethrough, directsync (O_DIRECT + O_DSYNC), unsafe (FLUSH ignored)')
+      .choices(CACHE_MODES)
+      .default('writeback'),
+  )
+  .option('--poll-us <n>', 'adaptive polling: spin on the rings and completions up to N µs before sleeping (default 0 = off)')
   .addOption(new Option('--log-level <level>', 'log level').choices(LOG_LEVELS).default('info'))
   .addOption(new Option('--log-format <format>', 'log format: auto = human-readable on a terminal, JSON otherwise').choices(LOG_FORMATS).default('auto'))
   .action((options: ServeOptions, command: Command) => serve(options, command));

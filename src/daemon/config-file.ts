@@ -65,6 +65,8 @@ const DISK_KEYS = [
   'logical-block-size',
   'writeback',
   'io-engine',
+  'cache',
+  'poll-us',
   'throttle',
 ] as const;
 const THROTTLE_KEYS = ['iops', 'iops-burst', 'bps', 'bps-burst'] as const;
@@ -224,6 +226,8 @@ function diskSpec(entry: unknown, index: number, base: string, fail: Fail): Disk
     logicalBlockSize: get('logical-block-size', integer),
     writeback: get('writeback', boolean),
     ioEngine: get('io-engine', text),
+    cache: get('cache', text),
+    pollUs: get('poll-us', text),
   };
   if ('throttle' in entry) {
     const throttle = entry['throttle'];

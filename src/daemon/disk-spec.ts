@@ -10,6 +10,7 @@ import type { ListenAddress, SocketAccess } from '../control/export-listener.js'
 import { groupId, userId } from './account-lookup.js';
 import { MAX_QUEUE_SIZE } from '../../protocol/split-ring.js';
 import { IO_ENGINE_SETTINGS, isIoEngineSetting, type IoEngineSetting } from '../dataplane/worker-protocol.js';
+import { CACHE_MODES, cachePolicy, isCacheMode, type CacheMode } from '../dataplane/request-executor.js';
 
 export class DiskSpecError extends Error {
   constructor(
@@ -47,6 +48,9 @@ export interface DiskSpecInput {
   bpsBurst?: string | undefined;
   /** auto | io_uring | sync */
   ioEngine?: string | undefined;
+  /** writeback | none | writethrough | directsync | unsafe */
+  cache?: string | undefined;
+  pollUs?: string | undefined;
   threads?: string | undefined;
   socketMode?: string | undefined;
   socketOwner?: string | undefined;
@@ -89,6 +93,8 @@ export function buildDiskSpec(input: DiskSpecInput, where: string, index: number
     if (sizeBytes < block || sizeBytes % block !== 0) throw new DiskSpecError(where, `size must be a non-zero multiple of ${block} bytes, got ${sizeBytes}`, 'size');
   }
   const throttle = parseThrottle(input, where);
+  const cache = input.cache ?? defaultCacheMode;
+  if (!isCacheMode(cache)) throw new DiskSpecError(where, `cache must be one of ${CACHE_MODES.join(', ')}, got '${cache}'`, 'cache');
   const listen: ListenAddress = input.socketFd
     ? { kind: 'fd', fd: integer(where, 'socket-fd', input.socketFd, 0, 1 << 20) }
     : { kind: 'path', path: path.resolve(input.socket!), ...socketAccess(input, where) };
@@ -102,8 +108,10 @@ export function buildDiskSpec(input: DiskSpecInput, where: string, index: number
       readOnly: input.readOnly ?? false,
       serial: input.serial,
       logicalBlockSize: block as 512 | 4096,
-      writeback: input.writeback ?? true,
+      writeback: input.writeback ?? cachePolicy(cache).writeback,
       ioEngine: parseIoEngine(where, input.ioEngine),
+      cache,
+      pollUs: input.pollUs ? integer(where, 'poll-us', input.pollUs, 0, 1_000_000) : 0,
       threads,
       throttle,
     },
@@ -112,6 +120,12 @@ export function buildDiskSpec(input: DiskSpecInput, where: string, index: number
 }
 
 let defaultIoEngine: IoEngineSetting = 'auto';
+let defaultCacheMode: CacheMode = 'writeback';
+
+/** The cache mode of disks that do not name one (`--cache`). To move into the options table. */
+export function setDefaultCacheMode(mode: CacheMode): void {
+  defaultCacheMode = mode;
+}
 
 /** The engine of disks that do not name one (`--io-engine`, itself defaulting to $VUBLK_IO_ENGINE or auto). */
 export function setDefaultIoEngine(engine: IoEngineSetting): void {
@@ -161,7 +175,7 @@ function socketAccess(input: DiskSpecInput, where: string): SocketAccess {
   return { mode, uid: resolve('socket-owner', input.socketOwner, userId), gid: resolve('socket-group', input.socketGroup, groupId) };
 }
 
-const DISK_KEYS = new Set(['socket-mode', 'socket-owner', 'socket-group', 'iops', 'iops-burst', 'bps', 'bps-burst', 'name', 'image', 'socket', 'socket-fd', 'size', 'num-queues', 'queue-size', 'read-only', 'serial', 'logical-block-size', 'writeback', 'io-engine', 'threads']);
+const DISK_KEYS = new Set(['socket-mode', 'socket-owner', 'socket-group', 'iops', 'iops-burst', 'bps', 'bps-burst', 'name', 'image', 'socket', 'socket-fd', 'size', 'num-queues', 'queue-size', 'read-only', 'serial', 'logical-block-size', 'writeback', 'io-engine', 'threads', 'cache', 'poll-us']);
 
 /** Parses `image=PATH,socket=PATH,num-queues=2,read-only=on,...` (a value may not contain a comma). */
 export function parseDiskArgument(text: string, index: number): DiskSpec {
@@ -194,6 +208,8 @@ export function parseDiskArgument(text: string, index: number): DiskSpec {
       bps: fields.get('bps'),
       bpsBurst: fields.get('bps-burst'),
       ioEngine: fields.get('io-engine'),
+      cache: fields.get('cache'),
+      pollUs: fields.get('poll-us'),
       threads: fields.get('threads'),
       socketMode: fields.get('socket-mode'),
       socketOwner: fields.get('socket-owner'),

@@ -72,6 +72,8 @@ export function changedDiskKeys(running: DiskSpec, next: DiskSpec): string[] {
   if (a.logicalBlockSize !== b.logicalBlockSize) keys.push('logical-block-size');
   if (a.writeback !== b.writeback) keys.push('writeback');
   if (a.ioEngine !== b.ioEngine) keys.push('io-engine');
+  if (a.cache !== b.cache) keys.push('cache');
+  if (a.pollUs !== b.pollUs) keys.push('poll-us');
   return keys;
 }
 

@@ -21,8 +21,8 @@ import { QueueWorkerHandle } from '../control/queue-worker-handle.js';
 import { offeredVirtioFeatures } from './blk-features.js';
 import type { Logger } from '../log.js';
 import { DiskThrottle, type DiskLimits } from '../throttle/disk-throttle.js';
-import { sys, SEEK_END } from '../sys/libc.js';
-import { check } from '../sys/errors.js';
+import type { CacheMode } from '../dataplane/request-executor.js';
+import { openRawImage, type ImageIoInfo } from '../dataplane/raw-image.js';
 
 export interface DiskOptions {
   name: string;
@@ -42,6 +42,10 @@ export interface DiskOptions {
   throttle: DiskLimits;
   /** Request engine of the queue workers (default `auto`: io_uring when available, else sync). */
   ioEngine?: IoEngineSetting | undefined;
+  /** Cache mode, as QEMU's cache= (default writeback). */
+  cache?: CacheMode | undefined;
+  /** Adaptive polling of the workers, µs (0 / undefined = off). */
+  pollUs?: number | undefined;
 }
 
 export class DiskSetupError extends Error {
@@ -72,6 +76,8 @@ export class BlkDisk {
   readonly counterBuffer: SharedArrayBuffer;
   readonly counters: CounterReader;
   readonly offeredFeatures: bigint;
+  /** How the image was opened (cache mode, O_DIRECT alignment, block device), for the workers. */
+  readonly imageIo: ImageIoInfo;
   private capacity: number;
   private writebackEnabled: boolean;
   private workers: QueueWorkerHandle[] = [];
@@ -100,14 +106,23 @@ export class BlkDisk {
     }
     const stat = fs.statSync(imagePath);
     if (!stat.isFile() && !stat.isBlockDevice()) throw new DiskSetupError(name, `${imagePath} is neither a regular file nor a block device`);
-    this.fd = fs.openSync(imagePath, readOnly ? 'r' : 'r+');
-    let size = stat.isFile() ? stat.size : this.blockDeviceSize();
+    let opened;
+    try {
+      opened = openRawImage(imagePath, readOnly, options.cache ?? 'writeback');
+    } catch (error) {
+      throw new DiskSetupError(name, (error as Error).message);
+    }
+    this.fd = opened.fd;
+    this.imageIo = opened.io;
+    let size = opened.sizeBytes;
     if (sizeBytes !== undefined && stat.isFile() && size < sizeBytes) {
       if (readOnly) throw new DiskSetupError(name, `image is ${size} bytes, smaller than --size, and the disk is read-only`);
       fs.ftruncateSync(this.fd, sizeBytes);
       size = sizeBytes;
     }
-    const block = options.logicalBlockSize;
+    // A block device's sectors and O_DIRECT's offset alignment set the smallest block the guest may use.
+    const block = Math.max(options.logicalBlockSize, opened.deviceBlockSize, opened.io.offsetAlign);
+    if (block > 4096) throw new DiskSetupError(name, `the image needs ${block}-byte aligned I/O; vublk offers at most 4096-byte logical blocks`);
     this.capacity = Math.floor(size / block) * block;
     if (this.capacity === 0) throw new DiskSetupError(name, `image ${imagePath} is smaller than one ${block}-byte block`);
     this.writebackEnabled = options.writeback;
@@ -128,11 +143,6 @@ export class BlkDisk {
     this.throttle = DiskThrottle.create(options.throttle);
   }
 
-  private blockDeviceSize(): number {
-    // A block device's stat size is 0; seeking to its end reports its size.
-    return check(sys.lseek(this.fd, 0, SEEK_END), 'lseek', this.options.imagePath);
-  }
-
   get name(): string {
     return this.options.name;
   }
@@ -146,7 +156,7 @@ export class BlkDisk {
   }
 
   config(): BlkConfig {
-    const block = this.options.logicalBlockSize;
+    const block = this.limits.logicalBlockSize;
     const l = this.limits;
     return {
       capacity: this.capacity / SECTOR_SIZE,
@@ -183,7 +193,7 @@ export class BlkDisk {
    * Workers switch to the new capacity before the front-end is told, so the guest can use it at once.
    */
   async resize(sizeBytes: number): Promise<void> {
-    const block = this.options.logicalBlockSize;
+    const block = this.limits.logicalBlockSize;
     if (this.options.readOnly) throw new DiskSetupError(this.name, 'a read-only disk cannot be resized');
     if (!Number.isSafeInteger(sizeBytes) || sizeBytes % block !== 0) {
       throw new DiskSetupError(this.name, `new size ${sizeBytes} is not a multiple of the ${block}-byte block`);
@@ -233,6 +243,8 @@ export class BlkDisk {
               counters: this.counterBuffer,
               throttle: this.throttle.buffer,
               ioEngine: this.options.ioEngine ?? 'auto',
+              image: this.imageIo,
+              pollUs: this.options.pollUs ?? 0,
             },
             (event) => {
               if (event.kind === 'started' && event.ioEngine !== undefined) {
