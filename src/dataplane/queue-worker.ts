@@ -7,6 +7,7 @@
 import { parentPort, receiveMessageOnPort, workerData, type MessagePort } from 'node:worker_threads';
 import { drainEventFd } from '../sys/eventfd.js';
 import { EpollSet } from './epoll.js';
+import { waitPolling } from './adaptive-poll.js';
 import { GuestMemory } from './guest-memory.js';
 import { RingServer } from './ring-server.js';
 import type { WorkerCommand, WorkerInit, WorkerMessage } from './worker-protocol.js';
@@ -40,7 +41,7 @@ class QueueWorker {
 
   private serve(): void {
     while (this.running) {
-      const n = this.epoll.wait(this.ready);
+      const n = waitPolling(this.epoll, this.ready, this.init.pollUs ?? 0, this.rings.values());
       for (let i = 0; i < n; i++) {
         const fd = this.ready[i] ?? -1;
         if (fd === this.init.controlFd) {

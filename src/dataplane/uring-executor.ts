@@ -73,9 +73,6 @@ export function userDataKind(userData: number): number {
   return userData >>> 16;
 }
 
-import { appendFileSync } from 'node:fs';
-const TRACE = process.env['VUBLK_TRACE_URING'];
-function trace(line: string): void { if (TRACE) appendFileSync(TRACE, line + '\n'); }
 export class UringExecutor implements RequestExecutor {
   onComplete: (completion: Completion) => void = () => undefined;
   readonly depth: number;
@@ -270,7 +267,6 @@ export class UringExecutor implements RequestExecutor {
       return;
     }
     this.initSlot(slot, memory, request, head, started);
-    trace(`submit slot ${slot} head ${head} type ${request.type} iov ${count} bytes ${request.dataBytes}`);
     this.slotOffset[slot] = request.sector * SECTOR_SIZE;
     this.slotIovCount[slot] = count;
     const n = Math.min(request.segCount, this.segCapacity);
@@ -390,7 +386,6 @@ export class UringExecutor implements RequestExecutor {
 
   private handleCqe(userData: number, res: number): void {
     const slot = userDataSlot(userData);
-    trace(`cqe slot ${slot} kind ${userDataKind(userData)} res ${res}`);
     this.outstandingCqes--;
     const type = this.slotType[slot] ?? 0;
     if (userDataKind(userData) === KIND_RW) {
@@ -507,7 +502,6 @@ export class UringExecutor implements RequestExecutor {
     c.written = status === BlkStatus.OK && type === BlkRequestType.IN ? c.dataBytes : 0;
     c.latencyNanos = (performance.now() - (this.slotStarted[slot] ?? 0)) * 1e6;
     c.error = error;
-    trace(`complete slot ${slot} head ${c.head} status ${status} ${error}`);
     this.releaseSlot(slot);
     this.onComplete(c);
   }
