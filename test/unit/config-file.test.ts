@@ -24,6 +24,8 @@ disks:
     logical-block-size: 4096
     writeback: false
     io-engine: sync
+    cache: none
+    poll-us: 50
     throttle:
       iops: 10k
       iops-burst: 20000
@@ -63,10 +65,12 @@ describe('parseConfig', () => {
       logicalBlockSize: 4096,
       writeback: false,
       ioEngine: 'sync',
+      cache: 'none',
+      pollUs: 50,
       throttle: { iops: 10000, iopsBurst: 20000, bps: 100 * 1024 ** 2, bpsBurst: 1024 ** 3 },
     });
     expect(slow!.listen).toEqual({ kind: 'fd', fd: 3 });
-    expect(slow!.options).toMatchObject({ name: 'disk1', readOnly: true, numQueues: 1, throttle: {} });
+    expect(slow!.options).toMatchObject({ name: 'disk1', readOnly: true, numQueues: 1, throttle: {}, cache: 'writeback', writeback: true, pollUs: 0 });
   });
 
   it('reads the same from JSON', () => {
