@@ -227,7 +227,7 @@ function diskSpec(entry: unknown, index: number, base: string, fail: Fail): Disk
     writeback: get('writeback', boolean),
     ioEngine: get('io-engine', text),
     cache: get('cache', text),
-    pollUs: get('poll-us', text),
+    pollUs: get('poll-us', integer),
   };
   if ('throttle' in entry) {
     const throttle = entry['throttle'];
