@@ -8,12 +8,12 @@ import { IO_ENGINE_SETTINGS, type IoEngineSetting } from './dataplane/worker-pro
 import { Daemon, type DaemonMetricsOptions } from './daemon/daemon.js';
 import { loadConfigFile, type ServeConfig } from './daemon/config-file.js';
 import { createLogger, LOG_FORMATS, LOG_LEVELS, errorFields, type LogFormat, type LogLevel } from './log.js';
-import { qemuCommandLine } from './daemon/qemu-hint.js';
+import { qemuCommandLine, qemuCommandLineForDisks, type QemuHintDisk } from './daemon/qemu-hint.js';
 import { DEFAULT_METRICS_LISTEN, parseMetricsListen } from './metrics/listen-address.js';
 import { adminRequest } from './metrics/admin-client.js';
 import { applySocketActivation } from './daemon/socket-activation.js';
 import { SystemdNotifier } from './daemon/systemd-notify.js';
-import { registerBenchCommands } from './bench/command.js';
+import { VERSION } from './version.js';
 
 interface ServeOptions {
   socket?: string;
@@ -54,7 +54,6 @@ const DISK_FLAGS: ReadonlyArray<readonly [key: keyof ServeOptions, flag: string]
   ['socketFd', '--socket-fd'],
   ['size', '--size'],
   ['numQueues', '--num-queues'],
-  ['threads', '--threads'],
   ['socketMode', '--socket-mode'],
   ['socketOwner', '--socket-owner'],
   ['socketGroup', '--socket-group'],
@@ -157,12 +156,22 @@ function serveSettings(options: ServeOptions, command: Command): ServeSettings {
   };
 }
 
+/** The daemon's worker pool size (`--threads`); the per-disk `threads` key is ignored. */
+function poolThreads(text: string | undefined): number | undefined {
+  if (text === undefined) return undefined;
+  const n = Number(text);
+  if (!Number.isSafeInteger(n) || n < 1 || n > 1024) throw new InvalidArgumentError(`--threads ${text}: expected an integer from 1 to 1024`);
+  return n;
+}
+
 async function serve(options: ServeOptions, command: Command): Promise<void> {
   let settings: ServeSettings;
+  let threads: number | undefined;
   try {
     setDefaultIoEngine(options.ioEngine);
     setDefaultCacheMode(options.cache);
     settings = serveSettings(options, command);
+    threads = poolThreads(options.threads);
   } catch (error) {
     process.stderr.write(`vublk: ${(error as Error).message}\n`);
     process.exit(2);
@@ -185,7 +194,7 @@ async function serve(options: ServeOptions, command: Command): Promise<void> {
     process.stderr.write(`vublk: ${(error as Error).message}\n`);
     process.exit(2);
   }
-  const daemon = new Daemon(log, { metrics: settings.metrics, config: settings.config });
+  const daemon = new Daemon(log, { metrics: settings.metrics, config: settings.config, threads });
   try {
     await daemon.start(specs);
   } catch (error) {
@@ -196,12 +205,15 @@ async function serve(options: ServeOptions, command: Command): Promise<void> {
   }
   daemon.installSignalHandlers((code) => process.exit(code));
   systemd?.ready(daemon);
+  const attach: QemuHintDisk[] = [];
   for (const { disk, spec } of daemon.disks) {
     if (spec.listen.kind === 'path') {
       log.info({ disk: disk.name, qemu: qemuCommandLine(spec.listen.path, disk.options.numQueues) }, 'attach with QEMU');
-      if (process.stderr.isTTY) process.stderr.write(`\nAttach with QEMU:\n  ${qemuCommandLine(spec.listen.path, disk.options.numQueues)}\n\n`);
+      attach.push({ socketPath: spec.listen.path, numQueues: disk.options.numQueues });
     }
   }
+  // Plain text on stderr, terminal or not (stdout carries the JSON log): what a new user copies first.
+  if (attach.length > 0) process.stderr.write(`\nAttach with QEMU:\n  ${qemuCommandLineForDisks(attach)}\n\n`);
 }
 
 interface ThrottleCommandOptions {
@@ -245,6 +257,7 @@ async function disksCommand(options: { metricsUrl: string }): Promise<void> {
 
 const program = new Command();
 program.name('vublk').description('vhost-user-blk back-end: serves virtio-blk disks to QEMU and cloud-hypervisor guests');
+program.version(VERSION, '-v, --version', 'print the version of vublk');
 
 program
   .command('serve')
@@ -258,7 +271,7 @@ program
   .option('--image <path>', `backing image (default ./${DEFAULT_IMAGE}, created sparse at ${DEFAULT_SIZE})`)
   .option('--size <bytes>', 'create the image at this size if missing, or grow it (e.g. 1G, 512M, 1073741824)')
   .option('--num-queues <n>', 'number of virtqueues', '1')
-  .option('--threads <n>', 'worker threads serving the queues (default: one per queue, at most one per CPU)')
+  .option('--threads <n>', 'worker threads serving every queue of every disk (default: the number of CPUs)')
   .option('--queue-size <n>', 'largest queue size a front-end may configure (power of two)')
   .option('--read-only', 'export the disk read-only (VIRTIO_BLK_F_RO)')
   .option('--serial <str>', 'serial answered to GET_ID (up to 20 ASCII characters; default from the image name)')
@@ -314,8 +327,6 @@ program
   .description("list a running daemon's disks: capacity, queues, throttle limits, whether a front-end is connected")
   .option('--metrics-url <url>', 'the daemon\'s metrics listener: http://HOST:PORT or unix:PATH', METRICS_URL)
   .action((options: { metricsUrl: string }) => disksCommand(options));
-
-registerBenchCommands(program);
 
 program.parseAsync(process.argv).catch((error: unknown) => {
   process.stderr.write(`vublk: ${error instanceof Error ? error.message : String(error)}\n`);

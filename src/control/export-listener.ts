@@ -8,7 +8,7 @@ import { pollFd, type PollHandle } from '../sys/fd-poll.js';
 import { acceptConnection, isSocketLive, listenUnix, SocketPathError } from '../sys/unix-socket.js';
 import { closeFd } from '../sys/fd.js';
 import { VhostUserSession } from './session.js';
-import type { BlkDisk } from '../device/blk-disk.js';
+import type { DiskQueues } from './disk-queues.js';
 import { errorFields, type Logger } from '../log.js';
 
 /** How long a second connection waits for the current session to end before it is refused. */
@@ -66,7 +66,7 @@ export class ExportListener {
   connections = 0;
 
   constructor(
-    private readonly disk: BlkDisk,
+    private readonly queues: DiskQueues,
     private readonly address: ListenAddress,
     private readonly log: Logger,
   ) {
@@ -120,7 +120,7 @@ export class ExportListener {
   private startSession(fd: number): void {
     this.connections++;
     this.log.info({ connection: this.connections }, 'front-end connected');
-    this.session = new VhostUserSession(fd, this.disk, this.log, () => {
+    this.session = new VhostUserSession(fd, this.queues, this.log, () => {
       this.session = null;
       const next = this.waiting;
       this.waiting = null;

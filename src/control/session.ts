@@ -42,7 +42,8 @@ import { VringConfig } from './vring-config.js';
 import { assertNoOverlap, layoutsOf, mapRegion, unmapRegion, type MappedRegion } from './memory-table.js';
 import { OFFERED_PROTOCOL_FEATURES } from '../device/blk-features.js';
 import type { BlkDisk } from '../device/blk-disk.js';
-import type { WorkerEvent } from '../dataplane/worker-protocol.js';
+import type { DiskQueues } from './disk-queues.js';
+import type { MemoryTable, WorkerEvent } from '../dataplane/worker-protocol.js';
 import { errorFields, type Logger } from '../log.js';
 
 /** A request the session refuses; the message names the request and what to fix. */
@@ -76,6 +77,9 @@ export class VhostUserSession {
   private readonly stream: MessageStream;
   private readonly rings: VringConfig[];
   private regions: MappedRegion[] = [];
+  /** This session's memory table as the workers know it: id unique in the daemon, version per change. */
+  private readonly memoryId: number;
+  private memoryVersion = 0;
   private ackedFeatures = 0n;
   private featuresSet = false;
   private protocolFeatures = 0n;
@@ -85,13 +89,17 @@ export class VhostUserSession {
   readonly stats: SessionStats = { messages: 0, rejected: 0 };
   private readonly handlers: Record<number, Handler>;
 
+  private readonly disk: BlkDisk;
+
   constructor(
     fd: number,
-    private readonly disk: BlkDisk,
+    private readonly queues: DiskQueues,
     private readonly log: Logger,
     private readonly onEnd: (session: VhostUserSession, reason: CloseReason) => void,
   ) {
-    this.rings = Array.from({ length: disk.options.numQueues }, (_, i) => new VringConfig(i));
+    this.disk = queues.disk;
+    this.memoryId = queues.newMemoryId();
+    this.rings = Array.from({ length: this.disk.options.numQueues }, (_, i) => new VringConfig(i));
     const R = FrontendRequest;
     this.handlers = {
       [R.GET_FEATURES]: () => encodeU64(this.disk.offeredFeatures),
@@ -120,8 +128,8 @@ export class VhostUserSession {
       [R.SET_STATUS]: (m) => this.setStatus(decodeU64(m.header.request, m.payload)),
       [R.GET_STATUS]: () => encodeU64(this.deviceStatus()),
     };
-    disk.setWorkerEventListener((event) => this.onWorkerEvent(event));
-    disk.setConfigChangeListener(() => this.notifyConfigChange());
+    queues.setWorkerEventListener((event) => this.onWorkerEvent(event));
+    queues.setConfigChangeListener(() => this.notifyConfigChange());
     this.stream = new MessageStream(fd, (message) => this.handle(message), (reason) => void this.teardown(reason));
   }
 
@@ -263,12 +271,18 @@ export class VhostUserSession {
     await this.replaceMemory(this.regions.filter((r) => r !== match));
   }
 
-  /** Publishes a new table to every worker, then unmaps what is no longer in it. */
+  private memoryTable(): MemoryTable {
+    return { id: this.memoryId, version: this.memoryVersion, regions: layoutsOf(this.regions) };
+  }
+
+  /** Publishes a new table to every worker running one of our rings, then unmaps what is no longer in it. */
   private async replaceMemory(next: MappedRegion[]): Promise<void> {
     const previous = this.regions;
     this.regions = next;
-    const layouts = layoutsOf(next);
-    await Promise.all(this.disk.queueWorkers().map((worker) => worker.send({ op: 'memory', regions: layouts })));
+    this.memoryVersion++;
+    const table = this.memoryTable();
+    const layouts = table.regions;
+    await this.queues.updateMemory(table);
     for (const region of previous) if (!next.includes(region)) unmapRegion(region);
     this.log.debug({ regions: layouts.length }, 'memory table updated');
     for (const ring of this.rings) await this.reconcile(ring);
@@ -358,7 +372,7 @@ export class VhostUserSession {
     if (fd === undefined) throw new SessionRequestError(request, 'no fd attached and the no-fd flag is clear');
     const old = ring[field];
     ring[field] = fd;
-    if (ring.running) await this.disk.workerFor(index).send({ op, queue: index, fd });
+    if (ring.running) await this.queues.setNotifyFd(index, op, fd);
     // A guest may have lost an interrupt across a ring restart; one spurious interrupt is harmless.
     else if (field === 'callFd' && fd >= 0) signalEventFd(fd);
     closeFd(old);
@@ -376,10 +390,9 @@ export class VhostUserSession {
   private async reconcile(ring: VringConfig): Promise<void> {
     const shouldRun = ring.kickArmed && ring.addressed && ring.isEnabled(this.protocolFeaturesNegotiated) && this.regions.length > 0;
     if (shouldRun && !ring.running) {
-      await this.disk.workerFor(ring.index).send({
-        op: 'start',
-        queue: ring.index,
-        ring: {
+      await this.queues.start(
+        ring.index,
+        {
           size: ring.size,
           descUserAddr: ring.descUserAddr,
           availUserAddr: ring.availUserAddr,
@@ -390,7 +403,8 @@ export class VhostUserSession {
           callFd: ring.callFd,
           errFd: ring.errFd,
         },
-      });
+        this.memoryTable(),
+      );
       ring.running = true;
       this.log.info({ queue: ring.index, size: ring.size, base: ring.base, eventIdx: this.eventIdx }, 'ring started');
     } else if (!shouldRun && ring.running) {
@@ -400,9 +414,9 @@ export class VhostUserSession {
 
   private async stopRing(ring: VringConfig): Promise<void> {
     if (!ring.running) return;
-    const ack = await this.disk.workerFor(ring.index).send({ op: 'stop', queue: ring.index });
+    const lastAvailIdx = await this.queues.stop(ring.index);
     ring.running = false;
-    if (ack.lastAvailIdx !== undefined) ring.base = ack.lastAvailIdx;
+    if (lastAvailIdx !== undefined) ring.base = lastAvailIdx;
     this.log.info({ queue: ring.index, base: ring.base }, 'ring stopped');
   }
 
@@ -435,7 +449,7 @@ export class VhostUserSession {
       throw new SessionRequestError(request, `only the writeback byte (offset ${BlkConfigOffset.writeback}, size 1) is writable`);
     }
     const writeback = data[0] !== 0;
-    await this.disk.setWriteback(writeback);
+    await this.queues.setWriteback(writeback);
     this.log.info({ writeback }, 'guest changed the write cache mode');
   }
 
@@ -482,10 +496,14 @@ export class VhostUserSession {
     this.ended = true;
     const level = reason.kind === 'protocol-error' ? 'warn' : 'info';
     this.log[level]({ reason: reason.kind, ...(reason.kind === 'protocol-error' ? { detail: reason.detail } : {}) }, 'front-end disconnected');
+    // Rings stop concurrently: they may sit on different workers, and one slow worker must not hold the others.
+    const stops = await Promise.allSettled(this.rings.map((ring) => this.stopRing(ring)));
+    const failed = stops.filter((s) => s.status === 'rejected').length;
     try {
-      for (const ring of this.rings) await this.stopRing(ring).catch(() => undefined);
-      if (this.regions.length > 0) {
-        await Promise.all(this.disk.queueWorkers().map((w) => w.send({ op: 'memory', regions: [] }))).catch(() => undefined);
+      if (failed > 0) {
+        // A ring that did not confirm its stop may still read guest memory: leak the mappings, never crash.
+        this.log.error({ rings: failed }, 'rings did not stop at disconnect: guest memory mappings kept');
+        this.regions = [];
       }
     } finally {
       for (const ring of this.rings) ring.reset();
@@ -493,7 +511,7 @@ export class VhostUserSession {
       this.regions = [];
       closeFd(this.backendFd);
       this.backendFd = -1;
-      this.disk.setConfigChangeListener(() => undefined);
+      this.queues.setConfigChangeListener(() => undefined);
       this.onEnd(this, reason);
     }
   }

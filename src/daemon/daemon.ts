@@ -1,11 +1,17 @@
 /**
- * The running daemon: opens every disk, listens on every socket, serves metrics (and the admin API) over
- * HTTP, and shuts down cleanly on SIGTERM/SIGINT (close sessions, stop workers, sync images, remove the
- * socket files it created, exit 0). A second signal exits at once. With a config file, SIGHUP re-reads it
- * and applies throttle limits live (reload.ts).
+ * The running daemon: opens every disk, listens on every socket, owns the one worker pool that serves every
+ * disk's rings, serves metrics (and the admin API) over HTTP, and shuts down cleanly on SIGTERM/SIGINT
+ * (close sessions, stop the workers, sync images, remove the socket files it created, log `stopped`,
+ * exit 0). A second signal exits at once, without waiting for anything. With a config file, SIGHUP re-reads
+ * it and applies throttle limits live (reload.ts); without one, SIGHUP is logged and ignored.
  */
+import os from 'node:os';
 import { BlkDisk, DiskSetupError } from '../device/blk-disk.js';
 import { ExportListener } from '../control/export-listener.js';
+import { DiskQueues } from '../control/disk-queues.js';
+import { WorkerPool } from '../control/worker-pool.js';
+import { pino } from 'pino';
+import { sys } from '../sys/libc.js';
 import type { DiskSpec } from './disk-spec.js';
 import { errorFields, type Logger } from '../log.js';
 import type { DiskLimits, ResolvedDiskLimits } from '../throttle/disk-throttle.js';
@@ -18,6 +24,7 @@ import { baseUrl, formatAddress, isLoopback, type MetricsAddress } from '../metr
 
 export interface RunningDisk {
   disk: BlkDisk;
+  queues: DiskQueues;
   listener: ExportListener;
   spec: DiskSpec;
 }
@@ -35,6 +42,8 @@ export interface DaemonOptions {
   metrics?: DaemonMetricsOptions | null;
   /** The config file the disks came from; SIGHUP re-reads it. */
   config?: ServeConfig;
+  /** Worker threads serving every queue of every disk (default: the number of CPUs). */
+  threads?: number | undefined;
 }
 
 type State = 'idle' | 'starting' | 'running' | 'stopping';
@@ -44,11 +53,16 @@ export class Daemon implements AdminTarget {
   private stopping: Promise<void> | null = null;
   private state: State = 'idle';
   private metricsServer: MetricsServer | null = null;
+  readonly pool: WorkerPool;
+  /** False when a worker thread did not stop at shutdown: the process must not wait for it at exit. */
+  private workersStopped = true;
 
   constructor(
     private readonly log: Logger,
     private readonly options: DaemonOptions = {},
-  ) {}
+  ) {
+    this.pool = new WorkerPool(options.threads ?? os.availableParallelism(), log);
+  }
 
   /** The metrics listener's bound address (port 0 resolved), or null when there is none. */
   get metricsAddress(): MetricsAddress | null {
@@ -69,11 +83,13 @@ export class Daemon implements AdminTarget {
       for (const spec of specs) {
         const log = this.log.child({ disk: spec.options.name });
         const disk = new BlkDisk(spec.options, log);
+        const queues = new DiskQueues(disk, this.pool, log);
         try {
-          const listener = new ExportListener(disk, spec.listen, log);
-          this.disks.push({ disk, listener, spec });
+          const listener = new ExportListener(queues, spec.listen, log);
+          this.disks.push({ disk, queues, listener, spec });
         } catch (error) {
-          await disk.close();
+          queues.close();
+          disk.close();
           throw error;
         }
         log.info(
@@ -81,6 +97,7 @@ export class Daemon implements AdminTarget {
           'disk ready',
         );
       }
+      this.log.info({ threads: this.pool.size, disks: this.disks.length }, 'worker pool ready');
       if (this.state === 'starting') this.state = 'running';
     } catch (error) {
       await this.stop();
@@ -112,25 +129,32 @@ export class Daemon implements AdminTarget {
     this.log.info({ address: formatAddress(bound), url: `${baseUrl(bound)}/metrics`, admin: adminAllowed }, 'metrics listening');
   }
 
+  /**
+   * `onStopped` runs after a clean shutdown. A second signal, or a worker thread that would not stop, ends
+   * the process with _exit: process.exit joins every worker thread, and one blocked in a system call would
+   * hold the process forever.
+   */
   installSignalHandlers(onStopped: (code: number) => void): void {
     const handler = (signal: NodeJS.Signals): void => {
       if (this.stopping !== null) {
         this.log.warn({ signal }, 'second signal: exiting immediately');
-        onStopped(1);
+        exitNow(this.log, 1);
         return;
       }
       this.log.info({ signal }, 'shutting down');
+      const done = (code: number): void => (this.workersStopped ? onStopped(code) : exitNow(this.log, code === 0 ? 1 : code));
       this.stop().then(
-        () => onStopped(0),
+        () => done(0),
         (error: unknown) => {
           this.log.error(errorFields(error), 'shutdown failed');
-          onStopped(1);
+          done(1);
         },
       );
     };
     process.on('SIGTERM', handler);
     process.on('SIGINT', handler);
-    if (this.options.config !== undefined) process.on('SIGHUP', () => this.reload());
+    // SIGHUP's default action kills the process: always handle it (reload() says when there is nothing to do).
+    process.on('SIGHUP', () => this.reload());
   }
 
   /**
@@ -210,7 +234,7 @@ export class Daemon implements AdminTarget {
     const running = this.disks.find(({ disk }) => disk.name === name);
     if (running === undefined) throw new AdminError(404, `no disk named '${name}' (disks: ${this.disks.map(({ disk }) => disk.name).join(', ')})`);
     try {
-      await running.disk.resize(sizeBytes);
+      await running.queues.resize(sizeBytes);
     } catch (error) {
       if (error instanceof DiskSetupError) throw new AdminError(400, error.message);
       throw error;
@@ -221,13 +245,36 @@ export class Daemon implements AdminTarget {
   stop(): Promise<void> {
     this.state = 'stopping';
     this.stopping ??= (async () => {
-      for (const { listener } of this.disks) await listener.close();
-      for (const { disk } of this.disks) await disk.close();
-      if (this.metricsServer !== null) await this.metricsServer.close();
-      this.log.info('stopped');
+      // Nothing else may keep the event loop alive here (no metrics listener, idle workers are unref'd):
+      // without this the process would end mid-shutdown, before the images are synced.
+      const keepAlive = setInterval(() => undefined, 60_000);
+      try {
+        await Promise.all(this.disks.map(({ listener }) => listener.close()));
+        this.workersStopped = await this.pool.close();
+        for (const { disk, queues } of this.disks) {
+          queues.close();
+          disk.close();
+        }
+        if (this.metricsServer !== null) await this.metricsServer.close();
+        this.log.info('stopped');
+      } finally {
+        clearInterval(keepAlive);
+      }
     })();
     return this.stopping;
   }
+}
+
+/** Writes out buffered log lines, then ends the process without joining worker threads. */
+function exitNow(log: Logger, code: number): never {
+  const stream = (log as unknown as Record<symbol, { flushSync?: () => void } | undefined>)[pino.symbols.streamSym];
+  try {
+    stream?.flushSync?.();
+  } catch {
+    // Nothing more can be done about a log that cannot be written.
+  }
+  sys.exitNow(code);
+  throw new Error('unreachable: _exit returned');
 }
 
 function metricsSource({ disk, listener }: RunningDisk): DiskMetricsSource {

@@ -1,8 +1,9 @@
 /**
  * Device-lifetime request counters, one block per queue, in a SharedArrayBuffer owned by the disk.
- * Each block has exactly one writer (the queue's worker), which accumulates in plain Numbers during a drain
- * and publishes with one Atomics.add per changed counter at the end of the drain; readers (metrics on the
- * main thread) use Atomics.load. No message is posted per request.
+ * Each block has one writer at a time: the pool worker running that queue's ring (a ring moves between
+ * workers only between a stop and a start, and publishes everything before it is released). The writer
+ * accumulates in plain Numbers during a drain and publishes with one Atomics.add per changed counter at the
+ * end of the drain; readers (metrics on the main thread) use Atomics.load. No message is posted per request.
  */
 export const Counter = {
   reads: 0,

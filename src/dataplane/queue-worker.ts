@@ -1,8 +1,12 @@
 /**
- * Entry point of a queue worker thread. It sleeps in epoll_wait on its control eventfd and, for every queue
- * it serves, that ring's kick eventfd and retry timer, and runs the drain bracket of whichever ring woke it.
+ * Entry point of a pool worker thread. It sleeps in epoll_wait on its control eventfd and, for every ring it
+ * serves, that ring's kick eventfd and retry timer, and runs the drain bracket of whichever ring woke it.
  * Blocking here is the point: this thread has nothing else to do, and the control plane's event loop never
  * waits for it.
+ *
+ * A worker serves rings of any disk and any session: each ring carries its own disk context (image fd,
+ * limits, counters, throttle) and runs over its session's memory table, kept here by table id for as long
+ * as one of this worker's rings uses it.
  */
 import { parentPort, receiveMessageOnPort, workerData, type MessagePort } from 'node:worker_threads';
 import { drainEventFd } from '../sys/eventfd.js';
@@ -10,23 +14,37 @@ import { EpollSet } from './epoll.js';
 import { waitPolling } from './adaptive-poll.js';
 import { GuestMemory } from './guest-memory.js';
 import { RingServer } from './ring-server.js';
-import type { WorkerCommand, WorkerInit, WorkerMessage } from './worker-protocol.js';
+import type { MemoryTable, WorkerCommand, WorkerInit, WorkerMessage } from './worker-protocol.js';
 
-class QueueWorker {
-  private readonly epoll = new EpollSet(16);
-  private readonly rings = new Map<number, RingServer>();
-  private memory = new GuestMemory([]);
+/** Ready fds handled per epoll_wait: more are simply reported by the next wait. */
+const READY_BATCH = 64;
+
+interface ServedRing {
+  server: RingServer;
+  diskId: number;
+  memoryId: number;
+}
+
+interface HeldMemory {
+  version: number;
+  memory: GuestMemory;
+}
+
+function ringKey(diskId: number, queue: number): string {
+  return `${diskId}:${queue}`;
+}
+
+class PoolWorker {
+  private readonly epoll = new EpollSet(READY_BATCH);
+  private readonly rings = new Map<string, ServedRing>();
+  private readonly memories = new Map<number, HeldMemory>();
   private running = true;
-  private readonly ready = new Int32Array(16);
+  private readonly ready = new Int32Array(READY_BATCH);
 
   constructor(
     private readonly init: WorkerInit,
     private readonly port: MessagePort,
   ) {
-    const settings = { capacityBytes: init.capacityBytes, writeback: init.writeback };
-    for (const queue of init.queues) {
-      this.rings.set(queue, new RingServer(queue, init, this.epoll, (message) => this.post(message), settings));
-    }
     this.epoll.add(init.controlFd);
   }
 
@@ -34,30 +52,45 @@ class QueueWorker {
     try {
       this.serve();
     } finally {
-      for (const ring of this.rings.values()) ring.close();
+      for (const ring of this.rings.values()) ring.server.close();
+      this.rings.clear();
       this.epoll.close();
     }
   }
 
   private serve(): void {
     while (this.running) {
-      const n = waitPolling(this.epoll, this.ready, this.init.pollUs ?? 0, this.rings.values());
+      const n = this.pollUs > 0 ? waitPolling(this.epoll, this.ready, this.pollUs, this.servers) : this.epoll.wait(this.ready);
       for (let i = 0; i < n; i++) {
         const fd = this.ready[i] ?? -1;
         if (fd === this.init.controlFd) {
           drainEventFd(fd);
           this.handleCommands();
+          if (!this.running) return;
           continue;
         }
-        for (const ring of this.rings.values()) if (ring.dispatch(fd)) break;
+        // Kick, completion or timer fd of one ring.
+        for (const { server } of this.rings.values()) if (server.dispatch(fd)) break;
       }
     }
+  }
+
+  /** Adaptive polling: the largest poll-us any served ring's disk asked for (0 = sleep at once). */
+  private pollUs = 0;
+  private servers: RingServer[] = [];
+
+  private refreshPolling(): void {
+    this.servers = [...this.rings.values()].map((r) => r.server);
+    this.pollUs = this.servers.reduce((max, server) => Math.max(max, server.pollUs), 0);
   }
 
   private handleCommands(): void {
     for (;;) {
       const received = receiveMessageOnPort(this.port);
-      if (received === undefined) return;
+      if (received === undefined) {
+        this.refreshPolling();
+        return;
+      }
       const command = received.message as WorkerCommand;
       let error: string | undefined;
       let lastAvailIdx: number | undefined;
@@ -70,37 +103,74 @@ class QueueWorker {
     }
   }
 
-  private ringFor(queue: number): RingServer {
-    const ring = this.rings.get(queue);
-    if (ring === undefined) throw new Error(`queue ${queue} is not served by this worker (it serves ${[...this.rings.keys()].join(', ')})`);
+  private ringFor(diskId: number, queue: number): ServedRing {
+    const ring = this.rings.get(ringKey(diskId, queue));
+    if (ring === undefined) throw new Error(`queue ${queue} of disk #${diskId} is not served by worker ${this.init.worker}`);
     return ring;
+  }
+
+  /** The table's current GuestMemory here; a newer version replaces it for every ring that uses it. */
+  private memoryFor(table: MemoryTable): GuestMemory {
+    const held = this.memories.get(table.id);
+    if (held !== undefined && held.version >= table.version) return held.memory;
+    const memory = new GuestMemory(table.regions);
+    this.memories.set(table.id, { version: table.version, memory });
+    if (held !== undefined) {
+      for (const ring of this.rings.values()) if (ring.memoryId === table.id) ring.server.memoryChanged(memory);
+    }
+    return memory;
+  }
+
+  private forget(key: string, ring: ServedRing): void {
+    ring.server.close();
+    this.rings.delete(key);
+    for (const other of this.rings.values()) if (other.memoryId === ring.memoryId) return;
+    this.memories.delete(ring.memoryId);
   }
 
   private apply(command: WorkerCommand): number | undefined {
     switch (command.op) {
       case 'memory':
-        this.memory = new GuestMemory(command.regions);
-        for (const ring of this.rings.values()) ring.memoryChanged(this.memory);
+        // Only tables a ring here uses are kept: a table nobody here runs over needs no copy.
+        if (this.memories.has(command.memory.id)) this.memoryFor(command.memory);
         return undefined;
       case 'start': {
-        const ring = this.ringFor(command.queue);
-        ring.stop();
-        ring.start(command.ring, command.ring.lastAvailIdx, this.memory);
+        const key = ringKey(command.diskId, command.queue);
+        const previous = this.rings.get(key);
+        if (previous !== undefined) this.forget(key, previous);
+        const memory = this.memoryFor(command.memory);
+        const server = new RingServer(command.queue, command.disk, this.epoll, (event) => this.post({ ...event, diskId: command.diskId }), command.settings);
+        const ring = { server, diskId: command.diskId, memoryId: command.memory.id };
+        this.rings.set(key, ring);
+        try {
+          server.start(command.ring, command.ring.lastAvailIdx, memory);
+        } catch (error) {
+          this.forget(key, ring);
+          throw error;
+        }
         return undefined;
       }
-      case 'stop':
-        return this.ringFor(command.queue).stop();
+      case 'stop': {
+        const key = ringKey(command.diskId, command.queue);
+        const ring = this.rings.get(key);
+        if (ring === undefined) return undefined;
+        const lastAvailIdx = ring.server.stop();
+        this.forget(key, ring);
+        return lastAvailIdx;
+      }
       case 'setCall':
-        this.ringFor(command.queue).setCall(command.fd);
+        this.ringFor(command.diskId, command.queue).server.setCall(command.fd);
         return undefined;
       case 'setErr':
-        this.ringFor(command.queue).setErr(command.fd);
+        this.ringFor(command.diskId, command.queue).server.setErr(command.fd);
         return undefined;
       case 'settings':
-        for (const ring of this.rings.values()) ring.applySettings(command.capacityBytes, command.writeback);
+        for (const ring of this.rings.values()) {
+          if (ring.diskId === command.diskId) ring.server.applySettings(command.settings.capacityBytes, command.settings.writeback);
+        }
         return undefined;
       case 'exit':
-        for (const ring of this.rings.values()) ring.stop();
+        for (const [key, ring] of this.rings) this.forget(key, ring);
         this.running = false;
         return undefined;
     }
@@ -113,6 +183,6 @@ class QueueWorker {
 
 const init = workerData as WorkerInit;
 if (parentPort === null) throw new Error('queue-worker must run as a worker thread');
-new QueueWorker(init, parentPort).run();
+new PoolWorker(init, parentPort).run();
 // Leaving the blocking loop lets the thread's event loop end, which terminates the worker.
 parentPort.close();

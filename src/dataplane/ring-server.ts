@@ -1,7 +1,8 @@
 /**
  * Everything one virtqueue needs on its worker thread: its counters, back-end (request executor), throttle
- * handle, request scratch, retry timer, and — while started — its ring and drain context. A worker thread
- * runs one RingServer per queue it serves; all of them share the thread's epoll set and guest memory table.
+ * handle, request scratch, retry timer, and — while started — its ring and drain context. A pool worker runs
+ * one RingServer per ring it serves (of any disk); they share the thread's epoll set, each uses its own disk
+ * context and its session's guest memory table.
  *
  * What the worker gives a RingServer: an EpollSet (the server registers its kick fd and completion fd
  * edge-triggered, and its timer fd), the guest memory on start / memoryChanged, and every ready fd through
@@ -25,7 +26,7 @@ import type { EngineOptions, IoEngineName, RequestExecutor } from './request-exe
 import { engineOptions } from './raw-image.js';
 import { completeRequest, createRequestScratch, drainQueue, unlimited, type Admission, type DrainContext, type PoisonCause } from './drain.js';
 import { DiskThrottle } from '../throttle/disk-throttle.js';
-import type { RingStart, WorkerInit, WorkerMessage } from './worker-protocol.js';
+import type { DiskContext, DiskSettings, RingEvent, RingStart } from './worker-protocol.js';
 
 /** Kick-less (polling-mode) rings are drained on this tick. */
 const POLL_TICK_NANOS = 1_000_000;
@@ -44,10 +45,10 @@ export class RingServer {
 
   constructor(
     readonly queue: number,
-    private readonly init: WorkerInit,
+    private readonly init: DiskContext,
     private readonly epoll: EpollSet,
-    private readonly post: (message: WorkerMessage) => void,
-    private settings: { capacityBytes: number; writeback: boolean },
+    private readonly post: (message: RingEvent) => void,
+    private settings: DiskSettings,
   ) {
     this.counters = new QueueCounters(init.counters, queue);
     this.executor = this.createExecutor();
@@ -90,6 +91,11 @@ export class RingServer {
     }
     this.post({ type: 'event', kind: 'started', queue: this.queue, reason, ioEngine: engine });
     return executor ?? new SyncExecutor(this.init.imageFd, this.init.limits, options);
+  }
+
+  /** Adaptive polling asked for by the disk (µs, 0 = off). */
+  get pollUs(): number {
+    return this.init.pollUs ?? 0;
   }
 
   /** Handles a ready fd if it is this ring's (kick, completion, timer); false otherwise. */
@@ -282,6 +288,8 @@ export class RingServer {
   close(): void {
     this.stop();
     if (this.executor.completionFd >= 0) this.epoll.remove(this.executor.completionFd);
+    // The ring may next run on another worker: nothing counted here may stay unpublished.
+    this.counters.flush();
     this.executor.close();
     this.timer.close();
   }

@@ -1,8 +1,11 @@
 /**
- * Messages between the control plane and a queue worker. Commands travel on a MessagePort and the worker
- * is woken by its control eventfd (it sleeps in epoll_wait, not in the Node event loop), then picks them up
+ * Messages between the control plane and a pool worker. Commands travel on a MessagePort and the worker is
+ * woken by its control eventfd (it sleeps in epoll_wait, not in the Node event loop), then picks them up
  * synchronously with receiveMessageOnPort. Every command carries a sequence number and is acknowledged.
  * The control plane owns every fd; a worker only uses the fds it was handed and never closes them.
+ *
+ * One worker serves rings of several disks and several sessions: a ring is named by its disk's pool id and
+ * its queue index, and it runs over the memory table of its session, named by a daemon-wide table id.
  */
 import type { DeviceLimits } from './device-limits.js';
 import type { RegionLayout } from './memory-regions.js';
@@ -18,14 +21,17 @@ export function isIoEngineSetting(text: string): text is IoEngineSetting {
 }
 
 export interface WorkerInit {
-  disk: string;
-  /** The queues this worker serves (several when there are more queues than worker threads). */
-  queues: number[];
-  imageFd: number;
+  /** Index of the worker in the pool: names it in logs. */
+  worker: number;
   controlFd: number;
+}
+
+/** What a ring needs of its disk, whichever worker serves it. */
+export interface DiskContext {
+  disk: string;
+  imageFd: number;
   limits: DeviceLimits;
-  capacityBytes: number;
-  writeback: boolean;
+  /** The disk's counter blocks (one per queue; the ring's worker is the only writer of its block). */
   counters: SharedArrayBuffer;
   /** Shared token-bucket state of the disk, or null when the disk is not throttled. */
   throttle: SharedArrayBuffer | null;
@@ -35,6 +41,19 @@ export interface WorkerInit {
   image?: ImageIoInfo;
   /** Adaptive polling: spin on the rings and completions for up to this many µs before sleeping (0 = off). */
   pollUs?: number;
+}
+
+/** Disk state that changes at run time (SET_CONFIG of the writeback byte, a resize). */
+export interface DiskSettings {
+  capacityBytes: number;
+  writeback: boolean;
+}
+
+/** A session's guest memory table; `version` grows with every change the session makes to it. */
+export interface MemoryTable {
+  id: number;
+  version: number;
+  regions: RegionLayout[];
 }
 
 /** Everything needed to run a ring; addresses are front-end virtual addresses as SET_VRING_ADDR sent them. */
@@ -52,12 +71,14 @@ export interface RingStart {
 }
 
 export type WorkerCommand =
-  | { op: 'memory'; seq: number; regions: RegionLayout[] }
-  | { op: 'start'; seq: number; queue: number; ring: RingStart }
-  | { op: 'stop'; seq: number; queue: number }
-  | { op: 'setCall'; seq: number; queue: number; fd: number }
-  | { op: 'setErr'; seq: number; queue: number; fd: number }
-  | { op: 'settings'; seq: number; capacityBytes: number; writeback: boolean }
+  /** A new version of a memory table: every ring of this worker running over it switches to it. */
+  | { op: 'memory'; seq: number; memory: MemoryTable }
+  | { op: 'start'; seq: number; diskId: number; queue: number; disk: DiskContext; settings: DiskSettings; memory: MemoryTable; ring: RingStart }
+  /** Stops the ring and forgets it (its engine and timer are released). */
+  | { op: 'stop'; seq: number; diskId: number; queue: number }
+  | { op: 'setCall'; seq: number; diskId: number; queue: number; fd: number }
+  | { op: 'setErr'; seq: number; diskId: number; queue: number; fd: number }
+  | { op: 'settings'; seq: number; diskId: number; settings: DiskSettings }
   | { op: 'exit'; seq: number };
 
 export interface WorkerAck {
@@ -71,7 +92,9 @@ export interface WorkerAck {
 /** Unsolicited events a worker reports (rare: never per request). */
 export interface WorkerEvent {
   type: 'event';
-  kind: 'poisoned' | 'started' | 'stopped' | 'error';
+  kind: 'poisoned' | 'started' | 'error';
+  /** The disk (pool id) whose ring raised the event. */
+  diskId: number;
   queue: number;
   reason: string;
   /** For `poisoned`: which counter the poison was charged to. */
@@ -79,5 +102,8 @@ export interface WorkerEvent {
   /** For `started`: the request engine in use (`reason` says why, e.g. an io_uring fallback). */
   ioEngine?: IoEngineName;
 }
+
+/** What a ring posts: the worker adds the disk id. */
+export type RingEvent = Omit<WorkerEvent, 'diskId'>;
 
 export type WorkerMessage = WorkerAck | WorkerEvent;

@@ -1,10 +1,9 @@
 /**
- * One exported disk: its backing image, the virtio-blk configuration it presents, its counters, and its
- * queue workers. Workers are created with the first session and kept across reconnects (a reconnecting
- * QEMU should not pay thread start-up again); sessions come and go, the disk stays.
+ * One exported disk, passive (like rust-vmm's VhostUserBackend): its backing image, the features and
+ * virtio-blk configuration it presents, its limits, throttle and counters. It runs nothing itself: the
+ * control plane's worker pool serves its rings; sessions come and go, the disk stays.
  */
 import fs from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
 import { BLK_ID_BYTES, SECTOR_SIZE, encodeBlkConfig, type BlkConfig } from '../../protocol/virtio-blk.js';
 import { createCounterBuffer, CounterReader } from '../dataplane/counters.js';
@@ -15,9 +14,8 @@ import {
   DEFAULT_SIZE_MAX,
   type DeviceLimits,
 } from '../dataplane/device-limits.js';
-import type { IoEngineSetting, WorkerEvent } from '../dataplane/worker-protocol.js';
+import type { DiskContext, DiskSettings, IoEngineSetting } from '../dataplane/worker-protocol.js';
 import { probeIoUring } from '../sys/io-uring.js';
-import { QueueWorkerHandle } from '../control/queue-worker-handle.js';
 import { offeredVirtioFeatures } from './blk-features.js';
 import type { Logger } from '../log.js';
 import { DiskThrottle, type DiskLimits } from '../throttle/disk-throttle.js';
@@ -34,7 +32,7 @@ export interface DiskOptions {
   readOnly: boolean;
   serial?: string | undefined;
   logicalBlockSize: 512 | 4096;
-  /** Worker threads serving the queues (default: one per queue, at most one per CPU). */
+  /** Ignored: the daemon's worker pool (`--threads`) serves every disk. Kept until the option table drops it. */
   threads?: number | undefined;
   /** Initial write-cache mode; the guest may flip it through the config space (CONFIG_WCE). */
   writeback: boolean;
@@ -44,7 +42,7 @@ export interface DiskOptions {
   ioEngine?: IoEngineSetting | undefined;
   /** Cache mode, as QEMU's cache= (default writeback). */
   cache?: CacheMode | undefined;
-  /** Adaptive polling of the workers, µs (0 / undefined = off). */
+  /** Adaptive polling of the workers serving this disk, µs (0 / undefined = off). */
   pollUs?: number | undefined;
 }
 
@@ -68,8 +66,6 @@ export function defaultSerial(imagePath: string): string {
   return (base || 'vublk').slice(0, BLK_ID_BYTES);
 }
 
-export type PoisonListener = (event: WorkerEvent) => void;
-
 export class BlkDisk {
   readonly fd: number;
   readonly limits: DeviceLimits;
@@ -80,9 +76,6 @@ export class BlkDisk {
   readonly imageIo: ImageIoInfo;
   private capacity: number;
   private writebackEnabled: boolean;
-  private workers: QueueWorkerHandle[] = [];
-  private workerEventListener: PoisonListener = () => undefined;
-  private configChangeListener: () => void = () => undefined;
   /** Always present (unlimited is a no-clock fast path) so limits can be changed live. */
   readonly throttle: DiskThrottle;
 
@@ -182,98 +175,52 @@ export class BlkDisk {
     return encodeBlkConfig(this.config());
   }
 
-  /** Switches write cache mode (SET_CONFIG of the writeback byte); workers pick it up before their next drain. */
-  async setWriteback(enabled: boolean): Promise<void> {
+  /** Switches write cache mode (SET_CONFIG of the writeback byte); the control plane tells the rings. */
+  setWriteback(enabled: boolean): void {
     this.writebackEnabled = enabled;
-    await this.pushSettings();
   }
 
   /**
    * Grows the image and the capacity the guest sees (never shrinks: data past the new end would vanish).
-   * Workers switch to the new capacity before the front-end is told, so the guest can use it at once.
+   * Returns the previous capacity, or null when the size is unchanged. The control plane then switches the
+   * rings to the new capacity before the front-end is told, so the guest can use it at once.
    */
-  async resize(sizeBytes: number): Promise<void> {
+  grow(sizeBytes: number): number | null {
     const block = this.limits.logicalBlockSize;
     if (this.options.readOnly) throw new DiskSetupError(this.name, 'a read-only disk cannot be resized');
     if (!Number.isSafeInteger(sizeBytes) || sizeBytes % block !== 0) {
       throw new DiskSetupError(this.name, `new size ${sizeBytes} is not a multiple of the ${block}-byte block`);
     }
     if (sizeBytes < this.capacity) throw new DiskSetupError(this.name, `new size ${sizeBytes} is smaller than the current ${this.capacity}; shrinking is refused`);
-    if (sizeBytes === this.capacity) return;
+    if (sizeBytes === this.capacity) return null;
     const stat = fs.fstatSync(this.fd);
     if (stat.isFile() && stat.size < sizeBytes) fs.ftruncateSync(this.fd, sizeBytes);
     const previous = this.capacity;
     this.capacity = sizeBytes;
-    await this.pushSettings();
-    this.log.info({ previousBytes: previous, capacityBytes: sizeBytes }, 'disk resized');
-    this.configChangeListener();
+    return previous;
   }
 
-  /** Called after a config-space change the front-end must be told about (the current session sends it). */
-  setConfigChangeListener(listener: () => void): void {
-    this.configChangeListener = listener;
+  /** What changes at run time, as the rings need it. */
+  settings(): DiskSettings {
+    return { capacityBytes: this.capacity, writeback: this.writebackEnabled };
   }
 
-  private async pushSettings(): Promise<void> {
-    await Promise.all(this.workers.map((w) => w.send({ op: 'settings', capacityBytes: this.capacity, writeback: this.writebackEnabled })));
+  /** What a ring needs of this disk on whichever worker thread serves it. */
+  ringContext(): DiskContext {
+    return {
+      disk: this.name,
+      imageFd: this.fd,
+      limits: this.limits,
+      counters: this.counterBuffer,
+      throttle: this.throttle.buffer,
+      ioEngine: this.options.ioEngine ?? 'auto',
+      image: this.imageIo,
+      pollUs: this.options.pollUs ?? 0,
+    };
   }
 
-  /** Routes worker events (poison) to the current session. */
-  setWorkerEventListener(listener: PoisonListener): void {
-    this.workerEventListener = listener;
-  }
-
-  /** The worker threads, spawned on first use: queue q is served by worker q mod threads. */
-  queueWorkers(): QueueWorkerHandle[] {
-    if (this.workers.length === 0) {
-      // By default at most one thread per CPU: more only adds memory (~11 MiB each) and context switches.
-      const threads = Math.min(this.options.threads ?? os.availableParallelism(), this.options.numQueues);
-      for (let t = 0; t < threads; t++) {
-        const queues: number[] = [];
-        for (let q = t; q < this.options.numQueues; q += threads) queues.push(q);
-        this.workers.push(
-          new QueueWorkerHandle(
-            {
-              disk: this.name,
-              queues,
-              imageFd: this.fd,
-              limits: this.limits,
-              capacityBytes: this.capacity,
-              writeback: this.writebackEnabled,
-              counters: this.counterBuffer,
-              throttle: this.throttle.buffer,
-              ioEngine: this.options.ioEngine ?? 'auto',
-              image: this.imageIo,
-              pollUs: this.options.pollUs ?? 0,
-            },
-            (event) => {
-              if (event.kind === 'started' && event.ioEngine !== undefined) {
-                this.log.info({ disk: this.name, queue: event.queue, ioEngine: event.ioEngine, reason: event.reason }, 'queue worker io engine');
-              } else if (event.kind === 'error') {
-                this.log.error({ disk: this.name, queue: event.queue, reason: event.reason }, 'queue worker failed to start');
-              }
-              this.workerEventListener(event);
-            },
-            (served, code) => {
-              if (code !== 0) this.log.error({ disk: this.name, queues: served, code }, 'queue worker exited unexpectedly');
-            },
-          ),
-        );
-      }
-    }
-    return this.workers;
-  }
-
-  /** The worker thread that serves `queue`. */
-  workerFor(queue: number): QueueWorkerHandle {
-    const workers = this.queueWorkers();
-    return workers[queue % workers.length]!;
-  }
-
-  /** Stops the workers and syncs and closes the image. */
-  async close(): Promise<void> {
-    await Promise.all(this.workers.map((w) => w.exit()));
-    this.workers = [];
+  /** Syncs and closes the image; every ring of the disk must be stopped first. */
+  close(): void {
     if (!this.options.readOnly) {
       try {
         fs.fdatasyncSync(this.fd);

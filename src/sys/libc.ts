@@ -11,6 +11,8 @@ type Fn<A extends unknown[], R> = (...args: A) => R;
 
 export const sys = {
   close: libc.func('int close(int fd)') as Fn<[number], number>,
+  /** Ends the process at once: no exit handlers, no joining of worker threads. */
+  exitNow: libc.func('void _exit(int status)') as Fn<[number], void>,
   read: libc.func('intptr_t read(int fd, uintptr_t buf, size_t count)') as Fn<[number, number, number], number>,
   write: libc.func('intptr_t write(int fd, uintptr_t buf, size_t count)') as Fn<[number, number, number], number>,
   socket: libc.func('int socket(int domain, int type, int protocol)') as Fn<[number, number, number], number>,

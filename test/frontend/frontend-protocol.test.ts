@@ -34,7 +34,7 @@ import {
   FrontendTimeoutError,
   UnexpectedReplyError,
   NegotiationError,
-} from '../../src/frontend/index.js';
+} from '../../bench/src/frontend/index.js';
 
 interface Recorded {
   name: string;

@@ -14,7 +14,7 @@ import {
   MissingInterruptError,
   type BlkSubmitOptions,
   type FrontendOptions,
-} from '../../src/frontend/index.js';
+} from '../../bench/src/frontend/index.js';
 import { ProtocolFeature, HeaderFlag } from '../../protocol/vhost-user.js';
 import { VirtioFeature } from '../../protocol/virtio.js';
 import { DescFlag } from '../../protocol/split-ring.js';

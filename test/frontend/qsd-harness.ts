@@ -7,7 +7,7 @@ import type { TestContext } from 'vitest';
 import { closeSync, mkdtempSync, openSync, readSync, rmSync, writeFileSync, truncateSync } from 'node:fs';
 import { join } from 'node:path';
 import { tmpdir } from 'node:os';
-import { QemuStorageDaemon, findQemuStorageDaemon, type QsdOptions } from '../../src/frontend/index.js';
+import { QemuStorageDaemon, findQemuStorageDaemon, type QsdOptions } from '../../bench/src/frontend/index.js';
 
 export const QSD_BINARY = findQemuStorageDaemon();
 export const QSD_MISSING =

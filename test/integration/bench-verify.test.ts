@@ -1,5 +1,5 @@
 /**
- * `vublk bench --verify`: the seeded-pattern write / flush / read-back check passes against vublk and
+ * `vublk-bench run --verify` (the bench/ workspace package): the seeded-pattern write / flush / read-back check passes against vublk and
  * qemu-storage-daemon, and fails (exit 1, first mismatching offset printed) when the data on the disk is wrong.
  * The comparison logic itself is unit-tested on corrupted buffers. qemu-storage-daemon tests are skipped with
  * the reason when it is not installed (VUBLK_E2E_REQUIRED=1: they fail instead).
@@ -7,10 +7,11 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { execFile } from 'node:child_process';
 import { closeSync, openSync, writeSync } from 'node:fs';
-import { CLI, startDaemon, type DaemonProcess } from '../support/daemon-process.js';
+import { startDaemon, type DaemonProcess } from '../support/daemon-process.js';
 import { requireQsd, startQsd } from '../frontend/qsd-harness.js';
-import { fillPattern, findMismatch, patternKey, patternWord } from '../../src/bench/pattern.js';
-import type { BenchDocument } from '../../src/bench/report.js';
+import { fillPattern, findMismatch, patternKey, patternWord } from '../../bench/src/loadgen/pattern.js';
+import type { BenchDocument } from '../../bench/src/loadgen/report.js';
+import { BENCH_CLI } from '../../bench/src/paths.js';
 
 const MiB = 1024 * 1024;
 
@@ -22,7 +23,7 @@ interface CliResult {
 
 function bench(args: string[], timeoutMs = 30_000): Promise<CliResult> {
   return new Promise((resolve) => {
-    execFile(process.execPath, [CLI, 'bench', ...args], { timeout: timeoutMs }, (error, stdout, stderr) => {
+    execFile(process.execPath, [BENCH_CLI, 'run', ...args], { timeout: timeoutMs }, (error, stdout, stderr) => {
       const code = error === null ? 0 : typeof error.code === 'number' ? error.code : null;
       resolve({ code, stdout, stderr });
     });
@@ -84,7 +85,7 @@ describe('verifier comparison logic', () => {
   });
 });
 
-describe('vublk bench --verify against vublk', () => {
+describe('vublk-bench run --verify against vublk', () => {
   let daemon: DaemonProcess;
 
   beforeAll(async () => {
@@ -152,7 +153,7 @@ describe('vublk bench --verify against vublk', () => {
   });
 });
 
-describe('vublk bench --verify against qemu-storage-daemon', () => {
+describe('vublk-bench run --verify against qemu-storage-daemon', () => {
   it('passes, and fails with the first mismatching offset once the image is corrupted', async (context) => {
     requireQsd(context);
     const qsd = await startQsd({ sizeBytes: 32 * MiB, numQueues: 2 });

@@ -18,7 +18,7 @@ import { closeSync, existsSync, mkdirSync, openSync, mkdtempSync, readFileSync, 
 import os from 'node:os';
 import path from 'node:path';
 import { BlkStatus, SECTOR_SIZE } from '../../protocol/virtio-blk.js';
-import { VhostUserFrontend, VirtioBlkDriver } from '../../src/frontend/index.js';
+import { VhostUserFrontend, VirtioBlkDriver } from '../../bench/src/frontend/index.js';
 import { probeIoUring } from '../../src/sys/io-uring.js';
 import { startDaemon, type DaemonProcess } from '../support/daemon-process.js';
 import { METRICS_ARGS, metricsUrl, scrape } from '../support/metrics-scrape.js';

@@ -1,7 +1,7 @@
 // vublk driven by the TypeScript front-end (QEMU's role): basic round trips on every queue.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { readFileSync } from 'node:fs';
-import { VhostUserFrontend, VirtioBlkDriver } from '../../src/frontend/index.js';
+import { VhostUserFrontend, VirtioBlkDriver } from '../../bench/src/frontend/index.js';
 import { startDaemon, type DaemonProcess } from '../support/daemon-process.js';
 
 let daemon: DaemonProcess;

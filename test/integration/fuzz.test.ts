@@ -26,7 +26,7 @@ import {
   writeDescriptorTable,
   type DescriptorInput,
   type VirtqueueDriver,
-} from '../../src/frontend/index.js';
+} from '../../bench/src/frontend/index.js';
 import {
   DescFlags,
   ReqType,

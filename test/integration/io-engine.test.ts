@@ -7,7 +7,7 @@
 import { afterEach, describe, expect, it } from 'vitest';
 import { readFileSync } from 'node:fs';
 import { BlkRequestType, BlkStatus, SECTOR_SIZE, encodeDiscardSegment } from '../../protocol/virtio-blk.js';
-import { VhostUserFrontend, VirtioBlkDriver, type BlkRequest, type BlkSubmitOptions } from '../../src/frontend/index.js';
+import { VhostUserFrontend, VirtioBlkDriver, type BlkRequest, type BlkSubmitOptions } from '../../bench/src/frontend/index.js';
 import { probeIoUring } from '../../src/sys/io-uring.js';
 import { startDaemon, type DaemonProcess, type LogLine } from '../support/daemon-process.js';
 

@@ -7,7 +7,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { DescFlag } from '../../protocol/split-ring.js';
 import { BlkRequestType } from '../../protocol/virtio-blk.js';
 import { DeviceStatus } from '../../protocol/virtio.js';
-import { MissingCompletionError, VhostUserFrontend, VirtioBlkDriver } from '../../src/frontend/index.js';
+import { MissingCompletionError, VhostUserFrontend, VirtioBlkDriver } from '../../bench/src/frontend/index.js';
 import { ChainBuilder, restartQueue } from '../support/chain-builder.js';
 import { startDaemon, type DaemonProcess } from '../support/daemon-process.js';
 import { METRICS_ARGS, QueueMetrics, ZERO_COUNTS, countsDelta, metricsUrl, type QueueCounts } from '../support/metrics-scrape.js';

@@ -11,7 +11,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { DescFlag } from '../../protocol/split-ring.js';
 import { BlkFeature, BlkRequestType, BlkStatus, DISCARD_FLAG_UNMAP, type DiscardSegment } from '../../protocol/virtio-blk.js';
 import { DeviceStatus, VirtioFeature } from '../../protocol/virtio.js';
-import { VhostUserFrontend, VirtioBlkDriver, writeDescriptorTable, type FrontendOptions } from '../../src/frontend/index.js';
+import { VhostUserFrontend, VirtioBlkDriver, writeDescriptorTable, type FrontendOptions } from '../../bench/src/frontend/index.js';
 import { ChainBuilder, STATUS_UNSET, restartQueue, type RawChain, type RawDescriptor } from '../support/chain-builder.js';
 import { startDaemon, type DaemonProcess } from '../support/daemon-process.js';
 import { METRICS_ARGS, QueueMetrics, ZERO_COUNTS, countsDelta, metricsUrl, type QueueCounts } from '../support/metrics-scrape.js';

@@ -5,7 +5,7 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { VirtioFeature } from '../../protocol/virtio.js';
 import { BlkRequestType, BlkStatus, SECTOR_SIZE } from '../../protocol/virtio-blk.js';
-import type { BlkRequest, BlkSubmitOptions, FrontendOptions, VirtioBlkDriver } from '../../src/frontend/index.js';
+import type { BlkRequest, BlkSubmitOptions, FrontendOptions, VirtioBlkDriver } from '../../bench/src/frontend/index.js';
 import { startDaemon, type DaemonProcess } from '../support/daemon-process.js';
 import { KiB, MiB, Prng, connect, imageBytes, pattern, sectorBytes, testSeed, useCleanups, stopCleanly } from '../support/session-harness.js';
 

@@ -6,7 +6,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { BackendNackError, MissingCompletionError } from '../../src/frontend/index.js';
+import { BackendNackError, MissingCompletionError } from '../../bench/src/frontend/index.js';
 import { FrontendRequest, MAX_MEM_SLOTS, ProtocolFeature, VHOST_USER_F_PROTOCOL_FEATURES } from '../../protocol/vhost-user.js';
 import { DeviceStatus, VirtioFeature } from '../../protocol/virtio.js';
 import { BlkConfigOffset, BlkFeature, BlkRequestType, BlkStatus, SECTOR_SIZE } from '../../protocol/virtio-blk.js';

@@ -4,7 +4,7 @@
 // region while the rings keep running, and a table replaced while the rings run.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { BlkRequestType, BlkStatus, encodeRequestHeader } from '../../protocol/virtio-blk.js';
-import type { BufferSpec, GuestRegionSpec, VhostUserFrontend } from '../../src/frontend/index.js';
+import type { BufferSpec, GuestRegionSpec, VhostUserFrontend } from '../../bench/src/frontend/index.js';
 import { startDaemon, type DaemonProcess } from '../support/daemon-process.js';
 import { GiB, KiB, MiB, connect, memfdMappingCount, pattern, sectorBytes, useCleanups, stopCleanly } from '../support/session-harness.js';
 

@@ -7,7 +7,7 @@ import { existsSync } from 'node:fs';
 import http from 'node:http';
 import { BackendRequest, ProtocolFeature } from '../../protocol/vhost-user.js';
 import { BlkRequestType, BlkStatus, SECTOR_SIZE } from '../../protocol/virtio-blk.js';
-import { BackendDisconnectedError, VhostUserFrontend, VirtioBlkDriver, type GuestRegionSpec } from '../../src/frontend/index.js';
+import { BackendDisconnectedError, VhostUserFrontend, VirtioBlkDriver, type GuestRegionSpec } from '../../bench/src/frontend/index.js';
 import { startDaemon, type DaemonProcess } from '../support/daemon-process.js';
 import {
   GiB,

@@ -4,7 +4,7 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { DeviceStatus } from '../../protocol/virtio.js';
 import { BlkRequestType, BlkStatus } from '../../protocol/virtio-blk.js';
-import { MissingCompletionError, type BlkSubmission, type VhostUserFrontend, type VirtioBlkDriver } from '../../src/frontend/index.js';
+import { MissingCompletionError, type BlkSubmission, type VhostUserFrontend, type VirtioBlkDriver } from '../../bench/src/frontend/index.js';
 import { createEventFd, drainEventFd } from '../../src/sys/eventfd.js';
 import { closeFd } from '../../src/sys/fd.js';
 import { startDaemon, type DaemonProcess } from '../support/daemon-process.js';

@@ -14,7 +14,7 @@ import {
   type UsedElement,
   type VhostUserFrontend,
   type VirtqueueDriver,
-} from '../../src/frontend/index.js';
+} from '../../bench/src/frontend/index.js';
 
 export interface RawDescriptor {
   addr: number | bigint;

@@ -7,7 +7,7 @@ export { Prng } from './prng.js';
 import { afterEach, expect } from 'vitest';
 import { closeSync, openSync, readdirSync, readFileSync, readSync } from 'node:fs';
 import type { ChildProcess } from 'node:child_process';
-import { VhostUserFrontend, VirtioBlkDriver, type FrontendOptions } from '../../src/frontend/index.js';
+import { VhostUserFrontend, VirtioBlkDriver, type FrontendOptions } from '../../bench/src/frontend/index.js';
 import { SECTOR_SIZE } from '../../protocol/virtio-blk.js';
 import type { DaemonProcess } from './daemon-process.js';
 

@@ -1,11 +1,11 @@
 // The load generator's pure parts: latency histogram, request sources, ring planning, verify block size.
 import { describe, expect, it } from 'vitest';
-import { LatencyHistogram, HISTOGRAM_BUCKETS, bucketHigh, bucketLow, bucketOf } from '../../src/bench/latency-histogram.js';
-import { RandomSource, SequentialSource, FixedSource, splitRegion, queueSeed, timedSources } from '../../src/bench/workload.js';
-import { chooseVerifyBs, ringPlan } from '../../src/bench/bench.js';
-import { median } from '../../src/bench/compare.js';
+import { LatencyHistogram, HISTOGRAM_BUCKETS, bucketHigh, bucketLow, bucketOf } from '../../bench/src/loadgen/latency-histogram.js';
+import { RandomSource, SequentialSource, FixedSource, splitRegion, queueSeed, timedSources } from '../../bench/src/loadgen/workload.js';
+import { chooseVerifyBs, ringPlan } from '../../bench/src/loadgen/bench.js';
+import { median } from '../../bench/src/loadgen/compare.js';
 import { BlkRequestType } from '../../protocol/virtio-blk.js';
-import type { LoadQueue } from '../../src/bench/load-queue.js';
+import type { LoadQueue } from '../../bench/src/loadgen/load-queue.js';
 
 interface Prepared {
   slot: number;

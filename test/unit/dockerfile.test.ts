@@ -3,12 +3,10 @@
 // package's bin, and its base image is a Node LTS release the package supports.
 import { existsSync, readFileSync } from 'node:fs';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { describe, expect, it } from 'vitest';
-import { DEFAULT_METRICS_LISTEN } from '../../src/metrics/listen-address.js';
+import { parse as parseYaml } from 'yaml';
+import { ROOT, copyParts, jsonArray, readDockerfile } from '../support/dockerfile.js';
 
-const ROOT = fileURLToPath(new URL('../../', import.meta.url));
-const dockerfile = readFileSync(path.join(ROOT, 'Dockerfile'), 'utf8');
 const dockerignore = readFileSync(path.join(ROOT, '.dockerignore'), 'utf8');
 const pkg = JSON.parse(readFileSync(path.join(ROOT, 'package.json'), 'utf8')) as {
   bin: Record<string, string>;
@@ -17,55 +15,7 @@ const pkg = JSON.parse(readFileSync(path.join(ROOT, 'package.json'), 'utf8')) as
 };
 const tsconfig = JSON.parse(readFileSync(path.join(ROOT, 'tsconfig.json'), 'utf8')) as { compilerOptions: { outDir: string } };
 
-interface Instruction {
-  keyword: string;
-  args: string;
-  stage: number;
-}
-
-/** Instructions with continuation lines joined and comments dropped; `stage` counts FROM lines from 0. */
-function parse(text: string): Instruction[] {
-  const joined = text
-    .split('\n')
-    .filter((line) => !/^\s*#/.test(line))
-    .join('\n')
-    .replace(/\\\n/g, ' ');
-  const out: Instruction[] = [];
-  let stage = -1;
-  for (const line of joined.split('\n')) {
-    const match = /^\s*([A-Za-z]+)\s+(.*)$/.exec(line);
-    if (!match) continue;
-    const keyword = match[1]!.toUpperCase();
-    if (keyword === 'FROM') stage++;
-    out.push({ keyword, args: match[2]!.trim(), stage });
-  }
-  return out;
-}
-
-const instructions = parse(dockerfile);
-const of = (keyword: string): Instruction[] => instructions.filter((i) => i.keyword === keyword);
-const stages = of('FROM').map((i) => {
-  const [image, as, name] = i.args.split(/\s+/);
-  return { image: image!, name: as?.toUpperCase() === 'AS' ? name : undefined };
-});
-const finalStage = stages.length - 1;
-
-function jsonArray(args: string): string[] {
-  const parsed = JSON.parse(args) as unknown;
-  if (!Array.isArray(parsed) || !parsed.every((x) => typeof x === 'string')) throw new Error(`not a JSON string array: ${args}`);
-  return parsed as string[];
-}
-
-/** COPY/ADD sources and destination, flags (--from=..., --chown=...) separated. */
-function copyParts(args: string): { flags: Record<string, string>; sources: string[]; dest: string } {
-  const words = args.trim().startsWith('[') ? jsonArray(args) : args.split(/\s+/);
-  const flags: Record<string, string> = {};
-  while (words[0]?.startsWith('--')) {
-    const [key, value] = words.shift()!.slice(2).split('=');
-    flags[key!] = value ?? '';
-  }
-  return { flags, sources: words.slice(0, -1), dest: words[words.length - 1]! };
-}
+const { of, stages, finalStage, env, healthcheck, defaultConfigSource, cmd } = readDockerfile();
 
 /** .dockerignore semantics that matter here: last matching pattern wins, `!` re-includes, a directory covers its contents. */
 function excludedFromContext(file: string): boolean {
@@ -95,6 +45,17 @@ describe('Dockerfile', () => {
         expect(excludedFromContext(source), `COPY ${source}: excluded by .dockerignore`).toBe(false);
       }
     }
+  });
+
+  it('leaves the bench/ workspace (test front-end and load generator) out of the image', () => {
+    const sources = [...of('COPY'), ...of('ADD')].flatMap((i) => copyParts(i.args).sources);
+    for (const source of sources) expect(path.posix.normalize(source).split('/')[0], `COPY ${source}`).not.toBe('bench');
+    expect(excludedFromContext('bench/src/frontend/index.ts')).toBe(true);
+    expect(excludedFromContext('bench/package.json')).toBe(true);
+    // The build stage compiles the daemon alone: `npm run build` would also build the absent workspace.
+    const builds = of('RUN').flatMap((i) => [...i.args.matchAll(/npm run(?:-script)?\s+([\w:-]+)/g)].map((m) => m[1]!));
+    expect(builds).not.toContain('build');
+    expect(pkg.scripts['build:daemon']).toMatch(/tsc -p tsconfig.build.json$/);
   });
 
   it('copies from a stage that exists, out of the directory the build writes', () => {
@@ -155,10 +116,26 @@ describe('Dockerfile', () => {
     expect(volumes).toEqual(expect.arrayContaining(['/run/vublk', '/var/lib/vublk']));
   });
 
-  it('health-checks /healthz on the default metrics address with node (no curl in slim images)', () => {
-    const healthcheck = of('HEALTHCHECK').at(-1)!.args;
-    const cmd = jsonArray(healthcheck.slice(healthcheck.indexOf('CMD') + 3).trim());
-    expect(cmd.slice(0, 2)).toEqual(['node', '-e']);
-    expect(cmd[2]).toContain(`http://${DEFAULT_METRICS_LISTEN}/healthz`);
+  it('health-checks /healthz at VUBLK_HEALTH_URL (an overridable ENV) with node, not a hard-coded address', () => {
+    expect(healthcheck.slice(0, 2)).toEqual(['node', '-e']);
+    expect(healthcheck[2]).toContain('process.env.VUBLK_HEALTH_URL');
+    expect(healthcheck[2]).not.toMatch(/\d+\.\d+\.\d+\.\d+:\d+/);
+    expect(env['VUBLK_HEALTH_URL']).toMatch(/^http:\/\/.+\/healthz$/);
+  });
+
+  it('ships a default config where CMD looks for it: disks in the volumes, metrics where the health check asks', () => {
+    expect(cmd).toEqual(['serve', '--config', '/etc/vublk/vublk.yaml']);
+    expect(defaultConfigSource, 'a COPY of a repository file to the --config path').not.toBe('');
+    const config = parseYaml(readFileSync(path.join(ROOT, defaultConfigSource), 'utf8')) as {
+      'metrics-listen': string;
+      disks: { socket: string; image: string }[];
+    };
+    expect(env['VUBLK_HEALTH_URL']).toBe(`http://${config['metrics-listen']}/healthz`);
+    const volumes = jsonArray(of('VOLUME').at(-1)!.args);
+    expect(config.disks.length).toBeGreaterThan(0);
+    for (const disk of config.disks) {
+      expect(volumes).toContain(path.posix.dirname(disk.socket));
+      expect(volumes).toContain(path.posix.dirname(disk.image));
+    }
   });
 });

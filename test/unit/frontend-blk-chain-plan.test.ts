@@ -1,5 +1,5 @@
 import { describe, it, expect } from 'vitest';
-import { planBlkChain, FramingError } from '../../src/frontend/blk-chain-plan.js';
+import { planBlkChain, FramingError } from '../../bench/src/frontend/blk-chain-plan.js';
 
 describe('planBlkChain', () => {
   it('classic layout: header, data, status in three descriptors', () => {

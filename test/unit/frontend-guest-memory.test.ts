@@ -1,6 +1,6 @@
 import { describe, it, expect } from 'vitest';
-import { GuestMemory, WINDOW_BYTES } from '../../src/frontend/guest-memory.js';
-import { GuestMemoryError, OutOfGuestMemoryError, FrontendClosedError } from '../../src/frontend/errors.js';
+import { GuestMemory, WINDOW_BYTES } from '../../bench/src/frontend/guest-memory.js';
+import { GuestMemoryError, OutOfGuestMemoryError, FrontendClosedError } from '../../bench/src/frontend/errors.js';
 
 const GiB = 1024 ** 3;
 const MiB = 1024 ** 2;

@@ -1,5 +1,5 @@
 import { describe, it, expect } from 'vitest';
-import { RangeAllocator, AllocatorMisuseError } from '../../src/frontend/range-allocator.js';
+import { RangeAllocator, AllocatorMisuseError } from '../../bench/src/frontend/range-allocator.js';
 
 const GiB = 1024 ** 3;
 

@@ -1,6 +1,6 @@
 import { describe, it, expect } from 'vitest';
-import { RingIndices } from '../../src/frontend/ring-indices.js';
-import { DescriptorFreeList } from '../../src/frontend/descriptor-free-list.js';
+import { RingIndices } from '../../bench/src/frontend/ring-indices.js';
+import { DescriptorFreeList } from '../../bench/src/frontend/descriptor-free-list.js';
 import { USED_F_NO_NOTIFY } from '../../protocol/split-ring.js';
 
 describe('DescriptorFreeList', () => {

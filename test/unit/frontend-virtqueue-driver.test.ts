@@ -3,9 +3,9 @@
  * writes the used ring straight in guest memory, and signals the call eventfd (or, on purpose, doesn't).
  */
 import { describe, it, expect, afterEach } from 'vitest';
-import { GuestMemory } from '../../src/frontend/guest-memory.js';
-import { VirtqueueDriver } from '../../src/frontend/virtqueue-driver.js';
-import { MissingCompletionError, MissingInterruptError, RingFullError, UsedRingError } from '../../src/frontend/errors.js';
+import { GuestMemory } from '../../bench/src/frontend/guest-memory.js';
+import { VirtqueueDriver } from '../../bench/src/frontend/virtqueue-driver.js';
+import { MissingCompletionError, MissingInterruptError, RingFullError, UsedRingError } from '../../bench/src/frontend/errors.js';
 import { drainEventFd, signalEventFd } from '../../src/sys/eventfd.js';
 import { DescFlag, UsedOffset, USED_F_NO_NOTIFY, availEventOffset, needsEvent, usedEventOffset } from '../../protocol/split-ring.js';
 

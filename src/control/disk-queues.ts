@@ -1,0 +1,92 @@
+/**
+ * The control plane's side of one disk: the passive device (BlkDisk) plus its rings on the daemon's worker
+ * pool. Sessions start and stop rings through it; run-time changes of the device (write cache mode, resize)
+ * go through it so the rings switch before the front-end is told.
+ */
+import type { BlkDisk } from '../device/blk-disk.js';
+import type { IoEngineName } from '../dataplane/request-executor.js';
+import type { MemoryTable, RingStart, WorkerEvent } from '../dataplane/worker-protocol.js';
+import type { Logger } from '../log.js';
+import type { WorkerPool } from './worker-pool.js';
+
+export type WorkerEventListener = (event: WorkerEvent) => void;
+
+export class DiskQueues {
+  private readonly diskId: number;
+  private eventListener: WorkerEventListener = () => undefined;
+  private configChangeListener: () => void = () => undefined;
+  /** The engine last reported per queue: logged when it changes, not at every ring start. */
+  private readonly engines: (IoEngineName | undefined)[];
+
+  constructor(
+    readonly disk: BlkDisk,
+    private readonly pool: WorkerPool,
+    private readonly log: Logger,
+  ) {
+    this.engines = new Array<IoEngineName | undefined>(disk.options.numQueues).fill(undefined);
+    this.diskId = pool.addDisk((event) => this.onWorkerEvent(event));
+  }
+
+  /** A daemon-wide id for a new session's memory table. */
+  newMemoryId(): number {
+    return this.pool.newMemoryId();
+  }
+
+  start(queue: number, ring: RingStart, memory: MemoryTable): Promise<void> {
+    return this.pool.startRing(this.diskId, queue, { disk: this.disk.ringContext(), settings: this.disk.settings(), memory, ring });
+  }
+
+  /** Stops the ring; returns where it stopped, or undefined when it was not running. */
+  stop(queue: number): Promise<number | undefined> {
+    return this.pool.stopRing(this.diskId, queue);
+  }
+
+  setNotifyFd(queue: number, op: 'setCall' | 'setErr', fd: number): Promise<void> {
+    return this.pool.setNotifyFd(this.diskId, queue, op, fd);
+  }
+
+  updateMemory(table: MemoryTable): Promise<void> {
+    return this.pool.updateMemory(table);
+  }
+
+  async setWriteback(enabled: boolean): Promise<void> {
+    this.disk.setWriteback(enabled);
+    await this.pool.updateSettings(this.diskId, this.disk.settings());
+  }
+
+  /** Grows the disk; running rings use the new capacity before the front-end hears of it. */
+  async resize(sizeBytes: number): Promise<void> {
+    const previous = this.disk.grow(sizeBytes);
+    if (previous === null) return;
+    await this.pool.updateSettings(this.diskId, this.disk.settings());
+    this.log.info({ previousBytes: previous, capacityBytes: sizeBytes }, 'disk resized');
+    this.configChangeListener();
+  }
+
+  /** Routes worker events (poison) to the current session. */
+  setWorkerEventListener(listener: WorkerEventListener): void {
+    this.eventListener = listener;
+  }
+
+  /** Called after a config-space change the front-end must be told about (the current session sends it). */
+  setConfigChangeListener(listener: () => void): void {
+    this.configChangeListener = listener;
+  }
+
+  /** Forgets the disk in the pool; its rings must be stopped (its sessions ended) first. */
+  close(): void {
+    this.pool.removeDisk(this.diskId);
+  }
+
+  private onWorkerEvent(event: WorkerEvent): void {
+    if (event.kind === 'started' && event.ioEngine !== undefined) {
+      if (this.engines[event.queue] !== event.ioEngine) {
+        this.engines[event.queue] = event.ioEngine;
+        this.log.info({ queue: event.queue, ioEngine: event.ioEngine, reason: event.reason }, 'queue worker io engine');
+      }
+    } else if (event.kind === 'error') {
+      this.log.error({ queue: event.queue, reason: event.reason }, 'queue worker failed to start');
+    }
+    this.eventListener(event);
+  }
+}
