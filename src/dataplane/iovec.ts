@@ -78,7 +78,9 @@ export class IovecPool {
     readonly arrays: number,
     readonly perArray: number,
   ) {
-    this.buffer = Buffer.alloc(arrays * perArray * IOVEC_BYTES);
+    // Not zero-filled: an entry is always written before the kernel sees it, and untouched pages of a large
+    // pool (slots a shallow queue never reaches) then cost no resident memory.
+    this.buffer = Buffer.allocUnsafeSlow(arrays * perArray * IOVEC_BYTES);
     this.words = new Uint32Array(this.buffer.buffer, this.buffer.byteOffset, arrays * perArray * 4);
     this.address = addressOf(this.buffer);
   }

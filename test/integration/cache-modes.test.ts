@@ -229,6 +229,35 @@ describe.each(engines)('--io-engine %s', (engine, noEngine) => {
   });
 });
 
+describe('--poll-us', () => {
+  it.skipIf(uringUnavailable !== null)('serves with adaptive polling, and an idle daemon sleeps (every thread blocked)', async () => {
+    const dir = mkdtempSync(path.join(os.tmpdir(), 'vublk-poll-'));
+    cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
+    const { daemon, blk } = await serve(path.join(dir, 'disk.img'), ['--io-engine', 'io_uring', '--poll-us', '500'], '8M');
+    for (let i = 0; i < 20; i++) {
+      const data = pattern(8192, i);
+      await blk.write(i * 16, data);
+      expect((await blk.read(i * 16, data.length)).equals(data)).toBe(true);
+    }
+    // Polling ends after 500 µs without work: soon every thread of the daemon is asleep at the same moment.
+    const pid = daemon.child.pid!;
+    const states = (): string[] =>
+      readdirSync(`/proc/${pid}/task`).map((tid) => {
+        try {
+          return readFileSync(`/proc/${pid}/task/${tid}/stat`, 'utf8').replace(/^.*\) /s, '')[0] ?? '?';
+        } catch {
+          return 'S';
+        }
+      });
+    let allAsleep = false;
+    for (let attempt = 0; attempt < 100 && !allAsleep; attempt++) {
+      await new Promise((resolve) => setTimeout(resolve, 20));
+      allAsleep = states().every((state) => state === 'S' || state === 'D');
+    }
+    expect(allAsleep, `thread states: ${states().join('')}`).toBe(true);
+  });
+});
+
 describe('cache=none where O_DIRECT is refused', () => {
   it('tmpfs: the daemon exits with an error that names O_DIRECT and the fix', async (ctx) => {
     need(ctx, skipReason({ root: true, tools: ['mount', 'umount'] }));
