@@ -38,7 +38,6 @@ import { IOV_MAX, IovecPool, SECTOR_SIZE, zeroFillTail } from './iovec.js';
 import { BOUNCE_CHUNK_BYTES, BouncePool, copyBounce } from './bounce-pool.js';
 import { waitReadable } from '../sys/poll-wait.js';
 
-export { skipIovecs } from './iovec.js';
 
 /** Default number of requests in flight per queue (the largest queue size vublk offers is 1024). */
 export const DEFAULT_URING_DEPTH = 256;
