@@ -70,7 +70,7 @@ afterAll(() => {
   }
 });
 
-async function serve(image: string, args: string[], size?: string): Promise<{ daemon: DaemonProcess; blk: VirtioBlkDriver; fe: VhostUserFrontend }> {
+async function serve(image: string, args: string[], size?: string, queueSize?: number): Promise<{ daemon: DaemonProcess; blk: VirtioBlkDriver; fe: VhostUserFrontend }> {
   const socketDir = mkdtempSync(path.join(os.tmpdir(), 'vublk-cache-'));
   cleanups.push(() => rmSync(socketDir, { recursive: true, force: true }));
   const socket = path.join(socketDir, 'vublk.sock');
@@ -81,7 +81,7 @@ async function serve(image: string, args: string[], size?: string): Promise<{ da
     if (!daemon.running() || Date.now() > deadline) throw new Error(`daemon did not create ${socket}; output:\n${daemon.output()}`);
     await new Promise((resolve) => setTimeout(resolve, 25));
   }
-  const fe = await VhostUserFrontend.connect(socket, { numQueues: 1, timeoutMs: 20_000, requireInterrupts: false });
+  const fe = await VhostUserFrontend.connect(socket, { numQueues: 1, timeoutMs: 20_000, requireInterrupts: false, ...(queueSize ? { queueSize } : {}) });
   cleanups.push(() => fe.close());
   return { daemon, blk: new VirtioBlkDriver(fe), fe };
 }
@@ -226,6 +226,32 @@ describe.each(engines)('--io-engine %s', (engine, noEngine) => {
     expect(await counter(daemon, 'vublk_io_errors_total')).toBe(2);
     expect((await blk.getId()).status).toBe(BlkStatus.OK);
     expect(daemon.running()).toBe(true);
+  });
+});
+
+describe('GET_VRING_BASE with requests in flight (asynchronous engine, O_DIRECT)', () => {
+  it.skipIf(uringUnavailable !== null)('answers only once every popped request is published: used.idx equals the index it reports', async (ctx) => {
+    need(ctx, skipReason({ direct: true }));
+    const dir = mkdtempSync(path.join(directDir!, 'vublk-stop-'));
+    cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
+    const image = path.join(dir, 'disk.img');
+    writeFileSync(image, pattern(32 * MiB, 5));
+    const { blk, fe } = await serve(image, ['--io-engine', 'io_uring', '--cache', 'none'], undefined, 1024);
+    let popped = 0;
+    for (let round = 0; round < 5; round++) {
+      const subs = Array.from({ length: 64 }, (_, i) => blk.submit({ type: 0, sector: ((round * 64 + i) % 256) * 128, inLength: 64 * 1024 }, { kick: false }));
+      blk.kick(0);
+      const before = fe.queue(0).ring.usedIdx;
+      const base = await fe.stopQueue(0);
+      popped += base - before;
+      // Everything the worker popped before the stop was completed and published before it answered.
+      expect(fe.queue(0).ring.usedIdx).toBe(base);
+      expect(base).toBeLessThanOrEqual(fe.queue(0).ring.availIdx);
+      fe.queue(0).reset(base);
+      await fe.startQueue(0, base);
+      void subs;
+    }
+    console.log(`[GET_VRING_BASE] ${popped} requests were popped before the stops and all were published`);
   });
 });
 
