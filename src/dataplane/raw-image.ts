@@ -6,6 +6,7 @@
  */
 import { blockDeviceBytes, blockDeviceSectorSize, openFlags, statFd, O_DIRECT, O_DSYNC, O_RDONLY, O_RDWR } from '../sys/block-io.js';
 import { SyscallError } from '../sys/errors.js';
+import { VublkError } from '../errors.js';
 import { sys } from '../sys/libc.js';
 import { cachePolicy, type CacheMode, type EngineOptions } from './request-executor.js';
 
@@ -27,11 +28,10 @@ export interface OpenedImage {
   io: ImageIoInfo;
 }
 
-export class ImageOpenError extends Error {
-  readonly code = 'ERR_IMAGE_OPEN';
+/** The image cannot be opened the way its cache mode asks (O_DIRECT refused). */
+export class ImageOpenError extends VublkError {
   constructor(message: string) {
-    super(message);
-    this.name = 'ImageOpenError';
+    super('VUBLK_ERR_IMAGE_OPEN', message, { peerFault: true, fatal: true });
   }
 }
 
@@ -43,7 +43,7 @@ export function openRawImage(path: string, readOnly: boolean, cache: CacheMode):
   try {
     fd = openFlags(path, flags);
   } catch (error) {
-    if (policy.direct && error instanceof SyscallError && error.code === 'EINVAL') {
+    if (policy.direct && error instanceof SyscallError && error.errnoName === 'EINVAL') {
       throw new ImageOpenError(`cache=${cache} opens ${path} with O_DIRECT, which its file system refuses (tmpfs does); use cache=writeback or put the image on a disk file system`);
     }
     throw error;

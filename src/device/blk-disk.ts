@@ -9,7 +9,6 @@ import { BLK_ID_BYTES, SECTOR_SIZE, encodeBlkConfig, type BlkConfig } from '../.
 import { createCounterBuffer, CounterReader } from '../dataplane/counters.js';
 import {
   DEFAULT_MAX_DISCARD_SECTORS,
-  DEFAULT_MAX_DISCARD_SEG,
   DEFAULT_SEG_MAX,
   DEFAULT_SIZE_MAX,
   type DeviceLimits,
@@ -19,8 +18,10 @@ import { probeIoUring } from '../sys/io-uring.js';
 import { offeredVirtioFeatures } from './blk-features.js';
 import type { Logger } from '../log.js';
 import { DiskThrottle, type DiskLimits } from '../throttle/disk-throttle.js';
-import type { CacheMode } from '../dataplane/request-executor.js';
+import { cachePolicy, type CacheMode } from '../dataplane/request-executor.js';
 import { openRawImage, type ImageIoInfo } from '../dataplane/raw-image.js';
+import { VublkError } from '../errors.js';
+import { lockImage } from '../sys/image-lock.js';
 
 export interface DiskOptions {
   name: string;
@@ -32,24 +33,26 @@ export interface DiskOptions {
   readOnly: boolean;
   serial?: string | undefined;
   logicalBlockSize: 512 | 4096;
-  /** Ignored: the daemon's worker pool (`--threads`) serves every disk. Kept until the option table drops it. */
-  threads?: number | undefined;
   /** Initial write-cache mode; the guest may flip it through the config space (CONFIG_WCE). */
   writeback: boolean;
   /** Token-bucket limits shared by all queues of the disk; all zero = unlimited. */
   throttle: DiskLimits;
-  /** Request engine of the queue workers (default `auto`: io_uring when available, else sync). */
-  ioEngine?: IoEngineSetting | undefined;
+  /** Request engine of the queue workers (`auto`: io_uring when available, else sync). */
+  ioEngine: IoEngineSetting;
+  /** Ranges one DISCARD / WRITE_ZEROES request may carry (config max_discard_seg / max_write_zeroes_seg). */
+  maxDiscardSeg: number;
+  maxWriteZeroesSeg: number;
+  /** QEMU-compatible image locks (default on); off only where two daemons share an image by design (migration). */
+  locking: boolean;
   /** Cache mode, as QEMU's cache= (default writeback). */
   cache?: CacheMode | undefined;
   /** Adaptive polling of the workers serving this disk, µs (0 / undefined = off). */
   pollUs?: number | undefined;
 }
 
-export class DiskSetupError extends Error {
+export class DiskSetupError extends VublkError {
   constructor(disk: string, detail: string) {
-    super(`disk ${disk}: ${detail}`);
-    this.name = 'DiskSetupError';
+    super('VUBLK_ERR_DISK_SETUP', `disk ${disk}: ${detail}`, { peerFault: true, fatal: true });
   }
 }
 
@@ -99,14 +102,21 @@ export class BlkDisk {
     }
     const stat = fs.statSync(imagePath);
     if (!stat.isFile() && !stat.isBlockDevice()) throw new DiskSetupError(name, `${imagePath} is neither a regular file nor a block device`);
+    const cache = options.cache ?? 'writeback';
     let opened;
     try {
-      opened = openRawImage(imagePath, readOnly, options.cache ?? 'writeback');
+      opened = openRawImage(imagePath, readOnly, cache);
     } catch (error) {
       throw new DiskSetupError(name, (error as Error).message);
     }
     this.fd = opened.fd;
     this.imageIo = opened.io;
+    try {
+      if (options.locking) lockImage(this.fd, imagePath, { write: !readOnly });
+    } catch (error) {
+      fs.closeSync(this.fd);
+      throw new DiskSetupError(name, (error as Error).message);
+    }
     let size = opened.sizeBytes;
     if (sizeBytes !== undefined && stat.isFile() && size < sizeBytes) {
       if (readOnly) throw new DiskSetupError(name, `image is ${size} bytes, smaller than --size, and the disk is read-only`);
@@ -118,7 +128,8 @@ export class BlkDisk {
     if (block > 4096) throw new DiskSetupError(name, `the image needs ${block}-byte aligned I/O; vublk offers at most 4096-byte logical blocks`);
     this.capacity = Math.floor(size / block) * block;
     if (this.capacity === 0) throw new DiskSetupError(name, `image ${imagePath} is smaller than one ${block}-byte block`);
-    this.writebackEnabled = options.writeback;
+    // writethrough / directsync start with the write cache off, like --writethrough.
+    this.writebackEnabled = options.writeback && cachePolicy(cache).writeback;
     this.limits = {
       sizeMax: DEFAULT_SIZE_MAX,
       segMax: DEFAULT_SEG_MAX,
@@ -126,9 +137,9 @@ export class BlkDisk {
       readOnly,
       serial: serialBytes(options.serial ?? defaultSerial(imagePath)),
       maxDiscardSectors: DEFAULT_MAX_DISCARD_SECTORS,
-      maxDiscardSeg: DEFAULT_MAX_DISCARD_SEG,
+      maxDiscardSeg: options.maxDiscardSeg,
       maxWriteZeroesSectors: DEFAULT_MAX_DISCARD_SECTORS,
-      maxWriteZeroesSeg: DEFAULT_MAX_DISCARD_SEG,
+      maxWriteZeroesSeg: options.maxWriteZeroesSeg,
     };
     this.counterBuffer = createCounterBuffer(options.numQueues);
     this.counters = new CounterReader(this.counterBuffer);
@@ -213,7 +224,7 @@ export class BlkDisk {
       limits: this.limits,
       counters: this.counterBuffer,
       throttle: this.throttle.buffer,
-      ioEngine: this.options.ioEngine ?? 'auto',
+      ioEngine: this.options.ioEngine,
       image: this.imageIo,
       pollUs: this.options.pollUs ?? 0,
     };
@@ -225,7 +236,7 @@ export class BlkDisk {
       try {
         fs.fdatasyncSync(this.fd);
       } catch (error) {
-        this.log.error({ disk: this.name, err: (error as Error).message }, 'fdatasync of the image failed at shutdown');
+        this.log.error({ err: (error as Error).message }, 'fdatasync of the image failed at shutdown');
       }
     }
     fs.closeSync(this.fd);
