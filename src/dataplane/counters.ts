@@ -24,9 +24,11 @@ export const Counter = {
   poisoned: 13,
   drains: 14,
   notifications: 15,
+  /** Requests whose data went through an O_DIRECT bounce buffer (guest buffer not aligned). */
+  bounced: 16,
 } as const;
 export type CounterName = keyof typeof Counter;
-const SCALAR_COUNTERS = 16;
+const SCALAR_COUNTERS = 17;
 
 /** Operations with a latency histogram each. */
 export const LatencyOp = {
