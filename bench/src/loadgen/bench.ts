@@ -34,6 +34,15 @@ export interface BenchOptions {
   indirect: boolean;
   /** Bound of every wait of the handshake, and of a stall (ms). */
   timeoutMs: number;
+  /** Wall-clock time (ms since the epoch) to start the load at, after connecting; null = at once. Lets many generators hit one daemon together. */
+  startAtMs?: number | null;
+}
+
+/** When things happened (ms since the epoch; connectMs is the handshake's duration). */
+export interface BenchTiming {
+  connectMs: number;
+  loadStartMs: number;
+  loadEndMs: number;
 }
 
 export interface TargetInfo {
@@ -67,6 +76,7 @@ export interface BenchResult {
   size: number;
   run: PhaseResult | null;
   verify: VerifyResult | null;
+  timing: BenchTiming;
 }
 
 export class BenchUsageError extends Error {
@@ -126,12 +136,14 @@ export async function runBench(options: BenchOptions): Promise<BenchResult> {
   // Guest memory for the largest buffer any request of this run may need (the verify read size is chosen later).
   const bufferBound = Math.max(bs, options.verify ? Math.max(options.verifyBs ?? 2 * bs, 8192) : 0, 4096);
   // QEMU 7.2's handshake; asking for more queues than GET_QUEUE_NUM offers fails it with a NegotiationError.
+  const connectStart = Date.now();
   const frontend = await VhostUserFrontend.connect(options.socket, {
     numQueues: queueCount,
     queueSize: plan.queueSize,
     timeoutMs: options.timeoutMs,
     memory: [{ gpa: 0, size: guestMemoryBytes(queueCount, plan.queueSize, iodepth, bufferBound) }],
   });
+  const connectMs = Date.now() - connectStart;
   try {
     const config = frontend.blkConfig;
     if (config === null) throw new BenchUsageError('the back-end did not answer GET_CONFIG (CONFIG protocol feature missing)');
@@ -176,9 +188,12 @@ export async function runBench(options: BenchOptions): Promise<BenchResult> {
         }),
     );
     const socketFd = frontend.channel.fd;
+    const startAt = options.startAtMs ?? null;
+    if (startAt !== null && startAt > Date.now()) await new Promise((resolve) => setTimeout(resolve, startAt - Date.now()));
+    const loadStartMs = Date.now();
     if (options.verify) {
       const verify = runVerify(loadQueues, size, bs, readBs, key, options.verifyOnly, options.timeoutMs, socketFd);
-      return { target, options, size, run: null, verify };
+      return { target, options, size, run: null, verify, timing: { connectMs, loadStartMs, loadEndMs: Date.now() } };
     }
     const run = runPhase({
       queues: loadQueues,
@@ -188,7 +203,7 @@ export async function runBench(options: BenchOptions): Promise<BenchResult> {
       stallMs: options.timeoutMs,
       socketFd,
     });
-    return { target, options, size, run, verify: null };
+    return { target, options, size, run, verify: null, timing: { connectMs, loadStartMs, loadEndMs: Date.now() } };
   } finally {
     frontend.close();
   }

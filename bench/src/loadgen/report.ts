@@ -168,6 +168,8 @@ export interface BenchDocument {
     rwmixread: number | null;
   };
   result: PhaseSummary | null;
+  /** Handshake duration and the load's wall-clock window (ms since the epoch). */
+  timing: BenchResult['timing'];
   verify: {
     ok: boolean;
     bytes: number;
@@ -200,6 +202,7 @@ export function benchDocument(result: BenchResult): BenchDocument {
       rwmixread: o.rw === 'randrw' ? o.rwmixread : null,
     },
     result: run,
+    timing: result.timing,
     verify:
       verify === null
         ? null
