@@ -51,7 +51,8 @@ export interface ScaleOptions {
   dir: string;
   qsdBinary: string | null;
   idleDiskCounts: number[];
-  servingDisks: number;
+  /** Disk counts of the serving part, e.g. [1, 32]: threads and RSS per count show what a disk costs. */
+  servingDiskCounts: number[];
   runtimeSec: number;
   log: (text: string) => void;
 }
@@ -115,7 +116,7 @@ async function settle(pid: number): Promise<{ rssMiB: number; threads: number }>
 
 export async function runScale(options: ScaleOptions): Promise<ScaleResult> {
   const { dir, log } = options;
-  const maxDisks = Math.max(options.servingDisks, ...options.idleDiskCounts);
+  const maxDisks = Math.max(...options.servingDiskCounts, ...options.idleDiskCounts);
   for (let i = 0; i < maxDisks; i++) {
     const fd = openSync(image(dir, i), 'w');
     ftruncateSync(fd, DISK_BYTES);
@@ -142,10 +143,9 @@ export async function runScale(options: ScaleOptions): Promise<ScaleResult> {
     }
   }
 
-  const disks = options.servingDisks;
-  for (const backend of backends) {
+  for (const backend of backends) for (const disks of options.servingDiskCounts) {
     const argv = scaleCommand(backend, qsd, dir, disks);
-    result.commands.push(display(argv, dir, disks));
+    if (disks === Math.max(...options.servingDiskCounts)) result.commands.push(display(argv, dir, disks));
     const sockets = Array.from({ length: disks }, (_, i) => socket(dir, backend, disks, i));
     const daemon = new DaemonProcess(`${backend} ${disks} disks`, argv, sockets);
     try {
@@ -190,7 +190,7 @@ export async function runScale(options: ScaleOptions): Promise<ScaleResult> {
         queues: 2,
         sessionsOk: docs.length,
         sessionsTotal: disks,
-        maxConnectMs: Math.max(...docs.map((d) => d.timing.connectMs), NaN),
+        maxConnectMs: docs.length > 0 ? Math.max(...docs.map((d) => d.timing.connectMs)) : NaN,
         medianConnectMs: median(docs.map((d) => d.timing.connectMs)),
         commonWindowSec: docs.length === disks ? commonWindowSec(docs.map((d) => d.timing)) : 0,
         rssIdleMiB: idle.rssMiB,

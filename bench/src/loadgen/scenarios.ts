@@ -214,6 +214,8 @@ export interface Sample {
   p99Us: number;
   p999Us: number;
   cpuUsPerRequest: number;
+  /** Daemon CPU over the run's wall time, % of one core (NaN for fio). */
+  daemonCpuPercent: number;
   hostIdlePercent: number;
   generatorCpuPercent: number;
 }
