@@ -68,7 +68,7 @@ export const GROUPS: readonly Group[] = [
   { id: 'direct', title: 'O_DIRECT image on the host disk', needs: 'cache', intro: 'A raw image on the root file system (not tmpfs), opened with O_DIRECT by every back-end: vublk `cache=none`, qemu-storage-daemon `cache.direct=on,aio=io_uring`, and fio (`--ioengine=io_uring --direct=1`) on the same file as the device\'s limit.' },
   { id: 'cached', title: 'Page-cached image', intro: 'A raw image read once into the page cache: vublk `cache=writeback` (default) against qemu-storage-daemon `aio=io_uring`; the `--poll-us 50` rows show what adaptive polling buys and costs.' },
   { id: 'qcow2', title: 'qcow2', needs: 'qcow2', intro: 'vublk `format=qcow2` against qemu-storage-daemon\'s qcow2 driver (aio=io_uring) on a fully allocated qcow2 (converted from the random raw image), and sequential writes into a fresh qcow2 (created anew before every run).' },
-  { id: 'nbd', title: 'NBD', needs: 'nbd', intro: 'vublk `image=nbd://…` against qemu-storage-daemon with an `nbd` blockdev, both to the same server (qemu-nbd on the raw image, loopback TCP).' },
+  { id: 'nbd', title: 'NBD', needs: 'nbd', intro: 'vublk `image=nbd://…` against qemu-storage-daemon with an `nbd` blockdev, both to the same server (nbdkit `file` on a copy of the raw image, loopback TCP).' },
   { id: 'rbd', title: 'RBD', needs: 'rbd', intro: 'vublk `image=rbd:…` against qemu-storage-daemon with an `rbd` blockdev to the same image (test/support/ceph/micro-cluster.sh).' },
 ];
 
