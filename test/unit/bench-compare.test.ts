@@ -6,7 +6,7 @@ import {
   BACKENDS, GROUPS, SCENARIOS, TARGETS, capabilitiesFromHelp, judge, medianOf, planScenarios, ratioOf, type Capability, type Sample,
 } from '../../bench/src/loadgen/scenarios.js';
 import { commonWindowSec } from '../../bench/src/loadgen/scale.js';
-import { renderReport } from '../../bench/src/loadgen/compare.js';
+import { parseKeyValueLines, renderReport } from '../../bench/src/loadgen/compare.js';
 
 describe('/proc parsers', () => {
   it('reads utime+stime even when the command name holds spaces and parentheses', () => {
@@ -32,6 +32,16 @@ describe('/proc parsers', () => {
     expect(cpuMicrosPerRequest(2, 1_000_000)).toBeCloseTo(2);
     expect(cpuMicrosPerRequest(1, 0)).toBeNaN();
     expect(cpuMicrosPerRequest(NaN, 10)).toBeNaN();
+  });
+});
+
+describe('micro-cluster output', () => {
+  it('reads KEY=VALUE lines and ignores the rest', () => {
+    const map = parseKeyValueLines('some log line\nCEPH_CONF=/var/tmp/x/ceph/ceph.conf\n  CEPH_HEALTH=HEALTH_OK  \nlower=case\nCEPH_EMPTY=\n');
+    expect(map.get('CEPH_CONF')).toBe('/var/tmp/x/ceph/ceph.conf');
+    expect(map.get('CEPH_HEALTH')).toBe('HEALTH_OK');
+    expect(map.get('CEPH_EMPTY')).toBe('');
+    expect(map.has('lower')).toBe(false);
   });
 });
 
@@ -83,6 +93,8 @@ describe('scenario table', () => {
       for (const b of s.backends) expect(backendIds.has(b), `${s.id}: ${b}`).toBe(true);
       // The first back-end is the vublk under test.
       expect(BACKENDS.find((b) => b.id === s.backends[0])?.kind).toBe('vublk');
+      // RBD rows never keep two daemons on the image at once (exclusive lock): a daemon per run.
+      if (s.group === 'rbd') expect(s.perRunDaemon).toBe(true);
     }
     for (const t of TARGETS) {
       const s = SCENARIOS.find((x) => x.id === t.scenario);

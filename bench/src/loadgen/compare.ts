@@ -221,21 +221,74 @@ async function prepareImages(dir: string, bytes: number, kinds: Set<ImageKind>, 
     }
   }
   if (kinds.has('rbd')) {
-    // Hook: a pool/image of a running cluster (test/support/ceph/micro-cluster.sh) named by the environment.
-    const spec = process.env['VUBLK_BENCH_RBD']; // pool/image
-    const conf = process.env['VUBLK_BENCH_CEPH_CONF'];
-    if (spec === undefined || conf === undefined) images.missing.set('rbd', 'set VUBLK_BENCH_RBD=pool/image and VUBLK_BENCH_CEPH_CONF=ceph.conf (test/support/ceph/micro-cluster.sh)');
+    const rbd = await prepareRbd(dir, log);
+    if (typeof rbd === 'string') images.missing.set('rbd', rbd);
     else {
-      const [pool, name] = spec.split('/');
-      images.targets.set('rbd', {
-        vublkImage: `rbd:${pool}/${name}`,
-        vublkKeys: [`conf=${conf}`],
-        qsdBlockdev: `driver=rbd,pool=${pool},image=${name},conf=${conf}`,
-        file: null,
-      });
+      images.targets.set('rbd', rbd.target);
+      images.notes.push(...rbd.notes);
+      if (rbd.stop !== null) images.cleanup.push(rbd.stop);
     }
   }
   return images;
+}
+
+/** KEY=VALUE lines (micro-cluster.sh's output) as a map. */
+export function parseKeyValueLines(text: string): Map<string, string> {
+  const map = new Map<string, string>();
+  for (const line of text.split('\n')) {
+    const match = /^([A-Z][A-Z0-9_]*)=(.*)$/.exec(line.trim());
+    if (match) map.set(match[1] as string, match[2] as string);
+  }
+  return map;
+}
+
+/**
+ * The RBD image both back-ends serve: VUBLK_BENCH_RBD=pool/image with VUBLK_BENCH_CEPH_CONF of a running cluster,
+ * else a micro cluster of our own (test/support/ceph/micro-cluster.sh: one mon, mgr and OSD on 127.0.0.1, stopped
+ * with the benchmark) holding a 256 MiB image of random data (`rbd import`).
+ */
+async function prepareRbd(dir: string, log: (t: string) => void): Promise<{ target: ImageTarget; notes: string[]; stop: (() => Promise<void>) | null } | string> {
+  const target = (pool: string, name: string, conf: string): ImageTarget => ({
+    vublkImage: `rbd:${pool}/${name}`,
+    vublkKeys: [`conf=${conf}`],
+    qsdBlockdev: `driver=rbd,pool=${pool},image=${name},conf=${conf}`,
+    file: null,
+  });
+  const spec = process.env['VUBLK_BENCH_RBD'];
+  const envConf = process.env['VUBLK_BENCH_CEPH_CONF'];
+  if (spec !== undefined && envConf !== undefined) {
+    const [pool = 'rbd', name = 'bench'] = spec.split('/');
+    return { target: target(pool, name, envConf), notes: [`# RBD: ${spec} of the cluster in ${envConf}`], stop: null };
+  }
+  const script = path.join(REPO_ROOT, 'test/support/ceph/micro-cluster.sh');
+  if (!existsSync(script)) return 'no test/support/ceph/micro-cluster.sh in this tree (or set VUBLK_BENCH_RBD=pool/image and VUBLK_BENCH_CEPH_CONF)';
+  if (which('ceph-mon') === null || which('rbd') === null) return 'Ceph is not installed (ceph-mon, ceph-osd, rbd)';
+  const cephDir = path.join(dir, 'ceph');
+  log(`starting a micro Ceph cluster in ${cephDir}`);
+  const started = await runChild([script, 'start', cephDir, '--watch-pid', String(process.pid), '--deadline', '150'], 180_000);
+  const stop = async (): Promise<void> => void (await runChild([script, 'stop', cephDir], 60_000));
+  if (started.code !== 0) {
+    await stop();
+    return `micro-cluster.sh start failed (${started.code}): ${started.stderr.trim().slice(-300)}`;
+  }
+  const conf = parseKeyValueLines(started.stdout).get('CEPH_CONF');
+  if (conf === undefined) {
+    await stop();
+    return 'micro-cluster.sh printed no CEPH_CONF';
+  }
+  const data = path.join(dir, 'rbd-import.img');
+  createImage(data, 256 * MiB, false);
+  const imported = await runChild(['rbd', '-c', conf, 'import', data, 'rbd/bench'], 180_000);
+  rmSync(data, { force: true });
+  if (imported.code !== 0) {
+    await stop();
+    return `rbd import failed: ${imported.stderr.trim().slice(-300)}`;
+  }
+  return {
+    target: target('rbd', 'bench', conf),
+    notes: [`test/support/ceph/micro-cluster.sh start $DIR/ceph --watch-pid $$   # prints CEPH_CONF`, 'rbd -c $CEPH_CONF import 256MiB-of-random-data rbd/bench'],
+    stop,
+  };
 }
 
 function socketOf(dir: string, backend: BackendSpec): string {
@@ -297,7 +350,10 @@ async function measureOnce(
   } catch {
     doc = null;
   }
-  if (result.code !== 0 || doc === null || doc.result === null) return `exit ${result.code}: ${(result.stderr.trim() || result.stdout.trim()).slice(0, 400)}`;
+  if (result.code !== 0 || doc === null || doc.result === null) {
+    const why = doc?.result?.failure?.description ?? (result.stderr.trim() || result.stdout.trim()).slice(0, 400);
+    return `exit ${result.code}: ${why}`;
+  }
   const t = doc.result.total;
   return sample({
     iops: t.iops,
@@ -362,7 +418,7 @@ export async function benchCompare(flags: CompareFlags): Promise<number> {
     for (const s of plan.skipped) log(`skipped: ${s}`);
 
     // Long-lived daemons: every back-end of a non-fresh scenario.
-    const longLived = [...new Set(scenarios.filter((s) => !s.freshImage).flatMap((s) => s.running))].map(backendById).filter((b) => b.kind !== 'fio');
+    const longLived = [...new Set(scenarios.filter((s) => !s.freshImage && !s.perRunDaemon).flatMap((s) => s.running))].map(backendById).filter((b) => b.kind !== 'fio');
     for (const backend of longLived) {
       const socket = socketOf(dir, backend);
       const argv = daemonCommand(backend, img.targets.get(backend.image) as ImageTarget, socket, qsd ?? '');
@@ -386,22 +442,26 @@ export async function benchCompare(flags: CompareFlags): Promise<number> {
           let daemon = daemons.get(id) ?? null;
           let fresh: DaemonProcess | null = null;
           let freshFile = '';
-          if (scenario.freshImage && backend.kind !== 'fio') {
-            const target = img.targets.get(backend.image) as ImageTarget;
-            const file = target.vublkImage.replace(/\.qcow2$/, `-${id}-${round}.qcow2`);
-            freshFile = file;
-            rmSync(file, { force: true });
-            spawnSync('qemu-img', ['create', '-q', '-f', 'qcow2', file, String(Math.max(4 * 1024 ** 3, 4 * imageBytes))]);
-            const fileImage = { ...target, vublkImage: file, qsdBlockdev: target.qsdBlockdev.replace(target.vublkImage, file) };
+          if ((scenario.freshImage || scenario.perRunDaemon) && backend.kind !== 'fio') {
+            let runImage = img.targets.get(backend.image) as ImageTarget;
+            if (scenario.freshImage) {
+              const file = runImage.vublkImage.replace(/\.qcow2$/, `-${id}-${round}.qcow2`);
+              freshFile = file;
+              rmSync(file, { force: true });
+              spawnSync('qemu-img', ['create', '-q', '-f', 'qcow2', file, String(Math.max(4 * 1024 ** 3, 4 * imageBytes))]);
+              runImage = { ...runImage, vublkImage: file, qsdBlockdev: runImage.qsdBlockdev.replace(runImage.vublkImage, file) };
+            }
             const socket = socketOf(dir, backend);
-            fresh = new DaemonProcess(backend.label, daemonCommand(backend, fileImage, socket, qsd ?? ''), [socket]);
-            if (round === 1) commands.push(`# ${backend.label} (a fresh image every run)`, display(fresh.argv, dir));
+            fresh = new DaemonProcess(backend.label, daemonCommand(backend, runImage, socket, qsd ?? ''), [socket]);
+            if (round === 1 && !commands.includes(display(fresh.argv, dir).replace(/-\d+\.qcow2/, '-1.qcow2'))) {
+              commands.push(`# ${backend.label} (${scenario.freshImage ? 'a fresh image and daemon every run' : 'a daemon of its own every run'})`, display(fresh.argv, dir));
+            }
             try {
               await fresh.ready();
             } catch (error) {
               failures.push(`round ${round} ${scenario.id} on ${backend.label}: ${(error as Error).message.slice(0, 300)}`);
               await fresh.stop();
-              rmSync(freshFile, { force: true });
+              if (freshFile !== '') rmSync(freshFile, { force: true });
               continue;
             }
             daemon = fresh;
@@ -409,7 +469,7 @@ export async function benchCompare(flags: CompareFlags): Promise<number> {
           const result = await measureOnce(scenario, backend, daemon, img, runtime, ramp, round, fio);
           if (fresh !== null) {
             await fresh.stop();
-            rmSync(freshFile, { force: true });
+            if (freshFile !== '') rmSync(freshFile, { force: true });
           }
           if (typeof result === 'string') {
             failures.push(`round ${round} ${scenario.id} on ${backend.label}: ${result}`);

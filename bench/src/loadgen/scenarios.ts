@@ -51,6 +51,8 @@ export interface Scenario {
   backends: string[];
   /** The image is created anew before every run (and its daemons started for that run only): writes into a fresh qcow2. */
   freshImage?: boolean;
+  /** The daemon is started for each run and stopped after it, so only one back-end holds the image at a time (RBD's exclusive lock). */
+  perRunDaemon?: boolean;
   /** Shorter measured time for rows that consume the image (fresh allocation). */
   runtimeSec?: number;
 }
@@ -69,7 +71,7 @@ export const GROUPS: readonly Group[] = [
   { id: 'cached', title: 'Page-cached image', intro: 'A raw image read once into the page cache: vublk `cache=writeback` (default) against qemu-storage-daemon `aio=io_uring`; the `--poll-us 50` rows show what adaptive polling buys and costs.' },
   { id: 'qcow2', title: 'qcow2', needs: 'qcow2', intro: 'vublk `format=qcow2` against qemu-storage-daemon\'s qcow2 driver (aio=io_uring) on a fully allocated qcow2 (converted from the random raw image), and sequential writes into a fresh qcow2 (created anew before every run).' },
   { id: 'nbd', title: 'NBD', needs: 'nbd', intro: 'vublk `image=nbd://…` against qemu-storage-daemon with an `nbd` blockdev, both to the same server (nbdkit `file` on a copy of the raw image, loopback TCP).' },
-  { id: 'rbd', title: 'RBD', needs: 'rbd', intro: 'vublk `image=rbd:…` against qemu-storage-daemon with an `rbd` blockdev to the same image (test/support/ceph/micro-cluster.sh).' },
+  { id: 'rbd', title: 'RBD', needs: 'rbd', intro: 'vublk `image=rbd:…` against qemu-storage-daemon with an `rbd` blockdev to the same image (a 256 MiB image of random data on a micro cluster started by the benchmark, test/support/ceph/micro-cluster.sh).' },
 ];
 
 export const BACKENDS: readonly BackendSpec[] = [
@@ -109,9 +111,9 @@ export const SCENARIOS: readonly Scenario[] = [
   { id: 'n-rr-qd32', group: 'nbd', title: '4 KiB randread QD32 over NBD', workload: RR4(32), backends: ['vublk-nbd', 'qsd-nbd'] },
   { id: 'n-rw-qd32', group: 'nbd', title: '4 KiB randwrite QD32 over NBD', workload: RW4(32), backends: ['vublk-nbd', 'qsd-nbd'] },
   { id: 'n-sr-qd8', group: 'nbd', title: '128 KiB seq read QD8 over NBD', workload: SR128, backends: ['vublk-nbd', 'qsd-nbd'] },
-  { id: 'r-rr-qd32', group: 'rbd', title: '4 KiB randread QD32 over RBD', workload: RR4(32), backends: ['vublk-rbd', 'qsd-rbd'] },
-  { id: 'r-rw-qd32', group: 'rbd', title: '4 KiB randwrite QD32 over RBD', workload: RW4(32), backends: ['vublk-rbd', 'qsd-rbd'] },
-  { id: 'r-sr-qd8', group: 'rbd', title: '128 KiB seq read QD8 over RBD', workload: SR128, backends: ['vublk-rbd', 'qsd-rbd'] },
+  { id: 'r-rr-qd32', group: 'rbd', perRunDaemon: true, title: '4 KiB randread QD32 over RBD', workload: RR4(32), backends: ['vublk-rbd', 'qsd-rbd'] },
+  { id: 'r-rw-qd32', group: 'rbd', perRunDaemon: true, title: '4 KiB randwrite QD32 over RBD', workload: RW4(32), backends: ['vublk-rbd', 'qsd-rbd'] },
+  { id: 'r-sr-qd8', group: 'rbd', perRunDaemon: true, title: '128 KiB seq read QD8 over RBD', workload: SR128, backends: ['vublk-rbd', 'qsd-rbd'] },
 ];
 
 export type Metric = 'iops' | 'mibps' | 'p50Us' | 'p99Us' | 'cpuUsPerRequest';
