@@ -24,7 +24,7 @@ export class DiskQueues {
     private readonly log: Logger,
   ) {
     this.engines = new Array<IoEngineName | undefined>(disk.options.numQueues).fill(undefined);
-    this.diskId = pool.addDisk((event) => this.onWorkerEvent(event));
+    this.diskId = pool.addDisk((event) => this.onWorkerEvent(event), { pinQueues: disk.pinQueues });
   }
 
   /** A daemon-wide id for a new session's memory table. */
@@ -56,6 +56,7 @@ export class DiskQueues {
 
   /** Grows the disk; running rings use the new capacity before the front-end hears of it. */
   async resize(sizeBytes: number): Promise<void> {
+    await this.disk.growNetworkImage(sizeBytes);
     const previous = this.disk.grow(sizeBytes);
     if (previous === null) return;
     await this.pool.updateSettings(this.diskId, this.disk.settings());
