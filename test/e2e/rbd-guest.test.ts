@@ -10,7 +10,7 @@ import { createHash } from 'node:crypto';
 import http from 'node:http';
 import { readFileSync } from 'node:fs';
 import path from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { guestReport, PATTERN_OFFSET, PATTERN_PATH, qemuAvailable, runGuest } from './qemu.js';
 import { startDaemon, type DaemonProcess } from '../support/daemon-process.js';
 import { cephMissing, startMicroCluster, type MicroCluster } from '../support/ceph/micro-cluster.js';
@@ -66,6 +66,11 @@ describe('vublk over Ceph RBD with a QEMU guest', () => {
     await cluster.run('rbd', ['create', '--size', '64M', 'rbd/vm1']);
   }, 260_000);
 
+  afterEach(async () => {
+    // A failed test must not leave its daemon holding the image's lock for the next one.
+    await Promise.all(daemons.splice(0).map((d) => d.stop()));
+  }, 30_000);
+
   afterAll(async () => {
     await Promise.all(daemons.map((d) => d.stop()));
     await cluster?.stop();
@@ -83,6 +88,10 @@ describe('vublk over Ceph RBD with a QEMU guest', () => {
   }
 
   async function stop(daemon: DaemonProcess, signal: NodeJS.Signals): Promise<number | null> {
+    if (!daemon.running()) {
+      daemons.splice(daemons.indexOf(daemon), 1);
+      return daemon.child.exitCode;
+    }
     const exited = new Promise<number | null>((resolve) => daemon.child.once('exit', (code) => resolve(code)));
     daemon.child.kill(signal);
     const code = await exited;
@@ -103,8 +112,23 @@ describe('vublk over Ceph RBD with a QEMU guest', () => {
     expect(report.sizeSectors).toBe((64 * MiB) / 512);
     const exported = await cluster.run('rbd', ['export', 'rbd/vm1', '-'], 60_000);
     expect(md5(exported.subarray(PATTERN_OFFSET, PATTERN_OFFSET + pattern.length))).toBe(md5(pattern));
-    const counts = queueCounts(await scrape(await metricsUrl(daemon)), 0);
+    const counts = queueCounts(await scrape(await metricsUrl(daemon)), 0, 'vm1');
     expect(counts.ioErrors).toBe(0);
+
+    // A second vublk on the same image is refused while the first holds the exclusive lock.
+    const second = await startDaemon({
+      rawArgs: ['serve', '--disk', `name=vm1,image=rbd:rbd/vm1,conf=${cluster.conf},id=vublk,keyring=${cluster.vublkKeyring},socket=${socket}2,connect-timeout=10`],
+      waitForSocket: false,
+    });
+    daemons.push(second);
+    const code = await new Promise<number | null>((resolve, reject) => {
+      if (!second.running()) return resolve(second.child.exitCode);
+      const timer = setTimeout(() => reject(new Error(`the second daemon neither failed nor served:\n${second.output()}`)), 60_000);
+      second.child.once('exit', (c) => (clearTimeout(timer), resolve(c)));
+    });
+    daemons.splice(daemons.indexOf(second), 1);
+    expect(code).not.toBe(0);
+    expect(second.output()).toMatch(/VUBLK_ERR_RBD_LOCKED|is in use: another client holds its exclusive lock/);
     await stop(daemon, 'SIGTERM');
   });
 
@@ -142,10 +166,10 @@ describe('vublk over Ceph RBD with a QEMU guest', () => {
 
     for (const signal of ['SIGTERM', 'SIGKILL'] as const) {
       const base = await metricsUrl(daemon);
-      const before = queueCounts(await scrape(base), 0).writes;
+      const before = queueCounts(await scrape(base), 0, 'vm1').writes;
       const load = bench(['--socket', socket, '--rw', 'randwrite', '--size', '32M', '--bs', '4k', '--queues', '2', '--iodepth', '16', '--runtime', '30', '--timeout', '5000'], 60_000);
       const deadline = Date.now() + 30_000;
-      while (queueCounts(await scrape(base), 0).writes < before + 100) {
+      while (queueCounts(await scrape(base), 0, 'vm1').writes < before + 100) {
         if (Date.now() > deadline) throw new Error(`no random writes reached the image:\n${daemon.output().slice(-2000)}`);
         await new Promise((resolve) => setTimeout(resolve, 50));
       }
