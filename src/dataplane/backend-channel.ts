@@ -37,6 +37,8 @@ export interface Transport {
   kick(): void;
   /** Progresses I/O without blocking and delivers every completion available. */
   poll(deliver: TransportDeliver): void;
+  /** A change of the connection's health since the last call, for the log ('' when none). */
+  healthChange(): string;
   close(): void;
 }
 
@@ -89,6 +91,21 @@ class NbdTransport implements Transport {
       this.deliver = null;
     }
   }
+  /** null until the first connect succeeds or fails (connecting at ring start is not news). */
+  private healthy: boolean | null = null;
+  healthChange(): string {
+    const connected = this.client.state === 'connected' && this.client.lastError === '';
+    const healthy = this.healthy === null && !connected && this.client.counters.connectFailures === 0 ? null : connected;
+    if (healthy === this.healthy) return '';
+    const first = this.healthy === null;
+    this.healthy = healthy;
+    if (first && healthy === true) return '';
+    this.healthy = healthy;
+    const c = this.client.counters;
+    return healthy
+      ? `NBD connection up again (connects ${c.connects}, requests resent ${c.resubmitted}, failed after the reconnect timeout ${c.timedOutRequests})`
+      : `NBD connection lost: ${this.client.lastError || this.client.state}; reconnecting (requests wait up to the reconnect timeout)`;
+  }
   close(): void {
     this.client.close();
   }
@@ -126,6 +143,9 @@ class RbdTransport implements Transport {
   }
   poll(deliver: TransportDeliver): void {
     this.queue.reap((tag, result) => deliver(tag, result < 0 ? -result : 0));
+  }
+  healthChange(): string {
+    return '';
   }
   close(): void {
     this.queue.close();
@@ -172,14 +192,18 @@ export class BackendChannel {
     return id * SLOT_SPAN + slot;
   }
 
-  /** Polls the transport on behalf of `member`; other members' completions wake them. */
-  poll(member: ChannelMember): void {
+  /**
+   * Polls the transport on behalf of `member`; other members' completions wake them. Returns a change of
+   * the connection's health to report ('' when none; reported once, by whichever member polled).
+   */
+  poll(member: ChannelMember): string {
     this.poller = member;
     try {
       this.transport.poll(this.route);
     } finally {
       this.poller = null;
     }
+    return this.transport.healthChange();
   }
 }
 

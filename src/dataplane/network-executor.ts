@@ -52,6 +52,8 @@ const enum Phase {
 export interface NetworkExecutorOptions {
   /** FLUSH completes at once (cache=unsafe). */
   ignoreFlush?: boolean;
+  /** Told when the connection is lost or back (for the control plane's log). */
+  onHealthChange?: (reason: string) => void;
 }
 
 export class NetworkExecutor implements RequestExecutor, ChannelMember {
@@ -229,7 +231,8 @@ export class NetworkExecutor implements RequestExecutor, ChannelMember {
       this.wakeSignalled = false;
       drainEventFd(this.wakeFd);
     }
-    this.channel.poll(this);
+    const change = this.channel.poll(this);
+    if (change !== '') this.options.onHealthChange?.(change);
     let delivered = 0;
     // Bounded: each pair is taken once; follow-up operations complete in a later poll.
     const pairs = this.done.length;

@@ -78,7 +78,10 @@ export class RingServer {
     const options: EngineOptions = { ...engineOptions(this.init.image), onBounce: () => this.counters.add(Counter.bounced) };
     if (this.init.network !== undefined) {
       // NBD / RBD: the disk's transport on this worker, shared by its queues here (network-executor.ts).
-      const network = new NetworkExecutor(this.init.network, this.init.limits, { ignoreFlush: options.ignoreFlush === true });
+      const network = new NetworkExecutor(this.init.network, this.init.limits, {
+        ignoreFlush: options.ignoreFlush === true,
+        onHealthChange: (reason) => this.post({ type: 'event', kind: 'backend', queue: this.queue, reason }),
+      });
       this.post({ type: 'event', kind: 'started', queue: this.queue, reason: `${this.init.network.kind} back-end` });
       return network;
     }

@@ -95,7 +95,8 @@ export interface WorkerAck {
 /** Unsolicited events a worker reports (rare: never per request). */
 export interface WorkerEvent {
   type: 'event';
-  kind: 'poisoned' | 'started' | 'error';
+  /** `backend`: a network back-end's connection was lost or is back (logged; rare). */
+  kind: 'poisoned' | 'started' | 'error' | 'backend';
   /** The disk (pool id) whose ring raised the event. */
   diskId: number;
   queue: number;

@@ -154,6 +154,24 @@ describe('vublk over Ceph RBD with a QEMU guest', () => {
     await stop(daemon, 'SIGTERM');
   });
 
+  it('live-migration lock handover: two vublk with lock=none write in turn, librbd hands the lock over each time', { timeout: 120_000 }, async () => {
+    const source = path.join(cluster.dir, '..', 'src.sock');
+    const target = path.join(cluster.dir, '..', 'dst.sock');
+    await serveAt(source, ',lock=none');
+    await serveAt(target, ',lock=none');
+    const run = async (socket: string, seed: number): Promise<void> => {
+      const result = await bench(['--socket', socket, '--verify', '--size', '4M', '--bs', '64k', '--iodepth', '8', '--seed', String(seed)]);
+      expect(result.code, result.stdout + result.stderr).toBe(0);
+    };
+    await run(source, 51); // the source writes (takes the lock)
+    await run(target, 52); // switch-over: the destination's writes take it over
+    await run(source, 53); // a failed migration: the source takes it back
+    const expected = new Uint8Array(4 * MiB);
+    fillPattern(expected, 0, patternKey(53));
+    const image = await cluster.run('rbd', ['export', 'rbd/vm1', '-'], 90_000);
+    expect(Buffer.from(expected).equals(image.subarray(0, 4 * MiB))).toBe(true);
+  });
+
   it('SIGTERM under I/O releases the lock (restart at once); SIGKILL under I/O: the restart waits for the lock; flushed data survives both', { timeout: 200_000 }, async () => {
     const socket = path.join(cluster.dir, '..', 'vm1.sock');
     let daemon = await serveAt(socket, ',num-queues=2');

@@ -185,6 +185,9 @@ describe('vublk over NBD', () => {
     expectVerified(result, daemon);
     const counts = queueCounts(await scrape(base), 0);
     expect(counts.ioErrors).toBe(0);
+    // The operator saw it: the connection was lost, then came back (each worker's connection says so once).
+    await daemon.waitForLog((l) => l.msg === 'network back-end' && /NBD connection lost/.test(String(l['reason'])));
+    await daemon.waitForLog((l) => l.msg === 'network back-end' && /NBD connection up again/.test(String(l['reason'])));
     expect(readFileSync(image).subarray(0, 48 * MiB).equals(pattern(21, 48 * MiB))).toBe(true);
   });
 
