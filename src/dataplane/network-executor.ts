@@ -33,7 +33,7 @@ import type { DeviceLimits } from './device-limits.js';
 import type { Completion, RequestExecutor } from './request-executor.js';
 import { SyncExecutor } from './sync-executor.js';
 import { SECTOR_SIZE } from './iovec.js';
-import { channelFor, type BackendChannel, type ChannelMember } from './backend-channel.js';
+import { BackendChannel, channelFor, type ChannelMember } from './backend-channel.js';
 import type { NetworkBackend } from './network-backend.js';
 
 /** Requests in flight per queue (as the io_uring engine). */
@@ -103,15 +103,17 @@ export class NetworkExecutor implements RequestExecutor, ChannelMember {
 
   private readonly completion: Completion = { head: 0, statusGpa: 0, type: 0, status: 0, written: 0, dataBytes: 0, latencyNanos: 0, error: '' };
 
+  /** `backend`: the disk's back-end (its channel on this worker is found or opened); a channel: tests. */
   constructor(
-    backend: NetworkBackend,
+    backend: NetworkBackend | BackendChannel,
     private readonly limits: DeviceLimits,
     private readonly options: NetworkExecutorOptions = {},
   ) {
     for (let slot = NETWORK_DEPTH - 1; slot >= 0; slot--) this.freeSlots.push(slot);
-    this.sync = new SyncExecutor(-1, limits);
+    // GET_ID, unknown types and (cache=unsafe) FLUSH: answered without an image.
+    this.sync = new SyncExecutor(-1, limits, { ignoreFlush: true });
     this.sync.onComplete = (c) => this.onComplete(c);
-    this.channel = channelFor(backend);
+    this.channel = backend instanceof BackendChannel ? backend : channelFor(backend);
     this.memberId = this.channel.join(this);
     this.wakeSet.watch(this.channel.transport.fd, true, false);
     this.wakeSet.watch(this.wakeFd, true, false);
