@@ -24,9 +24,13 @@ export const Counter = {
   poisoned: 13,
   drains: 14,
   notifications: 15,
+  /** Guest pages marked in the migration dirty log (a page written twice counts twice). */
+  dirtyPagesLogged: 16,
+  /** Device writes to guest pages the dirty log does not cover (not marked: the front-end sized it too small). */
+  dirtyLogOutOfRange: 17,
 } as const;
 export type CounterName = keyof typeof Counter;
-const SCALAR_COUNTERS = 16;
+const SCALAR_COUNTERS = 18;
 
 /** Operations with a latency histogram each. */
 export const LatencyOp = {

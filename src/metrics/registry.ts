@@ -123,6 +123,8 @@ export function createMetricsRegistry(disks: () => readonly DiskMetricsSource[],
   perQueue('gauge', 'vublk_queue_poisoned', '1 while the queue is poisoned (device needs reset), else 0.', 'poisoned');
   perQueue('counter', 'vublk_drains_total', 'Wake-ups of the queue worker that drained the ring.', 'drains');
   perQueue('counter', 'vublk_notifications_total', 'Used-buffer notifications (interrupts) sent to the front-end.', 'notifications');
+  perQueue('counter', 'vublk_dirty_log_pages_total', 'Guest pages marked in the live-migration dirty log.', 'dirtyPagesLogged');
+  perQueue('counter', 'vublk_dirty_log_out_of_range_total', 'Device writes to guest pages beyond the dirty log the front-end supplied (not marked).', 'dirtyLogOutOfRange');
 
   new SnapshotHistogram<'disk' | 'op'>({
     name: 'vublk_request_duration_seconds',
