@@ -111,7 +111,7 @@ awk 'BEGIN { for (s = 0; s < 8192; s++) for (l = 0; l < 16; l++) printf "vublk-e
 cat >"$root/init" <<'INIT'
 #!/bin/busybox sh
 # PID 1 of the e2e guest. Kernel command line:
-#   vublk.test=probe|rw|verify|discard|readonly|resize  workload on /dev/vda
+#   vublk.test=probe|rw|verify|discard|readonly|resize|migrate  workload on /dev/vda
 #   vublk.offset=BYTES          where rw/verify put /pattern.bin on the disk
 #   vublk.timeout=SECONDS       guest-side watchdog (default 60)
 # Reports "VUBLK-E2E: ..." lines on the console and always powers off, never hangs.
@@ -225,6 +225,36 @@ case $workload in
     dd if=/pattern.bin of=/dev/vda bs=4096 count=1 oflag=seek_bytes,direct seek=$((size * 512)) conv=notrunc status=none ||
       fail "resize: write past the old end failed"
     say "PASS resize size=$new"
+    ;;
+  migrate)
+    # Runs until the host stops the VM (live-migration test): each round, 4 writers put the round's pattern
+    # on their own region with O_DIRECT and read it back with O_DIRECT in one read, then compare. Patterns
+    # alternate between rounds, so a read buffer the destination got stale (a dirty-log bit missing) fails.
+    [ -n "$offset" ] || fail "migrate: vublk.offset missing"
+    [ $((offset + 4 * length)) -le $((size * 512)) ] || fail "migrate: disk too small ($size sectors)"
+    tr 'a-z' 'A-Z' </pattern.bin >/tmp/pattern.upper
+    upper=$(md5sum /tmp/pattern.upper | cut -d' ' -f1)
+    round=0
+    while :; do
+      round=$((round + 1))
+      if [ $((round % 2)) = 0 ]; then src=/pattern.bin want=$expected; else src=/tmp/pattern.upper want=$upper; fi
+      step "migrate: round $round"
+      pids=""
+      for w in 0 1 2 3; do
+        (
+          at=$((offset + w * length))
+          dd if=$src of=/dev/vda bs=1M oflag=seek_bytes,direct seek=$at conv=notrunc status=none ||
+            { say "FAIL migrate write error round=$round writer=$w"; exit 1; }
+          dd if=/dev/vda of=/tmp/read$w bs="$length" count=1 iflag=skip_bytes,direct skip=$at status=none ||
+            { say "FAIL migrate read error round=$round writer=$w"; exit 1; }
+          got=$(md5sum /tmp/read$w | cut -d' ' -f1)
+          [ "$got" = "$want" ] || { say "FAIL migrate mismatch round=$round writer=$w md5=$got expected=$want"; exit 1; }
+        ) &
+        pids="$pids $!"
+      done
+      for pid in $pids; do wait "$pid" || fail "migrate round $round"; done
+      say "round=$round ok"
+    done
     ;;
   *) fail "unknown workload '$workload'" ;;
 esac
