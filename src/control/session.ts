@@ -483,7 +483,7 @@ export class VhostUserSession {
         this.dirtyLogTable(),
       );
       ring.running = true;
-      this.log.info({ queue: ring.index, size: ring.size, base: ring.base, eventIdx: this.eventIdx }, 'ring started');
+      this.log.info({ queue: ring.index, size: ring.size, base: ring.base, eventIdx: this.eventIdx, logUsed: ring.usedLogGpa >= 0 }, 'ring started');
     } else if (!shouldRun && ring.running) {
       await this.stopRing(ring);
     }

@@ -231,9 +231,31 @@ case $workload in
     # on their own region with O_DIRECT and read it back with O_DIRECT in one read, then compare. Patterns
     # alternate between rounds, so a read buffer the destination got stale (a dirty-log bit missing) fails.
     [ -n "$offset" ] || fail "migrate: vublk.offset missing"
-    [ $((offset + 4 * length)) -le $((size * 512)) ] || fail "migrate: disk too small ($size sectors)"
+    [ $((offset + 5 * length)) -le $((size * 512)) ] || fail "migrate: disk too small ($size sectors)"
     tr 'a-z' 'A-Z' </pattern.bin >/tmp/pattern.upper
     upper=$(md5sum /tmp/pattern.upper | cut -d' ' -f1)
+    # Sentinel, driven by the host through the console: "fill N" reads a region into the page cache (pages
+    # only the device writes), "check N" reads it again from the cache. The host sends "fill" during
+    # pre-copy and "check" on the destination, so the check sees exactly what the dirty log carried over.
+    sentinel=$((offset + 4 * length))
+    dd if=/pattern.bin of=/dev/vda bs=1M oflag=seek_bytes,direct seek=$sentinel conv=fsync,notrunc status=none ||
+      fail "migrate: sentinel write failed"
+    (
+      while read -r command n; do
+        case $command in
+          fill)
+            echo 3 >/proc/sys/vm/drop_caches
+            dd if=/dev/vda of=/dev/null bs=1M iflag=skip_bytes,count_bytes skip=$sentinel count="$length" status=none ||
+              say "FAIL migrate sentinel read error $n"
+            say "filled $n"
+            ;;
+          check)
+            got=$(dd if=/dev/vda bs=1M iflag=skip_bytes,count_bytes skip=$sentinel count="$length" status=none | md5sum | cut -d' ' -f1)
+            if [ "$got" = "$expected" ]; then say "sentinel $n ok"; else say "FAIL migrate sentinel $n md5=$got expected=$expected"; fi
+            ;;
+        esac
+      done </dev/console
+    ) &
     round=0
     while :; do
       round=$((round + 1))

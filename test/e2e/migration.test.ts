@@ -4,6 +4,7 @@
 // sent reach the destination only through vublk's dirty log: a missing bit shows as a mismatch (or a stuck
 // request) in the guest after the switch-over.
 import { spawn, type ChildProcess } from 'node:child_process';
+import { existsSync, writeFileSync } from 'node:fs';
 import { mkdtemp, rm, truncate, writeFile } from 'node:fs/promises';
 import net from 'node:net';
 import os from 'node:os';
@@ -39,6 +40,8 @@ interface Vm {
   output(): string;
   /** Resolves with the console once `count` more "round=N ok" lines than `since` appeared. */
   rounds(): number[];
+  /** Types a line on the guest console. */
+  send(line: string): void;
   kill(): Promise<void>;
 }
 
@@ -71,7 +74,8 @@ async function startVm(name: string, dir: string, socketPath: string, incomingPo
     '-device', 'vhost-user-blk-pci,chardev=vu0,num-queues=1',
     '-kernel', path.join(GUEST_DIR, 'vmlinuz'),
     '-initrd', path.join(GUEST_DIR, 'initramfs.cpio.gz'),
-    '-append', `console=ttyS0 panic=-1 quiet vublk.test=migrate vublk.offset=${PATTERN_OFFSET} vublk.timeout=1800`,
+    // init_on_alloc=0: pages the CPU zeroes on allocation would be re-sent anyway and hide a missing bit.
+    '-append', `console=ttyS0 panic=-1 quiet init_on_alloc=0 vublk.test=migrate vublk.offset=${PATTERN_OFFSET} vublk.timeout=1800`,
     '-display', 'none',
     '-nodefaults',
     '-no-reboot',
@@ -79,9 +83,10 @@ async function startVm(name: string, dir: string, socketPath: string, incomingPo
     '-qmp', `unix:${qmpPath},server=on,wait=off`,
     ...(incomingPort === null ? [] : ['-incoming', `tcp:127.0.0.1:${incomingPort}`]),
   ];
-  const child = spawn(QEMU, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+  // stdin is the guest's console input: the host drives the sentinel with it.
+  const child = spawn(QEMU, args, { stdio: ['pipe', 'pipe', 'pipe'] });
   let output = '';
-  child.stdout?.setEncoding('utf8').on('data', (text: string) => (output += text.replace(/\r\n/g, '\n')));
+  child.stdout?.setEncoding('utf8').on('data', (text: string) => (output += text));
   child.stderr?.setEncoding('utf8').on('data', (text: string) => (output += text));
   const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
   let qmp: QmpClient;
@@ -95,8 +100,10 @@ async function startVm(name: string, dir: string, socketPath: string, incomingPo
     name,
     qmp,
     child,
-    output: () => output,
-    rounds: () => [...output.matchAll(/^VUBLK-E2E: round=(\d+) ok$/gm)].map((m) => Number(m[1])),
+    // Line ends are \r\n on the serial console; a chunk may split them, so they are normalised when read.
+    output: () => output.replace(/\r/g, ''),
+    rounds: () => [...output.replace(/\r/g, '').matchAll(/^VUBLK-E2E: round=(\d+) ok$/gm)].map((m) => Number(m[1])),
+    send: (line) => void child.stdin?.write(`${line}\n`),
     async kill() {
       qmp.close();
       if (child.exitCode === null && child.signalCode === null) {
@@ -132,19 +139,47 @@ interface MigrationInfo {
   ram?: { transferred: number; 'dirty-sync-count': number; 'dirty-pages-rate'?: number };
 }
 
-/** Migrates `source` to `destination` (listening on `port`), polling query-migrate with a deadline. */
-async function migrate(source: Vm, destination: Vm, port: number, context: () => string): Promise<MigrationInfo> {
-  // Loopback is fast; the default 128 MiB/s cap only stretches the test.
-  await source.qmp.execute('migrate-set-parameters', { 'max-bandwidth': 1024 * 1024 * 1024 });
+/** Waits for a console line (exact), failing early on a FAIL line. */
+async function waitForLine(vm: Vm, line: string, timeoutMs: number, context: () => string): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!vm.output().split('\n').includes(line)) {
+    expect(failures(vm), context()).toEqual([]);
+    if (Date.now() > deadline) expect.fail(`${vm.name}: no "${line}" within ${timeoutMs} ms\n${context()}`);
+    await sleep(200);
+  }
+}
+
+/**
+ * Migrates `source` to `destination` (listening on `port`). Pre-copy is held open (1 ms downtime limit, so it
+ * cannot converge while the guest does I/O) until the first full RAM pass is done and the guest has filled
+ * the sentinel — pages written by the device only, after they were sent once; then the limits are raised
+ * and query-migrate is polled until completed, with a deadline. Returns query-migrate's final answer.
+ */
+async function migrate(source: Vm, destination: Vm, port: number, hop: number, context: () => string): Promise<MigrationInfo> {
+  await source.qmp.execute('migrate-set-parameters', { 'max-bandwidth': 64 * 1024 * 1024, 'downtime-limit': 1 });
   await source.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
   const deadline = Date.now() + MIGRATION_TIMEOUT_MS;
-  let info: MigrationInfo;
-  for (;;) {
-    info = await source.qmp.execute<MigrationInfo>('query-migrate');
-    if (info.status === 'completed') break;
+  const poll = async (): Promise<MigrationInfo> => {
+    const info = await source.qmp.execute<MigrationInfo>('query-migrate');
     if (info.status === 'failed' || info.status === 'cancelled') expect.fail(`migration ${source.name} → ${destination.name} ${info.status}: ${info['error-desc'] ?? ''}\n${context()}`);
     if (Date.now() > deadline) expect.fail(`migration ${source.name} → ${destination.name} still ${info.status} after ${MIGRATION_TIMEOUT_MS} ms\n${context()}`);
+    return info;
+  };
+  let info = await poll();
+  while (info.status !== 'active' || (info.ram?.['dirty-sync-count'] ?? 0) < 2) {
+    expect(info.status, `pre-copy converged before the sentinel was filled\n${context()}`).not.toBe('completed');
+    await sleep(100);
+    info = await poll();
+  }
+  source.send(`fill ${hop}`);
+  await waitForLine(source, `VUBLK-E2E: filled ${hop}`, 60_000, context);
+  info = await poll();
+  expect(info.status, `pre-copy converged before the sentinel was filled\n${context()}`).toBe('active');
+  // Loopback is fast; let it converge now.
+  await source.qmp.execute('migrate-set-parameters', { 'max-bandwidth': 1024 * 1024 * 1024, 'downtime-limit': 300 });
+  while (info.status !== 'completed') {
     await sleep(200);
+    info = await poll();
   }
   const runDeadline = Date.now() + 30_000;
   for (;;) {
@@ -177,7 +212,7 @@ describe.skipIf(unavailable !== null)('live migration between two vublk daemons 
     }
     const deadline = Date.now() + 15_000;
     for (const socketPath of sockets) {
-      while (!(await import('node:fs')).existsSync(socketPath)) {
+      while (!existsSync(socketPath)) {
         if (Date.now() > deadline) throw new Error(`no socket at ${socketPath}:\n${daemons.map((d) => d.output()).join('\n')}`);
         await sleep(50);
       }
@@ -191,11 +226,16 @@ describe.skipIf(unavailable !== null)('live migration between two vublk daemons 
   }, 60_000);
 
   it('moves a guest doing O_DIRECT I/O to the other daemon and back with no I/O error and no mismatch', { timeout: 900_000 }, async () => {
-    const context = (): string =>
-      [
+    const context = (): string => {
+      if (process.env.VUBLK_MIGRATION_DUMP) {
+        for (const vm of vms) writeFileSync(`${process.env.VUBLK_MIGRATION_DUMP}-${vm.name}.log`, vm.output());
+        daemons.forEach((d, i) => writeFileSync(`${process.env.VUBLK_MIGRATION_DUMP}-daemon${i}.log`, d.output()));
+      }
+      return [
         ...vms.map((vm) => `--- ${vm.name} console:\n${vm.output().split('\n').slice(-30).join('\n')}`),
         ...daemons.map((d, i) => `--- daemon ${i} log:\n${d.output().split('\n').slice(-25).join('\n')}`),
       ].join('\n');
+    };
 
     const first = await startVm('qemu-1', dir, sockets[0]!, null);
     vms.push(first);
@@ -213,12 +253,17 @@ describe.skipIf(unavailable !== null)('live migration between two vublk daemons 
       [first, 'qemu-3', sockets[0]!],
     ];
     let source = first;
+    let hop = 0;
     for (const [, name, socketPath] of hops) {
+      hop++;
       const port = await freePort();
       const destination = await startVm(name, dir, socketPath, port);
       vms.push(destination);
       const before = Math.max(0, ...source.rounds());
-      const info = await migrate(source, destination, port, context);
+      const info = await migrate(source, destination, port, hop, context);
+      // The sentinel pages were written by the device after pre-copy sent them: only the dirty log moved them.
+      destination.send(`check ${hop}`);
+      await waitForLine(destination, `VUBLK-E2E: sentinel ${hop} ok`, 60_000, context);
       report.push(`${source.name} → ${name}: ${info['total-time']} ms, downtime ${info.downtime} ms, ${info.ram?.['dirty-sync-count']} dirty syncs, ${info.ram?.transferred} bytes`);
       const reached = await waitForRounds(destination, before, ROUNDS_AFTER, context);
       expect(failures(source), context()).toEqual([]);
