@@ -322,7 +322,9 @@ export class VhostUserSession {
     this.dirtyLogVersion++;
     const table = this.dirtyLogTable();
     await this.queues.updateLog(table);
-    this.log.info({ logging: table.size > 0, logBytes: table.size }, table.size > 0 ? 'dirty logging on' : 'dirty logging off');
+    // Counters of running rings are published at the end of each drain; stopped rings have published all.
+    const pagesLogged = this.rings.reduce((sum, ring) => sum + this.disk.counters.read(ring.index, 'dirtyPagesLogged'), 0);
+    this.log.info({ logging: table.size > 0, logBytes: table.size, pagesLogged }, table.size > 0 ? 'dirty logging on' : 'dirty logging off');
   }
 
   /**
@@ -494,7 +496,7 @@ export class VhostUserSession {
     const lastAvailIdx = await this.queues.stop(ring.index);
     ring.running = false;
     if (lastAvailIdx !== undefined) ring.base = lastAvailIdx;
-    this.log.info({ queue: ring.index, base: ring.base }, 'ring stopped');
+    this.log.info({ queue: ring.index, base: ring.base, pagesLogged: this.disk.counters.read(ring.index, 'dirtyPagesLogged') }, 'ring stopped');
   }
 
   private async restartRing(ring: VringConfig): Promise<void> {

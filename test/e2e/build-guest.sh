@@ -231,27 +231,49 @@ case $workload in
     # on their own region with O_DIRECT and read it back with O_DIRECT in one read, then compare. Patterns
     # alternate between rounds, so a read buffer the destination got stale (a dirty-log bit missing) fails.
     [ -n "$offset" ] || fail "migrate: vublk.offset missing"
-    [ $((offset + 5 * length)) -le $((size * 512)) ] || fail "migrate: disk too small ($size sectors)"
+    [ $((offset + 6 * length)) -le $((size * 512)) ] || fail "migrate: disk too small ($size sectors)"
     tr 'a-z' 'A-Z' </pattern.bin >/tmp/pattern.upper
     upper=$(md5sum /tmp/pattern.upper | cut -d' ' -f1)
-    # Sentinel, driven by the host through the console: "fill N" reads a region into the page cache (pages
-    # only the device writes), "check N" reads it again from the cache. The host sends "fill" during
-    # pre-copy and "check" on the destination, so the check sees exactly what the dirty log carried over.
-    sentinel=$((offset + 4 * length))
-    dd if=/pattern.bin of=/dev/vda bs=1M oflag=seek_bytes,direct seek=$sentinel conv=fsync,notrunc status=none ||
-      fail "migrate: sentinel write failed"
+    # Sentinel, driven by the host through the console, for pages only the device writes after pre-copy
+    # sent them. A dd holds one O_DIRECT buffer for its whole life: it reads block A (before the migration)
+    # and blocks writing it into a FIFO nobody reads. "fill N" (sent during pre-copy) drains block A, so dd
+    # reads block S into the same, long-clean buffer and blocks again; "check N" (sent on the destination)
+    # drains block S from that buffer. Without a dirty-log bit the destination still holds block A there.
+    block_a=$((offset + 4 * length))
+    for region in "$block_a /tmp/pattern.upper" "$((block_a + length)) /pattern.bin"; do
+      set -- $region
+      dd if="$2" of=/dev/vda bs=1M oflag=seek_bytes,direct seek="$1" conv=fsync,notrunc status=none ||
+        fail "migrate: sentinel write failed"
+    done
     (
+      arm() {
+        rm -f /tmp/sentinel.fifo
+        mkfifo /tmp/sentinel.fifo
+        dd if=/dev/vda of=/tmp/sentinel.fifo bs="$length" count=2 iflag=skip_bytes,direct skip=$block_a status=none &
+        holder=$!
+        exec 3</tmp/sentinel.fifo
+      }
+      # Bytes the holder has read so far (both blocks read = block S is in its buffer).
+      holder_read() { sed -n 's/^rchar: //p' /proc/$holder/io 2>/dev/null || echo 0; }
+      arm
       while read -r command n; do
         case $command in
           fill)
-            echo 3 >/proc/sys/vm/drop_caches
-            dd if=/dev/vda of=/dev/null bs=1M iflag=skip_bytes,count_bytes skip=$sentinel count="$length" status=none ||
-              say "FAIL migrate sentinel read error $n"
-            say "filled $n"
+            dd of=/dev/null bs=65536 count="$length" iflag=fullblock,count_bytes status=none <&3 ||
+              say "FAIL migrate sentinel drain error $n"
+            tries=0
+            while [ "$(holder_read)" -lt $((2 * length)) ] && [ $tries -lt 300 ]; do
+              usleep 100000
+              tries=$((tries + 1))
+            done
+            say "filled $n read=$(holder_read)"
             ;;
           check)
-            got=$(dd if=/dev/vda bs=1M iflag=skip_bytes,count_bytes skip=$sentinel count="$length" status=none | md5sum | cut -d' ' -f1)
+            got=$(dd bs=65536 iflag=fullblock status=none <&3 | md5sum | cut -d' ' -f1)
             if [ "$got" = "$expected" ]; then say "sentinel $n ok"; else say "FAIL migrate sentinel $n md5=$got expected=$expected"; fi
+            wait $holder
+            exec 3<&-
+            arm
             ;;
         esac
       done </dev/console

@@ -149,6 +149,16 @@ async function waitForLine(vm: Vm, line: string, timeoutMs: number, context: () 
   }
 }
 
+/** Waits for a console line starting with `prefix`. */
+async function waitForPrefix(vm: Vm, prefix: string, timeoutMs: number, context: () => string): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!vm.output().split('\n').some((l) => l.startsWith(prefix))) {
+    expect(failures(vm), context()).toEqual([]);
+    if (Date.now() > deadline) expect.fail(`${vm.name}: no "${prefix}..." within ${timeoutMs} ms\n${context()}`);
+    await sleep(200);
+  }
+}
+
 /**
  * Migrates `source` to `destination` (listening on `port`). Pre-copy is held open (1 ms downtime limit, so it
  * cannot converge while the guest does I/O) until the first full RAM pass is done and the guest has filled
@@ -172,7 +182,7 @@ async function migrate(source: Vm, destination: Vm, port: number, hop: number, c
     info = await poll();
   }
   source.send(`fill ${hop}`);
-  await waitForLine(source, `VUBLK-E2E: filled ${hop}`, 60_000, context);
+  await waitForPrefix(source, `VUBLK-E2E: filled ${hop} `, 60_000, context);
   info = await poll();
   expect(info.status, `pre-copy converged before the sentinel was filled\n${context()}`).toBe('active');
   // Loopback is fast; let it converge now.
@@ -272,7 +282,8 @@ describe.skipIf(unavailable !== null)('live migration between two vublk daemons 
       report.push(`${name} ran rounds ${before + 1}..${reached}`);
       source = destination;
     }
-    console.log(`live migration: ${report.join('; ')}`);
+    const logged = daemons.map((d) => d.logs().filter((line) => line.msg === 'ring stopped').map((line) => line['pagesLogged']));
+    console.log(`live migration: ${report.join('; ')}; dirty pages logged (lifetime, at each ring stop): daemon A ${JSON.stringify(logged[0])}, daemon B ${JSON.stringify(logged[1])}`);
     for (const vm of vms) expect(failures(vm), context()).toEqual([]);
     for (const daemon of daemons) {
       expect(daemon.running(), context()).toBe(true);
