@@ -239,6 +239,9 @@ case $workload in
     # and blocks writing it into a FIFO nobody reads. "fill N" (sent during pre-copy) drains block A, so dd
     # reads block S into the same, long-clean buffer and blocks again; "check N" (sent on the destination)
     # drains block S from that buffer. Without a dirty-log bit the destination still holds block A there.
+    # A steady memory dirtier keeps pre-copy from converging on its own while the host holds it open
+    # (QEMU switches over as soon as what is left to send fits the downtime limit).
+    ( while :; do dd if=/dev/zero of=/tmp/dirty bs=64K count=64 conv=notrunc status=none; done ) &
     block_a=$((offset + 4 * length))
     for region in "$block_a /tmp/pattern.upper" "$((block_a + length)) /pattern.bin"; do
       set -- $region
