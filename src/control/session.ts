@@ -43,7 +43,7 @@ import { signalEventFd } from '../sys/eventfd.js';
 import { MessageStream, type CloseReason, type IncomingMessage } from './message-stream.js';
 import { VringConfig } from './vring-config.js';
 import { assertNoOverlap, layoutsOf, mapRegion, unmapRegion, type MappedRegion } from './memory-table.js';
-import { mapLog, unmapLog, type MappedLog } from './dirty-log-map.js';
+import { DirtyLogError, mapLog, unmapLog, type MappedLog } from './dirty-log-map.js';
 import { OFFERED_PROTOCOL_FEATURES } from '../device/blk-features.js';
 import type { BlkDisk } from '../device/blk-disk.js';
 import type { DiskQueues } from './disk-queues.js';
@@ -340,7 +340,13 @@ export class VhostUserSession {
       const description = decodeLogDescription(request, message.payload);
       const fd = message.fds.shift();
       if (fd === undefined) throw new SessionRequestError(request, 'no log fd attached');
-      mapped = mapLog(description, fd);
+      try {
+        mapped = mapLog(description, fd);
+      } catch (error) {
+        // The front-end's fault (bad size, unsealed fd): a warning, like any refused request.
+        if (error instanceof DirtyLogError) throw new SessionRequestError(request, error.message);
+        throw error;
+      }
     } catch (error) {
       if (this.logging) {
         this.log.error(errorFields(error), 'replacement dirty log unusable while logging: closing the session so no write goes unlogged');
