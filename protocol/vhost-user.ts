@@ -3,6 +3,7 @@
  * typed codecs for every payload vublk exchanges. Pure: no sockets, no fds (fds travel beside the bytes).
  * All integers are little-endian (host order on x86).
  */
+import { VublkError } from './errors.js';
 
 /** Front-end → back-end requests. */
 export const FrontendRequest = {
@@ -112,13 +113,12 @@ export const VRING_INDEX_MASK = 0xff;
 export const VRING_NOFD_MASK = 0x100;
 
 /** Thrown for bytes that cannot be a valid message; carries the request so replies and logs can name it. */
-export class MalformedMessageError extends Error {
+export class MalformedMessageError extends VublkError {
   constructor(
     readonly request: number,
     detail: string,
   ) {
-    super(`malformed ${requestName(request)}: ${detail}`);
-    this.name = 'MalformedMessageError';
+    super('VUBLK_ERR_MALFORMED_MESSAGE', `malformed ${requestName(request)}: ${detail}`, { peerFault: true });
   }
 }
 

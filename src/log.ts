@@ -4,6 +4,8 @@
  */
 import { pino, type Logger } from 'pino';
 import { prettyDestination } from './log-pretty.js';
+import { VublkError } from './errors.js';
+import { SyscallError } from './sys/errors.js';
 
 export type { Logger };
 
@@ -16,18 +18,34 @@ export type LogFormat = (typeof LOG_FORMATS)[number];
 /** `auto`: pretty when stdout is a terminal, JSON otherwise. */
 export function createLogger(level: LogLevel = 'info', format: LogFormat = 'json'): Logger {
   const options = { level, base: { service: 'vublk' }, timestamp: pino.stdTimeFunctions.isoTime };
-  const pretty = format === 'pretty' || (format === 'auto' && process.stdout.isTTY === true);
-  return pretty ? pino(options, prettyDestination()) : pino(options);
+  return isPrettyLog(format) ? pino(options, prettyDestination()) : pino(options);
 }
 
-/** Turns a thrown value into log fields; SyscallErrors keep their call and errno name. */
+/** Whether `format` prints human-readable lines (`auto` on a terminal) rather than JSON. */
+export function isPrettyLog(format: LogFormat): boolean {
+  return format === 'pretty' || (format === 'auto' && process.stdout.isTTY === true);
+}
+
+/**
+ * Turns a thrown value into log fields: message, type, the stable `code` and classification of a
+ * VublkError, the call and errno name of a SyscallError, and the code of a Node.js system error.
+ */
 export function errorFields(error: unknown): Record<string, unknown> {
-  if (error instanceof Error) {
-    const fields: Record<string, unknown> = { err: error.message, errType: error.name };
-    const maybe = error as Error & { call?: unknown; code?: unknown };
-    if (typeof maybe.call === 'string') fields['call'] = maybe.call;
-    if (typeof maybe.code === 'string') fields['errno'] = maybe.code;
+  if (!(error instanceof Error)) return { err: String(error) };
+  const fields: Record<string, unknown> = { err: error.message, errType: error.name };
+  if (error instanceof VublkError) {
+    fields['code'] = error.code;
+    if (error.peerFault) fields['peerFault'] = true;
+    if (error.fatal) fields['fatal'] = true;
+    if (error instanceof SyscallError) {
+      fields['call'] = error.call;
+      fields['errno'] = error.errnoName;
+    }
     return fields;
   }
-  return { err: String(error) };
+  // Node.js system errors (fs, net) carry their errno name as `code`.
+  const system = error as NodeJS.ErrnoException;
+  if (typeof system.code === 'string') fields['errno'] = system.code;
+  if (typeof system.syscall === 'string') fields['call'] = system.syscall;
+  return fields;
 }

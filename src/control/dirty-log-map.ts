@@ -13,6 +13,7 @@ import type { LogDescription } from '../../protocol/vhost-user.js';
 import { mapShared, unmap } from '../sys/memory-map.js';
 import { closeFd } from '../sys/fd.js';
 import { sys } from '../sys/libc.js';
+import { VublkError } from '../errors.js';
 
 /** 256 MiB of log covers 8 TiB of guest-physical address space (one bit per 4 KiB page). */
 export const MAX_LOG_BYTES = 256 * 1024 * 1024;
@@ -22,11 +23,10 @@ const F_GET_SEALS = 1034;
 const F_SEAL_SHRINK = 0x0002;
 const PAGE_SIZE = 4096;
 
-export class DirtyLogError extends Error {
-  readonly code = 'DIRTY_LOG_REJECTED';
+/** A log the front-end sent that vublk cannot use safely (its fault: the request is refused). */
+export class DirtyLogError extends VublkError {
   constructor(detail: string) {
-    super(`dirty log rejected: ${detail}`);
-    this.name = 'DirtyLogError';
+    super('VUBLK_ERR_DIRTY_LOG', `dirty log rejected: ${detail}`, { peerFault: true });
   }
 }
 

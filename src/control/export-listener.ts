@@ -5,7 +5,8 @@
  */
 import fs from 'node:fs';
 import { pollFd, type PollHandle } from '../sys/fd-poll.js';
-import { acceptConnection, isSocketLive, listenUnix, SocketPathError } from '../sys/unix-socket.js';
+import { acceptConnection } from '../sys/unix-socket.js';
+import { bindSocketPath, type SocketAccess } from '../sys/socket-path.js';
 import { closeFd } from '../sys/fd.js';
 import { VhostUserSession } from './session.js';
 import type { DiskQueues } from './disk-queues.js';
@@ -13,45 +14,14 @@ import { errorFields, type Logger } from '../log.js';
 
 /** How long a second connection waits for the current session to end before it is refused. */
 const RECONNECT_GRACE_MS = 1000;
+/** After a failed accept (EMFILE), how long the listener waits before trying again. */
+const ACCEPT_BACKOFF_MS = 200;
 
 
-/** Who may connect to a socket vublk creates: its mode (default 0600) and, optionally, its owner and group. */
-export interface SocketAccess {
-  mode?: number | undefined;
-  uid?: number | undefined;
-  gid?: number | undefined;
-}
+export type { SocketAccess } from '../sys/socket-path.js';
+export { bindSocketPath, DEFAULT_SOCKET_MODE } from '../sys/socket-path.js';
 
 export type ListenAddress = ({ kind: 'path'; path: string } & SocketAccess) | { kind: 'fd'; fd: number };
-
-export const DEFAULT_SOCKET_MODE = 0o600;
-
-/** Binds `path`, replacing a stale socket file left by a dead daemon but never a live one. */
-export function bindSocketPath(path: string, access: SocketAccess = {}): number {
-  if (fs.existsSync(path)) {
-    const stat = fs.lstatSync(path);
-    if (!stat.isSocket()) throw new SocketPathError(path, 'exists and is not a socket; refusing to replace it');
-    if (isSocketLive(path)) throw new SocketPathError(path, 'is in use by a running process (another vublk?)');
-    fs.unlinkSync(path);
-  }
-  // Created owner-only, so there is no moment in which the socket is reachable with the umask's looser mode.
-  const previousMask = process.umask(0o177);
-  let fd: number;
-  try {
-    fd = listenUnix(path);
-  } finally {
-    process.umask(previousMask);
-  }
-  try {
-    if (access.uid !== undefined || access.gid !== undefined) fs.chownSync(path, access.uid ?? -1, access.gid ?? -1);
-    fs.chmodSync(path, access.mode ?? DEFAULT_SOCKET_MODE);
-  } catch (error) {
-    closeFd(fd);
-    fs.rmSync(path, { force: true });
-    throw new SocketPathError(path, `cannot set its owner or mode: ${(error as Error).message}`);
-  }
-  return fd;
-}
 
 export class ExportListener {
   private readonly listenFd: number;
@@ -86,6 +56,11 @@ export class ExportListener {
         fd = acceptConnection(this.listenFd);
       } catch (error) {
         this.log.error(errorFields(error), 'accept failed');
+        // EMFILE/ENFILE leave the connection pending and the socket readable: back off instead of spinning.
+        this.poll.stop();
+        setTimeout(() => {
+          if (!this.closed) this.poll.start({ readable: true }, () => this.acceptPending());
+        }, ACCEPT_BACKOFF_MS).unref();
         return;
       }
       if (fd === null) return;

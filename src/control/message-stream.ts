@@ -5,11 +5,15 @@
  * promise settles, which keeps message handling strictly in order and gives the peer back-pressure.
  * A header that cannot start a valid message (bad version, oversized payload) means the stream is no longer
  * framed: the stream is closed rather than guessed at.
+ *
+ * Back-pressure both ways: no message is read while replies wait to be sent, so a peer that sends requests
+ * but never reads the answers fills its own socket, not the daemon's memory (at most one reply is queued).
  */
 import { pollFd, type PollEvents, type PollHandle } from '../sys/fd-poll.js';
 import { HEADER_SIZE, MAX_PAYLOAD_SIZE, HeaderFlag, decodeHeader, type MessageHeader } from '../../protocol/vhost-user.js';
 import { recvWithFds, sendWithFds, TruncatedFdsError } from '../sys/unix-socket.js';
 import { closeAll, closeFd } from '../sys/fd.js';
+import { VublkError } from '../errors.js';
 
 export interface IncomingMessage {
   header: MessageHeader;
@@ -20,10 +24,9 @@ export interface IncomingMessage {
 
 export type CloseReason = { kind: 'peer-closed' } | { kind: 'protocol-error'; detail: string } | { kind: 'local' };
 
-export class StreamCorruptError extends Error {
+export class StreamCorruptError extends VublkError {
   constructor(detail: string) {
-    super(`vhost-user stream is corrupt: ${detail}`);
-    this.name = 'StreamCorruptError';
+    super('VUBLK_ERR_STREAM_CORRUPT', `vhost-user stream is corrupt: ${detail}`, { peerFault: true, fatal: true });
   }
 }
 
@@ -75,7 +78,7 @@ export class MessageStream {
       return;
     }
     if (events.writable) this.flush();
-    if (events.readable || events.disconnect) this.readAvailable();
+    if (events.readable || events.disconnect || (events.writable && this.canRead)) this.readAvailable();
   }
 
   private flush(): void {
@@ -95,13 +98,17 @@ export class MessageStream {
     this.rearm();
   }
 
+  private get canRead(): boolean {
+    return !this.busy && this.outbox.length === 0;
+  }
+
   private rearm(): void {
     if (this.closed) return;
-    this.poll.start({ readable: !this.busy, writable: this.outbox.length > 0, disconnect: true }, (s, e) => this.onPoll(s, e));
+    this.poll.start({ readable: this.canRead, writable: this.outbox.length > 0, disconnect: true }, (s, e) => this.onPoll(s, e));
   }
 
   private readAvailable(): void {
-    while (!this.closed && !this.busy) {
+    while (!this.closed && this.canRead) {
       const want = this.header === null ? HEADER_SIZE : HEADER_SIZE + this.header.size;
       let got;
       try {

@@ -13,7 +13,6 @@ import {
   FrontendRequest,
   HeaderFlag,
   MAX_MEM_SLOTS,
-  MalformedMessageError,
   ProtocolFeature,
   VHOST_F_LOG_ALL,
   VHOST_USER_F_PROTOCOL_FEATURES,
@@ -42,21 +41,26 @@ import { sendWithFds } from '../sys/unix-socket.js';
 import { signalEventFd } from '../sys/eventfd.js';
 import { MessageStream, type CloseReason, type IncomingMessage } from './message-stream.js';
 import { VringConfig } from './vring-config.js';
-import { assertNoOverlap, layoutsOf, mapRegion, unmapRegion, type MappedRegion } from './memory-table.js';
-import { DirtyLogError, mapLog, unmapLog, type MappedLog } from './dirty-log-map.js';
+import { MemoryTableError, assertNoOverlap, assertWithinLimits, layoutsOf, mapRegion, unmapRegion, type MappedRegion } from './memory-table.js';
+import { adoptNotifyFd } from './notify-fd.js';
+import { mapLog, unmapLog, type MappedLog } from './dirty-log-map.js';
 import { OFFERED_PROTOCOL_FEATURES } from '../device/blk-features.js';
 import type { BlkDisk } from '../device/blk-disk.js';
 import type { DiskQueues } from './disk-queues.js';
 import type { DirtyLogTable, MemoryTable, WorkerEvent } from '../dataplane/worker-protocol.js';
 import { errorFields, type Logger } from '../log.js';
+import { VublkError } from '../errors.js';
 
 /** A request the session refuses; the message names the request and what to fix. */
-export class SessionRequestError extends Error {
+export class SessionRequestError extends VublkError {
   constructor(request: number, detail: string) {
-    super(`${requestName(request)}: ${detail}`);
-    this.name = 'SessionRequestError';
+    super('VUBLK_ERR_SESSION_REQUEST', `${requestName(request)}: ${detail}`, { peerFault: true });
   }
 }
+
+/** What a QEMU command line needs so vublk can map guest RAM (vhost-user shares memory by fd). */
+export const NO_SHARED_MEMORY_HINT =
+  'give QEMU shared guest RAM: -object memory-backend-memfd,id=mem,size=<RAM>,share=on plus -numa node,memdev=mem (or -machine memory-backend=mem)';
 
 type Handler = (message: IncomingMessage) => Promise<Uint8Array | void> | Uint8Array | void;
 
@@ -95,6 +99,8 @@ export class VhostUserSession {
   private status = 0;
   private backendFd = -1;
   private ended = false;
+  private noMemoryWarned = false;
+  private featuresLogged = false;
   readonly stats: SessionStats = { messages: 0, rejected: 0 };
   private readonly handlers: Record<number, Handler>;
 
@@ -184,8 +190,11 @@ export class VhostUserSession {
     } catch (error) {
       failed = true;
       this.stats.rejected++;
-      const level = error instanceof MalformedMessageError || error instanceof SessionRequestError ? 'warn' : 'error';
-      this.log[level]({ request: requestName(request), ...errorFields(error) }, 'vhost-user request rejected');
+      // The error's classification decides: the front-end's fault is a warning, ours an error;
+      // a fatal error ends the connection instead of a reply.
+      const classified = error instanceof VublkError ? error : null;
+      this.log[classified?.peerFault === true ? 'warn' : 'error']({ request: requestName(request), ...errorFields(error) }, 'vhost-user request rejected');
+      if (classified?.fatal === true) this.stream.close({ kind: 'protocol-error', detail: classified.message });
     } finally {
       // Whatever a handler did not take ownership of is closed here (handlers splice out the fds they keep).
       closeAll(message.fds);
@@ -215,7 +224,7 @@ export class VhostUserSession {
     const previous = this.ackedFeatures;
     this.ackedFeatures = features & this.disk.offeredFeatures;
     this.featuresSet = true;
-    this.log.info({ features: `0x${this.ackedFeatures.toString(16)}`, eventIdx: this.eventIdx, version1: hasFeature(this.ackedFeatures, VirtioFeature.VERSION_1) }, 'features negotiated');
+    this.logFeatures(previous);
     // EVENT_IDX changes how a running ring suppresses notifications: restart running rings with it.
     if (hasFeature(previous ^ this.ackedFeatures, VirtioFeature.RING_EVENT_IDX)) {
       for (const ring of this.rings) if (ring.running) await this.restartRing(ring);
@@ -227,6 +236,23 @@ export class VhostUserSession {
 
   private get logging(): boolean {
     return this.dirtyLog !== null && hasFeature(this.ackedFeatures, VHOST_F_LOG_ALL);
+  }
+
+  /**
+   * One `features negotiated` line per session. QEMU sends SET_FEATURES at every device start: the firmware's
+   * driver (SeaBIOS) starts the device with a few features, the guest kernel's again with its own; repeats
+   * with the same set are debug, a different set is `features renegotiated` with both values.
+   */
+  private logFeatures(previous: bigint): void {
+    const fields = { features: `0x${this.ackedFeatures.toString(16)}`, eventIdx: this.eventIdx, version1: hasFeature(this.ackedFeatures, VirtioFeature.VERSION_1) };
+    if (!this.featuresLogged) {
+      this.featuresLogged = true;
+      this.log.info(fields, 'features negotiated');
+    } else if (previous !== this.ackedFeatures) {
+      this.log.info({ ...fields, previous: `0x${previous.toString(16)}` }, 'features renegotiated');
+    } else {
+      this.log.debug(fields, 'features negotiated again (unchanged)');
+    }
   }
 
   private get eventIdx(): boolean {
@@ -255,6 +281,7 @@ export class VhostUserSession {
     try {
       regions.forEach((region, i) => mapped.push(mapRegion(region, fds[i]!)));
       assertNoOverlap(mapped);
+      assertWithinLimits(mapped);
     } catch (error) {
       mapped.forEach(unmapRegion);
       closeAll(fds.slice(mapped.length));
@@ -275,6 +302,7 @@ export class VhostUserSession {
     const mapped = mapRegion(region, fd);
     try {
       assertNoOverlap([...this.regions, mapped]);
+      assertWithinLimits([...this.regions, mapped]);
     } catch (error) {
       unmapRegion(mapped);
       throw error;
@@ -301,6 +329,8 @@ export class VhostUserSession {
   private async replaceMemory(next: MappedRegion[]): Promise<void> {
     const previous = this.regions;
     this.regions = next;
+    const unsealed = next.filter((region) => region.shrinkGuard === 'unsealable' && !previous.includes(region)).length;
+    if (unsealed > 0) this.log.warn({ regions: unsealed }, 'guest memory fd cannot be sealed against shrinking; the front-end must not truncate it');
     this.memoryVersion++;
     const table = this.memoryTable();
     const layouts = table.regions;
@@ -340,13 +370,7 @@ export class VhostUserSession {
       const description = decodeLogDescription(request, message.payload);
       const fd = message.fds.shift();
       if (fd === undefined) throw new SessionRequestError(request, 'no log fd attached');
-      try {
-        mapped = mapLog(description, fd);
-      } catch (error) {
-        // The front-end's fault (bad size, unsealed fd): a warning, like any refused request.
-        if (error instanceof DirtyLogError) throw new SessionRequestError(request, error.message);
-        throw error;
-      }
+      mapped = mapLog(description, fd);
     } catch (error) {
       if (this.logging) {
         this.log.error(errorFields(error), 'replacement dirty log unusable while logging: closing the session so no write goes unlogged');
@@ -394,6 +418,10 @@ export class VhostUserSession {
     if (address.descUserAddr > limit || address.availUserAddr > limit || address.usedUserAddr > limit || address.logGuestAddr > limit) {
       throw new SessionRequestError(message.header.request, 'ring address beyond 2^53');
     }
+    // Split-ring alignment (virtio 1.x 2.7): the worker views the rings as typed arrays at these addresses.
+    if (address.descUserAddr % 16n !== 0n || address.availUserAddr % 2n !== 0n || address.usedUserAddr % 4n !== 0n) {
+      throw new SessionRequestError(message.header.request, 'ring addresses must be aligned: descriptor table to 16, avail ring to 2, used ring to 4 bytes');
+    }
     const logUsed = (address.flags & (1 << VHOST_VRING_F_LOG)) !== 0;
     const wasRunning = ring.running;
     await this.stopRing(ring);
@@ -430,12 +458,27 @@ export class VhostUserSession {
     const ring = this.ring(request, index);
     const fd = noFd ? -1 : message.fds.shift();
     if (fd === undefined) throw new SessionRequestError(request, 'no kick fd attached and the no-fd flag is clear');
+    this.adopt(request, fd, 'kick');
     await this.stopRing(ring);
     closeFd(ring.kickFd);
     ring.kickFd = fd;
     ring.kickArmed = true;
     if (noFd) this.log.warn({ queue: index }, 'kick fd absent: queue is polled every millisecond');
+    if (!this.protocolFeaturesNegotiated) this.warnIfNoMemory(index);
     await this.reconcile(ring);
+  }
+
+  /**
+   * A ring is being started but no memory table ever came: QEMU leaves guest RAM out of the table when it
+   * cannot share it (no fd), so the guest hangs at boot with nothing logged anywhere. Said once per session.
+   */
+  private warnIfNoMemory(queue: number): void {
+    if (this.regions.length > 0 || this.noMemoryWarned) return;
+    this.noMemoryWarned = true;
+    this.log.warn(
+      { queue, hint: NO_SHARED_MEMORY_HINT },
+      'the front-end starts a queue but has sent no guest memory table: its guest RAM is probably not shared memory (the guest will hang at boot)',
+    );
   }
 
   private async setVringCall(message: IncomingMessage): Promise<void> {
@@ -453,12 +496,27 @@ export class VhostUserSession {
     const ring = this.ring(request, index);
     const fd = noFd ? -1 : message.fds.shift();
     if (fd === undefined) throw new SessionRequestError(request, 'no fd attached and the no-fd flag is clear');
+    this.adopt(request, fd, field === 'callFd' ? 'call' : 'err');
     const old = ring[field];
     ring[field] = fd;
-    if (ring.running) await this.queues.setNotifyFd(index, op, fd);
-    // A guest may have lost an interrupt across a ring restart; one spurious interrupt is harmless.
-    else if (field === 'callFd' && fd >= 0) signalEventFd(fd);
-    closeFd(old);
+    try {
+      if (ring.running) await this.queues.setNotifyFd(index, op, fd);
+      // A guest may have lost an interrupt across a ring restart; one spurious interrupt is harmless.
+      else if (field === 'callFd' && fd >= 0) signalEventFd(fd);
+    } finally {
+      closeFd(old);
+    }
+  }
+
+  /** A received kick/call/err fd must be an eventfd; it is made non-blocking. On refusal the fd is closed. */
+  private adopt(request: number, fd: number, role: 'kick' | 'call' | 'err'): void {
+    if (fd < 0) return;
+    try {
+      adoptNotifyFd(fd, role);
+    } catch (error) {
+      closeFd(fd);
+      throw new SessionRequestError(request, error instanceof Error ? error.message : String(error));
+    }
   }
 
   private async setVringEnable(message: IncomingMessage): Promise<void> {
@@ -466,6 +524,7 @@ export class VhostUserSession {
     const ring = this.ring(message.header.request, index);
     if (num > 1) throw new SessionRequestError(message.header.request, `enable value ${num} is neither 0 nor 1`);
     ring.enabled = num === 1;
+    if (ring.enabled) this.warnIfNoMemory(index);
     await this.reconcile(ring);
   }
 

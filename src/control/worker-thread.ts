@@ -7,16 +7,15 @@ import { Worker } from 'node:worker_threads';
 import { createEventFd, signalEventFd } from '../sys/eventfd.js';
 import { closeFd } from '../sys/fd.js';
 import type { WorkerCommand, WorkerEvent, WorkerInit, WorkerMessage, WorkerAck } from '../dataplane/worker-protocol.js';
+import { VublkError } from '../errors.js';
 
 const WORKER_URL = new URL('../dataplane/queue-worker.js', import.meta.url);
 /** A worker that does not acknowledge within this time is considered wedged. */
 const ACK_TIMEOUT_MS = 10_000;
 
-export class WorkerCommandError extends Error {
-  readonly code = 'ERR_WORKER_COMMAND';
+export class WorkerCommandError extends VublkError {
   constructor(label: string, op: string, detail: string) {
-    super(`${label} failed '${op}': ${detail}`);
-    this.name = 'WorkerCommandError';
+    super('VUBLK_ERR_WORKER_COMMAND', `${label} failed '${op}': ${detail}`);
   }
 }
 

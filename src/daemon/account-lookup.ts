@@ -3,11 +3,11 @@
  * text is taken as an id as-is. Pure apart from reading the two files, which tests can point elsewhere.
  */
 import fs from 'node:fs';
+import { VublkError } from '../errors.js';
 
-export class AccountLookupError extends Error {
+export class AccountLookupError extends VublkError {
   constructor(kind: 'user' | 'group', name: string, file: string) {
-    super(`no ${kind} named '${name}' in ${file} (give a name that exists, or a numeric id)`);
-    this.name = 'AccountLookupError';
+    super('VUBLK_ERR_ACCOUNT_LOOKUP', `no ${kind} named '${name}' in ${file} (give a name that exists, or a numeric id)`, { peerFault: true });
   }
 }
 

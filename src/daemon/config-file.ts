@@ -20,19 +20,21 @@ import { createRequire } from 'node:module';
 
 /** The YAML parser is loaded only when a YAML file is read: it costs ~8 MiB of RSS a daemon without one need not pay. */
 const loadYaml = (): typeof import('yaml') => createRequire(import.meta.url)('yaml') as typeof import('yaml');
-import { buildDiskSpec, checkDistinct, DiskSpecError, type DiskSpec, type DiskSpecInput } from './disk-spec.js';
+import { buildDiskSpec, checkDistinct, DiskSpecError, readOption, type DiskSpec } from './disk-spec.js';
+import { DISK_OPTIONS, RETIRED_DISK_KEYS, configKeyOf, type DiskFields } from './disk-options.js';
 import { LOG_FORMATS, LOG_LEVELS, type LogFormat, type LogLevel } from '../log.js';
 import { parseMetricsListen } from '../metrics/listen-address.js';
+import { VublkError } from '../errors.js';
 
-export class ConfigError extends Error {
+/** A config file that cannot be used; `keyPath` and `detail` are fields, the message only joins them. */
+export class ConfigError extends VublkError {
   constructor(
     readonly file: string,
     /** Key path such as `disks[1].throttle.bps`; empty for the whole file. */
     readonly keyPath: string,
     readonly detail: string,
   ) {
-    super(keyPath === '' ? `${file}: ${detail}` : `${file}: ${keyPath}: ${detail}`);
-    this.name = 'ConfigError';
+    super('VUBLK_ERR_CONFIG', keyPath === '' ? `${file}: ${detail}` : `${file}: ${keyPath}: ${detail}`, { peerFault: true });
   }
 }
 
@@ -45,33 +47,17 @@ export interface ServeConfig {
   adminPublic?: boolean | undefined;
   logLevel?: LogLevel | undefined;
   logFormat?: LogFormat | undefined;
+  /** Defaults of disk options the entries omit, from the command line (`--io-engine`); a reload keeps them. */
+  diskDefaults: Partial<DiskFields>;
 }
 
 const TOP_KEYS = ['disks', 'metrics-listen', 'admin-public', 'log-level', 'log-format'] as const;
-const DISK_KEYS = [
-  'name',
-  'image',
-  'socket',
-  'socket-fd',
-  'socket-mode',
-  'socket-owner',
-  'socket-group',
-  'size',
-  'num-queues',
-  'threads',
-  'queue-size',
-  'read-only',
-  'serial',
-  'logical-block-size',
-  'writeback',
-  'io-engine',
-  'throttle',
-] as const;
-const THROTTLE_KEYS = ['iops', 'iops-burst', 'bps', 'bps-burst'] as const;
-type ThrottleKey = (typeof THROTTLE_KEYS)[number];
+/** A disk entry's keys and the nested groups (`throttle:`), from the option table. */
+const DISK_KEYS = [...DISK_OPTIONS.filter((row) => row.group === undefined).map((row) => row.key), 'throttle'];
+const THROTTLE_KEYS = DISK_OPTIONS.filter((row) => row.group === 'throttle').map((row) => row.key);
 
 /** Reads and validates a config file. Throws ConfigError. */
-export function loadConfigFile(file: string): ServeConfig {
+export function loadConfigFile(file: string, diskDefaults: Partial<DiskFields> = {}): ServeConfig {
   const absolute = path.resolve(file);
   let text: string;
   try {
@@ -80,11 +66,11 @@ export function loadConfigFile(file: string): ServeConfig {
     const code = (error as NodeJS.ErrnoException).code;
     throw new ConfigError(absolute, '', code === 'ENOENT' ? 'no such file' : `cannot be read: ${(error as Error).message}`);
   }
-  return parseConfig(text, absolute);
+  return parseConfig(text, absolute, diskDefaults);
 }
 
 /** Parses config text; `file` decides the format (by extension) and the base of relative paths. */
-export function parseConfig(text: string, file: string): ServeConfig {
+export function parseConfig(text: string, file: string, diskDefaults: Partial<DiskFields> = {}): ServeConfig {
   const extension = path.extname(file).toLowerCase();
   let data: unknown;
   if (extension === '.json') {
@@ -106,7 +92,7 @@ export function parseConfig(text: string, file: string): ServeConfig {
   } else {
     throw new ConfigError(file, '', `unknown config format '${extension || '(no extension)'}': name the file .yaml, .yml or .json`);
   }
-  return validate(data, file);
+  return validate(data, file, diskDefaults);
 }
 
 type Fields = Record<string, unknown>;
@@ -122,14 +108,14 @@ function describe(value: unknown): string {
   return `${typeof value} ${JSON.stringify(value)}`;
 }
 
-function validate(data: unknown, file: string): ServeConfig {
+function validate(data: unknown, file: string, diskDefaults: Partial<DiskFields>): ServeConfig {
   const fail = (keyPath: string, detail: string): never => {
     throw new ConfigError(file, keyPath, detail);
   };
   if (!isMapping(data)) return fail('', `the top level must be a mapping with a 'disks' list, got ${describe(data)}`);
   checkKeys(data, TOP_KEYS, '', fail);
 
-  const config: ServeConfig = { file, disks: [] };
+  const config: ServeConfig = { file, disks: [], diskDefaults };
   if ('metrics-listen' in data) {
     const text = data['metrics-listen'];
     if (typeof text !== 'string') fail('metrics-listen', `must be a string such as "127.0.0.1:9477" or "off", got ${describe(text)}`);
@@ -149,11 +135,11 @@ function validate(data: unknown, file: string): ServeConfig {
   if (!Array.isArray(disks)) return fail('disks', `must be a list, got ${describe(disks)}`);
   if (disks.length === 0) fail('disks', 'is empty: describe at least one disk');
   const base = path.dirname(file);
-  config.disks = disks.map((entry: unknown, index) => diskSpec(entry, index, base, fail));
+  config.disks = disks.map((entry: unknown, index) => diskSpec(entry, index, base, diskDefaults, fail));
   try {
     checkDistinct(config.disks);
   } catch (error) {
-    if (error instanceof DiskSpecError) fail('disks', error.detail);
+    if (error instanceof DiskSpecError) fail(error.where, error.detail);
     throw error;
   }
   return config;
@@ -184,73 +170,28 @@ function text(value: unknown, keyPath: string, fail: Fail): string {
   return value;
 }
 
-/** A number or a string with a unit ("100M"); numbers must be non-negative whole numbers. */
-function amount(value: unknown, keyPath: string, fail: Fail, example: string): string {
-  if (typeof value === 'number') {
-    if (!Number.isSafeInteger(value) || value < 0) return fail(keyPath, `must be a non-negative whole number, got ${value}`);
-    return String(value);
-  }
-  if (typeof value === 'string' && value.trim() !== '') return value;
-  return fail(keyPath, `must be a number or a string such as "${example}", got ${describe(value)}`);
-}
-
-function integer(value: unknown, keyPath: string, fail: Fail): string {
-  if (typeof value !== 'number' || !Number.isSafeInteger(value) || value < 0) {
-    return fail(keyPath, `must be a non-negative whole number, got ${describe(value)}`);
-  }
-  return String(value);
-}
-
-function diskSpec(entry: unknown, index: number, base: string, fail: Fail): DiskSpec {
+function diskSpec(entry: unknown, index: number, base: string, defaults: Partial<DiskFields>, fail: Fail): DiskSpec {
   const where = `disks[${index}]`;
   if (!isMapping(entry)) return fail(where, `must be a mapping (name, image, socket, ...), got ${describe(entry)}`);
-  checkKeys(entry, DISK_KEYS, where, fail);
-  const get = <T>(key: string, convert: (value: unknown, keyPath: string, fail: Fail) => T): T | undefined =>
-    key in entry ? convert(entry[key], `${where}.${key}`, fail) : undefined;
-  const input: DiskSpecInput = {
-    name: get('name', text),
-    image: get('image', (v, p, f) => path.resolve(base, text(v, p, f))),
-    socket: get('socket', (v, p, f) => path.resolve(base, text(v, p, f))),
-    socketFd: get('socket-fd', integer),
-    socketMode: get('socket-mode', text),
-    socketOwner: get('socket-owner', (v, p, f) => (typeof v === 'number' ? String(v) : text(v, p, f))),
-    socketGroup: get('socket-group', (v, p, f) => (typeof v === 'number' ? String(v) : text(v, p, f))),
-    size: get('size', (v, p, f) => amount(v, p, f, '10G')),
-    numQueues: get('num-queues', integer),
-    threads: get('threads', integer),
-    queueSize: get('queue-size', integer),
-    readOnly: get('read-only', boolean),
-    serial: get('serial', (v, p, f) => (typeof v === 'string' ? v : f(p, `must be a string, got ${describe(v)}`))),
-    logicalBlockSize: get('logical-block-size', integer),
-    writeback: get('writeback', boolean),
-    ioEngine: get('io-engine', text),
-  };
-  if ('throttle' in entry) {
-    const throttle = entry['throttle'];
-    const tWhere = `${where}.throttle`;
-    if (!isMapping(throttle)) return fail(tWhere, `must be a mapping with iops, iops-burst, bps, bps-burst, got ${describe(throttle)}`);
-    checkKeys(throttle, THROTTLE_KEYS, tWhere, fail);
-    const examples: Record<ThrottleKey, string> = { iops: '10k', 'iops-burst': '20k', bps: '100M', 'bps-burst': '200M' };
-    const value = (key: ThrottleKey): string | undefined => (key in throttle ? amount(throttle[key], `${tWhere}.${key}`, fail, examples[key]) : undefined);
-    input.iops = value('iops');
-    input.iopsBurst = value('iops-burst');
-    input.bps = value('bps');
-    input.bpsBurst = value('bps-burst');
+  for (const key of Object.keys(entry)) {
+    const retired = RETIRED_DISK_KEYS[key];
+    if (retired !== undefined) fail(`${where}.${key}`, retired);
   }
+  checkKeys(entry, DISK_KEYS, where, fail);
+  const throttle = entry['throttle'];
+  if ('throttle' in entry) {
+    if (!isMapping(throttle)) return fail(`${where}.throttle`, `must be a mapping with ${THROTTLE_KEYS.join(', ')}, got ${describe(throttle)}`);
+    checkKeys(throttle, THROTTLE_KEYS, `${where}.throttle`, fail);
+  }
+  const fields: Partial<Record<keyof DiskFields, unknown>> = {};
   try {
-    return buildDiskSpec(input, where, index);
+    for (const row of DISK_OPTIONS) {
+      const holder = row.group === 'throttle' ? (isMapping(throttle) ? throttle : {}) : entry;
+      if (row.key in holder) fields[row.field] = readOption(row, where, 'config', (r) => r.type.config(holder[row.key], base));
+    }
+    return buildDiskSpec(fields as Partial<DiskFields>, where, index, 'config', defaults);
   } catch (error) {
     if (!(error instanceof DiskSpecError)) throw error;
-    const key = error.key;
-    if (key === undefined) return fail(where, error.detail);
-    const keyPath = (THROTTLE_KEYS as readonly string[]).includes(key) ? `${where}.throttle.${key}` : `${where}.${key}`;
-    return fail(keyPath, stripKey(error.detail, key));
+    return fail(error.option === undefined ? where : `${where}.${configKeyOf(error.option)}`, error.detail);
   }
-}
-
-/** `bps: invalid rate ...` → `invalid rate ...`; `num-queues must be ...` → `must be ...` (the path names the key). */
-function stripKey(detail: string, key: string): string {
-  if (detail.startsWith(`${key}: `)) return detail.slice(key.length + 2);
-  if (detail.startsWith(`${key} `)) return detail.slice(key.length + 1);
-  return detail;
 }

@@ -5,8 +5,12 @@
  * exit 0). A second signal exits at once, without waiting for anything. With a config file, SIGHUP re-reads
  * it and applies throttle limits live (reload.ts); without one, SIGHUP is logged and ignored.
  */
+import fs from 'node:fs';
 import os from 'node:os';
-import { BlkDisk, DiskSetupError } from '../device/blk-disk.js';
+import { BlkDisk } from '../device/blk-disk.js';
+import { VublkError } from '../errors.js';
+import { checkDiskPaths } from './disk-paths.js';
+import { adminOptionValues } from './disk-options.js';
 import { ExportListener } from '../control/export-listener.js';
 import { DiskQueues } from '../control/disk-queues.js';
 import { WorkerPool } from '../control/worker-pool.js';
@@ -18,7 +22,8 @@ import type { DiskLimits, ResolvedDiskLimits } from '../throttle/disk-throttle.j
 import { loadConfigFile, type ServeConfig } from './config-file.js';
 import { planReload, type ReloadPlan } from './reload.js';
 import { createMetricsRegistry, type DiskMetricsSource } from '../metrics/registry.js';
-import { MetricsServer, type Readiness } from '../metrics/http-server.js';
+import { MetricsListenError, MetricsServer, type Readiness } from '../metrics/http-server.js';
+import { AdminSocketServer, defaultAdminSocketPath, type AdminSocketOptions } from '../metrics/admin-socket.js';
 import { AdminError, mergeThrottle, throttleJson, type AdminDiskInfo, type AdminTarget } from '../metrics/admin.js';
 import { baseUrl, formatAddress, isLoopback, type MetricsAddress } from '../metrics/listen-address.js';
 
@@ -35,13 +40,20 @@ export interface DaemonMetricsOptions {
   adminPublic?: boolean;
   /** The address is the built-in default: if it is taken, warn and run without metrics rather than fail. */
   optional?: boolean;
+  /** A file holding the bearer token that opens the admin API on a TCP listener; without it TCP has no admin. */
+  adminTokenFile?: string | undefined;
 }
+
+/** The admin socket: a path (with mode/owner/group), 'default' (next to the first disk's socket) or off. */
+export type DaemonAdminSocket = AdminSocketOptions | 'default' | null;
 
 export interface DaemonOptions {
   /** Where to serve /metrics, /healthz, /readyz and /admin; absent or null = no HTTP listener. */
   metrics?: DaemonMetricsOptions | null;
   /** The config file the disks came from; SIGHUP re-reads it. */
   config?: ServeConfig;
+  /** Where the admin API listens (default: 'default'). */
+  adminSocket?: DaemonAdminSocket;
   /** Worker threads serving every queue of every disk (default: the number of CPUs). */
   threads?: number | undefined;
 }
@@ -53,6 +65,12 @@ export class Daemon implements AdminTarget {
   private stopping: Promise<void> | null = null;
   private state: State = 'idle';
   private metricsServer: MetricsServer | null = null;
+  private adminSocket: AdminSocketServer | null = null;
+
+  /** The admin socket's path, or null when there is none. */
+  get adminSocketPath(): string | null {
+    return this.adminSocket?.path ?? null;
+  }
   readonly pool: WorkerPool;
   /** False when a worker thread did not stop at shutdown: the process must not wait for it at exit. */
   private workersStopped = true;
@@ -78,10 +96,14 @@ export class Daemon implements AdminTarget {
   /** Opens and serves every disk; on any failure, what was already opened is closed again. */
   async start(specs: readonly DiskSpec[]): Promise<void> {
     this.state = 'starting';
+    // Images this start creates: a failed start removes them again.
+    const created: string[] = [];
     try {
       if (this.options.metrics) await this.startMetrics(this.options.metrics);
       for (const spec of specs) {
         const log = this.log.child({ disk: spec.options.name });
+        checkDiskPaths(spec);
+        if (!fs.existsSync(spec.options.imagePath)) created.push(spec.options.imagePath);
         const disk = new BlkDisk(spec.options, log);
         const queues = new DiskQueues(disk, this.pool, log);
         try {
@@ -97,23 +119,55 @@ export class Daemon implements AdminTarget {
           'disk ready',
         );
       }
+      await this.startAdminSocket(specs);
       this.log.info({ threads: this.pool.size, disks: this.disks.length }, 'worker pool ready');
       if (this.state === 'starting') this.state = 'running';
     } catch (error) {
-      await this.stop();
+      // Not a shutdown: no `stopped` line; the caller reports the error once.
+      this.state = 'stopping';
+      await this.closeEverything();
+      for (const image of created) fs.rmSync(image, { force: true });
+      this.stopping = Promise.resolve();
       throw error;
     }
   }
 
+  private async startAdminSocket(specs: readonly DiskSpec[]): Promise<void> {
+    const setting = this.options.adminSocket === undefined ? 'default' : this.options.adminSocket;
+    if (setting === null || specs.length === 0) return;
+    let options: AdminSocketOptions;
+    if (setting === 'default') {
+      const first = specs[0]!;
+      const file = defaultAdminSocketPath({ socketPath: first.listen.kind === 'path' ? first.listen.path : null, diskName: first.options.name });
+      if (file === null) {
+        this.log.warn('no admin socket: the first disk is socket-activated and $RUNTIME_DIRECTORY is unset (pass --admin-socket PATH)');
+        return;
+      }
+      options = { path: file };
+    } else {
+      options = setting;
+    }
+    this.adminSocket = await AdminSocketServer.start(options, this, this.log);
+    this.log.info({ socket: options.path, mode: `0${(options.mode ?? 0o600).toString(8)}` }, 'admin API listening');
+  }
+
   private async startMetrics(options: DaemonMetricsOptions): Promise<void> {
     const { address } = options;
-    const adminAllowed = isLoopback(address) || options.adminPublic === true;
-    const refusal = `the admin API is off: the metrics listener ${formatAddress(address)} is not a loopback address or unix socket (start vublk with --admin-public to allow it)`;
+    const token = options.adminTokenFile === undefined ? undefined : readAdminToken(options.adminTokenFile);
+    // A unix metrics socket is owner-only (0600): the admin API may stay there. TCP is reachable by every local
+    // user (and a browser tricked by DNS rebinding): admin only with a token, and off-host only with --admin-public.
+    const adminAllowed = address.kind === 'unix' || (token !== undefined && (isLoopback(address) || options.adminPublic === true));
+    const refusal =
+      token === undefined
+        ? `the admin API is not served on TCP (${formatAddress(address)}) without --admin-token-file; use the admin socket (vublk throttle/resize/disks do by default)`
+        : `the admin API is off: ${formatAddress(address)} is not a loopback address (start vublk with --admin-public to allow it)`;
+    const hosts = new Set<string>();
+    const adminAuth = token !== undefined && address.kind === 'tcp' ? { token, hosts } : undefined;
     const registry = createMetricsRegistry(() => this.disks.map(metricsSource));
     try {
       this.metricsServer = await MetricsServer.start(
         address,
-        { registry, readiness: () => this.readiness(), admin: adminAllowed ? this : null, adminRefusal: refusal },
+        { registry, readiness: () => this.readiness(), admin: adminAllowed ? this : null, adminRefusal: refusal, adminAuth },
         this.log,
       );
     } catch (error) {
@@ -122,10 +176,11 @@ export class Daemon implements AdminTarget {
         this.log.warn({ address: formatAddress(address) }, 'metrics listener not started: the default address is in use (pass --metrics-listen to choose another)');
         return;
       }
-      throw new Error(`metrics listener ${formatAddress(address)}: ${(error as Error).message}`);
+      throw new MetricsListenError(`metrics listener ${formatAddress(address)}: ${(error as Error).message}`, { cause: error });
     }
     const bound = this.metricsServer.address;
-    if (!adminAllowed) this.log.warn({ address: formatAddress(bound) }, refusal);
+    if (bound.kind === 'tcp') for (const host of acceptedHosts(bound)) hosts.add(host);
+    if (!adminAllowed && token !== undefined) this.log.warn({ address: formatAddress(bound) }, refusal);
     this.log.info({ address: formatAddress(bound), url: `${baseUrl(bound)}/metrics`, admin: adminAllowed }, 'metrics listening');
   }
 
@@ -164,7 +219,7 @@ export class Daemon implements AdminTarget {
   reload(): ReloadPlan | null {
     const config = this.options.config;
     if (config === undefined) {
-      this.log.warn('reload ignored: vublk was not started with --config');
+      this.log.warn('SIGHUP: nothing to reload (vublk was not started with --config); still serving');
       return null;
     }
     if (this.state !== 'running') {
@@ -173,7 +228,7 @@ export class Daemon implements AdminTarget {
     }
     let plan: ReloadPlan;
     try {
-      const next = loadConfigFile(config.file);
+      const next = loadConfigFile(config.file, config.diskDefaults);
       // Baseline: the disks as the file described them at start (before socket activation swapped
       // a socket path for an inherited fd), so only real edits of the file are reported.
       const running = this.disks.map(({ spec, disk }) => ({
@@ -201,14 +256,9 @@ export class Daemon implements AdminTarget {
 
   listDisks(): AdminDiskInfo[] {
     return this.disks.map(({ disk, listener, spec }) => ({
-      name: disk.name,
-      image: disk.options.imagePath,
+      ...adminOptionValues(spec.fields),
       socket: spec.listen.kind === 'path' ? spec.listen.path : `fd:${spec.listen.fd}`,
       'capacity-bytes': disk.capacityBytes,
-      'num-queues': disk.options.numQueues,
-      'queue-size': disk.options.queueSize,
-      'read-only': disk.options.readOnly,
-      'logical-block-size': disk.options.logicalBlockSize,
       connected: listener.hasSession,
       connections: listener.connections,
       throttle: throttleJson(disk.throttle.limits),
@@ -236,7 +286,8 @@ export class Daemon implements AdminTarget {
     try {
       await running.queues.resize(sizeBytes);
     } catch (error) {
-      if (error instanceof DiskSetupError) throw new AdminError(400, error.message);
+      // The admin client asked for something the disk refuses (shrink, misaligned, read-only): a 400.
+      if (error instanceof VublkError && error.peerFault) throw new AdminError(400, error.message);
       throw error;
     }
     return running.disk.capacityBytes;
@@ -249,13 +300,7 @@ export class Daemon implements AdminTarget {
       // without this the process would end mid-shutdown, before the images are synced.
       const keepAlive = setInterval(() => undefined, 60_000);
       try {
-        await Promise.all(this.disks.map(({ listener }) => listener.close()));
-        this.workersStopped = await this.pool.close();
-        for (const { disk, queues } of this.disks) {
-          queues.close();
-          disk.close();
-        }
-        if (this.metricsServer !== null) await this.metricsServer.close();
+        await this.closeEverything();
         this.log.info('stopped');
       } finally {
         clearInterval(keepAlive);
@@ -263,6 +308,37 @@ export class Daemon implements AdminTarget {
     })();
     return this.stopping;
   }
+
+  /** Everything stop() closes, without its log line: a failed start is not a shutdown. */
+  private async closeEverything(): Promise<void> {
+    await Promise.all(this.disks.map(({ listener }) => listener.close()));
+    this.workersStopped = await this.pool.close();
+    for (const { disk, queues } of this.disks) {
+      queues.close();
+      disk.close();
+    }
+    if (this.metricsServer !== null) await this.metricsServer.close();
+    if (this.adminSocket !== null) await this.adminSocket.close();
+  }
+}
+
+/** Reads the admin bearer token; the file must not be readable by other users. */
+function readAdminToken(file: string): string {
+  const stat = fs.statSync(file);
+  if ((stat.mode & 0o004) !== 0) throw new AdminTokenError(`admin token file ${file} is readable by every user (chmod 0600 or 0640 it)`);
+  const token = fs.readFileSync(file, 'utf8').trim();
+  if (token.length < 16) throw new AdminTokenError(`admin token file ${file} holds fewer than 16 characters`);
+  if (/\s/.test(token)) throw new AdminTokenError(`admin token file ${file} must hold one token without spaces`);
+  return token;
+}
+
+/** Host header values naming the listener: its address, and for loopback also localhost and 127.0.0.1/[::1]. */
+function acceptedHosts(bound: { host: string; port: number }): string[] {
+  const port = bound.port;
+  const name = (host: string): string => (host.includes(':') ? `[${host}]:${port}` : `${host}:${port}`).toLowerCase();
+  const hosts = [name(bound.host)];
+  if (isLoopback({ kind: 'tcp', host: bound.host, port })) hosts.push(name('localhost'), name('127.0.0.1'), name('::1'));
+  return hosts;
 }
 
 /** Writes out buffered log lines, then ends the process without joining worker threads. */
@@ -286,4 +362,11 @@ function metricsSource({ disk, listener }: RunningDisk): DiskMetricsSource {
     connected: listener.hasSession,
     connections: listener.connections,
   };
+}
+
+/** The admin token file is unusable: the operator's configuration, refused at start. */
+class AdminTokenError extends VublkError {
+  constructor(detail: string) {
+    super('VUBLK_ERR_ADMIN_TOKEN', detail, { fatal: true });
+  }
 }

@@ -1,207 +1,122 @@
 /**
- * A disk as the user described it (flags or `--disk key=value,...`), validated into DiskOptions plus where to
- * listen. Pure: no files are touched here, so every error is reported before anything is created.
+ * A disk as the user described it (`serve` flags, `--disk key=value,...` or a config-file entry), read
+ * through the option table (disk-options.ts) and validated into DiskOptions plus where to listen.
+ * Pure: no files are touched here, so every error is reported before anything is created.
  */
-import path from 'node:path';
-import { parseCount, parseRate, parseSize } from '../throttle/size.js';
 import type { DiskLimits } from '../throttle/disk-throttle.js';
 import type { DiskOptions } from '../device/blk-disk.js';
-import type { ListenAddress, SocketAccess } from '../control/export-listener.js';
-import { groupId, userId } from './account-lookup.js';
-import { MAX_QUEUE_SIZE } from '../../protocol/split-ring.js';
-import { IO_ENGINE_SETTINGS, isIoEngineSetting, type IoEngineSetting } from '../dataplane/worker-protocol.js';
+import type { ListenAddress } from '../control/export-listener.js';
+import { VublkError } from '../errors.js';
+import {
+  DISK_OPTIONS,
+  OptionValueError,
+  RETIRED_DISK_KEYS,
+  configKeyOf,
+  defaultFields,
+  diskOptionByKey,
+  withoutUndefined,
+  type AnyDiskOption,
+  type DiskFields,
+} from './disk-options.js';
 
-export class DiskSpecError extends Error {
+export { DEFAULT_QUEUE_SIZE, MAX_QUEUES } from './disk-options.js';
+
+/** A disk description that cannot be served. `key` names the option to blame, when one is. */
+export class DiskSpecError extends VublkError {
   constructor(
-    where: string,
-    /** What is wrong, without the `where` prefix. */
+    /** Which disk: `--disk #2 (...)`, `disks[1]`; empty for the command line's single disk (the flag says it). */
+    readonly where: string,
+    /** What is wrong, without `where` or the key. */
     readonly detail: string,
-    /** The offending key (`num-queues`, `bps`, ...) when one key is to blame; lets a config file name its path. */
-    readonly key?: string,
+    /** The option to blame, if one is; a config file turns it into a key path such as `disks[1].throttle.bps`. */
+    readonly option?: AnyDiskOption,
+    /** How the option is named in `message` (the flag on the command line, else the key). */
+    label?: string,
   ) {
-    super(`${where}: ${detail}`);
-    this.name = 'DiskSpecError';
+    const prefix = [where, option === undefined ? '' : (label ?? option.key)].filter((part) => part !== '').join(': ');
+    super('VUBLK_ERR_DISK_SPEC', prefix === '' ? detail : `${prefix}: ${detail}`, { peerFault: true });
   }
 }
 
 export interface DiskSpec {
   options: DiskOptions;
   listen: ListenAddress;
+  /** Every option as parsed (defaults included): what the reload plan compares and the admin API shows. */
+  fields: DiskFields;
 }
 
-export interface DiskSpecInput {
-  name?: string | undefined;
-  image?: string | undefined;
-  socket?: string | undefined;
-  socketFd?: string | undefined;
-  size?: string | undefined;
-  numQueues?: string | undefined;
-  queueSize?: string | undefined;
-  readOnly?: boolean | undefined;
-  serial?: string | undefined;
-  logicalBlockSize?: string | undefined;
-  writeback?: boolean | undefined;
-  iops?: string | undefined;
-  iopsBurst?: string | undefined;
-  bps?: string | undefined;
-  bpsBurst?: string | undefined;
-  /** auto | io_uring | sync */
-  ioEngine?: string | undefined;
-  threads?: string | undefined;
-  socketMode?: string | undefined;
-  socketOwner?: string | undefined;
-  socketGroup?: string | undefined;
-}
+/** Where the values came from: decides how an error names the option. */
+export type DiskSource = 'flags' | 'disk-argument' | 'config';
 
-export const DEFAULT_QUEUE_SIZE = 1024;
-export const MAX_QUEUES = 64;
-
-function integer(where: string, key: string, text: string, min: number, max: number): number {
-  if (!/^\d+$/.test(text)) throw new DiskSpecError(where, `${key} must be a whole number, got '${text}'`, key);
-  const value = Number(text);
-  if (value < min || value > max) throw new DiskSpecError(where, `${key} must be between ${min} and ${max}, got ${value}`, key);
-  return value;
-}
-
-function onOff(where: string, key: string, text: string): boolean {
-  if (['on', 'true', 'yes', '1'].includes(text)) return true;
-  if (['off', 'false', 'no', '0'].includes(text)) return false;
-  throw new DiskSpecError(where, `${key} must be on or off, got '${text}'`, key);
-}
-
-export function buildDiskSpec(input: DiskSpecInput, where: string, index: number): DiskSpec {
-  if (!input.image) throw new DiskSpecError(where, 'an image path is required', 'image');
-  if (input.socket && input.socketFd) throw new DiskSpecError(where, 'give either a socket path or a socket fd, not both');
-  if (!input.socket && !input.socketFd) throw new DiskSpecError(where, 'a socket path (socket=PATH) or an inherited socket fd (socket-fd=N) is required', 'socket');
-  const numQueues = input.numQueues ? integer(where, 'num-queues', input.numQueues, 1, MAX_QUEUES) : 1;
-  const threads = input.threads ? integer(where, 'threads', input.threads, 1, MAX_QUEUES) : undefined;
-  const queueSize = input.queueSize ? integer(where, 'queue-size', input.queueSize, 1, MAX_QUEUE_SIZE) : DEFAULT_QUEUE_SIZE;
-  if ((queueSize & (queueSize - 1)) !== 0) throw new DiskSpecError(where, `queue-size must be a power of two, got ${queueSize}`, 'queue-size');
-  const block = input.logicalBlockSize ? integer(where, 'logical-block-size', input.logicalBlockSize, 512, 4096) : 512;
-  if (block !== 512 && block !== 4096) throw new DiskSpecError(where, `logical-block-size must be 512 or 4096, got ${block}`, 'logical-block-size');
-  let sizeBytes: number | undefined;
-  if (input.size !== undefined) {
-    try {
-      sizeBytes = parseSize(input.size);
-    } catch (error) {
-      throw new DiskSpecError(where, `size: ${(error as Error).message}`, 'size');
-    }
-    if (sizeBytes < block || sizeBytes % block !== 0) throw new DiskSpecError(where, `size must be a non-zero multiple of ${block} bytes, got ${sizeBytes}`, 'size');
+/** Reads one option's value with the table's parser; errors name the option. */
+export function readOption(row: AnyDiskOption, where: string, source: DiskSource, read: (row: AnyDiskOption) => unknown): unknown {
+  try {
+    return read(row);
+  } catch (error) {
+    if (error instanceof OptionValueError) throw new DiskSpecError(where, error.detail, row, labelOf(row, source));
+    throw error;
   }
-  const throttle = parseThrottle(input, where);
-  const listen: ListenAddress = input.socketFd
-    ? { kind: 'fd', fd: integer(where, 'socket-fd', input.socketFd, 0, 1 << 20) }
-    : { kind: 'path', path: path.resolve(input.socket!), ...socketAccess(input, where) };
-  return {
-    options: {
-      name: input.name ?? (index === 0 ? 'disk0' : `disk${index}`),
-      imagePath: path.resolve(input.image),
-      sizeBytes,
-      numQueues,
-      queueSize,
-      readOnly: input.readOnly ?? false,
-      serial: input.serial,
-      logicalBlockSize: block as 512 | 4096,
-      writeback: input.writeback ?? true,
-      ioEngine: parseIoEngine(where, input.ioEngine),
-      threads,
-      throttle,
-    },
-    listen,
+}
+
+function labelOf(row: AnyDiskOption, source: DiskSource): string {
+  if (source === 'flags' && row.flag !== undefined) return row.flag;
+  if (source === 'config') return configKeyOf(row);
+  return row.key;
+}
+
+/**
+ * Turns parsed fields into a DiskSpec: table defaults (then `defaults`, e.g. `--io-engine`) under the given
+ * fields, then the checks that involve more than one option.
+ */
+export function buildDiskSpec(given: Partial<DiskFields>, where: string, index: number, source: DiskSource, defaults: Partial<DiskFields> = {}): DiskSpec {
+  const fields: DiskFields = { ...defaultFields(defaults), ...withoutUndefined(given) };
+  const fail = (detail: string, key?: string): never => {
+    const row = key === undefined ? undefined : diskOptionByKey(key);
+    throw new DiskSpecError(where, detail, row, row === undefined ? undefined : labelOf(row, source));
   };
-}
-
-let defaultIoEngine: IoEngineSetting = 'auto';
-
-/** The engine of disks that do not name one (`--io-engine`, itself defaulting to $VUBLK_IO_ENGINE or auto). */
-export function setDefaultIoEngine(engine: IoEngineSetting): void {
-  defaultIoEngine = engine;
-}
-
-function parseIoEngine(where: string, text: string | undefined): IoEngineSetting {
-  if (text === undefined) return defaultIoEngine;
-  if (!isIoEngineSetting(text)) throw new DiskSpecError(where, `io-engine must be one of ${IO_ENGINE_SETTINGS.join(', ')}, got '${text}'`, 'io-engine');
-  return text;
-}
-
-function parseThrottle(input: DiskSpecInput, where: string): DiskLimits {
-  const value = (key: string, text: string | undefined, parse: (t: string) => number): number | undefined => {
-    if (text === undefined) return undefined;
-    try {
-      return parse(text);
-    } catch (error) {
-      throw new DiskSpecError(where, `${key}: ${(error as Error).message}`, key);
-    }
-  };
-  const limits: DiskLimits = {
-    iops: value('iops', input.iops, parseCount),
-    iopsBurst: value('iops-burst', input.iopsBurst, parseCount),
-    bps: value('bps', input.bps, parseRate),
-    bpsBurst: value('bps-burst', input.bpsBurst, parseSize),
-  };
-  if (limits.iopsBurst && !limits.iops) throw new DiskSpecError(where, 'iops-burst needs iops', 'iops-burst');
-  if (limits.bpsBurst && !limits.bps) throw new DiskSpecError(where, 'bps-burst needs bps', 'bps-burst');
-  return limits;
-}
-
-function socketAccess(input: DiskSpecInput, where: string): SocketAccess {
-  let mode: number | undefined;
-  if (input.socketMode !== undefined) {
-    if (!/^0?[0-7]{3}$/.test(input.socketMode)) throw new DiskSpecError(where, `socket-mode must be octal like 0660, got '${input.socketMode}'`, 'socket-mode');
-    mode = parseInt(input.socketMode, 8);
+  fields.name ??= `disk${index}`;
+  if (fields.imagePath === undefined) return fail('an image path is required', 'image');
+  if (fields.socket !== undefined && fields.socketFd !== undefined) fail('give either a socket path or a socket fd, not both');
+  if (fields.socket === undefined && fields.socketFd === undefined) {
+    fail('a socket path (socket=PATH) or an inherited socket fd (socket-fd=N) is required', 'socket');
   }
-  const resolve = (key: string, text: string | undefined, lookup: (name: string) => number): number | undefined => {
-    if (text === undefined) return undefined;
-    try {
-      return lookup(text);
-    } catch (error) {
-      throw new DiskSpecError(where, `${key}: ${(error as Error).message}`, key);
-    }
-  };
-  return { mode, uid: resolve('socket-owner', input.socketOwner, userId), gid: resolve('socket-group', input.socketGroup, groupId) };
-}
+  const block = fields.logicalBlockSize;
+  if (fields.sizeBytes !== undefined && (fields.sizeBytes < block || fields.sizeBytes % block !== 0)) {
+    fail(`must be a non-zero multiple of ${block} bytes, got ${fields.sizeBytes}`, 'size');
+  }
+  if (fields.iopsBurst && !fields.iops) fail('needs iops', 'iops-burst');
+  if (fields.bpsBurst && !fields.bps) fail('needs bps', 'bps-burst');
 
-const DISK_KEYS = new Set(['socket-mode', 'socket-owner', 'socket-group', 'iops', 'iops-burst', 'bps', 'bps-burst', 'name', 'image', 'socket', 'socket-fd', 'size', 'num-queues', 'queue-size', 'read-only', 'serial', 'logical-block-size', 'writeback', 'io-engine', 'threads']);
+  const { socket, socketFd, socketMode, socketOwner, socketGroup, iops, iopsBurst, bps, bpsBurst, ...device } = fields;
+  const throttle: DiskLimits = { iops, iopsBurst, bps, bpsBurst };
+  const listen: ListenAddress =
+    socketFd !== undefined ? { kind: 'fd', fd: socketFd } : { kind: 'path', path: socket!, mode: socketMode, uid: socketOwner, gid: socketGroup };
+  const options: DiskOptions = { ...device, name: fields.name, imagePath: fields.imagePath, throttle };
+  return { options, listen, fields };
+}
 
 /** Parses `image=PATH,socket=PATH,num-queues=2,read-only=on,...` (a value may not contain a comma). */
-export function parseDiskArgument(text: string, index: number): DiskSpec {
+export function parseDiskArgument(text: string, index: number, defaults: Partial<DiskFields> = {}): DiskSpec {
   const where = `--disk #${index + 1} (${text})`;
-  const fields = new Map<string, string>();
+  const values = new Map<string, string>();
   for (const part of text.split(',')) {
     const eq = part.indexOf('=');
     if (eq <= 0) throw new DiskSpecError(where, `'${part}' is not key=value`);
     const key = part.slice(0, eq);
-    if (!DISK_KEYS.has(key)) throw new DiskSpecError(where, `unknown key '${key}' (known: ${[...DISK_KEYS].join(', ')})`);
-    if (fields.has(key)) throw new DiskSpecError(where, `key '${key}' given twice`);
-    fields.set(key, part.slice(eq + 1));
+    const retired = RETIRED_DISK_KEYS[key];
+    if (retired !== undefined) throw new DiskSpecError(where, retired);
+    if (diskOptionByKey(key) === undefined) {
+      throw new DiskSpecError(where, `unknown key '${key}' (known: ${DISK_OPTIONS.map((row) => row.key).join(', ')})`);
+    }
+    if (values.has(key)) throw new DiskSpecError(where, `key '${key}' given twice`);
+    values.set(key, part.slice(eq + 1));
   }
-  const flag = (key: string): boolean | undefined => (fields.has(key) ? onOff(where, key, fields.get(key)!) : undefined);
-  return buildDiskSpec(
-    {
-      name: fields.get('name'),
-      image: fields.get('image'),
-      socket: fields.get('socket'),
-      socketFd: fields.get('socket-fd'),
-      size: fields.get('size'),
-      numQueues: fields.get('num-queues'),
-      queueSize: fields.get('queue-size'),
-      readOnly: flag('read-only'),
-      serial: fields.get('serial'),
-      logicalBlockSize: fields.get('logical-block-size'),
-      writeback: flag('writeback'),
-      iops: fields.get('iops'),
-      iopsBurst: fields.get('iops-burst'),
-      bps: fields.get('bps'),
-      bpsBurst: fields.get('bps-burst'),
-      ioEngine: fields.get('io-engine'),
-      threads: fields.get('threads'),
-      socketMode: fields.get('socket-mode'),
-      socketOwner: fields.get('socket-owner'),
-      socketGroup: fields.get('socket-group'),
-    },
-    where,
-    index,
-  );
+  const fields: Partial<Record<keyof DiskFields, unknown>> = {};
+  for (const row of DISK_OPTIONS) {
+    const value = values.get(row.key);
+    if (value !== undefined) fields[row.field] = readOption(row, where, 'disk-argument', (r) => r.type.text(value));
+  }
+  return buildDiskSpec(fields as Partial<DiskFields>, where, index, 'disk-argument', defaults);
 }
 
 /** Names must be unique (metrics labels, logs) and so must socket paths. */

@@ -1,6 +1,6 @@
 /**
- * SIGHUP: what a re-read config file changes. Throttle limits apply live; everything else needs a restart
- * and is only reported. Pure: the daemon applies the plan.
+ * SIGHUP: what a re-read config file changes. Options the table (disk-options.ts) marks `live` — the
+ * throttle limits — apply live; `restart` ones are only reported. Pure: the daemon applies the plan.
  *
  * The file is authoritative for throttle limits: after a reload every disk runs with the limits the file
  * gives it (none = unlimited), including a disk whose limits were changed through the admin API since.
@@ -10,6 +10,7 @@
 import { resolveBucketLimits } from '../throttle/token-bucket.js';
 import type { DiskLimits, ResolvedDiskLimits } from '../throttle/disk-throttle.js';
 import type { DiskSpec } from './disk-spec.js';
+import { DISK_OPTIONS, configKeyOf } from './disk-options.js';
 import type { ServeConfig } from './config-file.js';
 
 export interface RunningDiskState {
@@ -51,28 +52,9 @@ export function sameLimits(a: ResolvedDiskLimits, b: ResolvedDiskLimits): boolea
   return a.iops === b.iops && a.iopsBurst === b.iopsBurst && a.bps === b.bps && a.bpsBurst === b.bpsBurst;
 }
 
-function listenKey(spec: DiskSpec): string {
-  const l = spec.listen;
-  return l.kind === 'path' ? `socket=${l.path} mode=${l.mode} uid=${l.uid} gid=${l.gid}` : `socket-fd=${l.fd}`;
-}
-
-/** Keys other than throttle whose values differ, named as in the config file. */
+/** Restart-only options (per the option table) whose values differ, named as in the config file. */
 export function changedDiskKeys(running: DiskSpec, next: DiskSpec): string[] {
-  const a = running.options;
-  const b = next.options;
-  const keys: string[] = [];
-  if (a.imagePath !== b.imagePath) keys.push('image');
-  if (listenKey(running) !== listenKey(next)) keys.push(next.listen.kind === 'path' ? 'socket' : 'socket-fd');
-  if (a.sizeBytes !== b.sizeBytes) keys.push('size');
-  if (a.numQueues !== b.numQueues) keys.push('num-queues');
-  if (a.threads !== b.threads) keys.push('threads');
-  if (a.queueSize !== b.queueSize) keys.push('queue-size');
-  if (a.readOnly !== b.readOnly) keys.push('read-only');
-  if (a.serial !== b.serial) keys.push('serial');
-  if (a.logicalBlockSize !== b.logicalBlockSize) keys.push('logical-block-size');
-  if (a.writeback !== b.writeback) keys.push('writeback');
-  if (a.ioEngine !== b.ioEngine) keys.push('io-engine');
-  return keys;
+  return DISK_OPTIONS.filter((row) => row.reload === 'restart' && row.field !== 'name' && running.fields[row.field] !== next.fields[row.field]).map(configKeyOf);
 }
 
 export function planReload(running: readonly RunningDiskState[], previous: ServeConfig, next: ServeConfig): ReloadPlan {

@@ -22,15 +22,15 @@ import { setNonBlocking } from '../sys/fd.js';
 import { describeSocket, ENOTSOCK, setCloseOnExec, unixSocketName } from '../sys/socket-info.js';
 import type { DiskSpec } from './disk-spec.js';
 import type { Logger } from '../log.js';
+import { VublkError } from '../errors.js';
 
 /** SD_LISTEN_FDS_START */
 export const LISTEN_FDS_START = 3;
 const MAX_LISTEN_FDS = 4096;
 
-export class SocketActivationError extends Error {
+export class SocketActivationError extends VublkError {
   constructor(message: string) {
-    super(`socket activation: ${message}`);
-    this.name = 'SocketActivationError';
+    super('VUBLK_ERR_SOCKET_ACTIVATION', `socket activation: ${message}`, { peerFault: true, fatal: true });
   }
 }
 

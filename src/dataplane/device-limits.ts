@@ -18,4 +18,12 @@ export interface DeviceLimits {
 export const DEFAULT_SEG_MAX = 126;
 export const DEFAULT_SIZE_MAX = 1 << 20;
 export const DEFAULT_MAX_DISCARD_SECTORS = 0x3fffff;
-export const DEFAULT_MAX_DISCARD_SEG = 32;
+/**
+ * Ranges per DISCARD / WRITE_ZEROES request: 1 for both, like QEMU's virtio-blk device and
+ * qemu-storage-daemon (no userspace API submits several ranges in one call, and QEMU's vhost-user-blk
+ * tests expect a 2-range WRITE_ZEROES to be UNSUPP). Disk options max-discard-seg / max-write-zeroes-seg.
+ */
+export const DEFAULT_MAX_DISCARD_SEG = 1;
+export const DEFAULT_MAX_WRITE_ZEROES_SEG = 1;
+/** Upper bound of those options: the ranges are read into one buffer per request. */
+export const MAX_RANGE_SEG = 256;

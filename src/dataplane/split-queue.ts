@@ -13,6 +13,7 @@ import {
   usedRingBytes,
 } from '../../protocol/split-ring.js';
 import type { GuestMemory } from './guest-memory.js';
+import { VublkError } from '../errors.js';
 import type { RingDirtyLog } from './dirty-log.js';
 
 /** Guest-physical ring addresses as configured by SET_VRING_NUM/ADDR. */
@@ -23,10 +24,9 @@ export interface RingLayout {
   usedGpa: number;
 }
 
-export class RingMappingError extends Error {
+export class RingMappingError extends VublkError {
   constructor(detail: string) {
-    super(`ring not usable: ${detail}`);
-    this.name = 'RingMappingError';
+    super('VUBLK_ERR_RING_MAPPING', `ring not usable: ${detail}`, { peerFault: true });
   }
 }
 

@@ -9,7 +9,6 @@ import { BLK_ID_BYTES, SECTOR_SIZE, encodeBlkConfig, type BlkConfig } from '../.
 import { createCounterBuffer, CounterReader } from '../dataplane/counters.js';
 import {
   DEFAULT_MAX_DISCARD_SECTORS,
-  DEFAULT_MAX_DISCARD_SEG,
   DEFAULT_SEG_MAX,
   DEFAULT_SIZE_MAX,
   type DeviceLimits,
@@ -21,6 +20,8 @@ import type { Logger } from '../log.js';
 import { DiskThrottle, type DiskLimits } from '../throttle/disk-throttle.js';
 import { sys, SEEK_END } from '../sys/libc.js';
 import { check } from '../sys/errors.js';
+import { VublkError } from '../errors.js';
+import { lockImage } from '../sys/image-lock.js';
 
 export interface DiskOptions {
   name: string;
@@ -32,20 +33,22 @@ export interface DiskOptions {
   readOnly: boolean;
   serial?: string | undefined;
   logicalBlockSize: 512 | 4096;
-  /** Ignored: the daemon's worker pool (`--threads`) serves every disk. Kept until the option table drops it. */
-  threads?: number | undefined;
   /** Initial write-cache mode; the guest may flip it through the config space (CONFIG_WCE). */
   writeback: boolean;
   /** Token-bucket limits shared by all queues of the disk; all zero = unlimited. */
   throttle: DiskLimits;
-  /** Request engine of the queue workers (default `auto`: io_uring when available, else sync). */
-  ioEngine?: IoEngineSetting | undefined;
+  /** Request engine of the queue workers (`auto`: io_uring when available, else sync). */
+  ioEngine: IoEngineSetting;
+  /** Ranges one DISCARD / WRITE_ZEROES request may carry (config max_discard_seg / max_write_zeroes_seg). */
+  maxDiscardSeg: number;
+  maxWriteZeroesSeg: number;
+  /** QEMU-compatible image locks (default on); off only where two daemons share an image by design (migration). */
+  locking: boolean;
 }
 
-export class DiskSetupError extends Error {
+export class DiskSetupError extends VublkError {
   constructor(disk: string, detail: string) {
-    super(`disk ${disk}: ${detail}`);
-    this.name = 'DiskSetupError';
+    super('VUBLK_ERR_DISK_SETUP', `disk ${disk}: ${detail}`, { peerFault: true, fatal: true });
   }
 }
 
@@ -94,6 +97,12 @@ export class BlkDisk {
     const stat = fs.statSync(imagePath);
     if (!stat.isFile() && !stat.isBlockDevice()) throw new DiskSetupError(name, `${imagePath} is neither a regular file nor a block device`);
     this.fd = fs.openSync(imagePath, readOnly ? 'r' : 'r+');
+    try {
+      if (options.locking) lockImage(this.fd, imagePath, { write: !readOnly });
+    } catch (error) {
+      fs.closeSync(this.fd);
+      throw new DiskSetupError(name, (error as Error).message);
+    }
     let size = stat.isFile() ? stat.size : this.blockDeviceSize();
     if (sizeBytes !== undefined && stat.isFile() && size < sizeBytes) {
       if (readOnly) throw new DiskSetupError(name, `image is ${size} bytes, smaller than --size, and the disk is read-only`);
@@ -111,9 +120,9 @@ export class BlkDisk {
       readOnly,
       serial: serialBytes(options.serial ?? defaultSerial(imagePath)),
       maxDiscardSectors: DEFAULT_MAX_DISCARD_SECTORS,
-      maxDiscardSeg: DEFAULT_MAX_DISCARD_SEG,
+      maxDiscardSeg: options.maxDiscardSeg,
       maxWriteZeroesSectors: DEFAULT_MAX_DISCARD_SECTORS,
-      maxWriteZeroesSeg: DEFAULT_MAX_DISCARD_SEG,
+      maxWriteZeroesSeg: options.maxWriteZeroesSeg,
     };
     this.counterBuffer = createCounterBuffer(options.numQueues);
     this.counters = new CounterReader(this.counterBuffer);
@@ -203,7 +212,7 @@ export class BlkDisk {
       limits: this.limits,
       counters: this.counterBuffer,
       throttle: this.throttle.buffer,
-      ioEngine: this.options.ioEngine ?? 'auto',
+      ioEngine: this.options.ioEngine,
     };
   }
 
@@ -213,7 +222,7 @@ export class BlkDisk {
       try {
         fs.fdatasyncSync(this.fd);
       } catch (error) {
-        this.log.error({ disk: this.name, err: (error as Error).message }, 'fdatasync of the image failed at shutdown');
+        this.log.error({ err: (error as Error).message }, 'fdatasync of the image failed at shutdown');
       }
     }
     fs.closeSync(this.fd);

@@ -13,6 +13,7 @@
  */
 import { parseCount, parseRate, parseSize } from '../throttle/size.js';
 import type { DiskLimits, ResolvedDiskLimits } from '../throttle/disk-throttle.js';
+import { VublkError } from '../errors.js';
 
 /** Limits as the admin API and the config file spell them. */
 export interface ThrottleJson {
@@ -22,15 +23,12 @@ export interface ThrottleJson {
   'bps-burst': number;
 }
 
+/** One disk in `GET /admin/disks`: the options the option table shows (`admin` names), plus live state. */
 export interface AdminDiskInfo {
-  name: string;
-  image: string;
+  /** Option values by their admin name (`name`, `image`, `num-queues`, ...; see disk-options.ts). */
+  [option: string]: unknown;
   socket: string;
   'capacity-bytes': number;
-  'num-queues': number;
-  'queue-size': number;
-  'read-only': boolean;
-  'logical-block-size': number;
   connected: boolean;
   connections: number;
   throttle: ThrottleJson;
@@ -44,13 +42,13 @@ export interface AdminTarget {
   resize(disk: string, sizeBytes: number): Promise<number>;
 }
 
-export class AdminError extends Error {
+/** An admin request that is refused; `status` is the HTTP status of the answer. */
+export class AdminError extends VublkError {
   constructor(
     readonly status: number,
     message: string,
   ) {
-    super(message);
-    this.name = 'AdminError';
+    super('VUBLK_ERR_ADMIN', message, { peerFault: status < 500 });
   }
 }
 

@@ -4,6 +4,7 @@
  * `/admin` when enabled. Runs on the main thread's event loop, which never blocks (the data plane is on
  * worker threads), so a scrape is answered even while the disks are busy.
  */
+import crypto from 'node:crypto';
 import fs from 'node:fs';
 import http from 'node:http';
 import type { AddressInfo } from 'node:net';
@@ -12,6 +13,7 @@ import { isSocketLive } from '../sys/unix-socket.js';
 import { errorFields, type Logger } from '../log.js';
 import { AdminError, handleAdmin, type AdminTarget } from './admin.js';
 import { formatAddress, type MetricsAddress } from './listen-address.js';
+import { VublkError } from '../errors.js';
 
 export interface Readiness {
   ready: boolean;
@@ -25,6 +27,14 @@ export interface MetricsServerOptions {
   /** The admin API's target, or null when admin is disabled (then /admin answers 403 with `adminRefusal`). */
   admin: AdminTarget | null;
   adminRefusal?: string;
+  /** On TCP the admin API needs a bearer token and a Host header naming this listener (no DNS rebinding). */
+  adminAuth?: AdminAuth | undefined;
+}
+
+export interface AdminAuth {
+  token: string;
+  /** Accepted Host header values, lower case, e.g. `127.0.0.1:9477`, `localhost:9477`. */
+  hosts: ReadonlySet<string>;
 }
 
 const MAX_BODY_BYTES = 64 * 1024;
@@ -87,11 +97,18 @@ export class MetricsServer {
   }
 }
 
+/** The metrics listener cannot be started. */
+export class MetricsListenError extends VublkError {
+  constructor(message: string, options: { cause?: unknown } = {}) {
+    super('VUBLK_ERR_METRICS_LISTEN', message, { fatal: true, ...options });
+  }
+}
+
 function removeStaleSocket(path: string): void {
   if (!fs.existsSync(path)) return;
   const stat = fs.lstatSync(path);
-  if (!stat.isSocket()) throw new Error(`metrics socket ${path} exists and is not a socket; refusing to replace it`);
-  if (isSocketLive(path)) throw new Error(`metrics socket ${path} is in use by a running process`);
+  if (!stat.isSocket()) throw new MetricsListenError(`metrics socket ${path} exists and is not a socket; refusing to replace it`);
+  if (isSocketLive(path)) throw new MetricsListenError(`metrics socket ${path} is in use by a running process`);
   fs.unlinkSync(path);
 }
 
@@ -100,7 +117,7 @@ function reply(res: http.ServerResponse, status: number, type: string, body: str
   res.end(res.req.method === 'HEAD' ? undefined : body);
 }
 
-function replyJson(res: http.ServerResponse, status: number, body: unknown): void {
+export function replyJson(res: http.ServerResponse, status: number, body: unknown): void {
   reply(res, status, 'application/json; charset=utf-8', `${JSON.stringify(body)}\n`);
 }
 
@@ -139,12 +156,41 @@ async function serve(req: http.IncomingMessage, res: http.ServerResponse, option
   }
 }
 
-async function serveAdmin(req: http.IncomingMessage, res: http.ServerResponse, pathname: string, options: MetricsServerOptions): Promise<void> {
+/** Constant-time comparison of the bearer token; a missing or malformed header fails. */
+function hasToken(req: http.IncomingMessage, token: string): boolean {
+  const header = req.headers.authorization ?? '';
+  const match = /^Bearer\s+(\S+)$/i.exec(header);
+  if (match === null) return false;
+  const given = Buffer.from(match[1]!, 'utf8');
+  const expected = Buffer.from(token, 'utf8');
+  return given.length === expected.length && crypto.timingSafeEqual(given, expected);
+}
+
+export async function serveAdmin(
+  req: http.IncomingMessage,
+  res: http.ServerResponse,
+  pathname: string,
+  options: Pick<MetricsServerOptions, 'admin' | 'adminRefusal' | 'adminAuth'>,
+): Promise<void> {
   const method = req.method ?? 'GET';
   if (options.admin === null) {
     req.resume();
     replyJson(res, 403, { error: options.adminRefusal ?? 'the admin API is disabled' });
     return;
+  }
+  if (options.adminAuth !== undefined) {
+    const host = (req.headers.host ?? '').toLowerCase();
+    if (!options.adminAuth.hosts.has(host)) {
+      req.resume();
+      replyJson(res, 403, { error: `Host '${req.headers.host ?? ''}' is not this listener; the admin API answers only requests addressed to it` });
+      return;
+    }
+    if (!hasToken(req, options.adminAuth.token)) {
+      req.resume();
+      res.setHeader('WWW-Authenticate', 'Bearer realm="vublk-admin"');
+      replyJson(res, 401, { error: 'the admin API on TCP needs Authorization: Bearer <token> (the daemon\'s --admin-token-file)' });
+      return;
+    }
   }
   let body: unknown = undefined;
   if (method === 'POST') {

@@ -4,15 +4,17 @@
  */
 import net from 'node:net';
 import path from 'node:path';
+import { VublkError } from '../errors.js';
 
 export type MetricsAddress = { kind: 'tcp'; host: string; port: number } | { kind: 'unix'; path: string };
 
 export const DEFAULT_METRICS_LISTEN = '127.0.0.1:9477';
 
-export class ListenAddressError extends Error {
+export class ListenAddressError extends VublkError {
   constructor(input: string, detail: string) {
-    super(`invalid metrics listen address '${input}': ${detail} (expected HOST:PORT, [IPV6]:PORT, unix:/PATH or off)`);
-    this.name = 'ListenAddressError';
+    super('VUBLK_ERR_LISTEN_ADDRESS', `invalid metrics listen address '${input}': ${detail} (expected HOST:PORT, [IPV6]:PORT, unix:/PATH or off)`, {
+      peerFault: true,
+    });
   }
 }
 

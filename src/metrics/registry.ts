@@ -182,9 +182,16 @@ export function createMetricsRegistry(disks: () => readonly DiskMetricsSource[],
     },
   });
 
-  if (options.defaultMetrics !== false) collectDefaultMetrics({ register: registry, prefix: 'vublk_' });
+  if (options.defaultMetrics !== false) {
+    collectDefaultMetrics({ register: registry, prefix: 'vublk_' });
+    // prom-client's `nodejs_active_{handles,requests,resources}_total` are gauges named like counters, which
+    // `promtool check metrics` rejects; the same numbers are the sum over `type` of the families without `_total`.
+    for (const name of NON_COUNTER_TOTALS) registry.removeSingleMetric(name);
+  }
   return registry;
 }
+
+export const NON_COUNTER_TOTALS = ['vublk_nodejs_active_handles_total', 'vublk_nodejs_active_requests_total', 'vublk_nodejs_active_resources_total'] as const;
 
 /** One histogram series per disk and op, the queues' buckets added together. */
 function latencySnapshots(disks: readonly DiskMetricsSource[]): HistogramSnapshot<'disk' | 'op'>[] {

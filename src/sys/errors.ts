@@ -1,4 +1,5 @@
 import koffi from 'koffi';
+import { VublkError } from '../errors.js';
 
 const errnoNames = new Map<number, string>(Object.entries(koffi.os.errno).map(([name, code]) => [code, name]));
 
@@ -7,16 +8,16 @@ export function errnoName(errno: number): string {
 }
 
 /** A failed libc call: names the call, the errno and (optionally) what it was operating on. */
-export class SyscallError extends Error {
-  readonly code: string;
+export class SyscallError extends VublkError {
+  /** The errno's symbolic name, e.g. `ENOENT`. */
+  readonly errnoName: string;
   constructor(
     readonly call: string,
     readonly errno: number,
     context?: string,
   ) {
-    super(`${call}${context ? ` (${context})` : ''} failed: ${errnoName(errno)}`);
-    this.name = 'SyscallError';
-    this.code = errnoName(errno);
+    super('VUBLK_ERR_SYSCALL', `${call}${context ? ` (${context})` : ''} failed: ${errnoName(errno)}`);
+    this.errnoName = errnoName(errno);
   }
 }
 
@@ -28,6 +29,10 @@ export const Errno = {
   ECONNREFUSED: koffi.os.errno['ECONNREFUSED'] ?? 111,
   EINVAL: koffi.os.errno['EINVAL'] ?? 22,
   EOPNOTSUPP: koffi.os.errno['EOPNOTSUPP'] ?? 95,
+  EMFILE: koffi.os.errno['EMFILE'] ?? 24,
+  ENFILE: koffi.os.errno['ENFILE'] ?? 23,
+  EPERM: koffi.os.errno['EPERM'] ?? 1,
+  EACCES: koffi.os.errno['EACCES'] ?? 13,
 } as const;
 
 /** Reads errno of the call that just returned on this thread (must be the very next koffi call). */

@@ -109,3 +109,19 @@ export const SEEK_END = 2;
 export const FALLOC_FL_KEEP_SIZE = 0x1;
 export const FALLOC_FL_PUNCH_HOLE = 0x2;
 export const FALLOC_FL_ZERO_RANGE = 0x10;
+
+/** fcntl with a pointer argument (struct flock for OFD locks); the same libc symbol as `sys.fcntl`. */
+export const fcntlPointer = libc.func('int fcntl(int fd, int cmd, uintptr_t arg)') as Fn<[number, number, number], number>;
+
+export const F_DUPFD_CLOEXEC = 1030;
+export const F_ADD_SEALS = 1033;
+export const F_GET_SEALS = 1034;
+export const F_SEAL_SEAL = 0x1;
+export const F_SEAL_SHRINK = 0x2;
+export const F_SEAL_GROW = 0x4;
+export const MFD_ALLOW_SEALING = 2;
+export const F_OFD_GETLK = 36;
+export const F_OFD_SETLK = 37;
+export const F_RDLCK = 0;
+export const F_WRLCK = 1;
+export const F_UNLCK = 2;

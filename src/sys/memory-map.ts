@@ -1,4 +1,4 @@
-import { sys, MAP_SHARED, PROT_READ, PROT_WRITE, MFD_CLOEXEC } from './libc.js';
+import { sys, MAP_SHARED, PROT_READ, PROT_WRITE, MFD_CLOEXEC, MFD_ALLOW_SEALING } from './libc.js';
 import { check, lastErrno, SyscallError } from './errors.js';
 
 /** Maps `length` bytes of `fd` at `offset` read-write and shared; returns the address as a Number. */
@@ -13,7 +13,8 @@ export function unmap(address: number, length: number): void {
 }
 
 export function createMemfd(name: string, size: number): number {
-  const fd = check(sys.memfdCreate(name, MFD_CLOEXEC), 'memfd_create');
+  // Sealable like QEMU's memory-backend-memfd: a back-end may seal it against shrinking.
+  const fd = check(sys.memfdCreate(name, MFD_CLOEXEC | MFD_ALLOW_SEALING), 'memfd_create');
   check(sys.ftruncate(fd, size), 'ftruncate', `memfd ${name}`);
   return fd;
 }

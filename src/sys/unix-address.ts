@@ -4,16 +4,16 @@
  * address length, not a terminating NUL, ends the name.
  */
 import { AF_UNIX } from './libc.js';
+import { VublkError } from '../errors.js';
 
 export const SOCKADDR_UN_SIZE = 110;
 /** offsetof(struct sockaddr_un, sun_path) */
 const SUN_PATH_OFFSET = 2;
 const SUN_PATH_SIZE = SOCKADDR_UN_SIZE - SUN_PATH_OFFSET;
 
-export class UnixAddressError extends Error {
+export class UnixAddressError extends VublkError {
   constructor(address: string, reason: string) {
-    super(`Unix socket address '${address}': ${reason}`);
-    this.name = 'UnixAddressError';
+    super('VUBLK_ERR_UNIX_ADDRESS', `Unix socket address '${address}': ${reason}`, { peerFault: true });
   }
 }
 

@@ -16,9 +16,11 @@ import {
   MSG_CMSG_CLOEXEC,
   MSG_CTRUNC,
   POLLIN,
+  F_DUPFD_CLOEXEC,
 } from './libc.js';
 import { check, lastErrno, Errno, SyscallError } from './errors.js';
 import { closeAll, setNonBlocking } from './fd.js';
+import { VublkError } from '../errors.js';
 
 const SOCKADDR_UN_SIZE = 110;
 const MAX_PATH_BYTES = 107;
@@ -28,10 +30,9 @@ const CMSG_HEADER_SIZE = 16;
 const MAX_RECEIVED_FDS = 16;
 const CONTROL_SIZE = CMSG_HEADER_SIZE + MAX_RECEIVED_FDS * 4;
 
-export class SocketPathError extends Error {
+export class SocketPathError extends VublkError {
   constructor(path: string, reason: string) {
-    super(`socket path ${path}: ${reason}`);
-    this.name = 'SocketPathError';
+    super('VUBLK_ERR_SOCKET_PATH', `socket path ${path}: ${reason}`, { peerFault: true });
   }
 }
 
@@ -118,10 +119,10 @@ function prepareMsghdr(buffer: Uint8Array, offset: number, length: number, contr
   }
 }
 
-export class TruncatedFdsError extends Error {
+/** The peer sent more fds than fit: the stream can no longer be trusted, so the connection closes. */
+export class TruncatedFdsError extends VublkError {
   constructor() {
-    super(`a message carried more than ${MAX_RECEIVED_FDS} fds; the extra ones were discarded`);
-    this.name = 'TruncatedFdsError';
+    super('VUBLK_ERR_TRUNCATED_FDS', `a message carried more than ${MAX_RECEIVED_FDS} fds; the extra ones were discarded`, { peerFault: true, fatal: true });
   }
 }
 
@@ -153,9 +154,22 @@ export function recvWithFds(fd: number, buffer: Uint8Array, offset: number, leng
   }
   if (msghdr.readInt32LE(48) & MSG_CTRUNC) {
     closeAll(fds);
+    // The kernel also truncates SCM_RIGHTS when this process has no free fd: say so rather than blame the peer.
+    if (outOfFds()) throw new SyscallError('recvmsg', Errno.EMFILE, 'fds passed with a message were dropped: the process has no free fd (RLIMIT_NOFILE)');
     throw new TruncatedFdsError();
   }
   return { bytes, fds };
+}
+
+/** True when the process cannot open one more fd (EMFILE/ENFILE). */
+export function outOfFds(): boolean {
+  const probe = sys.fcntl(0, F_DUPFD_CLOEXEC, 0);
+  if (probe >= 0) {
+    sys.close(probe);
+    return false;
+  }
+  const errno = lastErrno();
+  return errno === Errno.EMFILE || errno === Errno.ENFILE;
 }
 
 /** One sendmsg; fds (if any) ride on the first byte. Returns bytes sent, or null on EAGAIN. */

@@ -12,9 +12,9 @@
  * Number.MAX_SAFE_INTEGER — throws InvalidSizeError naming the input and showing a valid example.
  * Parsing is exact (BigInt), so '8191.9999999999999999T' is rejected rather than rounded.
  */
+import { VublkError } from '../errors.js';
 
-export class InvalidSizeError extends Error {
-  readonly code = 'ERR_INVALID_SIZE';
+export class InvalidSizeError extends VublkError {
   constructor(
     /** The text that was rejected. */
     readonly input: string,
@@ -22,8 +22,7 @@ export class InvalidSizeError extends Error {
     readonly reason: string,
     example: string,
   ) {
-    super(`invalid ${reason}: ${JSON.stringify(input)}; ${example}`);
-    this.name = 'InvalidSizeError';
+    super('VUBLK_ERR_INVALID_SIZE', `invalid ${reason}: ${JSON.stringify(input)}; ${example}`, { peerFault: true });
   }
 }
 

@@ -221,8 +221,11 @@ describe.skipIf(unavailable !== null)('live migration between two vublk daemons 
     await truncate(imagePath, DISK_BYTES);
     for (const name of ['vublk-a', 'vublk-b']) {
       const socketPath = path.join(dir, `${name}.sock`);
-      // Two daemons on one image by design (shared storage); each serves its own QEMU.
-      const daemon = await startDaemon({ rawArgs: ['serve', '--socket', socketPath, '--image', imagePath], waitForSocket: false });
+      // Two daemons on one image by design (shared storage), so image locking is off; each serves its own QEMU.
+      const daemon = await startDaemon({
+        rawArgs: ['serve', '--disk', `image=${imagePath},socket=${socketPath},locking=off`, '--metrics-listen', 'off'],
+        waitForSocket: false,
+      });
       daemons.push(daemon);
       sockets.push(socketPath);
     }

@@ -11,9 +11,14 @@ import { closeFd } from '../../src/sys/fd.js';
 const dir = mkdtempSync(path.join(os.tmpdir(), 'vublk-cli-'));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
 
-function serve(...args: string[]): { status: number | null; stderr: string } {
+function serve(...args: string[]): { status: number | null; stderr: string; stdout: string } {
   const result = spawnSync(process.execPath, [CLI, 'serve', ...args], { encoding: 'utf8', timeout: 15_000, cwd: dir });
-  return { status: result.status, stderr: result.stderr };
+  return { status: result.status, stderr: result.stderr, stdout: result.stdout };
+}
+
+/** The daemon's JSON log lines (stdout is not a terminal, so the log is JSON). */
+function logLines(stdout: string): { msg: string; [field: string]: unknown }[] {
+  return stdout.split('\n').filter((line) => line.startsWith('{')).map((line) => JSON.parse(line) as { msg: string });
 }
 
 describe('vublk serve refuses bad input', () => {
@@ -39,13 +44,13 @@ describe('vublk serve refuses bad input', () => {
   }
 
   it('rejects bad queue counts and sizes', () => {
-    expect(serve('--image', 'x', '--socket', 's', '--num-queues', '0').stderr).toMatch(/num-queues must be between 1 and 64/);
-    expect(serve('--image', 'x', '--socket', 's', '--queue-size', '100').stderr).toMatch(/queue-size must be a power of two/);
+    expect(serve('--image', 'x', '--socket', 's', '--num-queues', '0').stderr).toMatch(/^vublk: --num-queues: must be between 1 and 64, got 0\n$/);
+    expect(serve('--image', 'x', '--socket', 's', '--queue-size', '100').stderr).toMatch(/--queue-size: must be a power of two/);
     expect(serve('--image', 'x', '--socket', 's', '--logical-block-size', '1024').stderr).toMatch(/512 or 4096/);
   });
 
   it('rejects a bad socket mode and an unknown socket owner', () => {
-    expect(serve('--image', 'x', '--socket', 's', '--socket-mode', '999').stderr).toMatch(/socket-mode must be octal/);
+    expect(serve('--image', 'x', '--socket', 's', '--socket-mode', '999').stderr).toMatch(/--socket-mode: must be octal/);
     expect(serve('--image', 'x', '--socket', 's', '--socket-owner', 'no-such-user-here').stderr).toMatch(/no user named 'no-such-user-here'/);
   });
 
@@ -106,4 +111,70 @@ describe('vublk serve refuses bad input', () => {
     }
     expect(existsSync(socketPath)).toBe(false);
   });
+
+  it('exits 2 for every usage error, an unknown flag included', () => {
+    const unknown = serve('--imagee', 'x');
+    expect(unknown.status).toBe(2);
+    expect(unknown.stderr).toMatch(/unknown option '--imagee'/);
+    expect(serve('--image').status).toBe(2);
+    expect(serve('--log-level', 'loud').status).toBe(2);
+    expect(serve('--image', 'x', '--socket', 's', '--num-queues', '0').status).toBe(2);
+    expect(serve('--disk', 'image=x,socket=y', '--image', 'z').status).toBe(2);
+  });
+
+  it('names the disk, the path and the fix when the image folder is missing, once, without a stopped line', () => {
+    const image = path.join(dir, 'no-such-folder', 'disk.img');
+    const { status, stderr, stdout } = serve('--socket', path.join(dir, 'm.sock'), '--image', image, '--size', '1M');
+    expect(status).toBe(1);
+    expect(stderr).toBe(`vublk: disk disk0: the folder of the image ${image} does not exist: create ${path.dirname(image)} (mkdir -p) or give an image path in an existing folder\n`);
+    const logs = logLines(stdout);
+    expect(logs.filter((l) => l.msg === 'startup failed')).toHaveLength(1);
+    expect(logs.find((l) => l.msg === 'startup failed')).toMatchObject({ code: 'VUBLK_ERR_DISK_PATH', peerFault: true });
+    expect(logs.some((l) => l.msg === 'stopped')).toBe(false);
+    expect(existsSync(path.join(dir, 'm.sock'))).toBe(false);
+  });
+
+  it('removes the image a failed start created (socket folder missing)', () => {
+    const image = path.join(dir, 'fresh.img');
+    const socketPath = path.join(dir, 'no-such-run-dir', 'v.sock');
+    const { status, stderr } = serve('--socket', socketPath, '--image', image, '--size', '1M');
+    expect(status).toBe(1);
+    expect(stderr).toMatch(/^vublk: disk disk0: the folder of the socket .*v\.sock does not exist: create .*no-such-run-dir/);
+    expect(existsSync(image)).toBe(false);
+  });
+
+  it('removes the image a failed start created (a later disk fails), and keeps images that existed', () => {
+    writeFileSync(path.join(dir, 'kept.img'), Buffer.alloc(1 << 20));
+    const blocker = path.join(dir, 'blocker.sock');
+    writeFileSync(blocker, 'not a socket');
+    const { status, stderr } = serve(
+      '--disk', `image=${path.join(dir, 'new1.img')},socket=${path.join(dir, 'n1.sock')},size=1M`,
+      '--disk', `image=${path.join(dir, 'kept.img')},socket=${blocker}`,
+    );
+    expect(status).toBe(1);
+    expect(stderr).toMatch(/exists and is not a socket/);
+    expect(existsSync(path.join(dir, 'new1.img'))).toBe(false);
+    expect(existsSync(path.join(dir, 'kept.img'))).toBe(true);
+    expect(existsSync(path.join(dir, 'n1.sock'))).toBe(false);
+  });
+});
+
+describe('signals', () => {
+  it('SIGHUP without --config logs that there is nothing to reload and keeps serving', async () => {
+    const daemon = await startDaemon();
+    try {
+      daemon.child.kill('SIGHUP');
+      const line = await daemon.waitForLog((l) => /nothing to reload/.test(l.msg));
+      expect(line.level).toBe(40);
+      expect(daemon.running()).toBe(true);
+      expect(existsSync(daemon.socketPath)).toBe(true);
+      // Still a normal daemon: SIGTERM stops it with exit 0 (a generous deadline: the machine may be loaded).
+      const exited = new Promise<number | null>((resolve) => daemon.child.once('exit', (code) => resolve(code)));
+      daemon.child.kill('SIGTERM');
+      const code = await Promise.race([exited, new Promise<'timeout'>((resolve) => setTimeout(() => resolve('timeout'), 30_000))]);
+      expect(code).toBe(0);
+    } finally {
+      await daemon.stop();
+    }
+  }, 60_000);
 });

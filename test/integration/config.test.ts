@@ -54,10 +54,11 @@ function get(base: string, pathname: string): Promise<{ status: number; body: st
   });
 }
 
+/** POST to `unix:/path` (the admin socket) or an http:// base. */
 function post(base: string, pathname: string, body: unknown): Promise<{ status: number; body: string }> {
-  const url = new URL(pathname, base);
+  const target: http.RequestOptions = base.startsWith('unix:') ? { socketPath: base.slice('unix:'.length), path: pathname } : { ...urlParts(new URL(pathname, base)) };
   return new Promise((resolve, reject) => {
-    const req = http.request(url, { method: 'POST', timeout: 10_000, headers: { 'Content-Type': 'application/json' } }, (res) => {
+    const req = http.request({ ...target, method: 'POST', timeout: 10_000, headers: { 'Content-Type': 'application/json' } }, (res) => {
       let text = '';
       res.setEncoding('utf8').on('data', (t: string) => (text += t));
       res.on('end', () => resolve({ status: res.statusCode ?? 0, body: text }));
@@ -66,6 +67,10 @@ function post(base: string, pathname: string, body: unknown): Promise<{ status: 
     req.on('error', reject);
     req.end(JSON.stringify(body));
   });
+}
+
+function urlParts(url: URL): http.RequestOptions {
+  return { host: url.hostname, port: Number(url.port), path: url.pathname };
 }
 
 async function scrape(base: string): Promise<Exposition> {
@@ -234,7 +239,9 @@ describe('serving from a config file', () => {
         expect((await get(base, '/readyz')).status).toBe(200);
 
         // 3. The file is authoritative: a limit changed through the admin API is set back by a reload.
-        expect((await post(base, '/admin/disks/alpha/throttle', { iops: 123 })).status).toBe(200);
+        // The admin API is on the admin socket next to the first disk's socket, not on TCP.
+        expect((await post(base, '/admin/disks/alpha/throttle', { iops: 123 })).status).toBe(403);
+        expect((await post(`unix:${path.join(dir, 'alpha.admin.sock')}`, '/admin/disks/alpha/throttle', { iops: 123 })).status).toBe(200);
         expect(limit(await scrape(base), 'alpha', 'iops')).toBe(123);
         writeFileSync(file, yaml('{ iops: 2k, iops-burst: 4k, bps: 50M }', 1));
         seen = daemon.logs().length;

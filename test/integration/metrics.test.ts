@@ -1,7 +1,7 @@
 // Metrics, health and admin endpoints of a real daemon (`node dist/src/cli.js serve`; run `npm run build`
 // first): scrape /metrics over HTTP, parse the exposition text, check series, labels and values; /healthz
 // and /readyz; the admin API and `vublk throttle` / `vublk disks`; clean exit on SIGTERM.
-import { spawn } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import http from 'node:http';
 import net from 'node:net';
@@ -82,16 +82,43 @@ async function waitFor<T>(what: string, probe: () => Promise<T | undefined>, tim
   }
 }
 
+/** Why `promtool` (Debian: prometheus) cannot run, or null when it can. */
+function promtoolMissing(): string | null {
+  const probe = spawnSync('promtool', ['--version'], { encoding: 'utf8', timeout: 10_000 });
+  if (probe.error) return `promtool is not installed (${probe.error.message}); Debian: apt-get install prometheus`;
+  if (probe.status !== 0) return `promtool --version failed: ${probe.stderr}`;
+  return null;
+}
+const PROMTOOL_MISSING = promtoolMissing();
+const PROMTOOL_REQUIRED = process.env['VUBLK_E2E_REQUIRED'] === '1';
+if (PROMTOOL_MISSING !== null) console.warn(`promtool lint ${PROMTOOL_REQUIRED ? 'cannot run' : 'skipped'}: ${PROMTOOL_MISSING}`);
+
 describe('metrics over HTTP', () => {
   let daemon: DaemonProcess;
   let base: string;
+  /** The admin API: a Unix socket next to the disk's socket (vublk.sock → vublk.admin.sock). */
+  let admin: string;
+  let adminSocket: string;
 
   beforeAll(async () => {
     daemon = await startDaemon({ size: '64M', args: ['--num-queues', '2', '--iops', '1000', '--bps', '10M', '--metrics-listen', '127.0.0.1:0'] });
     base = await metricsBase(daemon);
+    adminSocket = path.join(daemon.dir, 'vublk.admin.sock');
+    admin = `unix:${adminSocket}`;
   });
   afterAll(async () => {
     await daemon?.stop();
+  });
+
+  it.skipIf(PROMTOOL_MISSING !== null && !PROMTOOL_REQUIRED)('lints clean with the real `promtool check metrics`', async () => {
+    if (PROMTOOL_MISSING !== null) expect.fail(`VUBLK_E2E_REQUIRED=1 but ${PROMTOOL_MISSING}`);
+    const reply = await request(base, 'GET', '/metrics');
+    expect(reply.status).toBe(200);
+    expect(reply.body).toMatch(/^# TYPE vublk_nodejs_active_handles gauge$/m); // the default Node metrics are part of the scrape
+    const lint = spawnSync('promtool', ['check', 'metrics'], { input: reply.body, encoding: 'utf8', timeout: 20_000 });
+    expect(lint.error).toBeUndefined();
+    expect(`${lint.stdout}${lint.stderr}`).toBe('');
+    expect(lint.status).toBe(0);
   });
 
   it('answers /healthz and /readyz', async () => {
@@ -161,8 +188,13 @@ describe('metrics over HTTP', () => {
     });
   });
 
+  it('refuses the admin API on TCP without a token', async () => {
+    expect((await request(base, 'POST', '/admin/disks/disk0/throttle', '{"iops":1}')).status).toBe(403);
+    expect((await request(base, 'GET', '/admin/disks')).status).toBe(403);
+  });
+
   it('changes throttle limits live through POST /admin/disks/NAME/throttle', async () => {
-    const post = (body: string, contentType?: string) => request(base, 'POST', '/admin/disks/disk0/throttle', body, contentType);
+    const post = (body: string, contentType?: string) => request(admin, 'POST', '/admin/disks/disk0/throttle', body, contentType);
     const ok = await post(JSON.stringify({ iops: 2500, bps: '20M' }));
     expect(ok.status).toBe(200);
     expect(JSON.parse(ok.body)).toEqual({ disk: 'disk0', throttle: { iops: 2500, 'iops-burst': 2500, bps: 20 * MiB, 'bps-burst': 20 * MiB } });
@@ -182,15 +214,15 @@ describe('metrics over HTTP', () => {
     expect(JSON.parse(bad.body).error).toMatch(/^bps: invalid rate/);
     expect((await post('{"iops": 1}', 'text/plain')).status).toBe(415);
     expect((await post('{"iops": ')).status).toBe(400);
-    expect((await request(base, 'POST', '/admin/disks/nope/throttle', '{"iops":1}')).status).toBe(404);
-    expect((await request(base, 'GET', '/admin/disks/disk0/throttle')).status).toBe(405);
+    expect((await request(admin, 'POST', '/admin/disks/nope/throttle', '{"iops":1}')).status).toBe(404);
+    expect((await request(admin, 'GET', '/admin/disks/disk0/throttle')).status).toBe(405);
     // Refused changes left the limits alone.
     m = await scrape(base);
     expect(valueOf(m, 'vublk_throttle_limit', { disk: 'disk0', kind: 'bps' })).toBe(20 * MiB);
   });
 
   it('lists disks with GET /admin/disks', async () => {
-    const reply = await request(base, 'GET', '/admin/disks');
+    const reply = await request(admin, 'GET', '/admin/disks');
     expect(reply.status).toBe(200);
     const { disks } = JSON.parse(reply.body) as { disks: Record<string, unknown>[] };
     expect(disks).toHaveLength(1);
@@ -199,7 +231,7 @@ describe('metrics over HTTP', () => {
   });
 
   it('vublk throttle and vublk disks call the admin API and print the result', async () => {
-    const set = await runCli(['throttle', '--disk', 'disk0', '--iops', '7k', '--bps', '0', '--metrics-url', base]);
+    const set = await runCli(['throttle', '--disk', 'disk0', '--iops', '7k', '--bps', '0', '--admin-socket', adminSocket]);
     expect(set.stderr).toBe('');
     expect(set.code).toBe(0);
     expect(JSON.parse(set.stdout)).toEqual({ disk: 'disk0', throttle: { iops: 7000, 'iops-burst': 7000, bps: 0, 'bps-burst': 0 } });
@@ -207,14 +239,14 @@ describe('metrics over HTTP', () => {
     expect(valueOf(m, 'vublk_throttle_limit', { disk: 'disk0', kind: 'iops' })).toBe(7000);
     expect(valueOf(m, 'vublk_throttle_limit', { disk: 'disk0', kind: 'bps' })).toBe(0);
 
-    const list = await runCli(['disks', '--metrics-url', base]);
+    const list = await runCli(['disks', '--admin-socket', adminSocket]);
     expect(list.code).toBe(0);
     expect((JSON.parse(list.stdout) as { disks: { name: string }[] }).disks.map((d) => d.name)).toEqual(['disk0']);
 
-    const missing = await runCli(['throttle', '--disk', 'nope', '--iops', '1', '--metrics-url', base]);
+    const missing = await runCli(['throttle', '--disk', 'nope', '--iops', '1', '--admin-socket', adminSocket]);
     expect(missing.code).toBe(1);
     expect(missing.stderr).toMatch(/HTTP 404: no disk named 'nope'/);
-    const nothing = await runCli(['throttle', '--disk', 'disk0', '--metrics-url', base]);
+    const nothing = await runCli(['throttle', '--disk', 'disk0', '--admin-socket', adminSocket]);
     expect(nothing.code).not.toBe(0);
     expect(nothing.stderr).toMatch(/at least one of --iops/);
   });
@@ -230,7 +262,7 @@ describe('metrics listener lifecycle', () => {
       expect((await request(base, 'GET', '/readyz')).status).toBe(200);
       const m = await scrape(base);
       expect(valueOf(m, 'vublk_disk_capacity_bytes', { disk: 'disk0' })).toBe(8 * MiB);
-      // A unix socket counts as local: the admin API is on.
+      // A unix metrics socket is owner-only: the admin API is on there too.
       const list = await runCli(['disks', '--metrics-url', base]);
       expect(list.code).toBe(0);
 

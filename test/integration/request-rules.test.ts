@@ -515,11 +515,11 @@ describe('request rules (read-write disk)', () => {
       expect(await s.blk.discard(many(config.maxDiscardSeg + 1))).toBe(BlkStatus.UNSUPP);
       expect(await s.blk.writeZeroes(many(config.maxWriteZeroesSeg + 1))).toBe(BlkStatus.UNSUPP);
       expect(await s.blk.discard([one({ flags: 2 })])).toBe(BlkStatus.UNSUPP);
-      expect(await s.blk.writeZeroes([one(), one({ sector: 100, flags: 0x8000_0001 })])).toBe(BlkStatus.UNSUPP);
+      expect(await s.blk.writeZeroes([one({ sector: 100, flags: 0x8000_0001 })])).toBe(BlkStatus.UNSUPP);
       expect(await s.blk.discard([one({ numSectors: config.maxDiscardSectors + 1 })])).toBe(BlkStatus.IOERR);
       expect(await s.blk.writeZeroes([one({ numSectors: config.maxWriteZeroesSectors + 1 })])).toBe(BlkStatus.IOERR);
       expect(await s.blk.discard([one({ sector: capacity - 1, numSectors: 2 })])).toBe(BlkStatus.IOERR);
-      expect(await s.blk.writeZeroes([one(), one({ sector: capacity, numSectors: 1 })])).toBe(BlkStatus.IOERR);
+      expect(await s.blk.writeZeroes([one({ sector: capacity, numSectors: 1 })])).toBe(BlkStatus.IOERR);
       // A payload that is not a whole number of segments.
       expect((await s.blk.execute({ type: BlkRequestType.DISCARD, out: Buffer.alloc(24) })).status).toBe(BlkStatus.IOERR);
       // Exactly max segments is fine.
@@ -529,12 +529,28 @@ describe('request rules (read-write disk)', () => {
     });
   });
 
+  it('advertises one range per DISCARD and WRITE_ZEROES like QEMU, so a 2-range WRITE_ZEROES is UNSUPP', async () => {
+    await withSession(h, async (s) => {
+      const config = s.fe.blkConfig;
+      expect(config).toMatchObject({ maxDiscardSeg: 1, maxWriteZeroesSeg: 1 });
+      const before = await h.metrics.settledCounts(0);
+      // The request QEMU's tests/qtest/vhost-user-blk-test.c sends and expects to fail with UNSUPP.
+      const two = [{ sector: 0, numSectors: 1, flags: 0 }, { sector: 1, numSectors: 1, flags: 0 }];
+      expect(await s.blk.writeZeroes(two)).toBe(BlkStatus.UNSUPP);
+      expect(await s.blk.discard(two)).toBe(BlkStatus.UNSUPP);
+      expect(await s.blk.writeZeroes(two.slice(0, 1))).toBe(BlkStatus.OK);
+      await expectDelta(h, before, { unsupported: 2, writeZeroes: 1 });
+      await expectServing(s);
+    });
+  });
+
   it('WRITE_ZEROES zeroes exactly its ranges in the image file (with and without UNMAP); DISCARD with UNMAP is OK', async () => {
     await withSession(h, async (s) => {
       const data = pattern(32 * 512, 3);
       await s.blk.write(1000, data);
       const before = await h.metrics.settledCounts(0);
-      expect(await s.blk.writeZeroes([{ sector: 1004, numSectors: 4, flags: 0 }, { sector: 1020, numSectors: 2, flags: DISCARD_FLAG_UNMAP }])).toBe(BlkStatus.OK);
+      expect(await s.blk.writeZeroes([{ sector: 1004, numSectors: 4, flags: 0 }])).toBe(BlkStatus.OK);
+      expect(await s.blk.writeZeroes([{ sector: 1020, numSectors: 2, flags: DISCARD_FLAG_UNMAP }])).toBe(BlkStatus.OK);
       const expected = Buffer.from(data);
       expected.fill(0, 4 * 512, 8 * 512);
       expected.fill(0, 20 * 512, 22 * 512);
@@ -542,7 +558,7 @@ describe('request rules (read-write disk)', () => {
       expect(Buffer.compare(image.subarray(1000 * 512, 1032 * 512), expected)).toBe(0);
       expect(Buffer.compare(await s.blk.read(1000, 32 * 512), expected)).toBe(0);
       expect(await s.blk.discard([{ sector: 2000, numSectors: 16, flags: DISCARD_FLAG_UNMAP }])).toBe(BlkStatus.OK);
-      await expectDelta(h, before, { writeZeroes: 1, discards: 1, reads: 1, bytesRead: 32 * 512 });
+      await expectDelta(h, before, { writeZeroes: 2, discards: 1, reads: 1, bytesRead: 32 * 512 });
       await expectServing(s);
     });
   });
@@ -572,6 +588,30 @@ describe('request rules (read-write disk)', () => {
       },
       { features: { version1: false } },
     );
+  });
+});
+
+describe('request rules (--max-discard-seg 3 --max-write-zeroes-seg 4)', () => {
+  let h: Harness;
+  beforeAll(async () => {
+    h = await startHarness(['--max-discard-seg', '3', '--max-write-zeroes-seg', '4']);
+  });
+  afterAll(async () => {
+    await h?.daemon.stop();
+  });
+
+  it('advertises the configured range limits and enforces them', async () => {
+    await withSession(h, async (s) => {
+      expect(s.fe.blkConfig).toMatchObject({ maxDiscardSeg: 3, maxWriteZeroesSeg: 4 });
+      const ranges = (n: number): DiscardSegment[] => Array.from({ length: n }, (_, i) => ({ sector: 8 + i * 8, numSectors: 8, flags: 0 }));
+      const before = await h.metrics.settledCounts(0);
+      expect(await s.blk.writeZeroes(ranges(4))).toBe(BlkStatus.OK);
+      expect(await s.blk.writeZeroes(ranges(5))).toBe(BlkStatus.UNSUPP);
+      expect(await s.blk.discard(ranges(3))).toBe(BlkStatus.OK);
+      expect(await s.blk.discard(ranges(4))).toBe(BlkStatus.UNSUPP);
+      await expectDelta(h, before, { writeZeroes: 1, discards: 1, unsupported: 2 });
+      await expectServing(s);
+    });
   });
 });
 

@@ -13,6 +13,7 @@ import { BlkConfigOffset, BlkFeature, BlkRequestType, BlkStatus, SECTOR_SIZE } f
 import {
   DEFAULT_MAX_DISCARD_SECTORS,
   DEFAULT_MAX_DISCARD_SEG,
+  DEFAULT_MAX_WRITE_ZEROES_SEG,
   DEFAULT_SEG_MAX,
   DEFAULT_SIZE_MAX,
 } from '../../src/dataplane/device-limits.js';
@@ -90,7 +91,7 @@ describe('handshake as QEMU 7.2 does it', () => {
       maxDiscardSeg: DEFAULT_MAX_DISCARD_SEG,
       discardSectorAlignment: 1,
       maxWriteZeroesSectors: DEFAULT_MAX_DISCARD_SECTORS,
-      maxWriteZeroesSeg: DEFAULT_MAX_DISCARD_SEG,
+      maxWriteZeroesSeg: DEFAULT_MAX_WRITE_ZEROES_SEG,
       writeZeroesMayUnmap: 1,
     });
     // A partial GET_CONFIG (QEMU reads single fields too) answers the same bytes.

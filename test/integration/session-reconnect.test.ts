@@ -119,10 +119,12 @@ describe('disconnect and reconnect', () => {
 });
 
 /** POST with a JSON body; resolves with the status code and parsed body. */
+/** POST to `unix:/path` (the admin socket) or an http:// base. */
 function postJson(base: string, pathname: string, body: unknown): Promise<{ status: number; body: unknown }> {
-  const url = new URL(pathname, base);
+  const target: string | URL = base.startsWith('unix:') ? `http://localhost${pathname}` : new URL(pathname, base);
+  const socketPath = base.startsWith('unix:') ? base.slice('unix:'.length) : undefined;
   return new Promise((resolve, reject) => {
-    const req = http.request(url, { method: 'POST', timeout: 10_000, headers: { 'Content-Type': 'application/json' } }, (res) => {
+    const req = http.request(target, { method: 'POST', socketPath, timeout: 10_000, headers: { 'Content-Type': 'application/json' } }, (res) => {
       let text = '';
       res.setEncoding('utf8').on('data', (chunk: string) => (text += chunk));
       res.on('end', () => {
@@ -143,10 +145,10 @@ function postJson(base: string, pathname: string, body: unknown): Promise<{ stat
 
 describe('live resize', () => {
   it('POST /admin/disks/NAME/resize: CONFIG_CHANGE_MSG on the back-end channel, GET_CONFIG shows the new capacity', async () => {
-    const daemon = await startDaemon({ size: '64M', args: ['--num-queues', '2', '--metrics-listen', '127.0.0.1:0'] });
+    const daemon = await startDaemon({ size: '64M', args: ['--num-queues', '2', '--metrics-listen', 'off'] });
     defer(() => daemon.stop());
-    const line = await daemon.waitForLog((l) => l.msg === 'metrics listening', 15_000);
-    const base = `http://${String(line['address'])}`;
+    const line = await daemon.waitForLog((l) => l.msg === 'admin API listening', 15_000);
+    const base = `unix:${String(line['socket'])}`;
     const { frontend, blk } = await connect(daemon, defer, { numQueues: 2, protocol: { backendReq: true } });
     expect(frontend.hasProtocolFeature(ProtocolFeature.BACKEND_REQ)).toBe(true);
     expect(frontend.backendChannel).not.toBeNull();
@@ -178,12 +180,12 @@ describe('live resize', () => {
   });
 
   it('a front-end without the back-end channel still sees the new capacity in GET_CONFIG', async () => {
-    const daemon = await startDaemon({ size: '64M', args: ['--metrics-listen', '127.0.0.1:0'] });
+    const daemon = await startDaemon({ size: '64M', args: ['--metrics-listen', 'off'] });
     defer(() => daemon.stop());
-    const line = await daemon.waitForLog((l) => l.msg === 'metrics listening', 15_000);
+    const line = await daemon.waitForLog((l) => l.msg === 'admin API listening', 15_000);
     const { frontend, blk } = await connect(daemon, defer);
     expect(frontend.backendChannel).toBeNull();
-    expect((await postJson(`http://${String(line['address'])}`, '/admin/disks/disk0/resize', { size: '96M' })).status).toBe(200);
+    expect((await postJson(`unix:${String(line['socket'])}`, '/admin/disks/disk0/resize', { size: '96M' })).status).toBe(200);
     await daemon.waitForLog((l) => String(l.msg).includes('no back-end channel'));
     expect((await frontend.getConfig()).readBigUInt64LE(0)).toBe(BigInt((96 * MiB) / SECTOR_SIZE));
     expect((await blk.read((96 * MiB) / SECTOR_SIZE - 8, 4096)).length).toBe(4096);

@@ -17,13 +17,13 @@ disks:
     image: /var/lib/vublk/fast.img
     size: 10G
     num-queues: 4
-    threads: 2
     queue-size: 256
     read-only: false
     serial: FAST-1
     logical-block-size: 4096
     writeback: false
     io-engine: sync
+    max-discard-seg: 4
     throttle:
       iops: 10k
       iops-burst: 20000
@@ -56,13 +56,15 @@ describe('parseConfig', () => {
       imagePath: '/var/lib/vublk/fast.img',
       sizeBytes: 10 * 1024 ** 3,
       numQueues: 4,
-      threads: 2,
       queueSize: 256,
       readOnly: false,
       serial: 'FAST-1',
       logicalBlockSize: 4096,
       writeback: false,
       ioEngine: 'sync',
+      maxDiscardSeg: 4,
+      maxWriteZeroesSeg: 1,
+      locking: true,
       throttle: { iops: 10000, iopsBurst: 20000, bps: 100 * 1024 ** 2, bpsBurst: 1024 ** 3 },
     });
     expect(slow!.listen).toEqual({ kind: 'fd', fd: 3 });
@@ -90,6 +92,8 @@ describe('parseConfig', () => {
     ['disks:\n  - { image: a, socket: a, size: 1000 }\n', 'disks[0].size', /multiple of 512/],
     ['disks:\n  - { image: a, socket: a, read-only: yes }\n', 'disks[0].read-only', /true or false, got string "yes"/],
     ['disks:\n  - { image: a, socket: a, io-engine: turbo }\n', 'disks[0].io-engine', /must be one of/],
+    ['disks:\n  - { image: a, socket: a, threads: 2 }\n', 'disks[0].threads', /no longer a disk option.*--threads/],
+    ['disks:\n  - { image: a, socket: a, max-write-zeroes-seg: 0 }\n', 'disks[0].max-write-zeroes-seg', /^must be between 1 and 256, got 0$/],
     ['disks:\n  - { socket: a }\n', 'disks[0].image', /image path is required/],
     ['disks:\n  - { image: a }\n', 'disks[0].socket', /is required/],
     ['disks:\n  - { image: a, socket: a, socket-fd: 3 }\n', 'disks[0]', /not both/],

@@ -76,7 +76,7 @@ describe('parseSize', () => {
     const error = rejection(parseSize, text);
     expect(error.input).toBe(text);
     expect(error.reason).toBe(reason);
-    expect(error.code).toBe('ERR_INVALID_SIZE');
+    expect(error.code).toBe('VUBLK_ERR_INVALID_SIZE');
     expect(error.name).toBe('InvalidSizeError');
     expect(error.message).toContain(JSON.stringify(text)); // names the bad input
     expect(error.message).toContain('e.g. "4096", "64K" or "100MiB"'); // shows valid examples

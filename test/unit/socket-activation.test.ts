@@ -30,7 +30,7 @@ function tempDir(): string {
 }
 
 function disk(name: string, socket: string): DiskSpec {
-  return buildDiskSpec({ name, image: `/var/lib/vublk/${name}.img`, socket }, name, 0);
+  return buildDiskSpec({ name, imagePath: `/var/lib/vublk/${name}.img`, socket }, name, 0, 'flags');
 }
 
 function activated(fd: number, name: string | null, address: string | null): ActivatedSocket {
@@ -153,7 +153,7 @@ describe('assignActivatedSockets', () => {
   });
 
   it('keeps a disk configured with socket-fd=N on that activated fd', () => {
-    const byFd = buildDiskSpec({ name: 'c', image: '/x.img', socketFd: '4' }, 'c', 0);
+    const byFd = buildDiskSpec({ name: 'c', imagePath: '/x.img', socketFd: 4 }, 'c', 0, 'flags');
     const result = assignActivatedSockets([a, byFd], [activated(3, null, '/run/vublk/a.sock'), activated(4, null, '/run/y.sock')]);
     expect(result.specs[1]!.listen).toEqual({ kind: 'fd', fd: 4 });
     expect(result.assignments.map((x) => x.via).sort()).toEqual(['path', 'socket-fd']);

@@ -76,7 +76,7 @@ export class VhostUserChannel {
         try {
           sent = sendWithFds(this.fd, bytes, offset, pendingFds);
         } catch (error) {
-          if (error instanceof SyscallError && DISCONNECT_ERRNOS.has(error.code)) {
+          if (error instanceof SyscallError && DISCONNECT_ERRNOS.has(error.errnoName)) {
             this.peerClosed = true;
             throw new BackendDisconnectedError(`sending ${what}`);
           }
@@ -114,7 +114,7 @@ export class VhostUserChannel {
         try {
           received = recvWithFds(this.fd, target, start, target.length - start);
         } catch (error) {
-          if (error instanceof SyscallError && DISCONNECT_ERRNOS.has(error.code)) {
+          if (error instanceof SyscallError && DISCONNECT_ERRNOS.has(error.errnoName)) {
             this.peerClosed = true;
             throw new BackendDisconnectedError(what);
           }

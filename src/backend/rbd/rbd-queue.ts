@@ -1,0 +1,267 @@
+/**
+ * Data-plane side of an RBD image, for a worker's synchronous epoll loop: submit aio requests, watch `fd`,
+ * `reap` completions. Nothing here awaits or blocks except `waitIdle` (bounded).
+ *
+ * How completions arrive: librbd completes requests on its own threads. With rbd_set_image_notification
+ * (EVENT_TYPE_EVENTFD) it queues each finished completion on the image and writes to our eventfd; `reap`
+ * reads the eventfd, then drains rbd_poll_io_events. Completions are created with no callback, so no
+ * JavaScript ever runs on a librbd thread.
+ *
+ * Invariants:
+ * - One RbdQueue per image handle, used by one thread: the notification and its completion list are per
+ *   image, so a second queue (or thread) would steal completions.
+ * - librbd keeps the iovec pointer until completion (it does not copy the array): submitRead / submitWrite
+ *   copy the caller's segment list into an iovec array owned here until the tag is reaped; with
+ *   submitReadv / submitWritev the caller's own iovec array must stay valid and unchanged until then.
+ *   Either way the memory the iovecs point to must stay mapped until the tag is reaped.
+ * - Every submit is answered by exactly one reaped completion, also when librbd refuses it at submit time
+ *   (then the error is queued here and the eventfd is signalled, so the loop wakes as usual).
+ */
+import { librbd, type LibRbd } from './librbd.js';
+import { addressOf, sys, POLLIN } from '../../sys/libc.js';
+import { drainEventFd, signalEventFd } from '../../sys/eventfd.js';
+
+/** (tag, result): result >= 0 on success (bytes for reads and writes, 0 otherwise), else a negative errno. */
+export type RbdCompletionHandler = (tag: number, result: number) => void;
+
+/** Host-memory scatter list (guest buffers translated to host addresses), the shape the NBD client takes too. */
+export interface RbdSegments {
+  readonly count: number;
+  readonly addresses: ArrayLike<number>;
+  readonly lengths: ArrayLike<number>;
+}
+
+/** librbd refuses more iovecs than IOV_MAX in one request. */
+export const RBD_MAX_SEGMENTS = 1024;
+const IOVEC_BYTES = 16;
+/** Completions taken per rbd_poll_io_events call. */
+const POLL_BATCH = 64;
+const TWO_32 = 0x1_0000_0000;
+/** rbd_aio_write_zeroes zero_flags: 0 (RBD_WRITE_ZEROES_FLAG_THICK_PROVISION would allocate). */
+const WRITE_ZEROES_FLAGS = 0;
+
+export class RbdQueue {
+  /** eventfd in the worker's epoll (level: readable while unread; read by `reap`). */
+  readonly fd: number;
+  private readonly lib: LibRbd;
+  /** completion pointer -> caller's tag */
+  private readonly tags = new Map<number, number>();
+  /** completion pointer -> iovec slot this queue filled for it (submitRead / submitWrite) */
+  private readonly slotOf = new Map<number, number>();
+  /** Owned iovec arrays (RBD_MAX_SEGMENTS entries each), grown on demand up to the requests in flight. */
+  private readonly slots: { buffer: Buffer; words: Uint32Array; address: number }[] = [];
+  private readonly freeSlots: number[] = [];
+  /** Requests librbd refused at submit: delivered by the next reap. */
+  private readonly refused: { tag: number; result: number }[] = [];
+  private readonly completionOut = Buffer.alloc(8);
+  private readonly completionOutWords = new Uint32Array(this.completionOut.buffer, this.completionOut.byteOffset, 2);
+  private readonly completionOutAddress = addressOf(this.completionOut);
+  private readonly polled = Buffer.alloc(POLL_BATCH * 8);
+  private readonly polledWords = new Uint32Array(this.polled.buffer, this.polled.byteOffset, POLL_BATCH * 2);
+  private readonly polledAddress = addressOf(this.polled);
+  private readonly pollfd = Buffer.alloc(8);
+  private closed = false;
+
+  /**
+   * `image` and `eventFd`: RbdImage.handle and RbdImage.eventFd (numbers, valid in every thread). The image
+   * owns the eventfd: it stays open until rbd_close, so librbd never writes to a reused fd number.
+   */
+  constructor(
+    private readonly image: number,
+    eventFd: number,
+  ) {
+    this.lib = librbd();
+    this.fd = eventFd;
+  }
+
+  /** Requests submitted and not yet reaped. */
+  get inFlight(): number {
+    return this.tags.size + this.refused.length;
+  }
+
+  /**
+   * Reads into `segments`; the list is copied (the caller may reuse it at once), the memory it points to
+   * must stay mapped until the tag is reaped.
+   */
+  submitRead(tag: number, offset: number, segments: RbdSegments): void {
+    this.submitSegments(tag, offset, segments, false);
+  }
+
+  /** Writes `segments` (copied; the memory must stay mapped and unchanged until reaped). */
+  submitWrite(tag: number, offset: number, segments: RbdSegments): void {
+    this.submitSegments(tag, offset, segments, true);
+  }
+
+  /** Reads into the iovec array at `iovAddress` (`iovCount` struct iovec, kept valid until reaped). */
+  submitReadv(tag: number, offset: number, iovAddress: number, iovCount: number): void {
+    const c = this.completion(tag);
+    if (c !== 0) this.started(tag, c, this.lib.rbdAioReadv(this.image, iovAddress, iovCount, offset, c));
+  }
+
+  /** Writes the iovec array at `iovAddress` (kept valid and unchanged until reaped). */
+  submitWritev(tag: number, offset: number, iovAddress: number, iovCount: number): void {
+    const c = this.completion(tag);
+    if (c !== 0) this.started(tag, c, this.lib.rbdAioWritev(this.image, iovAddress, iovCount, offset, c));
+  }
+
+  /** Completes once every write completed before it is durable in the cluster (and librbd's cache). */
+  submitFlush(tag: number): void {
+    const c = this.completion(tag);
+    if (c !== 0) this.started(tag, c, this.lib.rbdAioFlush(this.image, c));
+  }
+
+  /** Deallocates the range; reads of it return zeroes afterwards (librbd zeroes partial objects). */
+  submitDiscard(tag: number, offset: number, length: number): void {
+    const c = this.completion(tag);
+    if (c !== 0) this.started(tag, c, this.lib.rbdAioDiscard(this.image, offset, length, c));
+  }
+
+  /** Writes zeroes without sending a buffer (librbd may deallocate whole objects). */
+  submitWriteZeroes(tag: number, offset: number, length: number): void {
+    const c = this.completion(tag);
+    if (c !== 0) this.started(tag, c, this.lib.rbdAioWriteZeroes(this.image, offset, length, c, WRITE_ZEROES_FLAGS, 0));
+  }
+
+  /** Delivers every completion available now; returns how many. Never blocks. */
+  reap(onComplete: RbdCompletionHandler): number {
+    drainEventFd(this.fd);
+    let delivered = 0;
+    // Bounded: each round takes up to POLL_BATCH; the completions in flight bound the rounds.
+    for (let round = 0; round <= this.tags.size / POLL_BATCH + 1; round++) {
+      const n = this.lib.rbdPollIoEvents(this.image, this.polledAddress, POLL_BATCH);
+      if (n <= 0) break;
+      for (let i = 0; i < n; i++) {
+        const c = (this.polledWords[i * 2] ?? 0) + (this.polledWords[i * 2 + 1] ?? 0) * TWO_32;
+        const result = this.lib.rbdAioGetReturnValue(c);
+        this.lib.rbdAioRelease(c);
+        this.releaseSlot(c);
+        const tag = this.tags.get(c);
+        // A completion we did not submit cannot happen (one queue per image); skip it rather than crash.
+        if (tag === undefined) continue;
+        this.tags.delete(c);
+        delivered++;
+        onComplete(tag, result);
+      }
+      if (n < POLL_BATCH) break;
+    }
+    while (this.refused.length > 0) {
+      const failed = this.refused.shift()!;
+      delivered++;
+      onComplete(failed.tag, failed.result);
+    }
+    return delivered;
+  }
+
+  /** Blocks up to `timeoutMs` until nothing is in flight, delivering completions; true when idle. */
+  waitIdle(timeoutMs: number, onComplete: RbdCompletionHandler): boolean {
+    const deadline = Date.now() + timeoutMs;
+    this.pollfd.writeInt32LE(this.fd, 0);
+    this.pollfd.writeInt16LE(POLLIN, 4);
+    const pollfdAddress = addressOf(this.pollfd);
+    for (;;) {
+      this.reap(onComplete);
+      if (this.inFlight === 0) return true;
+      const left = deadline - Date.now();
+      if (left <= 0) return false;
+      this.pollfd.writeInt16LE(0, 6);
+      sys.poll(pollfdAddress, 1, Math.min(left, 1000));
+    }
+  }
+
+  /** Refuses further submits (EBADF through reap). Call when idle (`waitIdle`), before RbdImage.close. */
+  close(): void {
+    this.closed = true;
+  }
+
+  private submitSegments(tag: number, offset: number, segments: RbdSegments, write: boolean): void {
+    const count = segments.count;
+    if (count <= 0 || count > RBD_MAX_SEGMENTS) {
+      this.refuse(tag, -22 /* EINVAL */);
+      return;
+    }
+    const slot = this.freeSlots.pop() ?? this.newSlot();
+    const { words, address } = this.slots[slot]!;
+    for (let i = 0; i < count; i++) {
+      const a = segments.addresses[i] ?? 0;
+      const len = segments.lengths[i] ?? 0;
+      const w = i * 4;
+      words[w] = a % TWO_32;
+      words[w + 1] = Math.floor(a / TWO_32);
+      words[w + 2] = len % TWO_32;
+      words[w + 3] = Math.floor(len / TWO_32);
+    }
+    const c = this.completion(tag);
+    if (c === 0) {
+      this.freeSlots.push(slot);
+      return;
+    }
+    const r = write
+      ? this.lib.rbdAioWritev(this.image, address, count, offset, c)
+      : this.lib.rbdAioReadv(this.image, address, count, offset, c);
+    if (r >= 0) this.slotOf.set(c, slot);
+    else this.freeSlots.push(slot);
+    this.started(tag, c, r);
+  }
+
+  private newSlot(): number {
+    const buffer = Buffer.alloc(RBD_MAX_SEGMENTS * IOVEC_BYTES);
+    this.slots.push({ buffer, words: new Uint32Array(buffer.buffer, buffer.byteOffset, RBD_MAX_SEGMENTS * 4), address: addressOf(buffer) });
+    return this.slots.length - 1;
+  }
+
+  private releaseSlot(c: number): void {
+    const slot = this.slotOf.get(c);
+    if (slot === undefined) return;
+    this.slotOf.delete(c);
+    this.freeSlots.push(slot);
+  }
+
+  private completion(tag: number): number {
+    if (this.closed) {
+      this.refuse(tag, -9 /* EBADF */);
+      return 0;
+    }
+    const r = this.lib.rbdAioCreateCompletion(0, 0, this.completionOutAddress);
+    if (r < 0) {
+      this.refuse(tag, r);
+      return 0;
+    }
+    return (this.completionOutWords[0] ?? 0) + (this.completionOutWords[1] ?? 0) * TWO_32;
+  }
+
+  private started(tag: number, c: number, r: number): void {
+    if (r < 0) {
+      this.lib.rbdAioRelease(c);
+      this.refuse(tag, r);
+      return;
+    }
+    this.tags.set(c, tag);
+  }
+
+  private refuse(tag: number, result: number): void {
+    this.refused.push({ tag, result });
+    signalEventFd(this.fd);
+  }
+}
+
+/** A struct iovec array in one Buffer, for callers without their own (tests, tools). */
+export class IovecArray {
+  readonly buffer: Buffer;
+  readonly address: number;
+  private readonly words: Uint32Array;
+
+  constructor(readonly capacity: number) {
+    this.buffer = Buffer.alloc(capacity * 16);
+    this.words = new Uint32Array(this.buffer.buffer, this.buffer.byteOffset, capacity * 4);
+    this.address = addressOf(this.buffer);
+  }
+
+  set(index: number, address: number, length: number): void {
+    if (index >= this.capacity) throw new RangeError(`iovec ${index} past capacity ${this.capacity}`);
+    const w = index * 4;
+    this.words[w] = address % TWO_32;
+    this.words[w + 1] = Math.floor(address / TWO_32);
+    this.words[w + 2] = length % TWO_32;
+    this.words[w + 3] = Math.floor(length / TWO_32);
+  }
+}

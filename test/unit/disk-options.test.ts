@@ -1,0 +1,92 @@
+// The option table is the single source of the disk flags, --disk keys, config keys, reload plan and
+// admin JSON: every row must reach each of them, and the defaults must flow into DiskOptions.
+import { describe, expect, it } from 'vitest';
+import { DISK_OPTIONS, adminOptionValues, configKeyOf, defaultFields } from '../../src/daemon/disk-options.js';
+import { DiskSpecError, parseDiskArgument } from '../../src/daemon/disk-spec.js';
+import { parseConfig } from '../../src/daemon/config-file.js';
+import { changedDiskKeys } from '../../src/daemon/reload.js';
+import { DEFAULT_MAX_DISCARD_SEG, DEFAULT_MAX_WRITE_ZEROES_SEG } from '../../src/dataplane/device-limits.js';
+
+describe('the disk option table', () => {
+  it('has unique fields, keys and flags', () => {
+    const unique = (values: unknown[]): void => expect(new Set(values).size).toBe(values.length);
+    unique(DISK_OPTIONS.map((row) => row.field));
+    unique(DISK_OPTIONS.map((row) => row.key));
+    unique(DISK_OPTIONS.flatMap((row) => (row.flag === undefined ? [] : [row.flag])));
+    unique(DISK_OPTIONS.flatMap((row) => (row.admin === undefined ? [] : [row.admin])));
+  });
+
+  it('defaults match QEMU virtio-blk for the range limits (1 discard range, 1 write-zeroes range)', () => {
+    expect(DEFAULT_MAX_DISCARD_SEG).toBe(1);
+    expect(DEFAULT_MAX_WRITE_ZEROES_SEG).toBe(1);
+    const spec = parseDiskArgument('image=/x.img,socket=/x.sock', 0);
+    expect(spec.options).toMatchObject({ maxDiscardSeg: 1, maxWriteZeroesSeg: 1, numQueues: 1, queueSize: 1024, ioEngine: 'auto', writeback: true });
+  });
+
+  it('lets the caller override a default (--io-engine) without a module-global', () => {
+    expect(parseDiskArgument('image=/x.img,socket=/x.sock', 0, { ioEngine: 'sync' }).options.ioEngine).toBe('sync');
+    expect(parseDiskArgument('image=/x.img,socket=/x.sock,io-engine=io_uring', 0, { ioEngine: 'sync' }).options.ioEngine).toBe('io_uring');
+    expect(parseDiskArgument('image=/x.img,socket=/x.sock', 0).options.ioEngine).toBe('auto');
+    expect(defaultFields().ioEngine).toBe('auto');
+  });
+
+  it('reads the range limits from --disk and the config file', () => {
+    const spec = parseDiskArgument('image=/x.img,socket=/x.sock,max-discard-seg=8,max-write-zeroes-seg=2', 0);
+    expect(spec.options).toMatchObject({ maxDiscardSeg: 8, maxWriteZeroesSeg: 2 });
+    const config = parseConfig('disks:\n  - { image: a, socket: b, max-discard-seg: 3 }\n', '/etc/v.yaml');
+    expect(config.disks[0]!.options).toMatchObject({ maxDiscardSeg: 3, maxWriteZeroesSeg: 1 });
+  });
+
+  it('names the option in --disk errors, as a field', () => {
+    let caught: unknown;
+    try {
+      parseDiskArgument('image=/x.img,socket=/x.sock,max-write-zeroes-seg=0', 0);
+    } catch (error) {
+      caught = error;
+    }
+    expect(caught).toBeInstanceOf(DiskSpecError);
+    const error = caught as DiskSpecError;
+    expect(error.code).toBe('VUBLK_ERR_DISK_SPEC');
+    expect(error.peerFault).toBe(true);
+    expect(error.option?.key).toBe('max-write-zeroes-seg');
+    expect(error.detail).toBe('must be between 1 and 256, got 0');
+  });
+
+  it('accepts every table key in --disk and (for settable rows) in a config file', () => {
+    const samples: Record<string, string | number | boolean> = {
+      name: 'n', image: '/i', 'socket-mode': '0660', 'socket-owner': 0, 'socket-group': 0, size: '1M', 'num-queues': 2,
+      'queue-size': 64, 'read-only': true, serial: 'S', 'logical-block-size': 4096, writeback: false, 'io-engine': 'sync',
+      'max-discard-seg': 2, 'max-write-zeroes-seg': 2, locking: false, iops: 10, 'iops-burst': 20, bps: '1M', 'bps-burst': '2M',
+    };
+    for (const row of DISK_OPTIONS) {
+      if (row.key === 'socket' || row.key === 'socket-fd' || row.key === 'image') continue;
+      const sample = samples[row.key];
+      expect(sample, `a sample value for ${row.key}`).toBeDefined();
+      const text = typeof sample === 'boolean' ? (sample ? 'on' : 'off') : String(sample);
+      const burstNeeds = row.key === 'iops-burst' ? ',iops=10' : row.key === 'bps-burst' ? ',bps=1M' : '';
+      const spec = parseDiskArgument(`image=/x.img,socket=/x.sock,${row.key}=${text}${burstNeeds}`, 0);
+      expect(spec.fields[row.field], row.key).toBeDefined();
+      const entry = row.group === undefined ? `${row.key}: ${JSON.stringify(sample)}` : `${row.group}: { ${row.key}: ${JSON.stringify(sample)}${burstNeeds.replace(',', ', ').replace('=', ': ')} }`;
+      const config = parseConfig(`disks:\n  - { image: /x.img, socket: /x.sock, ${entry} }\n`, '/etc/v.yaml');
+      expect(config.disks[0]!.fields[row.field], configKeyOf(row)).toEqual(spec.fields[row.field]);
+    }
+  });
+
+  it('says where a retired key went', () => {
+    expect(() => parseDiskArgument('image=/x.img,socket=/x.sock,threads=2', 0)).toThrow(/threads is no longer a disk option.*serve --threads N/);
+  });
+
+  it('drives the reload plan: restart-only rows are reported, live rows are not', () => {
+    const a = parseDiskArgument('image=/x.img,socket=/x.sock', 0);
+    const b = parseDiskArgument('image=/x.img,socket=/y.sock,max-write-zeroes-seg=4,iops=100', 0);
+    expect(changedDiskKeys(a, b)).toEqual(['socket', 'max-write-zeroes-seg']);
+  });
+
+  it('drives the admin JSON', () => {
+    const spec = parseDiskArgument('image=/x.img,socket=/x.sock,name=d,read-only=on', 0);
+    expect(adminOptionValues(spec.fields)).toEqual({
+      name: 'd', image: '/x.img', 'num-queues': 1, 'queue-size': 1024, 'read-only': true, 'logical-block-size': 512,
+      'io-engine': 'auto', 'max-discard-seg': 1, 'max-write-zeroes-seg': 1, locking: true,
+    });
+  });
+});
