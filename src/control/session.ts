@@ -91,6 +91,8 @@ export class VhostUserSession {
   /** The migration dirty log from SET_LOG_BASE; workers mark into it while VHOST_F_LOG_ALL is set. */
   private dirtyLog: MappedLog | null = null;
   private dirtyLogVersion = 0;
+  /** Logging is on but the last SET_LOG_BASE was unusable: rings stay stopped (see setLogBase). */
+  private logUnusable = false;
   /** SET_LOG_FD's eventfd: kept (and closed) but not signalled; QEMU reads the shared log itself. */
   private logFd = -1;
   private ackedFeatures = 0n;
@@ -231,6 +233,7 @@ export class VhostUserSession {
     }
     // Logging starts (or stops) in every running ring before this message is acknowledged.
     if (hasFeature(previous ^ this.ackedFeatures, VHOST_F_LOG_ALL)) await this.publishDirtyLog();
+    if (!hasFeature(this.ackedFeatures, VHOST_F_LOG_ALL)) this.logUnusable = false;
     for (const ring of this.rings) await this.reconcile(ring);
   }
 
@@ -360,7 +363,8 @@ export class VhostUserSession {
   /**
    * SET_LOG_BASE (LOG_SHMFD): maps the new log, switches the workers to it, then unmaps the old one. QEMU
    * replaces the log while logging when guest memory grows. If the new log cannot be used while logging is
-   * on, the session is closed: carrying on would leave writes unlogged and corrupt the migration silently.
+   * on, the rings stop (nothing more is written to guest memory, so nothing goes unlogged) until a usable
+   * log arrives or logging is switched off; the refusal is answered like any other.
    */
   private async setLogBase(message: IncomingMessage): Promise<Uint8Array> {
     const request = message.header.request;
@@ -372,18 +376,28 @@ export class VhostUserSession {
       if (fd === undefined) throw new SessionRequestError(request, 'no log fd attached');
       mapped = mapLog(description, fd);
     } catch (error) {
-      if (this.logging) {
-        this.log.error(errorFields(error), 'replacement dirty log unusable while logging: closing the session so no write goes unlogged');
-        this.stream.close({ kind: 'protocol-error', detail: 'unusable dirty log during migration' });
-      }
+      if (this.logging) await this.suspendForUnusableLog(error);
       throw error;
     }
     const previous = this.dirtyLog;
     this.dirtyLog = mapped;
+    this.logUnusable = false;
     if (this.logging || previous !== null) await this.publishDirtyLog();
     if (previous !== null) unmapLog(previous);
     this.log.info({ logBytes: mapped.size }, 'dirty log mapped');
+    for (const ring of this.rings) await this.reconcile(ring);
     return encodeU64(0);
+  }
+
+  /** Logging is on but the front-end's new log is unusable: stop the rings, then let the old log go. */
+  private async suspendForUnusableLog(error: unknown): Promise<void> {
+    this.logUnusable = true;
+    this.log.warn(errorFields(error), 'replacement dirty log unusable while logging: rings stopped until a usable log or logging off');
+    for (const ring of this.rings) await this.stopRing(ring);
+    const previous = this.dirtyLog;
+    this.dirtyLog = null;
+    await this.publishDirtyLog();
+    if (previous !== null) unmapLog(previous);
   }
 
   private setLogFd(message: IncomingMessage): void {
@@ -530,7 +544,7 @@ export class VhostUserSession {
 
   /** Starts or stops the worker's ring so that it runs exactly when the configuration allows it. */
   private async reconcile(ring: VringConfig): Promise<void> {
-    const shouldRun = ring.kickArmed && ring.addressed && ring.isEnabled(this.protocolFeaturesNegotiated) && this.regions.length > 0;
+    const shouldRun = ring.kickArmed && ring.addressed && ring.isEnabled(this.protocolFeaturesNegotiated) && this.regions.length > 0 && !this.logUnusable;
     if (shouldRun && !ring.running) {
       await this.queues.start(
         ring.index,
@@ -632,6 +646,7 @@ export class VhostUserSession {
     this.status = 0;
     this.ackedFeatures = 0n;
     this.featuresSet = false;
+    this.logUnusable = false;
     // Logging is off with VHOST_F_LOG_ALL gone; the next ring start must not reuse a worker's cached log.
     this.dirtyLogVersion++;
     this.log.info({ request: why }, 'device reset');

@@ -181,6 +181,24 @@ describe('dirty log (live migration) through the daemon', () => {
     expect((await frontend.receiveMessage(10_000, 'the reply to SET_LOG_BASE')).payload.length).toBe(0);
 
     expect((await blk.read(0, 4 * KiB)).length).toBe(4 * KiB);
-    expect(daemon.logs().some((line) => line.msg === 'vhost-user request rejected' && line['request'] === 'SET_LOG_BASE')).toBe(true);
+    await daemon.waitForLog((line) => line.msg === 'vhost-user request rejected' && line['request'] === 'SET_LOG_BASE', 5_000);
+  });
+
+  it('stops the rings when a replacement log is unusable while logging, and resumes with a usable one', async () => {
+    const { frontend, blk, log } = await openLogging();
+    const mark = daemon.logs().length;
+    const short = createLog(PAGE);
+    expect((await setLogBase(frontend, short.fd, 2 * PAGE)).payload.length).toBe(0);
+    closeFd(short.fd);
+    await daemon.waitForLog((line) => line.msg === 'ring stopped', 5_000, mark);
+    await daemon.waitForLog((line) => line.msg.startsWith('replacement dirty log unusable'), 5_000, mark);
+    // A usable log: the ring runs again and marks into it; the first log is no longer written.
+    const replacement = createLog();
+    expect((await setLogBase(frontend, replacement.fd, LOG_BYTES)).payload.length).toBe(8);
+    closeFd(replacement.fd);
+    log.clear();
+    expect((await blk.read(0, 64 * KiB)).length).toBe(64 * KiB);
+    expect(markedPages(replacement.read()).length).toBeGreaterThanOrEqual(16);
+    expect(markedPages(log.read())).toEqual([]);
   });
 });
