@@ -89,7 +89,7 @@ export class DiskQueues {
         this.log.info({ queue: event.queue, ioEngine: event.ioEngine, reason: event.reason }, 'queue worker io engine');
       }
     } else if (event.kind === 'error') {
-      this.log.error({ queue: event.queue, reason: event.reason }, 'queue worker failed to start');
+      this.log.error({ queue: event.queue, reason: event.reason }, 'queue worker error');
     }
     this.eventListener(event);
   }

@@ -16,6 +16,7 @@ import { InvalidSizeError, parseCount, parseRate, parseSize } from '../throttle/
 import { groupId, userId } from './account-lookup.js';
 import { MAX_QUEUE_SIZE } from '../../protocol/split-ring.js';
 import { IO_ENGINE_SETTINGS, type IoEngineSetting } from '../dataplane/worker-protocol.js';
+import { CACHE_MODES, type CacheMode } from '../dataplane/request-executor.js';
 import { DEFAULT_MAX_DISCARD_SEG, DEFAULT_MAX_WRITE_ZEROES_SEG, MAX_RANGE_SEG } from '../dataplane/device-limits.js';
 
 export const DEFAULT_QUEUE_SIZE = 1024;
@@ -48,6 +49,8 @@ export interface DiskFields {
   logicalBlockSize: 512 | 4096;
   writeback: boolean;
   ioEngine: IoEngineSetting;
+  cache: CacheMode;
+  pollUs: number;
   maxDiscardSeg: number;
   maxWriteZeroesSeg: number;
   locking: boolean;
@@ -258,6 +261,8 @@ export const DISK_OPTIONS: readonly AnyDiskOption[] = [
   option({ field: 'logicalBlockSize', key: 'logical-block-size', flag: '--logical-block-size', help: 'logical block size', type: oneOf([512, 4096] as const), default: 512, reload: 'restart', admin: 'logical-block-size' }),
   option({ field: 'writeback', key: 'writeback', flag: '--writethrough', flagSets: false, help: 'start with the write cache off (every write is synced before it completes)', type: onOff, default: true, reload: 'restart' }),
   option({ field: 'ioEngine', key: 'io-engine', flag: '--io-engine', flagIsDefault: true, env: 'VUBLK_IO_ENGINE', help: 'request engine: auto (io_uring, else sync), io_uring or sync; also the default of --disk/--config disks without io-engine=', type: oneOf(IO_ENGINE_SETTINGS), default: 'auto', reload: 'restart', admin: 'io-engine' }),
+  option({ field: 'cache', key: 'cache', flag: '--cache', flagIsDefault: true, help: 'cache mode, as QEMU: writeback, none (O_DIRECT; unaligned guest buffers bounce), writethrough, directsync (O_DIRECT + O_DSYNC), unsafe (FLUSH ignored); also the default of --disk/--config disks without cache=', type: oneOf(CACHE_MODES), default: 'writeback', reload: 'restart', admin: 'cache' }),
+  option({ field: 'pollUs', key: 'poll-us', flag: '--poll-us', flagIsDefault: true, help: 'adaptive polling: the workers serving this disk spin up to N µs on its rings and completions before sleeping (0 = off)', type: wholeNumber(0, 1_000_000), default: 0, reload: 'restart', admin: 'poll-us' }),
   option({ field: 'maxDiscardSeg', key: 'max-discard-seg', flag: '--max-discard-seg', help: "ranges one DISCARD request may carry (config max_discard_seg; QEMU's own device uses 1)", type: wholeNumber(1, MAX_RANGE_SEG), default: DEFAULT_MAX_DISCARD_SEG, reload: 'restart', admin: 'max-discard-seg' }),
   option({ field: 'maxWriteZeroesSeg', key: 'max-write-zeroes-seg', flag: '--max-write-zeroes-seg', help: "ranges one WRITE_ZEROES request may carry (config max_write_zeroes_seg; QEMU's own device uses 1)", type: wholeNumber(1, MAX_RANGE_SEG), default: DEFAULT_MAX_WRITE_ZEROES_SEG, reload: 'restart', admin: 'max-write-zeroes-seg' }),
   option({ field: 'locking', key: 'locking', help: "QEMU-compatible image locks (OFD locks on bytes 100+/200+); off only where two daemons share an image by design (migration)", type: onOff, default: true, reload: 'restart', admin: 'locking' }),

@@ -1,11 +1,18 @@
 /**
- * The drain bracket: everything one queue does per wake-up.
+ * The drain bracket: everything one queue does per wake-up (a kick, a completion, a timer).
  *
- *   gate (running, not poisoned) → suppress kicks → pop/validate/throttle/execute/publish until empty →
- *   re-arm kicks and re-check (never strand a request) → one interrupt if the driver wants it.
+ *   reap completions → gate (running, not poisoned) → suppress kicks → pop/validate/throttle/submit until
+ *   empty or the back-end is full → hand the batch to the device, publish what completed → re-arm kicks and
+ *   re-check (never strand a request) → one interrupt if the driver wants it.
  *
- * A broken avail index or descriptor table poisons the queue: nothing more is consumed or published and
- * kicks are not re-armed, so a hostile guest cannot make the worker spin. Only a ring restart clears it.
+ * Requests stay in flight across drains; their completions are published by a later wake-up, in any order.
+ * When the back-end has no room (in-flight limit, bounce buffers) the drain stops popping and leaves the
+ * rest in the avail ring with kicks still suppressed: the completion that frees room wakes the queue again.
+ * The drain never blocks on I/O.
+ *
+ * A broken avail index or descriptor table poisons the queue: nothing more is consumed and kicks are not
+ * re-armed, so a hostile guest cannot make the worker spin; requests popped before the poison still
+ * complete and are published. Only a ring restart clears it.
  */
 import { BlkRequestType, BlkStatus } from '../../protocol/virtio-blk.js';
 import { ChainOutcome, ChainScratch, walkChain } from './descriptor-chain.js';
@@ -39,6 +46,8 @@ export interface DrainContext {
   request: BlkRequest;
   /** Set once a stall has been counted, cleared when the stalled request is admitted. */
   stalled: boolean;
+  /** False while the ring is stopping: completions are still published, nothing more is popped. */
+  accepting: boolean;
   poisoned: boolean;
   onPoison(cause: PoisonCause, reason: string): void;
   /** Raises the guest interrupt (call eventfd). */
@@ -64,29 +73,42 @@ interface NotifyState {
   notifiedUsed: number;
   sinceCheck: number;
   batch: number;
+  /** The device refused a submission with nothing in flight (retry on a timer). */
+  submitRefused: boolean;
 }
 
-/** Runs one drain. Returns 0 when the queue is empty, or the nanoseconds to wait before retrying a stall. */
+function submitAndReap(ctx: DrainContext, notify: NotifyState): void {
+  if (!ctx.executor.submitPending()) notify.submitRefused = true;
+  ctx.executor.reap();
+}
+
+/** The device refused a submission with nothing in flight to wake us: retry after this long. */
+export const SUBMIT_RETRY_NANOS = 1_000_000;
+/** serveRequest: the back-end has no room; the chain was put back. */
+const BLOCKED = -1;
+
+/** Runs one drain. Returns 0 when there is nothing to retry, or the nanoseconds to wait before retrying a stall. */
 export function drainQueue(ctx: DrainContext): number {
-  if (ctx.poisoned) return 0;
-  const notify: NotifyState = { notifiedUsed: ctx.queue.usedIdx, sinceCheck: 0, batch: MIN_COMPLETION_BATCH };
+  const notify: NotifyState = { notifiedUsed: ctx.queue.usedIdx, sinceCheck: 0, batch: MIN_COMPLETION_BATCH, submitRefused: false };
   let wait = 0;
   try {
-    wait = drainUntilEmpty(ctx, notify);
+    ctx.executor.reap();
+    if (!ctx.poisoned && ctx.accepting) wait = drainUntilEmpty(ctx, notify);
   } finally {
     ctx.counters.add(Counter.drains);
     completeAndNotify(ctx, notify);
   }
+  if (notify.submitRefused) wait = wait > 0 ? Math.min(wait, SUBMIT_RETRY_NANOS) : SUBMIT_RETRY_NANOS;
   return wait;
 }
 
 /**
- * Completes everything submitted, then interrupts the driver if it wants to hear about what was published
- * since the last interrupt. Counters are published before the guest is told, so anyone who saw a completion
- * sees it counted.
+ * Hands what was prepared to the device and publishes whatever has completed, then interrupts the driver if
+ * it wants to hear about what was published since the last interrupt. Counters are published before the
+ * guest is told, so anyone who saw a completion sees it counted.
  */
 function completeAndNotify(ctx: DrainContext, notify: NotifyState): void {
-  ctx.executor.flush();
+  submitAndReap(ctx, notify);
   notify.sinceCheck = 0;
   const interrupt = ctx.queue.shouldInterrupt(notify.notifiedUsed);
   if (interrupt) ctx.counters.add(Counter.notifications);
@@ -102,6 +124,7 @@ function drainUntilEmpty(ctx: DrainContext, notify: NotifyState): number {
   for (;;) {
     queue.suppressKicks();
     notify.batch = Math.max(MIN_COMPLETION_BATCH, queue.pending() >> 2);
+    let blocked = false;
     for (;;) {
       const pending = queue.pending();
       if (pending === 0) break;
@@ -122,16 +145,29 @@ function drainUntilEmpty(ctx: DrainContext, notify: NotifyState): number {
         continue;
       }
       const wait = serveRequest(ctx, head);
+      if (wait === BLOCKED) {
+        blocked = true;
+        break;
+      }
       if (wait > 0) return wait;
       if (++notify.sinceCheck >= notify.batch) completeAndNotify(ctx, notify);
     }
-    // Complete this round before re-arming, so the driver sees its completions before it is asked to kick.
-    ctx.executor.flush();
+    // Publish what completed before re-arming, so the driver sees its completions before it is asked to kick.
+    const inFlight = ctx.executor.inFlight;
+    submitAndReap(ctx, notify);
+    if (blocked) {
+      // Still full: the next completion wakes this queue (kicks stay suppressed meanwhile).
+      if (ctx.executor.inFlight >= inFlight) return 0;
+      continue;
+    }
     if (!queue.rearmKicks()) return 0;
   }
 }
 
-/** Validates, admits, executes and publishes one chain. Returns a stall wait (the chain was put back) or 0. */
+/**
+ * Validates, admits and submits (or answers) one chain. Returns a stall wait or BLOCKED (the chain was put
+ * back in either case), or 0.
+ */
 function serveRequest(ctx: DrainContext, head: number): number {
   const { request, counters } = ctx;
   const disposition = parseRequest(ctx.memory, ctx.scratch, ctx.limits, ctx.capacityBytes, request);
@@ -147,6 +183,10 @@ function serveRequest(ctx: DrainContext, head: number): number {
     return 0;
   }
 
+  if (!ctx.executor.canAccept(request)) {
+    ctx.queue.unpop();
+    return BLOCKED;
+  }
   const wait = ctx.admission.admit(request.dataBytes);
   if (wait > 0) {
     ctx.queue.unpop();
@@ -168,13 +208,14 @@ function serveRequest(ctx: DrainContext, head: number): number {
   return 0;
 }
 
-/** Counts and publishes one finished request (called by the executor, possibly in a later batch). */
+/** Counts and publishes one finished request (called by the executor, possibly in a later wake-up). */
 export function completeRequest(ctx: DrainContext, c: Completion): void {
   const counters = ctx.counters;
   counters.observeLatency(latencyOp(c.type), c.latencyNanos);
   if (c.status === BlkStatus.OK) countSuccess(counters, c.type, c.dataBytes);
   else if (c.status === BlkStatus.UNSUPP) counters.add(Counter.unsupported);
   else counters.add(Counter.ioErrors);
+  // Also after a poison: the request was popped before it, and the sync engine would have published it.
   // The data is in guest memory now (whatever the status): mark it before the request is published.
   if (writesGuestBuffers(c.type)) ctx.dirtyLog?.markWrites(c.head);
   publishAt(ctx, c.head, c.statusGpa, c.status, c.status === BlkStatus.OK ? c.written : 0);

@@ -11,6 +11,7 @@
 import { parentPort, receiveMessageOnPort, workerData, type MessagePort } from 'node:worker_threads';
 import { drainEventFd } from '../sys/eventfd.js';
 import { EpollSet } from './epoll.js';
+import { waitPolling } from './adaptive-poll.js';
 import { GuestMemory } from './guest-memory.js';
 import { RingServer } from './ring-server.js';
 import { DirtyLog } from './dirty-log.js';
@@ -67,28 +68,37 @@ class PoolWorker {
 
   private serve(): void {
     while (this.running) {
-      const n = this.epoll.wait(this.ready);
+      const n = this.pollUs > 0 ? waitPolling(this.epoll, this.ready, this.pollUs, this.servers) : this.epoll.wait(this.ready);
       for (let i = 0; i < n; i++) {
-        const fd = this.ready[i];
+        const fd = this.ready[i] ?? -1;
         if (fd === this.init.controlFd) {
           drainEventFd(fd);
           this.handleCommands();
           if (!this.running) return;
           continue;
         }
-        for (const { server } of this.rings.values()) {
-          // Kick fds are edge-triggered: the counter is never read back (2^64 kicks to saturate).
-          if (fd === server.kickFd) server.drain();
-          else if (fd === server.timer.fd) server.onTimer();
-        }
+        // Kick, completion or timer fd of one ring.
+        for (const { server } of this.rings.values()) if (server.dispatch(fd)) break;
       }
     }
+  }
+
+  /** Adaptive polling: the largest poll-us any served ring's disk asked for (0 = sleep at once). */
+  private pollUs = 0;
+  private servers: RingServer[] = [];
+
+  private refreshPolling(): void {
+    this.servers = [...this.rings.values()].map((r) => r.server);
+    this.pollUs = this.servers.reduce((max, server) => Math.max(max, server.pollUs), 0);
   }
 
   private handleCommands(): void {
     for (;;) {
       const received = receiveMessageOnPort(this.port);
-      if (received === undefined) return;
+      if (received === undefined) {
+        this.refreshPolling();
+        return;
+      }
       const command = received.message as WorkerCommand;
       let error: string | undefined;
       let lastAvailIdx: number | undefined;

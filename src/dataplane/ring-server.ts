@@ -1,8 +1,17 @@
 /**
- * Everything one virtqueue needs on its worker thread: its counters, I/O engine, throttle handle, request
- * scratch, retry timer, and — while started — its ring and drain context. A pool worker runs one RingServer
- * per ring it serves (of any disk); they share the thread's epoll set, each uses its own disk context and
- * its session's guest memory table.
+ * Everything one virtqueue needs on its worker thread: its counters, back-end (request executor), throttle
+ * handle, request scratch, retry timer, and — while started — its ring and drain context. A pool worker runs
+ * one RingServer per ring it serves (of any disk); they share the thread's epoll set, each uses its own disk
+ * context and its session's guest memory table.
+ *
+ * What the worker gives a RingServer: an EpollSet (the server registers its kick fd and completion fd
+ * edge-triggered, and its timer fd), the guest memory on start / memoryChanged, and every ready fd through
+ * `dispatch(fd)` (true when the fd was this ring's). With polling on, the worker calls `poll()` between waits.
+ *
+ * Requests stay in flight across wake-ups. Each occupies a back-end slot from submission to completion
+ * with its descriptor head and submission sequence (UringExecutor slotHead / slotSeq) — the stable slot
+ * inflight tracking (INFLIGHT_SHMFD) mirrors. `stop()` stops popping and waits, bounded, for everything in
+ * flight to complete and be published before it reports last_avail_idx, so the index is exact.
  */
 import { signalEventFd } from '../sys/eventfd.js';
 import type { EpollSet } from './epoll.js';
@@ -13,7 +22,8 @@ import { descriptorTableBytes, availRingBytes, usedRingBytes } from '../../proto
 import { Counter, QueueCounters } from './counters.js';
 import { SyncExecutor } from './sync-executor.js';
 import { UringExecutor } from './uring-executor.js';
-import type { IoEngineName, RequestExecutor } from './request-executor.js';
+import type { EngineOptions, IoEngineName, RequestExecutor } from './request-executor.js';
+import { engineOptions } from './raw-image.js';
 import { completeRequest, createRequestScratch, drainQueue, unlimited, type Admission, type DrainContext, type PoisonCause } from './drain.js';
 import { DiskThrottle } from '../throttle/disk-throttle.js';
 import { DirtyLog, RingDirtyLog } from './dirty-log.js';
@@ -21,6 +31,8 @@ import type { DiskContext, DiskSettings, RingEvent, RingStart } from './worker-p
 
 /** Kick-less (polling-mode) rings are drained on this tick. */
 const POLL_TICK_NANOS = 1_000_000;
+/** How long a ring stop or memory change waits for requests in flight. */
+export const QUIESCE_TIMEOUT_MS = 5_000;
 
 export class RingServer {
   readonly timer = new RetryTimer();
@@ -44,9 +56,12 @@ export class RingServer {
   ) {
     this.counters = new QueueCounters(init.counters, queue);
     this.executor = this.createExecutor();
+    // A completion after the ring stopped (a stop that timed out) has nowhere to go: counted, not published.
     this.executor.onComplete = (completion) => {
       if (this.context !== null) completeRequest(this.context, completion);
+      else this.counters.add(Counter.ioErrors);
     };
+    if (this.executor.completionFd >= 0) epoll.add(this.executor.completionFd, true);
     this.admission = init.throttle ? DiskThrottle.attach(init.throttle) : unlimited;
     ({ scratch: this.scratch, request: this.request } = createRequestScratch(init.limits));
     epoll.add(this.timer.fd);
@@ -63,9 +78,10 @@ export class RingServer {
     let engine: IoEngineName = 'sync';
     let reason = 'sync engine requested';
     let executor: RequestExecutor | null = null;
+    const options: EngineOptions = { ...engineOptions(this.init.image), onBounce: () => this.counters.add(Counter.bounced) };
     if (setting !== 'sync') {
       try {
-        executor = new UringExecutor(this.init.imageFd, this.init.limits);
+        executor = new UringExecutor(this.init.imageFd, this.init.limits, options);
         engine = 'io_uring';
         reason = `io_uring (${setting === 'auto' ? 'auto' : 'requested'})`;
       } catch (error) {
@@ -78,7 +94,46 @@ export class RingServer {
       }
     }
     this.post({ type: 'event', kind: 'started', queue: this.queue, reason, ioEngine: engine });
-    return executor ?? new SyncExecutor(this.init.imageFd, this.init.limits);
+    return executor ?? new SyncExecutor(this.init.imageFd, this.init.limits, options);
+  }
+
+  /** Adaptive polling asked for by the disk (µs, 0 = off). */
+  get pollUs(): number {
+    return this.init.pollUs ?? 0;
+  }
+
+  /** Handles a ready fd if it is this ring's (kick, completion, timer); false otherwise. */
+  dispatch(fd: number): boolean {
+    if (fd === this.kickFd || fd === this.executor.completionFd) {
+      // Edge-triggered: the counters are never read back (2^64 events to saturate).
+      this.wake();
+      return true;
+    }
+    if (fd === this.timer.fd) {
+      this.onTimer();
+      return true;
+    }
+    return false;
+  }
+
+  /**
+   * Adaptive polling: drains when the avail ring has entries or requests are in flight. Returns whether
+   * anything moved (popped or published), so the worker knows to keep spinning.
+   */
+  poll(): boolean {
+    const ctx = this.context;
+    if (ctx === null) return false;
+    if (ctx.queue.pending() === 0 && this.executor.inFlight === 0) return false;
+    const avail = ctx.queue.lastAvailIdx;
+    const used = ctx.queue.usedIdx;
+    this.drain();
+    return ctx.queue.lastAvailIdx !== avail || ctx.queue.usedIdx !== used;
+  }
+
+  /** A kick or a completion. With the ring stopped, completions are still taken off the back-end. */
+  private wake(): void {
+    if (this.context === null) this.executor.reap();
+    else this.drain();
   }
 
   /** A kick or a timer expiry: drain, and arm the retry timer if the throttle stalled us. */
@@ -100,8 +155,36 @@ export class RingServer {
    * stays poisoned (only a ring restart clears it) and touches no guest memory, so it is left alone.
    */
   memoryChanged(memory: GuestMemory): void {
-    if (this.ring === null || this.poisoned) return;
-    this.start(this.ring, this.context?.queue.lastAvailIdx ?? this.ring.lastAvailIdx, memory);
+    if (this.ring === null) return;
+    if (this.poisoned) {
+      // Nothing more is popped, but requests popped before the poison may still point into the old mapping.
+      this.executor.waitIdle(QUIESCE_TIMEOUT_MS);
+      return;
+    }
+    // Requests in flight point into the old mapping: let them finish (and publish) first.
+    const lastAvailIdx = this.quiesce() ?? this.ring.lastAvailIdx;
+    this.start(this.ring, lastAvailIdx, memory);
+  }
+
+  /**
+   * Stops popping and waits (bounded) for everything in flight to complete and be published, then tells
+   * the driver. Returns the next avail index to consume, or undefined without a drain context.
+   */
+  private quiesce(): number | undefined {
+    const ctx = this.context;
+    if (ctx === null) return undefined;
+    ctx.accepting = false;
+    const usedBefore = ctx.queue.usedIdx;
+    if (!this.executor.waitIdle(QUIESCE_TIMEOUT_MS)) {
+      this.post({ type: 'event', kind: 'error', queue: this.queue, reason: `${this.executor.inFlight} requests still in flight after ${QUIESCE_TIMEOUT_MS} ms; the ring stops without them` });
+    }
+    if (!ctx.poisoned && ctx.queue.shouldInterrupt(usedBefore)) {
+      ctx.counters.add(Counter.notifications);
+      ctx.counters.flush();
+      ctx.interrupt();
+    }
+    ctx.counters.flush();
+    return ctx.queue.lastAvailIdx;
   }
 
   /** Poisoned since the last (re)start: by the drain, or because the ring could not be mapped at all. */
@@ -174,6 +257,7 @@ export class RingServer {
       scratch: this.scratch,
       request: this.request,
       stalled: false,
+      accepting: true,
       poisoned: false,
       onPoison: (cause, reason) => this.raisePoison(cause, reason),
       interrupt: () => {
@@ -200,7 +284,7 @@ export class RingServer {
     const ring = this.ring;
     if (ring === null) return undefined;
     const ctx = this.context;
-    const lastAvailIdx = ctx?.queue.lastAvailIdx ?? ring.lastAvailIdx;
+    const lastAvailIdx = this.quiesce() ?? ring.lastAvailIdx;
     if (ctx !== null && ring.kickFd >= 0) this.epoll.remove(ring.kickFd);
     if (ctx?.stalled) this.counters.setGauge(Counter.throttlePending, 0);
     this.timer.disarm();
@@ -219,6 +303,7 @@ export class RingServer {
 
   close(): void {
     this.stop();
+    if (this.executor.completionFd >= 0) this.epoll.remove(this.executor.completionFd);
     // The ring may next run on another worker: nothing counted here may stay unpublished.
     this.counters.flush();
     this.executor.close();

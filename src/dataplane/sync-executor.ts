@@ -3,16 +3,17 @@
  * thread. iovecs carry host addresses straight into mapped guest memory, so data is never copied through JS.
  */
 import { BlkRequestType, BlkStatus, BLK_ID_BYTES } from '../../protocol/virtio-blk.js';
-import { sys, addressOf, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE } from '../sys/libc.js';
+import { sys, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE } from '../sys/libc.js';
 import { lastErrno, errnoName, Errno } from '../sys/errors.js';
 import type { GuestMemory } from './guest-memory.js';
 import type { BlkRequest } from './blk-request.js';
 import { readDiscardSegments } from './blk-request.js';
 import type { DeviceLimits } from './device-limits.js';
-import type { Completion, RequestExecutor } from './request-executor.js';
+import type { Completion, EngineOptions, RequestExecutor } from './request-executor.js';
+import { IOV_MAX, IovecPool, SECTOR_SIZE, zeroFillTail } from './iovec.js';
+import { AlignedBuffer, copyBounce } from './bounce-pool.js';
+import { blockDeviceRange } from '../sys/block-io.js';
 
-/** Linux's IOV_MAX: one preadv/pwritev takes at most this many iovecs. */
-const IOV_MAX = 1024;
 const ZERO_CHUNK = 1 << 20;
 
 interface ExecutionResult {
@@ -23,22 +24,31 @@ interface ExecutionResult {
   error: string;
 }
 
-/** Performs each request inside `submit` with blocking syscalls; `flush` has nothing left to do. */
+/** Performs each request inside `submit` with blocking syscalls; nothing is ever left in flight. */
 export class SyncExecutor implements RequestExecutor {
   readonly inFlight = 0;
+  readonly completionFd = -1;
   onComplete: (completion: Completion) => void = () => undefined;
   private readonly completion: Completion = { head: 0, statusGpa: 0, type: 0, status: 0, written: 0, dataBytes: 0, latencyNanos: 0, error: '' };
-  private readonly iov = Buffer.alloc(IOV_MAX * 16);
-  private readonly iovWords = new Uint32Array(this.iov.buffer, this.iov.byteOffset, IOV_MAX * 4);
-  private readonly iovAddress = addressOf(this.iov);
+  private readonly iov = new IovecPool(1, IOV_MAX);
   private iovCount = 0;
   private readonly result: ExecutionResult = { status: BlkStatus.OK, written: 0, error: '' };
-  private zeroes: Buffer | null = null;
+  private zeroes: AlignedBuffer | null = null;
+  /** O_DIRECT bounce memory, grown on demand (rare: only requests with unaligned guest buffers). */
+  private bounce: AlignedBuffer | null = null;
+  private readonly memAlign: number;
 
   constructor(
     private readonly fd: number,
     private readonly limits: DeviceLimits,
-  ) {}
+    private readonly options: EngineOptions = {},
+  ) {
+    this.memAlign = options.memAlign ?? 1;
+  }
+
+  canAccept(): boolean {
+    return true;
+  }
 
   submit(memory: GuestMemory, request: BlkRequest, head: number, capacityBytes: number, writeback: boolean): void {
     const started = performance.now();
@@ -55,9 +65,24 @@ export class SyncExecutor implements RequestExecutor {
     this.onComplete(c);
   }
 
-  flush(): void {}
+  submitPending(): boolean {
+    return true;
+  }
 
-  close(): void {}
+  reap(): number {
+    return 0;
+  }
+
+  waitIdle(): boolean {
+    return true;
+  }
+
+  close(): void {
+    this.bounce?.close();
+    this.bounce = null;
+    this.zeroes?.close();
+    this.zeroes = null;
+  }
 
   private execute(memory: GuestMemory, request: BlkRequest, capacityBytes: number, writeback: boolean): ExecutionResult {
     const result = this.result;
@@ -69,10 +94,10 @@ export class SyncExecutor implements RequestExecutor {
         return this.read(memory, request);
       case BlkRequestType.OUT:
         this.write(memory, request);
-        if (result.status === BlkStatus.OK && !writeback) this.sync();
+        if (result.status === BlkStatus.OK && !writeback && this.options.dsync !== true) this.sync();
         return result;
       case BlkRequestType.FLUSH:
-        return this.sync();
+        return this.options.ignoreFlush === true ? result : this.sync();
       case BlkRequestType.GET_ID: {
         const length = Math.min(BLK_ID_BYTES, request.dataBytes);
         let done = 0;
@@ -98,68 +123,43 @@ export class SyncExecutor implements RequestExecutor {
     return this.result;
   }
 
-  private pushIov(hostAddr: number, length: number): void {
-    if (this.iovCount >= IOV_MAX) {
-      this.iovCount++;
-      return;
-    }
-    const w = this.iovCount * 4;
-    this.iovWords[w] = hostAddr % 0x1_0000_0000;
-    this.iovWords[w + 1] = Math.floor(hostAddr / 0x1_0000_0000);
-    this.iovWords[w + 2] = length;
-    this.iovWords[w + 3] = 0;
-    this.iovCount++;
-  }
-
-  private readonly collect = (hostAddr: number, length: number): void => this.pushIov(hostAddr, length);
-
-  /** Builds the iovec array for the request's data segments; false if it needs more than IOV_MAX entries. */
+  /**
+   * Builds the iovec array for the request's data segments: straight into guest memory, or one bounce
+   * buffer when O_DIRECT alignment is not met (or the request needs more than IOV_MAX iovecs under
+   * O_DIRECT). False if it needs more than IOV_MAX entries and cannot bounce.
+   */
   private buildIov(memory: GuestMemory, request: BlkRequest): boolean {
-    this.iovCount = 0;
-    for (let s = 0; s < request.segCount; s++) memory.forEachHostPiece(request.segGpa[s] ?? 0, request.segLen[s] ?? 0, this.collect);
-    return this.iovCount <= IOV_MAX;
+    this.iovCount = this.iov.fill(0, memory, request.segGpa, request.segLen, request.segCount);
+    const fits = this.iovCount <= IOV_MAX;
+    if (this.memAlign <= 1 || (fits && this.iov.aligned(0, this.iovCount, this.memAlign))) {
+      this.usingBounce = false;
+      return fits;
+    }
+    if (this.bounce === null || this.bounce.length < request.dataBytes) {
+      this.bounce?.close();
+      this.bounce = new AlignedBuffer(Math.ceil(request.dataBytes / 4096) * 4096);
+    }
+    this.iov.setSingle(0, this.bounce.address, request.dataBytes);
+    this.iovCount = 1;
+    this.usingBounce = true;
+    this.options.onBounce?.();
+    return true;
   }
 
-  /** Advances the iovec array past `done` bytes (after a short transfer); returns the new first index. */
-  private skipIov(first: number, done: number): number {
-    let i = first;
-    let remaining = done;
-    while (remaining > 0) {
-      const w = i * 4;
-      const len = this.iovWords[w + 2] ?? 0;
-      if (remaining < len) {
-        const base = (this.iovWords[w] ?? 0) + (this.iovWords[w + 1] ?? 0) * 0x1_0000_0000 + remaining;
-        this.iovWords[w] = base % 0x1_0000_0000;
-        this.iovWords[w + 1] = Math.floor(base / 0x1_0000_0000);
-        this.iovWords[w + 2] = len - remaining;
-        return i;
-      }
-      remaining -= len;
-      i++;
-    }
-    return i;
-  }
+  private usingBounce = false;
 
   private read(memory: GuestMemory, request: BlkRequest): ExecutionResult {
     const done = this.transfer(memory, request, sys.preadv, 'preadv');
     if (done < 0) return this.result;
-    if (done < request.dataBytes) this.zeroTail(memory, request, done);
+    if (this.usingBounce && this.bounce !== null) {
+      const bytes = this.bounce.bytes;
+      if (!copyBounce(memory, request.segGpa, request.segLen, 0, request.segCount, () => bytes, bytes.length, true, done)) {
+        return this.fail(BlkStatus.IOERR, 'read buffer left guest memory');
+      }
+    }
+    if (done < request.dataBytes) zeroFillTail(memory, request.segGpa, request.segLen, 0, request.segCount, done);
     this.result.written = request.dataBytes;
     return this.result;
-  }
-
-  /** A read past end of file (image shorter than the capacity) returns zeroes, like a sparse tail would. */
-  private zeroTail(memory: GuestMemory, request: BlkRequest, done: number): void {
-    let skip = done;
-    for (let s = 0; s < request.segCount; s++) {
-      const len = request.segLen[s] ?? 0;
-      if (skip >= len) {
-        skip -= len;
-        continue;
-      }
-      memory.fill((request.segGpa[s] ?? 0) + skip, len - skip);
-      skip = 0;
-    }
   }
 
   private write(memory: GuestMemory, request: BlkRequest): ExecutionResult {
@@ -177,11 +177,18 @@ export class SyncExecutor implements RequestExecutor {
       this.fail(BlkStatus.IOERR, 'request needs more than IOV_MAX iovecs');
       return -1;
     }
-    const offset = request.sector * 512;
+    if (this.usingBounce && call === sys.pwritev && this.bounce !== null) {
+      const bytes = this.bounce.bytes;
+      if (!copyBounce(memory, request.segGpa, request.segLen, 0, request.segCount, () => bytes, bytes.length, false)) {
+        this.fail(BlkStatus.IOERR, 'write buffer left guest memory');
+        return -1;
+      }
+    }
+    const offset = request.sector * SECTOR_SIZE;
     let done = 0;
     let first = 0;
     while (done < request.dataBytes) {
-      const n = call(this.fd, this.iovAddress + first * 16, this.iovCount - first, offset + done);
+      const n = call(this.fd, this.iov.addressOf(0, first), this.iovCount - first, offset + done);
       if (n < 0) {
         const errno = lastErrno();
         if (errno === Errno.EINTR) continue;
@@ -190,7 +197,7 @@ export class SyncExecutor implements RequestExecutor {
       }
       if (n === 0) break;
       done += n;
-      first = this.skipIov(first, n);
+      first = this.iov.skip(0, first, n);
     }
     return done;
   }
@@ -206,6 +213,13 @@ export class SyncExecutor implements RequestExecutor {
     const isWriteZeroes = request.type === BlkRequestType.WRITE_ZEROES;
     for (const range of ranges) {
       if (range.length === 0) continue;
+      if (this.options.blockDevice === true) {
+        // Block devices: BLKZEROOUT zeroes (unmapping where the device can), BLKDISCARD is a hint.
+        if (blockDeviceRange(this.fd, isWriteZeroes, range.offset, range.length) === 0) continue;
+        const errno = lastErrno();
+        if (!isWriteZeroes && errno === Errno.EOPNOTSUPP) continue;
+        return this.fail(BlkStatus.IOERR, `ioctl(${isWriteZeroes ? 'BLKZEROOUT' : 'BLKDISCARD'}): ${errnoName(errno)}`);
+      }
       const mode = !isWriteZeroes || range.unmap ? FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE : FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE;
       if (sys.fallocate(this.fd, mode, range.offset, range.length) === 0) continue;
       const errno = lastErrno();
@@ -222,15 +236,13 @@ export class SyncExecutor implements RequestExecutor {
 
   /** Fallback for file systems without FALLOC_FL_ZERO_RANGE. */
   private writeZeroes(offset: number, length: number): boolean {
-    this.zeroes ??= Buffer.alloc(ZERO_CHUNK);
-    const address = addressOf(this.zeroes);
+    // Page-aligned, so it also suits O_DIRECT.
+    this.zeroes ??= new AlignedBuffer(ZERO_CHUNK);
+    const address = this.zeroes.address;
     for (let at = 0; at < length; ) {
       const chunk = Math.min(ZERO_CHUNK, length - at);
-      this.iovWords[0] = address % 0x1_0000_0000;
-      this.iovWords[1] = Math.floor(address / 0x1_0000_0000);
-      this.iovWords[2] = chunk;
-      this.iovWords[3] = 0;
-      const n = sys.pwritev(this.fd, this.iovAddress, 1, offset + at);
+      this.iov.setSingle(0, address, chunk);
+      const n = sys.pwritev(this.fd, this.iov.addressOf(0, 0), 1, offset + at);
       if (n <= 0) return false;
       at += n;
     }

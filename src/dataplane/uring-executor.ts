@@ -1,7 +1,9 @@
 /**
- * Executes validated requests through io_uring: a drain prepares one SQE per request (two for a write in
- * write-through mode) and `flush` submits them all and waits for all of them with a single io_uring_enter in
- * the common case. iovecs carry host addresses straight into mapped guest memory, like the sync engine.
+ * The asynchronous request engine on io_uring. Requests stay in flight across drains: `submit` prepares
+ * SQEs, `submitPending` hands them to the kernel without waiting (one io_uring_enter per drain in the common
+ * case), and completions are delivered by `reap` whenever the ring's registered eventfd (IORING_REGISTER_
+ * EVENTFD, watched by the worker's epoll) says they may be there. iovecs carry host addresses straight into
+ * mapped guest memory; with O_DIRECT, guest buffers that miss the alignment go through bounce chunks.
  *
  * Semantics are those of SyncExecutor:
  * - IN → READV; a short read is continued with the remainder; at end of file the rest is zero-filled.
@@ -9,32 +11,39 @@
  *   write (IOSQE_IO_LINK) and the write completes only once it is synced; a short write breaks the link
  *   (the fsync is cancelled) and the remainder is resubmitted with a fresh linked fsync.
  * - FLUSH → FSYNC(DATASYNC) with IOSQE_IO_DRAIN: it starts only after every SQE submitted before it has
- *   completed. If an earlier write was still being continued (short write) when the fsync completed, the
- *   fsync is issued again behind it.
- * - GET_ID runs synchronously; DISCARD / WRITE_ZEROES (and anything else) first complete everything in flight,
- *   then run synchronously on an internal SyncExecutor.
+ *   completed, so it covers every write completed before it was received. If an earlier write was still
+ *   being continued (short write) when the fsync completed, the fsync is issued again behind it.
+ * - DISCARD / WRITE_ZEROES stay behind everything submitted before them without blocking: `canAccept`
+ *   refuses them while anything is in flight (the drain stops popping and resumes on the last completion),
+ *   then they run synchronously on an internal SyncExecutor (fallocate / BLKDISCARD / BLKZEROOUT).
+ * - GET_ID (and requests whose iovecs do not fit a slot, or whose bounce does not fit the pool) run
+ *   synchronously too.
  *
- * Requests occupy one of `depth` slots, each with its own preallocated iovec array; when all slots are busy,
- * `submit` submits and reaps until one frees. Nothing is left in flight when `flush` returns.
+ * Invariants: a slot is owned by exactly one request from `submit` to its completion (its head and
+ * submission sequence are stable meanwhile); at most two SQEs per slot are outstanding, and the SQ holds
+ * 2 × depth entries, so preparing never finds the SQ full; nothing here blocks except `waitIdle`.
  */
 import koffi from 'koffi';
 import { BlkRequestType, BlkStatus } from '../../protocol/virtio-blk.js';
-import { addressOf } from '../sys/libc.js';
 import { errnoName, Errno } from '../sys/errors.js';
 import { IoUring, IoUringOp, SqeFlag, IORING_FSYNC_DATASYNC } from '../sys/io-uring.js';
+import { createEventFd, drainEventFd } from '../sys/eventfd.js';
+import { sys } from '../sys/libc.js';
 import type { GuestMemory } from './guest-memory.js';
 import type { BlkRequest } from './blk-request.js';
 import type { DeviceLimits } from './device-limits.js';
-import type { Completion, RequestExecutor } from './request-executor.js';
+import type { Completion, EngineOptions, RequestExecutor } from './request-executor.js';
 import { SyncExecutor } from './sync-executor.js';
+import { IOV_MAX, IovecPool, SECTOR_SIZE, zeroFillTail } from './iovec.js';
+import { BOUNCE_CHUNK_BYTES, BouncePool, copyBounce } from './bounce-pool.js';
+import { waitReadable } from '../sys/poll-wait.js';
 
-/** Default number of requests in flight per queue. */
-export const DEFAULT_URING_DEPTH = 128;
-/** Linux's UIO_MAXIOV: one READV/WRITEV takes at most this many iovecs. */
-const IOV_MAX = 1024;
+
+/** Default number of requests in flight per queue (the largest queue size vublk offers is 1024). */
+export const DEFAULT_URING_DEPTH = 256;
+/** Bounce memory per queue in O_DIRECT mode. */
+export const BOUNCE_POOL_BYTES = 4 * 1024 * 1024;
 const ECANCELED = koffi.os.errno['ECANCELED'] ?? 125;
-/** Something to sleep on (Atomics.wait) when the kernel is short of resources and nothing is in flight. */
-const NAP = new Int32Array(new SharedArrayBuffer(4));
 
 /** CQE kinds, in the high half of the 32-bit user data; the slot is in the low half. */
 const KIND_RW = 0;
@@ -47,6 +56,8 @@ const SlotFlag = {
   eof: 2,
   /** The slot's (latest) fsync succeeded. */
   synced: 4,
+  /** Data goes through bounce chunks. */
+  bounced: 8,
 } as const;
 
 export function encodeUserData(slot: number, kind: number): number {
@@ -61,41 +72,19 @@ export function userDataKind(userData: number): number {
   return userData >>> 16;
 }
 
-/**
- * Advances an iovec array (16 bytes each: base lo, base hi, len lo, len hi as u32 words) past `bytes`
- * transferred, starting at iovec `first` of `words`; returns the new first index. Pure index math,
- * shared by the engine and its tests.
- */
-export function skipIovecs(words: Uint32Array, base: number, first: number, bytes: number): number {
-  let i = first;
-  let remaining = bytes;
-  while (remaining > 0) {
-    const w = base + i * 4;
-    const len = words[w + 2] ?? 0;
-    if (remaining < len) {
-      const address = (words[w] ?? 0) + (words[w + 1] ?? 0) * 0x1_0000_0000 + remaining;
-      words[w] = address % 0x1_0000_0000;
-      words[w + 1] = Math.floor(address / 0x1_0000_0000);
-      words[w + 2] = len - remaining;
-      return i;
-    }
-    remaining -= len;
-    i++;
-  }
-  return i;
-}
-
-export interface UringExecutorOptions {
-  /** Requests in flight at most (slots); default DEFAULT_URING_DEPTH. */
-  depth?: number;
-}
-
 export class UringExecutor implements RequestExecutor {
   onComplete: (completion: Completion) => void = () => undefined;
   readonly depth: number;
+  readonly completionFd: number;
   private readonly ring: IoUring;
   private readonly sync: SyncExecutor;
   private readonly completion: Completion = { head: 0, statusGpa: 0, type: 0, status: 0, written: 0, dataBytes: 0, latencyNanos: 0, error: '' };
+  private readonly memAlign: number;
+  private readonly dsync: boolean;
+  private readonly ignoreFlush: boolean;
+  private readonly onBounce: () => void;
+  private readonly bounce: BouncePool | null;
+  private readonly chunksPerSlot: number;
 
   // Slot state, struct-of-arrays.
   private readonly freeSlots: Int32Array;
@@ -125,26 +114,9 @@ export class UringExecutor implements RequestExecutor {
   private readonly slotSegCount: Int32Array;
   private readonly slotSegGpa: Float64Array;
   private readonly slotSegLen: Uint32Array;
-
-  private readonly iovPerSlot: number;
-  private readonly iov: Buffer;
-  private readonly iovWords: Uint32Array;
-  private readonly iovAddress: number;
-  /** Collector state for forEachHostPiece. */
-  private fillBase = 0;
-  private fillCount = 0;
+  private readonly slotChunks: Int32Array;
+  private readonly iov: IovecPool;
   private closed = false;
-
-  private readonly collect = (hostAddr: number, length: number): void => {
-    if (this.fillCount < this.iovPerSlot) {
-      const w = this.fillBase + this.fillCount * 4;
-      this.iovWords[w] = hostAddr % 0x1_0000_0000;
-      this.iovWords[w + 1] = Math.floor(hostAddr / 0x1_0000_0000);
-      this.iovWords[w + 2] = length;
-      this.iovWords[w + 3] = 0;
-    }
-    this.fillCount++;
-  };
 
   private readonly onCqe = (userData: number, res: number): void => this.handleCqe(userData, res);
 
@@ -152,13 +124,24 @@ export class UringExecutor implements RequestExecutor {
   constructor(
     private readonly fd: number,
     limits: DeviceLimits,
-    options: UringExecutorOptions = {},
+    options: EngineOptions = {},
   ) {
     const depth = Math.max(1, Math.min(options.depth ?? DEFAULT_URING_DEPTH, 0x8000));
     this.depth = depth;
+    this.memAlign = options.memAlign ?? 1;
+    this.dsync = options.dsync ?? false;
+    this.ignoreFlush = options.ignoreFlush ?? false;
+    this.onBounce = options.onBounce ?? ((): void => undefined);
     // Each slot has at most two SQEs in flight (a write and its linked fsync).
     this.ring = IoUring.create({ entries: 2 * depth });
-    this.sync = new SyncExecutor(fd, limits);
+    try {
+      this.completionFd = createEventFd();
+      this.ring.registerEventFd(this.completionFd);
+    } catch (error) {
+      this.ring.close();
+      throw error;
+    }
+    this.sync = new SyncExecutor(fd, limits, options);
     this.sync.onComplete = (completion) => this.onComplete(completion);
     this.freeSlots = new Int32Array(depth);
     for (let i = 0; i < depth; i++) this.freeSlots[i] = depth - 1 - i;
@@ -182,20 +165,26 @@ export class UringExecutor implements RequestExecutor {
     this.slotSegCount = new Int32Array(depth);
     this.slotSegGpa = new Float64Array(depth * this.segCapacity);
     this.slotSegLen = new Uint32Array(depth * this.segCapacity);
+    this.bounce = this.memAlign > 1 ? new BouncePool(BOUNCE_POOL_BYTES / BOUNCE_CHUNK_BYTES) : null;
+    this.chunksPerSlot = this.bounce?.chunks ?? 0;
+    this.slotChunks = new Int32Array(depth * this.chunksPerSlot);
     // A segment crossing a memory-region boundary becomes two iovecs; requests needing more fall back to sync.
-    this.iovPerSlot = Math.min(IOV_MAX, 2 * this.segCapacity);
-    this.iov = Buffer.alloc(depth * this.iovPerSlot * 16);
-    this.iovWords = new Uint32Array(this.iov.buffer, this.iov.byteOffset, depth * this.iovPerSlot * 4);
-    this.iovAddress = addressOf(this.iov);
+    this.iov = new IovecPool(depth, Math.max(this.chunksPerSlot, Math.min(IOV_MAX, 2 * this.segCapacity)));
   }
 
   get inFlight(): number {
     return this.active;
   }
 
-  /** io_uring setup flags the kernel accepted (for diagnostics). */
-  get setupFlags(): number {
-    return this.ring.setupFlags;
+  /** Room for one more request: a slot, bounce chunks; DISCARD / WRITE_ZEROES only once nothing is in flight. */
+  canAccept(request: BlkRequest): boolean {
+    if (this.freeCount === 0) return false;
+    if (request.type === BlkRequestType.DISCARD || request.type === BlkRequestType.WRITE_ZEROES) return this.active === 0;
+    if (this.bounce === null || (request.type !== BlkRequestType.IN && request.type !== BlkRequestType.OUT)) return true;
+    const chunks = BouncePool.chunksFor(request.dataBytes);
+    // Whether this request bounces is only known once its iovecs are built; asking for the chunks it would
+    // need keeps the check cheap and errs on the side of waiting for a completion.
+    return chunks > this.bounce.chunks || this.bounce.available >= chunks || this.active === 0;
   }
 
   submit(memory: GuestMemory, request: BlkRequest, head: number, capacityBytes: number, writeback: boolean): void {
@@ -205,64 +194,120 @@ export class UringExecutor implements RequestExecutor {
         this.submitReadWrite(memory, request, head, capacityBytes, writeback);
         return;
       case BlkRequestType.FLUSH: {
+        if (this.ignoreFlush) {
+          this.sync.submit(memory, request, head, capacityBytes, writeback);
+          return;
+        }
         const started = performance.now();
         const slot = this.acquireSlot();
         this.initSlot(slot, memory, request, head, started);
         this.prepareFsync(slot, SqeFlag.IO_DRAIN);
         return;
       }
-      case BlkRequestType.GET_ID:
-        // Touches guest memory only: no ordering with the disk.
-        this.sync.submit(memory, request, head, capacityBytes, writeback);
-        return;
       default:
-        // DISCARD / WRITE_ZEROES (and anything unexpected): behind everything submitted before them.
-        this.flush();
+        // GET_ID touches guest memory only; DISCARD / WRITE_ZEROES are not ordered against requests in flight.
         this.sync.submit(memory, request, head, capacityBytes, writeback);
     }
   }
 
-  flush(): void {
-    while (this.active > 0 || this.ring.pendingSubmissions > 0) {
-      if (this.outstandingCqes === 0) throw new Error(`io_uring engine: ${this.active} requests active but no completion expected`);
-      if (!this.ring.submitAndWait(this.outstandingCqes)) this.backOff();
-      this.ring.reap(this.onCqe);
+  submitPending(): boolean {
+    if (this.ring.pendingSubmissions === 0) return true;
+    if (this.ring.submitAndWait(0)) return true;
+    // EAGAIN / EBUSY: fine as long as something in the kernel will complete and wake the worker.
+    return this.outstandingCqes - this.ring.pendingSubmissions > 0;
+  }
+
+  reap(): number {
+    if (this.closed) return 0;
+    let total = 0;
+    // Bounded: each round either reaps something or stops; continuations are submitted between rounds.
+    for (let round = 0; round < 4; round++) {
+      // With DEFER_TASKRUN completions are posted only inside io_uring_enter(GETEVENTS).
+      if ((this.ring.deferTaskrun && this.outstandingCqes > 0) || this.ring.pendingSubmissions > 0) this.ring.submitAndWait(0);
+      const n = this.ring.reap(this.onCqe);
+      total += n;
+      if (n === 0 || this.ring.pendingSubmissions === 0) break;
     }
+    return total;
+  }
+
+  waitIdle(timeoutMs: number): boolean {
+    const deadline = performance.now() + timeoutMs;
+    while (this.active > 0) {
+      drainEventFd(this.completionFd);
+      this.submitPending();
+      this.reap();
+      if (this.active === 0) break;
+      const left = deadline - performance.now();
+      if (left <= 0) return false;
+      waitReadable(this.completionFd, Math.min(Math.ceil(left), 100));
+    }
+    return true;
   }
 
   close(): void {
     if (this.closed) return;
     this.closed = true;
     this.ring.close();
+    sys.close(this.completionFd);
+    this.bounce?.close();
+    this.sync.close();
   }
 
   private submitReadWrite(memory: GuestMemory, request: BlkRequest, head: number, capacityBytes: number, writeback: boolean): void {
     const started = performance.now();
     const slot = this.acquireSlot();
-    this.fillBase = slot * this.iovPerSlot * 4;
-    this.fillCount = 0;
-    for (let s = 0; s < request.segCount; s++) memory.forEachHostPiece(request.segGpa[s] ?? 0, request.segLen[s] ?? 0, this.collect);
-    if (this.fillCount > this.iovPerSlot) {
-      // Rare (segments split across many memory regions): the sync engine handles it, up to IOV_MAX iovecs.
+    const count = this.iov.fill(slot, memory, request.segGpa, request.segLen, request.segCount);
+    const mustBounce = this.bounce !== null && (count > this.iov.perArray || !this.iov.aligned(slot, count, this.memAlign));
+    if (mustBounce ? !this.canBounce(request.dataBytes) : count > this.iov.perArray) {
+      // Rare (segments split across many memory regions, or a bounce larger than the pool): the sync engine.
       this.releaseSlot(slot);
       this.sync.submit(memory, request, head, capacityBytes, writeback);
       return;
     }
     this.initSlot(slot, memory, request, head, started);
-    this.slotOffset[slot] = request.sector * 512;
-    this.slotIovCount[slot] = this.fillCount;
-    if (request.type === BlkRequestType.IN) {
-      const n = Math.min(request.segCount, this.segCapacity);
-      const base = slot * this.segCapacity;
-      for (let s = 0; s < n; s++) {
-        this.slotSegGpa[base + s] = request.segGpa[s] ?? 0;
-        this.slotSegLen[base + s] = request.segLen[s] ?? 0;
-      }
-      this.slotSegCount[slot] = n;
-    } else if (!writeback) {
-      this.slotFlags[slot] = SlotFlag.writeThrough;
+    this.slotOffset[slot] = request.sector * SECTOR_SIZE;
+    this.slotIovCount[slot] = count;
+    const n = Math.min(request.segCount, this.segCapacity);
+    const base = slot * this.segCapacity;
+    for (let s = 0; s < n; s++) {
+      this.slotSegGpa[base + s] = request.segGpa[s] ?? 0;
+      this.slotSegLen[base + s] = request.segLen[s] ?? 0;
     }
+    this.slotSegCount[slot] = n;
+    if (request.type === BlkRequestType.OUT && !writeback && !this.dsync) this.slotFlags[slot] = SlotFlag.writeThrough;
+    if (mustBounce) this.bounceSlot(slot, memory, request);
     this.prepareReadWrite(slot);
+  }
+
+  private canBounce(bytes: number): boolean {
+    const pool = this.bounce;
+    return pool !== null && pool.available >= BouncePool.chunksFor(bytes);
+  }
+
+  /** Points the slot's iovecs at bounce chunks (copying a write's data in). */
+  private bounceSlot(slot: number, memory: GuestMemory, request: BlkRequest): void {
+    const pool = this.bounce as BouncePool;
+    const chunks = BouncePool.chunksFor(request.dataBytes);
+    const base = slot * this.chunksPerSlot;
+    const iovBase = this.iov.base(slot);
+    for (let c = 0; c < chunks; c++) {
+      const chunk = pool.take();
+      this.slotChunks[base + c] = chunk;
+      const length = Math.min(BOUNCE_CHUNK_BYTES, request.dataBytes - c * BOUNCE_CHUNK_BYTES);
+      const w = iovBase + c * 4;
+      const address = pool.address(chunk);
+      this.iov.words[w] = address % 0x1_0000_0000;
+      this.iov.words[w + 1] = Math.floor(address / 0x1_0000_0000);
+      this.iov.words[w + 2] = length;
+      this.iov.words[w + 3] = 0;
+    }
+    this.slotIovCount[slot] = chunks;
+    this.slotFlags[slot] = (this.slotFlags[slot] ?? 0) | SlotFlag.bounced;
+    this.onBounce();
+    if (request.type === BlkRequestType.OUT) {
+      copyBounce(memory, request.segGpa, request.segLen, 0, request.segCount, (i) => pool.bytes(this.slotChunks[base + i] ?? 0, BOUNCE_CHUNK_BYTES), BOUNCE_CHUNK_BYTES, false);
+    }
   }
 
   private initSlot(slot: number, memory: GuestMemory, request: BlkRequest, head: number, started: number): void {
@@ -277,82 +322,65 @@ export class UringExecutor implements RequestExecutor {
     this.slotIovCount[slot] = 0;
     this.slotPending[slot] = 0;
     this.slotFlags[slot] = 0;
+    this.slotSegCount[slot] = 0;
     this.slotSeq[slot] = ++this.sequence;
     this.slotError[slot] = '';
     this.slotMemory[slot] = memory;
   }
 
-  /**
-   * io_uring_enter said EBUSY / EAGAIN (completions to reap first, or no memory for requests): wait for a
-   * completion if the kernel holds any, else nap for a millisecond and let the caller try again.
-   */
-  private backOff(): void {
-    if (this.ring.cqReady > 0) return;
-    const inKernel = this.outstandingCqes - this.ring.pendingSubmissions;
-    if (inKernel > 0 && this.ring.wait(1)) return;
-    Atomics.wait(NAP, 0, 0, 1);
-  }
-
   private acquireSlot(): number {
-    while (this.freeCount === 0) {
-      // Submit what is pending and wait for at least one completion; reaping frees slots.
-      if (!this.ring.submitAndWait(1)) this.backOff();
-      this.ring.reap(this.onCqe);
-    }
+    if (this.freeCount === 0) throw new Error('io_uring engine: submit without room (canAccept was not asked)');
     this.active++;
     return this.freeSlots[--this.freeCount] ?? 0;
   }
 
   private releaseSlot(slot: number): void {
+    if (((this.slotFlags[slot] ?? 0) & SlotFlag.bounced) !== 0 && this.bounce !== null) {
+      const chunks = this.slotIovCount[slot] ?? 0;
+      const base = slot * this.chunksPerSlot;
+      for (let c = 0; c < chunks; c++) this.bounce.give(this.slotChunks[base + c] ?? 0);
+    }
+    this.slotFlags[slot] = 0;
     this.slotMemory[slot] = null;
     this.freeSlots[this.freeCount++] = slot;
     this.active--;
   }
 
-  /** Makes room for `n` SQEs (submitting what is prepared if the submission queue is full). */
-  private ensureSqSpace(n: number): void {
-    while (this.ring.sqSpace < n) {
-      if (this.ring.submitAndWait(0)) continue;
-      this.backOff();
-      this.ring.reap(this.onCqe);
+  private prepare(opcode: number, flags: number, offset: number, address: number, length: number, opFlags: number, userData: number): void {
+    if (!this.ring.prepare(opcode, flags, this.fd, offset, address, length, opFlags, userData)) {
+      throw new Error('io_uring engine: submission queue full (invariant broken)');
     }
+    this.outstandingCqes++;
   }
 
   /** Queues the (remaining part of the) slot's READV/WRITEV, plus a linked fsync for write-through. */
   private prepareReadWrite(slot: number): void {
     const writeThrough = (this.slotFlags[slot] ?? 0) & SlotFlag.writeThrough;
-    this.ensureSqSpace(writeThrough ? 2 : 1);
     const first = this.slotIovFirst[slot] ?? 0;
     const done = this.slotDone[slot] ?? 0;
     this.slotSubmittedDone[slot] = done;
     const opcode = this.slotType[slot] === BlkRequestType.IN ? IoUringOp.READV : IoUringOp.WRITEV;
-    const iovAddress = this.iovAddress + (slot * this.iovPerSlot + first) * 16;
-    this.ring.prepare(
+    this.prepare(
       opcode,
       writeThrough ? SqeFlag.IO_LINK : 0,
-      this.fd,
       (this.slotOffset[slot] ?? 0) + done,
-      iovAddress,
+      this.iov.addressOf(slot, first),
       (this.slotIovCount[slot] ?? 0) - first,
       0,
       encodeUserData(slot, KIND_RW),
     );
     this.slotPending[slot] = (this.slotPending[slot] ?? 0) + 1;
-    this.outstandingCqes++;
     if (writeThrough) {
       this.slotFlags[slot] = (this.slotFlags[slot] ?? 0) & ~SlotFlag.synced;
-      this.ring.prepare(IoUringOp.FSYNC, 0, this.fd, 0, 0, 0, IORING_FSYNC_DATASYNC, encodeUserData(slot, KIND_SYNC));
+      this.prepare(IoUringOp.FSYNC, 0, 0, 0, 0, IORING_FSYNC_DATASYNC, encodeUserData(slot, KIND_SYNC));
       this.slotPending[slot] = (this.slotPending[slot] ?? 0) + 1;
-      this.outstandingCqes++;
     }
   }
 
   private prepareFsync(slot: number, flags: number): void {
-    this.ensureSqSpace(1);
     this.slotFlags[slot] = (this.slotFlags[slot] ?? 0) & ~SlotFlag.synced;
-    this.ring.prepare(IoUringOp.FSYNC, flags, this.fd, 0, 0, 0, IORING_FSYNC_DATASYNC, encodeUserData(slot, KIND_SYNC));
+    this.prepare(IoUringOp.FSYNC, flags, 0, 0, 0, IORING_FSYNC_DATASYNC, encodeUserData(slot, KIND_SYNC));
     this.slotPending[slot] = (this.slotPending[slot] ?? 0) + 1;
-    this.outstandingCqes++;
   }
 
   private handleCqe(userData: number, res: number): void {
@@ -406,7 +434,10 @@ export class UringExecutor implements RequestExecutor {
       return;
     }
     if (type === BlkRequestType.IN) {
-      if (done < total) this.zeroTail(slot, done);
+      if (!this.finishRead(slot, done)) {
+        this.complete(slot, BlkStatus.IOERR, 'read buffer left guest memory');
+        return;
+      }
       this.complete(slot, BlkStatus.OK, '');
       return;
     }
@@ -417,10 +448,36 @@ export class UringExecutor implements RequestExecutor {
     this.complete(slot, BlkStatus.OK, '');
   }
 
+  /** Copies a bounced read back to the guest and zero-fills what lies past end of file. */
+  private finishRead(slot: number, done: number): boolean {
+    const memory = this.slotMemory[slot];
+    if (memory === null || memory === undefined) return true;
+    const base = slot * this.segCapacity;
+    const count = this.slotSegCount[slot] ?? 0;
+    if (((this.slotFlags[slot] ?? 0) & SlotFlag.bounced) !== 0) {
+      const pool = this.bounce as BouncePool;
+      const chunkBase = slot * this.chunksPerSlot;
+      const copied = copyBounce(
+        memory,
+        this.slotSegGpa.subarray(base, base + count),
+        this.slotSegLen.subarray(base, base + count),
+        0,
+        count,
+        (i) => pool.bytes(this.slotChunks[chunkBase + i] ?? 0, BOUNCE_CHUNK_BYTES),
+        BOUNCE_CHUNK_BYTES,
+        true,
+        done,
+      );
+      if (!copied) return false;
+    }
+    if (done < (this.slotDataBytes[slot] ?? 0)) zeroFillTail(memory, this.slotSegGpa, this.slotSegLen, base, count, done);
+    return true;
+  }
+
   /** Resubmits the rest of a short (or interrupted) read or write. */
   private continueTransfer(slot: number, done: number): void {
     const moved = done - (this.slotSubmittedDone[slot] ?? 0);
-    if (moved > 0) this.slotIovFirst[slot] = skipIovecs(this.iovWords, slot * this.iovPerSlot * 4, this.slotIovFirst[slot] ?? 0, moved);
+    if (moved > 0) this.slotIovFirst[slot] = this.iov.skip(slot, this.slotIovFirst[slot] ?? 0, moved);
     this.prepareReadWrite(slot);
   }
 
@@ -431,24 +488,6 @@ export class UringExecutor implements RequestExecutor {
       if (s !== flushSlot && (this.slotPending[s] ?? 0) > 0 && this.slotType[s] === BlkRequestType.OUT && (this.slotSeq[s] ?? 0) < seq) return true;
     }
     return false;
-  }
-
-  /** A read past end of file (image shorter than the capacity) returns zeroes, like a sparse tail would. */
-  private zeroTail(slot: number, done: number): void {
-    const memory = this.slotMemory[slot];
-    if (memory === null || memory === undefined) return;
-    const base = slot * this.segCapacity;
-    const count = this.slotSegCount[slot] ?? 0;
-    let skip = done;
-    for (let s = 0; s < count; s++) {
-      const len = this.slotSegLen[base + s] ?? 0;
-      if (skip >= len) {
-        skip -= len;
-        continue;
-      }
-      memory.fill((this.slotSegGpa[base + s] ?? 0) + skip, len - skip);
-      skip = 0;
-    }
   }
 
   private complete(slot: number, status: number, error: string): void {

@@ -10,6 +10,7 @@
 import type { DeviceLimits } from './device-limits.js';
 import type { RegionLayout } from './memory-regions.js';
 import type { IoEngineName } from './request-executor.js';
+import type { ImageIoInfo } from './raw-image.js';
 
 /** What the user asked for: `auto` tries io_uring and falls back to the sync engine. */
 export const IO_ENGINE_SETTINGS = ['auto', 'io_uring', 'sync'] as const;
@@ -36,6 +37,10 @@ export interface DiskContext {
   throttle: SharedArrayBuffer | null;
   /** Request engine; the worker reports the one it ended up with in a `started` event. Default `auto`. */
   ioEngine?: IoEngineSetting;
+  /** How the image was opened (cache mode, O_DIRECT alignment, block device); default: a buffered file. */
+  image?: ImageIoInfo;
+  /** Adaptive polling: spin on the rings and completions for up to this many µs before sleeping (0 = off). */
+  pollUs?: number;
 }
 
 /** Disk state that changes at run time (SET_CONFIG of the writeback byte, a resize). */

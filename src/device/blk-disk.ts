@@ -18,8 +18,8 @@ import { probeIoUring } from '../sys/io-uring.js';
 import { offeredVirtioFeatures } from './blk-features.js';
 import type { Logger } from '../log.js';
 import { DiskThrottle, type DiskLimits } from '../throttle/disk-throttle.js';
-import { sys, SEEK_END } from '../sys/libc.js';
-import { check } from '../sys/errors.js';
+import { cachePolicy, type CacheMode } from '../dataplane/request-executor.js';
+import { openRawImage, type ImageIoInfo } from '../dataplane/raw-image.js';
 import { VublkError } from '../errors.js';
 import { lockImage } from '../sys/image-lock.js';
 
@@ -44,6 +44,10 @@ export interface DiskOptions {
   maxWriteZeroesSeg: number;
   /** QEMU-compatible image locks (default on); off only where two daemons share an image by design (migration). */
   locking: boolean;
+  /** Cache mode, as QEMU's cache= (default writeback). */
+  cache?: CacheMode | undefined;
+  /** Adaptive polling of the workers serving this disk, µs (0 / undefined = off). */
+  pollUs?: number | undefined;
 }
 
 export class DiskSetupError extends VublkError {
@@ -71,6 +75,8 @@ export class BlkDisk {
   readonly counterBuffer: SharedArrayBuffer;
   readonly counters: CounterReader;
   readonly offeredFeatures: bigint;
+  /** How the image was opened (cache mode, O_DIRECT alignment, block device), for the workers. */
+  readonly imageIo: ImageIoInfo;
   private capacity: number;
   private writebackEnabled: boolean;
   /** Always present (unlimited is a no-clock fast path) so limits can be changed live. */
@@ -96,23 +102,34 @@ export class BlkDisk {
     }
     const stat = fs.statSync(imagePath);
     if (!stat.isFile() && !stat.isBlockDevice()) throw new DiskSetupError(name, `${imagePath} is neither a regular file nor a block device`);
-    this.fd = fs.openSync(imagePath, readOnly ? 'r' : 'r+');
+    const cache = options.cache ?? 'writeback';
+    let opened;
+    try {
+      opened = openRawImage(imagePath, readOnly, cache);
+    } catch (error) {
+      throw new DiskSetupError(name, (error as Error).message);
+    }
+    this.fd = opened.fd;
+    this.imageIo = opened.io;
     try {
       if (options.locking) lockImage(this.fd, imagePath, { write: !readOnly });
     } catch (error) {
       fs.closeSync(this.fd);
       throw new DiskSetupError(name, (error as Error).message);
     }
-    let size = stat.isFile() ? stat.size : this.blockDeviceSize();
+    let size = opened.sizeBytes;
     if (sizeBytes !== undefined && stat.isFile() && size < sizeBytes) {
       if (readOnly) throw new DiskSetupError(name, `image is ${size} bytes, smaller than --size, and the disk is read-only`);
       fs.ftruncateSync(this.fd, sizeBytes);
       size = sizeBytes;
     }
-    const block = options.logicalBlockSize;
+    // A block device's sectors and O_DIRECT's offset alignment set the smallest block the guest may use.
+    const block = Math.max(options.logicalBlockSize, opened.deviceBlockSize, opened.io.offsetAlign);
+    if (block > 4096) throw new DiskSetupError(name, `the image needs ${block}-byte aligned I/O; vublk offers at most 4096-byte logical blocks`);
     this.capacity = Math.floor(size / block) * block;
     if (this.capacity === 0) throw new DiskSetupError(name, `image ${imagePath} is smaller than one ${block}-byte block`);
-    this.writebackEnabled = options.writeback;
+    // writethrough / directsync start with the write cache off, like --writethrough.
+    this.writebackEnabled = options.writeback && cachePolicy(cache).writeback;
     this.limits = {
       sizeMax: DEFAULT_SIZE_MAX,
       segMax: DEFAULT_SEG_MAX,
@@ -130,11 +147,6 @@ export class BlkDisk {
     this.throttle = DiskThrottle.create(options.throttle);
   }
 
-  private blockDeviceSize(): number {
-    // A block device's stat size is 0; seeking to its end reports its size.
-    return check(sys.lseek(this.fd, 0, SEEK_END), 'lseek', this.options.imagePath);
-  }
-
   get name(): string {
     return this.options.name;
   }
@@ -148,7 +160,7 @@ export class BlkDisk {
   }
 
   config(): BlkConfig {
-    const block = this.options.logicalBlockSize;
+    const block = this.limits.logicalBlockSize;
     const l = this.limits;
     return {
       capacity: this.capacity / SECTOR_SIZE,
@@ -185,7 +197,7 @@ export class BlkDisk {
    * rings to the new capacity before the front-end is told, so the guest can use it at once.
    */
   grow(sizeBytes: number): number | null {
-    const block = this.options.logicalBlockSize;
+    const block = this.limits.logicalBlockSize;
     if (this.options.readOnly) throw new DiskSetupError(this.name, 'a read-only disk cannot be resized');
     if (!Number.isSafeInteger(sizeBytes) || sizeBytes % block !== 0) {
       throw new DiskSetupError(this.name, `new size ${sizeBytes} is not a multiple of the ${block}-byte block`);
@@ -213,6 +225,8 @@ export class BlkDisk {
       counters: this.counterBuffer,
       throttle: this.throttle.buffer,
       ioEngine: this.options.ioEngine,
+      image: this.imageIo,
+      pollUs: this.options.pollUs ?? 0,
     };
   }
 

@@ -24,6 +24,8 @@ const syscall7 = libc.func('long syscall(long nr, long a, long b, long c, long d
 
 export const SYS_io_uring_setup = 425;
 export const SYS_io_uring_enter = 426;
+export const SYS_io_uring_register = 427;
+export const IORING_REGISTER_EVENTFD = 4;
 
 export const IORING_OFF_SQ_RING = 0;
 export const IORING_OFF_CQ_RING = 0x8000000;
@@ -378,6 +380,16 @@ export class IoUring {
       if (errno === Errno.EAGAIN || errno === EBUSY) return false;
       throw new SyscallError('io_uring_enter', errno);
     }
+  }
+
+  /**
+   * Registers an eventfd the kernel signals when completions are posted (or, with DEFER_TASKRUN, when work
+   * waits to be run by the next io_uring_enter(GETEVENTS)): lets an epoll loop sleep on the ring.
+   */
+  registerEventFd(eventFd: number): void {
+    const word = new Int32Array([eventFd]);
+    const n = syscall7(SYS_io_uring_register, this.fd, IORING_REGISTER_EVENTFD, addressOf(new Uint8Array(word.buffer)), 1, 0, 0);
+    if (n < 0) throw new SyscallError('io_uring_register(EVENTFD)', lastErrno());
   }
 
   /** Completions ready to reap. */

@@ -9,6 +9,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { directIoDir } from '../support/host-disk.js';
 import { guestReport, PATTERN_OFFSET, PATTERN_PATH, qemuAvailable, runGuest, type Workload } from './qemu.js';
 
 const CLI = fileURLToPath(new URL('../../dist/src/cli.js', import.meta.url));
@@ -36,14 +37,14 @@ interface Daemon {
   stop(): Promise<void>;
 }
 
-async function startDaemon(numQueues: number): Promise<Daemon> {
+async function startDaemon(numQueues: number, extraArgs: string[] = [], baseDir = os.tmpdir()): Promise<Daemon> {
   if (!existsSync(CLI)) throw new Error(`${CLI} is missing: run npm run build first`);
-  const dir = await mkdtemp(path.join(os.tmpdir(), 'vublk-e2e-'));
+  const dir = await mkdtemp(path.join(baseDir, 'vublk-e2e-'));
   const socketPath = path.join(dir, 'vublk.sock');
   const imagePath = path.join(dir, 'disk.img');
   const child: ChildProcess = spawn(
     process.execPath,
-    [CLI, 'serve', '--socket', socketPath, '--image', imagePath, '--size', '64M', '--num-queues', String(numQueues)],
+    [CLI, 'serve', '--socket', socketPath, '--image', imagePath, '--size', '64M', '--num-queues', String(numQueues), ...extraArgs],
     { stdio: ['ignore', 'pipe', 'pipe'] },
   );
   let log = '';
@@ -152,6 +153,37 @@ describe.skipIf(unavailable !== null)('a QEMU guest', () => {
       });
     });
   }
+
+  describe('served by vublk with --cache none (O_DIRECT, image on a disk file system), 2 queues', () => {
+    let daemon: Daemon | undefined;
+    const base = directIoDir();
+    afterAll(async () => {
+      await daemon?.stop();
+    }, 30_000);
+
+    it('writes and reads back the pattern, which lands in the image file', { timeout: TEST_TIMEOUT_MS }, async (ctx) => {
+      if (base === null) {
+        if (required) throw new Error('VUBLK_E2E_REQUIRED=1 but no file system here accepts O_DIRECT');
+        ctx.skip('no file system here accepts O_DIRECT');
+        return;
+      }
+      daemon = await startDaemon(2, ['--cache', 'none', '--metrics-listen', '127.0.0.1:0'], base);
+      await bootAndPass({ socketPath: daemon.socketPath }, 2, 'rw', daemon);
+      expect(await imageMd5(daemon.imagePath)).toBe(await patternMd5());
+      const listening = daemon
+        .log()
+        .split('\n')
+        .map((line) => /"msg":"metrics listening".*"address":"([^"]+)"|"address":"([^"]+)".*"msg":"metrics listening"/.exec(line))
+        .find((m) => m !== null);
+      if (listening) {
+        const body = await (await fetch(`http://${listening[1] ?? listening[2]}/metrics`)).text();
+        const bounced = body.split('\n').filter((l) => l.startsWith('vublk_bounce_requests_total{')).reduce((n, l) => n + Number(l.split(' ').pop()), 0);
+        // Reported, not asserted: whether the guest's buffers miss the alignment depends on its kernel.
+        console.log(`[e2e cache=none] requests through bounce buffers: ${bounced}`);
+      }
+      expect(daemon.running(), daemon.log()).toBe(true);
+    });
+  });
 
   describe('successive guests on one running daemon', () => {
     let daemon: Daemon;

@@ -9,8 +9,13 @@
 //
 //   VUBLK_FUZZ_CHAINS=1000000 VUBLK_FUZZ_SEED=1234 npx vitest run test/integration/fuzz.test.ts
 //
+// The request engine follows $VUBLK_IO_ENGINE (io_uring: completions out of order across drains).
+// VUBLK_FUZZ_CACHE=none serves the image with --cache none (O_DIRECT, bounce buffers for unaligned chains)
+// from a file system that accepts O_DIRECT (test/support/host-disk.ts); .ci/run runs both configurations.
+//
 // The seed is printed at the start and in every failure; the same seed replays the same chains.
-import { readFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { DescFlag } from '../../protocol/split-ring.js';
 import { DeviceStatus } from '../../protocol/virtio.js';
@@ -39,8 +44,10 @@ import { restartQueue } from '../support/chain-builder.js';
 import { startDaemon, type DaemonProcess } from '../support/daemon-process.js';
 import { METRICS_ARGS, QueueMetrics, countsDelta, metricsUrl, type QueueCounts } from '../support/metrics-scrape.js';
 import { Prng, seedFromEnv } from '../support/prng.js';
+import { directIoDir } from '../support/host-disk.js';
 
 const CHAINS = Number(process.env['VUBLK_FUZZ_CHAINS'] ?? 100_000);
+const CACHE = process.env['VUBLK_FUZZ_CACHE'] ?? 'writeback';
 const SEED = seedFromEnv('VUBLK_FUZZ_SEED');
 
 const MiB = 1024 * 1024;
@@ -1034,13 +1041,32 @@ function splitSectors(rng: Prng, total: number, pieces: number, max = Infinity):
 let daemon: DaemonProcess;
 let metrics: QueueMetrics;
 
+let imageDir: string | null = null;
+
 beforeAll(async () => {
-  daemon = await startDaemon({ size: '32M', args: ['--num-queues', String(QUEUES), '--serial', SERIAL, ...METRICS_ARGS] });
+  const args = ['--num-queues', String(QUEUES), '--serial', SERIAL, '--cache', CACHE, ...METRICS_ARGS];
+  if (CACHE === 'none') {
+    const base = directIoDir();
+    if (base === null) throw new Error('VUBLK_FUZZ_CACHE=none needs a file system that accepts O_DIRECT (set VUBLK_DIRECT_DIR)');
+    imageDir = mkdtempSync(path.join(base, 'vublk-fuzz-'));
+    const socket = path.join(imageDir, 'vublk.sock');
+    const image = path.join(imageDir, 'disk.img');
+    daemon = await startDaemon({ rawArgs: ['serve', '--socket', socket, '--image', image, '--size', '32M', ...args], waitForSocket: false });
+    const deadline = Date.now() + 15_000;
+    while (!existsSync(socket)) {
+      if (!daemon.running() || Date.now() > deadline) throw new Error(`daemon did not create ${socket}:\n${daemon.output()}`);
+      await new Promise((resolve) => setTimeout(resolve, 25));
+    }
+    daemon = { ...daemon, socketPath: socket, imagePath: image };
+  } else {
+    daemon = await startDaemon({ size: '32M', args });
+  }
   metrics = new QueueMetrics(await metricsUrl(daemon));
 });
 
 afterAll(async () => {
   await daemon?.stop();
+  if (imageDir !== null) rmSync(imageDir, { recursive: true, force: true });
 });
 
 describe('random-chain fuzzer', () => {

@@ -23,6 +23,8 @@ disks:
     logical-block-size: 4096
     writeback: false
     io-engine: sync
+    cache: none
+    poll-us: 50
     max-discard-seg: 4
     throttle:
       iops: 10k
@@ -62,6 +64,8 @@ describe('parseConfig', () => {
       logicalBlockSize: 4096,
       writeback: false,
       ioEngine: 'sync',
+      cache: 'none',
+      pollUs: 50,
       maxDiscardSeg: 4,
       maxWriteZeroesSeg: 1,
       locking: true,

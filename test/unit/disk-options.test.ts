@@ -28,6 +28,9 @@ describe('the disk option table', () => {
     expect(parseDiskArgument('image=/x.img,socket=/x.sock,io-engine=io_uring', 0, { ioEngine: 'sync' }).options.ioEngine).toBe('io_uring');
     expect(parseDiskArgument('image=/x.img,socket=/x.sock', 0).options.ioEngine).toBe('auto');
     expect(defaultFields().ioEngine).toBe('auto');
+    expect(parseDiskArgument('image=/x.img,socket=/x.sock', 0, { cache: 'none' }).options).toMatchObject({ cache: 'none', pollUs: 0 });
+    expect(parseDiskArgument('image=/x.img,socket=/x.sock,cache=directsync,poll-us=20', 0, { cache: 'none' }).options).toMatchObject({ cache: 'directsync', pollUs: 20 });
+    expect(() => parseDiskArgument('image=/x.img,socket=/x.sock,cache=fast', 0)).toThrow(/cache/);
   });
 
   it('reads the range limits from --disk and the config file', () => {
@@ -56,7 +59,7 @@ describe('the disk option table', () => {
     const samples: Record<string, string | number | boolean> = {
       name: 'n', image: '/i', 'socket-mode': '0660', 'socket-owner': 0, 'socket-group': 0, size: '1M', 'num-queues': 2,
       'queue-size': 64, 'read-only': true, serial: 'S', 'logical-block-size': 4096, writeback: false, 'io-engine': 'sync',
-      'max-discard-seg': 2, 'max-write-zeroes-seg': 2, locking: false, iops: 10, 'iops-burst': 20, bps: '1M', 'bps-burst': '2M',
+      'max-discard-seg': 2, 'max-write-zeroes-seg': 2, locking: false, cache: 'none', 'poll-us': 50, iops: 10, 'iops-burst': 20, bps: '1M', 'bps-burst': '2M',
     };
     for (const row of DISK_OPTIONS) {
       if (row.key === 'socket' || row.key === 'socket-fd' || row.key === 'image') continue;
@@ -86,7 +89,7 @@ describe('the disk option table', () => {
     const spec = parseDiskArgument('image=/x.img,socket=/x.sock,name=d,read-only=on', 0);
     expect(adminOptionValues(spec.fields)).toEqual({
       name: 'd', image: '/x.img', 'num-queues': 1, 'queue-size': 1024, 'read-only': true, 'logical-block-size': 512,
-      'io-engine': 'auto', 'max-discard-seg': 1, 'max-write-zeroes-seg': 1, locking: true,
+      'io-engine': 'auto', 'max-discard-seg': 1, 'max-write-zeroes-seg': 1, locking: true, cache: 'writeback', 'poll-us': 0,
     });
   });
 });

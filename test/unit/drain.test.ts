@@ -83,7 +83,7 @@ function setup(eventIdx: boolean, executorHook?: (flush: () => void) => void) {
   const counterBuffer = createCounterBuffer(1);
   const sync = new SyncExecutor(imageFd, limits);
   let interrupts = 0;
-  // The executor the drain sees; `executorHook` runs inside flush(), i.e. after a round, before re-arming.
+  // The executor the drain sees; `executorHook` runs inside submitPending(), i.e. after a round, before re-arming.
   const executor: RequestExecutor = {
     get inFlight() {
       return sync.inFlight;
@@ -95,7 +95,14 @@ function setup(eventIdx: boolean, executorHook?: (flush: () => void) => void) {
       return sync.onComplete;
     },
     submit: (...args) => sync.submit(...args),
-    flush: () => executorHook?.(() => sync.flush()) ?? sync.flush(),
+    completionFd: -1,
+    canAccept: () => true,
+    submitPending: () => {
+      executorHook?.(() => undefined);
+      return sync.submitPending();
+    },
+    reap: () => sync.reap(),
+    waitIdle: () => true,
     close: () => sync.close(),
   };
   const queue = new SplitQueue(fx.memory, { size: SIZE, descGpa: fx.gpa(DESC), availGpa: fx.gpa(AVAIL), usedGpa: fx.gpa(USED) }, eventIdx, 0);
@@ -110,6 +117,7 @@ function setup(eventIdx: boolean, executorHook?: (flush: () => void) => void) {
     admission: unlimited,
     ...createRequestScratch(limits),
     stalled: false,
+    accepting: true,
     poisoned: false,
     onPoison: () => undefined,
     interrupt: () => interrupts++,

@@ -17,7 +17,8 @@ import {
   ringSlot,
   type RingParams,
 } from '../../src/sys/io-uring.js';
-import { encodeUserData, skipIovecs, userDataKind, userDataSlot } from '../../src/dataplane/uring-executor.js';
+import { encodeUserData, userDataKind, userDataSlot } from '../../src/dataplane/uring-executor.js';
+import { skipIovecs } from '../../src/dataplane/iovec.js';
 
 describe('SQE encoding', () => {
   it('lays a READV out like struct io_uring_sqe (opcode, flags, fd, off, addr, len, rw_flags, user_data)', () => {
