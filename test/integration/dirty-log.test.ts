@@ -18,6 +18,11 @@ import type { VhostUserFrontend, VirtioBlkDriver } from '../../bench/src/fronten
 import { startDaemon, type DaemonProcess } from '../support/daemon-process.js';
 import { KiB, MiB, connect, pattern, stopCleanly, useCleanups } from '../support/session-harness.js';
 import { sys } from '../../src/sys/libc.js';
+import { directIoDir } from '../support/host-disk.js';
+import { METRICS_ARGS, metricsUrl, scrape } from '../support/metrics-scrape.js';
+import { select } from '../support/prom-text.js';
+import { mkdtempSync, rmSync } from 'node:fs';
+import path from 'node:path';
 import { closeFd } from '../../src/sys/fd.js';
 
 const MEMORY_BYTES = 64 * MiB;
@@ -200,5 +205,48 @@ describe('dirty log (live migration) through the daemon', () => {
     expect((await blk.read(0, 64 * KiB)).length).toBe(64 * KiB);
     expect(markedPages(replacement.read()).length).toBeGreaterThanOrEqual(16);
     expect(markedPages(log.read())).toEqual([]);
+  });
+});
+
+// cache=none: the image is O_DIRECT and guest buffers that miss its alignment go through bounce buffers; the
+// data reaches guest memory when the bounce is copied back, which must still be marked.
+const directDir = directIoDir();
+describe.skipIf(directDir === null)('dirty log with cache=none (bounced reads)', () => {
+  let daemon: DaemonProcess;
+  let dir: string;
+  beforeAll(async () => {
+    dir = mkdtempSync(path.join(directDir!, 'vublk-dirty-'));
+    daemon = await startDaemon({ rawArgs: ['serve', '--disk', `image=${path.join(dir, 'disk.img')},socket=${path.join(dir, 'vublk.sock')},cache=none,size=16M`, ...METRICS_ARGS], waitForSocket: false });
+    const deadline = Date.now() + 15_000;
+    while (!fs.existsSync(path.join(dir, 'vublk.sock'))) {
+      if (Date.now() > deadline) throw new Error(`no socket:\n${daemon.output()}`);
+      await new Promise((resolve) => setTimeout(resolve, 25));
+    }
+  });
+  afterAll(async () => {
+    await daemon?.stop();
+    if (dir) rmSync(dir, { recursive: true, force: true });
+  });
+
+  it('marks the guest pages a bounced read is copied into', async () => {
+    const { frontend, blk } = await connect({ ...daemon, socketPath: path.join(dir, 'vublk.sock') }, defer, {
+      memory: [{ gpa: 0, size: MEMORY_BYTES }],
+      protocol: { extra: featureMask(ProtocolFeature.LOG_SHMFD) },
+    });
+    const log = createLog();
+    await setLogBase(frontend, log.fd, LOG_BYTES);
+    closeFd(log.fd);
+    await setLogging(frontend, true);
+    const data = pattern(3, 128 * KiB);
+    await blk.write(8, data, { dataSegments: 3 });
+    log.clear();
+    // Three data segments at 16-byte alignment: not O_DIRECT-aligned, so the read bounces.
+    expect((await blk.read(8, data.length, { dataSegments: 3 })).equals(data)).toBe(true);
+    expect(markedPages(log.read()).length).toBeGreaterThanOrEqual(32);
+    const metrics = await scrape(await metricsUrl(daemon));
+    const sum = (name: string): number => select(metrics, name, { disk: 'disk0' }).reduce((total, sample) => total + sample.value, 0);
+    expect(sum('vublk_bounce_requests_total')).toBeGreaterThanOrEqual(2);
+    expect(sum('vublk_dirty_log_pages_total')).toBeGreaterThanOrEqual(32);
+    expect(sum('vublk_dirty_log_out_of_range_total')).toBe(0);
   });
 });
