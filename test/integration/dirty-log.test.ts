@@ -75,15 +75,16 @@ async function setLogBase(frontend: VhostUserFrontend, fd: number, size: number,
 async function setLogging(frontend: VhostUserFrontend, on: boolean): Promise<void> {
   const features = on ? frontend.ackedFeatures | featureMask(VHOST_F_LOG_ALL) : frontend.ackedFeatures & ~featureMask(VHOST_F_LOG_ALL);
   await frontend.setFeatures(features);
-  const queue = frontend.queue(0);
   // QEMU re-sends each ring's addresses with the log flag and the used ring's guest address.
-  await frontend.setVringAddr(0, {
-    desc: frontend.memory.toUserAddr(queue.descGpa),
-    avail: frontend.memory.toUserAddr(queue.availGpa),
-    used: frontend.memory.toUserAddr(queue.usedGpa),
-    flags: on ? 1 << VHOST_VRING_F_LOG : 0,
-    log: BigInt(queue.usedGpa),
-  });
+  for (const queue of frontend.queues) {
+    await frontend.setVringAddr(queue.index, {
+      desc: frontend.memory.toUserAddr(queue.descGpa),
+      avail: frontend.memory.toUserAddr(queue.availGpa),
+      used: frontend.memory.toUserAddr(queue.usedGpa),
+      flags: on ? 1 << VHOST_VRING_F_LOG : 0,
+      log: BigInt(queue.usedGpa),
+    });
+  }
 }
 
 describe('dirty log (live migration) through the daemon', () => {
@@ -92,7 +93,7 @@ describe('dirty log (live migration) through the daemon', () => {
   /** A fresh session (each test has its own; the previous one is closed after each test). */
   async function open(): Promise<{ frontend: VhostUserFrontend; blk: VirtioBlkDriver }> {
     // QEMU acknowledges LOG_SHMFD whenever the back-end offers it.
-    return connect(daemon, defer, { memory: [{ gpa: 0, size: MEMORY_BYTES }], protocol: { extra: featureMask(ProtocolFeature.LOG_SHMFD) } });
+    return connect(daemon, defer, { memory: [{ gpa: 0, size: MEMORY_BYTES }], numQueues: 2, protocol: { extra: featureMask(ProtocolFeature.LOG_SHMFD) } });
   }
 
   /** A session with a log mapped and logging on, as QEMU sets it up when a migration starts. */
@@ -106,7 +107,8 @@ describe('dirty log (live migration) through the daemon', () => {
   }
 
   beforeAll(async () => {
-    daemon = await startDaemon({ size: '16M', args: ['--metrics-listen', 'off'] });
+    // Two queues: their rings sit on different pool workers, and each must get the log.
+    daemon = await startDaemon({ size: '16M', args: ['--metrics-listen', 'off', '--num-queues', '2', '--threads', '2'] });
   });
   afterAll(async () => {
     await stopCleanly(daemon);
@@ -147,6 +149,17 @@ describe('dirty log (live migration) through the daemon', () => {
     expect(afterRead.length).toBeGreaterThanOrEqual(64);
     expect(afterRead.length).toBeLessThanOrEqual(64 + 8);
     expect(Math.max(...afterRead)).toBeLessThan(MEMORY_BYTES / PAGE);
+  });
+
+  it('marks reads on every queue (rings on different workers get the log)', async () => {
+    const { frontend, blk, log } = await openLogging();
+    for (const queue of [0, 1]) {
+      log.clear();
+      expect((await blk.read(0, 64 * KiB, { queue })).length).toBe(64 * KiB);
+      const pages = markedPages(log.read());
+      expect(pages, `queue ${queue}`).toContain(Math.floor(frontend.queue(queue).usedGpa / PAGE));
+      expect(pages.length, `queue ${queue}`).toBeGreaterThanOrEqual(16);
+    }
   });
 
   it('switches to a replacement log before unmapping the old one', async () => {
