@@ -16,6 +16,8 @@ import { startDaemon, type DaemonProcess } from '../support/daemon-process.js';
 
 const QEMU = 'qemu-system-x86_64';
 const MEMORY_MIB = 256;
+/** VUBLK_MIGRATION_QUEUES=2 runs the same test with two queues (and two vCPUs, so the guest uses both). */
+const NUM_QUEUES = Number(process.env.VUBLK_MIGRATION_QUEUES ?? 1);
 const DISK_BYTES = 64 * 1024 * 1024;
 /** Rounds the guest must complete on a QEMU before it is migrated away, and after it arrived. */
 const ROUNDS_BEFORE = 2;
@@ -66,6 +68,7 @@ async function startVm(name: string, dir: string, socketPath: string, incomingPo
   const args = [
     '-accel', 'tcg',
     '-machine', 'q35',
+    '-smp', String(NUM_QUEUES),
     '-m', String(MEMORY_MIB),
     // Both QEMUs share nothing but the image: each maps its own guest RAM, shared with its own vublk.
     '-object', `memory-backend-memfd,id=mem,size=${MEMORY_MIB}M,share=on`,
@@ -73,7 +76,7 @@ async function startVm(name: string, dir: string, socketPath: string, incomingPo
     ...(process.env.VUBLK_MIGRATION_CONTROL === '1'
       ? // Harness control: QEMU's own virtio-blk on the shared image instead of vublk.
         ['-drive', `file=${path.join(dir, 'shared.img')},if=none,id=d0,format=raw,file.locking=off`, '-device', 'virtio-blk-pci,drive=d0']
-      : ['-chardev', `socket,id=vu0,path=${socketPath}`, '-device', 'vhost-user-blk-pci,chardev=vu0,num-queues=1']),
+      : ['-chardev', `socket,id=vu0,path=${socketPath}`, '-device', `vhost-user-blk-pci,chardev=vu0,num-queues=${NUM_QUEUES}`]),
     '-kernel', path.join(GUEST_DIR, 'vmlinuz'),
     '-initrd', path.join(GUEST_DIR, 'initramfs.cpio.gz'),
     // init_on_alloc=0: pages the CPU zeroes on allocation would be re-sent anyway and hide a missing bit.
@@ -223,7 +226,7 @@ describe.skipIf(unavailable !== null)('live migration between two vublk daemons 
       const socketPath = path.join(dir, `${name}.sock`);
       // Two daemons on one image by design (shared storage), so image locking is off; each serves its own QEMU.
       const daemon = await startDaemon({
-        rawArgs: ['serve', '--disk', `image=${imagePath},socket=${socketPath},locking=off`, '--metrics-listen', 'off'],
+        rawArgs: ['serve', '--disk', `image=${imagePath},socket=${socketPath},locking=off,num-queues=${NUM_QUEUES}`, '--metrics-listen', 'off'],
         waitForSocket: false,
       });
       daemons.push(daemon);
