@@ -7,6 +7,8 @@
  * - Every fd received is either kept by exactly one owner (ring, backend channel) or closed before the next
  *   message is read.
  * - A worker's ring is stopped (acknowledged) before any fd or mapping it uses is closed or unmapped.
+ * - The dirty log is unmapped only after every worker using it acknowledged a newer log version (or its
+ *   rings stopped), and while VHOST_F_LOG_ALL is set no ring writes guest memory without a usable log.
  */
 import {
   BackendRequest,
