@@ -132,6 +132,27 @@ describe('vublk over Ceph RBD with a QEMU guest', () => {
     await stop(daemon, 'SIGTERM');
   });
 
+  it('start-up errors name the cause: no such image, unreadable keyring, a read-only client writing', { timeout: 120_000 }, async () => {
+    const cases: [string, RegExp, RegExp][] = [
+      [`image=rbd:rbd/missing,conf=${cluster.conf},id=vublk,keyring=${cluster.vublkKeyring}`, /"code":"VUBLK_ERR_RBD_NO_IMAGE"/, /image 'missing' does not exist in pool 'rbd'/],
+      [`image=rbd:rbd/vm1,conf=${cluster.conf},id=vublk,keyring=${cluster.dir}/no.keyring`, /"code":"VUBLK_ERR_RBD_AUTH"/, /no\.keyring/],
+      [`image=rbd:rbd/vm1,conf=${cluster.conf},id=reader,keyring=${cluster.readerKeyring}`, /"code":"VUBLK_ERR_RBD_(PERMISSION|LOCKED)"/, /client\.reader/],
+    ];
+    for (const [disk, code, message] of cases) {
+      const daemon = await startDaemon({ rawArgs: ['serve', '--metrics-listen', 'off', '--disk', `${disk},socket=${path.join(cluster.dir, '..', 'err.sock')},connect-timeout=10`], waitForSocket: false });
+      daemons.push(daemon);
+      const exit = await new Promise<number | null>((resolve, reject) => {
+        if (!daemon.running()) return resolve(daemon.child.exitCode);
+        const timer = setTimeout(() => reject(new Error(`vublk did not fail:\n${daemon.output()}`)), 60_000);
+        daemon.child.once('exit', (c) => (clearTimeout(timer), resolve(c)));
+      });
+      daemons.splice(daemons.indexOf(daemon), 1);
+      expect(exit, daemon.output()).not.toBe(0);
+      expect(daemon.output()).toMatch(code);
+      expect(daemon.output()).toMatch(message);
+    }
+  });
+
   it('a live resize from the admin API reaches the running guest and the cluster', { timeout: 150_000 }, async () => {
     const socket = path.join(cluster.dir, '..', 'vm1.sock');
     const daemon = await serveAt(socket);
