@@ -191,6 +191,34 @@ describe('vublk over NBD', () => {
     expect(readFileSync(image).subarray(0, 48 * MiB).equals(pattern(21, 48 * MiB))).toBe(true);
   });
 
+  it('a server away longer than reconnect-timeout: requests fail with IOERR, and the disk recovers when it returns', { timeout: 90_000 }, async (context) => {
+    requireTool(context, 'qemu-nbd');
+    const work = dir();
+    const image = path.join(work, 'disk.raw');
+    writeFileSync(image, '');
+    truncateSync(image, 16 * MiB);
+    const nbdSocket = path.join(work, 'nbd.sock');
+    let server = await startQemuNbd({ unix: nbdSocket }, image);
+    cleanups.push(() => server.kill());
+    const daemon = await serveNbd(`nbd+unix:///?socket=${nbdSocket}`, ',reconnect-timeout=1', [...METRICS_ARGS]);
+    const base = await metricsUrl(daemon);
+    expectVerified(await bench(['--socket', daemon.socketPath, '--verify', '--size', '1M', '--bs', '4k', '--seed', '61']), daemon);
+    await server.kill();
+    const failing = await bench(['--socket', daemon.socketPath, '--verify-only', '--size', '1M', '--bs', '4k', '--seed', '61', '--timeout', '20000']);
+    expect(failing.code, failing.stdout + failing.stderr).not.toBe(0);
+    expect(queueCounts(await scrape(base), 0).ioErrors).toBeGreaterThan(0);
+    expect(daemon.running()).toBe(true);
+    server = await startQemuNbd({ unix: nbdSocket }, image);
+    // Reconnect attempts continue (backoff up to 2 s): the first requests after the return may still fail.
+    const deadline = Date.now() + 30_000;
+    for (;;) {
+      const again = await bench(['--socket', daemon.socketPath, '--verify-only', '--size', '1M', '--bs', '4k', '--seed', '61', '--timeout', '20000']);
+      if (again.code === 0) break;
+      if (Date.now() > deadline) throw new Error(`the disk did not recover:\n${again.stdout}${again.stderr}\n${daemon.output().slice(-2000)}`);
+      await new Promise((resolve) => setTimeout(resolve, 500));
+    }
+  });
+
   it('start-up errors name the cause: no server, no such export', async (context) => {
     requireTool(context, 'qemu-nbd');
     const work = dir();
