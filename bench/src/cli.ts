@@ -132,7 +132,7 @@ program
 program
   .command('compare')
   .description('benchmark vublk against qemu-storage-daemon (and fio) side by side: O_DIRECT, page-cached, scale; writes docs/benchmarks.md (npm run bench)')
-  .option('--rounds <n>', 'A/B rounds per workload', '5')
+  .option('--rounds <n>', 'A/B rounds per workload', '4')
   .option('--runtime <seconds>', 'measured seconds per run', '2')
   .option('--ramp <seconds>', 'warm-up seconds per run', '0.3')
   .option('--image-size <bytes>', 'size of the test image', '1G')

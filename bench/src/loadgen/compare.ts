@@ -374,7 +374,7 @@ async function measureOnce(
 // ---------------------------------------------------------------- the run
 
 export async function benchCompare(flags: CompareFlags): Promise<number> {
-  const rounds = Math.max(1, Number(flagString(flags.rounds, '5')));
+  const rounds = Math.max(1, Number(flagString(flags.rounds, '4')));
   const runtime = Number(flagString(flags.runtime, '2'));
   const ramp = Number(flagString(flags.ramp, '0.3'));
   const imageBytes = parseSize(flagString(flags.imageSize, '1G'));
