@@ -591,7 +591,9 @@ export function renderReport(input: ReportInput): { markdown: string; summary: s
     const idleVublk = scale.idle.filter((s) => s.backend === 'vublk');
     if (serving !== undefined) {
       const up = serving.sessionsOk === serving.sessionsTotal && serving.commonWindowSec > 0;
-      targetLines.push(`| #9 ${serving.disks} disks × 2 queues serving at once: every session up | ${serving.sessionsOk}/${serving.sessionsTotal} | ${up ? '**met**' : '**missed**'} | all generating load together for ${fmt(serving.commonWindowSec, 1)} s; slowest handshake ${fmt(serving.maxConnectMs)} ms (#9: ≤ 2 s) | |`);
+      targetLines.push(`| #9 ${serving.disks} disks × 2 queues serving at once: every session up | ${serving.sessionsOk}/${serving.sessionsTotal} | ${up ? '**met**' : '**missed**'} | all generating load together for ${fmt(serving.commonWindowSec, 1)} s | |`);
+      const qsdServing = scale.serving.find((s) => s.backend === 'qsd' && s.disks === serving.disks);
+      targetLines.push(`| #9 ${serving.disks} front-ends connecting at once: each handshake ≤ 2 s | ${fmt(serving.maxConnectMs)} ms | ${serving.maxConnectMs <= 2000 ? '**met**' : '**missed**'} | slowest of ${serving.sessionsTotal}, median ${fmt(serving.medianConnectMs)} ms (QSD: slowest ${fmt(qsdServing?.maxConnectMs ?? NaN)} ms, median ${fmt(qsdServing?.medianConnectMs ?? NaN)} ms); seen from the generators, which start together on the same CPUs | |`);
       targetLines.push(`| #9 ${serving.disks} disks × 2 queues serving: RSS ≤ 160 MiB | ${fmt(serving.rssPeakMiB, 1)} MiB | ${serving.rssPeakMiB <= 160 ? '**met**' : '**missed**'} | peak VmRSS while serving (idle before: ${fmt(serving.rssIdleMiB, 1)} MiB) | |`);
     }
     if (idle64 !== undefined) targetLines.push(`| #9 64 idle disks: RSS ≤ 80 MiB | ${fmt(idle64.rssMiB, 1)} MiB | ${idle64.rssMiB <= 80 ? '**met**' : '**missed**'} | 64 disks configured, no front-end connected | |`);
