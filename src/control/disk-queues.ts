@@ -84,6 +84,8 @@ export class DiskQueues {
         this.engines[event.queue] = event.ioEngine;
         this.log.info({ queue: event.queue, ioEngine: event.ioEngine, reason: event.reason }, 'queue worker io engine');
       }
+    } else if (event.kind === 'inflight') {
+      this.log.info({ queue: event.queue, reason: event.reason }, 'inflight requests resumed');
     } else if (event.kind === 'error') {
       this.log.error({ queue: event.queue, reason: event.reason }, 'queue worker error');
     }

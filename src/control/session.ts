@@ -16,6 +16,7 @@ import {
   ProtocolFeature,
   VHOST_USER_F_PROTOCOL_FEATURES,
   decodeConfigMessage,
+  decodeInflight,
   decodeMemoryTable,
   decodeSingleRegion,
   decodeU64,
@@ -23,6 +24,7 @@ import {
   decodeVringFdRequest,
   decodeVringState,
   encodeConfigMessage,
+  encodeInflight,
   encodeMessage,
   encodeReply,
   encodeU64,
@@ -40,6 +42,7 @@ import { MessageStream, type CloseReason, type IncomingMessage } from './message
 import { VringConfig } from './vring-config.js';
 import { MemoryTableError, assertNoOverlap, assertWithinLimits, layoutsOf, mapRegion, unmapRegion, type MappedRegion } from './memory-table.js';
 import { adoptNotifyFd } from './notify-fd.js';
+import { createInflightFd, mapInflightRegion, type MappedInflightRegion } from './inflight-region.js';
 import { OFFERED_PROTOCOL_FEATURES } from '../device/blk-features.js';
 import type { BlkDisk } from '../device/blk-disk.js';
 import type { DiskQueues } from './disk-queues.js';
@@ -89,6 +92,12 @@ export class VhostUserSession {
   private protocolFeatures = 0n;
   private status = 0;
   private backendFd = -1;
+  /** The inflight region the front-end set (SET_INFLIGHT_FD), mapped; null without one. */
+  private inflight: MappedInflightRegion | null = null;
+  /** The memfd last offered by GET_INFLIGHT_FD: kept open until its reply has surely been sent. */
+  private inflightOfferFd = -1;
+  /** fds to attach to the reply of the message being handled. */
+  private replyFds: number[] = [];
   private ended = false;
   private noMemoryWarned = false;
   private featuresLogged = false;
@@ -133,6 +142,8 @@ export class VhostUserSession {
       [R.SET_BACKEND_REQ_FD]: (m) => this.setBackendReqFd(m),
       [R.SET_STATUS]: (m) => this.setStatus(decodeU64(m.header.request, m.payload)),
       [R.GET_STATUS]: () => encodeU64(this.deviceStatus()),
+      [R.GET_INFLIGHT_FD]: (m) => this.getInflightFd(m),
+      [R.SET_INFLIGHT_FD]: (m) => this.setInflightFd(m),
     };
     queues.setWorkerEventListener((event) => this.onWorkerEvent(event));
     queues.setConfigChangeListener(() => this.notifyConfigChange());
@@ -188,10 +199,13 @@ export class VhostUserSession {
       closeAll(message.fds);
       message.fds.length = 0;
     }
+    const replyFds = this.replyFds;
+    this.replyFds = [];
     if (this.stream.isClosed) return;
     if (replying) {
       // A reply is owed whatever happened; an empty payload is the clearest "no" the protocol has.
-      this.stream.send(encodeReply(request, reply instanceof Uint8Array && !failed ? reply : new Uint8Array(0)));
+      const payload = reply instanceof Uint8Array && !failed ? reply : null;
+      this.stream.send(encodeReply(request, payload ?? new Uint8Array(0)), payload !== null ? replyFds : []);
     } else if (wantsAck) {
       this.stream.send(encodeReply(request, encodeU64(failed ? 1 : 0)));
     }
@@ -316,6 +330,41 @@ export class VhostUserSession {
     for (const region of previous) if (!next.includes(region)) unmapRegion(region);
     this.log.debug({ regions: layouts.length }, 'memory table updated');
     for (const ring of this.rings) await this.reconcile(ring);
+  }
+
+  // --- inflight tracking --------------------------------------------------------------------------
+
+  /** GET_INFLIGHT_FD: a fresh zeroed region for num_queues × queue_size; the fd rides on the reply. */
+  private getInflightFd(message: IncomingMessage): Uint8Array {
+    const request = message.header.request;
+    const asked = decodeInflight(request, message.payload);
+    const { fd, description } = createInflightFd({ numQueues: asked.numQueues, queueSize: asked.queueSize }, this.rings.length);
+    closeFd(this.inflightOfferFd);
+    this.inflightOfferFd = fd;
+    this.replyFds = [fd];
+    this.log.debug({ numQueues: description.numQueues, queueSize: description.queueSize, bytes: Number(description.mmapSize) }, 'inflight region offered');
+    return encodeInflight(description);
+  }
+
+  /**
+   * SET_INFLIGHT_FD: maps the region (possibly one a previous daemon filled) for the rings' next start. Rings
+   * running now are restarted over it; the old region is unmapped only after they stopped.
+   */
+  private async setInflightFd(message: IncomingMessage): Promise<void> {
+    const request = message.header.request;
+    const description = decodeInflight(request, message.payload);
+    const fd = message.fds.shift();
+    if (fd === undefined) throw new SessionRequestError(request, 'no fd attached');
+    // The offer's reply went out before this message was read.
+    closeFd(this.inflightOfferFd);
+    this.inflightOfferFd = -1;
+    const region = mapInflightRegion(description, fd, this.rings.length);
+    const running = this.rings.filter((ring) => ring.running);
+    for (const ring of running) await this.stopRing(ring);
+    this.inflight?.unmap();
+    this.inflight = region;
+    this.log.info({ numQueues: region.numQueues, queueSize: region.queueSize }, 'inflight region set');
+    for (const ring of running) await this.reconcile(ring);
   }
 
   // --- rings --------------------------------------------------------------------------------------
@@ -467,6 +516,7 @@ export class VhostUserSession {
           kickFd: ring.kickFd,
           callFd: ring.callFd,
           errFd: ring.errFd,
+          ...(this.inflightFor(ring.index) ?? {}),
         },
         this.memoryTable(),
       );
@@ -475,6 +525,11 @@ export class VhostUserSession {
     } else if (!shouldRun && ring.running) {
       await this.stopRing(ring);
     }
+  }
+
+  private inflightFor(queue: number): { inflight: NonNullable<ReturnType<MappedInflightRegion['queue']>> } | undefined {
+    const mapping = this.inflight?.queue(queue);
+    return mapping === undefined ? undefined : { inflight: mapping };
   }
 
   private async stopRing(ring: VringConfig): Promise<void> {
@@ -550,6 +605,8 @@ export class VhostUserSession {
       await this.stopRing(ring);
       ring.reset();
     }
+    // The rings start over: nothing of the old ones may be resubmitted.
+    this.inflight?.clear();
     this.status = 0;
     this.ackedFeatures = 0n;
     this.featuresSet = false;
@@ -574,6 +631,11 @@ export class VhostUserSession {
       for (const ring of this.rings) ring.reset();
       this.regions.forEach(unmapRegion);
       this.regions = [];
+      // Kept only when a ring did not confirm its stop (it may still write the region).
+      if (failed === 0) this.inflight?.unmap();
+      this.inflight = null;
+      closeFd(this.inflightOfferFd);
+      this.inflightOfferFd = -1;
       closeFd(this.backendFd);
       this.backendFd = -1;
       this.queues.setConfigChangeListener(() => undefined);

@@ -11,6 +11,7 @@ import type { DeviceLimits } from './device-limits.js';
 import type { RegionLayout } from './memory-regions.js';
 import type { IoEngineName } from './request-executor.js';
 import type { ImageIoInfo } from './raw-image.js';
+import type { InflightQueueMapping } from './inflight-layout.js';
 
 /** What the user asked for: `auto` tries io_uring and falls back to the sync engine. */
 export const IO_ENGINE_SETTINGS = ['auto', 'io_uring', 'sync'] as const;
@@ -68,6 +69,8 @@ export interface RingStart {
   kickFd: number;
   callFd: number;
   errFd: number;
+  /** This queue's part of the inflight region (SET_INFLIGHT_FD), when the front-end gave one. */
+  inflight?: InflightQueueMapping;
 }
 
 export type WorkerCommand =
@@ -92,7 +95,8 @@ export interface WorkerAck {
 /** Unsolicited events a worker reports (rare: never per request). */
 export interface WorkerEvent {
   type: 'event';
-  kind: 'poisoned' | 'started' | 'error';
+  /** `inflight`: a ring resumed requests a previous back-end left in flight (`reason` says how many). */
+  kind: 'poisoned' | 'started' | 'error' | 'inflight';
   /** The disk (pool id) whose ring raised the event. */
   diskId: number;
   queue: number;
