@@ -99,6 +99,8 @@ export class VhostUserSession {
   /** fds to attach to the reply of the message being handled. */
   private replyFds: number[] = [];
   private ended = false;
+  /** Set by closeAfterStoppingRings: no ring starts again. */
+  private stopping = false;
   private noMemoryWarned = false;
   private featuresLogged = false;
   readonly stats: SessionStats = { messages: 0, rejected: 0 };
@@ -173,6 +175,18 @@ export class VhostUserSession {
 
   close(): void {
     this.stream.close({ kind: 'local' });
+  }
+
+  /**
+   * A clean stop (SIGTERM, restart, upgrade): the rings stop first — requests in flight complete and reach
+   * the used ring while the front-end is still connected — then the connection closes. QEMU's rewind
+   * (last_avail_idx := used.idx) then loses nothing, and what a stop could not finish stays in the inflight
+   * region for the next daemon.
+   */
+  async closeAfterStoppingRings(): Promise<void> {
+    this.stopping = true;
+    await Promise.allSettled(this.rings.map((ring) => this.stopRing(ring)));
+    this.close();
   }
 
   private async handle(message: IncomingMessage): Promise<void> {
@@ -502,7 +516,7 @@ export class VhostUserSession {
 
   /** Starts or stops the worker's ring so that it runs exactly when the configuration allows it. */
   private async reconcile(ring: VringConfig): Promise<void> {
-    const shouldRun = ring.kickArmed && ring.addressed && ring.isEnabled(this.protocolFeaturesNegotiated) && this.regions.length > 0;
+    const shouldRun = !this.stopping && ring.kickArmed && ring.addressed && ring.isEnabled(this.protocolFeaturesNegotiated) && this.regions.length > 0;
     if (shouldRun && !ring.running) {
       await this.queues.start(
         ring.index,
