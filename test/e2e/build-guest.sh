@@ -242,8 +242,16 @@ case $workload in
       at=$((offset + (round % 4) * 2097152))
       say "ROUND $round writing"
       step "reconnect: round $round writing"
-      dd if=/tmp/round of=/dev/vda bs=64K oflag=seek_bytes,direct seek="$at" conv=notrunc status=none ||
-        fail "reconnect: round $round: write I/O error"
+      # Four writers at once, so the back-end has several requests in flight when it dies.
+      pids=""
+      for part in 0 1 2 3; do
+        dd if=/tmp/round of=/dev/vda bs=64K skip=$((part * 8)) count=8 oflag=seek_bytes,direct \
+          seek=$((at + part * 524288)) conv=notrunc status=none &
+        pids="$pids $!"
+      done
+      for pid in $pids; do
+        wait "$pid" || fail "reconnect: round $round: write I/O error"
+      done
       step "reconnect: round $round reading back"
       dd if=/dev/vda of=/tmp/back bs=64K iflag=skip_bytes,count_bytes,direct skip="$at" count=2097152 status=none ||
         fail "reconnect: round $round: read I/O error"

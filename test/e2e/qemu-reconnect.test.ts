@@ -8,7 +8,8 @@
 //   systemd-socket-activate and outlives every daemon (a supervisor holds it as fd 3 and starts vublk on it
 //   again with LISTEN_FDS/LISTEN_PID, as a .socket unit does across `systemctl restart`), so QEMU's reconnect
 //   is never refused. No I/O error, no mismatch, every daemon exits 0.
-// The image is on the host disk with --cache none, so the io_uring engine really has requests in flight.
+// The image is on the host disk with O_DIRECT (--cache directsync / none), so the io_uring engine really has
+// requests in flight; the guest runs four writers at once.
 import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
@@ -52,8 +53,9 @@ async function workDir(): Promise<string> {
   return dir;
 }
 
-function vublkArgs(socketPath: string, imagePath: string, dir: string): string[] {
-  return ['serve', '--socket', socketPath, '--image', imagePath, '--size', '64M', '--cache', 'none', '--metrics-listen', 'off', '--admin-socket', path.join(dir, 'admin.sock')];
+/** directsync (O_DIRECT + O_DSYNC): each write lasts until it is durable, so requests are in flight longer. */
+function vublkArgs(socketPath: string, imagePath: string, dir: string, cache = 'none'): string[] {
+  return ['serve', '--socket', socketPath, '--image', imagePath, '--size', '64M', '--cache', cache, '--metrics-listen', 'off', '--admin-socket', path.join(dir, 'admin.sock')];
 }
 
 /** The round the guest writes now (from its last "ROUND n writing" line), -1 before the first. */
@@ -94,7 +96,7 @@ describe.skipIf(unavailable !== null)('vublk restarted under a QEMU guest (recon
     let log = '';
     let daemon: ChildProcess;
     const start = async (): Promise<ChildProcess> => {
-      const child = spawn(process.execPath, [CLI, ...vublkArgs(socketPath, imagePath, dir)], { stdio: ['ignore', 'pipe', 'pipe'] });
+      const child = spawn(process.execPath, [CLI, ...vublkArgs(socketPath, imagePath, dir, 'directsync')], { stdio: ['ignore', 'pipe', 'pipe'] });
       children.push(child);
       child.stdout?.setEncoding('utf8').on('data', (text: string) => (log += text));
       child.stderr?.setEncoding('utf8').on('data', (text: string) => (log += text));
@@ -131,7 +133,7 @@ describe.skipIf(unavailable !== null)('vublk restarted under a QEMU guest (recon
               .finally(() => (restarting = false));
           });
           victim.kill('SIGKILL');
-        }, 300 + 250 * restartedAt.length);
+        }, 100 * restartedAt.length);
       },
     });
     const resumed = [...log.matchAll(/"reason":"(\d+) requests resubmitted/g)].map((m) => Number(m[1]));
