@@ -137,7 +137,13 @@ describe.skipIf(unavailable !== null)('vublk restarted under a QEMU guest (recon
       },
     });
     const resumed = [...log.matchAll(/"reason":"(\d+) requests resubmitted/g)].map((m) => Number(m[1]));
-    if (process.env['VUBLK_TEST_VERBOSE'] === '1') console.info(`kill -9 during rounds ${restartedAt.join(', ')}; resubmitted per resume: ${resumed.join(', ') || 'none'}; last progress ${progressed(result.output)}`);
+    const regions = [...log.matchAll(/"msg":"inflight region set"/g)].length;
+    if (process.env['VUBLK_TEST_VERBOSE'] === '1') {
+      console.info(`kill -9 during rounds ${restartedAt.join(', ')}; inflight regions set ${regions}; resubmitted per resume: ${resumed.join(', ') || 'none'}; last progress ${progressed(result.output)}`);
+      if (process.env['VUBLK_TEST_DUMP'] === '1') console.info(log);
+    }
+    // QEMU handed the region to every daemon: the first, and each one after a kill.
+    expect(regions, context(result, log)).toBeGreaterThanOrEqual(RESTARTS + 1);
     checkGuest(result, log, restartedAt);
     daemon.kill('SIGTERM');
   });
