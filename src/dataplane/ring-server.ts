@@ -26,6 +26,7 @@ import type { EngineOptions, IoEngineName, RequestExecutor } from './request-exe
 import { engineOptions } from './raw-image.js';
 import { completeRequest, createRequestScratch, drainQueue, unlimited, type Admission, type DrainContext, type PoisonCause } from './drain.js';
 import { DiskThrottle } from '../throttle/disk-throttle.js';
+import { DirtyLog, RingDirtyLog } from './dirty-log.js';
 import type { DiskContext, DiskSettings, RingEvent, RingStart } from './worker-protocol.js';
 import { InflightQueue, InflightRegionError } from './inflight-queue.js';
 
@@ -45,6 +46,9 @@ export class RingServer {
   private context: DrainContext | null = null;
   /** Inflight tracking, taken over at the first start (a memory change restarts without resuming again). */
   private inflight: InflightQueue | null = null;
+  /** The session's migration dirty log (DirtyLog.off unless the front-end set VHOST_F_LOG_ALL). */
+  private log: DirtyLog = DirtyLog.off;
+  private ringLog: RingDirtyLog | null = null;
 
   constructor(
     readonly queue: number,
@@ -206,6 +210,12 @@ export class RingServer {
     if (fd >= 0) signalEventFd(fd);
   }
 
+  /** Switches to a new version of the session's dirty log (logging on, off, or a replaced log region). */
+  setDirtyLog(log: DirtyLog): void {
+    this.log = log;
+    if (this.ringLog !== null) this.ringLog.log = log;
+  }
+
   setErr(fd: number): void {
     if (this.ring !== null) this.ring.errFd = fd;
   }
@@ -234,6 +244,11 @@ export class RingServer {
     }
     this.counters.setGauge(Counter.poisoned, 0);
     if (this.inflight === null && ring.inflight !== undefined) queue.lastAvailIdx = this.takeOverInflight(ring, queue, lastAvailIdx);
+    // Requests in flight keep their recorded ranges across a memory change (same ring size).
+    if (this.ringLog === null || this.ringLog.queueSize !== ring.size) this.ringLog = new RingDirtyLog(ring.size, this.counters);
+    this.ringLog.log = this.log;
+    this.ringLog.usedLogGpa = ring.usedLogGpa;
+    queue.dirtyLog = this.ringLog;
     this.context = {
       queue,
       memory,
@@ -254,6 +269,7 @@ export class RingServer {
         const fd = this.ring?.callFd ?? -1;
         if (fd >= 0) signalEventFd(fd);
       },
+      dirtyLog: this.ringLog,
     };
     if (ring.kickFd >= 0) this.epoll.add(ring.kickFd, true);
     else this.timer.arm(POLL_TICK_NANOS, POLL_TICK_NANOS);
