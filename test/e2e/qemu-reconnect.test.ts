@@ -2,8 +2,9 @@
 // (the `reconnect` workload of build-guest.sh), and QEMU (`-chardev socket,…,reconnect=1`) reattaches to the
 // next daemon.
 // - kill -9 three times: the requests the dead daemon had in flight are resubmitted by the next one from the
-//   inflight region QEMU keeps (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD). No I/O error, no mismatch, no hang,
-//   progress after each restart.
+//   inflight region QEMU keeps (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD). Each kill waits until the region (read
+//   through QEMU's fd in /proc) shows a request marked in flight. No I/O error, no mismatch, no hang, progress
+//   after each restart, and at least one resubmission.
 // - SIGTERM → restart three times under systemd socket activation: the listening socket comes from the real
 //   systemd-socket-activate and outlives every daemon (a supervisor holds it as fd 3 and starts vublk on it
 //   again with LISTEN_FDS/LISTEN_PID, as a .socket unit does across `systemctl restart`), so QEMU's reconnect
@@ -11,7 +12,7 @@
 // The image is on the host disk with O_DIRECT (--cache directsync / none), so the io_uring engine really has
 // requests in flight; the guest runs four writers at once.
 import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
-import { existsSync } from 'node:fs';
+import { existsSync, readFileSync, readdirSync, readlinkSync } from 'node:fs';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
@@ -59,6 +60,37 @@ function vublkArgs(socketPath: string, imagePath: string, dir: string, cache = '
 }
 
 /** The round the guest writes now (from its last "ROUND n writing" line), -1 before the first. */
+/** The inflight memfd QEMU keeps for the disk on `socketPath`, as a /proc path, or null. */
+function qemuInflightFd(socketPath: string): string | null {
+  for (const pid of readdirSync('/proc').filter((name) => /^\d+$/.test(name))) {
+    try {
+      if (!readFileSync(`/proc/${pid}/cmdline`, 'utf8').includes(socketPath)) continue;
+      for (const fd of readdirSync(`/proc/${pid}/fd`)) {
+        if (readlinkSync(`/proc/${pid}/fd/${fd}`).startsWith('/memfd:vublk-inflight')) return `/proc/${pid}/fd/${fd}`;
+      }
+    } catch {
+      // The process went away, or it is not ours to read.
+    }
+  }
+  return null;
+}
+
+/** Resolves once queue 0 of the region has a descriptor marked in flight, or after `timeoutMs`. */
+async function untilMarked(socketPath: string, timeoutMs: number): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  const file = qemuInflightFd(socketPath);
+  while (file !== null && Date.now() < deadline) {
+    try {
+      const region = readFileSync(file);
+      // Queue 0's descriptor states: 16-byte header, then 16 bytes each, flag first.
+      for (let offset = 16; offset + 16 <= region.length && offset < 16 + 16 * 128; offset += 16) if (region[offset] === 1) return;
+    } catch {
+      return;
+    }
+    await new Promise((resolve) => setImmediate(resolve));
+  }
+}
+
 function shellQuote(text: string): string {
   return `'${text.replaceAll("'", "'\\''")}'`;
 }
@@ -126,8 +158,9 @@ describe.skipIf(unavailable !== null)('vublk restarted under a QEMU guest (recon
         if (restarting || !restartDue(output, restartedAt.length)) return;
         restarting = true;
         const round = currentRound(output);
-        // Into the round's writes (64 KiB O_DIRECT each), so requests are in flight when the process dies.
-        setTimeout(() => {
+        // Into the round's writes (64 KiB O_DIRECT each): killed the moment QEMU's inflight region shows a
+        // request marked (watched through QEMU's fd), or after 2 s of looking.
+        void untilMarked(socketPath, 2_000).then(() => {
           const victim = daemon;
           victim.once('exit', () => {
             restartedAt.push(round);
@@ -137,7 +170,7 @@ describe.skipIf(unavailable !== null)('vublk restarted under a QEMU guest (recon
               .finally(() => (restarting = false));
           });
           victim.kill('SIGKILL');
-        }, 100 * restartedAt.length);
+        });
       },
     });
     const resumed = [...log.matchAll(/"reason":"(\d+) requests resubmitted/g)].map((m) => Number(m[1]));
@@ -149,6 +182,8 @@ describe.skipIf(unavailable !== null)('vublk restarted under a QEMU guest (recon
     // QEMU handed the region to every daemon: the first, and each one after a kill.
     expect(regions, context(result, log)).toBeGreaterThanOrEqual(RESTARTS + 1);
     checkGuest(result, log, restartedAt);
+    // Kills are timed on a marked request, so the next daemon had something to resubmit at least once.
+    expect(resumed.length, `resubmissions after the kills\n${context(result, log)}`).toBeGreaterThan(0);
     daemon.kill('SIGTERM');
   });
 
