@@ -24,7 +24,7 @@ export class DiskQueues {
     private readonly log: Logger,
   ) {
     this.engines = new Array<IoEngineName | undefined>(disk.options.numQueues).fill(undefined);
-    this.diskId = pool.addDisk((event) => this.onWorkerEvent(event));
+    this.diskId = pool.addDisk((event) => this.onWorkerEvent(event), { pinQueues: disk.pinQueues });
   }
 
   /** A daemon-wide id for a new session's memory table. */
@@ -60,6 +60,7 @@ export class DiskQueues {
 
   /** Grows the disk; running rings use the new capacity before the front-end hears of it. */
   async resize(sizeBytes: number): Promise<void> {
+    await this.disk.growNetworkImage(sizeBytes);
     const previous = this.disk.grow(sizeBytes);
     if (previous === null) return;
     await this.pool.updateSettings(this.diskId, this.disk.settings());
@@ -90,6 +91,8 @@ export class DiskQueues {
       }
     } else if (event.kind === 'inflight') {
       this.log.info({ queue: event.queue, reason: event.reason }, 'inflight requests resumed');
+    } else if (event.kind === 'backend') {
+      this.log.warn({ queue: event.queue, reason: event.reason }, 'network back-end');
     } else if (event.kind === 'error') {
       this.log.error({ queue: event.queue, reason: event.reason }, 'queue worker error');
     }

@@ -22,6 +22,7 @@ import { descriptorTableBytes, availRingBytes, usedRingBytes } from '../../proto
 import { Counter, QueueCounters } from './counters.js';
 import { SyncExecutor } from './sync-executor.js';
 import { UringExecutor } from './uring-executor.js';
+import { NetworkExecutor } from './network-executor.js';
 import type { EngineOptions, IoEngineName, RequestExecutor } from './request-executor.js';
 import { engineOptions } from './raw-image.js';
 import { completeRequest, createRequestScratch, drainQueue, unlimited, type Admission, type DrainContext, type PoisonCause } from './drain.js';
@@ -64,7 +65,7 @@ export class RingServer {
       if (this.context !== null) completeRequest(this.context, completion);
       else this.counters.add(Counter.ioErrors);
     };
-    if (this.executor.completionFd >= 0) epoll.add(this.executor.completionFd, true);
+    if (this.executor.completionFd >= 0) epoll.add(this.executor.completionFd, this.executor.completionLevelTriggered !== true);
     this.admission = init.throttle ? DiskThrottle.attach(init.throttle) : unlimited;
     ({ scratch: this.scratch, request: this.request } = createRequestScratch(init.limits));
     epoll.add(this.timer.fd);
@@ -82,6 +83,15 @@ export class RingServer {
     let reason = 'sync engine requested';
     let executor: RequestExecutor | null = null;
     const options: EngineOptions = { ...engineOptions(this.init.image), onBounce: () => this.counters.add(Counter.bounced) };
+    if (this.init.network !== undefined) {
+      // NBD / RBD: the disk's transport on this worker, shared by its queues here (network-executor.ts).
+      const network = new NetworkExecutor(this.init.network, this.init.limits, {
+        ignoreFlush: options.ignoreFlush === true,
+        onHealthChange: (reason) => this.post({ type: 'event', kind: 'backend', queue: this.queue, reason }),
+      });
+      this.post({ type: 'event', kind: 'started', queue: this.queue, reason: `${this.init.network.kind} back-end` });
+      return network;
+    }
     if (setting !== 'sync') {
       try {
         executor = new UringExecutor(this.init.imageFd, this.init.limits, options);

@@ -12,6 +12,7 @@ import type { RegionLayout } from './memory-regions.js';
 import type { IoEngineName } from './request-executor.js';
 import type { ImageIoInfo } from './raw-image.js';
 import type { InflightQueueMapping } from './inflight-layout.js';
+import type { NetworkBackend } from './network-backend.js';
 
 /** What the user asked for: `auto` tries io_uring and falls back to the sync engine. */
 export const IO_ENGINE_SETTINGS = ['auto', 'io_uring', 'sync'] as const;
@@ -42,6 +43,8 @@ export interface DiskContext {
   image?: ImageIoInfo;
   /** Adaptive polling: spin on the rings and completions for up to this many µs before sleeping (0 = off). */
   pollUs?: number;
+  /** A network image (NBD, RBD) instead of `imageFd`. */
+  network?: NetworkBackend;
 }
 
 /** Disk state that changes at run time (SET_CONFIG of the writeback byte, a resize). */
@@ -111,8 +114,11 @@ export interface WorkerAck {
 /** Unsolicited events a worker reports (rare: never per request). */
 export interface WorkerEvent {
   type: 'event';
-  /** `inflight`: a ring resumed requests a previous back-end left in flight (`reason` says how many). */
-  kind: 'poisoned' | 'started' | 'error' | 'inflight';
+  /**
+   * `inflight`: a ring resumed requests a previous back-end left in flight (`reason` says how many).
+   * `backend`: a network back-end's connection was lost or is back (logged; rare).
+   */
+  kind: 'poisoned' | 'started' | 'error' | 'inflight' | 'backend';
   /** The disk (pool id) whose ring raised the event. */
   diskId: number;
   queue: number;

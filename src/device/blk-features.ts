@@ -3,7 +3,13 @@ import { VirtioFeature, featureMask } from '../../protocol/virtio.js';
 import { BlkFeature } from '../../protocol/virtio-blk.js';
 import { ProtocolFeature, VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES } from '../../protocol/vhost-user.js';
 
-export function offeredVirtioFeatures(readOnly: boolean): bigint {
+/** What the image can do beyond reads, writes and flushes (network images may lack either). */
+export interface ImageCapabilities {
+  discard: boolean;
+  writeZeroes: boolean;
+}
+
+export function offeredVirtioFeatures(readOnly: boolean, image: ImageCapabilities = { discard: true, writeZeroes: true }): bigint {
   const common = featureMask(
     VirtioFeature.VERSION_1,
     VirtioFeature.RING_INDIRECT_DESC,
@@ -20,7 +26,8 @@ export function offeredVirtioFeatures(readOnly: boolean): bigint {
     BlkFeature.CONFIG_WCE,
   );
   // A read-only disk advertises RO and no way to change data, so guests never issue discards to it.
-  return readOnly ? common | featureMask(BlkFeature.RO) : common | featureMask(BlkFeature.DISCARD, BlkFeature.WRITE_ZEROES);
+  if (readOnly) return common | featureMask(BlkFeature.RO);
+  return common | (image.discard ? featureMask(BlkFeature.DISCARD) : 0n) | (image.writeZeroes ? featureMask(BlkFeature.WRITE_ZEROES) : 0n);
 }
 
 /**
