@@ -17,6 +17,7 @@ import { groupId, userId } from './account-lookup.js';
 import { MAX_QUEUE_SIZE } from '../../protocol/split-ring.js';
 import { IO_ENGINE_SETTINGS, type IoEngineSetting } from '../dataplane/worker-protocol.js';
 import { CACHE_MODES, type CacheMode } from '../dataplane/request-executor.js';
+import { IMAGE_FORMATS, type ImageFormat } from '../backend/qcow2/index.js';
 import { DEFAULT_MAX_DISCARD_SEG, DEFAULT_MAX_WRITE_ZEROES_SEG, MAX_RANGE_SEG } from '../dataplane/device-limits.js';
 
 export const DEFAULT_QUEUE_SIZE = 1024;
@@ -54,6 +55,8 @@ export interface DiskFields {
   maxDiscardSeg: number;
   maxWriteZeroesSeg: number;
   locking: boolean;
+  format?: ImageFormat | undefined;
+  l2CacheBytes?: number | undefined;
   iops?: number | undefined;
   iopsBurst?: number | undefined;
   bps?: number | undefined;
@@ -266,6 +269,8 @@ export const DISK_OPTIONS: readonly AnyDiskOption[] = [
   option({ field: 'maxDiscardSeg', key: 'max-discard-seg', flag: '--max-discard-seg', help: "ranges one DISCARD request may carry (config max_discard_seg; QEMU's own device uses 1)", type: wholeNumber(1, MAX_RANGE_SEG), default: DEFAULT_MAX_DISCARD_SEG, reload: 'restart', admin: 'max-discard-seg' }),
   option({ field: 'maxWriteZeroesSeg', key: 'max-write-zeroes-seg', flag: '--max-write-zeroes-seg', help: "ranges one WRITE_ZEROES request may carry (config max_write_zeroes_seg; QEMU's own device uses 1)", type: wholeNumber(1, MAX_RANGE_SEG), default: DEFAULT_MAX_WRITE_ZEROES_SEG, reload: 'restart', admin: 'max-write-zeroes-seg' }),
   option({ field: 'locking', key: 'locking', help: "QEMU-compatible image locks (OFD locks on bytes 100+/200+); off only where two daemons share an image by design (migration)", type: onOff, default: true, reload: 'restart', admin: 'locking' }),
+  option({ field: 'format', key: 'format', flag: '--format', help: "image format: raw or qcow2 (default: probed, with a warning; a probed qcow2 image may only name a backing file whose format it records)", type: oneOf(IMAGE_FORMATS), reload: 'restart', admin: 'format' }),
+  option({ field: 'l2CacheBytes', key: 'l2-cache-size', flag: '--l2-cache-size', help: 'qcow2: bytes of L2 tables cached, shared by all queues (default: enough for the whole disk, at most 32M)', type: amount(parseSize, '<bytes>', '4M'), reload: 'restart', admin: 'l2-cache-size' }),
   option({ field: 'iops', key: 'iops', group: 'throttle', flag: '--iops', help: 'throttle: requests per second across all queues (e.g. 500, 10k; 0 = unlimited)', type: amount(parseCount, '<n>', '10k'), reload: 'live' }),
   option({ field: 'iopsBurst', key: 'iops-burst', group: 'throttle', flag: '--iops-burst', help: 'throttle: request burst (default: one second of --iops)', type: amount(parseCount, '<n>', '20k'), reload: 'live' }),
   option({ field: 'bps', key: 'bps', group: 'throttle', flag: '--bps', help: 'throttle: bytes per second across all queues (e.g. 100M; 0 = unlimited)', type: amount(parseRate, '<rate>', '100M'), reload: 'live' }),

@@ -11,6 +11,7 @@ import type { DeviceLimits } from './device-limits.js';
 import type { RegionLayout } from './memory-regions.js';
 import type { IoEngineName } from './request-executor.js';
 import type { ImageIoInfo } from './raw-image.js';
+import type { LayerDescription } from '../backend/qcow2/index.js';
 
 /** What the user asked for: `auto` tries io_uring and falls back to the sync engine. */
 export const IO_ENGINE_SETTINGS = ['auto', 'io_uring', 'sync'] as const;
@@ -41,6 +42,8 @@ export interface DiskContext {
   image?: ImageIoInfo;
   /** Adaptive polling: spin on the rings and completions for up to this many µs before sleeping (0 = off). */
   pollUs?: number;
+  /** A qcow2 image (format=qcow2): its shared state; `imageFd` is then the top image opened with the cache mode's flags. */
+  qcow2?: LayerDescription;
 }
 
 /** Disk state that changes at run time (SET_CONFIG of the writeback byte, a resize). */

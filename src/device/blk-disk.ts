@@ -22,6 +22,8 @@ import { cachePolicy, type CacheMode } from '../dataplane/request-executor.js';
 import { openRawImage, type ImageIoInfo } from '../dataplane/raw-image.js';
 import { VublkError } from '../errors.js';
 import { lockImage } from '../sys/image-lock.js';
+import { hasQcow2Magic } from '../../protocol/qcow2.js';
+import { Qcow2Handle, attachLayer, openImage, type ImageFormat, type LayerDescription } from '../backend/qcow2/index.js';
 
 export interface DiskOptions {
   name: string;
@@ -48,6 +50,21 @@ export interface DiskOptions {
   cache?: CacheMode | undefined;
   /** Adaptive polling of the workers serving this disk, µs (0 / undefined = off). */
   pollUs?: number | undefined;
+  /** Image format; undefined: probed (with a warning). */
+  format?: ImageFormat | undefined;
+  /** qcow2: bytes of the shared L2 cache (default: the format layer's). */
+  l2CacheBytes?: number | undefined;
+}
+
+/** The first bytes decide: qcow2 magic → qcow2, anything else (an empty new file too) → raw. */
+function probeImageFormat(imagePath: string): ImageFormat {
+  const head = Buffer.alloc(4);
+  const fd = fs.openSync(imagePath, 'r');
+  try {
+    return fs.readSync(fd, head, 0, 4, 0) === 4 && hasQcow2Magic(head) ? 'qcow2' : 'raw';
+  } finally {
+    fs.closeSync(fd);
+  }
 }
 
 export class DiskSetupError extends VublkError {
@@ -79,6 +96,10 @@ export class BlkDisk {
   readonly imageIo: ImageIoInfo;
   private capacity: number;
   private writebackEnabled: boolean;
+  /** format=qcow2: the shared state workers attach to, this thread's handle (resize, close) and the backing files' lock fds. */
+  readonly qcow2: LayerDescription | undefined;
+  private readonly qcow2Handle: Qcow2Handle | undefined;
+  private readonly backingLockFds: number[] = [];
   /** Always present (unlimited is a no-clock fast path) so limits can be changed live. */
   readonly throttle: DiskThrottle;
 
@@ -95,6 +116,7 @@ export class BlkDisk {
     if (!exists && sizeBytes === undefined) {
       throw new DiskSetupError(name, `image ${imagePath} does not exist (pass --size to create it)`);
     }
+    if (!exists && options.format === 'qcow2') throw new DiskSetupError(name, `qcow2 image ${imagePath} does not exist (create it with qemu-img create -f qcow2)`);
     if (!exists && readOnly) throw new DiskSetupError(name, `image ${imagePath} does not exist and the disk is read-only`);
     if (!exists) {
       fs.writeFileSync(imagePath, '', { flag: 'wx', mode: 0o600 });
@@ -103,6 +125,25 @@ export class BlkDisk {
     const stat = fs.statSync(imagePath);
     if (!stat.isFile() && !stat.isBlockDevice()) throw new DiskSetupError(name, `${imagePath} is neither a regular file nor a block device`);
     const cache = options.cache ?? 'writeback';
+    let format = options.format;
+    if (format === undefined) {
+      format = probeImageFormat(imagePath);
+      log.warn({ disk: name, image: imagePath, format }, `no format given for ${imagePath}: probed '${format}'; pass format=${format} (probing a guest-writable image is unsafe)`);
+    }
+    if (format === 'qcow2') {
+      try {
+        // An explicit format is passed on; a probed one is not, so the format layer applies its probing rules to the backing chain.
+        this.qcow2 = openImage(imagePath, {
+          ...(options.format === undefined ? {} : { format: options.format }),
+          readOnly,
+          ...(options.l2CacheBytes === undefined ? {} : { l2CacheBytes: options.l2CacheBytes }),
+          warn: (message) => log.warn({ disk: name }, message),
+        });
+      } catch (error) {
+        throw new DiskSetupError(name, (error as Error).message);
+      }
+      if (this.qcow2.format !== 'qcow2') throw new DiskSetupError(name, `${imagePath} is not a qcow2 image`);
+    }
     let opened;
     try {
       opened = openRawImage(imagePath, readOnly, cache);
@@ -118,7 +159,23 @@ export class BlkDisk {
       throw new DiskSetupError(name, (error as Error).message);
     }
     let size = opened.sizeBytes;
-    if (sizeBytes !== undefined && stat.isFile() && size < sizeBytes) {
+    if (this.qcow2 !== undefined) {
+      try {
+        this.lockBackingChain(this.qcow2, options.locking);
+        this.qcow2Handle = attachLayer(this.qcow2) as Qcow2Handle;
+        size = this.qcow2Handle.size;
+        if (sizeBytes !== undefined && size < sizeBytes) {
+          if (readOnly) throw new Error(`virtual size ${size} is smaller than --size, and the disk is read-only`);
+          this.qcow2Handle.resize(sizeBytes);
+          size = sizeBytes;
+        }
+      } catch (error) {
+        this.qcow2Handle?.close();
+        for (const fd of this.backingLockFds) fs.closeSync(fd);
+        fs.closeSync(this.fd);
+        throw new DiskSetupError(name, (error as Error).message);
+      }
+    } else if (sizeBytes !== undefined && stat.isFile() && size < sizeBytes) {
       if (readOnly) throw new DiskSetupError(name, `image is ${size} bytes, smaller than --size, and the disk is read-only`);
       fs.ftruncateSync(this.fd, sizeBytes);
       size = sizeBytes;
@@ -145,6 +202,17 @@ export class BlkDisk {
     this.counters = new CounterReader(this.counterBuffer);
     this.offeredFeatures = offeredVirtioFeatures(readOnly);
     this.throttle = DiskThrottle.create(options.throttle);
+  }
+
+  /** Backing files are locked read-only (QEMU's rule: nobody writes a base while an overlay uses it). */
+  private lockBackingChain(description: LayerDescription, locking: boolean): void {
+    let layer = description.format === 'qcow2' ? description.shared.backing : null;
+    for (let depth = 0; layer !== null && depth < 64; depth++) {
+      const fd = fs.openSync(layer.path, 'r');
+      this.backingLockFds.push(fd);
+      if (locking) lockImage(fd, layer.path, { write: false });
+      layer = layer.format === 'qcow2' ? layer.shared.backing : null;
+    }
   }
 
   get name(): string {
@@ -204,8 +272,17 @@ export class BlkDisk {
     }
     if (sizeBytes < this.capacity) throw new DiskSetupError(this.name, `new size ${sizeBytes} is smaller than the current ${this.capacity}; shrinking is refused`);
     if (sizeBytes === this.capacity) return null;
-    const stat = fs.fstatSync(this.fd);
-    if (stat.isFile() && stat.size < sizeBytes) fs.ftruncateSync(this.fd, sizeBytes);
+    if (this.qcow2Handle !== undefined) {
+      // Grows the (shared) L1 table; every worker's handle sees the new size.
+      try {
+        this.qcow2Handle.resize(sizeBytes);
+      } catch (error) {
+        throw new DiskSetupError(this.name, (error as Error).message);
+      }
+    } else {
+      const stat = fs.fstatSync(this.fd);
+      if (stat.isFile() && stat.size < sizeBytes) fs.ftruncateSync(this.fd, sizeBytes);
+    }
     const previous = this.capacity;
     this.capacity = sizeBytes;
     return previous;
@@ -227,11 +304,21 @@ export class BlkDisk {
       ioEngine: this.options.ioEngine,
       image: this.imageIo,
       pollUs: this.options.pollUs ?? 0,
+      ...(this.qcow2 === undefined ? {} : { qcow2: this.qcow2 }),
     };
   }
 
   /** Syncs and closes the image; every ring of the disk must be stopped first. */
   close(): void {
+    if (this.qcow2Handle !== undefined) {
+      // The last handle of the image: returns the unused cluster reserve, so a clean stop leaves no leaks.
+      try {
+        this.qcow2Handle.close();
+      } catch (error) {
+        this.log.error({ err: (error as Error).message }, 'closing the qcow2 image failed at shutdown');
+      }
+      for (const fd of this.backingLockFds) fs.closeSync(fd);
+    }
     if (!this.options.readOnly) {
       try {
         fs.fdatasyncSync(this.fd);
