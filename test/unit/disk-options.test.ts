@@ -59,7 +59,7 @@ describe('the disk option table', () => {
     const samples: Record<string, string | number | boolean> = {
       name: 'n', image: '/i', 'socket-mode': '0660', 'socket-owner': 0, 'socket-group': 0, size: '1M', 'num-queues': 2,
       'queue-size': 64, 'read-only': true, serial: 'S', 'logical-block-size': 4096, writeback: false, 'io-engine': 'sync',
-      'max-discard-seg': 2, 'max-write-zeroes-seg': 2, locking: false, cache: 'none', 'poll-us': 50, iops: 10, 'iops-burst': 20, bps: '1M', 'bps-burst': '2M',
+      'max-discard-seg': 2, 'max-write-zeroes-seg': 2, locking: false, cache: 'none', 'poll-us': 50, iops: 10, 'iops-burst': 20, bps: '1M', 'bps-burst': '2M', format: 'qcow2', 'l2-cache-size': '4M',
     };
     for (const row of DISK_OPTIONS) {
       if (row.key === 'socket' || row.key === 'socket-fd' || row.key === 'image') continue;
