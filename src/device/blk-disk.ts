@@ -118,6 +118,7 @@ export class BlkDisk {
     }
     if (!exists && options.format === 'qcow2') throw new DiskSetupError(name, `qcow2 image ${imagePath} does not exist (create it with qemu-img create -f qcow2)`);
     if (!exists && readOnly) throw new DiskSetupError(name, `image ${imagePath} does not exist and the disk is read-only`);
+    const createdNow = !exists;
     if (!exists) {
       fs.writeFileSync(imagePath, '', { flag: 'wx', mode: 0o600 });
       exists = true;
@@ -125,7 +126,8 @@ export class BlkDisk {
     const stat = fs.statSync(imagePath);
     if (!stat.isFile() && !stat.isBlockDevice()) throw new DiskSetupError(name, `${imagePath} is neither a regular file nor a block device`);
     const cache = options.cache ?? 'writeback';
-    let format = options.format;
+    // An image vublk just created is raw: nothing to probe.
+    let format = options.format ?? (createdNow ? 'raw' : undefined);
     if (format === undefined) {
       format = probeImageFormat(imagePath);
       log.warn({ disk: name, image: imagePath, format }, `no format given for ${imagePath}: probed '${format}'; pass format=${format} (probing a guest-writable image is unsafe)`);

@@ -325,6 +325,37 @@ describe(`qcow2 through the daemon (engine ${process.env['VUBLK_IO_ENGINE'] ?? '
     checkClean(image);
   }, 60_000);
 
+  it('format probing: a raw image without format= is served raw with a warning; a probed qcow2 whose backing format is not recorded is refused', async (ctx) => {
+    needQemuImg(ctx);
+    const dir = tempDir();
+    const raw = path.join(dir, 'plain.img');
+    writeFileSync(raw, Buffer.alloc(4 * MiB, 0x11));
+    const served = await serve(raw, null, 1);
+    expect((await served.blk.read(0, 4096)).every((b) => b === 0x11)).toBe(true);
+    expect(served.daemon.logs().some((l) => l.level === 40 && /probed 'raw'/.test(l.msg))).toBe(true);
+    await served.fe.close();
+    await served.daemon.stop();
+
+    writeFileSync(path.join(dir, 'base.img'), Buffer.alloc(MiB));
+    const overlay = path.join(dir, 'overlay.qcow2');
+    qemuImg('create', '-q', '-f', 'qcow2', '-b', 'base.img', '-F', 'raw', overlay);
+    // Turn the backing-format extension into an unknown one: the image no longer records its backing format.
+    const header = readFileSync(overlay).subarray(0, 65536);
+    const at = header.indexOf(Buffer.from([0xe2, 0x79, 0x2a, 0xca]));
+    expect(at).toBeGreaterThan(0);
+    patch(overlay, at, Buffer.from([0x12, 0x34, 0x56, 0x78]));
+    const socket = path.join(dir, 'probe.sock');
+    const daemon = await startDaemon({ rawArgs: ['serve', '--socket', socket, '--image', overlay], waitForSocket: false });
+    cleanups.push(() => daemon.stop());
+    const deadline = Date.now() + 15_000;
+    while (daemon.running() && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 25));
+    expect(daemon.running()).toBe(false);
+    expect(daemon.output()).toMatch(/backing/i);
+    // Given explicitly, the same image is served (the backing file is probed, with a warning).
+    const explicit = await serve(overlay, 'qcow2', 1);
+    expect((await explicit.blk.read(0, 4096)).every((b) => b === 0)).toBe(true);
+  }, 60_000);
+
   it('malformed images: a clear start error naming the problem, never a crash', async (ctx) => {
     needQemuImg(ctx);
     const dir = tempDir();
