@@ -383,6 +383,40 @@ describe(`qcow2 through the daemon (engine ${process.env['VUBLK_IO_ENGINE'] ?? '
   }, 120_000);
 });
 
+describe('hostile metadata found at access', () => {
+  it('an L2 entry pointing past the end of file or into metadata: IOERR for that cluster, the disk stays up', async (ctx) => {
+    needQemuImg(ctx);
+    const dir = tempDir();
+    const image = path.join(dir, 'hostile.qcow2');
+    qemuImg('create', '-q', '-f', 'qcow2', '-o', 'cluster_size=65536', image, '8M');
+    execFileSync('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x42 0 128k', '-c', 'write -P 0x43 1M 64k', image], { stdio: 'ignore' });
+    const bytes = readFileSync(image);
+    const l1 = Number(bytes.readBigUInt64BE(40));
+    const l2 = Number(bytes.readBigUInt64BE(l1) & 0x00ff_ffff_ffff_fe00n);
+    const copied = 1n << 63n;
+    // Cluster 0 → far past the end of file; cluster 1 → the L1 table (metadata).
+    const entry = (offset: bigint): Buffer => {
+      const b = Buffer.alloc(8);
+      b.writeBigUInt64BE(offset | copied);
+      return b;
+    };
+    patch(image, l2, entry(1n << 40n));
+    patch(image, l2 + 8, entry(BigInt(l1)));
+    const served = await serve(image, 'qcow2', 1);
+    const bad = await served.blk.execute({ type: 0, sector: 0, inLength: 4096 });
+    expect(bad.status).toBe(BlkStatus.IOERR);
+    const header = await served.blk.execute({ type: 0, sector: (64 * KiB) / SECTOR_SIZE, inLength: 4096 });
+    expect(header.status).toBe(BlkStatus.IOERR);
+    const write = await served.blk.execute({ type: 1, sector: (64 * KiB) / SECTOR_SIZE, out: Buffer.alloc(4096, 1) });
+    expect(write.status).toBe(BlkStatus.IOERR);
+    // Healthy clusters are still served.
+    expect((await served.blk.read(MiB / SECTOR_SIZE, 4096)).every((b) => b === 0x43)).toBe(true);
+    expect(served.daemon.running()).toBe(true);
+    // The L1 table the hostile entry pointed at was not written to.
+    expect(readFileSync(image).subarray(l1, l1 + 8).equals(bytes.subarray(l1, l1 + 8))).toBe(true);
+  }, 60_000);
+});
+
 function patch(file: string, offset: number, bytes: Buffer): void {
   const fd = openSync(file, 'r+');
   try {
