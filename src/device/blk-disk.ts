@@ -22,6 +22,8 @@ import { cachePolicy, type CacheMode } from '../dataplane/request-executor.js';
 import { openRawImage, type ImageIoInfo } from '../dataplane/raw-image.js';
 import { VublkError } from '../errors.js';
 import { lockImage } from '../sys/image-lock.js';
+import { openFlags, O_DIRECT, O_RDONLY } from '../sys/block-io.js';
+import { sys } from '../sys/libc.js';
 import { hasQcow2Magic } from '../../protocol/qcow2.js';
 import { Qcow2Handle, attachLayer, openImage, type ImageFormat, type LayerDescription } from '../backend/qcow2/index.js';
 
@@ -163,7 +165,7 @@ export class BlkDisk {
     let size = opened.sizeBytes;
     if (this.qcow2 !== undefined) {
       try {
-        this.lockBackingChain(this.qcow2, options.locking);
+        this.lockBackingChain(this.qcow2, options.locking, cachePolicy(cache).direct);
         this.qcow2Handle = attachLayer(this.qcow2) as Qcow2Handle;
         size = this.qcow2Handle.size;
         if (sizeBytes !== undefined && size < sizeBytes) {
@@ -207,11 +209,19 @@ export class BlkDisk {
   }
 
   /** Backing files are locked read-only (QEMU's rule: nobody writes a base while an overlay uses it). */
-  private lockBackingChain(description: LayerDescription, locking: boolean): void {
+  private lockBackingChain(description: LayerDescription, locking: boolean, direct: boolean): void {
     let layer = description.format === 'qcow2' ? description.shared.backing : null;
     for (let depth = 0; layer !== null && depth < 64; depth++) {
       const fd = fs.openSync(layer.path, 'r');
       this.backingLockFds.push(fd);
+      if (direct) {
+        // The workers read backing files with O_DIRECT too: refuse now rather than fail every read.
+        try {
+          sys.close(openFlags(layer.path, O_RDONLY | O_DIRECT));
+        } catch (error) {
+          throw new Error(`cache=${this.options.cache ?? 'writeback'} reads the backing file ${layer.path} with O_DIRECT, which its file system refuses: ${(error as Error).message}`);
+        }
+      }
       if (locking) lockImage(fd, layer.path, { write: false });
       layer = layer.format === 'qcow2' ? layer.shared.backing : null;
     }
