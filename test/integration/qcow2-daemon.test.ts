@@ -217,8 +217,10 @@ describe(`qcow2 through the daemon (engine ${process.env['VUBLK_IO_ENGINE'] ?? '
       qemuImg('create', '-q', '-f', 'qcow2', '-o', `cluster_size=${cluster}`, image, String(DISK));
     }
     const ops = workload(SEED + cluster + queues * 7 + (backing ? 1 : 0), cluster, 60);
+    // 4 KiB clusters: 12 L2 tables for the disk, a 4-table cache (l2-cache-size=16K) so they are evicted and reloaded.
+    const cacheArgs = cluster === 4 * KiB ? ['--l2-cache-size', '16K'] : [];
     for (const [file, format] of [[raw, 'raw'], [image, 'qcow2']] as const) {
-      const served = await serve(file, format, queues);
+      const served = await serve(file, format, queues, format === 'qcow2' ? cacheArgs : []);
       await run(served, ops, queues);
       await served.fe.close();
       expect(await served.daemon.stop()).toBe(0);
