@@ -22,6 +22,12 @@
  * - O_DIRECT: the caller maps each layer fd to an fd of the same file opened with the cache mode's flags
  *   (`hostFd`), so extents of the buffered handle fds are served by direct I/O.
  *
+ * - Ring stop (`waitIdle`) on a worker that serves several rings of the image: a deferred write may wait for
+ *   an allocation in flight on a sibling ring of this thread, whose completions only that ring reaps. While
+ *   waiting, the sibling executors of this thread are pumped (`pump`): their engines are reaped and writes
+ *   committed, but their completions are held and delivered at their own next reap (a self-wake eventfd
+ *   in their completion set makes the worker drain them), so their rings publish and notify as usual.
+ *
  * Invariants: every ticket is committed or aborted exactly once (abort also when a sub-request could not be
  * submitted); a parent completes exactly once, after all its sub-requests; `inFlight` counts parents from
  * `submit` to completion, deferred ones included.
@@ -33,6 +39,7 @@ import { sys } from '../sys/libc.js';
 import { BlkRequest, readDiscardSegments, type RangeSegment } from './blk-request.js';
 import type { DeviceLimits } from './device-limits.js';
 import { EpollSet } from './epoll.js';
+import { createEventFd, signalEventFd } from '../sys/eventfd.js';
 import type { GuestMemory } from './guest-memory.js';
 import type { Completion, RequestExecutor } from './request-executor.js';
 import { SECTOR_SIZE } from './iovec.js';
@@ -40,6 +47,9 @@ import { SECTOR_SIZE } from './iovec.js';
 /** Parents in flight at most per queue (sub-requests may be many more; they wait in `queued`). */
 export const QCOW2_MAX_IN_FLIGHT = 128;
 const INNER_SEGMENTS = 1024 + 2;
+
+/** The executors of this worker thread (pumped by a sibling's waitIdle). */
+const executorsOfThisThread = new Set<Qcow2Executor>();
 
 interface Parent {
   memory: GuestMemory;
@@ -97,6 +107,11 @@ export class Qcow2Executor implements RequestExecutor {
   private compressedBuffer = new Uint8Array(0);
   private readonly sleeper = new Int32Array(new SharedArrayBuffer(4));
   private closed = false;
+  /** While pumped by a sibling: completions are held here and delivered at the next reap. */
+  private holding = false;
+  private held: Completion[] = [];
+  /** Signalled when held completions wait (it sits in the completion epoll set); -1 without one. */
+  private readonly wakeFd: number;
 
   constructor(
     private readonly handle: Qcow2Handle,
@@ -109,10 +124,14 @@ export class Qcow2Executor implements RequestExecutor {
       this.poll = new EpollSet(16);
       this.poll.add(top.completionFd, true);
       this.completionFd = this.poll.fd;
+      this.wakeFd = createEventFd();
+      this.poll.add(this.wakeFd, true);
     } else {
       this.poll = null;
       this.completionFd = -1;
+      this.wakeFd = -1;
     }
+    executorsOfThisThread.add(this);
   }
 
   get inFlight(): number {
@@ -184,7 +203,7 @@ export class Qcow2Executor implements RequestExecutor {
   reap(): number {
     if (this.closed) return 0;
     if (this.poll !== null) while (this.poll.wait(this.pollReady, 0) === this.pollReady.length);
-    let total = 0;
+    let total = this.deliverHeld();
     for (const inner of this.inners.values()) total += inner.reap();
     this.retryDeferred();
     this.pushQueued();
@@ -206,14 +225,49 @@ export class Qcow2Executor implements RequestExecutor {
           inner.waitIdle(Math.min(left, 10));
         }
       }
-      if (!busy) Atomics.wait(this.sleeper, 0, 0, Math.min(left, 1));
+      if (!busy) {
+        // Only deferred work left: what it waits for may be in flight on a sibling ring of this thread.
+        for (const sibling of executorsOfThisThread) if (sibling !== this) sibling.pump();
+        Atomics.wait(this.sleeper, 0, 0, Math.min(left, 1));
+      }
     }
     return true;
+  }
+
+  /** Reaps the engines and commits what completed, holding the completions for this ring's own next reap. */
+  private pump(): void {
+    if (this.closed || this.poll === null || this.active === 0) return;
+    this.holding = true;
+    try {
+      for (const inner of this.inners.values()) {
+        inner.submitPending();
+        inner.reap();
+      }
+      this.retryDeferred();
+      this.pushQueued();
+    } finally {
+      this.holding = false;
+    }
+    if (this.held.length > 0) signalEventFd(this.wakeFd);
+  }
+
+  private deliverHeld(): number {
+    if (this.held.length === 0) return 0;
+    const held = this.held;
+    this.held = [];
+    for (const completion of held) {
+      this.active--;
+      this.onComplete(completion);
+    }
+    return held.length;
   }
 
   close(): void {
     if (this.closed) return;
     this.closed = true;
+    executorsOfThisThread.delete(this);
+    this.held = [];
+    if (this.wakeFd >= 0) sys.close(this.wakeFd);
     for (const parent of this.deferred) if (parent.ticket > 0) this.handle.abortWrite(parent.ticket);
     this.deferred = [];
     for (const inner of this.inners.values()) inner.close();
@@ -497,6 +551,10 @@ export class Qcow2Executor implements RequestExecutor {
     c.written = written ?? (status === BlkStatus.OK && parent.type === BlkRequestType.IN ? parent.dataBytes : 0);
     c.latencyNanos = (performance.now() - parent.started) * 1e6;
     c.error = error;
+    if (this.holding) {
+      this.held.push({ ...c });
+      return;
+    }
     this.active--;
     this.onComplete(c);
   }
