@@ -385,6 +385,45 @@ describe(`qcow2 through the daemon (engine ${process.env['VUBLK_IO_ENGINE'] ?? '
   }, 120_000);
 });
 
+describe('ring stop with allocating writes racing across queues of one worker', () => {
+  it('GET_VRING_BASE while writes to the same fresh clusters are in flight on both queues (--threads 1): every request completes', async (ctx) => {
+    needQemuImg(ctx);
+    const dir = tempDir();
+    const image = path.join(dir, 'race.qcow2');
+    qemuImg('create', '-q', '-f', 'qcow2', '-o', 'cluster_size=65536', image, '64M');
+    const served = await serve(image, 'qcow2', 2, ['--threads', '1']);
+    const { blk, fe } = served;
+    const rng = new Prng(SEED ^ 0x99);
+    let cluster = 0;
+    for (let round = 0; round < 8; round++) {
+      const subs: BlkSubmission[] = [];
+      const expected: { sector: number; data: Buffer }[] = [];
+      for (let i = 0; i < 24; i++) {
+        // Two queues write different 4 KiB blocks of the same unallocated cluster: one allocates, the other gets RETRY.
+        const base = (cluster + (i >> 1)) * 65536;
+        const sector = (base + (i & 1) * 8192 + rng.int(0, 3) * 512) / SECTOR_SIZE;
+        const data = Buffer.alloc(4096, (round * 24 + i) & 0xff);
+        expected.push({ sector, data });
+        subs.push(blk.submit({ type: 1, sector, out: data }, { kick: false, queue: i & 1 }));
+      }
+      cluster += 12;
+      blk.kick(0);
+      blk.kick(1);
+      await fe.stopQueue(1);
+      await fe.stopQueue(0);
+      const done = await blk.wait(subs, 20_000);
+      expect(done.every((c) => c.status === BlkStatus.OK)).toBe(true);
+      await fe.startQueue(0, fe.queue(0).indices.availIdx);
+      await fe.startQueue(1, fe.queue(1).indices.availIdx);
+      for (const { sector, data } of expected) expect((await blk.read(sector, data.length)).equals(data)).toBe(true);
+    }
+    expect(served.daemon.output()).not.toMatch(/still in flight/);
+    await fe.close();
+    expect(await served.daemon.stop()).toBe(0);
+    checkClean(image);
+  }, 120_000);
+});
+
 describe('hostile metadata found at access', () => {
   it('an L2 entry pointing past the end of file or into metadata: IOERR for that cluster, the disk stays up', async (ctx) => {
     needQemuImg(ctx);
