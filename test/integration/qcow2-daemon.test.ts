@@ -358,6 +358,22 @@ describe(`qcow2 through the daemon (engine ${process.env['VUBLK_IO_ENGINE'] ?? '
     expect((await explicit.blk.read(0, 4096)).every((b) => b === 0)).toBe(true);
   }, 60_000);
 
+  it('read-only: a qcow2 overlay is served read-only (reads through to the backing file, writes refused, image unchanged)', async (ctx) => {
+    needQemuImg(ctx);
+    const dir = tempDir();
+    writeFileSync(path.join(dir, 'base.img'), Buffer.alloc(2 * MiB, 0x3c));
+    const overlay = path.join(dir, 'ro.qcow2');
+    qemuImg('create', '-q', '-f', 'qcow2', '-b', 'base.img', '-F', 'raw', overlay);
+    const before = readFileSync(overlay);
+    const served = await serve(overlay, 'qcow2', 1, ['--read-only']);
+    expect((await served.blk.read(8, 4096)).every((b) => b === 0x3c)).toBe(true);
+    const write = await served.blk.execute({ type: 1, sector: 0, out: Buffer.alloc(4096, 1) });
+    expect(write.status).toBe(BlkStatus.IOERR);
+    await served.fe.close();
+    expect(await served.daemon.stop()).toBe(0);
+    expect(readFileSync(overlay).equals(before)).toBe(true);
+  }, 60_000);
+
   it('malformed images: a clear start error naming the problem, never a crash', async (ctx) => {
     needQemuImg(ctx);
     const dir = tempDir();
