@@ -5,7 +5,7 @@
  */
 import type { BlkDisk } from '../device/blk-disk.js';
 import type { IoEngineName } from '../dataplane/request-executor.js';
-import type { MemoryTable, RingStart, WorkerEvent } from '../dataplane/worker-protocol.js';
+import type { DirtyLogTable, MemoryTable, RingStart, WorkerEvent } from '../dataplane/worker-protocol.js';
 import type { Logger } from '../log.js';
 import type { WorkerPool } from './worker-pool.js';
 
@@ -32,8 +32,8 @@ export class DiskQueues {
     return this.pool.newMemoryId();
   }
 
-  start(queue: number, ring: RingStart, memory: MemoryTable): Promise<void> {
-    return this.pool.startRing(this.diskId, queue, { disk: this.disk.ringContext(), settings: this.disk.settings(), memory, ring });
+  start(queue: number, ring: RingStart, memory: MemoryTable, log: DirtyLogTable): Promise<void> {
+    return this.pool.startRing(this.diskId, queue, { disk: this.disk.ringContext(), settings: this.disk.settings(), memory, log, ring });
   }
 
   /** Stops the ring; returns where it stopped, or undefined when it was not running. */
@@ -47,6 +47,10 @@ export class DiskQueues {
 
   updateMemory(table: MemoryTable): Promise<void> {
     return this.pool.updateMemory(table);
+  }
+
+  updateLog(table: DirtyLogTable): Promise<void> {
+    return this.pool.updateLog(table);
   }
 
   async setWriteback(enabled: boolean): Promise<void> {

@@ -15,7 +15,7 @@
  *   what the update removed.
  */
 import type { Logger } from '../log.js';
-import type { DiskContext, DiskSettings, MemoryTable, RingStart, WorkerAck, WorkerEvent } from '../dataplane/worker-protocol.js';
+import type { DirtyLogTable, DiskContext, DiskSettings, MemoryTable, RingStart, WorkerAck, WorkerEvent } from '../dataplane/worker-protocol.js';
 import { WorkerThread, type CommandBody } from './worker-thread.js';
 
 /** How long shutdown waits for each worker thread to leave. */
@@ -31,6 +31,7 @@ export interface RingStartCommand {
   disk: DiskContext;
   settings: DiskSettings;
   memory: MemoryTable;
+  log: DirtyLogTable;
   ring: RingStart;
 }
 
@@ -140,6 +141,12 @@ export class WorkerPool {
   async updateMemory(table: MemoryTable): Promise<void> {
     const workers = this.workersWhere((p) => p.memoryId === table.id);
     await Promise.all(workers.map((w) => this.thread(w).send({ op: 'memory', memory: table })));
+  }
+
+  /** Sends a new version of a session's dirty log to every worker running a ring of that session. */
+  async updateLog(table: DirtyLogTable): Promise<void> {
+    const workers = this.workersWhere((p) => p.memoryId === table.id);
+    await Promise.all(workers.map((w) => this.thread(w).send({ op: 'log', log: table })));
   }
 
   /** Sends a disk's new settings to every worker running one of its rings. */

@@ -28,6 +28,7 @@ import { createQcow2Executor } from './qcow2-executor.js';
 import { cachePolicy } from './request-executor.js';
 import { completeRequest, createRequestScratch, drainQueue, unlimited, type Admission, type DrainContext, type PoisonCause } from './drain.js';
 import { DiskThrottle } from '../throttle/disk-throttle.js';
+import { DirtyLog, RingDirtyLog } from './dirty-log.js';
 import type { DiskContext, DiskSettings, RingEvent, RingStart } from './worker-protocol.js';
 
 /** Kick-less (polling-mode) rings are drained on this tick. */
@@ -44,6 +45,9 @@ export class RingServer {
   private readonly request;
   private ring: RingStart | null = null;
   private context: DrainContext | null = null;
+  /** The session's migration dirty log (DirtyLog.off unless the front-end set VHOST_F_LOG_ALL). */
+  private log: DirtyLog = DirtyLog.off;
+  private ringLog: RingDirtyLog | null = null;
 
   constructor(
     readonly queue: number,
@@ -212,6 +216,12 @@ export class RingServer {
     if (fd >= 0) signalEventFd(fd);
   }
 
+  /** Switches to a new version of the session's dirty log (logging on, off, or a replaced log region). */
+  setDirtyLog(log: DirtyLog): void {
+    this.log = log;
+    if (this.ringLog !== null) this.ringLog.log = log;
+  }
+
   setErr(fd: number): void {
     if (this.ring !== null) this.ring.errFd = fd;
   }
@@ -239,6 +249,11 @@ export class RingServer {
       throw error;
     }
     this.counters.setGauge(Counter.poisoned, 0);
+    // Requests in flight keep their recorded ranges across a memory change (same ring size).
+    if (this.ringLog === null || this.ringLog.queueSize !== ring.size) this.ringLog = new RingDirtyLog(ring.size, this.counters);
+    this.ringLog.log = this.log;
+    this.ringLog.usedLogGpa = ring.usedLogGpa;
+    queue.dirtyLog = this.ringLog;
     this.context = {
       queue,
       memory,
@@ -258,6 +273,7 @@ export class RingServer {
         const fd = this.ring?.callFd ?? -1;
         if (fd >= 0) signalEventFd(fd);
       },
+      dirtyLog: this.ringLog,
     };
     if (ring.kickFd >= 0) this.epoll.add(ring.kickFd, true);
     else this.timer.arm(POLL_TICK_NANOS, POLL_TICK_NANOS);

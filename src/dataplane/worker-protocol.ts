@@ -59,6 +59,18 @@ export interface MemoryTable {
   regions: RegionLayout[];
 }
 
+/**
+ * A session's migration dirty log as the workers know it: `size` 0 means logging is off (no log mapped, or
+ * VHOST_F_LOG_ALL not set). Versioned like the memory table (same id); the control plane unmaps an old log
+ * only after every worker using it has acknowledged a newer version.
+ */
+export interface DirtyLogTable {
+  id: number;
+  version: number;
+  hostAddr: number;
+  size: number;
+}
+
 /** Everything needed to run a ring; addresses are front-end virtual addresses as SET_VRING_ADDR sent them. */
 export interface RingStart {
   size: number;
@@ -67,6 +79,8 @@ export interface RingStart {
   usedUserAddr: number;
   lastAvailIdx: number;
   eventIdx: boolean;
+  /** Guest address at which writes to the used ring are logged (SET_VRING_ADDR with VHOST_VRING_F_LOG), or -1. */
+  usedLogGpa: number;
   /** -1 when the front-end negotiated polling (no kick fd). */
   kickFd: number;
   callFd: number;
@@ -76,7 +90,9 @@ export interface RingStart {
 export type WorkerCommand =
   /** A new version of a memory table: every ring of this worker running over it switches to it. */
   | { op: 'memory'; seq: number; memory: MemoryTable }
-  | { op: 'start'; seq: number; diskId: number; queue: number; disk: DiskContext; settings: DiskSettings; memory: MemoryTable; ring: RingStart }
+  | { op: 'start'; seq: number; diskId: number; queue: number; disk: DiskContext; settings: DiskSettings; memory: MemoryTable; log: DirtyLogTable; ring: RingStart }
+  /** A new version of a session's dirty log: every ring of this worker over that session marks into it. */
+  | { op: 'log'; seq: number; log: DirtyLogTable }
   /** Stops the ring and forgets it (its engine and timer are released). */
   | { op: 'stop'; seq: number; diskId: number; queue: number }
   | { op: 'setCall'; seq: number; diskId: number; queue: number; fd: number }

@@ -1,7 +1,7 @@
 /** The virtio and vhost-user feature sets vublk offers for a virtio-blk disk. */
 import { VirtioFeature, featureMask } from '../../protocol/virtio.js';
 import { BlkFeature } from '../../protocol/virtio-blk.js';
-import { ProtocolFeature, VHOST_USER_F_PROTOCOL_FEATURES } from '../../protocol/vhost-user.js';
+import { ProtocolFeature, VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES } from '../../protocol/vhost-user.js';
 
 export function offeredVirtioFeatures(readOnly: boolean): bigint {
   const common = featureMask(
@@ -9,6 +9,8 @@ export function offeredVirtioFeatures(readOnly: boolean): bigint {
     VirtioFeature.RING_INDIRECT_DESC,
     VirtioFeature.RING_EVENT_IDX,
     VHOST_USER_F_PROTOCOL_FEATURES,
+    // Live migration: the device logs the guest pages it writes (with LOG_SHMFD below).
+    VHOST_F_LOG_ALL,
     BlkFeature.SIZE_MAX,
     BlkFeature.SEG_MAX,
     BlkFeature.BLK_SIZE,
@@ -27,6 +29,7 @@ export function offeredVirtioFeatures(readOnly: boolean): bigint {
  */
 export const OFFERED_PROTOCOL_FEATURES = featureMask(
   ProtocolFeature.MQ,
+  ProtocolFeature.LOG_SHMFD,
   ProtocolFeature.REPLY_ACK,
   ProtocolFeature.CONFIG,
   ProtocolFeature.BACKEND_REQ,
