@@ -61,6 +61,25 @@ function blockId(bytes: Buffer, block: number): number {
   return id;
 }
 
+/**
+ * `qemu-img check --output=json` (exit 3 = leaks only: the JSON is on stdout all the same). A killed
+ * daemon's io_uring is torn down asynchronously by the kernel and holds the image's open file description,
+ * and with it the OFD locks, for a moment after the process is gone: "Failed to get shared lock" is retried.
+ */
+async function checkReport(image: string, iteration: number): Promise<Record<string, unknown>> {
+  const deadline = Date.now() + 10_000;
+  for (;;) {
+    try {
+      return JSON.parse(execFileSync('qemu-img', ['check', '--output=json', image], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] })) as Record<string, unknown>;
+    } catch (error) {
+      const { stdout = '', stderr = '' } = error as { stdout?: string; stderr?: string };
+      if (stdout.trim() !== '') return JSON.parse(stdout) as Record<string, unknown>;
+      if (!/lock/.test(stderr) || Date.now() > deadline) throw new Error(`iteration ${iteration}, seed ${SEED}: qemu-img check failed: ${stderr}`);
+      await new Promise((resolve) => setTimeout(resolve, 50));
+    }
+  }
+}
+
 describe(`qcow2 crash: kill -9 during writes (engine ${process.env['VUBLK_IO_ENGINE'] ?? 'auto'}, seed ${SEED})`, () => {
   it(`${ITERATIONS} kills: qemu-img check finds no corruption, flushed writes survive`, { timeout: 600_000 }, async (ctx) => {
     if (!hasQemuImg()) {
@@ -141,14 +160,7 @@ describe(`qcow2 crash: kill -9 during writes (engine ${process.env['VUBLK_IO_ENG
         // the daemon is gone
       }
 
-      let report: Record<string, unknown>;
-      try {
-        report = JSON.parse(execFileSync('qemu-img', ['check', '--output=json', image], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] })) as Record<string, unknown>;
-      } catch (error) {
-        // Exit code 3 = leaks only: the JSON is on stdout all the same.
-        const stdout = (error as { stdout?: string }).stdout ?? '';
-        report = JSON.parse(stdout) as Record<string, unknown>;
-      }
+      const report = await checkReport(image, iteration);
       expect(report['corruptions'] ?? 0, `iteration ${iteration}, seed ${SEED}: ${JSON.stringify(report)}`).toBe(0);
       expect(report['check-errors'] ?? 0).toBe(0);
       leaks = Number(report['leaks'] ?? 0);
