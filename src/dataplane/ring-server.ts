@@ -25,6 +25,8 @@ import { UringExecutor } from './uring-executor.js';
 import { NetworkExecutor } from './network-executor.js';
 import type { EngineOptions, IoEngineName, RequestExecutor } from './request-executor.js';
 import { engineOptions } from './raw-image.js';
+import { createQcow2Executor } from './qcow2-executor.js';
+import { cachePolicy } from './request-executor.js';
 import { completeRequest, createRequestScratch, drainQueue, unlimited, type Admission, type DrainContext, type PoisonCause } from './drain.js';
 import { DiskThrottle } from '../throttle/disk-throttle.js';
 import { DirtyLog, RingDirtyLog } from './dirty-log.js';
@@ -92,9 +94,16 @@ export class RingServer {
       this.post({ type: 'event', kind: 'started', queue: this.queue, reason: `${this.init.network.kind} back-end` });
       return network;
     }
+    // qcow2: one mapping layer over raw engines (one per host file), whichever engine it is.
+    const qcow2 = this.init.qcow2;
+    const wrap = (makeRaw: (fd: number) => RequestExecutor): RequestExecutor => {
+      if (qcow2 === undefined) return makeRaw(this.init.imageFd);
+      const policy = cachePolicy(this.init.image?.cache ?? 'writeback');
+      return createQcow2Executor(qcow2, this.init.imageFd, this.init.limits, policy.direct, policy.ignoreFlush, makeRaw);
+    };
     if (setting !== 'sync') {
       try {
-        executor = new UringExecutor(this.init.imageFd, this.init.limits, options);
+        executor = wrap((fd) => new UringExecutor(fd, this.init.limits, options));
         engine = 'io_uring';
         reason = `io_uring (${setting === 'auto' ? 'auto' : 'requested'})`;
       } catch (error) {
@@ -107,7 +116,7 @@ export class RingServer {
       }
     }
     this.post({ type: 'event', kind: 'started', queue: this.queue, reason, ioEngine: engine });
-    return executor ?? new SyncExecutor(this.init.imageFd, this.init.limits, options);
+    return executor ?? wrap((fd) => new SyncExecutor(fd, this.init.limits, options));
   }
 
   /** Adaptive polling asked for by the disk (µs, 0 = off). */

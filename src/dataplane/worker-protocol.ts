@@ -13,6 +13,7 @@ import type { IoEngineName } from './request-executor.js';
 import type { ImageIoInfo } from './raw-image.js';
 import type { InflightQueueMapping } from './inflight-layout.js';
 import type { NetworkBackend } from './network-backend.js';
+import type { LayerDescription } from '../backend/qcow2/index.js';
 
 /** What the user asked for: `auto` tries io_uring and falls back to the sync engine. */
 export const IO_ENGINE_SETTINGS = ['auto', 'io_uring', 'sync'] as const;
@@ -45,6 +46,8 @@ export interface DiskContext {
   pollUs?: number;
   /** A network image (NBD, RBD) instead of `imageFd`. */
   network?: NetworkBackend;
+  /** A qcow2 image (format=qcow2): its shared state; `imageFd` is then the top image opened with the cache mode's flags. */
+  qcow2?: LayerDescription;
 }
 
 /** Disk state that changes at run time (SET_CONFIG of the writeback byte, a resize). */
