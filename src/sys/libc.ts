@@ -5,9 +5,11 @@
  */
 import koffi from 'koffi';
 
-const libc = koffi.load('libc.so.6');
+/** The one handle on libc: modules with calls of their own (block-io, io-uring, net-socket) declare them on it. */
+export const libc = koffi.load('libc.so.6');
 
-type Fn<A extends unknown[], R> = (...args: A) => R;
+/** The type a declared libc function is cast to. */
+export type Fn<A extends unknown[], R> = (...args: A) => R;
 
 export const sys = {
   close: libc.func('int close(int fd)') as Fn<[number], number>,
@@ -94,6 +96,7 @@ export const EPOLLIN = 0x1;
 export const EPOLLET = 0x80000000;
 export const POLLIN = 0x1;
 export const POLLOUT = 0x4;
+export const POLLERR = 0x8;
 export const POLLHUP = 0x10;
 export const CLOCK_MONOTONIC = 1;
 export const TFD_NONBLOCK = 0o4000;

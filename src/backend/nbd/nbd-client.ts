@@ -51,7 +51,6 @@ import { closeFd } from '../../sys/fd.js';
 import { waitReadable } from '../../sys/unix-socket.js';
 import { InterestSet, OneShotTimer } from '../../sys/interest-set.js';
 import {
-  EINPROGRESS,
   MSGHDR_SIZE,
   connectResult,
   copyMemory,
@@ -873,7 +872,7 @@ export class NbdClient {
     try {
       if (this.connectPending) {
         const errno = connectResult(this.socket);
-        if (errno === EINPROGRESS) return;
+        if (errno === Errno.EINPROGRESS) return;
         if (errno !== 0) throw new SyscallError('connect', errno, describeEndpoint(this.options.endpoint));
         this.connectPending = false;
       }
