@@ -68,6 +68,9 @@ export function addressOf(buffer: Buffer | Uint8Array): number {
   return Number(koffi.address(buffer));
 }
 
+/** sizeof(struct msghdr) on 64-bit Linux. */
+export const MSGHDR_SIZE = 56;
+
 export const AF_UNIX = 1;
 export const SOCK_STREAM = 1;
 export const SOCK_DGRAM = 2;

@@ -170,7 +170,7 @@ export function receiveInto(fd: number, address: number, length: number): number
 
 /**
  * sendmsg of `count` iovecs with MSG_NOSIGNAL (a dead peer must be an EPIPE, not a SIGPIPE): bytes sent or
- * -errno. `msghdr` is a 56-byte scratch Buffer the caller owns (one per connection, so no allocation).
+ * -errno. `msghdr` is a MSGHDR_SIZE-byte scratch Buffer the caller owns (one per connection, so no allocation).
  */
 export function sendVector(fd: number, msghdr: Buffer, iovAddress: number, count: number): number {
   msghdr.fill(0);
@@ -179,8 +179,6 @@ export function sendVector(fd: number, msghdr: Buffer, iovAddress: number, count
   const n = sys.sendmsg(fd, addressOf(msghdr), MSG_NOSIGNAL);
   return n >= 0 ? n : -lastErrno();
 }
-
-export const MSGHDR_SIZE = 56;
 
 /** Shuts both directions so a peer blocked on us sees EOF even before the fd is closed. Errors are ignored. */
 export function shutdownSocket(fd: number): void {

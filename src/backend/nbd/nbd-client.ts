@@ -44,14 +44,13 @@ import {
   replyHeaderSize,
   type ReplyHeader,
 } from '../../../protocol/nbd.js';
-import { addressOf } from '../../sys/libc.js';
+import { addressOf, MSGHDR_SIZE } from '../../sys/libc.js';
 import { Errno, errnoName, SyscallError } from '../../sys/errors.js';
 import { createEventFd, drainEventFd, signalEventFd } from '../../sys/eventfd.js';
 import { closeFd } from '../../sys/fd.js';
 import { waitReadable } from '../../sys/unix-socket.js';
 import { InterestSet, OneShotTimer } from '../../sys/interest-set.js';
 import {
-  MSGHDR_SIZE,
   connectResult,
   copyMemory,
   describeEndpoint,
