@@ -68,6 +68,10 @@ export function addressOf(buffer: Buffer | Uint8Array): number {
   return Number(koffi.address(buffer));
 }
 
+/** Linux's UIO_MAXIOV: one readv/writev/preadv/pwritev (or io_uring READV/WRITEV, librbd aio) takes at most this many iovecs. */
+export const IOV_MAX = 1024;
+/** sizeof(struct iovec) on 64-bit Linux. */
+export const IOVEC_BYTES = 16;
 /** sizeof(struct msghdr) on 64-bit Linux. */
 export const MSGHDR_SIZE = 56;
 

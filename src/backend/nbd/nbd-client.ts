@@ -44,7 +44,7 @@ import {
   replyHeaderSize,
   type ReplyHeader,
 } from '../../../protocol/nbd.js';
-import { addressOf, MSGHDR_SIZE } from '../../sys/libc.js';
+import { addressOf, IOV_MAX, MSGHDR_SIZE } from '../../sys/libc.js';
 import { Errno, errnoName, SyscallError } from '../../sys/errors.js';
 import { createEventFd, drainEventFd, signalEventFd } from '../../sys/eventfd.js';
 import { closeFd } from '../../sys/fd.js';
@@ -126,7 +126,6 @@ export interface NbdClientCounters {
   bytesWritten: number;
 }
 
-const IOV_MAX = 1024;
 const STAGING_SIZE = 64 * 1024;
 /** Read data of at least this size is worth a header-sized recv first, so the data lands without a copy. */
 const LARGE_DATA = 32 * 1024;
