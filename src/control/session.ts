@@ -38,7 +38,7 @@ import { sendWithFds } from '../sys/unix-socket.js';
 import { signalEventFd } from '../sys/eventfd.js';
 import { MessageStream, type CloseReason, type IncomingMessage } from './message-stream.js';
 import { VringConfig } from './vring-config.js';
-import { MemoryTableError, assertNoOverlap, assertWithinLimits, layoutsOf, mapRegion, unmapRegion, type MappedRegion } from './memory-table.js';
+import { assertNoOverlap, assertWithinLimits, layoutsOf, mapRegion, unmapRegion, type MappedRegion } from './memory-table.js';
 import { adoptNotifyFd } from './notify-fd.js';
 import { OFFERED_PROTOCOL_FEATURES } from '../device/blk-features.js';
 import type { BlkDisk } from '../device/blk-disk.js';
@@ -72,11 +72,6 @@ const REPLYING_REQUESTS = new Set<number>([
   FrontendRequest.GET_STATUS,
 ]);
 
-export interface SessionStats {
-  messages: number;
-  rejected: number;
-}
-
 export class VhostUserSession {
   private readonly stream: MessageStream;
   private readonly rings: VringConfig[];
@@ -92,7 +87,6 @@ export class VhostUserSession {
   private ended = false;
   private noMemoryWarned = false;
   private featuresLogged = false;
-  readonly stats: SessionStats = { messages: 0, rejected: 0 };
   private readonly handlers: Record<number, Handler>;
 
   private readonly disk: BlkDisk;
@@ -166,7 +160,6 @@ export class VhostUserSession {
 
   private async handle(message: IncomingMessage): Promise<void> {
     const { request, flags } = message.header;
-    this.stats.messages++;
     const handler = this.handlers[request];
     const replying = REPLYING_REQUESTS.has(request);
     const wantsAck = (flags & HeaderFlag.NEED_REPLY) !== 0 && this.hasProtocolFeature(ProtocolFeature.REPLY_ACK) && !replying;
@@ -177,7 +170,6 @@ export class VhostUserSession {
       reply = await handler(message);
     } catch (error) {
       failed = true;
-      this.stats.rejected++;
       // The error's classification decides: the front-end's fault is a warning, ours an error;
       // a fatal error ends the connection instead of a reply.
       const classified = error instanceof VublkError ? error : null;

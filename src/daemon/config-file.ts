@@ -165,11 +165,6 @@ function choice<T extends string>(value: unknown, choices: readonly T[], keyPath
   return value as T;
 }
 
-function text(value: unknown, keyPath: string, fail: Fail): string {
-  if (typeof value !== 'string' || value === '') return fail(keyPath, `must be a non-empty string, got ${describe(value)}`);
-  return value;
-}
-
 function diskSpec(entry: unknown, index: number, base: string, defaults: Partial<DiskFields>, fail: Fail): DiskSpec {
   const where = `disks[${index}]`;
   if (!isMapping(entry)) return fail(where, `must be a mapping (name, image, socket, ...), got ${describe(entry)}`);

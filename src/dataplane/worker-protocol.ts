@@ -16,10 +16,6 @@ import type { ImageIoInfo } from './raw-image.js';
 export const IO_ENGINE_SETTINGS = ['auto', 'io_uring', 'sync'] as const;
 export type IoEngineSetting = (typeof IO_ENGINE_SETTINGS)[number];
 
-export function isIoEngineSetting(text: string): text is IoEngineSetting {
-  return (IO_ENGINE_SETTINGS as readonly string[]).includes(text);
-}
-
 export interface WorkerInit {
   /** Index of the worker in the pool: names it in logs. */
   worker: number;

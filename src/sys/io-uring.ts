@@ -318,11 +318,6 @@ export class IoUring {
     return address;
   }
 
-  /** Setup flags the kernel accepted. */
-  get setupFlags(): number {
-    return this.params.flags;
-  }
-
   /** Whether completions are only posted inside io_uring_enter(GETEVENTS). */
   get deferTaskrun(): boolean {
     return (this.params.flags & IoUringSetup.DEFER_TASKRUN) !== 0;
