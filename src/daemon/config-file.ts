@@ -18,7 +18,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { createRequire } from 'node:module';
 
-/** The YAML parser is loaded only when a YAML file is read: it costs ~8 MiB of RSS a daemon without one need not pay. */
+/** The YAML parser is loaded only when a YAML file is read: its resident memory is a cost a daemon without one need not pay. */
 const loadYaml = (): typeof import('yaml') => createRequire(import.meta.url)('yaml') as typeof import('yaml');
 import { buildDiskSpec, checkDistinct, DiskSpecError, readOption, type DiskSpec } from './disk-spec.js';
 import { DISK_OPTIONS, RETIRED_DISK_KEYS, configKeyOf, type DiskFields } from './disk-options.js';
