@@ -1,7 +1,7 @@
 /**
  * AF_UNIX stream sockets with SCM_RIGHTS fd passing, through raw libc calls (Node's net module cannot
  * carry fds). Sockets are non-blocking; `recvWithFds`/`sendWithFds` report EAGAIN as `null` so callers
- * can wait with `koffi.node.poll` (daemon) or `waitReadable` (test front-end).
+ * can wait with `koffi.node.poll` (daemon) or `waitReadable` of poll-wait.ts (test front-end).
  */
 import {
   sys,
@@ -15,7 +15,6 @@ import {
   MSG_NOSIGNAL,
   MSG_CMSG_CLOEXEC,
   MSG_CTRUNC,
-  POLLIN,
   F_DUPFD_CLOEXEC,
   MSGHDR_SIZE,
 } from './libc.js';
@@ -173,21 +172,4 @@ export function sendWithFds(fd: number, data: Uint8Array, offset: number, fds: r
     throw new SyscallError('sendmsg', errno);
   }
   return sent;
-}
-
-const pollfd = Buffer.alloc(8);
-const pollfdAddress = addressOf(pollfd);
-
-/** Blocks the calling thread until fd is readable (or hung up) or the timeout passes; true if readable. */
-export function waitReadable(fd: number, timeoutMs: number): boolean {
-  pollfd.writeInt32LE(fd, 0);
-  pollfd.writeInt16LE(POLLIN, 4);
-  pollfd.writeInt16LE(0, 6);
-  const ready = sys.poll(pollfdAddress, 1, timeoutMs);
-  if (ready < 0) {
-    const errno = lastErrno();
-    if (errno === Errno.EINTR) return false;
-    throw new SyscallError('poll', errno);
-  }
-  return ready > 0;
 }

@@ -1,5 +1,6 @@
 /** A bare vhost-user client for protocol-abuse tests: sends arbitrary bytes and fds, reads replies with deadlines. */
-import { connectUnix, recvWithFds, sendWithFds, waitReadable } from '../../src/sys/unix-socket.js';
+import { connectUnix, recvWithFds, sendWithFds } from '../../src/sys/unix-socket.js';
+import { waitReadable } from '../../src/sys/poll-wait.js';
 import { closeFd } from '../../src/sys/fd.js';
 import { HEADER_SIZE, decodeHeader, encodeMessage, type MessageHeader } from '../../protocol/vhost-user.js';
 

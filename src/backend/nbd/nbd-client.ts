@@ -48,7 +48,7 @@ import { addressOf, IOV_MAX, MSGHDR_SIZE } from '../../sys/libc.js';
 import { Errno, errnoName, SyscallError } from '../../sys/errors.js';
 import { createEventFd, drainEventFd, signalEventFd } from '../../sys/eventfd.js';
 import { closeFd } from '../../sys/fd.js';
-import { waitReadable } from '../../sys/unix-socket.js';
+import { waitReadable } from '../../sys/poll-wait.js';
 import { InterestSet, OneShotTimer } from '../../sys/interest-set.js';
 import {
   connectResult,
