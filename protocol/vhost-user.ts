@@ -86,6 +86,13 @@ export const ProtocolFeature = {
 /** Virtio feature bit 30 in GET_FEATURES: "this back-end speaks protocol features". */
 export const VHOST_USER_F_PROTOCOL_FEATURES = 30;
 
+/** vhost feature bit 26: the front-end asks the back-end to log every guest page it writes (migration). */
+export const VHOST_F_LOG_ALL = 26;
+/** SET_VRING_ADDR flags bit 0: log writes to the used ring at `log` (the ring's guest address). */
+export const VHOST_VRING_F_LOG = 0;
+/** One dirty-log bit covers this many bytes of guest-physical memory (VHOST_LOG_PAGE). */
+export const VHOST_LOG_PAGE = 0x1000;
+
 export const HEADER_SIZE = 12;
 export const HeaderFlag = {
   VERSION_MASK: 0x3,
@@ -363,5 +370,26 @@ export function encodeInflight(inflight: InflightDescription): Uint8Array {
   view.setBigUint64(8, inflight.mmapOffset, true);
   view.setUint16(16, inflight.numQueues, true);
   view.setUint16(18, inflight.queueSize, true);
+  return bytes;
+}
+
+/** SET_LOG_BASE payload under LOG_SHMFD: the log's size and its offset in the fd sent beside it. */
+export interface LogDescription {
+  mmapSize: bigint;
+  mmapOffset: bigint;
+}
+
+export const LOG_DESCRIPTION_SIZE = 16;
+
+export function decodeLogDescription(request: number, payload: Uint8Array): LogDescription {
+  const view = expectSize(request, payload, LOG_DESCRIPTION_SIZE);
+  return { mmapSize: view.getBigUint64(0, true), mmapOffset: view.getBigUint64(8, true) };
+}
+
+export function encodeLogDescription(log: LogDescription): Uint8Array {
+  const bytes = new Uint8Array(LOG_DESCRIPTION_SIZE);
+  const view = new DataView(bytes.buffer);
+  view.setBigUint64(0, log.mmapSize, true);
+  view.setBigUint64(8, log.mmapOffset, true);
   return bytes;
 }

@@ -5,7 +5,7 @@
  */
 import type { BlkDisk } from '../device/blk-disk.js';
 import type { IoEngineName } from '../dataplane/request-executor.js';
-import type { MemoryTable, RingStart, WorkerEvent } from '../dataplane/worker-protocol.js';
+import type { DirtyLogTable, MemoryTable, RingStart, WorkerEvent } from '../dataplane/worker-protocol.js';
 import type { Logger } from '../log.js';
 import type { WorkerPool } from './worker-pool.js';
 
@@ -24,7 +24,7 @@ export class DiskQueues {
     private readonly log: Logger,
   ) {
     this.engines = new Array<IoEngineName | undefined>(disk.options.numQueues).fill(undefined);
-    this.diskId = pool.addDisk((event) => this.onWorkerEvent(event));
+    this.diskId = pool.addDisk((event) => this.onWorkerEvent(event), { pinQueues: disk.pinQueues });
   }
 
   /** A daemon-wide id for a new session's memory table. */
@@ -32,8 +32,8 @@ export class DiskQueues {
     return this.pool.newMemoryId();
   }
 
-  start(queue: number, ring: RingStart, memory: MemoryTable): Promise<void> {
-    return this.pool.startRing(this.diskId, queue, { disk: this.disk.ringContext(), settings: this.disk.settings(), memory, ring });
+  start(queue: number, ring: RingStart, memory: MemoryTable, log: DirtyLogTable): Promise<void> {
+    return this.pool.startRing(this.diskId, queue, { disk: this.disk.ringContext(), settings: this.disk.settings(), memory, log, ring });
   }
 
   /** Stops the ring; returns where it stopped, or undefined when it was not running. */
@@ -49,6 +49,10 @@ export class DiskQueues {
     return this.pool.updateMemory(table);
   }
 
+  updateLog(table: DirtyLogTable): Promise<void> {
+    return this.pool.updateLog(table);
+  }
+
   async setWriteback(enabled: boolean): Promise<void> {
     this.disk.setWriteback(enabled);
     await this.pool.updateSettings(this.diskId, this.disk.settings());
@@ -56,6 +60,7 @@ export class DiskQueues {
 
   /** Grows the disk; running rings use the new capacity before the front-end hears of it. */
   async resize(sizeBytes: number): Promise<void> {
+    await this.disk.growNetworkImage(sizeBytes);
     const previous = this.disk.grow(sizeBytes);
     if (previous === null) return;
     await this.pool.updateSettings(this.diskId, this.disk.settings());
@@ -84,6 +89,8 @@ export class DiskQueues {
         this.engines[event.queue] = event.ioEngine;
         this.log.info({ queue: event.queue, ioEngine: event.ioEngine, reason: event.reason }, 'queue worker io engine');
       }
+    } else if (event.kind === 'backend') {
+      this.log.warn({ queue: event.queue, reason: event.reason }, 'network back-end');
     } else if (event.kind === 'error') {
       this.log.error({ queue: event.queue, reason: event.reason }, 'queue worker error');
     }

@@ -7,6 +7,8 @@
  * - Every fd received is either kept by exactly one owner (ring, backend channel) or closed before the next
  *   message is read.
  * - A worker's ring is stopped (acknowledged) before any fd or mapping it uses is closed or unmapped.
+ * - The dirty log is unmapped only after every worker using it acknowledged a newer log version (or its
+ *   rings stopped), and while VHOST_F_LOG_ALL is set no ring writes guest memory without a usable log.
  */
 import {
   BackendRequest,
@@ -14,8 +16,11 @@ import {
   HeaderFlag,
   MAX_MEM_SLOTS,
   ProtocolFeature,
+  VHOST_F_LOG_ALL,
   VHOST_USER_F_PROTOCOL_FEATURES,
+  VHOST_VRING_F_LOG,
   decodeConfigMessage,
+  decodeLogDescription,
   decodeMemoryTable,
   decodeSingleRegion,
   decodeU64,
@@ -40,10 +45,11 @@ import { MessageStream, type CloseReason, type IncomingMessage } from './message
 import { VringConfig } from './vring-config.js';
 import { assertNoOverlap, assertWithinLimits, layoutsOf, mapRegion, unmapRegion, type MappedRegion } from './memory-table.js';
 import { adoptNotifyFd } from './notify-fd.js';
+import { mapLog, unmapLog, type MappedLog } from './dirty-log-map.js';
 import { OFFERED_PROTOCOL_FEATURES } from '../device/blk-features.js';
 import type { BlkDisk } from '../device/blk-disk.js';
 import type { DiskQueues } from './disk-queues.js';
-import type { MemoryTable, WorkerEvent } from '../dataplane/worker-protocol.js';
+import type { DirtyLogTable, MemoryTable, WorkerEvent } from '../dataplane/worker-protocol.js';
 import { errorFields, type Logger } from '../log.js';
 import { VublkError } from '../errors.js';
 
@@ -79,6 +85,13 @@ export class VhostUserSession {
   /** This session's memory table as the workers know it: id unique in the daemon, version per change. */
   private readonly memoryId: number;
   private memoryVersion = 0;
+  /** The migration dirty log from SET_LOG_BASE; workers mark into it while VHOST_F_LOG_ALL is set. */
+  private dirtyLog: MappedLog | null = null;
+  private dirtyLogVersion = 0;
+  /** Logging is on but the last SET_LOG_BASE was unusable: rings stay stopped (see setLogBase). */
+  private logUnusable = false;
+  /** SET_LOG_FD's eventfd: kept (and closed) but not signalled; QEMU reads the shared log itself. */
+  private logFd = -1;
   private ackedFeatures = 0n;
   private featuresSet = false;
   private protocolFeatures = 0n;
@@ -112,6 +125,8 @@ export class VhostUserSession {
       [R.GET_QUEUE_NUM]: () => encodeU64(this.rings.length),
       [R.GET_MAX_MEM_SLOTS]: () => encodeU64(MAX_MEM_SLOTS),
       [R.SET_MEM_TABLE]: (m) => this.setMemTable(m),
+      [R.SET_LOG_BASE]: (m) => this.setLogBase(m),
+      [R.SET_LOG_FD]: (m) => this.setLogFd(m),
       [R.ADD_MEM_REG]: (m) => this.addMemRegion(m),
       [R.REM_MEM_REG]: (m) => this.removeMemRegion(m),
       [R.SET_VRING_NUM]: (m) => this.setVringNum(m),
@@ -161,7 +176,8 @@ export class VhostUserSession {
   private async handle(message: IncomingMessage): Promise<void> {
     const { request, flags } = message.header;
     const handler = this.handlers[request];
-    const replying = REPLYING_REQUESTS.has(request);
+    // Under LOG_SHMFD, SET_LOG_BASE is answered like a GET (vhost-user "Communication"); QEMU waits for it.
+    const replying = REPLYING_REQUESTS.has(request) || (request === FrontendRequest.SET_LOG_BASE && this.hasProtocolFeature(ProtocolFeature.LOG_SHMFD));
     const wantsAck = (flags & HeaderFlag.NEED_REPLY) !== 0 && this.hasProtocolFeature(ProtocolFeature.REPLY_ACK) && !replying;
     let reply: Uint8Array | void = undefined;
     let failed = false;
@@ -192,6 +208,10 @@ export class VhostUserSession {
   // --- features -----------------------------------------------------------------------------------
 
   private async setFeatures(features: bigint): Promise<void> {
+    if (hasFeature(features, VHOST_F_LOG_ALL) && this.dirtyLog === null) {
+      // Acknowledging would let writes go unlogged: the front-end's migration must fail instead.
+      throw new SessionRequestError(FrontendRequest.SET_FEATURES, 'VHOST_F_LOG_ALL without a dirty log (SET_LOG_BASE first)');
+    }
     const unknown = features & ~this.disk.offeredFeatures;
     if (unknown !== 0n) {
       // Accept the intersection: failing here would fail the front-end's device start for good.
@@ -205,7 +225,14 @@ export class VhostUserSession {
     if (hasFeature(previous ^ this.ackedFeatures, VirtioFeature.RING_EVENT_IDX)) {
       for (const ring of this.rings) if (ring.running) await this.restartRing(ring);
     }
+    // Logging starts (or stops) in every running ring before this message is acknowledged.
+    if (hasFeature(previous ^ this.ackedFeatures, VHOST_F_LOG_ALL)) await this.publishDirtyLog();
+    if (!hasFeature(this.ackedFeatures, VHOST_F_LOG_ALL)) this.logUnusable = false;
     for (const ring of this.rings) await this.reconcile(ring);
+  }
+
+  private get logging(): boolean {
+    return this.dirtyLog !== null && hasFeature(this.ackedFeatures, VHOST_F_LOG_ALL);
   }
 
   /**
@@ -310,6 +337,70 @@ export class VhostUserSession {
     for (const ring of this.rings) await this.reconcile(ring);
   }
 
+  // --- migration dirty log -----------------------------------------------------------------------
+
+  private dirtyLogTable(): DirtyLogTable {
+    const log = this.logging ? this.dirtyLog : null;
+    return { id: this.memoryId, version: this.dirtyLogVersion, hostAddr: log?.hostAddr ?? 0, size: log?.size ?? 0 };
+  }
+
+  /** Sends the current log state to every worker running one of our rings (acknowledged). */
+  private async publishDirtyLog(): Promise<void> {
+    this.dirtyLogVersion++;
+    const table = this.dirtyLogTable();
+    await this.queues.updateLog(table);
+    // Counters of running rings are published at the end of each drain; stopped rings have published all.
+    const pagesLogged = this.rings.reduce((sum, ring) => sum + this.disk.counters.read(ring.index, 'dirtyPagesLogged'), 0);
+    this.log.info({ logging: table.size > 0, logBytes: table.size, pagesLogged }, table.size > 0 ? 'dirty logging on' : 'dirty logging off');
+  }
+
+  /**
+   * SET_LOG_BASE (LOG_SHMFD): maps the new log, switches the workers to it, then unmaps the old one. QEMU
+   * replaces the log while logging when guest memory grows. If the new log cannot be used while logging is
+   * on, the rings stop (nothing more is written to guest memory, so nothing goes unlogged) until a usable
+   * log arrives or logging is switched off; the refusal is answered like any other.
+   */
+  private async setLogBase(message: IncomingMessage): Promise<Uint8Array> {
+    const request = message.header.request;
+    if (!this.hasProtocolFeature(ProtocolFeature.LOG_SHMFD)) throw new SessionRequestError(request, 'LOG_SHMFD was not negotiated (a log without an fd is not supported)');
+    let mapped: MappedLog;
+    try {
+      const description = decodeLogDescription(request, message.payload);
+      const fd = message.fds.shift();
+      if (fd === undefined) throw new SessionRequestError(request, 'no log fd attached');
+      mapped = mapLog(description, fd);
+    } catch (error) {
+      if (this.logging) await this.suspendForUnusableLog(error);
+      throw error;
+    }
+    const previous = this.dirtyLog;
+    this.dirtyLog = mapped;
+    this.logUnusable = false;
+    if (this.logging || previous !== null) await this.publishDirtyLog();
+    if (previous !== null) unmapLog(previous);
+    this.log.info({ logBytes: mapped.size }, 'dirty log mapped');
+    for (const ring of this.rings) await this.reconcile(ring);
+    return encodeU64(0);
+  }
+
+  /** Logging is on but the front-end's new log is unusable: stop the rings, then let the old log go. */
+  private async suspendForUnusableLog(error: unknown): Promise<void> {
+    this.logUnusable = true;
+    this.log.warn(errorFields(error), 'replacement dirty log unusable while logging: rings stopped until a usable log or logging off');
+    for (const ring of this.rings) await this.stopRing(ring);
+    const previous = this.dirtyLog;
+    this.dirtyLog = null;
+    await this.publishDirtyLog();
+    if (previous !== null) unmapLog(previous);
+  }
+
+  private setLogFd(message: IncomingMessage): void {
+    const fd = message.fds.shift();
+    if (fd === undefined) throw new SessionRequestError(message.header.request, 'no fd attached');
+    closeFd(this.logFd);
+    this.logFd = fd;
+  }
+
   // --- rings --------------------------------------------------------------------------------------
 
   private ring(request: number, index: number): VringConfig {
@@ -332,18 +423,20 @@ export class VhostUserSession {
     const address = decodeVringAddress(message.header.request, message.payload);
     const ring = this.ring(message.header.request, address.index);
     const limit = BigInt(Number.MAX_SAFE_INTEGER);
-    if (address.descUserAddr > limit || address.availUserAddr > limit || address.usedUserAddr > limit) {
+    if (address.descUserAddr > limit || address.availUserAddr > limit || address.usedUserAddr > limit || address.logGuestAddr > limit) {
       throw new SessionRequestError(message.header.request, 'ring address beyond 2^53');
     }
     // Split-ring alignment (virtio 1.x 2.7): the worker views the rings as typed arrays at these addresses.
     if (address.descUserAddr % 16n !== 0n || address.availUserAddr % 2n !== 0n || address.usedUserAddr % 4n !== 0n) {
       throw new SessionRequestError(message.header.request, 'ring addresses must be aligned: descriptor table to 16, avail ring to 2, used ring to 4 bytes');
     }
+    const logUsed = (address.flags & (1 << VHOST_VRING_F_LOG)) !== 0;
     const wasRunning = ring.running;
     await this.stopRing(ring);
     ring.descUserAddr = Number(address.descUserAddr);
     ring.availUserAddr = Number(address.availUserAddr);
     ring.usedUserAddr = Number(address.usedUserAddr);
+    ring.usedLogGpa = logUsed ? Number(address.logGuestAddr) : -1;
     if (wasRunning) await this.reconcile(ring);
   }
 
@@ -445,7 +538,7 @@ export class VhostUserSession {
 
   /** Starts or stops the worker's ring so that it runs exactly when the configuration allows it. */
   private async reconcile(ring: VringConfig): Promise<void> {
-    const shouldRun = ring.kickArmed && ring.addressed && ring.isEnabled(this.protocolFeaturesNegotiated) && this.regions.length > 0;
+    const shouldRun = ring.kickArmed && ring.addressed && ring.isEnabled(this.protocolFeaturesNegotiated) && this.regions.length > 0 && !this.logUnusable;
     if (shouldRun && !ring.running) {
       await this.queues.start(
         ring.index,
@@ -456,14 +549,16 @@ export class VhostUserSession {
           usedUserAddr: ring.usedUserAddr,
           lastAvailIdx: ring.base,
           eventIdx: this.eventIdx,
+          usedLogGpa: ring.usedLogGpa,
           kickFd: ring.kickFd,
           callFd: ring.callFd,
           errFd: ring.errFd,
         },
         this.memoryTable(),
+        this.dirtyLogTable(),
       );
       ring.running = true;
-      this.log.info({ queue: ring.index, size: ring.size, base: ring.base, eventIdx: this.eventIdx }, 'ring started');
+      this.log.info({ queue: ring.index, size: ring.size, base: ring.base, eventIdx: this.eventIdx, logUsed: ring.usedLogGpa >= 0 }, 'ring started');
     } else if (!shouldRun && ring.running) {
       await this.stopRing(ring);
     }
@@ -474,7 +569,7 @@ export class VhostUserSession {
     const lastAvailIdx = await this.queues.stop(ring.index);
     ring.running = false;
     if (lastAvailIdx !== undefined) ring.base = lastAvailIdx;
-    this.log.info({ queue: ring.index, base: ring.base }, 'ring stopped');
+    this.log.info({ queue: ring.index, base: ring.base, pagesLogged: this.disk.counters.read(ring.index, 'dirtyPagesLogged') }, 'ring stopped');
   }
 
   private async restartRing(ring: VringConfig): Promise<void> {
@@ -545,6 +640,9 @@ export class VhostUserSession {
     this.status = 0;
     this.ackedFeatures = 0n;
     this.featuresSet = false;
+    this.logUnusable = false;
+    // Logging is off with VHOST_F_LOG_ALL gone; the next ring start must not reuse a worker's cached log.
+    this.dirtyLogVersion++;
     this.log.info({ request: why }, 'device reset');
   }
 
@@ -566,6 +664,10 @@ export class VhostUserSession {
       for (const ring of this.rings) ring.reset();
       this.regions.forEach(unmapRegion);
       this.regions = [];
+      if (failed === 0 && this.dirtyLog !== null) unmapLog(this.dirtyLog);
+      this.dirtyLog = null;
+      closeFd(this.logFd);
+      this.logFd = -1;
       closeFd(this.backendFd);
       this.backendFd = -1;
       this.queues.setConfigChangeListener(() => undefined);

@@ -10,6 +10,8 @@ export class VringConfig {
   descUserAddr = -1;
   availUserAddr = -1;
   usedUserAddr = -1;
+  /** Guest address used-ring writes are logged at (SET_VRING_ADDR with VHOST_VRING_F_LOG), or -1. */
+  usedLogGpa = -1;
   /** Next avail index to consume: from SET_VRING_BASE, updated from the worker when the ring stops. */
   base = 0;
   /** The kick fd (or polling mode) was set since the last stop: the ring may start. */

@@ -4,7 +4,8 @@
  * (default: one per CPU), whatever the number of disks: a connected disk costs its rings, not a thread.
  *
  * Placement: a ring is placed when it starts, on the worker with the fewest rings (ties: the lowest index),
- * and leaves it when it stops, so load re-balances at every ring start. Threads are spawned on first use
+ * and leaves it when it stops, so load re-balances at every ring start. A pinned disk's rings all go to the
+ * worker already running one of them. Threads are spawned on first use
  * and then sleep in epoll_wait: an idle daemon uses no CPU.
  *
  * Invariants:
@@ -15,7 +16,7 @@
  *   what the update removed.
  */
 import type { Logger } from '../log.js';
-import type { DiskContext, DiskSettings, MemoryTable, RingStart, WorkerAck, WorkerEvent } from '../dataplane/worker-protocol.js';
+import type { DirtyLogTable, DiskContext, DiskSettings, MemoryTable, RingStart, WorkerAck, WorkerEvent } from '../dataplane/worker-protocol.js';
 import { WorkerThread, type CommandBody } from './worker-thread.js';
 
 /** How long shutdown waits for each worker thread to leave. */
@@ -31,6 +32,7 @@ export interface RingStartCommand {
   disk: DiskContext;
   settings: DiskSettings;
   memory: MemoryTable;
+  log: DirtyLogTable;
   ring: RingStart;
 }
 
@@ -55,6 +57,8 @@ export class WorkerPool {
   private readonly load: number[];
   private readonly placements = new Map<string, Placement>();
   private readonly eventListeners = new Map<number, (event: WorkerEvent) => void>();
+  /** Disks whose rings must all run on one worker. */
+  private readonly pinnedDisks = new Set<number>();
   private nextDiskId = 1;
   private nextMemoryId = 1;
   private closed = false;
@@ -79,15 +83,21 @@ export class WorkerPool {
     return this.load;
   }
 
-  /** Registers a disk; its workers' events (engine in use, poison) go to `onEvent`. */
-  addDisk(onEvent: (event: WorkerEvent) => void): number {
+  /**
+   * Registers a disk; its workers' events (engine in use, poison) go to `onEvent`. `pinQueues`: every ring
+   * of the disk runs on one worker (the one its first running ring was placed on), for back-ends with one
+   * connection per disk (NBD without multi-conn, RBD's one completion queue per image handle).
+   */
+  addDisk(onEvent: (event: WorkerEvent) => void, placement: { pinQueues?: boolean } = {}): number {
     const id = this.nextDiskId++;
     this.eventListeners.set(id, onEvent);
+    if (placement.pinQueues === true) this.pinnedDisks.add(id);
     return id;
   }
 
   removeDisk(diskId: number): void {
     this.eventListeners.delete(diskId);
+    this.pinnedDisks.delete(diskId);
   }
 
   /** A daemon-wide id for a session's memory table (different sessions map different guests). */
@@ -100,7 +110,7 @@ export class WorkerPool {
     const key = ringKey(diskId, queue);
     let placement = this.placements.get(key);
     if (placement === undefined) {
-      placement = { worker: this.leastLoaded(), diskId, memoryId: command.memory.id };
+      placement = { worker: this.pinnedWorker(diskId) ?? this.leastLoaded(), diskId, memoryId: command.memory.id };
       this.placements.set(key, placement);
       this.load[placement.worker]!++;
     }
@@ -142,6 +152,12 @@ export class WorkerPool {
     await Promise.all(workers.map((w) => this.thread(w).send({ op: 'memory', memory: table })));
   }
 
+  /** Sends a new version of a session's dirty log to every worker running a ring of that session. */
+  async updateLog(table: DirtyLogTable): Promise<void> {
+    const workers = this.workersWhere((p) => p.memoryId === table.id);
+    await Promise.all(workers.map((w) => this.thread(w).send({ op: 'log', log: table })));
+  }
+
   /** Sends a disk's new settings to every worker running one of its rings. */
   async updateSettings(diskId: number, settings: DiskSettings): Promise<void> {
     const workers = this.workersWhere((p) => p.diskId === diskId);
@@ -166,6 +182,13 @@ export class WorkerPool {
     const workers = new Set<number>();
     for (const p of this.placements.values()) if (match(p)) workers.add(p.worker);
     return [...workers];
+  }
+
+  /** For a pinned disk: the worker running its rings, if one runs. */
+  private pinnedWorker(diskId: number): number | undefined {
+    if (!this.pinnedDisks.has(diskId)) return undefined;
+    for (const p of this.placements.values()) if (p.diskId === diskId) return p.worker;
+    return undefined;
   }
 
   private leastLoaded(): number {

@@ -10,7 +10,8 @@ import os from 'node:os';
 import { BlkDisk } from '../device/blk-disk.js';
 import { VublkError } from '../errors.js';
 import { checkDiskPaths } from './disk-paths.js';
-import { adminOptionValues } from './disk-options.js';
+import { adminOptionValues, isNetworkImage } from './disk-options.js';
+import { openNetworkImage } from '../device/network-image.js';
 import { ExportListener } from '../control/export-listener.js';
 import { DiskQueues } from '../control/disk-queues.js';
 import { WorkerPool } from '../control/worker-pool.js';
@@ -102,20 +103,30 @@ export class Daemon implements AdminTarget {
       if (this.options.metrics) await this.startMetrics(this.options.metrics);
       for (const spec of specs) {
         const log = this.log.child({ disk: spec.options.name });
-        checkDiskPaths(spec);
-        if (!fs.existsSync(spec.options.imagePath)) created.push(spec.options.imagePath);
-        const disk = new BlkDisk(spec.options, log);
+        const network = isNetworkImage(spec.options.imagePath) ? await openNetworkImage(spec.options).catch((error: unknown) => Promise.reject(diskError(spec, error))) : null;
+        if (network === null) {
+          checkDiskPaths(spec);
+          if (!fs.existsSync(spec.options.imagePath)) created.push(spec.options.imagePath);
+        }
+        let disk: BlkDisk;
+        try {
+          disk = new BlkDisk(spec.options, log, network ?? undefined);
+        } catch (error) {
+          await network?.close().catch(() => undefined);
+          throw error;
+        }
         const queues = new DiskQueues(disk, this.pool, log);
         try {
           const listener = new ExportListener(queues, spec.listen, log);
           this.disks.push({ disk, queues, listener, spec });
         } catch (error) {
           queues.close();
-          disk.close();
+          await disk.close();
           throw error;
         }
+        if (network !== null && network.readOnly && !spec.options.readOnly) log.info({ image: network.location }, 'the server exports the image read-only: the disk is read-only');
         log.info(
-          { image: spec.options.imagePath, capacityBytes: disk.capacityBytes, numQueues: spec.options.numQueues, readOnly: spec.options.readOnly, throttle: throttleJson(disk.throttle.limits) },
+          { image: spec.options.imagePath, capacityBytes: disk.capacityBytes, numQueues: spec.options.numQueues, readOnly: disk.limits.readOnly, throttle: throttleJson(disk.throttle.limits), ...(network !== null ? { backend: network.kind, queuesPinned: network.pinQueues } : {}) },
           'disk ready',
         );
       }
@@ -315,7 +326,11 @@ export class Daemon implements AdminTarget {
     this.workersStopped = await this.pool.close();
     for (const { disk, queues } of this.disks) {
       queues.close();
-      disk.close();
+      try {
+        await disk.close();
+      } catch (error) {
+        this.log.error({ disk: disk.name, ...errorFields(error) }, 'closing the image failed');
+      }
     }
     if (this.metricsServer !== null) await this.metricsServer.close();
     if (this.adminSocket !== null) await this.adminSocket.close();
@@ -369,4 +384,10 @@ class AdminTokenError extends VublkError {
   constructor(detail: string) {
     super('VUBLK_ERR_ADMIN_TOKEN', detail, { fatal: true });
   }
+}
+
+/** A network image that cannot be opened: the disk is named, the cause kept (its code says which check failed). */
+function diskError(spec: DiskSpec, error: unknown): unknown {
+  if (!(error instanceof VublkError)) return error;
+  return new VublkError(error.code, `disk ${spec.options.name}: ${error.message}`, { peerFault: error.peerFault, fatal: true, cause: error });
 }

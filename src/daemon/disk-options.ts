@@ -54,6 +54,19 @@ export interface DiskFields {
   maxDiscardSeg: number;
   maxWriteZeroesSeg: number;
   locking: boolean;
+  /** Network images (NBD, RBD): seconds to connect (and, RBD, per monitor command). */
+  connectTimeout?: number | undefined;
+  /** NBD: seconds requests wait for a lost server before failing with IOERR. */
+  reconnectTimeout?: number | undefined;
+  /** NBD: seconds without a reply before the connection counts as stalled and is reset (0 = never). */
+  requestTimeout?: number | undefined;
+  /** RBD: ceph.conf, cephx id, keyring, monitors, lock mode, OSD timeout (docs/rbd.md). */
+  rbdConf?: string | undefined;
+  rbdId?: string | undefined;
+  rbdKeyring?: string | undefined;
+  rbdMonHost?: string | undefined;
+  rbdLock?: 'exclusive' | 'none' | undefined;
+  osdTimeout?: number | undefined;
   iops?: number | undefined;
   iopsBurst?: number | undefined;
   bps?: number | undefined;
@@ -187,6 +200,23 @@ const serialText: ValueType<string> = {
   },
 };
 
+/** Network image locations are kept as written; anything else is a path. */
+export function isNetworkImage(image: string): boolean {
+  return /^nbds?(\+unix)?:\/\//i.test(image) || image.startsWith('rbd:');
+}
+
+const imageLocation: ValueType<string> = {
+  placeholder: '<path|nbd://...|rbd:POOL/IMAGE>',
+  text: (t) => {
+    if (t === '') throw new OptionValueError('must not be empty');
+    return isNetworkImage(t) ? t : path.resolve(t);
+  },
+  config: (value, base) => {
+    const text = nonEmptyText(value);
+    return isNetworkImage(text) ? text : path.resolve(base, text);
+  },
+};
+
 const filePath: ValueType<string> = {
   placeholder: '<path>',
   text: (t) => {
@@ -247,7 +277,7 @@ function account(lookup: (name: string) => number, placeholder: string): ValueTy
 
 export const DISK_OPTIONS: readonly AnyDiskOption[] = [
   option({ field: 'name', key: 'name', help: 'disk name in logs, metrics and the admin API (default disk0, disk1, ...)', type: plainText, reload: 'restart', admin: 'name' }),
-  option({ field: 'imagePath', key: 'image', flag: '--image', help: 'backing image file or block device', type: filePath, reload: 'restart', admin: 'image' }),
+  option({ field: 'imagePath', key: 'image', flag: '--image', help: 'backing image file or block device, an NBD export (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH) or a Ceph RBD image (rbd:POOL/IMAGE)', type: imageLocation, reload: 'restart', admin: 'image' }),
   option({ field: 'socket', key: 'socket', flag: '--socket', help: 'Unix socket to listen on', type: filePath, reload: 'restart' }),
   option({ field: 'socketFd', key: 'socket-fd', flag: '--socket-fd', help: 'serve on an already-listening inherited Unix socket fd instead of a socket path', type: wholeNumber(0, 1 << 20), reload: 'restart' }),
   option({ field: 'socketMode', key: 'socket-mode', flag: '--socket-mode', help: 'permissions of the socket file vublk creates (default 0600)', type: octalMode, reload: 'restart' }),
@@ -266,6 +296,15 @@ export const DISK_OPTIONS: readonly AnyDiskOption[] = [
   option({ field: 'maxDiscardSeg', key: 'max-discard-seg', flag: '--max-discard-seg', help: "ranges one DISCARD request may carry (config max_discard_seg; QEMU's own device uses 1)", type: wholeNumber(1, MAX_RANGE_SEG), default: DEFAULT_MAX_DISCARD_SEG, reload: 'restart', admin: 'max-discard-seg' }),
   option({ field: 'maxWriteZeroesSeg', key: 'max-write-zeroes-seg', flag: '--max-write-zeroes-seg', help: "ranges one WRITE_ZEROES request may carry (config max_write_zeroes_seg; QEMU's own device uses 1)", type: wholeNumber(1, MAX_RANGE_SEG), default: DEFAULT_MAX_WRITE_ZEROES_SEG, reload: 'restart', admin: 'max-write-zeroes-seg' }),
   option({ field: 'locking', key: 'locking', help: "QEMU-compatible image locks (OFD locks on bytes 100+/200+); off only where two daemons share an image by design (migration)", type: onOff, default: true, reload: 'restart', admin: 'locking' }),
+  option({ field: 'connectTimeout', key: 'connect-timeout', help: 'NBD / RBD: seconds to reach the server or cluster (RBD: also each monitor command); default NBD 5, RBD 30', type: wholeNumber(1, 86_400, '<s>'), reload: 'restart', admin: 'connect-timeout' }),
+  option({ field: 'reconnectTimeout', key: 'reconnect-timeout', help: 'NBD: seconds requests wait for a lost server (reconnecting with backoff) before they fail with IOERR (default 30)', type: wholeNumber(1, 86_400, '<s>'), reload: 'restart', admin: 'reconnect-timeout' }),
+  option({ field: 'requestTimeout', key: 'request-timeout', help: 'NBD: seconds without a reply before the connection counts as stalled and is reset (default 60; 0 = never)', type: wholeNumber(0, 86_400, '<s>'), reload: 'restart', admin: 'request-timeout' }),
+  option({ field: 'rbdConf', key: 'conf', help: "RBD: ceph.conf to read (default: librados' search, /etc/ceph/ceph.conf)", type: filePath, reload: 'restart', admin: 'conf' }),
+  option({ field: 'rbdId', key: 'id', help: 'RBD: cephx client id (default admin)', type: plainText, reload: 'restart', admin: 'id' }),
+  option({ field: 'rbdKeyring', key: 'keyring', help: "RBD: keyring file holding the client's key (default: what ceph.conf says)", type: filePath, reload: 'restart', admin: 'keyring' }),
+  option({ field: 'rbdMonHost', key: 'mon-host', help: "RBD: monitor addresses, overriding ceph.conf's mon_host", type: plainText, reload: 'restart', admin: 'mon-host' }),
+  option({ field: 'rbdLock', key: 'lock', help: "RBD: exclusive (take the image's exclusive lock and keep it) or none (live-migration target)", type: oneOf(['exclusive', 'none'] as const), reload: 'restart', admin: 'lock' }),
+  option({ field: 'osdTimeout', key: 'osd-timeout', help: 'RBD: seconds before an unanswered I/O fails with IOERR (default 0: wait for the cluster)', type: wholeNumber(0, 86_400, '<s>'), reload: 'restart', admin: 'osd-timeout' }),
   option({ field: 'iops', key: 'iops', group: 'throttle', flag: '--iops', help: 'throttle: requests per second across all queues (e.g. 500, 10k; 0 = unlimited)', type: amount(parseCount, '<n>', '10k'), reload: 'live' }),
   option({ field: 'iopsBurst', key: 'iops-burst', group: 'throttle', flag: '--iops-burst', help: 'throttle: request burst (default: one second of --iops)', type: amount(parseCount, '<n>', '20k'), reload: 'live' }),
   option({ field: 'bps', key: 'bps', group: 'throttle', flag: '--bps', help: 'throttle: bytes per second across all queues (e.g. 100M; 0 = unlimited)', type: amount(parseRate, '<rate>', '100M'), reload: 'live' }),

@@ -17,7 +17,10 @@ import {
   withoutUndefined,
   type AnyDiskOption,
   type DiskFields,
+  isNetworkImage,
 } from './disk-options.js';
+import { parseNbdUri } from '../backend/nbd/nbd-uri.js';
+import { rbdSpecOf } from '../device/network-image.js';
 
 export { DEFAULT_QUEUE_SIZE, MAX_QUEUES } from './disk-options.js';
 
@@ -84,6 +87,7 @@ export function buildDiskSpec(given: Partial<DiskFields>, where: string, index: 
   if (fields.sizeBytes !== undefined && (fields.sizeBytes < block || fields.sizeBytes % block !== 0)) {
     fail(`must be a non-zero multiple of ${block} bytes, got ${fields.sizeBytes}`, 'size');
   }
+  checkNetworkImage(fields, fail);
   if (fields.iopsBurst && !fields.iops) fail('needs iops', 'iops-burst');
   if (fields.bpsBurst && !fields.bps) fail('needs bps', 'bps-burst');
 
@@ -130,5 +134,39 @@ export function checkDistinct(specs: readonly DiskSpec[]): void {
       if (sockets.has(spec.listen.path)) throw new DiskSpecError('disks', `two disks listen on ${spec.listen.path}`);
       sockets.add(spec.listen.path);
     }
+  }
+}
+
+const RBD_KEYS = ['conf', 'id', 'keyring', 'mon-host', 'lock', 'osd-timeout'] as const;
+const NBD_KEYS = ['reconnect-timeout', 'request-timeout'] as const;
+const RBD_FIELDS = ['rbdConf', 'rbdId', 'rbdKeyring', 'rbdMonHost', 'rbdLock', 'osdTimeout'] as const;
+const NBD_FIELDS = ['reconnectTimeout', 'requestTimeout'] as const;
+
+/**
+ * Network images: the location must parse (pure: nothing is connected here), options of the other kind of
+ * image are refused, and what only applies to files (size=) is refused rather than ignored.
+ */
+function checkNetworkImage(fields: DiskFields, fail: (detail: string, key?: string) => never): void {
+  const image = fields.imagePath!;
+  const network = isNetworkImage(image);
+  const rbd = network && image.startsWith('rbd:');
+  const nbd = network && !rbd;
+  RBD_FIELDS.forEach((field, i) => {
+    if (!rbd && fields[field] !== undefined) fail(`only applies to rbd: images`, RBD_KEYS[i]);
+  });
+  NBD_FIELDS.forEach((field, i) => {
+    if (!nbd && fields[field] !== undefined) fail(`only applies to nbd:// images`, NBD_KEYS[i]);
+  });
+  if (!network) {
+    if (fields.connectTimeout !== undefined) fail('only applies to nbd:// and rbd: images', 'connect-timeout');
+    return;
+  }
+  if (fields.sizeBytes !== undefined) fail('a network image has the size its server gives it (resize an RBD image with `vublk resize`)', 'size');
+  try {
+    if (nbd) parseNbdUri(image);
+    else rbdSpecOf(fields);
+  } catch (error) {
+    if (error instanceof VublkError) fail(error.message, 'image');
+    throw error;
   }
 }

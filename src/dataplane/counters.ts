@@ -26,9 +26,13 @@ export const Counter = {
   notifications: 15,
   /** Requests whose data went through an O_DIRECT bounce buffer (guest buffer not aligned). */
   bounced: 16,
+  /** Guest pages marked in the migration dirty log (a page written twice counts twice). */
+  dirtyPagesLogged: 17,
+  /** Device writes to guest pages the dirty log does not cover (not marked: the front-end sized it too small). */
+  dirtyLogOutOfRange: 18,
 } as const;
 export type CounterName = keyof typeof Counter;
-const SCALAR_COUNTERS = 17;
+const SCALAR_COUNTERS = 19;
 
 /** Operations with a latency histogram each. */
 export const LatencyOp = {

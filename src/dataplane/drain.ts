@@ -22,6 +22,7 @@ import type { GuestMemory } from './guest-memory.js';
 import type { SplitQueue } from './split-queue.js';
 import type { DeviceLimits } from './device-limits.js';
 import type { Completion, RequestExecutor } from './request-executor.js';
+import type { RingDirtyLog } from './dirty-log.js';
 
 /** Admission control: 0 = go (tokens taken), otherwise nanoseconds to wait (nothing taken). */
 export interface Admission {
@@ -51,6 +52,8 @@ export interface DrainContext {
   onPoison(cause: PoisonCause, reason: string): void;
   /** Raises the guest interrupt (call eventfd). */
   interrupt(): void;
+  /** Live migration: marks guest pages the device writes (data, status, used ring). Absent in unit tests. */
+  dirtyLog?: RingDirtyLog;
 }
 
 export function createRequestScratch(limits: DeviceLimits): { scratch: ChainScratch; request: BlkRequest } {
@@ -199,6 +202,8 @@ function serveRequest(ctx: DrainContext, head: number): number {
     counters.setGauge(Counter.throttlePending, 0);
   }
 
+  // Data lands in guest buffers at completion: remember where, so it can be marked then.
+  if (writesGuestBuffers(request.type)) ctx.dirtyLog?.recordWrites(head, request);
   ctx.executor.submit(ctx.memory, request, head, ctx.capacityBytes, ctx.writeback);
   return 0;
 }
@@ -211,7 +216,13 @@ export function completeRequest(ctx: DrainContext, c: Completion): void {
   else if (c.status === BlkStatus.UNSUPP) counters.add(Counter.unsupported);
   else counters.add(Counter.ioErrors);
   // Also after a poison: the request was popped before it, and the sync engine would have published it.
+  // The data is in guest memory now (whatever the status): mark it before the request is published.
+  if (writesGuestBuffers(c.type)) ctx.dirtyLog?.markWrites(c.head);
   publishAt(ctx, c.head, c.statusGpa, c.status, c.status === BlkStatus.OK ? c.written : 0);
+}
+
+function writesGuestBuffers(type: number): boolean {
+  return type === BlkRequestType.IN || type === BlkRequestType.GET_ID;
 }
 
 function latencyOp(type: number): number {
@@ -256,6 +267,7 @@ function publishAt(ctx: DrainContext, head: number, statusGpa: number, status: n
     ctx.counters.add(Counter.ioErrors);
     return;
   }
+  ctx.dirtyLog?.markByte(statusGpa);
   ctx.queue.pushUsed(head, written + 1);
 }
 

@@ -14,7 +14,8 @@ import { EpollSet } from './epoll.js';
 import { waitPolling } from './adaptive-poll.js';
 import { GuestMemory } from './guest-memory.js';
 import { RingServer } from './ring-server.js';
-import type { MemoryTable, WorkerCommand, WorkerInit, WorkerMessage } from './worker-protocol.js';
+import { DirtyLog } from './dirty-log.js';
+import type { DirtyLogTable, MemoryTable, WorkerCommand, WorkerInit, WorkerMessage } from './worker-protocol.js';
 
 /** Ready fds handled per epoll_wait: more are simply reported by the next wait. */
 const READY_BATCH = 64;
@@ -30,6 +31,11 @@ interface HeldMemory {
   memory: GuestMemory;
 }
 
+interface HeldLog {
+  version: number;
+  log: DirtyLog;
+}
+
 function ringKey(diskId: number, queue: number): string {
   return `${diskId}:${queue}`;
 }
@@ -38,6 +44,8 @@ class PoolWorker {
   private readonly epoll = new EpollSet(READY_BATCH);
   private readonly rings = new Map<string, ServedRing>();
   private readonly memories = new Map<number, HeldMemory>();
+  /** Dirty logs by session (memory table id), kept while a ring of that session runs here. */
+  private readonly logs = new Map<number, HeldLog>();
   private running = true;
   private readonly ready = new Int32Array(READY_BATCH);
 
@@ -121,11 +129,24 @@ class PoolWorker {
     return memory;
   }
 
+  /** The session's current dirty log here; a newer version replaces it for every ring of the session. */
+  private logFor(table: DirtyLogTable): DirtyLog {
+    const held = this.logs.get(table.id);
+    if (held !== undefined && held.version >= table.version) return held.log;
+    const log = table.size > 0 ? DirtyLog.mapped(table.hostAddr, table.size) : DirtyLog.off;
+    this.logs.set(table.id, { version: table.version, log });
+    if (held !== undefined) {
+      for (const ring of this.rings.values()) if (ring.memoryId === table.id) ring.server.setDirtyLog(log);
+    }
+    return log;
+  }
+
   private forget(key: string, ring: ServedRing): void {
     ring.server.close();
     this.rings.delete(key);
     for (const other of this.rings.values()) if (other.memoryId === ring.memoryId) return;
     this.memories.delete(ring.memoryId);
+    this.logs.delete(ring.memoryId);
   }
 
   private apply(command: WorkerCommand): number | undefined {
@@ -134,15 +155,20 @@ class PoolWorker {
         // Only tables a ring here uses are kept: a table nobody here runs over needs no copy.
         if (this.memories.has(command.memory.id)) this.memoryFor(command.memory);
         return undefined;
+      case 'log':
+        if (this.logs.has(command.log.id)) this.logFor(command.log);
+        return undefined;
       case 'start': {
         const key = ringKey(command.diskId, command.queue);
         const previous = this.rings.get(key);
         if (previous !== undefined) this.forget(key, previous);
         const memory = this.memoryFor(command.memory);
+        const log = this.logFor(command.log);
         const server = new RingServer(command.queue, command.disk, this.epoll, (event) => this.post({ ...event, diskId: command.diskId }), command.settings);
         const ring = { server, diskId: command.diskId, memoryId: command.memory.id };
         this.rings.set(key, ring);
         try {
+          server.setDirtyLog(log);
           server.start(command.ring, command.ring.lastAvailIdx, memory);
         } catch (error) {
           this.forget(key, ring);

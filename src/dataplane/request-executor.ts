@@ -59,6 +59,8 @@ export interface RequestExecutor {
   waitIdle(timeoutMs: number): boolean;
   /** Readable (edge) when completions may be waiting; -1 when `submit` completes everything itself. */
   readonly completionFd: number;
+  /** Watch completionFd level-triggered (a transport that may stop early and stay readable: network back-ends). */
+  readonly completionLevelTriggered?: boolean;
   /** Requests submitted but not yet completed. */
   readonly inFlight: number;
   onComplete: (completion: Completion) => void;

@@ -22,10 +22,12 @@ import { descriptorTableBytes, availRingBytes, usedRingBytes } from '../../proto
 import { Counter, QueueCounters } from './counters.js';
 import { SyncExecutor } from './sync-executor.js';
 import { UringExecutor } from './uring-executor.js';
+import { NetworkExecutor } from './network-executor.js';
 import type { EngineOptions, IoEngineName, RequestExecutor } from './request-executor.js';
 import { engineOptions } from './raw-image.js';
 import { completeRequest, createRequestScratch, drainQueue, unlimited, type Admission, type DrainContext, type PoisonCause } from './drain.js';
 import { DiskThrottle } from '../throttle/disk-throttle.js';
+import { DirtyLog, RingDirtyLog } from './dirty-log.js';
 import type { DiskContext, DiskSettings, RingEvent, RingStart } from './worker-protocol.js';
 
 /** Kick-less (polling-mode) rings are drained on this tick. */
@@ -42,6 +44,9 @@ export class RingServer {
   private readonly request;
   private ring: RingStart | null = null;
   private context: DrainContext | null = null;
+  /** The session's migration dirty log (DirtyLog.off unless the front-end set VHOST_F_LOG_ALL). */
+  private log: DirtyLog = DirtyLog.off;
+  private ringLog: RingDirtyLog | null = null;
 
   constructor(
     readonly queue: number,
@@ -57,7 +62,7 @@ export class RingServer {
       if (this.context !== null) completeRequest(this.context, completion);
       else this.counters.add(Counter.ioErrors);
     };
-    if (this.executor.completionFd >= 0) epoll.add(this.executor.completionFd, true);
+    if (this.executor.completionFd >= 0) epoll.add(this.executor.completionFd, this.executor.completionLevelTriggered !== true);
     this.admission = init.throttle ? DiskThrottle.attach(init.throttle) : unlimited;
     ({ scratch: this.scratch, request: this.request } = createRequestScratch(init.limits));
     epoll.add(this.timer.fd);
@@ -75,6 +80,15 @@ export class RingServer {
     let reason = 'sync engine requested';
     let executor: RequestExecutor | null = null;
     const options: EngineOptions = { ...engineOptions(this.init.image), onBounce: () => this.counters.add(Counter.bounced) };
+    if (this.init.network !== undefined) {
+      // NBD / RBD: the disk's transport on this worker, shared by its queues here (network-executor.ts).
+      const network = new NetworkExecutor(this.init.network, this.init.limits, {
+        ignoreFlush: options.ignoreFlush === true,
+        onHealthChange: (reason) => this.post({ type: 'event', kind: 'backend', queue: this.queue, reason }),
+      });
+      this.post({ type: 'event', kind: 'started', queue: this.queue, reason: `${this.init.network.kind} back-end` });
+      return network;
+    }
     if (setting !== 'sync') {
       try {
         executor = new UringExecutor(this.init.imageFd, this.init.limits, options);
@@ -203,6 +217,12 @@ export class RingServer {
     if (fd >= 0) signalEventFd(fd);
   }
 
+  /** Switches to a new version of the session's dirty log (logging on, off, or a replaced log region). */
+  setDirtyLog(log: DirtyLog): void {
+    this.log = log;
+    if (this.ringLog !== null) this.ringLog.log = log;
+  }
+
   setErr(fd: number): void {
     if (this.ring !== null) this.ring.errFd = fd;
   }
@@ -230,6 +250,11 @@ export class RingServer {
       throw error;
     }
     this.counters.setGauge(Counter.poisoned, 0);
+    // Requests in flight keep their recorded ranges across a memory change (same ring size).
+    if (this.ringLog === null || this.ringLog.queueSize !== ring.size) this.ringLog = new RingDirtyLog(ring.size, this.counters);
+    this.ringLog.log = this.log;
+    this.ringLog.usedLogGpa = ring.usedLogGpa;
+    queue.dirtyLog = this.ringLog;
     this.context = {
       queue,
       memory,
@@ -249,6 +274,7 @@ export class RingServer {
         const fd = this.ring?.callFd ?? -1;
         if (fd >= 0) signalEventFd(fd);
       },
+      dirtyLog: this.ringLog,
     };
     if (ring.kickFd >= 0) this.epoll.add(ring.kickFd, true);
     else this.timer.arm(POLL_TICK_NANOS, POLL_TICK_NANOS);

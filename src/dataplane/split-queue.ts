@@ -14,6 +14,7 @@ import {
 } from '../../protocol/split-ring.js';
 import type { GuestMemory } from './guest-memory.js';
 import { VublkError } from '../errors.js';
+import type { RingDirtyLog } from './dirty-log.js';
 
 /** Guest-physical ring addresses as configured by SET_VRING_NUM/ADDR. */
 export interface RingLayout {
@@ -42,6 +43,8 @@ export class SplitQueue {
   lastAvailIdx: number;
   /** Next used ring position the device will fill (free-running, mod 2^16). */
   usedIdx: number;
+  /** Live migration: every write to the used ring is marked here (after the write). */
+  dirtyLog: RingDirtyLog | null = null;
 
   constructor(
     memory: GuestMemory,
@@ -98,13 +101,18 @@ export class SplitQueue {
     const slot = 1 + 2 * (this.usedIdx & this.mask);
     this.used32[slot] = head;
     this.used32[slot + 1] = length;
+    this.dirtyLog?.markUsed(slot * 4, 8);
     this.usedIdx = (this.usedIdx + 1) & 0xffff;
     Atomics.store(this.used16, 1, this.usedIdx);
+    this.dirtyLog?.markUsed(2, 2);
   }
 
   /** Asks the driver not to kick while we drain (no-op under EVENT_IDX: we simply don't move avail_event). */
   suppressKicks(): void {
-    if (!this.eventIdx) Atomics.store(this.used16, 0, USED_F_NO_NOTIFY);
+    if (!this.eventIdx) {
+      Atomics.store(this.used16, 0, USED_F_NO_NOTIFY);
+      this.dirtyLog?.markUsed(0, 2);
+    }
   }
 
   /**
@@ -114,8 +122,10 @@ export class SplitQueue {
   rearmKicks(): boolean {
     if (this.eventIdx) {
       Atomics.store(this.used16, 2 + 4 * this.size, this.lastAvailIdx);
+      this.dirtyLog?.markUsed(4 + 8 * this.size, 2);
     } else {
       Atomics.store(this.used16, 0, 0);
+      this.dirtyLog?.markUsed(0, 2);
     }
     return this.availIdx() !== this.lastAvailIdx;
   }

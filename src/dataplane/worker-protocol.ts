@@ -11,6 +11,7 @@ import type { DeviceLimits } from './device-limits.js';
 import type { RegionLayout } from './memory-regions.js';
 import type { IoEngineName } from './request-executor.js';
 import type { ImageIoInfo } from './raw-image.js';
+import type { NetworkBackend } from './network-backend.js';
 
 /** What the user asked for: `auto` tries io_uring and falls back to the sync engine. */
 export const IO_ENGINE_SETTINGS = ['auto', 'io_uring', 'sync'] as const;
@@ -37,6 +38,8 @@ export interface DiskContext {
   image?: ImageIoInfo;
   /** Adaptive polling: spin on the rings and completions for up to this many µs before sleeping (0 = off). */
   pollUs?: number;
+  /** A network image (NBD, RBD) instead of `imageFd`. */
+  network?: NetworkBackend;
 }
 
 /** Disk state that changes at run time (SET_CONFIG of the writeback byte, a resize). */
@@ -52,6 +55,18 @@ export interface MemoryTable {
   regions: RegionLayout[];
 }
 
+/**
+ * A session's migration dirty log as the workers know it: `size` 0 means logging is off (no log mapped, or
+ * VHOST_F_LOG_ALL not set). Versioned like the memory table (same id); the control plane unmaps an old log
+ * only after every worker using it has acknowledged a newer version.
+ */
+export interface DirtyLogTable {
+  id: number;
+  version: number;
+  hostAddr: number;
+  size: number;
+}
+
 /** Everything needed to run a ring; addresses are front-end virtual addresses as SET_VRING_ADDR sent them. */
 export interface RingStart {
   size: number;
@@ -60,6 +75,8 @@ export interface RingStart {
   usedUserAddr: number;
   lastAvailIdx: number;
   eventIdx: boolean;
+  /** Guest address at which writes to the used ring are logged (SET_VRING_ADDR with VHOST_VRING_F_LOG), or -1. */
+  usedLogGpa: number;
   /** -1 when the front-end negotiated polling (no kick fd). */
   kickFd: number;
   callFd: number;
@@ -69,7 +86,9 @@ export interface RingStart {
 export type WorkerCommand =
   /** A new version of a memory table: every ring of this worker running over it switches to it. */
   | { op: 'memory'; seq: number; memory: MemoryTable }
-  | { op: 'start'; seq: number; diskId: number; queue: number; disk: DiskContext; settings: DiskSettings; memory: MemoryTable; ring: RingStart }
+  | { op: 'start'; seq: number; diskId: number; queue: number; disk: DiskContext; settings: DiskSettings; memory: MemoryTable; log: DirtyLogTable; ring: RingStart }
+  /** A new version of a session's dirty log: every ring of this worker over that session marks into it. */
+  | { op: 'log'; seq: number; log: DirtyLogTable }
   /** Stops the ring and forgets it (its engine and timer are released). */
   | { op: 'stop'; seq: number; diskId: number; queue: number }
   | { op: 'setCall'; seq: number; diskId: number; queue: number; fd: number }
@@ -88,7 +107,8 @@ export interface WorkerAck {
 /** Unsolicited events a worker reports (rare: never per request). */
 export interface WorkerEvent {
   type: 'event';
-  kind: 'poisoned' | 'started' | 'error';
+  /** `backend`: a network back-end's connection was lost or is back (logged; rare). */
+  kind: 'poisoned' | 'started' | 'error' | 'backend';
   /** The disk (pool id) whose ring raised the event. */
   diskId: number;
   queue: number;

@@ -22,8 +22,9 @@ import { cachePolicy, type CacheMode } from '../dataplane/request-executor.js';
 import { openRawImage, type ImageIoInfo } from '../dataplane/raw-image.js';
 import { VublkError } from '../errors.js';
 import { lockImage } from '../sys/image-lock.js';
+import type { NetworkImage, NetworkImageOptions } from './network-image.js';
 
-export interface DiskOptions {
+export interface DiskOptions extends NetworkImageOptions {
   name: string;
   imagePath: string;
   /** Create the image with this size if missing, or grow it to this size; never shrinks. */
@@ -85,7 +86,37 @@ export class BlkDisk {
   constructor(
     readonly options: DiskOptions,
     private readonly log: Logger,
+    /** An NBD export or RBD image opened by the daemon (network-image.ts); absent for files and block devices. */
+    readonly network?: NetworkImage,
   ) {
+    if (network !== undefined) {
+      // The server decides what the disk can do: read-only exports are read-only disks, and only the
+      // operations it supports are offered to the guest.
+      const readOnly = options.readOnly || network.readOnly;
+      const block = Math.max(options.logicalBlockSize, network.minimumBlockSize);
+      if (block > 4096) throw new DiskSetupError(options.name, `${network.location} needs ${block}-byte aligned I/O; vublk offers at most 4096-byte logical blocks`);
+      this.fd = -1;
+      this.imageIo = { cache: options.cache ?? 'writeback', memAlign: 1, offsetAlign: 1, blockDevice: false };
+      this.capacity = Math.floor(network.sizeBytes / block) * block;
+      if (this.capacity === 0) throw new DiskSetupError(options.name, `${network.location} is smaller than one ${block}-byte block`);
+      this.writebackEnabled = options.writeback && cachePolicy(this.imageIo.cache).writeback;
+      this.limits = {
+        sizeMax: DEFAULT_SIZE_MAX,
+        segMax: DEFAULT_SEG_MAX,
+        logicalBlockSize: block,
+        readOnly,
+        serial: serialBytes(options.serial ?? network.defaultSerial),
+        maxDiscardSectors: DEFAULT_MAX_DISCARD_SECTORS,
+        maxDiscardSeg: options.maxDiscardSeg,
+        maxWriteZeroesSectors: DEFAULT_MAX_DISCARD_SECTORS,
+        maxWriteZeroesSeg: options.maxWriteZeroesSeg,
+      };
+      this.counterBuffer = createCounterBuffer(options.numQueues);
+      this.counters = new CounterReader(this.counterBuffer);
+      this.offeredFeatures = offeredVirtioFeatures(readOnly, { discard: network.canDiscard, writeZeroes: network.canWriteZeroes });
+      this.throttle = DiskThrottle.create(options.throttle);
+      return;
+    }
     const { name, imagePath, sizeBytes, readOnly } = options;
     if (options.ioEngine === 'io_uring') {
       const unavailable = probeIoUring();
@@ -198,17 +229,41 @@ export class BlkDisk {
    */
   grow(sizeBytes: number): number | null {
     const block = this.limits.logicalBlockSize;
-    if (this.options.readOnly) throw new DiskSetupError(this.name, 'a read-only disk cannot be resized');
+    if (this.limits.readOnly) throw new DiskSetupError(this.name, 'a read-only disk cannot be resized');
     if (!Number.isSafeInteger(sizeBytes) || sizeBytes % block !== 0) {
       throw new DiskSetupError(this.name, `new size ${sizeBytes} is not a multiple of the ${block}-byte block`);
     }
     if (sizeBytes < this.capacity) throw new DiskSetupError(this.name, `new size ${sizeBytes} is smaller than the current ${this.capacity}; shrinking is refused`);
     if (sizeBytes === this.capacity) return null;
-    const stat = fs.fstatSync(this.fd);
-    if (stat.isFile() && stat.size < sizeBytes) fs.ftruncateSync(this.fd, sizeBytes);
+    if (this.network === undefined) {
+      const stat = fs.fstatSync(this.fd);
+      if (stat.isFile() && stat.size < sizeBytes) fs.ftruncateSync(this.fd, sizeBytes);
+    }
     const previous = this.capacity;
     this.capacity = sizeBytes;
     return previous;
+  }
+
+  /**
+   * A network image grows where it lives (rbd_resize) before `grow` tells the rings; checked like `grow`
+   * first, so a refused size never reaches the cluster. Nothing to do for files (`grow` truncates them).
+   */
+  async growNetworkImage(sizeBytes: number): Promise<void> {
+    if (this.network === undefined) return;
+    const capacity = this.capacity;
+    if (this.grow(sizeBytes) === null) return;
+    // Checked: put the capacity back until the image really has grown.
+    this.capacity = capacity;
+    try {
+      await this.network.resize(sizeBytes);
+    } catch (error) {
+      throw new DiskSetupError(this.name, `resizing ${this.network.location} failed: ${(error as Error).message}`);
+    }
+  }
+
+  /** Whether every queue of the disk must run on one worker (the network image has one connection). */
+  get pinQueues(): boolean {
+    return this.network?.pinQueues ?? false;
   }
 
   /** What changes at run time, as the rings need it. */
@@ -227,11 +282,13 @@ export class BlkDisk {
       ioEngine: this.options.ioEngine,
       image: this.imageIo,
       pollUs: this.options.pollUs ?? 0,
+      ...(this.network !== undefined ? { network: this.network.backend } : {}),
     };
   }
 
   /** Syncs and closes the image; every ring of the disk must be stopped first. */
-  close(): void {
+  close(): void | Promise<void> {
+    if (this.network !== undefined) return this.network.close();
     if (!this.options.readOnly) {
       try {
         fs.fdatasyncSync(this.fd);

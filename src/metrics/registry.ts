@@ -124,6 +124,8 @@ export function createMetricsRegistry(disks: () => readonly DiskMetricsSource[],
   perQueue('counter', 'vublk_drains_total', 'Wake-ups of the queue worker that drained the ring.', 'drains');
   perQueue('counter', 'vublk_notifications_total', 'Used-buffer notifications (interrupts) sent to the front-end.', 'notifications');
   perQueue('counter', 'vublk_bounce_requests_total', 'Requests whose guest buffers missed the O_DIRECT alignment and went through a bounce buffer.', 'bounced');
+  perQueue('counter', 'vublk_dirty_log_pages_total', 'Guest pages marked in the live-migration dirty log.', 'dirtyPagesLogged');
+  perQueue('counter', 'vublk_dirty_log_out_of_range_total', 'Device writes to guest pages beyond the dirty log the front-end supplied (not marked).', 'dirtyLogOutOfRange');
 
   new SnapshotHistogram<'disk' | 'op'>({
     name: 'vublk_request_duration_seconds',

@@ -111,7 +111,7 @@ awk 'BEGIN { for (s = 0; s < 8192; s++) for (l = 0; l < 16; l++) printf "vublk-e
 cat >"$root/init" <<'INIT'
 #!/bin/busybox sh
 # PID 1 of the e2e guest. Kernel command line:
-#   vublk.test=probe|rw|verify|discard|readonly|resize  workload on /dev/vda
+#   vublk.test=probe|rw|verify|discard|readonly|resize|migrate  workload on /dev/vda
 #   vublk.offset=BYTES          where rw/verify put /pattern.bin on the disk
 #   vublk.timeout=SECONDS       guest-side watchdog (default 60)
 # Reports "VUBLK-E2E: ..." lines on the console and always powers off, never hangs.
@@ -225,6 +225,83 @@ case $workload in
     dd if=/pattern.bin of=/dev/vda bs=4096 count=1 oflag=seek_bytes,direct seek=$((size * 512)) conv=notrunc status=none ||
       fail "resize: write past the old end failed"
     say "PASS resize size=$new"
+    ;;
+  migrate)
+    # Runs until the host stops the VM (live-migration test): each round, 4 writers put the round's pattern
+    # on their own region with O_DIRECT and read it back with O_DIRECT in one read, then compare. Patterns
+    # alternate between rounds, so a read buffer the destination got stale (a dirty-log bit missing) fails.
+    [ -n "$offset" ] || fail "migrate: vublk.offset missing"
+    [ $((offset + 6 * length)) -le $((size * 512)) ] || fail "migrate: disk too small ($size sectors)"
+    tr 'a-z' 'A-Z' </pattern.bin >/tmp/pattern.upper
+    upper=$(md5sum /tmp/pattern.upper | cut -d' ' -f1)
+    # Sentinel, driven by the host through the console, for pages only the device writes after pre-copy
+    # sent them. A dd holds one O_DIRECT buffer for its whole life: it reads block A (before the migration)
+    # and blocks writing it into a FIFO nobody reads. "fill N" (sent during pre-copy) drains block A, so dd
+    # reads block S into the same, long-clean buffer and blocks again; "check N" (sent on the destination)
+    # drains block S from that buffer. Without a dirty-log bit the destination still holds block A there.
+    # A steady memory dirtier keeps pre-copy from converging on its own while the host holds it open
+    # (QEMU switches over as soon as what is left to send fits the downtime limit).
+    ( while :; do dd if=/dev/zero of=/tmp/dirty bs=64K count=64 conv=notrunc status=none; done ) &
+    block_a=$((offset + 4 * length))
+    for region in "$block_a /tmp/pattern.upper" "$((block_a + length)) /pattern.bin"; do
+      set -- $region
+      dd if="$2" of=/dev/vda bs=1M oflag=seek_bytes,direct seek="$1" conv=fsync,notrunc status=none ||
+        fail "migrate: sentinel write failed"
+    done
+    (
+      arm() {
+        rm -f /tmp/sentinel.fifo
+        mkfifo /tmp/sentinel.fifo
+        dd if=/dev/vda of=/tmp/sentinel.fifo bs="$length" count=2 iflag=skip_bytes,direct skip=$block_a status=none &
+        holder=$!
+        exec 3</tmp/sentinel.fifo
+      }
+      # Bytes the holder has read so far (both blocks read = block S is in its buffer).
+      holder_read() { sed -n 's/^rchar: //p' /proc/$holder/io 2>/dev/null || echo 0; }
+      arm
+      while read -r command n; do
+        case $command in
+          fill)
+            dd of=/dev/null bs=65536 count="$length" iflag=fullblock,count_bytes status=none <&3 ||
+              say "FAIL migrate sentinel drain error $n"
+            tries=0
+            while [ "$(holder_read)" -lt $((2 * length)) ] && [ $tries -lt 300 ]; do
+              usleep 100000
+              tries=$((tries + 1))
+            done
+            say "filled $n read=$(holder_read)"
+            ;;
+          check)
+            got=$(dd bs=65536 iflag=fullblock status=none <&3 | md5sum | cut -d' ' -f1)
+            if [ "$got" = "$expected" ]; then say "sentinel $n ok"; else say "FAIL migrate sentinel $n md5=$got expected=$expected"; fi
+            wait $holder
+            exec 3<&-
+            arm
+            ;;
+        esac
+      done </dev/console
+    ) &
+    round=0
+    while :; do
+      round=$((round + 1))
+      if [ $((round % 2)) = 0 ]; then src=/pattern.bin want=$expected; else src=/tmp/pattern.upper want=$upper; fi
+      step "migrate: round $round"
+      pids=""
+      for w in 0 1 2 3; do
+        (
+          at=$((offset + w * length))
+          dd if=$src of=/dev/vda bs=1M oflag=seek_bytes,direct seek=$at conv=notrunc status=none ||
+            { say "FAIL migrate write error round=$round writer=$w"; exit 1; }
+          dd if=/dev/vda of=/tmp/read$w bs="$length" count=1 iflag=skip_bytes,direct skip=$at status=none ||
+            { say "FAIL migrate read error round=$round writer=$w"; exit 1; }
+          got=$(md5sum /tmp/read$w | cut -d' ' -f1)
+          [ "$got" = "$want" ] || { say "FAIL migrate mismatch round=$round writer=$w md5=$got expected=$want"; exit 1; }
+        ) &
+        pids="$pids $!"
+      done
+      for pid in $pids; do wait "$pid" || fail "migrate round $round"; done
+      say "round=$round ok"
+    done
     ;;
   *) fail "unknown workload '$workload'" ;;
 esac

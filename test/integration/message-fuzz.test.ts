@@ -455,6 +455,7 @@ describe('vhost-user message fuzzer', () => {
     for (let round = 1; figures.messages < MESSAGES; round++) {
       let client = fuzzSession();
       let replyAck = true;
+      let logShmfd = false;
       figures.sessions++;
       const batchEnd = Math.min(MESSAGES, figures.messages + BATCH);
       while (figures.messages < batchEnd) {
@@ -470,9 +471,12 @@ describe('vhost-user message fuzzer', () => {
         const stream = message.claimedSize !== undefined || (message.flags & HeaderFlag.VERSION_MASK) !== V;
         // The daemon acks only while REPLY_ACK is negotiated (as it was when the message arrived); a mutated
         // SET_PROTOCOL_FEATURES may switch it off or on again for the messages after it.
-        const owed = stream || ((message.flags & NEED_REPLY) !== 0 && replyAck) || REPLYING.has(message.request >>> 0);
+        // Under LOG_SHMFD, SET_LOG_BASE is always answered (vhost-user "Communication").
+        const owed =
+          stream || ((message.flags & NEED_REPLY) !== 0 && replyAck) || REPLYING.has(message.request >>> 0) || (message.request === R.SET_LOG_BASE && logShmfd);
         if (!stream && message.request === R.SET_PROTOCOL_FEATURES && message.payload.length === 8) {
           replyAck = (Buffer.from(message.payload).readBigUInt64LE(0) & (1n << BigInt(ProtocolFeature.REPLY_ACK))) !== 0n;
+          logShmfd = (Buffer.from(message.payload).readBigUInt64LE(0) & (1n << BigInt(ProtocolFeature.LOG_SHMFD))) !== 0n;
         }
         if (owed) {
           let reply: ReturnType<RawVhostClient['receive']>;
@@ -494,6 +498,7 @@ describe('vhost-user message fuzzer', () => {
             client.close();
             client = fuzzSession();
             replyAck = true;
+            logShmfd = false;
             figures.sessions++;
           } else {
             if (stream) throw new Error(`${context()}: a ${message.kind} message was answered instead of closing the session`);

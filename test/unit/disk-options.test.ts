@@ -60,19 +60,35 @@ describe('the disk option table', () => {
       name: 'n', image: '/i', 'socket-mode': '0660', 'socket-owner': 0, 'socket-group': 0, size: '1M', 'num-queues': 2,
       'queue-size': 64, 'read-only': true, serial: 'S', 'logical-block-size': 4096, writeback: false, 'io-engine': 'sync',
       'max-discard-seg': 2, 'max-write-zeroes-seg': 2, locking: false, cache: 'none', 'poll-us': 50, iops: 10, 'iops-burst': 20, bps: '1M', 'bps-burst': '2M',
+      'connect-timeout': 3, 'reconnect-timeout': 10, 'request-timeout': 0, conf: '/etc/ceph/c.conf', id: 'vublk', keyring: '/k', 'mon-host': '127.0.0.1:3300',
+      lock: 'none', 'osd-timeout': 5,
     };
+    // Network options apply only to their kind of image.
+    const rbdKeys = ['conf', 'id', 'keyring', 'mon-host', 'lock', 'osd-timeout'];
+    const nbdKeys = ['connect-timeout', 'reconnect-timeout', 'request-timeout'];
     for (const row of DISK_OPTIONS) {
       if (row.key === 'socket' || row.key === 'socket-fd' || row.key === 'image') continue;
       const sample = samples[row.key];
       expect(sample, `a sample value for ${row.key}`).toBeDefined();
       const text = typeof sample === 'boolean' ? (sample ? 'on' : 'off') : String(sample);
       const burstNeeds = row.key === 'iops-burst' ? ',iops=10' : row.key === 'bps-burst' ? ',bps=1M' : '';
-      const spec = parseDiskArgument(`image=/x.img,socket=/x.sock,${row.key}=${text}${burstNeeds}`, 0);
+      const image = rbdKeys.includes(row.key) ? 'rbd:pool/img' : nbdKeys.includes(row.key) ? 'nbd://host/e' : '/x.img';
+      const spec = parseDiskArgument(`image=${image},socket=/x.sock,${row.key}=${text}${burstNeeds}`, 0);
       expect(spec.fields[row.field], row.key).toBeDefined();
       const entry = row.group === undefined ? `${row.key}: ${JSON.stringify(sample)}` : `${row.group}: { ${row.key}: ${JSON.stringify(sample)}${burstNeeds.replace(',', ', ').replace('=', ': ')} }`;
-      const config = parseConfig(`disks:\n  - { image: /x.img, socket: /x.sock, ${entry} }\n`, '/etc/v.yaml');
+      const config = parseConfig(`disks:\n  - { image: "${image}", socket: /x.sock, ${entry} }\n`, '/etc/v.yaml');
       expect(config.disks[0]!.fields[row.field], configKeyOf(row)).toEqual(spec.fields[row.field]);
     }
+  });
+
+  it('keeps network image locations as written and refuses options of the other kind', () => {
+    expect(parseDiskArgument('image=nbd+unix:///e?socket=/run/n.sock,socket=/x.sock', 0).options.imagePath).toBe('nbd+unix:///e?socket=/run/n.sock');
+    expect(parseDiskArgument('image=rbd:vms/g1,socket=/x.sock,id=vublk,keyring=k', 0).options.rbdKeyring).toMatch(/^\/.*\/k$/);
+    expect(() => parseDiskArgument('image=/x.img,socket=/x.sock,keyring=/k', 0)).toThrow(/keyring: only applies to rbd: images/);
+    expect(() => parseDiskArgument('image=rbd:vms/g1,socket=/x.sock,reconnect-timeout=5', 0)).toThrow(/reconnect-timeout: only applies to nbd/);
+    expect(() => parseDiskArgument('image=rbd:vms/g1,socket=/x.sock,size=1G', 0)).toThrow(/size: a network image has the size its server gives it/);
+    expect(() => parseDiskArgument('image=rbd:vms,socket=/x.sock', 0)).toThrow(/image: .*expected rbd:POOL\/IMAGE/);
+    expect(() => parseDiskArgument('image=nbds://h/e,socket=/x.sock', 0)).toThrow(/TLS \(nbds\) is not supported/);
   });
 
   it('says where a retired key went', () => {

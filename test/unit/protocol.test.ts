@@ -4,11 +4,13 @@ import {
   MalformedMessageError,
   decodeConfigMessage,
   decodeHeader,
+  decodeLogDescription,
   decodeMemoryTable,
   decodeVringAddress,
   decodeVringFdRequest,
   decodeVringState,
   encodeConfigMessage,
+  encodeLogDescription,
   encodeMemoryTable,
   encodeMessage,
   encodeVringAddress,
@@ -68,6 +70,13 @@ describe('vhost-user codecs', () => {
     const bad = new Uint8Array(12);
     new DataView(bad.buffer).setUint32(4, 1000, true);
     expect(() => decodeConfigMessage(FrontendRequest.GET_CONFIG, bad)).toThrow(/exceeds 256/);
+  });
+
+  it('decodes the SET_LOG_BASE log description (u64 size, u64 offset) and insists on 16 bytes', () => {
+    const bytes = encodeLogDescription({ mmapSize: 0x2000n, mmapOffset: 0x1000n });
+    expect(hex(bytes)).toBe('0020000000000000' + '0010000000000000');
+    expect(decodeLogDescription(FrontendRequest.SET_LOG_BASE, bytes)).toEqual({ mmapSize: 0x2000n, mmapOffset: 0x1000n });
+    expect(() => decodeLogDescription(FrontendRequest.SET_LOG_BASE, new Uint8Array(8))).toThrow(MalformedMessageError);
   });
 });
 

@@ -67,17 +67,35 @@ const disk: DiskContext = {
   counters: new SharedArrayBuffer(8),
   throttle: null,
 };
-const ring: RingStart = { size: 128, descUserAddr: 0, availUserAddr: 4096, usedUserAddr: 8192, lastAvailIdx: 0, eventIdx: true, kickFd: -1, callFd: -1, errFd: -1 };
+const ring: RingStart = { size: 128, descUserAddr: 0, availUserAddr: 4096, usedUserAddr: 8192, lastAvailIdx: 0, eventIdx: true, usedLogGpa: -1, kickFd: -1, callFd: -1, errFd: -1 };
 
 function table(id: number, version = 1): MemoryTable {
   return { id, version, regions: [] };
 }
 
 function start(pool: WorkerPool, diskId: number, queue: number, memoryId: number): Promise<void> {
-  return pool.startRing(diskId, queue, { disk, settings: { capacityBytes: 1 << 20, writeback: true }, memory: table(memoryId), ring });
+  return pool.startRing(diskId, queue, { disk, settings: { capacityBytes: 1 << 20, writeback: true }, memory: table(memoryId), log: { id: memoryId, version: 0, hostAddr: 0, size: 0 }, ring });
 }
 
 describe('worker pool', () => {
+  it('runs every ring of a pinned disk on one worker (one connection per disk), others spread', async () => {
+    const { spawn } = standIns();
+    const pool = new WorkerPool(3, log, spawn);
+    const pinned = pool.addDisk(() => undefined, { pinQueues: true });
+    const spread = pool.addDisk(() => undefined);
+    await start(pool, spread, 0, 1);
+    for (let q = 0; q < 4; q++) await start(pool, pinned, q, 2);
+    // The pinned disk's first ring went to the least-loaded worker (1), the other three followed it.
+    expect(pool.ringsPerWorker).toEqual([1, 4, 0]);
+    await start(pool, spread, 1, 1);
+    expect(pool.ringsPerWorker).toEqual([1, 4, 1]);
+    // Once all its rings stopped, the pinned disk is placed afresh (least loaded), and pinned again.
+    for (let q = 0; q < 4; q++) await pool.stopRing(pinned, q);
+    await start(pool, pinned, 0, 3);
+    await start(pool, pinned, 1, 3);
+    expect(pool.ringsPerWorker).toEqual([1, 2, 1]);
+  });
+
   it('places each ring on the least-loaded worker, spawning threads only when needed, and re-balances on stop', async () => {
     const { spawn, threads } = standIns();
     const pool = new WorkerPool(3, log, spawn);

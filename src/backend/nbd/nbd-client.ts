@@ -331,6 +331,20 @@ export class NbdClient {
     }
   }
 
+  /**
+   * Starts a client without blocking: the export is already known (`info`, from a blocking `open` elsewhere,
+   * e.g. the control thread's probe) and the connection is made in the background by `pump()`. Requests
+   * submitted meanwhile wait; a server that is away is retried with backoff exactly as after a lost connection.
+   */
+  static connectInBackground(options: NbdClientOptions, info: NbdExportInfo, onComplete: NbdCompletion): NbdClient {
+    const client = new NbdClient(options, onComplete);
+    client.info = info;
+    client.structured = info.structuredReplies;
+    client.beginAttempt();
+    client.armTimer();
+    return client;
+  }
+
   /** The first failure of `open`, kept so the blocking caller sees the real cause. */
   private openFailure: Error | null = null;
 

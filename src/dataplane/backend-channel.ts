@@ -1,0 +1,221 @@
+/**
+ * One network transport (an NBD connection, an RbdQueue) per disk per worker thread, shared by every queue
+ * of that disk the worker runs. NBD without multi-conn and RBD (one RbdQueue per image handle) require all
+ * queues of the disk on one worker and one transport; with NBD multi-conn each worker has its own.
+ *
+ * Each queue's executor is a member. Tags carry the member id (high part) and the member's slot (low 16
+ * bits), so whichever member polls the transport routes every completion to its owner; a member that is not
+ * the poller is woken through its own eventfd. Member ids are never reused within a channel, so a late
+ * completion of a member that left (a ring stop that timed out) is dropped rather than misrouted.
+ *
+ * The registry is module state: every worker thread has its own copy of this module.
+ */
+import { NbdClient } from '../backend/nbd/nbd-client.js';
+import { RbdQueue } from '../backend/rbd/rbd-queue.js';
+import type { IoSegments } from '../backend/nbd/io-segments.js';
+import type { NetworkBackend } from './network-backend.js';
+
+/** Slots per member (tag low bits). */
+export const SLOT_BITS = 16;
+const SLOT_SPAN = 1 << SLOT_BITS;
+
+/** errno 0 = success, else a positive errno. */
+export type TransportDeliver = (tag: number, errno: number) => void;
+
+/** The operations the network executor needs from a back-end connection. */
+export interface Transport {
+  /** Level-triggered: readable while the transport has progress to make (replies, timers, completions). */
+  readonly fd: number;
+  /** Writes are durable on completion when asked (NBD FUA); false: the executor follows them with a flush. */
+  readonly supportsFua: boolean;
+  read(tag: number, offset: number, segments: IoSegments): void;
+  write(tag: number, offset: number, segments: IoSegments, fua: boolean): void;
+  flush(tag: number): void;
+  discard(tag: number, offset: number, length: number): void;
+  writeZeroes(tag: number, offset: number, length: number, mayUnmap: boolean): void;
+  /** Sends what was submitted (one syscall per batch). */
+  kick(): void;
+  /** Progresses I/O without blocking and delivers every completion available. */
+  poll(deliver: TransportDeliver): void;
+  /** A change of the connection's health since the last call, for the log ('' when none). */
+  healthChange(): string;
+  close(): void;
+}
+
+class NbdTransport implements Transport {
+  readonly supportsFua = true;
+  private readonly client: NbdClient;
+  private deliver: TransportDeliver | null = null;
+
+  constructor(backend: Extract<NetworkBackend, { kind: 'nbd' }>) {
+    this.client = NbdClient.connectInBackground(
+      {
+        endpoint: backend.endpoint,
+        exportName: backend.exportName,
+        connectTimeoutMs: backend.connectTimeoutMs,
+        reconnectTimeoutMs: backend.reconnectTimeoutMs,
+        requestTimeoutMs: backend.requestTimeoutMs,
+      },
+      backend.info,
+      (tag, errno) => this.deliver?.(tag, errno),
+    );
+  }
+
+  get fd(): number {
+    return this.client.fd;
+  }
+
+  read(tag: number, offset: number, segments: IoSegments): void {
+    this.client.submitRead(tag, offset, segments);
+  }
+  write(tag: number, offset: number, segments: IoSegments, fua: boolean): void {
+    this.client.submitWrite(tag, offset, segments, fua);
+  }
+  flush(tag: number): void {
+    this.client.submitFlush(tag);
+  }
+  discard(tag: number, offset: number, length: number): void {
+    this.client.submitTrim(tag, offset, length);
+  }
+  writeZeroes(tag: number, offset: number, length: number, mayUnmap: boolean): void {
+    this.client.submitWriteZeroes(tag, offset, length, mayUnmap);
+  }
+  kick(): void {
+    this.client.flush();
+  }
+  poll(deliver: TransportDeliver): void {
+    this.deliver = deliver;
+    try {
+      this.client.pump();
+    } finally {
+      this.deliver = null;
+    }
+  }
+  /** null until the first connect succeeds or fails (connecting at ring start is not news). */
+  private healthy: boolean | null = null;
+  healthChange(): string {
+    const connected = this.client.state === 'connected' && this.client.lastError === '';
+    const healthy = this.healthy === null && !connected && this.client.counters.connectFailures === 0 ? null : connected;
+    if (healthy === this.healthy) return '';
+    const first = this.healthy === null;
+    this.healthy = healthy;
+    if (first && healthy === true) return '';
+    this.healthy = healthy;
+    const c = this.client.counters;
+    return healthy
+      ? `NBD connection up again (connects ${c.connects}, requests resent ${c.resubmitted}, failed after the reconnect timeout ${c.timedOutRequests})`
+      : `NBD connection lost: ${this.client.lastError || this.client.state}; reconnecting (requests wait up to the reconnect timeout)`;
+  }
+  close(): void {
+    this.client.close();
+  }
+}
+
+class RbdTransport implements Transport {
+  readonly supportsFua = false;
+  private readonly queue: RbdQueue;
+
+  constructor(backend: Extract<NetworkBackend, { kind: 'rbd' }>) {
+    this.queue = new RbdQueue(backend.handle, backend.eventFd);
+  }
+
+  get fd(): number {
+    return this.queue.fd;
+  }
+
+  read(tag: number, offset: number, segments: IoSegments): void {
+    this.queue.submitRead(tag, offset, segments);
+  }
+  write(tag: number, offset: number, segments: IoSegments): void {
+    this.queue.submitWrite(tag, offset, segments);
+  }
+  flush(tag: number): void {
+    this.queue.submitFlush(tag);
+  }
+  discard(tag: number, offset: number, length: number): void {
+    this.queue.submitDiscard(tag, offset, length);
+  }
+  writeZeroes(tag: number, offset: number, length: number): void {
+    this.queue.submitWriteZeroes(tag, offset, length);
+  }
+  kick(): void {
+    // librbd sends at submission.
+  }
+  poll(deliver: TransportDeliver): void {
+    this.queue.reap((tag, result) => deliver(tag, result < 0 ? -result : 0));
+  }
+  healthChange(): string {
+    return '';
+  }
+  close(): void {
+    this.queue.close();
+  }
+}
+
+/** What a channel needs of a member (the per-queue network executor). */
+export interface ChannelMember {
+  /** A completion for slot `slot` of this member. `direct`: delivered while this member itself polls. */
+  accept(slot: number, errno: number, direct: boolean): void;
+}
+
+export class BackendChannel {
+  private readonly members = new Map<number, ChannelMember>();
+  private nextId = 1;
+  private poller: ChannelMember | null = null;
+  private readonly route: TransportDeliver = (tag, errno) => {
+    const member = this.members.get(Math.floor(tag / SLOT_SPAN));
+    // A member that left (its ring stopped without waiting for it): nothing to publish to.
+    if (member === undefined) return;
+    member.accept(tag % SLOT_SPAN, errno, member === this.poller);
+  };
+
+  constructor(
+    readonly key: string,
+    readonly transport: Transport,
+  ) {}
+
+  join(member: ChannelMember): number {
+    const id = this.nextId++;
+    this.members.set(id, member);
+    return id;
+  }
+
+  /** Removes a member; closes the transport (and forgets the channel) when it was the last. */
+  leave(id: number): void {
+    this.members.delete(id);
+    if (this.members.size > 0) return;
+    channels.delete(this.key);
+    this.transport.close();
+  }
+
+  tag(id: number, slot: number): number {
+    return id * SLOT_SPAN + slot;
+  }
+
+  /**
+   * Polls the transport on behalf of `member`; other members' completions wake them. Returns a change of
+   * the connection's health to report ('' when none; reported once, by whichever member polled).
+   */
+  poll(member: ChannelMember): string {
+    this.poller = member;
+    try {
+      this.transport.poll(this.route);
+    } finally {
+      this.poller = null;
+    }
+    return this.transport.healthChange();
+  }
+}
+
+const channels = new Map<string, BackendChannel>();
+
+/** The channel of `backend` on this worker thread, opened on first use. */
+export function channelFor(backend: NetworkBackend): BackendChannel {
+  let channel = channels.get(backend.key);
+  if (channel === undefined) {
+    const transport = backend.kind === 'nbd' ? new NbdTransport(backend) : new RbdTransport(backend);
+    channel = new BackendChannel(backend.key, transport);
+    channels.set(backend.key, channel);
+  }
+  return channel;
+}

@@ -1,0 +1,34 @@
+/**
+ * What a pool worker needs to reach a network image (NBD export or Ceph RBD image), as sent in a ring's
+ * DiskContext (structured-cloneable: numbers and plain objects only). The control thread opened and
+ * validated the image at start (src/device/network-image.ts); workers only attach to it.
+ *
+ * `key` names the disk's back-end daemon-wide: every queue of the disk that runs on one worker shares one
+ * transport (one NBD connection, one RbdQueue) through it (backend-channel.ts).
+ */
+import type { StreamEndpoint } from '../sys/net-socket.js';
+import type { NbdExportInfo } from '../backend/nbd/handshake.js';
+
+export interface NbdBackend {
+  kind: 'nbd';
+  key: string;
+  /** Numeric address (resolved on the control thread) or Unix socket. */
+  endpoint: StreamEndpoint;
+  exportName: string;
+  /** The export as the control thread's probe saw it: workers connect in the background with it. */
+  info: NbdExportInfo;
+  connectTimeoutMs: number;
+  reconnectTimeoutMs: number;
+  requestTimeoutMs: number;
+}
+
+export interface RbdBackend {
+  kind: 'rbd';
+  key: string;
+  /** rbd_image_t opened on the control thread (valid in every thread of the process). */
+  handle: number;
+  /** The eventfd librbd signals completions on (owned by the control thread's RbdImage). */
+  eventFd: number;
+}
+
+export type NetworkBackend = NbdBackend | RbdBackend;

@@ -1,0 +1,180 @@
+/**
+ * The control side of network images: an NBD export or a Ceph RBD image is opened and validated here, on the
+ * control thread, when the daemon starts (clear errors: unreachable server, missing export, missing cluster,
+ * image, keyring, permission, lock held), and what the workers need is described for them (NetworkBackend).
+ *
+ * NBD: a probe connection learns the export (size, block sizes, read-only, flush/trim/write-zeroes,
+ * multi-conn) and is closed again; each worker then keeps its own connection (multi-conn) or the disk's
+ * queues are pinned to one worker with one connection. RBD: the image is opened once (with its exclusive
+ * lock) and kept for the daemon's life; its handle and completion eventfd go to the one worker that runs
+ * all of the disk's queues (one RbdQueue per image handle).
+ *
+ * Image locking (src/sys/image-lock.ts) does not apply: RBD has its exclusive lock; NBD is the server's.
+ */
+import { VublkError } from '../errors.js';
+import { NbdClient } from '../backend/nbd/nbd-client.js';
+import { NbdHandshakeError } from '../backend/nbd/handshake.js';
+import { parseNbdUri, resolveEndpoint } from '../backend/nbd/nbd-uri.js';
+import { describeEndpoint } from '../sys/net-socket.js';
+import { SyscallError } from '../sys/errors.js';
+import { RbdImage } from '../backend/rbd/rbd-image.js';
+import { parseRbdSpec, rbdImageName, type RbdSpec } from '../backend/rbd/rbd-spec.js';
+import type { NetworkBackend } from '../dataplane/network-backend.js';
+
+/** The disk options that only network images use (rows of the options table). */
+export interface NetworkImageOptions {
+  connectTimeout?: number | undefined;
+  reconnectTimeout?: number | undefined;
+  requestTimeout?: number | undefined;
+  rbdConf?: string | undefined;
+  rbdId?: string | undefined;
+  rbdKeyring?: string | undefined;
+  rbdMonHost?: string | undefined;
+  rbdLock?: 'exclusive' | 'none' | undefined;
+  osdTimeout?: number | undefined;
+}
+
+export const NBD_DEFAULT_CONNECT_TIMEOUT_S = 5;
+export const NBD_DEFAULT_RECONNECT_TIMEOUT_S = 30;
+export const NBD_DEFAULT_REQUEST_TIMEOUT_S = 60;
+
+/** A network image the daemon opened; one per disk. */
+export interface NetworkImage {
+  readonly kind: 'nbd' | 'rbd';
+  /** For logs: the URI or rbd:POOL/IMAGE. */
+  readonly location: string;
+  /** GET_ID answer when the disk has no serial= (the export or image name). */
+  readonly defaultSerial: string;
+  readonly sizeBytes: number;
+  /** Offsets and lengths must be multiples of this (NBD minimum block size; 512 for RBD). */
+  readonly minimumBlockSize: number;
+  /** Preferred I/O size in bytes (config opt_io_size), 0 when unknown. */
+  readonly preferredBlockSize: number;
+  /** The server refuses writes (NBD read-only export, RBD opened read-only). */
+  readonly readOnly: boolean;
+  readonly canDiscard: boolean;
+  readonly canWriteZeroes: boolean;
+  /** Every queue of the disk must run on one worker (one connection / one completion queue). */
+  readonly pinQueues: boolean;
+  /** What workers need (structured-cloneable). */
+  readonly backend: NetworkBackend;
+  /** Grows the image where it lives (RBD); NBD exports cannot be resized from here. */
+  resize(bytes: number): Promise<void>;
+  close(): Promise<void>;
+}
+
+/** Opening a network image failed; the message says why and what to check. */
+export class NetworkImageError extends VublkError {
+  constructor(code: string, message: string, options: { cause?: unknown } = {}) {
+    super(code, message, { peerFault: true, fatal: true, ...options });
+  }
+}
+
+let nextKey = 1;
+function backendKey(kind: string): string {
+  return `${kind}-${process.pid}-${nextKey++}`;
+}
+
+/** The RBD spec of a disk's options (pure; throws RbdError with code VUBLK_ERR_RBD_SPEC). */
+export function rbdSpecOf(options: NetworkImageOptions & { imagePath?: string | undefined; readOnly: boolean }): RbdSpec {
+  return parseRbdSpec(options.imagePath ?? '', {
+    conf: options.rbdConf,
+    id: options.rbdId,
+    keyring: options.rbdKeyring,
+    monHost: options.rbdMonHost,
+    connectTimeout: options.connectTimeout === undefined ? undefined : String(options.connectTimeout),
+    osdTimeout: options.osdTimeout === undefined ? undefined : String(options.osdTimeout),
+    lock: options.rbdLock,
+    readOnly: options.readOnly,
+  });
+}
+
+/** Opens `imagePath` when it names a network image; null for files and block devices. */
+export async function openNetworkImage(options: NetworkImageOptions & { imagePath: string; readOnly: boolean }): Promise<NetworkImage | null> {
+  const image = options.imagePath;
+  if (image.startsWith('rbd:')) return openRbd(rbdSpecOf(options));
+  if (/^nbds?(\+unix)?:\/\//i.test(image)) return openNbd(image, options);
+  return null;
+}
+
+async function openNbd(uri: string, options: NetworkImageOptions): Promise<NetworkImage> {
+  const target = parseNbdUri(uri);
+  let endpoint;
+  try {
+    endpoint = await resolveEndpoint(target.endpoint);
+  } catch (error) {
+    throw new NetworkImageError('VUBLK_ERR_NBD_UNREACHABLE', `NBD server ${uri}: cannot resolve the host name: ${(error as Error).message}`, { cause: error });
+  }
+  const connectTimeoutMs = (options.connectTimeout ?? NBD_DEFAULT_CONNECT_TIMEOUT_S) * 1000;
+  const where = describeEndpoint(endpoint);
+  let probe: NbdClient;
+  try {
+    probe = NbdClient.open({ endpoint, exportName: target.exportName, connectTimeoutMs }, () => undefined);
+  } catch (error) {
+    const detail = (error as Error).message;
+    if (error instanceof NbdHandshakeError && error.code === 'NBD_UNKNOWN_EXPORT') {
+      throw new NetworkImageError('VUBLK_ERR_NBD_NO_EXPORT', `NBD server ${where} has no export '${target.exportName}' (${detail})`, { cause: error });
+    }
+    if (error instanceof NbdHandshakeError) {
+      throw new NetworkImageError('VUBLK_ERR_NBD_REFUSED', `NBD server ${where} refused export '${target.exportName}': ${detail}`, { cause: error });
+    }
+    if (error instanceof SyscallError || (error as { code?: string }).code === 'NBD_TIMEOUT' || (error as { code?: string }).code === 'NBD_EOF') {
+      throw new NetworkImageError('VUBLK_ERR_NBD_UNREACHABLE', `NBD server ${where} is unreachable (is it running, and listening there?): ${detail}`, { cause: error });
+    }
+    throw new NetworkImageError('VUBLK_ERR_NBD_HANDSHAKE', `NBD server ${where}: ${detail}`, { cause: error });
+  }
+  const info = probe.info;
+  probe.close();
+  const backend: NetworkBackend = {
+    kind: 'nbd',
+    key: backendKey('nbd'),
+    endpoint,
+    exportName: target.exportName,
+    info,
+    connectTimeoutMs,
+    reconnectTimeoutMs: (options.reconnectTimeout ?? NBD_DEFAULT_RECONNECT_TIMEOUT_S) * 1000,
+    requestTimeoutMs: (options.requestTimeout ?? NBD_DEFAULT_REQUEST_TIMEOUT_S) * 1000,
+  };
+  return {
+    kind: 'nbd',
+    location: uri,
+    defaultSerial: target.exportName || 'nbd',
+    sizeBytes: info.size,
+    minimumBlockSize: info.minimumBlockSize,
+    preferredBlockSize: info.preferredBlockSize,
+    readOnly: info.readOnly,
+    canDiscard: info.canTrim,
+    canWriteZeroes: info.canWriteZeroes,
+    pinQueues: !info.canMultiConn,
+    backend,
+    resize: () => Promise.reject(new NetworkImageError('VUBLK_ERR_NBD_RESIZE', `${uri}: an NBD export is resized on its server, not through vublk`)),
+    close: () => Promise.resolve(),
+  };
+}
+
+async function openRbd(spec: RbdSpec): Promise<NetworkImage> {
+  // librbd's cache is off: a write completes when the OSDs have it, and FLUSH has nothing to lose.
+  const image = await RbdImage.open(spec, { conf: { rbd_cache: 'false' } });
+  let size: number;
+  try {
+    size = image.size();
+  } catch (error) {
+    await image.close().catch(() => undefined);
+    throw error;
+  }
+  return {
+    kind: 'rbd',
+    location: rbdImageName(spec),
+    defaultSerial: spec.image,
+    sizeBytes: size,
+    minimumBlockSize: 512,
+    preferredBlockSize: 0,
+    readOnly: spec.readOnly,
+    canDiscard: true,
+    canWriteZeroes: true,
+    pinQueues: true,
+    backend: { kind: 'rbd', key: backendKey('rbd'), handle: image.handle, eventFd: image.eventFd },
+    resize: (bytes) => image.resize(bytes),
+    close: () => image.close(),
+  };
+}
