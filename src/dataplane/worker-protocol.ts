@@ -11,6 +11,7 @@ import type { DeviceLimits } from './device-limits.js';
 import type { RegionLayout } from './memory-regions.js';
 import type { IoEngineName } from './request-executor.js';
 import type { ImageIoInfo } from './raw-image.js';
+import type { InflightQueueMapping } from './inflight-layout.js';
 import type { NetworkBackend } from './network-backend.js';
 
 /** What the user asked for: `auto` tries io_uring and falls back to the sync engine. */
@@ -81,6 +82,8 @@ export interface RingStart {
   kickFd: number;
   callFd: number;
   errFd: number;
+  /** This queue's part of the inflight region (SET_INFLIGHT_FD), when the front-end gave one. */
+  inflight?: InflightQueueMapping;
 }
 
 export type WorkerCommand =
@@ -107,8 +110,11 @@ export interface WorkerAck {
 /** Unsolicited events a worker reports (rare: never per request). */
 export interface WorkerEvent {
   type: 'event';
-  /** `backend`: a network back-end's connection was lost or is back (logged; rare). */
-  kind: 'poisoned' | 'started' | 'error' | 'backend';
+  /**
+   * `inflight`: a ring resumed requests a previous back-end left in flight (`reason` says how many).
+   * `backend`: a network back-end's connection was lost or is back (logged; rare).
+   */
+  kind: 'poisoned' | 'started' | 'error' | 'inflight' | 'backend';
   /** The disk (pool id) whose ring raised the event. */
   diskId: number;
   queue: number;
