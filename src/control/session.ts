@@ -45,7 +45,7 @@ import { sendWithFds } from '../sys/unix-socket.js';
 import { signalEventFd } from '../sys/eventfd.js';
 import { MessageStream, type CloseReason, type IncomingMessage } from './message-stream.js';
 import { VringConfig } from './vring-config.js';
-import { MemoryTableError, assertNoOverlap, assertWithinLimits, layoutsOf, mapRegion, unmapRegion, type MappedRegion } from './memory-table.js';
+import { assertNoOverlap, assertWithinLimits, layoutsOf, mapRegion, unmapRegion, type MappedRegion } from './memory-table.js';
 import { adoptNotifyFd } from './notify-fd.js';
 import { createInflightFd, mapInflightRegion, type MappedInflightRegion } from './inflight-region.js';
 import { mapLog, unmapLog, type MappedLog } from './dirty-log-map.js';
@@ -81,11 +81,6 @@ const REPLYING_REQUESTS = new Set<number>([
   FrontendRequest.GET_STATUS,
 ]);
 
-export interface SessionStats {
-  messages: number;
-  rejected: number;
-}
-
 export class VhostUserSession {
   private readonly stream: MessageStream;
   private readonly rings: VringConfig[];
@@ -116,7 +111,6 @@ export class VhostUserSession {
   private stopping = false;
   private noMemoryWarned = false;
   private featuresLogged = false;
-  readonly stats: SessionStats = { messages: 0, rejected: 0 };
   private readonly handlers: Record<number, Handler>;
 
   private readonly disk: BlkDisk;
@@ -206,7 +200,6 @@ export class VhostUserSession {
 
   private async handle(message: IncomingMessage): Promise<void> {
     const { request, flags } = message.header;
-    this.stats.messages++;
     const handler = this.handlers[request];
     // Under LOG_SHMFD, SET_LOG_BASE is answered like a GET (vhost-user "Communication"); QEMU waits for it.
     const replying = REPLYING_REQUESTS.has(request) || (request === FrontendRequest.SET_LOG_BASE && this.hasProtocolFeature(ProtocolFeature.LOG_SHMFD));
@@ -218,7 +211,6 @@ export class VhostUserSession {
       reply = await handler(message);
     } catch (error) {
       failed = true;
-      this.stats.rejected++;
       // The error's classification decides: the front-end's fault is a warning, ours an error;
       // a fatal error ends the connection instead of a reply.
       const classified = error instanceof VublkError ? error : null;

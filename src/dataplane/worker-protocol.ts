@@ -19,10 +19,6 @@ import type { LayerDescription } from '../backend/qcow2/index.js';
 export const IO_ENGINE_SETTINGS = ['auto', 'io_uring', 'sync'] as const;
 export type IoEngineSetting = (typeof IO_ENGINE_SETTINGS)[number];
 
-export function isIoEngineSetting(text: string): text is IoEngineSetting {
-  return (IO_ENGINE_SETTINGS as readonly string[]).includes(text);
-}
-
 export interface WorkerInit {
   /** Index of the worker in the pool: names it in logs. */
   worker: number;

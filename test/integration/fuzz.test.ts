@@ -32,7 +32,6 @@ import {
   type VirtqueueDriver,
 } from '../../bench/src/frontend/index.js';
 import {
-  DescFlags,
   ReqType,
   Status,
   countVerdict,
