@@ -35,7 +35,6 @@ export const BlkStatus = {
   IOERR: 1,
   UNSUPP: 2,
 } as const;
-export type BlkStatusCode = (typeof BlkStatus)[keyof typeof BlkStatus];
 
 /** Sector unit of the `sector` field and of capacity, whatever the logical block size. */
 export const SECTOR_SIZE = 512;
@@ -79,15 +78,6 @@ export interface DiscardSegment {
   sector: number;
   numSectors: number;
   flags: number;
-}
-
-export function decodeDiscardSegment(bytes: Uint8Array, offset = 0): DiscardSegment {
-  const view = new DataView(bytes.buffer, bytes.byteOffset + offset, DISCARD_SEGMENT_SIZE);
-  return {
-    sector: readLe64(view, 0),
-    numSectors: view.getUint32(8, true),
-    flags: view.getUint32(12, true),
-  };
 }
 
 export function encodeDiscardSegment(segment: DiscardSegment): Uint8Array {

@@ -89,6 +89,8 @@ export class DiskQueues {
         this.engines[event.queue] = event.ioEngine;
         this.log.info({ queue: event.queue, ioEngine: event.ioEngine, reason: event.reason }, 'queue worker io engine');
       }
+    } else if (event.kind === 'inflight') {
+      this.log.info({ queue: event.queue, reason: event.reason }, 'inflight requests resumed');
     } else if (event.kind === 'backend') {
       this.log.warn({ queue: event.queue, reason: event.reason }, 'network back-end');
     } else if (event.kind === 'error') {

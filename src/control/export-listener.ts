@@ -117,7 +117,7 @@ export class ExportListener {
     this.poll.close();
     if (this.session !== null) {
       const ended = new Promise<void>((resolve) => (this.sessionEnded = resolve));
-      this.session.close();
+      await this.session.closeAfterStoppingRings();
       await ended;
     }
     clearTimeout(this.waitingTimer);

@@ -13,7 +13,6 @@ import { pollFd, type PollEvents, type PollHandle } from '../sys/fd-poll.js';
 import { HEADER_SIZE, MAX_PAYLOAD_SIZE, HeaderFlag, decodeHeader, type MessageHeader } from '../../protocol/vhost-user.js';
 import { recvWithFds, sendWithFds, TruncatedFdsError } from '../sys/unix-socket.js';
 import { closeAll, closeFd } from '../sys/fd.js';
-import { VublkError } from '../errors.js';
 
 export interface IncomingMessage {
   header: MessageHeader;
@@ -24,11 +23,6 @@ export interface IncomingMessage {
 
 export type CloseReason = { kind: 'peer-closed' } | { kind: 'protocol-error'; detail: string } | { kind: 'local' };
 
-export class StreamCorruptError extends VublkError {
-  constructor(detail: string) {
-    super('VUBLK_ERR_STREAM_CORRUPT', `vhost-user stream is corrupt: ${detail}`, { peerFault: true, fatal: true });
-  }
-}
 
 
 export class MessageStream {

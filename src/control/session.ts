@@ -20,6 +20,7 @@ import {
   VHOST_USER_F_PROTOCOL_FEATURES,
   VHOST_VRING_F_LOG,
   decodeConfigMessage,
+  decodeInflight,
   decodeLogDescription,
   decodeMemoryTable,
   decodeSingleRegion,
@@ -28,6 +29,7 @@ import {
   decodeVringFdRequest,
   decodeVringState,
   encodeConfigMessage,
+  encodeInflight,
   encodeMessage,
   encodeReply,
   encodeU64,
@@ -43,8 +45,9 @@ import { sendWithFds } from '../sys/unix-socket.js';
 import { signalEventFd } from '../sys/eventfd.js';
 import { MessageStream, type CloseReason, type IncomingMessage } from './message-stream.js';
 import { VringConfig } from './vring-config.js';
-import { MemoryTableError, assertNoOverlap, assertWithinLimits, layoutsOf, mapRegion, unmapRegion, type MappedRegion } from './memory-table.js';
+import { assertNoOverlap, assertWithinLimits, layoutsOf, mapRegion, unmapRegion, type MappedRegion } from './memory-table.js';
 import { adoptNotifyFd } from './notify-fd.js';
+import { createInflightFd, mapInflightRegion, type MappedInflightRegion } from './inflight-region.js';
 import { mapLog, unmapLog, type MappedLog } from './dirty-log-map.js';
 import { OFFERED_PROTOCOL_FEATURES } from '../device/blk-features.js';
 import type { BlkDisk } from '../device/blk-disk.js';
@@ -78,11 +81,6 @@ const REPLYING_REQUESTS = new Set<number>([
   FrontendRequest.GET_STATUS,
 ]);
 
-export interface SessionStats {
-  messages: number;
-  rejected: number;
-}
-
 export class VhostUserSession {
   private readonly stream: MessageStream;
   private readonly rings: VringConfig[];
@@ -102,10 +100,17 @@ export class VhostUserSession {
   private protocolFeatures = 0n;
   private status = 0;
   private backendFd = -1;
+  /** The inflight region the front-end set (SET_INFLIGHT_FD), mapped; null without one. */
+  private inflight: MappedInflightRegion | null = null;
+  /** The memfd last offered by GET_INFLIGHT_FD: kept open until its reply has surely been sent. */
+  private inflightOfferFd = -1;
+  /** fds to attach to the reply of the message being handled. */
+  private replyFds: number[] = [];
   private ended = false;
+  /** Set by closeAfterStoppingRings: no ring starts again. */
+  private stopping = false;
   private noMemoryWarned = false;
   private featuresLogged = false;
-  readonly stats: SessionStats = { messages: 0, rejected: 0 };
   private readonly handlers: Record<number, Handler>;
 
   private readonly disk: BlkDisk;
@@ -148,6 +153,8 @@ export class VhostUserSession {
       [R.SET_BACKEND_REQ_FD]: (m) => this.setBackendReqFd(m),
       [R.SET_STATUS]: (m) => this.setStatus(decodeU64(m.header.request, m.payload)),
       [R.GET_STATUS]: () => encodeU64(this.deviceStatus()),
+      [R.GET_INFLIGHT_FD]: (m) => this.getInflightFd(m),
+      [R.SET_INFLIGHT_FD]: (m) => this.setInflightFd(m),
     };
     queues.setWorkerEventListener((event) => this.onWorkerEvent(event));
     queues.setConfigChangeListener(() => this.notifyConfigChange());
@@ -179,9 +186,20 @@ export class VhostUserSession {
     this.stream.close({ kind: 'local' });
   }
 
+  /**
+   * A clean stop (SIGTERM, restart, upgrade): the rings stop first — requests in flight complete and reach
+   * the used ring while the front-end is still connected — then the connection closes. QEMU's rewind
+   * (last_avail_idx := used.idx) then loses nothing, and what a stop could not finish stays in the inflight
+   * region for the next daemon.
+   */
+  async closeAfterStoppingRings(): Promise<void> {
+    this.stopping = true;
+    await Promise.allSettled(this.rings.map((ring) => this.stopRing(ring)));
+    this.close();
+  }
+
   private async handle(message: IncomingMessage): Promise<void> {
     const { request, flags } = message.header;
-    this.stats.messages++;
     const handler = this.handlers[request];
     // Under LOG_SHMFD, SET_LOG_BASE is answered like a GET (vhost-user "Communication"); QEMU waits for it.
     const replying = REPLYING_REQUESTS.has(request) || (request === FrontendRequest.SET_LOG_BASE && this.hasProtocolFeature(ProtocolFeature.LOG_SHMFD));
@@ -193,7 +211,6 @@ export class VhostUserSession {
       reply = await handler(message);
     } catch (error) {
       failed = true;
-      this.stats.rejected++;
       // The error's classification decides: the front-end's fault is a warning, ours an error;
       // a fatal error ends the connection instead of a reply.
       const classified = error instanceof VublkError ? error : null;
@@ -204,10 +221,13 @@ export class VhostUserSession {
       closeAll(message.fds);
       message.fds.length = 0;
     }
+    const replyFds = this.replyFds;
+    this.replyFds = [];
     if (this.stream.isClosed) return;
     if (replying) {
       // A reply is owed whatever happened; an empty payload is the clearest "no" the protocol has.
-      this.stream.send(encodeReply(request, reply instanceof Uint8Array && !failed ? reply : new Uint8Array(0)));
+      const payload = reply instanceof Uint8Array && !failed ? reply : null;
+      this.stream.send(encodeReply(request, payload ?? new Uint8Array(0)), payload !== null ? replyFds : []);
     } else if (wantsAck) {
       this.stream.send(encodeReply(request, encodeU64(failed ? 1 : 0)));
     }
@@ -343,6 +363,41 @@ export class VhostUserSession {
     for (const region of previous) if (!next.includes(region)) unmapRegion(region);
     this.log.debug({ regions: layouts.length }, 'memory table updated');
     for (const ring of this.rings) await this.reconcile(ring);
+  }
+
+  // --- inflight tracking --------------------------------------------------------------------------
+
+  /** GET_INFLIGHT_FD: a fresh zeroed region for num_queues × queue_size; the fd rides on the reply. */
+  private getInflightFd(message: IncomingMessage): Uint8Array {
+    const request = message.header.request;
+    const asked = decodeInflight(request, message.payload);
+    const { fd, description } = createInflightFd({ numQueues: asked.numQueues, queueSize: asked.queueSize }, this.rings.length);
+    closeFd(this.inflightOfferFd);
+    this.inflightOfferFd = fd;
+    this.replyFds = [fd];
+    this.log.debug({ numQueues: description.numQueues, queueSize: description.queueSize, bytes: Number(description.mmapSize) }, 'inflight region offered');
+    return encodeInflight(description);
+  }
+
+  /**
+   * SET_INFLIGHT_FD: maps the region (possibly one a previous daemon filled) for the rings' next start. Rings
+   * running now are restarted over it; the old region is unmapped only after they stopped.
+   */
+  private async setInflightFd(message: IncomingMessage): Promise<void> {
+    const request = message.header.request;
+    const description = decodeInflight(request, message.payload);
+    const fd = message.fds.shift();
+    if (fd === undefined) throw new SessionRequestError(request, 'no fd attached');
+    // The offer's reply went out before this message was read.
+    closeFd(this.inflightOfferFd);
+    this.inflightOfferFd = -1;
+    const region = mapInflightRegion(description, fd, this.rings.length);
+    const running = this.rings.filter((ring) => ring.running);
+    for (const ring of running) await this.stopRing(ring);
+    this.inflight?.unmap();
+    this.inflight = region;
+    this.log.info({ numQueues: region.numQueues, queueSize: region.queueSize }, 'inflight region set');
+    for (const ring of running) await this.reconcile(ring);
   }
 
   // --- migration dirty log -----------------------------------------------------------------------
@@ -546,7 +601,7 @@ export class VhostUserSession {
 
   /** Starts or stops the worker's ring so that it runs exactly when the configuration allows it. */
   private async reconcile(ring: VringConfig): Promise<void> {
-    const shouldRun = ring.kickArmed && ring.addressed && ring.isEnabled(this.protocolFeaturesNegotiated) && this.regions.length > 0 && !this.logUnusable;
+    const shouldRun = !this.stopping && ring.kickArmed && ring.addressed && ring.isEnabled(this.protocolFeaturesNegotiated) && this.regions.length > 0 && !this.logUnusable;
     if (shouldRun && !ring.running) {
       await this.queues.start(
         ring.index,
@@ -561,6 +616,7 @@ export class VhostUserSession {
           kickFd: ring.kickFd,
           callFd: ring.callFd,
           errFd: ring.errFd,
+          ...(this.inflightFor(ring.index) ?? {}),
         },
         this.memoryTable(),
         this.dirtyLogTable(),
@@ -570,6 +626,11 @@ export class VhostUserSession {
     } else if (!shouldRun && ring.running) {
       await this.stopRing(ring);
     }
+  }
+
+  private inflightFor(queue: number): { inflight: NonNullable<ReturnType<MappedInflightRegion['queue']>> } | undefined {
+    const mapping = this.inflight?.queue(queue);
+    return mapping === undefined ? undefined : { inflight: mapping };
   }
 
   private async stopRing(ring: VringConfig): Promise<void> {
@@ -645,6 +706,8 @@ export class VhostUserSession {
       await this.stopRing(ring);
       ring.reset();
     }
+    // The rings start over: nothing of the old ones may be resubmitted.
+    this.inflight?.clear();
     this.status = 0;
     this.ackedFeatures = 0n;
     this.featuresSet = false;
@@ -672,6 +735,11 @@ export class VhostUserSession {
       for (const ring of this.rings) ring.reset();
       this.regions.forEach(unmapRegion);
       this.regions = [];
+      // Kept only when a ring did not confirm its stop (it may still write the region).
+      if (failed === 0) this.inflight?.unmap();
+      this.inflight = null;
+      closeFd(this.inflightOfferFd);
+      this.inflightOfferFd = -1;
       if (failed === 0 && this.dirtyLog !== null) unmapLog(this.dirtyLog);
       this.dirtyLog = null;
       closeFd(this.logFd);

@@ -18,7 +18,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { createRequire } from 'node:module';
 
-/** The YAML parser is loaded only when a YAML file is read: it costs ~8 MiB of RSS a daemon without one need not pay. */
+/** The YAML parser is loaded only when a YAML file is read: its resident memory is a cost a daemon without one need not pay. */
 const loadYaml = (): typeof import('yaml') => createRequire(import.meta.url)('yaml') as typeof import('yaml');
 import { buildDiskSpec, checkDistinct, DiskSpecError, readOption, type DiskSpec } from './disk-spec.js';
 import { DISK_OPTIONS, RETIRED_DISK_KEYS, configKeyOf, type DiskFields } from './disk-options.js';
@@ -163,11 +163,6 @@ function choice<T extends string>(value: unknown, choices: readonly T[], keyPath
     return fail(keyPath, `must be one of ${choices.join(', ')}, got ${describe(value)}`);
   }
   return value as T;
-}
-
-function text(value: unknown, keyPath: string, fail: Fail): string {
-  if (typeof value !== 'string' || value === '') return fail(keyPath, `must be a non-empty string, got ${describe(value)}`);
-  return value;
 }
 
 function diskSpec(entry: unknown, index: number, base: string, defaults: Partial<DiskFields>, fail: Fail): DiskSpec {

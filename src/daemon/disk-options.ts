@@ -17,6 +17,7 @@ import { groupId, userId } from './account-lookup.js';
 import { MAX_QUEUE_SIZE } from '../../protocol/split-ring.js';
 import { IO_ENGINE_SETTINGS, type IoEngineSetting } from '../dataplane/worker-protocol.js';
 import { CACHE_MODES, type CacheMode } from '../dataplane/request-executor.js';
+import { IMAGE_FORMATS, type ImageFormat } from '../backend/qcow2/index.js';
 import { DEFAULT_MAX_DISCARD_SEG, DEFAULT_MAX_WRITE_ZEROES_SEG, MAX_RANGE_SEG } from '../dataplane/device-limits.js';
 
 export const DEFAULT_QUEUE_SIZE = 1024;
@@ -67,6 +68,8 @@ export interface DiskFields {
   rbdMonHost?: string | undefined;
   rbdLock?: 'exclusive' | 'none' | undefined;
   osdTimeout?: number | undefined;
+  format?: ImageFormat | undefined;
+  l2CacheBytes?: number | undefined;
   iops?: number | undefined;
   iopsBurst?: number | undefined;
   bps?: number | undefined;
@@ -305,6 +308,8 @@ export const DISK_OPTIONS: readonly AnyDiskOption[] = [
   option({ field: 'rbdMonHost', key: 'mon-host', help: "RBD: monitor addresses, overriding ceph.conf's mon_host", type: plainText, reload: 'restart', admin: 'mon-host' }),
   option({ field: 'rbdLock', key: 'lock', help: "RBD: exclusive (take the image's exclusive lock and keep it) or none (live-migration target)", type: oneOf(['exclusive', 'none'] as const), reload: 'restart', admin: 'lock' }),
   option({ field: 'osdTimeout', key: 'osd-timeout', help: 'RBD: seconds before an unanswered I/O fails with IOERR (default 0: wait for the cluster)', type: wholeNumber(0, 86_400, '<s>'), reload: 'restart', admin: 'osd-timeout' }),
+  option({ field: 'format', key: 'format', flag: '--format', help: "image format: raw or qcow2 (default: probed, with a warning; a probed qcow2 image may only name a backing file whose format it records)", type: oneOf(IMAGE_FORMATS), reload: 'restart', admin: 'format' }),
+  option({ field: 'l2CacheBytes', key: 'l2-cache-size', flag: '--l2-cache-size', help: 'qcow2: bytes of L2 tables cached, shared by all queues (default: enough for the whole disk, at most 32M)', type: amount(parseSize, '<bytes>', '4M'), reload: 'restart', admin: 'l2-cache-size' }),
   option({ field: 'iops', key: 'iops', group: 'throttle', flag: '--iops', help: 'throttle: requests per second across all queues (e.g. 500, 10k; 0 = unlimited)', type: amount(parseCount, '<n>', '10k'), reload: 'live' }),
   option({ field: 'iopsBurst', key: 'iops-burst', group: 'throttle', flag: '--iops-burst', help: 'throttle: request burst (default: one second of --iops)', type: amount(parseCount, '<n>', '20k'), reload: 'live' }),
   option({ field: 'bps', key: 'bps', group: 'throttle', flag: '--bps', help: 'throttle: bytes per second across all queues (e.g. 100M; 0 = unlimited)', type: amount(parseRate, '<rate>', '100M'), reload: 'live' }),

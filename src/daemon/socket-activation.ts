@@ -19,7 +19,7 @@ import path from 'node:path';
 import { AF_UNIX, SOCK_STREAM } from '../sys/libc.js';
 import { Errno, SyscallError } from '../sys/errors.js';
 import { setNonBlocking } from '../sys/fd.js';
-import { describeSocket, ENOTSOCK, setCloseOnExec, unixSocketName } from '../sys/socket-info.js';
+import { describeSocket, setCloseOnExec, unixSocketName } from '../sys/socket-info.js';
 import type { DiskSpec } from './disk-spec.js';
 import type { Logger } from '../log.js';
 import { VublkError } from '../errors.js';
@@ -59,7 +59,7 @@ export function checkListeningUnixSocket(fd: number, label: string): string | nu
   try {
     info = describeSocket(fd);
   } catch (error) {
-    if (error instanceof SyscallError && error.errno === ENOTSOCK) throw new SocketActivationError(`${label} is not a socket`);
+    if (error instanceof SyscallError && error.errno === Errno.ENOTSOCK) throw new SocketActivationError(`${label} is not a socket`);
     if (error instanceof SyscallError && error.errno === Errno.EBADF) throw new SocketActivationError(`${label} is not an open fd`);
     throw error;
   }

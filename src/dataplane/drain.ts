@@ -22,6 +22,7 @@ import type { GuestMemory } from './guest-memory.js';
 import type { SplitQueue } from './split-queue.js';
 import type { DeviceLimits } from './device-limits.js';
 import type { Completion, RequestExecutor } from './request-executor.js';
+import type { InflightQueue } from './inflight-queue.js';
 import type { RingDirtyLog } from './dirty-log.js';
 
 /** Admission control: 0 = go (tokens taken), otherwise nanoseconds to wait (nothing taken). */
@@ -49,6 +50,8 @@ export interface DrainContext {
   /** False while the ring is stopping: completions are still published, nothing more is popped. */
   accepting: boolean;
   poisoned: boolean;
+  /** Inflight tracking (INFLIGHT_SHMFD), or null when the front-end gave no region. */
+  inflight?: InflightQueue | null;
   onPoison(cause: PoisonCause, reason: string): void;
   /** Raises the guest interrupt (call eventfd). */
   interrupt(): void;
@@ -63,8 +66,8 @@ export function createRequestScratch(limits: DeviceLimits): { scratch: ChainScra
 /**
  * A long drain tells the driver about finished requests as it goes (when the driver asked to be told), after
  * every quarter of what was waiting when the round began (at least MIN_COMPLETION_BATCH requests), so the
- * driver refills the ring while the rest is served: stop-and-go at depth becomes a pipeline. Measured on
- * 4 KiB reads at depth 32 on one queue: +40 % IOPS over one interrupt per drain.
+ * driver refills the ring while the rest is served: stop-and-go at depth becomes a pipeline (the gain is
+ * measured in docs/benchmarks.md).
  */
 export const MIN_COMPLETION_BATCH = 4;
 
@@ -126,14 +129,24 @@ function drainUntilEmpty(ctx: DrainContext, notify: NotifyState): number {
     notify.batch = Math.max(MIN_COMPLETION_BATCH, queue.pending() >> 2);
     let blocked = false;
     for (;;) {
-      const pending = queue.pending();
-      if (pending === 0) break;
-      if (pending > queue.size) {
-        counters.add(Counter.invalidAvailIdx);
-        poison(ctx, 'invalid_avail_idx', `avail.idx is ${pending} entries ahead of the device, more than the queue size ${queue.size}`);
-        return 0;
+      // Requests a previous back-end left in flight go first, oldest first (inflight tracking).
+      const inflight = ctx.inflight ?? null;
+      const resubmit = inflight !== null && inflight.resubmitsLeft > 0;
+      let head: number;
+      if (resubmit) {
+        head = inflight.takeResubmit();
+      } else {
+        const pending = queue.pending();
+        if (pending === 0) break;
+        if (pending > queue.size) {
+          counters.add(Counter.invalidAvailIdx);
+          poison(ctx, 'invalid_avail_idx', `avail.idx is ${pending} entries ahead of the device, more than the queue size ${queue.size}`);
+          return 0;
+        }
+        head = queue.popHead();
+        // Marked before anything else: a popped entry is either in the used ring or marked (dropped ones too).
+        inflight?.popped(head);
       }
-      const head = queue.popHead();
       const outcome = walkChain(ctx.memory, queue.descView, queue.descBase, queue.size, head, ctx.scratch);
       if (outcome === ChainOutcome.Poison) {
         counters.add(Counter.ioErrors);
@@ -144,7 +157,7 @@ function drainUntilEmpty(ctx: DrainContext, notify: NotifyState): number {
         counters.add(Counter.ioErrors);
         continue;
       }
-      const wait = serveRequest(ctx, head);
+      const wait = serveRequest(ctx, head, resubmit);
       if (wait === BLOCKED) {
         blocked = true;
         break;
@@ -168,7 +181,7 @@ function drainUntilEmpty(ctx: DrainContext, notify: NotifyState): number {
  * Validates, admits and submits (or answers) one chain. Returns a stall wait or BLOCKED (the chain was put
  * back in either case), or 0.
  */
-function serveRequest(ctx: DrainContext, head: number): number {
+function serveRequest(ctx: DrainContext, head: number, resubmit = false): number {
   const { request, counters } = ctx;
   const disposition = parseRequest(ctx.memory, ctx.scratch, ctx.limits, ctx.capacityBytes, request);
   if (disposition === Disposition.Drop) {
@@ -184,12 +197,12 @@ function serveRequest(ctx: DrainContext, head: number): number {
   }
 
   if (!ctx.executor.canAccept(request)) {
-    ctx.queue.unpop();
+    putBack(ctx, head, resubmit);
     return BLOCKED;
   }
   const wait = ctx.admission.admit(request.dataBytes);
   if (wait > 0) {
-    ctx.queue.unpop();
+    putBack(ctx, head, resubmit);
     if (!ctx.stalled) {
       ctx.stalled = true;
       counters.add(Counter.throttled);
@@ -206,6 +219,16 @@ function serveRequest(ctx: DrainContext, head: number): number {
   if (writesGuestBuffers(request.type)) ctx.dirtyLog?.recordWrites(head, request);
   ctx.executor.submit(ctx.memory, request, head, ctx.capacityBytes, ctx.writeback);
   return 0;
+}
+
+/** The chain waits for room or tokens: back into the avail ring, or back to the head of the resubmit list. */
+function putBack(ctx: DrainContext, head: number, resubmit: boolean): void {
+  if (resubmit) {
+    ctx.inflight?.untakeResubmit();
+    return;
+  }
+  ctx.queue.unpop();
+  ctx.inflight?.unpopped(head);
 }
 
 /** Counts and publishes one finished request (called by the executor, possibly in a later wake-up). */
@@ -268,7 +291,10 @@ function publishAt(ctx: DrainContext, head: number, statusGpa: number, status: n
     return;
   }
   ctx.dirtyLog?.markByte(statusGpa);
+  // Two-phase put (inflight tracking): a crash between the used ring and the clear is repaired on resume.
+  ctx.inflight?.beforeUsed(head);
   ctx.queue.pushUsed(head, written + 1);
+  ctx.inflight?.afterUsed(head, ctx.queue.usedIdx);
 }
 
 function poison(ctx: DrainContext, cause: PoisonCause, reason: string): void {

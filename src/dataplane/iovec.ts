@@ -5,13 +5,10 @@
  * tail of a short read, both once, for every engine.
  */
 import { SECTOR_SIZE } from '../../protocol/virtio-blk.js';
-import { addressOf } from '../sys/libc.js';
+import { addressOf, IOV_MAX, IOVEC_BYTES } from '../sys/libc.js';
 import type { GuestMemory } from './guest-memory.js';
 
-export { SECTOR_SIZE };
-/** Linux's UIO_MAXIOV: one preadv/pwritev/READV/WRITEV takes at most this many iovecs. */
-export const IOV_MAX = 1024;
-export const IOVEC_BYTES = 16;
+export { SECTOR_SIZE, IOV_MAX, IOVEC_BYTES };
 const TWO_32 = 0x1_0000_0000;
 
 /** Writes iovec `index` of `words` (starting at word `base`). */

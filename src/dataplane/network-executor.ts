@@ -26,7 +26,7 @@ import { createEventFd, drainEventFd, signalEventFd } from '../sys/eventfd.js';
 import { closeFd } from '../sys/fd.js';
 import { InterestSet } from '../sys/interest-set.js';
 import { waitReadable } from '../sys/poll-wait.js';
-import { errnoName } from '../sys/errors.js';
+import { Errno, errnoName } from '../sys/errors.js';
 import type { GuestMemory } from './guest-memory.js';
 import { readDiscardSegments, type BlkRequest, type RangeSegment } from './blk-request.js';
 import type { DeviceLimits } from './device-limits.js';
@@ -40,7 +40,6 @@ import type { NetworkBackend } from './network-backend.js';
 export const NETWORK_DEPTH = 256;
 /** Host pieces one request may have (the transports copy at most this many). */
 const MAX_PIECES = 1024;
-const ENOTSUP = 95;
 
 const enum Phase {
   /** The request's only (or current) operation is on the wire. */
@@ -269,7 +268,7 @@ export class NetworkExecutor implements RequestExecutor, ChannelMember {
     c.head = this.head[slot]!;
     c.statusGpa = this.statusGpa[slot]!;
     c.type = type;
-    c.status = code === 0 ? BlkStatus.OK : code === ENOTSUP ? BlkStatus.UNSUPP : BlkStatus.IOERR;
+    c.status = code === 0 ? BlkStatus.OK : code === Errno.EOPNOTSUPP ? BlkStatus.UNSUPP : BlkStatus.IOERR;
     c.dataBytes = this.dataBytes[slot]!;
     c.written = code === 0 && type === BlkRequestType.IN ? c.dataBytes : 0;
     c.latencyNanos = (performance.now() - this.started[slot]!) * 1e6;

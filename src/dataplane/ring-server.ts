@@ -25,10 +25,13 @@ import { UringExecutor } from './uring-executor.js';
 import { NetworkExecutor } from './network-executor.js';
 import type { EngineOptions, IoEngineName, RequestExecutor } from './request-executor.js';
 import { engineOptions } from './raw-image.js';
+import { createQcow2Executor } from './qcow2-executor.js';
+import { cachePolicy } from './request-executor.js';
 import { completeRequest, createRequestScratch, drainQueue, unlimited, type Admission, type DrainContext, type PoisonCause } from './drain.js';
 import { DiskThrottle } from '../throttle/disk-throttle.js';
 import { DirtyLog, RingDirtyLog } from './dirty-log.js';
 import type { DiskContext, DiskSettings, RingEvent, RingStart } from './worker-protocol.js';
+import { InflightQueue, InflightRegionError } from './inflight-queue.js';
 
 /** Kick-less (polling-mode) rings are drained on this tick. */
 const POLL_TICK_NANOS = 1_000_000;
@@ -44,6 +47,8 @@ export class RingServer {
   private readonly request;
   private ring: RingStart | null = null;
   private context: DrainContext | null = null;
+  /** Inflight tracking, taken over at the first start (a memory change restarts without resuming again). */
+  private inflight: InflightQueue | null = null;
   /** The session's migration dirty log (DirtyLog.off unless the front-end set VHOST_F_LOG_ALL). */
   private log: DirtyLog = DirtyLog.off;
   private ringLog: RingDirtyLog | null = null;
@@ -89,9 +94,16 @@ export class RingServer {
       this.post({ type: 'event', kind: 'started', queue: this.queue, reason: `${this.init.network.kind} back-end` });
       return network;
     }
+    // qcow2: one mapping layer over raw engines (one per host file), whichever engine it is.
+    const qcow2 = this.init.qcow2;
+    const wrap = (makeRaw: (fd: number) => RequestExecutor): RequestExecutor => {
+      if (qcow2 === undefined) return makeRaw(this.init.imageFd);
+      const policy = cachePolicy(this.init.image?.cache ?? 'writeback');
+      return createQcow2Executor(qcow2, this.init.imageFd, this.init.limits, policy.direct, policy.ignoreFlush, makeRaw);
+    };
     if (setting !== 'sync') {
       try {
-        executor = new UringExecutor(this.init.imageFd, this.init.limits, options);
+        executor = wrap((fd) => new UringExecutor(fd, this.init.limits, options));
         engine = 'io_uring';
         reason = `io_uring (${setting === 'auto' ? 'auto' : 'requested'})`;
       } catch (error) {
@@ -104,7 +116,7 @@ export class RingServer {
       }
     }
     this.post({ type: 'event', kind: 'started', queue: this.queue, reason, ioEngine: engine });
-    return executor ?? new SyncExecutor(this.init.imageFd, this.init.limits, options);
+    return executor ?? wrap((fd) => new SyncExecutor(fd, this.init.limits, options));
   }
 
   /** Adaptive polling asked for by the disk (µs, 0 = off). */
@@ -250,6 +262,7 @@ export class RingServer {
       throw error;
     }
     this.counters.setGauge(Counter.poisoned, 0);
+    if (this.inflight === null && ring.inflight !== undefined) queue.lastAvailIdx = this.takeOverInflight(ring, queue, lastAvailIdx);
     // Requests in flight keep their recorded ranges across a memory change (same ring size).
     if (this.ringLog === null || this.ringLog.queueSize !== ring.size) this.ringLog = new RingDirtyLog(ring.size, this.counters);
     this.ringLog.log = this.log;
@@ -269,6 +282,7 @@ export class RingServer {
       stalled: false,
       accepting: true,
       poisoned: false,
+      inflight: this.inflight,
       onPoison: (cause, reason) => this.raisePoison(cause, reason),
       interrupt: () => {
         const fd = this.ring?.callFd ?? -1;
@@ -280,6 +294,41 @@ export class RingServer {
     else this.timer.arm(POLL_TICK_NANOS, POLL_TICK_NANOS);
     // Requests may have been queued before the ring (re)started; their kick is long gone.
     this.drain();
+  }
+
+  /**
+   * Inflight tracking at ring start: resumes what a previous back-end left in flight (resubmitted before any
+   * new pop) and returns where popping continues. A region that fails validation is refused with an error
+   * event and started afresh: the ring then runs from the front-end's base, still tracked.
+   */
+  private takeOverInflight(ring: RingStart, queue: SplitQueue, frontendBase: number): number {
+    const mapping = ring.inflight!;
+    let inflight: InflightQueue;
+    try {
+      inflight = new InflightQueue(mapping);
+    } catch (error) {
+      if (!(error instanceof InflightRegionError)) throw error;
+      this.post({ type: 'event', kind: 'error', queue: this.queue, reason: `${error.message}; running without inflight tracking` });
+      return frontendBase;
+    }
+    this.inflight = inflight;
+    try {
+      const resume = inflight.resume(queue.usedIdx, queue.size, frontendBase);
+      if (resume.resubmit.length > 0 || resume.batchFixed > 0 || resume.lastAvailIdx !== (frontendBase & 0xffff)) {
+        this.post({
+          type: 'event',
+          kind: 'inflight',
+          queue: this.queue,
+          reason: `${resume.resubmit.length} requests resubmitted, ${resume.batchFixed} completed before the crash; avail index ${resume.lastAvailIdx} (front-end said ${frontendBase & 0xffff})`,
+        });
+      }
+      return resume.lastAvailIdx;
+    } catch (error) {
+      if (!(error instanceof InflightRegionError)) throw error;
+      this.post({ type: 'event', kind: 'error', queue: this.queue, reason: `${error.message}; tracking starts afresh at the front-end's base` });
+      inflight.reset(queue.usedIdx);
+      return frontendBase;
+    }
   }
 
   private poisonedFromStart(reason: string): void {

@@ -23,7 +23,6 @@
  * submission sequence are stable meanwhile); at most two SQEs per slot are outstanding, and the SQ holds
  * 2 × depth entries, so preparing never finds the SQ full; nothing here blocks except `waitIdle`.
  */
-import koffi from 'koffi';
 import { BlkRequestType, BlkStatus } from '../../protocol/virtio-blk.js';
 import { errnoName, Errno } from '../sys/errors.js';
 import { IoUring, IoUringOp, SqeFlag, IORING_FSYNC_DATASYNC } from '../sys/io-uring.js';
@@ -43,7 +42,6 @@ import { waitReadable } from '../sys/poll-wait.js';
 export const DEFAULT_URING_DEPTH = 256;
 /** Bounce memory per queue in O_DIRECT mode. */
 export const BOUNCE_POOL_BYTES = 4 * 1024 * 1024;
-const ECANCELED = koffi.os.errno['ECANCELED'] ?? 125;
 
 /** CQE kinds, in the high half of the 32-bit user data; the slot is in the low half. */
 const KIND_RW = 0;
@@ -400,7 +398,7 @@ export class UringExecutor implements RequestExecutor {
       }
     } else if (res === 0) {
       this.slotFlags[slot] = (this.slotFlags[slot] ?? 0) | SlotFlag.synced;
-    } else if (-res !== ECANCELED && -res !== Errno.EINTR && -res !== Errno.EAGAIN) {
+    } else if (-res !== Errno.ECANCELED && -res !== Errno.EINTR && -res !== Errno.EAGAIN) {
       // ECANCELED: the linked write came up short (or failed); the write's own CQE decides what happens.
       this.setError(slot, `fdatasync: ${errnoName(-res)}`);
     }

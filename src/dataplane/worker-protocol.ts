@@ -11,15 +11,13 @@ import type { DeviceLimits } from './device-limits.js';
 import type { RegionLayout } from './memory-regions.js';
 import type { IoEngineName } from './request-executor.js';
 import type { ImageIoInfo } from './raw-image.js';
+import type { InflightQueueMapping } from './inflight-layout.js';
 import type { NetworkBackend } from './network-backend.js';
+import type { LayerDescription } from '../backend/qcow2/index.js';
 
 /** What the user asked for: `auto` tries io_uring and falls back to the sync engine. */
 export const IO_ENGINE_SETTINGS = ['auto', 'io_uring', 'sync'] as const;
 export type IoEngineSetting = (typeof IO_ENGINE_SETTINGS)[number];
-
-export function isIoEngineSetting(text: string): text is IoEngineSetting {
-  return (IO_ENGINE_SETTINGS as readonly string[]).includes(text);
-}
 
 export interface WorkerInit {
   /** Index of the worker in the pool: names it in logs. */
@@ -44,6 +42,8 @@ export interface DiskContext {
   pollUs?: number;
   /** A network image (NBD, RBD) instead of `imageFd`. */
   network?: NetworkBackend;
+  /** A qcow2 image (format=qcow2): its shared state; `imageFd` is then the top image opened with the cache mode's flags. */
+  qcow2?: LayerDescription;
 }
 
 /** Disk state that changes at run time (SET_CONFIG of the writeback byte, a resize). */
@@ -85,6 +85,8 @@ export interface RingStart {
   kickFd: number;
   callFd: number;
   errFd: number;
+  /** This queue's part of the inflight region (SET_INFLIGHT_FD), when the front-end gave one. */
+  inflight?: InflightQueueMapping;
 }
 
 export type WorkerCommand =
@@ -111,8 +113,11 @@ export interface WorkerAck {
 /** Unsolicited events a worker reports (rare: never per request). */
 export interface WorkerEvent {
   type: 'event';
-  /** `backend`: a network back-end's connection was lost or is back (logged; rare). */
-  kind: 'poisoned' | 'started' | 'error' | 'backend';
+  /**
+   * `inflight`: a ring resumed requests a previous back-end left in flight (`reason` says how many).
+   * `backend`: a network back-end's connection was lost or is back (logged; rare).
+   */
+  kind: 'poisoned' | 'started' | 'error' | 'inflight' | 'backend';
   /** The disk (pool id) whose ring raised the event. */
   diskId: number;
   queue: number;

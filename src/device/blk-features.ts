@@ -31,8 +31,9 @@ export function offeredVirtioFeatures(readOnly: boolean, image: ImageCapabilitie
 }
 
 /**
- * INFLIGHT_SHMFD is deliberately not offered yet: offering it obliges the back-end to track and resubmit
- * in-flight requests across reconnects, and vublk completes every request before its drain returns.
+ * INFLIGHT_SHMFD: requests stay in flight across drains and complete out of order, so QEMU's reconnect rewind
+ * (last_avail_idx := used_idx) cannot tell which requests a dead back-end left unfinished; the inflight region
+ * does (src/dataplane/inflight-queue.ts).
  */
 export const OFFERED_PROTOCOL_FEATURES = featureMask(
   ProtocolFeature.MQ,
@@ -40,6 +41,7 @@ export const OFFERED_PROTOCOL_FEATURES = featureMask(
   ProtocolFeature.REPLY_ACK,
   ProtocolFeature.CONFIG,
   ProtocolFeature.BACKEND_REQ,
+  ProtocolFeature.INFLIGHT_SHMFD,
   ProtocolFeature.CONFIGURE_MEM_SLOTS,
   ProtocolFeature.RESET_DEVICE,
   ProtocolFeature.STATUS,

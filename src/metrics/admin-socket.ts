@@ -8,7 +8,8 @@ import http from 'node:http';
 import path from 'node:path';
 import { bindSocketPath, type SocketAccess } from '../sys/socket-path.js';
 import { closeFd } from '../sys/fd.js';
-import { errorFields, type Logger } from '../log.js';
+import type { Logger } from '../log.js';
+import { closeHttpServer, createHttpServer, startListening } from './http-lifecycle.js';
 import type { AdminTarget } from './admin.js';
 import { replyJson, serveAdmin } from './http-server.js';
 
@@ -37,48 +38,33 @@ export class AdminSocketServer {
   ) {}
 
   static async start(options: AdminSocketOptions, target: AdminTarget, log: Logger): Promise<AdminSocketServer> {
-    const server = http.createServer((req, res) => {
-      const { pathname } = new URL(req.url ?? '/', 'http://vublk.invalid');
-      if (pathname !== '/admin' && !pathname.startsWith('/admin/')) {
-        req.resume();
-        replyJson(res, 404, { error: 'the admin socket serves /admin/disks only' });
-        return;
-      }
-      serveAdmin(req, res, pathname, { admin: target }).catch((error: unknown) => {
-        log.error(errorFields(error), 'admin request failed');
-        if (!res.headersSent) replyJson(res, 500, { error: 'internal error' });
-        else res.destroy();
-      });
-    });
-    server.requestTimeout = 10_000;
-    server.headersTimeout = 10_000;
+    const server = createHttpServer(
+      async (req, res) => {
+        const { pathname } = new URL(req.url ?? '/', 'http://vublk.invalid');
+        if (pathname !== '/admin' && !pathname.startsWith('/admin/')) {
+          req.resume();
+          replyJson(res, 404, { error: 'the admin socket serves /admin/disks only' });
+          return;
+        }
+        await serveAdmin(req, res, pathname, { admin: target });
+      },
+      (res) => replyJson(res, 500, { error: 'internal error' }),
+      log,
+      'admin socket',
+    );
     const fd = bindSocketPath(options.path, options);
     try {
-      await new Promise<void>((resolve, reject) => {
-        server.once('error', reject);
-        server.listen({ fd }, () => {
-          server.off('error', reject);
-          resolve();
-        });
-      });
+      await startListening(server, (done) => server.listen({ fd }, done), log, 'admin socket');
     } catch (error) {
       closeFd(fd);
       fs.rmSync(options.path, { force: true });
       throw error;
     }
-    server.on('error', (error) => log.error(errorFields(error), 'admin socket error'));
     return new AdminSocketServer(server, options.path);
   }
 
   async close(): Promise<void> {
-    await new Promise<void>((resolve) => {
-      const force = setTimeout(() => this.server.closeAllConnections(), 2_000);
-      this.server.close(() => {
-        clearTimeout(force);
-        resolve();
-      });
-      this.server.closeIdleConnections();
-    });
+    await closeHttpServer(this.server);
     fs.rmSync(this.path, { force: true });
   }
 }

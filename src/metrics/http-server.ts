@@ -10,7 +10,8 @@ import http from 'node:http';
 import type { AddressInfo } from 'node:net';
 import type { Registry } from 'prom-client';
 import { isSocketLive } from '../sys/unix-socket.js';
-import { errorFields, type Logger } from '../log.js';
+import type { Logger } from '../log.js';
+import { closeHttpServer, createHttpServer, startListening } from './http-lifecycle.js';
 import { AdminError, handleAdmin, type AdminTarget } from './admin.js';
 import { formatAddress, type MetricsAddress } from './listen-address.js';
 import { VublkError } from '../errors.js';
@@ -48,27 +49,19 @@ export class MetricsServer {
 
   /** Binds and listens; rejects with the listen error (EADDRINUSE, EACCES, ...). */
   static async start(requested: MetricsAddress, options: MetricsServerOptions, log: Logger): Promise<MetricsServer> {
-    const server = http.createServer((req, res) => {
-      serve(req, res, options).catch((error: unknown) => {
-        log.error(errorFields(error), 'metrics request failed');
-        if (!res.headersSent) reply(res, 500, 'text/plain; charset=utf-8', 'internal error\n');
-        else res.destroy();
-      });
-    });
-    server.requestTimeout = 10_000;
-    server.headersTimeout = 10_000;
-    server.keepAliveTimeout = 5_000;
+    const server = createHttpServer(
+      (req, res) => serve(req, res, options),
+      (res) => reply(res, 500, 'text/plain; charset=utf-8', 'internal error\n'),
+      log,
+      'metrics',
+    );
     if (requested.kind === 'unix') removeStaleSocket(requested.path);
-    await new Promise<void>((resolve, reject) => {
-      server.once('error', reject);
-      const done = (): void => {
-        server.off('error', reject);
-        resolve();
-      };
-      if (requested.kind === 'unix') server.listen(requested.path, done);
-      else server.listen({ host: requested.host, port: requested.port, exclusive: true }, done);
-    });
-    server.on('error', (error) => log.error(errorFields(error), 'metrics listener error'));
+    await startListening(
+      server,
+      (done) => (requested.kind === 'unix' ? server.listen(requested.path, done) : server.listen({ host: requested.host, port: requested.port, exclusive: true }, done)),
+      log,
+      'metrics listener',
+    );
     let bound: MetricsAddress = requested;
     if (requested.kind === 'unix') {
       fs.chmodSync(requested.path, 0o600);
@@ -85,14 +78,7 @@ export class MetricsServer {
 
   /** Stops listening and drops idle keep-alive connections; in-flight requests get 2 s to finish. */
   async close(): Promise<void> {
-    await new Promise<void>((resolve) => {
-      const force = setTimeout(() => this.server.closeAllConnections(), 2_000);
-      this.server.close(() => {
-        clearTimeout(force);
-        resolve();
-      });
-      this.server.closeIdleConnections();
-    });
+    await closeHttpServer(this.server);
     if (this.address.kind === 'unix') fs.rmSync(this.address.path, { force: true });
   }
 }

@@ -4,12 +4,9 @@
  * size, discard, zero-out). Constants are those of x86-64 and aarch64 (asm-generic differs only for O_DIRECT
  * on aarch64, handled below).
  */
-import koffi from 'koffi';
-import { addressOf } from './libc.js';
+import { libc, addressOf, type Fn } from './libc.js';
 import { lastErrno, SyscallError } from './errors.js';
 
-const libc = koffi.load('libc.so.6');
-type Fn<A extends unknown[], R> = (...args: A) => R;
 const statxCall = libc.func('int statx(int dirfd, const char *path, int flags, unsigned int mask, uintptr_t buf)') as Fn<
   [number, string, number, number, number],
   number

@@ -1,10 +1,18 @@
 import koffi from 'koffi';
 import { VublkError } from '../errors.js';
 
-const errnoNames = new Map<number, string>(Object.entries(koffi.os.errno).map(([name, code]) => [code, name]));
+const errnoNumbers = koffi.os.errno as Readonly<Record<string, number | undefined>>;
+const errnoNames = new Map<number, string>(Object.entries(errnoNumbers).map(([name, code]) => [code ?? 0, name]));
 
+/** `ENOENT` for 2 or -2 (librados, librbd and io_uring return negated errnos). */
 export function errnoName(errno: number): string {
-  return errnoNames.get(errno) ?? `errno ${errno}`;
+  return errnoNames.get(Math.abs(errno)) ?? `errno ${Math.abs(errno)}`;
+}
+
+function errnoNumber(name: string): number {
+  const value = errnoNumbers[name];
+  if (value === undefined) throw new Error(`this platform has no errno ${name}`);
+  return value;
 }
 
 /** A failed libc call: names the call, the errno and (optionally) what it was operating on. */
@@ -21,18 +29,27 @@ export class SyscallError extends VublkError {
   }
 }
 
+/** The errnos vublk tests for, by name: the one table of errno numbers (the values of the platform's libc). */
 export const Errno = {
-  EINTR: koffi.os.errno['EINTR'] ?? 4,
-  EAGAIN: koffi.os.errno['EAGAIN'] ?? 11,
-  EBADF: koffi.os.errno['EBADF'] ?? 9,
-  ENOENT: koffi.os.errno['ENOENT'] ?? 2,
-  ECONNREFUSED: koffi.os.errno['ECONNREFUSED'] ?? 111,
-  EINVAL: koffi.os.errno['EINVAL'] ?? 22,
-  EOPNOTSUPP: koffi.os.errno['EOPNOTSUPP'] ?? 95,
-  EMFILE: koffi.os.errno['EMFILE'] ?? 24,
-  ENFILE: koffi.os.errno['ENFILE'] ?? 23,
-  EPERM: koffi.os.errno['EPERM'] ?? 1,
-  EACCES: koffi.os.errno['EACCES'] ?? 13,
+  EPERM: errnoNumber('EPERM'),
+  ENOENT: errnoNumber('ENOENT'),
+  EINTR: errnoNumber('EINTR'),
+  EIO: errnoNumber('EIO'),
+  EBADF: errnoNumber('EBADF'),
+  EAGAIN: errnoNumber('EAGAIN'),
+  EACCES: errnoNumber('EACCES'),
+  EBUSY: errnoNumber('EBUSY'),
+  EEXIST: errnoNumber('EEXIST'),
+  EINVAL: errnoNumber('EINVAL'),
+  ENFILE: errnoNumber('ENFILE'),
+  EMFILE: errnoNumber('EMFILE'),
+  EROFS: errnoNumber('EROFS'),
+  ENOTSOCK: errnoNumber('ENOTSOCK'),
+  EOPNOTSUPP: errnoNumber('EOPNOTSUPP'),
+  ECONNREFUSED: errnoNumber('ECONNREFUSED'),
+  ETIMEDOUT: errnoNumber('ETIMEDOUT'),
+  EINPROGRESS: errnoNumber('EINPROGRESS'),
+  ECANCELED: errnoNumber('ECANCELED'),
 } as const;
 
 /** Reads errno of the call that just returned on this thread (must be the very next koffi call). */

@@ -8,7 +8,3 @@ export function fdTarget(fd: number): string {
     return '(unknown)';
   }
 }
-
-export function isEventFd(fd: number): boolean {
-  return fdTarget(fd) === 'anon_inode:[eventfd]';
-}

@@ -8,8 +8,6 @@ import { sys, addressOf, EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CTL_
 import { check, lastErrno, Errno, SyscallError } from './errors.js';
 
 export const EPOLLOUT = 0x4;
-const EPOLLERR = 0x8;
-const EPOLLHUP = 0x10;
 const EVENT_SIZE = 12;
 
 export class InterestSet {
@@ -50,8 +48,6 @@ export class InterestSet {
 }
 
 /** Readiness flags as epoll reports them, for callers that want to know about errors and hang-ups too. */
-export const EpollEvent = { IN: EPOLLIN, OUT: EPOLLOUT, ERR: EPOLLERR, HUP: EPOLLHUP } as const;
-
 /** A one-shot monotonic timerfd: `arm(ms)` (re)starts it, `disarm()` stops it, `clear()` reads off an expiry. */
 export class OneShotTimer {
   readonly fd: number;

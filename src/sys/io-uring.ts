@@ -15,10 +15,9 @@
  * User data is 32 bits here (the high word of `user_data` is always 0).
  */
 import koffi from 'koffi';
-import { sys, addressOf, PROT_READ, PROT_WRITE, MAP_SHARED } from './libc.js';
+import { libc, sys, addressOf, PROT_READ, PROT_WRITE, MAP_SHARED } from './libc.js';
 import { Errno, SyscallError, lastErrno } from './errors.js';
 
-const libc = koffi.load('libc.so.6');
 type Syscall7 = (nr: number, a: number, b: number, c: number, d: number, e: number, f: number) => number;
 const syscall7 = libc.func('long syscall(long nr, long a, long b, long c, long d, long e, long f)') as Syscall7;
 
@@ -68,7 +67,6 @@ export const CQE_BYTES = 16;
 export const PARAMS_BYTES = 120;
 
 const MAP_POPULATE = 0x8000;
-const EBUSY = koffi.os.errno['EBUSY'] ?? 16;
 
 // ---------------------------------------------------------------- pure helpers (unit-tested)
 
@@ -320,11 +318,6 @@ export class IoUring {
     return address;
   }
 
-  /** Setup flags the kernel accepted. */
-  get setupFlags(): number {
-    return this.params.flags;
-  }
-
   /** Whether completions are only posted inside io_uring_enter(GETEVENTS). */
   get deferTaskrun(): boolean {
     return (this.params.flags & IoUringSetup.DEFER_TASKRUN) !== 0;
@@ -365,7 +358,7 @@ export class IoUring {
       }
       const errno = lastErrno();
       if (errno === Errno.EINTR) continue;
-      if (errno === Errno.EAGAIN || errno === EBUSY) return false;
+      if (errno === Errno.EAGAIN || errno === Errno.EBUSY) return false;
       throw new SyscallError('io_uring_enter', errno);
     }
   }
@@ -377,7 +370,7 @@ export class IoUring {
       if (n >= 0) return true;
       const errno = lastErrno();
       if (errno === Errno.EINTR) continue;
-      if (errno === Errno.EAGAIN || errno === EBUSY) return false;
+      if (errno === Errno.EAGAIN || errno === Errno.EBUSY) return false;
       throw new SyscallError('io_uring_enter', errno);
     }
   }

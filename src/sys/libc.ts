@@ -5,9 +5,11 @@
  */
 import koffi from 'koffi';
 
-const libc = koffi.load('libc.so.6');
+/** The one handle on libc: modules with calls of their own (block-io, io-uring, net-socket) declare them on it. */
+export const libc = koffi.load('libc.so.6');
 
-type Fn<A extends unknown[], R> = (...args: A) => R;
+/** The type a declared libc function is cast to. */
+export type Fn<A extends unknown[], R> = (...args: A) => R;
 
 export const sys = {
   close: libc.func('int close(int fd)') as Fn<[number], number>,
@@ -66,6 +68,13 @@ export function addressOf(buffer: Buffer | Uint8Array): number {
   return Number(koffi.address(buffer));
 }
 
+/** Linux's UIO_MAXIOV: one readv/writev/preadv/pwritev (or io_uring READV/WRITEV, librbd aio) takes at most this many iovecs. */
+export const IOV_MAX = 1024;
+/** sizeof(struct iovec) on 64-bit Linux. */
+export const IOVEC_BYTES = 16;
+/** sizeof(struct msghdr) on 64-bit Linux. */
+export const MSGHDR_SIZE = 56;
+
 export const AF_UNIX = 1;
 export const SOCK_STREAM = 1;
 export const SOCK_DGRAM = 2;
@@ -94,6 +103,7 @@ export const EPOLLIN = 0x1;
 export const EPOLLET = 0x80000000;
 export const POLLIN = 0x1;
 export const POLLOUT = 0x4;
+export const POLLERR = 0x8;
 export const POLLHUP = 0x10;
 export const CLOCK_MONOTONIC = 1;
 export const TFD_NONBLOCK = 0o4000;
@@ -105,7 +115,6 @@ export const F_GETFD = 1;
 export const F_SETFD = 2;
 export const FD_CLOEXEC = 1;
 export const O_NONBLOCK = 0o4000;
-export const SEEK_END = 2;
 export const FALLOC_FL_KEEP_SIZE = 0x1;
 export const FALLOC_FL_PUNCH_HOLE = 0x2;
 export const FALLOC_FL_ZERO_RANGE = 0x10;
@@ -118,7 +127,6 @@ export const F_ADD_SEALS = 1033;
 export const F_GET_SEALS = 1034;
 export const F_SEAL_SEAL = 0x1;
 export const F_SEAL_SHRINK = 0x2;
-export const F_SEAL_GROW = 0x4;
 export const MFD_ALLOW_SEALING = 2;
 export const F_OFD_GETLK = 36;
 export const F_OFD_SETLK = 37;

@@ -8,32 +8,35 @@
  * Hot-path calls return the byte count or a negative errno instead of throwing.
  */
 import { isIPv4, isIPv6 } from 'node:net';
-import koffi from 'koffi';
-import { addressOf, AF_UNIX, SOCK_STREAM, SOCK_NONBLOCK, SOCK_CLOEXEC, SOL_SOCKET, SO_ERROR, MSG_NOSIGNAL } from './libc.js';
-import { check, lastErrno, SyscallError } from './errors.js';
+import {
+  libc,
+  sys,
+  addressOf,
+  type Fn,
+  AF_UNIX,
+  SOCK_STREAM,
+  SOCK_NONBLOCK,
+  SOCK_CLOEXEC,
+  SOL_SOCKET,
+  SO_ERROR,
+  MSG_NOSIGNAL,
+  POLLOUT,
+  POLLERR,
+  POLLHUP,
+} from './libc.js';
+import { check, lastErrno, Errno, SyscallError } from './errors.js';
 import { encodeUnixAddress } from './unix-address.js';
 import { VublkError } from '../errors.js';
 
-const libc = koffi.load('libc.so.6');
-type Fn<A extends unknown[], R> = (...args: A) => R;
-
+/** The calls only network back-ends need; the common ones (socket, connect, recv, ...) are in `sys`. */
 const net = {
-  socket: libc.func('int socket(int domain, int type, int protocol)') as Fn<[number, number, number], number>,
-  connect: libc.func('int connect(int fd, uintptr_t addr, uint32_t len)') as Fn<[number, number, number], number>,
   readv: libc.func('intptr_t readv(int fd, uintptr_t iov, int iovcnt)') as Fn<[number, number, number], number>,
-  recv: libc.func('intptr_t recv(int fd, uintptr_t buf, size_t len, int flags)') as Fn<[number, number, number, number], number>,
-  sendmsg: libc.func('intptr_t sendmsg(int fd, uintptr_t msg, int flags)') as Fn<[number, number, number], number>,
-  getsockopt: libc.func('int getsockopt(int fd, int level, int name, uintptr_t val, uintptr_t len)') as Fn<
-    [number, number, number, number, number],
-    number
-  >,
   setsockopt: libc.func('int setsockopt(int fd, int level, int name, uintptr_t val, uint32_t len)') as Fn<
     [number, number, number, number, number],
     number
   >,
   shutdown: libc.func('int shutdown(int fd, int how)') as Fn<[number, number], number>,
   memcpy: libc.func('uintptr_t memcpy(uintptr_t dest, uintptr_t src, size_t n)') as Fn<[number, number, number], number>,
-  poll: libc.func('int poll(uintptr_t fds, unsigned long nfds, int timeout)') as Fn<[number, number, number], number>,
   memset: libc.func('uintptr_t memset(uintptr_t dest, int c, size_t n)') as Fn<[number, number, number], number>,
 };
 
@@ -42,7 +45,6 @@ export const AF_INET6 = 10;
 const IPPROTO_TCP = 6;
 const TCP_NODELAY = 1;
 const SHUT_RDWR = 2;
-export const EINPROGRESS = koffi.os.errno['EINPROGRESS'] ?? 115;
 
 /** A network endpoint: a numeric IP address and port, or a Unix socket path (`@name` = abstract). */
 export type StreamEndpoint = { kind: 'tcp'; host: string; port: number } | { kind: 'unix'; path: string };
@@ -117,23 +119,19 @@ export function startConnect(endpoint: StreamEndpoint): PendingConnect {
           const encoded = encodeUnixAddress(endpoint.path);
           return { family: AF_UNIX, bytes: encoded.bytes, length: encoded.length };
         })();
-  const fd = check(net.socket(address.family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0), 'socket');
+  const fd = check(sys.socket(address.family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0), 'socket');
   if (address.family !== AF_UNIX) {
     // Requests are small and latency-bound: never let Nagle hold a request header back.
     const one = Buffer.alloc(4);
     one.writeInt32LE(1, 0);
     net.setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, addressOf(one), 4);
   }
-  if (net.connect(fd, addressOf(address.bytes), address.length) === 0) return { fd, inProgress: false };
+  if (sys.connect(fd, addressOf(address.bytes), address.length) === 0) return { fd, inProgress: false };
   const errno = lastErrno();
-  if (errno === EINPROGRESS) return { fd, inProgress: true };
-  libcClose(fd);
+  if (errno === Errno.EINPROGRESS) return { fd, inProgress: true };
+  sys.close(fd);
   throw new SyscallError('connect', errno, describeEndpoint(endpoint));
 }
-
-const POLLOUT = 0x4;
-const POLLERR = 0x8;
-const POLLHUP = 0x10;
 
 /**
  * Result of a non-blocking connect: EINPROGRESS while it is still under way, 0 once connected, else the
@@ -143,24 +141,19 @@ export function connectResult(fd: number): number {
   const pollfd = Buffer.alloc(8);
   pollfd.writeInt32LE(fd, 0);
   pollfd.writeInt16LE(POLLOUT, 4);
-  const ready = net.poll(addressOf(pollfd), 1, 0);
-  if (ready === 0) return EINPROGRESS;
-  if (ready > 0 && (pollfd.readInt16LE(6) & (POLLOUT | POLLERR | POLLHUP)) === 0) return EINPROGRESS;
+  const ready = sys.poll(addressOf(pollfd), 1, 0);
+  if (ready === 0) return Errno.EINPROGRESS;
+  if (ready > 0 && (pollfd.readInt16LE(6) & (POLLOUT | POLLERR | POLLHUP)) === 0) return Errno.EINPROGRESS;
   const value = Buffer.alloc(4);
   const length = Buffer.alloc(4);
   length.writeUInt32LE(4, 0);
-  if (net.getsockopt(fd, SOL_SOCKET, SO_ERROR, addressOf(value), addressOf(length)) < 0) return lastErrno();
+  if (sys.getsockopt(fd, SOL_SOCKET, SO_ERROR, addressOf(value), addressOf(length)) < 0) return lastErrno();
   return value.readInt32LE(0);
 }
 
 export function describeEndpoint(endpoint: StreamEndpoint): string {
   if (endpoint.kind === 'unix') return `unix:${endpoint.path}`;
   return endpoint.host.includes(':') && !endpoint.host.startsWith('[') ? `[${endpoint.host}]:${endpoint.port}` : `${endpoint.host}:${endpoint.port}`;
-}
-
-const closeFn = libc.func('int close(int fd)') as Fn<[number], number>;
-function libcClose(fd: number): void {
-  closeFn(fd);
 }
 
 /** readv into `count` iovecs at `iovAddress`: bytes read (0 = peer closed) or -errno. */
@@ -171,23 +164,21 @@ export function readVector(fd: number, iovAddress: number, count: number): numbe
 
 /** recv into raw memory: bytes read (0 = peer closed) or -errno. */
 export function receiveInto(fd: number, address: number, length: number): number {
-  const n = net.recv(fd, address, length, 0);
+  const n = sys.recv(fd, address, length, 0);
   return n >= 0 ? n : -lastErrno();
 }
 
 /**
  * sendmsg of `count` iovecs with MSG_NOSIGNAL (a dead peer must be an EPIPE, not a SIGPIPE): bytes sent or
- * -errno. `msghdr` is a 56-byte scratch Buffer the caller owns (one per connection, so no allocation).
+ * -errno. `msghdr` is a MSGHDR_SIZE-byte scratch Buffer the caller owns (one per connection, so no allocation).
  */
 export function sendVector(fd: number, msghdr: Buffer, iovAddress: number, count: number): number {
   msghdr.fill(0);
   msghdr.writeBigUInt64LE(BigInt(iovAddress), 16);
   msghdr.writeBigUInt64LE(BigInt(count), 24);
-  const n = net.sendmsg(fd, addressOf(msghdr), MSG_NOSIGNAL);
+  const n = sys.sendmsg(fd, addressOf(msghdr), MSG_NOSIGNAL);
   return n >= 0 ? n : -lastErrno();
 }
-
-export const MSGHDR_SIZE = 56;
 
 /** Shuts both directions so a peer blocked on us sees EOF even before the fd is closed. Errors are ignored. */
 export function shutdownSocket(fd: number): void {

@@ -1,10 +1,7 @@
 /** What an inherited fd is: socket domain, type, listening state, bound name; and close-on-exec. */
-import koffi from 'koffi';
 import { sys, addressOf, SOL_SOCKET, SO_TYPE, SO_DOMAIN, SO_ACCEPTCONN, F_GETFD, F_SETFD, FD_CLOEXEC } from './libc.js';
 import { check, lastErrno, SyscallError } from './errors.js';
 import { decodeUnixAddress, SOCKADDR_UN_SIZE } from './unix-address.js';
-
-export const ENOTSOCK = koffi.os.errno['ENOTSOCK'] ?? 88;
 
 /** An integer socket option (SOL_SOCKET level). Throws SyscallError (ENOTSOCK, EBADF, ...) like getsockopt. */
 export function socketOption(fd: number, name: number, label = `option ${name}`): number {

@@ -1,7 +1,14 @@
 /** Creating a Unix socket file safely: never replacing a live one, never reachable with a looser mode. */
 import fs from 'node:fs';
-import { isSocketLive, listenUnix, SocketPathError } from './unix-socket.js';
+import { isSocketLive, listenUnix } from './unix-socket.js';
 import { closeFd } from './fd.js';
+import { VublkError } from '../errors.js';
+
+export class SocketPathError extends VublkError {
+  constructor(path: string, reason: string) {
+    super('VUBLK_ERR_SOCKET_PATH', `socket path ${path}: ${reason}`, { peerFault: true });
+  }
+}
 
 /** Who may connect to a socket vublk creates: its mode (default 0600) and, optionally, its owner and group. */
 export interface SocketAccess {

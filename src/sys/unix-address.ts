@@ -24,10 +24,19 @@ export interface EncodedUnixAddress {
   length: number;
 }
 
-/** Encodes a path or an `@abstract` name. */
+/** Encodes a path or an `@abstract` name (NOTIFY_SOCKET, NBD endpoints). */
 export function encodeUnixAddress(address: string): EncodedUnixAddress {
   const abstract = address.startsWith('@');
-  const name = Buffer.from(abstract ? address.slice(1) : address, 'utf8');
+  return encode(address, abstract ? address.slice(1) : address, abstract);
+}
+
+/** Encodes a filesystem path only: a leading `@` is part of the file name (vhost-user socket paths). */
+export function encodeUnixPath(path: string): EncodedUnixAddress {
+  return encode(path, path, false);
+}
+
+function encode(address: string, nameText: string, abstract: boolean): EncodedUnixAddress {
+  const name = Buffer.from(nameText, 'utf8');
   if (name.length === 0) throw new UnixAddressError(address, 'is empty');
   // A path needs room for its terminating NUL; an abstract name needs room for its leading one.
   if (name.length > SUN_PATH_SIZE - 1) {

@@ -1,7 +1,7 @@
 /**
  * AF_UNIX stream sockets with SCM_RIGHTS fd passing, through raw libc calls (Node's net module cannot
  * carry fds). Sockets are non-blocking; `recvWithFds`/`sendWithFds` report EAGAIN as `null` so callers
- * can wait with `koffi.node.poll` (daemon) or `waitReadable` (test front-end).
+ * can wait with `koffi.node.poll` (daemon) or `waitReadable` of poll-wait.ts (test front-end).
  */
 import {
   sys,
@@ -15,43 +15,24 @@ import {
   MSG_NOSIGNAL,
   MSG_CMSG_CLOEXEC,
   MSG_CTRUNC,
-  POLLIN,
   F_DUPFD_CLOEXEC,
+  MSGHDR_SIZE,
 } from './libc.js';
+import { encodeUnixPath } from './unix-address.js';
 import { check, lastErrno, Errno, SyscallError } from './errors.js';
 import { closeAll, setNonBlocking } from './fd.js';
 import { VublkError } from '../errors.js';
 
-const SOCKADDR_UN_SIZE = 110;
-const MAX_PATH_BYTES = 107;
-const MSGHDR_SIZE = 56;
 const CMSG_HEADER_SIZE = 16;
 /** Control space for up to 16 fds; more than that in one message is truncated by the kernel (and rejected by us). */
 const MAX_RECEIVED_FDS = 16;
 const CONTROL_SIZE = CMSG_HEADER_SIZE + MAX_RECEIVED_FDS * 4;
 
-export class SocketPathError extends VublkError {
-  constructor(path: string, reason: string) {
-    super('VUBLK_ERR_SOCKET_PATH', `socket path ${path}: ${reason}`, { peerFault: true });
-  }
-}
-
-function sockaddrFor(path: string): Buffer {
-  const encoded = Buffer.from(path, 'utf8');
-  if (encoded.length > MAX_PATH_BYTES) {
-    throw new SocketPathError(path, `is ${encoded.length} bytes, the limit for a Unix socket is ${MAX_PATH_BYTES}`);
-  }
-  const address = Buffer.alloc(SOCKADDR_UN_SIZE);
-  address.writeUInt16LE(AF_UNIX, 0);
-  encoded.copy(address, 2);
-  return address;
-}
-
 export function listenUnix(path: string, backlog = 16): number {
-  const address = sockaddrFor(path);
+  const address = encodeUnixPath(path);
   const fd = check(sys.socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0), 'socket(AF_UNIX)');
   try {
-    check(sys.bind(fd, addressOf(address), SOCKADDR_UN_SIZE), 'bind', path);
+    check(sys.bind(fd, addressOf(address.bytes), address.length), 'bind', path);
     check(sys.listen(fd, backlog), 'listen', path);
   } catch (error) {
     sys.close(fd);
@@ -71,9 +52,9 @@ export function acceptConnection(listenFd: number): number | null {
 
 /** Blocking connect, then the socket is switched to non-blocking. */
 export function connectUnix(path: string): number {
-  const address = sockaddrFor(path);
+  const address = encodeUnixPath(path);
   const fd = check(sys.socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0), 'socket(AF_UNIX)');
-  if (sys.connect(fd, addressOf(address), SOCKADDR_UN_SIZE) < 0) {
+  if (sys.connect(fd, addressOf(address.bytes), address.length) < 0) {
     const errno = lastErrno();
     sys.close(fd);
     throw new SyscallError('connect', errno, path);
@@ -191,21 +172,4 @@ export function sendWithFds(fd: number, data: Uint8Array, offset: number, fds: r
     throw new SyscallError('sendmsg', errno);
   }
   return sent;
-}
-
-const pollfd = Buffer.alloc(8);
-const pollfdAddress = addressOf(pollfd);
-
-/** Blocks the calling thread until fd is readable (or hung up) or the timeout passes; true if readable. */
-export function waitReadable(fd: number, timeoutMs: number): boolean {
-  pollfd.writeInt32LE(fd, 0);
-  pollfd.writeInt16LE(POLLIN, 4);
-  pollfd.writeInt16LE(0, 6);
-  const ready = sys.poll(pollfdAddress, 1, timeoutMs);
-  if (ready < 0) {
-    const errno = lastErrno();
-    if (errno === Errno.EINTR) return false;
-    throw new SyscallError('poll', errno);
-  }
-  return ready > 0;
 }

@@ -68,10 +68,9 @@ export class DiskThrottle {
     /** Post this to the disk's queue workers; they `attach` to it. */
     readonly buffer: SharedArrayBuffer,
     /** Requests per second (1 token per admitted request). */
-    readonly ops: TokenBucket,
+    private readonly ops: TokenBucket,
     /** Bytes per second (data length of each admitted request). */
-    readonly bytes: TokenBucket,
-    readonly clock: Clock,
+    private readonly bytes: TokenBucket,
   ) {}
 
   /**
@@ -85,12 +84,7 @@ export class DiskThrottle {
     const buffer = new SharedArrayBuffer(DiskThrottle.BYTES);
     const origin = captureClockOrigin();
     const time = clock ?? monotonicClock(origin);
-    return new DiskThrottle(
-      buffer,
-      TokenBucket.initialize(buffer, OPS_OFFSET, ops, time, origin),
-      TokenBucket.initialize(buffer, BYTES_OFFSET, bytes, time, origin),
-      time,
-    );
+    return new DiskThrottle(buffer, TokenBucket.initialize(buffer, OPS_OFFSET, ops, time, origin), TokenBucket.initialize(buffer, BYTES_OFFSET, bytes, time, origin));
   }
 
   /** A handle on throttle state created elsewhere (typically in a worker_thread). */
@@ -99,8 +93,7 @@ export class DiskThrottle {
       throw new TypeError(`a DiskThrottle needs a SharedArrayBuffer of ${DiskThrottle.BYTES} bytes`);
     }
     const ops = TokenBucket.attach(buffer, OPS_OFFSET, clock);
-    const time = ops.clock; // one clock for both buckets
-    return new DiskThrottle(buffer, ops, TokenBucket.attach(buffer, BYTES_OFFSET, time), time);
+    return new DiskThrottle(buffer, ops, TokenBucket.attach(buffer, BYTES_OFFSET, ops.clock)); // one clock for both
   }
 
   /**
@@ -125,7 +118,7 @@ export class DiskThrottle {
     // Validate both before changing either (resolveBucketLimits throws on bad input).
     const ops = resolveBucketLimits(bucketLimits(limits.iops, limits.iopsBurst));
     const bytes = resolveBucketLimits(bucketLimits(limits.bps, limits.bpsBurst));
-    const now = ops.rate > 0 || bytes.rate > 0 ? Math.floor(this.clock()) : 0;
+    const now = ops.rate > 0 || bytes.rate > 0 ? this.ops.now() : 0;
     this.ops.setLimits(ops, now);
     this.bytes.setLimits(bytes, now);
   }
@@ -134,10 +127,6 @@ export class DiskThrottle {
     const ops = this.ops.limits;
     const bytes = this.bytes.limits;
     return { iops: ops.rate, iopsBurst: ops.burst, bps: bytes.rate, bpsBurst: bytes.burst };
-  }
-
-  get unlimited(): boolean {
-    return this.ops.unlimited && this.bytes.unlimited;
   }
 }
 

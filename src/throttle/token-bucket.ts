@@ -1,53 +1,52 @@
 /**
  * A token bucket whose whole state lives in a 64-byte region of a SharedArrayBuffer, so that every
- * worker_thread serving a queue of the same disk draws from the same bucket.
+ * worker_thread serving a queue of the same disk draws from the same bucket. DiskThrottle pairs two of
+ * them (ops and bytes); `admitPair` is the only admission.
  *
  * Model (per the throttle design):
  * - `rate` tokens are credited per second up to `burst` (the capacity); rate 0 = unlimited, which is a
  *   fast path that never reads the clock.
  * - Credit is computed on demand from a monotonic clock. Only WHOLE tokens are credited, and the refill
- *   timestamp (`lastRefill`) only advances when at least one whole token was credited, and then only by
- *   the time those whole tokens took — so the fraction of a token that has accrued is never thrown away
- *   and a 1 op/s bucket polled every millisecond still refills. (When the bucket reaches capacity the
- *   timestamp jumps to "now": time spent full earns nothing.)
+ *   timestamp (LAST) only advances when at least one whole token was credited, and then only by the time
+ *   those whole tokens took — so the fraction of a token that has accrued is never thrown away and a
+ *   1 op/s bucket polled every millisecond still refills. (When the bucket reaches capacity LAST jumps to
+ *   "now": time spent full earns nothing.)
  * - A request of at most `burst` tokens is granted when the balance covers it. A request larger than
  *   `burst` could never be covered, so it is granted as soon as the balance is >= 0 and drives the
  *   balance negative (debt); later requests wait until the debt is repaid.
  * - A zero-cost request always passes (no clock read either).
- * - A refusal returns `waitNanos`: the time until the bucket could grant this request (assuming nobody
- *   else takes tokens meanwhile), always >= 1. The bucket never sleeps or blocks.
+ * - A refusal returns the nanoseconds until the bucket could grant the request (assuming nobody else takes
+ *   tokens meanwhile), always >= 1. The bucket never sleeps or blocks.
  *
- * Concurrency: lock-free (no locks, no waiting: a CAS retry only happens because another thread made
- * progress). The state is int64 words updated with Atomics compare-exchange loops; 64-bit atomics exist
- * only on BigInt64Array in JS, so BigInt appears at the Atomics boundary, while all arithmetic is on
- * Numbers (exact BigInt fallback only for values beyond 2^53). Cost: ~4 int64 atomics per bucket per
- * call (~120 ns); a two-bucket admission including the clock read is ~350–400 ns, unlimited ~20 ns.
+ * Concurrency: lock-free (a CAS retry only happens because another thread made progress). The state is
+ * int64 words updated with Atomics compare-exchange loops; 64-bit atomics exist only on BigInt64Array, so
+ * BigInt appears at the Atomics boundary only, all arithmetic is on Numbers.
  *   - Refill claims the time interval [LAST, next) by a CAS on LAST. LAST only ever increases, so each
  *     interval is claimed by exactly one thread (no ABA) and credited exactly once, with at most
  *     floor(rate × (next − LAST) / 1e9) tokens — never more than the time claimed — capped at `burst`.
- *     The claimer holds that credit privately until its own charge, which adds the credit and takes
- *     the request in one CAS on TOKENS (or publishes the credit alone when it refuses), before the call
- *     returns. Held credit is briefly invisible to other threads: conservative only.
+ *     The claimer holds that credit privately until its own charge, which adds the credit and takes the
+ *     request in one CAS on TOKENS (or publishes the credit alone when it refuses), before it returns.
  *   - A charge is a CAS on TOKENS that succeeds only if the balance it decided on is still current.
- *   Hence, whatever the number of threads and however they interleave, the tokens granted over any
- *   period t satisfy  granted <= burst + rate × t + D, where D < the largest oversized request (its
- *   debt; 0 if no request exceeds `burst`; unbounded only through the explicit `consume`). Races can
- *   only make the bucket conservative (credit not yet published, a credit clipped at `burst` because a
- *   concurrent consumer had not yet charged), never generous.
+ *   Hence, whatever the number of threads and however they interleave, the tokens granted over any period
+ *   t satisfy  granted <= burst + rate × t + D, where D < the largest oversized request (its debt; 0 if no
+ *   request exceeds `burst`). Races only make the bucket conservative (credit held and not yet published,
+ *   a credit clipped at `burst` because a concurrent consumer had not yet charged), never generous.
  *   - rate and burst are cached per handle and re-read when an int32 generation, bumped after every
  *     `setLimits`, moves.
  *
- * Time unit: the clock returns nanoseconds as a Number, relative to an origin captured when the bucket
- * (or DiskThrottle) is created and stored in the shared region, so every worker shares the same zero.
- * Values are exact integers for 2^53 ns ≈ 104.2 days after creation; beyond that the default clock's
- * resolution coarsens gracefully (2 ns until ~208 days, 4 ns until ~1.14 years, ... ~1 µs at 146 years)
- * while staying monotonic, and the bucket stores timestamps as exact int64 and switches its time
- * arithmetic to BigInt for values >= 2^53 — so there is no wrap or cliff for any realistic uptime.
- * Rounding: advancing `lastRefill` by the time of k whole tokens rounds up to the next nanosecond, so
- * each refill forgoes < 1 ns of credit (conservative; e.g. <= 0.1% if refilling every microsecond).
+ * Time unit: the clock returns nanoseconds as a Number, counted from an origin captured when the bucket is
+ * initialised and stored in the region, so every worker shares the same zero. Why Numbers suffice: a
+ * timestamp is an exact integer for 2^53 ns ≈ 104 days after the origin; after that, Numbers step by
+ * 2 ns (until ~208 days), 4 ns (until ~1.1 years), ... 32 ns at 9 years — the clock stays monotonic and
+ * LAST is rounded UP to that step (`bookUntil`), so a refill then forgoes at most one step of credit:
+ * conservative, negligible, and no wrap or cliff at any uptime. Token counts × 1e9 beyond 2^53 (a refill
+ * of more than ~9 million tokens that does not fill the bucket) are rounded too: `nanosFor` adds 2 ns
+ * there, so a refill never books less time than its tokens took.
+ * Rounding: LAST advances by the time of k whole tokens rounded up to the next nanosecond, so each refill
+ * forgoes < 1 ns of credit (conservative; <= 0.1% even if refilling every microsecond).
  *
- * Limits: `rate` and `burst` live in the shared region and can be changed live (`setLimits`) by one
- * writer (the main thread); concurrent users pick the change up on their next call.
+ * Limits: `rate` and `burst` live in the shared region and can be changed live (`setLimits`) by one writer
+ * (the main thread); concurrent users pick the change up on their next call.
  */
 
 /** Monotonic clock: nanoseconds (Number) since a fixed origin shared by every user of the bucket. */
@@ -79,10 +78,9 @@ export function captureClockOrigin(): ClockOrigin {
 }
 
 /**
- * The default clock: CLOCK_MONOTONIC (system-wide, so the same in every worker_thread) minus `origin`,
- * in nanoseconds. No BigInt: `process.hrtime()` gives [seconds, nanoseconds] Numbers and
- * `(sec - origin.sec) * 1e9` is exact for 146 years, so the result is the correctly rounded elapsed
- * time — exact below 2^53 ns (104 days), monotonic always.
+ * The default clock: CLOCK_MONOTONIC (system-wide, so the same in every worker_thread) minus `origin`, in
+ * nanoseconds. `process.hrtime()` gives [seconds, nanoseconds] Numbers and `(sec - origin.sec) * 1e9` is
+ * exact for 146 years, so the result is the correctly rounded elapsed time: monotonic always.
  */
 export function monotonicClock(origin: ClockOrigin): Clock {
   const { sec, nsec } = origin;
@@ -93,10 +91,6 @@ export function monotonicClock(origin: ClockOrigin): Clock {
 }
 
 const NS_PER_S = 1e9;
-const NS_PER_S_BIG = 1_000_000_000n;
-/** The first integer Numbers cannot all represent; below it, Number arithmetic on integers is exact. */
-const TWO_53 = 2 ** 53;
-const MAX_SAFE_BIG = BigInt(Number.MAX_SAFE_INTEGER);
 
 // Layout of a bucket region: 8 int64 words (one 64-byte cache line).
 const W_RATE = 0; // tokens per second, 0 = unlimited
@@ -131,48 +125,44 @@ export function resolveBucketLimits(limits: BucketLimits): ResolvedBucketLimits 
   return { rate, burst: burst === undefined || burst === 0 ? rate : burst };
 }
 
-/** floor(elapsed * rate / 1e9): whole tokens earned in `elapsed` ns (integer inputs), exact. */
-function creditFor(elapsed: number, rate: number): number {
-  const p = elapsed * rate;
-  if (p <= Number.MAX_SAFE_INTEGER) {
-    // p is exact; the quotient is correctly rounded, so floor() is off by at most one — fix it exactly
-    // (k * 1e9 is exact: k <= 2^53 / 1e9).
-    let k = Math.floor(p / NS_PER_S);
-    if (k * NS_PER_S > p) k -= 1;
-    else if ((k + 1) * NS_PER_S <= p) k += 1;
-    return k;
-  }
-  const k = (BigInt(elapsed) * BigInt(rate)) / NS_PER_S_BIG;
-  return k >= MAX_SAFE_BIG ? Number.MAX_SAFE_INTEGER : Number(k);
-}
-
-/** ceil(tokens * 1e9 / rate): nanoseconds needed to earn `tokens` (integer inputs), exact. */
+/** ceil(tokens * 1e9 / rate): nanoseconds needed to earn `tokens`; never less than the exact value. */
 function nanosFor(tokens: number, rate: number): number {
   const n = tokens * NS_PER_S;
-  if (n + rate <= Number.MAX_SAFE_INTEGER) {
-    // n and every product below (<= n + rate) are exact; fix the rounding of the division.
-    let t = Math.ceil(n / rate);
-    if (t * rate < n) t += 1;
-    else if ((t - 1) * rate >= n) t -= 1;
-    return t;
+  let t = Math.ceil(n / rate);
+  if (n + rate > Number.MAX_SAFE_INTEGER) return t + 2; // n was rounded: stay on the safe side
+  // n and every product below (<= n + rate) are exact; fix the rounding of the division.
+  if (t * rate < n) t += 1;
+  else if ((t - 1) * rate >= n) t -= 1;
+  return t;
+}
+
+/**
+ * Whole tokens earned in `elapsed` ns when they do not fill the bucket: floor(elapsed * rate / 1e9), and
+ * never more than `elapsed` buys (nanosFor(result) <= elapsed).
+ */
+function creditFor(elapsed: number, rate: number): number {
+  const p = elapsed * rate;
+  if (p > Number.MAX_SAFE_INTEGER) {
+    // p was rounded (relative error < 2^-52, i.e. < 2 ns of time below 2^53 ns): forgo 8 ns of tokens,
+    // which covers that and nanosFor's margin.
+    return Math.max(0, Math.floor(p / NS_PER_S) - Math.ceil((8 * rate) / NS_PER_S) - 1);
   }
-  const r = BigInt(rate);
-  return Number((BigInt(tokens) * NS_PER_S_BIG + r - 1n) / r);
+  // p is exact; the quotient is correctly rounded, so floor() is off by at most one — fix it exactly
+  // (k * 1e9 is exact: k <= 2^53 / 1e9).
+  let k = Math.floor(p / NS_PER_S);
+  if (k * NS_PER_S > p) k -= 1;
+  else if ((k + 1) * NS_PER_S <= p) k += 1;
+  return k;
 }
 
-/** now - last in ns, exactly; Number arithmetic unless a value is beyond 2^53. */
-function elapsedSince(now: number, last: bigint): number {
-  const lastN = Number(last);
-  if (lastN < TWO_53 && now < TWO_53 && now > -TWO_53 && lastN > -TWO_53) return now - lastN;
-  return Number(BigInt(now) - last);
-}
-
-/** last + ns as an exact int64. */
-function advance(last: bigint, ns: number): bigint {
-  const lastN = Number(last);
-  const sum = lastN + ns; // ns > 0, < 2^53
-  if (sum < TWO_53 && lastN > -TWO_53) return BigInt(sum);
-  return last + BigInt(ns);
+/**
+ * LAST after booking `ns` more nanoseconds: last + ns, rounded UP to a representable Number beyond 2^53
+ * (see Time unit), so a refill never books less time than its tokens took; never beyond `now`.
+ */
+function bookUntil(last: number, ns: number, now: number): number {
+  const next = last + ns;
+  if (next - last >= ns) return next;
+  return Math.min(now, next + 2 ** (Math.floor(Math.log2(next)) - 52));
 }
 
 function regionView(buffer: SharedArrayBuffer, byteOffset: number): BigInt64Array {
@@ -181,9 +171,7 @@ function regionView(buffer: SharedArrayBuffer, byteOffset: number): BigInt64Arra
     throw new RangeError(`token bucket byteOffset must be a non-negative multiple of 8, got ${byteOffset}`);
   }
   if (byteOffset + TokenBucket.BYTES > buffer.byteLength) {
-    throw new RangeError(
-      `token bucket needs ${TokenBucket.BYTES} bytes at offset ${byteOffset}, buffer has ${buffer.byteLength}`,
-    );
+    throw new RangeError(`token bucket needs ${TokenBucket.BYTES} bytes at offset ${byteOffset}, buffer has ${buffer.byteLength}`);
   }
   return new BigInt64Array(buffer, byteOffset, WORDS);
 }
@@ -206,45 +194,20 @@ export class TokenBucket {
   private seen: bigint | undefined = undefined;
 
   private constructor(
-    readonly buffer: SharedArrayBuffer,
-    readonly byteOffset: number,
+    buffer: SharedArrayBuffer,
+    byteOffset: number,
     readonly clock: Clock,
   ) {
     this.w = new BigInt64Array(buffer, byteOffset, WORDS);
     this.i = new Int32Array(buffer, byteOffset, WORDS * 2);
   }
 
-  /** Current rate (0 = unlimited), from the cache unless the limits generation moved. */
-  private currentRate(): number {
-    const gen = Atomics.load(this.i, I_GEN);
-    if (gen !== this.gen) {
-      // Read after the generation: if the limits change meanwhile, the generation moves again and the
-      // next call re-reads them.
-      this.cachedRate = Number(Atomics.load(this.w, W_RATE));
-      this.cachedBurst = Number(Atomics.load(this.w, W_BURST));
-      this.gen = gen;
-      this.synced = Number.NEGATIVE_INFINITY;
-    }
-    return this.cachedRate;
-  }
-
-  /** A bucket in a fresh SharedArrayBuffer of its own (starts full). */
-  static create(limits: BucketLimits, clock?: Clock): TokenBucket {
-    return TokenBucket.initialize(new SharedArrayBuffer(TokenBucket.BYTES), 0, limits, clock);
-  }
-
   /**
-   * Initialises a bucket region (which must not be in use yet) and returns a handle on it. The region
-   * records `origin` so that `attach` without a clock gets the same clock; pass an explicit `clock`
-   * (e.g. a fake in tests) to use another time source — then every attached handle must use it too.
+   * Initialises a bucket region (which must not be in use yet; it starts full) and returns a handle on
+   * it. The region records `origin` so that `attach` without a clock gets the same clock; pass an
+   * explicit `clock` (a fake in tests) to use another time source — then every handle must use it too.
    */
-  static initialize(
-    buffer: SharedArrayBuffer,
-    byteOffset: number,
-    limits: BucketLimits,
-    clock?: Clock,
-    origin: ClockOrigin = captureClockOrigin(),
-  ): TokenBucket {
+  static initialize(buffer: SharedArrayBuffer, byteOffset: number, limits: BucketLimits, clock: Clock | undefined, origin: ClockOrigin): TokenBucket {
     const w = regionView(buffer, byteOffset);
     const resolved = resolveBucketLimits(limits); // validate before touching the region
     Atomics.store(w, W_RATE, 0n);
@@ -252,54 +215,22 @@ export class TokenBucket {
     Atomics.store(w, W_ORIGIN_NSEC, BigInt(origin.nsec));
     Atomics.store(w, W_MAGIC, MAGIC);
     const bucket = new TokenBucket(buffer, byteOffset, clock ?? monotonicClock(origin));
-    bucket.setLimits(resolved);
+    bucket.setLimits(resolved, resolved.rate === 0 ? 0 : bucket.now());
     return bucket;
   }
 
   /** Another handle on an initialised bucket region (e.g. in a worker the buffer was posted to). */
-  static attach(buffer: SharedArrayBuffer, byteOffset = 0, clock?: Clock): TokenBucket {
+  static attach(buffer: SharedArrayBuffer, byteOffset: number, clock?: Clock): TokenBucket {
     const w = regionView(buffer, byteOffset);
     if (Atomics.load(w, W_MAGIC) !== MAGIC) {
       throw new TypeError(`no token bucket at offset ${byteOffset} of this SharedArrayBuffer`);
     }
-    return new TokenBucket(buffer, byteOffset, clock ?? monotonicClock(TokenBucket.originOf(w)));
-  }
-
-  private static originOf(w: BigInt64Array): ClockOrigin {
-    return { sec: Number(Atomics.load(w, W_ORIGIN_SEC)), nsec: Number(Atomics.load(w, W_ORIGIN_NSEC)) };
-  }
-
-  /** The clock origin recorded in the region. */
-  get origin(): ClockOrigin {
-    return TokenBucket.originOf(this.w);
-  }
-
-  /** Tokens per second; 0 = unlimited. */
-  get rate(): number {
-    return Number(Atomics.load(this.w, W_RATE));
-  }
-
-  /** Capacity in tokens (0 when unlimited). */
-  get burst(): number {
-    return Number(Atomics.load(this.w, W_BURST));
-  }
-
-  get unlimited(): boolean {
-    return this.currentRate() === 0;
+    const origin = { sec: Number(Atomics.load(w, W_ORIGIN_SEC)), nsec: Number(Atomics.load(w, W_ORIGIN_NSEC)) };
+    return new TokenBucket(buffer, byteOffset, clock ?? monotonicClock(origin));
   }
 
   get limits(): ResolvedBucketLimits {
-    return { rate: this.rate, burst: this.burst };
-  }
-
-  /** The stored balance (negative = debt), without crediting time elapsed since `lastRefill`. */
-  get balance(): number {
-    return Number(Atomics.load(this.w, W_TOKENS));
-  }
-
-  /** Clock value up to which elapsed time has been turned into whole tokens. */
-  get lastRefill(): number {
-    return Number(Atomics.load(this.w, W_LAST));
+    return { rate: Number(Atomics.load(this.w, W_RATE)), burst: Number(Atomics.load(this.w, W_BURST)) };
   }
 
   /** Reads the clock (integer nanoseconds). */
@@ -308,96 +239,24 @@ export class TokenBucket {
   }
 
   /**
-   * Takes `amount` tokens if the bucket can grant them: returns 0 (granted, consumed) or the
-   * nanoseconds until it could grant (>= 1, nothing consumed). `now` defaults to a clock read, which
-   * is skipped when the bucket is unlimited or `amount` is 0.
-   */
-  tryConsume(amount: number, now?: number): number {
-    checkAmount(amount);
-    if (amount === 0) return 0;
-    const rate = this.currentRate();
-    if (rate === 0) return 0;
-    const at = now === undefined ? this.now() : Math.floor(now);
-    const burst = this.cachedBurst;
-    this.claim(rate, burst, at);
-    return this.commit(amount, rate, burst, at);
-  }
-
-  /**
-   * Like `tryConsume` without consuming: 0 if `amount` would be granted now, else the wait. It may
-   * bring the refill bookkeeping up to date (crediting elapsed time), which changes no outcome.
-   */
-  peekWait(amount: number, now?: number): number {
-    checkAmount(amount);
-    if (amount === 0) return 0;
-    const rate = this.currentRate();
-    if (rate === 0) return 0;
-    const at = now === undefined ? this.now() : Math.floor(now);
-    const burst = this.cachedBurst;
-    this.claim(rate, burst, at);
-    const wait = this.decide(amount, rate, burst, at);
-    this.flush(burst);
-    return wait;
-  }
-
-  /**
-   * Takes `amount` tokens unconditionally (after crediting elapsed time), possibly into debt: for work
-   * that has to be accounted for although it was not (or could not be) admitted first. Debt is clamped
-   * at -(2^53 - 1).
-   */
-  consume(amount: number, now?: number): void {
-    checkAmount(amount);
-    if (amount === 0) return;
-    const rate = this.currentRate();
-    if (rate === 0) return;
-    const burst = this.cachedBurst;
-    this.claim(rate, burst, now === undefined ? this.now() : Math.floor(now));
-    for (;;) {
-      const t = Atomics.load(this.w, W_TOKENS);
-      const next = Math.max(Math.min(Number(t) + this.pending, burst) - amount, -Number.MAX_SAFE_INTEGER);
-      if (Atomics.compareExchange(this.w, W_TOKENS, t, BigInt(next)) === t) {
-        this.pending = 0;
-        return;
-      }
-    }
-  }
-
-  /**
-   * Returns `amount` tokens taken by this caller and not used (the balance never exceeds `burst`;
-   * anything beyond is dropped). Only give back what you took, or the aggregate bound is void.
-   */
-  refund(amount: number): void {
-    checkAmount(amount);
-    if (amount === 0) return;
-    if (this.currentRate() === 0) return;
-    this.addCapped(amount, this.cachedBurst);
-  }
-
-  /**
    * Both-or-neither admission against two buckets that share a clock (a disk's ops and bytes buckets):
-   * returns 0 when `firstAmount` was taken from `first` AND `secondAmount` from `second`, else the
-   * longer of the two waits with nothing taken from either. Unlimited buckets and zero amounts always
-   * pass; if both do, the clock is not read. `now` defaults to a read of `first`'s clock.
+   * returns 0 when `firstAmount` was taken from `first` AND `secondAmount` from `second`, else the longer
+   * of the two waits with nothing taken from either. Unlimited buckets and zero amounts always pass; if
+   * both do, the clock is not read.
    *
    * Both buckets are brought up to date and checked before either is charged; then `first` is charged,
-   * then `second`, and if `second` has meanwhile been drained by another thread, `first` is refunded.
-   * So on return either both were charged or neither — the one-without-the-other state exists only
-   * for the few atomic operations between the two charges, during which a concurrent caller may see
-   * `first` short (conservative). Nothing is ever over-granted: the refund returns only what was taken.
+   * then `second`, and if `second` has meanwhile been drained by another thread, `first` is refunded. So
+   * on return either both were charged or neither — the one-without-the-other state exists only for the
+   * few atomic operations between the two charges, during which a concurrent caller may see `first`
+   * short (conservative). Nothing is ever over-granted: the refund returns only what was taken.
    */
-  static admitPair(
-    first: TokenBucket,
-    firstAmount: number,
-    second: TokenBucket,
-    secondAmount: number,
-    now?: number,
-  ): number {
+  static admitPair(first: TokenBucket, firstAmount: number, second: TokenBucket, secondAmount: number): number {
     checkAmount(firstAmount);
     checkAmount(secondAmount);
     const r1 = firstAmount === 0 ? 0 : first.currentRate();
     const r2 = secondAmount === 0 ? 0 : second.currentRate();
     if (r1 === 0 && r2 === 0) return 0;
-    const at = now === undefined ? first.now() : Math.floor(now);
+    const at = first.now();
     const b1 = first.cachedBurst;
     const b2 = second.cachedBurst;
     // Check both (time credited to each is held by this handle, not yet visible to others).
@@ -429,16 +288,16 @@ export class TokenBucket {
   }
 
   /**
-   * Changes the limits live. Single writer (the main thread); other handles see the change on their
-   * next call. Limited → limited: elapsed time is first credited at the old rate (whole tokens; the
-   * fraction of a token in progress keeps its value when the rate goes up, and is valued at the new,
-   * lower rate when it goes down), then the new rate and capacity apply and the balance is clipped to
-   * the new capacity (a debt is kept). Unlimited →
-   * limited: the bucket starts full at `now`. Any → unlimited: takes effect at once. A thread that is
-   * mid-call during the change may still apply the old rate or capacity to the few microseconds of the
-   * change itself — the transitional error is bounded by max(old, new rate) × the duration of this call.
+   * Changes the limits live, as of clock value `now`. Single writer (the main thread); other handles see
+   * the change on their next call. Limited → limited: elapsed time is first credited at the old rate
+   * (whole tokens; the fraction of a token in progress keeps its value when the rate goes up, and is
+   * valued at the new, lower rate when it goes down), then the new rate and capacity apply and the
+   * balance is clipped to the new capacity (a debt is kept). Unlimited → limited: the bucket starts full
+   * at `now`. Any → unlimited: takes effect at once. A thread that is mid-call during the change may
+   * still apply the old rate or capacity to the moment of the change itself — the transitional error is
+   * bounded by max(old, new rate) × the duration of this call.
    */
-  setLimits(limits: BucketLimits, now?: number): void {
+  setLimits(limits: BucketLimits, now: number): void {
     const { rate, burst } = resolveBucketLimits(limits);
     const w = this.w;
     if (rate === 0) {
@@ -447,7 +306,7 @@ export class TokenBucket {
       Atomics.add(this.i, I_GEN, 1);
       return;
     }
-    const at = now === undefined ? this.now() : Math.floor(now);
+    const at = Math.floor(now);
     const oldRate = Number(Atomics.load(w, W_RATE));
     if (oldRate === 0) {
       // Publish the state first and the rate last: a reader that sees the rate sees a full bucket.
@@ -465,16 +324,16 @@ export class TokenBucket {
     this.flush(oldBurst);
     if (rate > oldRate) {
       // The fraction of a token accrued since LAST is time at the old rate; at a higher rate the same
-      // fraction takes less time, so move LAST forward to keep its value (rounded down). For a lower
-      // rate LAST stays, which values the fraction at the new rate: a little less, never more — and
-      // LAST keeps only ever increasing.
+      // fraction takes less time, so move LAST forward to keep its value (rounded down). For a lower rate
+      // LAST stays, which values the fraction at the new rate: a little less, never more — and LAST keeps
+      // only ever increasing.
       for (;;) {
         const last = Atomics.load(w, W_LAST);
-        const accrued = elapsedSince(at, last);
+        const accrued = at - Number(last);
         if (accrued <= 0) break;
         const keep = Math.min(accrued, Math.floor((accrued * oldRate) / rate));
         if (keep === accrued) break;
-        if (Atomics.compareExchange(w, W_LAST, last, advance(last, accrued - keep)) === last) break;
+        if (Atomics.compareExchange(w, W_LAST, last, BigInt(bookUntil(Number(last), accrued - keep, at))) === last) break;
       }
     }
     Atomics.store(w, W_BURST, BigInt(burst));
@@ -488,11 +347,25 @@ export class TokenBucket {
   }
 
   /*
-   * Internals. A public operation runs claim → decide/commit → (flush): `claim` turns elapsed time into
-   * credit that this handle holds in `pending` (so the decision and the charge of the same call can be
-   * one CAS on TOKENS); every public operation publishes or discards it before returning, so `pending`
-   * is 0 between calls. Held credit is invisible to other threads for a moment: conservative only.
+   * Internals. An admission runs claim → decide/commit → (flush): `claim` turns elapsed time into credit
+   * that this handle holds in `pending` (so the decision and the charge of the same call can be one CAS on
+   * TOKENS); every public operation publishes or discards it before returning, so `pending` is 0 between
+   * calls. Held credit is invisible to other threads for a moment: conservative only.
    */
+
+  /** Current rate (0 = unlimited), from the cache unless the limits generation moved. */
+  private currentRate(): number {
+    const gen = Atomics.load(this.i, I_GEN);
+    if (gen !== this.gen) {
+      // Read after the generation: if the limits change meanwhile, the generation moves again and the
+      // next call re-reads them.
+      this.cachedRate = Number(Atomics.load(this.w, W_RATE));
+      this.cachedBurst = Number(Atomics.load(this.w, W_BURST));
+      this.gen = gen;
+      this.synced = Number.NEGATIVE_INFINITY;
+    }
+    return this.cachedRate;
+  }
 
   /**
    * Credits whole tokens for the time since LAST, into `pending`. The CAS on LAST claims the interval
@@ -505,25 +378,25 @@ export class TokenBucket {
     const w = this.w;
     for (;;) {
       const last = Atomics.load(w, W_LAST);
-      const elapsed = elapsedSince(now, last);
+      const elapsed = now - Number(last);
       if (elapsed <= 0) return;
-      const earned = creditFor(elapsed, rate);
-      if (earned < 1) return; // keep LAST: the fraction of a token accrued so far is not lost
+      if (elapsed * rate < NS_PER_S) return; // keep LAST: the fraction of a token accrued so far is not lost
       const tokens = Atomics.load(w, W_TOKENS);
       this.seen = tokens;
       const room = burst - Number(tokens) - this.pending;
       let credit: number;
-      let next: bigint;
-      if (earned >= room) {
+      let next: number;
+      if (room <= 0 || elapsed >= nanosFor(room, rate)) {
         // Fills up: the rest of the interval was spent full and earns nothing.
         credit = room;
-        next = BigInt(now);
+        next = now;
       } else {
         // Advance only by the time the whole tokens took (rounded up: conservative by < 1 ns).
-        credit = earned;
-        next = advance(last, nanosFor(earned, rate));
+        credit = creditFor(elapsed, rate);
+        if (credit < 1) return;
+        next = bookUntil(Number(last), nanosFor(credit, rate), now);
       }
-      if (Atomics.compareExchange(w, W_LAST, last, next) !== last) continue; // someone else refilled
+      if (Atomics.compareExchange(w, W_LAST, last, BigInt(next)) !== last) continue; // someone else refilled
       if (credit > 0) this.pending += credit;
       return;
     }
@@ -565,6 +438,7 @@ export class TokenBucket {
     this.pending = 0;
   }
 
+  /** Adds tokens, never beyond `burst` (anything beyond is dropped: conservative). */
   private addCapped(amount: number, burst: number): void {
     const w = this.w;
     for (;;) {
@@ -578,7 +452,6 @@ export class TokenBucket {
 
   /** Time until `deficit` more tokens will have been credited (>= 1 ns). */
   private waitFor(deficit: number, rate: number, now: number): number {
-    const elapsed = elapsedSince(now, Atomics.load(this.w, W_LAST));
-    return Math.max(1, nanosFor(deficit, rate) - elapsed);
+    return Math.max(1, nanosFor(deficit, rate) - (now - Number(Atomics.load(this.w, W_LAST))));
   }
 }

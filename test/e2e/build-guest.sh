@@ -111,7 +111,8 @@ awk 'BEGIN { for (s = 0; s < 8192; s++) for (l = 0; l < 16; l++) printf "vublk-e
 cat >"$root/init" <<'INIT'
 #!/bin/busybox sh
 # PID 1 of the e2e guest. Kernel command line:
-#   vublk.test=probe|rw|verify|discard|readonly|resize|migrate  workload on /dev/vda
+#   vublk.test=probe|rw|verify|discard|readonly|resize|migrate|reconnect  workload on /dev/vda
+#   vublk.rounds=N              write/read-back rounds of the reconnect workload (default 12)
 #   vublk.offset=BYTES          where rw/verify put /pattern.bin on the disk
 #   vublk.timeout=SECONDS       guest-side watchdog (default 60)
 # Reports "VUBLK-E2E: ..." lines on the console and always powers off, never hangs.
@@ -225,6 +226,42 @@ case $workload in
     dd if=/pattern.bin of=/dev/vda bs=4096 count=1 oflag=seek_bytes,direct seek=$((size * 512)) conv=notrunc status=none ||
       fail "resize: write past the old end failed"
     say "PASS resize size=$new"
+    ;;
+  reconnect)
+    # O_DIRECT write + read-back rounds while the host kills (kill -9) or restarts (SIGTERM) the back-end under
+    # the guest. Every round writes data of its own (the round number replaces the "vublk-e2e" tag of each
+    # 32-byte line), so a lost or stale write shows as a mismatch. ROUND/PROGRESS lines let the host time its
+    # kills and see progress after each restart; any I/O error or mismatch fails the run.
+    rounds=$(param vublk.rounds)
+    rounds=${rounds:-12}
+    round=0
+    while [ $round -lt "$rounds" ]; do
+      tag=$(printf 'r%08d' "$round")
+      head -c 2097152 /pattern.bin | sed "s/^vublk-e2e/$tag/" >/tmp/round
+      want=$(md5sum /tmp/round | cut -d' ' -f1)
+      at=$((offset + (round % 4) * 2097152))
+      say "ROUND $round writing"
+      step "reconnect: round $round writing"
+      # Four writers at once, so the back-end has several requests in flight when it dies.
+      pids=""
+      for part in 0 1 2 3; do
+        dd if=/tmp/round of=/dev/vda bs=64K skip=$((part * 8)) count=8 oflag=seek_bytes,direct \
+          seek=$((at + part * 524288)) conv=notrunc status=none &
+        pids="$pids $!"
+      done
+      for pid in $pids; do
+        wait "$pid" || fail "reconnect: round $round: write I/O error"
+      done
+      step "reconnect: round $round reading back"
+      dd if=/dev/vda of=/tmp/back bs=64K iflag=skip_bytes,count_bytes,direct skip="$at" count=2097152 status=none ||
+        fail "reconnect: round $round: read I/O error"
+      got=$(md5sum /tmp/back | cut -d' ' -f1)
+      [ "$got" = "$want" ] || fail "reconnect: round $round mismatch md5=$got expected=$want"
+      say "PROGRESS $round"
+      round=$((round + 1))
+    done
+    dmesg | grep -qi 'I/O error' && fail "reconnect: the kernel logged an I/O error: $(dmesg | grep -i 'I/O error' | tail -n 1)"
+    say "PASS reconnect rounds=$round"
     ;;
   migrate)
     # Runs until the host stops the VM (live-migration test): each round, 4 writers put the round's pattern

@@ -1,7 +1,8 @@
 // End to end, beyond plain reads and writes: discard and write-zeroes from the guest's own tools, and a
 // read-only disk as the guest sees it. Skipped with the reason when QEMU is missing (failed if required).
 import http from 'node:http';
-import { openSync, readSync, closeSync, writeFileSync, truncateSync } from 'node:fs';
+import { writeFileSync, truncateSync } from 'node:fs';
+import { imageBytes } from '../support/session-harness.js';
 import { mkdtempSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -13,17 +14,6 @@ import { METRICS_ARGS, metricsUrl, queueCounts, scrape } from '../support/metric
 const unavailable = qemuAvailable();
 const TEST_TIMEOUT_MS = 120_000;
 const GUEST_TIMEOUT_MS = 100_000;
-
-function imageBytes(imagePath: string, offset: number, length: number): Buffer {
-  const fd = openSync(imagePath, 'r');
-  try {
-    const data = Buffer.alloc(length);
-    readSync(fd, data, 0, length, offset);
-    return data;
-  } finally {
-    closeSync(fd);
-  }
-}
 
 function consoleContext(output: string, daemon: DaemonProcess): string {
   return `guest console:\n${output}\ndaemon log:\n${daemon.output().split('\n').slice(-30).join('\n')}`;

@@ -17,7 +17,7 @@ export const PATTERN_OFFSET = 1024 * 1024;
  * probe: report the disk (or "no-vda") without I/O; rw: write the pattern, flush,
  * drop caches, read back; verify: only read back and compare.
  */
-export type Workload = 'probe' | 'rw' | 'verify' | 'discard' | 'readonly' | 'resize';
+export type Workload = 'probe' | 'rw' | 'verify' | 'discard' | 'readonly' | 'resize' | 'reconnect';
 
 export interface GuestOptions {
   /** vhost-user-blk socket of the backend under test. */
@@ -28,6 +28,10 @@ export interface GuestOptions {
   memoryMiB?: number;
   workload: Workload;
   timeoutMs?: number;
+  /** `-chardev socket,…,reconnect=N`: QEMU reconnects N seconds after the back-end went away. */
+  reconnectSeconds?: number;
+  /** More `key=value` words for the guest kernel command line (e.g. `vublk.rounds=12`). */
+  kernelArgs?: string[];
   /** Called with the console output so far whenever more arrives (to react to the guest mid-run). */
   onOutput?: (outputSoFar: string) => void;
 }
@@ -99,7 +103,7 @@ export function runGuest(options: GuestOptions): Promise<GuestResult> {
   const disk: string[] = [];
   if (socketPath !== undefined) {
     disk.push(
-      '-chardev', `socket,id=vu0,path=${optionValue(socketPath)}`,
+      '-chardev', `socket,id=vu0,path=${optionValue(socketPath)}${options.reconnectSeconds !== undefined ? `,reconnect=${options.reconnectSeconds}` : ''}`,
       '-device', `vhost-user-blk-pci,chardev=vu0,num-queues=${numQueues}`,
     );
   } else if (imagePath !== undefined) {
@@ -121,7 +125,7 @@ export function runGuest(options: GuestOptions): Promise<GuestResult> {
     '-kernel', path.join(GUEST_DIR, 'vmlinuz'),
     '-initrd', path.join(GUEST_DIR, 'initramfs.cpio.gz'),
     '-append',
-    `console=ttyS0 panic=-1 quiet vublk.test=${workload} vublk.offset=${PATTERN_OFFSET} vublk.timeout=${guestTimeoutS}`,
+    [`console=ttyS0 panic=-1 quiet vublk.test=${workload} vublk.offset=${PATTERN_OFFSET} vublk.timeout=${guestTimeoutS}`, ...(options.kernelArgs ?? [])].join(' '),
     '-display', 'none',
     '-nodefaults',
     '-no-reboot',

@@ -4,9 +4,10 @@
  */
 export { pattern } from '../support/pattern.js';
 import type { TestContext } from 'vitest';
-import { closeSync, mkdtempSync, openSync, readSync, rmSync, writeFileSync, truncateSync } from 'node:fs';
+import { mkdtempSync, rmSync, writeFileSync, truncateSync } from 'node:fs';
 import { join } from 'node:path';
 import { tmpdir } from 'node:os';
+import { imageBytes } from '../support/session-harness.js';
 import { QemuStorageDaemon, findQemuStorageDaemon, type QsdOptions } from '../../bench/src/frontend/index.js';
 
 export const QSD_BINARY = findQemuStorageDaemon();
@@ -50,14 +51,7 @@ export async function startQsd(options: { sizeBytes?: number } & Partial<QsdOpti
     socketPath,
     daemon,
     imageBytes(offset, length) {
-      const fd = openSync(image, 'r');
-      try {
-        const out = Buffer.alloc(length);
-        readSync(fd, out, 0, length, offset);
-        return out;
-      } finally {
-        closeSync(fd);
-      }
+      return imageBytes(image, offset, length);
     },
     async close() {
       await daemon.stop();

@@ -1,14 +1,13 @@
 // `vublk serve --config FILE` on a real daemon (run `npm run build` first): load errors naming the file and
 // key path, several disks from one file, SIGHUP applying throttle limits live without dropping the
 // front-end, an invalid reload keeping the old limits, and a clean exit on SIGTERM.
-import { spawn } from 'node:child_process';
 import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import http from 'node:http';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { CLI, startDaemon, type DaemonProcess, type LogLine } from '../support/daemon-process.js';
+import { runCli, startDaemon, type DaemonProcess, type LogLine } from '../support/daemon-process.js';
 import { parseExposition, valueOf, type Exposition } from '../support/prom-text.js';
 
 const MiB = 1024 * 1024;
@@ -21,24 +20,6 @@ function tempDir(): string {
   const dir = mkdtempSync(path.join(os.tmpdir(), 'vublk-config-'));
   dirs.push(dir);
   return dir;
-}
-
-function runServe(args: string[]): Promise<{ code: number | null; stdout: string; stderr: string }> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [CLI, 'serve', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.setEncoding('utf8').on('data', (t: string) => (stdout += t));
-    child.stderr.setEncoding('utf8').on('data', (t: string) => (stderr += t));
-    const timer = setTimeout(() => {
-      child.kill('SIGKILL');
-      reject(new Error(`vublk serve ${args.join(' ')} did not exit within 20 s; stderr: ${stderr}`));
-    }, 20_000);
-    child.once('exit', (code) => {
-      clearTimeout(timer);
-      resolve({ code, stdout, stderr });
-    });
-  });
 }
 
 function get(base: string, pathname: string): Promise<{ status: number; body: string }> {
@@ -108,7 +89,7 @@ describe('config file errors', () => {
       file,
       ['disks:', '  - { name: a, image: a.img, socket: a.sock, size: 8M }', '  - { name: b, image: b.img, socket: b.sock, throttle: { bps: 10 furlongs } }', ''].join('\n'),
     );
-    const result = await runServe(['--config', file, '--metrics-listen', 'off']);
+    const result = await runCli(['serve', '--config', file, '--metrics-listen', 'off']);
     expect(result.code).toBe(2);
     expect(result.stderr).toMatch(new RegExp(`^vublk: ${file.replace(/[.*+?^${}()|[\]\\/]/g, '\\$&')}: disks\\[1\\]\\.throttle\\.bps: invalid rate: "10 furlongs"`));
     expect(existsSync(path.join(dir, 'a.sock'))).toBe(false);
@@ -125,7 +106,7 @@ describe('config file errors', () => {
   ])('%s', async (_what, text, message) => {
     const file = path.join(tempDir(), 'vublk.yaml');
     writeFileSync(file, text);
-    const result = await runServe(['--config', file]);
+    const result = await runCli(['serve', '--config', file]);
     expect(result.code).toBe(2);
     expect(result.stderr).toContain(file);
     expect(result.stderr).toMatch(message);
@@ -134,23 +115,23 @@ describe('config file errors', () => {
   it('reads JSON by extension and reports JSON errors', async () => {
     const file = path.join(tempDir(), 'vublk.json');
     writeFileSync(file, '{ "disks": [ { "image": "a.img", "socket": "a.sock", "throttle": { "iops": -1 } } ] }');
-    const result = await runServe(['--config', file]);
+    const result = await runCli(['serve', '--config', file]);
     expect(result.code).toBe(2);
     expect(result.stderr).toMatch(/vublk\.json: disks\[0\]\.throttle\.iops: must be a non-negative whole number, got -1/);
     writeFileSync(file, '{ "disks": [');
-    expect((await runServe(['--config', file])).stderr).toMatch(/vublk\.json: invalid JSON/);
+    expect((await runCli(['serve', '--config', file])).stderr).toMatch(/vublk\.json: invalid JSON/);
   });
 
   it('refuses --config together with disk flags, and a missing file', async () => {
     const file = path.join(tempDir(), 'vublk.yaml');
     writeFileSync(file, 'disks:\n  - { image: a.img, socket: a.sock, size: 8M }\n');
-    const both = await runServe(['--config', file, '--image', 'x.img']);
+    const both = await runCli(['serve', '--config', file, '--image', 'x.img']);
     expect(both.code).toBe(2);
     expect(both.stderr).toMatch(/--config describes the disks: drop --image/);
-    const withDisk = await runServe(['--config', file, '--disk', 'image=x.img,socket=x.sock']);
+    const withDisk = await runCli(['serve', '--config', file, '--disk', 'image=x.img,socket=x.sock']);
     expect(withDisk.code).toBe(2);
     expect(withDisk.stderr).toMatch(/drop --disk/);
-    const missing = await runServe(['--config', path.join(path.dirname(file), 'nope.yaml')]);
+    const missing = await runCli(['serve', '--config', path.join(path.dirname(file), 'nope.yaml')]);
     expect(missing.code).toBe(2);
     expect(missing.stderr).toMatch(/nope\.yaml: no such file/);
   });

@@ -12,9 +12,13 @@
 // The request engine follows $VUBLK_IO_ENGINE (io_uring: completions out of order across drains).
 // VUBLK_FUZZ_CACHE=none serves the image with --cache none (O_DIRECT, bounce buffers for unaligned chains)
 // from a file system that accepts O_DIRECT (test/support/host-disk.ts); .ci/run runs both configurations.
+// VUBLK_FUZZ_FORMAT=qcow2 serves a qcow2 image (qemu-img create; VUBLK_FUZZ_CLUSTER sets the cluster size):
+// the qcow2 executor under the same model, the image read back with qemu-img convert.
 //
 // The seed is printed at the start and in every failure; the same seed replays the same chains.
 import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { execFileSync } from 'node:child_process';
+import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { DescFlag } from '../../protocol/split-ring.js';
@@ -28,7 +32,6 @@ import {
   type VirtqueueDriver,
 } from '../../bench/src/frontend/index.js';
 import {
-  DescFlags,
   ReqType,
   Status,
   countVerdict,
@@ -48,6 +51,9 @@ import { directIoDir } from '../support/host-disk.js';
 
 const CHAINS = Number(process.env['VUBLK_FUZZ_CHAINS'] ?? 100_000);
 const CACHE = process.env['VUBLK_FUZZ_CACHE'] ?? 'writeback';
+/** VUBLK_FUZZ_FORMAT=qcow2: the image is a qcow2 (VUBLK_FUZZ_CLUSTER bytes per cluster, default 64K) made by qemu-img. */
+const FORMAT = process.env['VUBLK_FUZZ_FORMAT'] ?? 'raw';
+const CLUSTER = process.env['VUBLK_FUZZ_CLUSTER'] ?? '65536';
 const SEED = seedFromEnv('VUBLK_FUZZ_SEED');
 
 const MiB = 1024 * 1024;
@@ -1038,6 +1044,16 @@ function splitSectors(rng: Prng, total: number, pieces: number, max = Infinity):
 
 // ------------------------------------------------------------------------------------------- the test
 
+/** The guest-visible bytes of the image (a qcow2 through `qemu-img convert -U`: the daemon holds its lock). */
+function imageContents(image: string): Buffer {
+  if (FORMAT !== 'qcow2') return readFileSync(image);
+  const raw = `${image}.raw`;
+  execFileSync('qemu-img', ['convert', '-U', '-f', 'qcow2', '-O', 'raw', image, raw]);
+  const bytes = readFileSync(raw);
+  rmSync(raw, { force: true });
+  return bytes;
+}
+
 let daemon: DaemonProcess;
 let metrics: QueueMetrics;
 
@@ -1045,13 +1061,15 @@ let imageDir: string | null = null;
 
 beforeAll(async () => {
   const args = ['--num-queues', String(QUEUES), '--serial', SERIAL, '--cache', CACHE, ...METRICS_ARGS];
-  if (CACHE === 'none') {
-    const base = directIoDir();
+  if (CACHE === 'none' || FORMAT === 'qcow2') {
+    const base = CACHE === 'none' ? directIoDir() : tmpdir();
     if (base === null) throw new Error('VUBLK_FUZZ_CACHE=none needs a file system that accepts O_DIRECT (set VUBLK_DIRECT_DIR)');
     imageDir = mkdtempSync(path.join(base, 'vublk-fuzz-'));
     const socket = path.join(imageDir, 'vublk.sock');
-    const image = path.join(imageDir, 'disk.img');
-    daemon = await startDaemon({ rawArgs: ['serve', '--socket', socket, '--image', image, '--size', '32M', ...args], waitForSocket: false });
+    const image = path.join(imageDir, FORMAT === 'qcow2' ? 'disk.qcow2' : 'disk.img');
+    if (FORMAT === 'qcow2') execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', `cluster_size=${CLUSTER}`, image, '32M']);
+    const imageArgs = FORMAT === 'qcow2' ? ['--format', 'qcow2'] : ['--size', '32M'];
+    daemon = await startDaemon({ rawArgs: ['serve', '--socket', socket, '--image', image, ...imageArgs, ...args], waitForSocket: false });
     const deadline = Date.now() + 15_000;
     while (!existsSync(socket)) {
       if (!daemon.running() || Date.now() > deadline) throw new Error(`daemon did not create ${socket}:\n${daemon.output()}`);
@@ -1157,7 +1175,7 @@ describe('random-chain fuzzer', () => {
       }
 
       // The image file holds what the model holds (discarded sectors: the model's bytes or zeroes).
-      const file = readFileSync(daemon.imagePath);
+      const file = imageContents(daemon.imagePath);
       expect(file.length).toBe(CAPACITY);
       const problem = shared.image.check(0, file);
       expect(problem, `seed ${SEED}: image file differs from the model`).toBeNull();

@@ -18,7 +18,7 @@ import {
   encodeVringState,
 } from '../../protocol/vhost-user.js';
 import { startDaemon, type DaemonProcess } from '../support/daemon-process.js';
-import { RawVhostClient } from '../support/raw-vhost-client.js';
+import { RawVhostClient, expectServing } from '../support/raw-vhost-client.js';
 import { createEventFd, signalEventFd } from '../../src/sys/eventfd.js';
 import { closeFd } from '../../src/sys/fd.js';
 import { createMemfd } from '../../src/sys/memory-map.js';
@@ -55,15 +55,6 @@ function acked(client: RawVhostClient, request: number, payload: Uint8Array, fds
   expect(reply, `daemon closed the session instead of answering; daemon output:\n${daemon.output().slice(-3000)}`).not.toBeNull();
   expect(reply!.header.request, `reply to the wrong request; daemon output:\n${daemon.output().slice(-3000)}`).toBe(request);
   return reply!.payload.readBigUInt64LE(0);
-}
-
-function assertServing(): void {
-  const client = new RawVhostClient(daemon.socketPath);
-  client.send(FrontendRequest.GET_FEATURES, V);
-  const reply = client.receive();
-  client.close();
-  expect(reply?.payload.length).toBe(8);
-  expect(daemon.running()).toBe(true);
 }
 
 function fdCount(pid: number): number {
@@ -103,7 +94,7 @@ describe('a memory region larger than its fd (was SIGBUS, exit 135)', () => {
     client.close();
     closeFd(kick);
     closeFd(memfd);
-    assertServing();
+    expectServing(daemon);
   });
 
   it('seals a sealable memfd against shrinking before mapping it', () => {
@@ -115,7 +106,7 @@ describe('a memory region larger than its fd (was SIGBUS, exit 135)', () => {
     expect(sys.ftruncate(memfd, 4096)).toBe(-1);
     client.close();
     closeFd(memfd);
-    assertServing();
+    expectServing(daemon);
   });
 
   it('refuses pipes, /dev/null and directories as guest memory with a clear error', async () => {
@@ -132,7 +123,7 @@ describe('a memory region larger than its fd (was SIGBUS, exit 135)', () => {
       closeFd(fd);
     }
     client.close();
-    assertServing();
+    expectServing(daemon);
   });
 
   it('refuses ADD_MEM_REG regions declared far larger than their 4 KiB memfds', async () => {
@@ -145,7 +136,7 @@ describe('a memory region larger than its fd (was SIGBUS, exit 135)', () => {
     }
     expect(fdCount(daemon.child.pid!)).toBeLessThanOrEqual(before + 1);
     client.close();
-    assertServing();
+    expectServing(daemon);
   });
 
   it('refuses a table that would map more than 1 TiB in one session', async () => {
@@ -156,7 +147,7 @@ describe('a memory region larger than its fd (was SIGBUS, exit 135)', () => {
     await daemon.waitForLog((l) => String(l['err']).includes('limit of mapped guest memory'), 5_000, since);
     closeFd(memfd);
     client.close();
-    assertServing();
+    expectServing(daemon);
   });
 });
 
@@ -167,7 +158,7 @@ describe('a blocking call eventfd at counter max (was a hung daemon)', () => {
     expect(acked(client, FrontendRequest.SET_VRING_CALL, encodeVringFdRequest({ index: 1, noFd: false }), [fd], 5_000)).toBe(0n);
     client.close();
     closeFd(fd);
-    assertServing();
+    expectServing(daemon);
   });
 
   it('does not block the worker of a running ring: the ring still stops and restarts', async () => {
@@ -183,7 +174,7 @@ describe('a blocking call eventfd at counter max (was a hung daemon)', () => {
     } finally {
       frontend.close();
     }
-    assertServing();
+    expectServing(daemon);
   });
 });
 
@@ -206,7 +197,7 @@ describe('fd ownership', () => {
     expect(fdCount(pid)).toBeLessThanOrEqual(baseline + 2);
     await daemon.waitForLog((l) => String(l['err']).includes('not an eventfd'), 5_000, since);
     client.close();
-    assertServing();
+    expectServing(daemon);
   });
 
   it('reports fd exhaustion as EMFILE, not as "more than 16 fds", and recovers when fds are freed', async () => {
@@ -291,7 +282,7 @@ describe('a front-end that never reads its replies', () => {
     client.send(FrontendRequest.GET_QUEUE_NUM, V);
     expect(client.receive()?.payload.readBigUInt64LE(0)).toBe(4n);
     client.close();
-    assertServing();
+    expectServing(daemon);
   });
 });
 
@@ -316,7 +307,7 @@ describe('ring addresses', () => {
     expect(acked(client, FrontendRequest.SET_VRING_ADDR, address(base, base + 4096n, base + 8192n))).toBe(0n);
     await daemon.waitForLog((l) => String(l['err']).includes('must be aligned'), 5_000, since);
     client.close();
-    assertServing();
+    expectServing(daemon);
   });
 
   it('refuses memory regions that are not page-aligned (an aligned ring would map to an unaligned host address)', async () => {
@@ -329,6 +320,6 @@ describe('ring addresses', () => {
     await daemon.waitForLog((l) => String(l['err']).includes('must be multiples of 4096'), 5_000, since);
     closeFd(memfd);
     client.close();
-    assertServing();
+    expectServing(daemon);
   });
 });

@@ -3,7 +3,7 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { FrontendRequest, HeaderFlag, ProtocolFeature, encodeU64, encodeVringFdRequest } from '../../protocol/vhost-user.js';
 import { startDaemon, type DaemonProcess } from '../support/daemon-process.js';
-import { RawVhostClient } from '../support/raw-vhost-client.js';
+import { RawVhostClient, expectServing } from '../support/raw-vhost-client.js';
 import { createEventFd } from '../../src/sys/eventfd.js';
 import { closeFd } from '../../src/sys/fd.js';
 
@@ -36,16 +36,6 @@ function ack(client: RawVhostClient, request: number): bigint {
   expect(reply!.header.request).toBe(request);
   expect(reply!.header.flags & HeaderFlag.REPLY).toBe(HeaderFlag.REPLY);
   return reply!.payload.readBigUInt64LE(0);
-}
-
-/** The daemon still answers a fresh front-end. */
-function assertServing(): void {
-  const client = new RawVhostClient(daemon.socketPath);
-  client.send(FrontendRequest.GET_FEATURES, V);
-  const reply = client.receive();
-  client.close();
-  expect(reply?.payload.length).toBe(8);
-  expect(daemon.running()).toBe(true);
 }
 
 describe('malformed requests are refused, the session stays up', () => {
@@ -125,7 +115,7 @@ describe('a corrupt stream closes the session cleanly', () => {
     expect(client.closedByPeer()).toBe(true);
     client.close();
     await daemon.waitForLog((l) => l.msg === 'front-end disconnected' && String(l['detail']).includes('exceeds'), 10_000, since);
-    assertServing();
+    expectServing(daemon);
   });
 
   it('closes on a wrong protocol version', async () => {
@@ -135,7 +125,7 @@ describe('a corrupt stream closes the session cleanly', () => {
     expect(client.closedByPeer()).toBe(true);
     client.close();
     await daemon.waitForLog((l) => l.msg === 'front-end disconnected' && String(l['detail']).includes('version'), 10_000, since);
-    assertServing();
+    expectServing(daemon);
   });
 
   it('tears down after a truncated message and serves the next front-end', async () => {
@@ -148,7 +138,7 @@ describe('a corrupt stream closes the session cleanly', () => {
     client.sendBytes(header);
     client.close();
     await daemon.waitForLog((l) => l.msg === 'front-end disconnected' && l['reason'] === 'peer-closed', 10_000, since);
-    assertServing();
+    expectServing(daemon);
   });
 
   it('refuses a second front-end while one is connected, with a log line', async () => {

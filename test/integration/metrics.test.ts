@@ -1,14 +1,14 @@
 // Metrics, health and admin endpoints of a real daemon (`node dist/src/cli.js serve`; run `npm run build`
 // first): scrape /metrics over HTTP, parse the exposition text, check series, labels and values; /healthz
 // and /readyz; the admin API and `vublk throttle` / `vublk disks`; clean exit on SIGTERM.
-import { spawn, spawnSync } from 'node:child_process';
+import { spawnSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import http from 'node:http';
 import net from 'node:net';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { LATENCY_BUCKETS_SECONDS } from '../../src/dataplane/counters.js';
-import { CLI, startDaemon, type DaemonProcess } from '../support/daemon-process.js';
+import { runCli, startDaemon, type DaemonProcess } from '../support/daemon-process.js';
 import { parseExposition, select, valueOf, type Exposition } from '../support/prom-text.js';
 
 const MiB = 1024 * 1024;
@@ -51,25 +51,6 @@ async function metricsBase(daemon: DaemonProcess): Promise<string> {
   const line = await daemon.waitForLog((l) => l.msg === 'metrics listening', 15_000);
   const address = String(line['address']);
   return address.startsWith('unix:') ? address : `http://${address}`;
-}
-
-/** Runs the CLI (a subcommand such as `throttle`) to completion, with a deadline. */
-function runCli(args: string[]): Promise<{ code: number | null; stdout: string; stderr: string }> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [CLI, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.setEncoding('utf8').on('data', (t: string) => (stdout += t));
-    child.stderr.setEncoding('utf8').on('data', (t: string) => (stderr += t));
-    const timer = setTimeout(() => {
-      child.kill('SIGKILL');
-      reject(new Error(`vublk ${args.join(' ')} did not finish within 20 s`));
-    }, 20_000);
-    child.once('exit', (code) => {
-      clearTimeout(timer);
-      resolve({ code, stdout, stderr });
-    });
-  });
 }
 
 async function waitFor<T>(what: string, probe: () => Promise<T | undefined>, timeoutMs = 10_000): Promise<T> {

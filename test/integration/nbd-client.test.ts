@@ -3,7 +3,8 @@
  * driven the way a worker drives it: its one fd watched for readability, pump() on every wake-up.
  */
 import { afterEach, describe, expect, it } from 'vitest';
-import { existsSync, openSync, readSync, closeSync, writeFileSync, truncateSync, rmSync } from 'node:fs';
+import { existsSync, writeFileSync, truncateSync, rmSync } from 'node:fs';
+import { imageBytes } from '../support/session-harness.js';
 import { join } from 'node:path';
 import { NbdClient } from '../../src/backend/nbd/nbd-client.js';
 import { NbdHandshakeError } from '../../src/backend/nbd/handshake.js';
@@ -38,17 +39,6 @@ function scratch(): string {
   const dir = tempDir();
   cleanups.push(dir.remove);
   return dir.dir;
-}
-
-function fileBytes(path: string, offset: number, length: number): Buffer {
-  const fd = openSync(path, 'r');
-  try {
-    const out = Buffer.alloc(length);
-    readSync(fd, out, 0, length, offset);
-    return out;
-  } finally {
-    closeSync(fd);
-  }
 }
 
 /** Writes distinct patterns, reads them back through different scatter lists, checks holes read as zero. */
@@ -248,7 +238,7 @@ describe('NBD client against qemu-nbd', () => {
     const driven = track(DrivenClient.open({ endpoint: { kind: 'unix', path: socket }, exportName: '' }));
     expect(driven.client.info.size).toBe(32 << 20);
     await readWriteRoundTrip(driven);
-    expect(fileBytes(image, 1 << 20, 1 << 20).equals(pattern(1, 1 << 20))).toBe(true);
+    expect(imageBytes(image, 1 << 20, 1 << 20).equals(pattern(1, 1 << 20))).toBe(true);
     await pipelined(driven, 4 << 20);
 
     const port = await freePort();
@@ -264,7 +254,7 @@ describe('NBD client against qemu-nbd', () => {
     expect(await first.flush()).toBe(0);
     expect(await second.read(4096, buffer, 4096, 4096)).toBe(0);
     expect(buffer.bytes.subarray(4096).equals(pattern(5, 4096))).toBe(true);
-    expect(fileBytes(tcpImage, 4096, 4096).equals(pattern(5, 4096))).toBe(true);
+    expect(imageBytes(tcpImage, 4096, 4096).equals(pattern(5, 4096))).toBe(true);
   });
 });
 
@@ -308,7 +298,7 @@ describe('NBD client across server failures', () => {
     expect(driven.client.counters.resubmitted).toBeGreaterThan(0);
     expect(driven.client.state).toBe('connected');
     // Every write, acknowledged before or after the kill, is in the image.
-    expect(fileBytes(image, 0, blocks * 4096).equals(buffer.bytes)).toBe(true);
+    expect(imageBytes(image, 0, blocks * 4096).equals(buffer.bytes)).toBe(true);
     const readBack = new HostBuffer(blocks * 4096);
     expect(await driven.read(0, readBack, 0, blocks * 4096, 65536)).toBe(0);
     expect(readBack.bytes.equals(buffer.bytes)).toBe(true);

@@ -10,7 +10,7 @@ import { spawn } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { Qcow2Handle, attachLayer, openImage } from '../../src/image/qcow2/index.js';
+import { Qcow2Handle, attachLayer, openImage } from '../../src/backend/qcow2/index.js';
 import { Prng, seedFromEnv } from '../support/prng.js';
 import { qemuImg, qemuImgCheck, qemuImgSkipReason, readThrough } from '../support/qcow2-harness.js';
 
@@ -23,7 +23,7 @@ const SEED = seedFromEnv('QCOW2_CRASH_SEED');
 let dir = '';
 
 beforeAll(() => {
-  if (!fs.existsSync(new URL('../../dist/src/image/qcow2/index.js', import.meta.url))) throw new Error('run npm run build first');
+  if (!fs.existsSync(new URL('../../dist/src/backend/qcow2/index.js', import.meta.url))) throw new Error('run npm run build first');
   dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vublk-qcow2crash-'));
   console.log(`qcow2 crash seed ${SEED} (replay with QCOW2_CRASH_SEED=${SEED})`);
 });

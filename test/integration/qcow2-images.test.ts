@@ -9,7 +9,7 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { execFileSync } from 'node:child_process';
-import { Qcow2Handle, attachLayer, openImage } from '../../src/image/qcow2/index.js';
+import { Qcow2Handle, attachLayer, openImage } from '../../src/backend/qcow2/index.js';
 import { Prng } from '../support/prng.js';
 import {
   makeWorkload,

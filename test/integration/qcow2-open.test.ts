@@ -8,7 +8,7 @@ import { execFileSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { Qcow2Error, Qcow2Handle, attachLayer, openImage, type LayerDescription } from '../../src/image/qcow2/index.js';
+import { Qcow2Error, Qcow2Handle, attachLayer, openImage, type LayerDescription } from '../../src/backend/qcow2/index.js';
 import { Prng } from '../support/prng.js';
 import { makeWorkload, qemuImg, qemuImgCheck, qemuImgCompare, qemuImgSkipReason, readThrough, runWorkload, writeThrough } from '../support/qcow2-harness.js';
 

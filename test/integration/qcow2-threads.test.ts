@@ -10,7 +10,7 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { Worker } from 'node:worker_threads';
-import { openImage } from '../../src/image/qcow2/index.js';
+import { openImage } from '../../src/backend/qcow2/index.js';
 import { patternFor, qemuImg, qemuImgCheck, qemuImgCompare, qemuImgSkipReason } from '../support/qcow2-harness.js';
 
 const skip = qemuImgSkipReason();
@@ -19,11 +19,11 @@ const STRIPE = 16 * 1024;
 const WORKERS = 2;
 const SEED = Number(process.env['QCOW2_THREAD_SEED'] ?? 1000);
 const workerScript = new URL('../support/qcow2-thread-worker.mjs', import.meta.url);
-const built = fs.existsSync(new URL('../../dist/src/image/qcow2/index.js', import.meta.url));
+const built = fs.existsSync(new URL('../../dist/src/backend/qcow2/index.js', import.meta.url));
 let dir = '';
 
 beforeAll(() => {
-  if (!built) throw new Error('dist/src/image/qcow2 is missing: run npm run build first');
+  if (!built) throw new Error('dist/src/backend/qcow2 is missing: run npm run build first');
   dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vublk-qcow2thr-'));
 });
 afterAll(() => fs.rmSync(dir, { recursive: true, force: true }));

@@ -8,7 +8,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { Qcow2Handle, attachLayer, openImage, type WriteExtent } from '../../src/image/qcow2/index.js';
+import { Qcow2Handle, attachLayer, openImage, type WriteExtent } from '../../src/backend/qcow2/index.js';
 import { seedFromEnv } from '../support/prng.js';
 import {
   makeWorkload,

@@ -43,13 +43,9 @@ describe('shutdown', () => {
   });
 
   it('SIGTERM after 4 disks × 2 queues were each used in turn for a second of 4 KiB reads exits 0 in time', { timeout: 90_000 }, async () => {
-    const args = ['serve', '--metrics-listen', 'off'];
-    for (let i = 0; i < 4; i++) args.push('--disk', `name=d${i},image=d${i}.img,socket=s${i}.sock,num-queues=2,size=16M`);
-    const daemon = await startDaemon({ rawArgs: args, waitForSocket: false });
-    daemons.push(daemon);
-    await waitUntil(() => [0, 1, 2, 3].every((i) => existsSync(path.join(daemon.dir, `s${i}.sock`))), 20_000, 'every socket');
+    const daemon = await startFourDisks(daemons);
     for (let i = 0; i < 4; i++) {
-      const frontend = await VhostUserFrontend.connect(path.join(daemon.dir, `s${i}.sock`), { numQueues: 2, timeoutMs: 10_000, memory: [{ gpa: 0, size: 8 * MiB }] });
+      const frontend = await connectTwoQueues(daemon, i);
       const blk = new VirtioBlkDriver(frontend);
       const until = Date.now() + 1000;
       let reads = 0;
@@ -73,13 +69,9 @@ describe('shutdown', () => {
   });
 
   it('a second SIGTERM during shutdown exits at once, even with front-ends connected to several disks', { timeout: 60_000 }, async () => {
-    const args = ['serve', '--metrics-listen', 'off'];
-    for (let i = 0; i < 4; i++) args.push('--disk', `name=d${i},image=d${i}.img,socket=s${i}.sock,num-queues=2,size=16M`);
-    const daemon = await startDaemon({ rawArgs: args, waitForSocket: false });
-    daemons.push(daemon);
-    await waitUntil(() => [0, 1, 2, 3].every((i) => existsSync(path.join(daemon.dir, `s${i}.sock`))), 20_000, 'every socket');
+    const daemon = await startFourDisks(daemons);
     for (let i = 0; i < 4; i++) {
-      const frontend = await VhostUserFrontend.connect(path.join(daemon.dir, `s${i}.sock`), { numQueues: 2, timeoutMs: 10_000, memory: [{ gpa: 0, size: 8 * MiB }] });
+      const frontend = await connectTwoQueues(daemon, i);
       defer(() => frontend.close());
       await new VirtioBlkDriver(frontend).read(0, 4 * KiB, { queue: i % 2 });
     }
@@ -92,3 +84,17 @@ describe('shutdown', () => {
     else expect(exit, daemon.output().slice(-3000)).toEqual({ code: 0, signal: null });
   });
 });
+
+/** A daemon serving 4 disks of 2 queues each (sockets s0..s3.sock), once every socket exists; pushed to `daemons` for clean-up. */
+async function startFourDisks(daemons: DaemonProcess[]): Promise<DaemonProcess> {
+  const args = ['serve', '--metrics-listen', 'off'];
+  for (let i = 0; i < 4; i++) args.push('--disk', `name=d${i},image=d${i}.img,socket=s${i}.sock,num-queues=2,size=16M`);
+  const daemon = await startDaemon({ rawArgs: args, waitForSocket: false });
+  daemons.push(daemon);
+  await waitUntil(() => [0, 1, 2, 3].every((i) => existsSync(path.join(daemon.dir, `s${i}.sock`))), 20_000, 'every socket');
+  return daemon;
+}
+
+function connectTwoQueues(daemon: DaemonProcess, disk: number): Promise<VhostUserFrontend> {
+  return VhostUserFrontend.connect(path.join(daemon.dir, `s${disk}.sock`), { numQueues: 2, timeoutMs: 10_000, memory: [{ gpa: 0, size: 8 * MiB }] });
+}

@@ -12,3 +12,10 @@ export function fakeClock(start = 0): (() => number) & { t: number; calls: numbe
   );
   return clock;
 }
+
+/** Admits requests of `bytes` until one is refused (the caller holds the clock still); returns how many passed. */
+export function drain(throttle: { admit(bytes: number): number }, bytes = 0, max = 10_000_000): number {
+  let granted = 0;
+  while (granted < max && throttle.admit(bytes) === 0) granted += 1;
+  return granted;
+}

@@ -5,6 +5,7 @@
 import http from 'node:http';
 import type { DaemonProcess } from './daemon-process.js';
 import { parseExposition, select, type Exposition } from './prom-text.js';
+import type { CounterDelta } from './blk-model.js';
 
 /** Arguments that make a test daemon serve metrics on an ephemeral loopback port. */
 export const METRICS_ARGS = ['--metrics-listen', '127.0.0.1:0'] as const;
@@ -32,17 +33,7 @@ export async function scrape(base: string, timeoutMs = 10_000): Promise<Expositi
 }
 
 /** The per-queue series the request engine drives. */
-export interface QueueCounts {
-  reads: number;
-  writes: number;
-  flushes: number;
-  discards: number;
-  writeZeroes: number;
-  getIds: number;
-  bytesRead: number;
-  bytesWritten: number;
-  ioErrors: number;
-  unsupported: number;
+export interface QueueCounts extends CounterDelta {
   throttled: number;
   throttlePending: number;
   invalidAvailIdx: number;

@@ -3,7 +3,7 @@
 // meaning every operation with a smaller id completed before the flush. 4 KiB blocks carry their op id.
 // Usage: node qcow2-crash-child.mjs <image> <seed> <firstOpId>
 import * as fs from 'node:fs';
-import { attachLayer, openImage, RETRY } from '../../dist/src/image/qcow2/index.js';
+import { attachLayer, openImage, RETRY } from '../../dist/src/backend/qcow2/index.js';
 
 const [image, seedText, firstText] = process.argv.slice(2);
 const BLOCK = 4096;

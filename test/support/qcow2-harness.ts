@@ -5,7 +5,7 @@
  */
 import { execFileSync, spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
-import { RETRY, type Qcow2Handle, type ReadExtent, type WriteExtent } from '../../src/image/qcow2/index.js';
+import { RETRY, type Qcow2Handle, type ReadExtent, type WriteExtent } from '../../src/backend/qcow2/index.js';
 import { Prng } from './prng.js';
 
 export function hasQemuImg(): boolean {

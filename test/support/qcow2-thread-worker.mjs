@@ -3,7 +3,7 @@
 // clusters concurrently. Uses the compiled module (npm run build).
 import { parentPort, workerData } from 'node:worker_threads';
 import * as fs from 'node:fs';
-import { attachLayer, RETRY } from '../../dist/src/image/qcow2/index.js';
+import { attachLayer, RETRY } from '../../dist/src/backend/qcow2/index.js';
 
 const { description, index, workers, seed, ops, stripe, initial } = workerData;
 const handle = attachLayer(description);

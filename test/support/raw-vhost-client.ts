@@ -1,7 +1,9 @@
 /** A bare vhost-user client for protocol-abuse tests: sends arbitrary bytes and fds, reads replies with deadlines. */
-import { connectUnix, recvWithFds, sendWithFds, waitReadable } from '../../src/sys/unix-socket.js';
+import { connectUnix, recvWithFds, sendWithFds } from '../../src/sys/unix-socket.js';
+import { waitReadable } from '../../src/sys/poll-wait.js';
 import { closeFd } from '../../src/sys/fd.js';
-import { HEADER_SIZE, decodeHeader, encodeMessage, type MessageHeader } from '../../protocol/vhost-user.js';
+import { expect } from 'vitest';
+import { FrontendRequest, HEADER_SIZE, HeaderFlag, decodeHeader, encodeMessage, type MessageHeader } from '../../protocol/vhost-user.js';
 
 export class RawVhostClient {
   readonly fd: number;
@@ -60,4 +62,14 @@ export class RawVhostClient {
   close(): void {
     closeFd(this.fd);
   }
+}
+
+/** The daemon is still running and answers a fresh front-end (GET_FEATURES on a new connection). */
+export function expectServing(daemon: { socketPath: string; running(): boolean }): void {
+  const client = new RawVhostClient(daemon.socketPath);
+  client.send(FrontendRequest.GET_FEATURES, HeaderFlag.VERSION);
+  const reply = client.receive();
+  client.close();
+  expect(reply?.payload.length).toBe(8);
+  expect(daemon.running()).toBe(true);
 }

@@ -11,7 +11,6 @@ import os from 'node:os';
 import path from 'node:path';
 import { BlkRequestType, BlkStatus } from '../../protocol/virtio-blk.js';
 import { BlkRequest } from '../../src/dataplane/blk-request.js';
-import type { DeviceLimits } from '../../src/dataplane/device-limits.js';
 import type { Completion, RequestExecutor } from '../../src/dataplane/request-executor.js';
 import { SyncExecutor } from '../../src/dataplane/sync-executor.js';
 import { UringExecutor } from '../../src/dataplane/uring-executor.js';
@@ -20,19 +19,9 @@ import { probeIoUring } from '../../src/sys/io-uring.js';
 import { waitReadable } from '../../src/sys/poll-wait.js';
 import { addressOf, sys } from '../../src/sys/libc.js';
 import { directIoDir } from '../support/host-disk.js';
-import { memoryFixture, type MemoryFixture } from './guest-memory-fixture.js';
+import { ENGINE_TEST_LIMITS, memoryFixture, type MemoryFixture } from './guest-memory-fixture.js';
 
-const limits: DeviceLimits = {
-  sizeMax: 1 << 20,
-  segMax: 16,
-  logicalBlockSize: 512,
-  readOnly: false,
-  serial: new Uint8Array(20),
-  maxDiscardSectors: 0x3fffff,
-  maxDiscardSeg: 4,
-  maxWriteZeroesSectors: 0x3fffff,
-  maxWriteZeroesSeg: 4,
-};
+const limits = ENGINE_TEST_LIMITS;
 const IMAGE_BYTES = 4 << 20;
 const uringUnavailable = probeIoUring();
 const directDir = directIoDir();

@@ -61,7 +61,7 @@ describe('the disk option table', () => {
       'queue-size': 64, 'read-only': true, serial: 'S', 'logical-block-size': 4096, writeback: false, 'io-engine': 'sync',
       'max-discard-seg': 2, 'max-write-zeroes-seg': 2, locking: false, cache: 'none', 'poll-us': 50, iops: 10, 'iops-burst': 20, bps: '1M', 'bps-burst': '2M',
       'connect-timeout': 3, 'reconnect-timeout': 10, 'request-timeout': 0, conf: '/etc/ceph/c.conf', id: 'vublk', keyring: '/k', 'mon-host': '127.0.0.1:3300',
-      lock: 'none', 'osd-timeout': 5,
+      lock: 'none', 'osd-timeout': 5, format: 'qcow2', 'l2-cache-size': '4M',
     };
     // Network options apply only to their kind of image.
     const rbdKeys = ['conf', 'id', 'keyring', 'mon-host', 'lock', 'osd-timeout'];

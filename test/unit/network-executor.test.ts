@@ -7,25 +7,14 @@
 import { afterEach, describe, expect, it } from 'vitest';
 import { BlkRequestType, BlkStatus } from '../../protocol/virtio-blk.js';
 import { BlkRequest } from '../../src/dataplane/blk-request.js';
-import type { DeviceLimits } from '../../src/dataplane/device-limits.js';
 import type { Completion } from '../../src/dataplane/request-executor.js';
 import { BackendChannel, type Transport, type TransportDeliver } from '../../src/dataplane/backend-channel.js';
 import { NetworkExecutor } from '../../src/dataplane/network-executor.js';
 import { createEventFd } from '../../src/sys/eventfd.js';
 import { closeFd } from '../../src/sys/fd.js';
-import { memoryFixture } from './guest-memory-fixture.js';
+import { ENGINE_TEST_LIMITS, memoryFixture } from './guest-memory-fixture.js';
 
-const limits: DeviceLimits = {
-  sizeMax: 1 << 20,
-  segMax: 16,
-  logicalBlockSize: 512,
-  readOnly: false,
-  serial: new Uint8Array(20),
-  maxDiscardSectors: 0x3fffff,
-  maxDiscardSeg: 4,
-  maxWriteZeroesSectors: 0x3fffff,
-  maxWriteZeroesSeg: 4,
-};
+const limits = ENGINE_TEST_LIMITS;
 
 /** Records every operation; the test answers them with `answer(tag, errno)`. */
 class ScriptedTransport implements Transport {

@@ -1,7 +1,7 @@
 /** Backing-file names resolve as QEMU resolves plain files; protocol names are refused. */
 import { describe, expect, it } from 'vitest';
-import { Qcow2Error } from '../../src/image/qcow2/errors.js';
-import { parseImageFormat, resolveBackingPath } from '../../src/image/qcow2/format-probe.js';
+import { Qcow2Error } from '../../src/backend/qcow2/errors.js';
+import { parseImageFormat, resolveBackingPath } from '../../src/backend/qcow2/format-probe.js';
 
 describe('backing file names', () => {
   it('relative names resolve against the directory of the image that names them', () => {

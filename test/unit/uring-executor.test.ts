@@ -14,19 +14,9 @@ import type { Completion, RequestExecutor } from '../../src/dataplane/request-ex
 import { SyncExecutor } from '../../src/dataplane/sync-executor.js';
 import { UringExecutor } from '../../src/dataplane/uring-executor.js';
 import { probeIoUring } from '../../src/sys/io-uring.js';
-import { memoryFixture, type MemoryFixture } from './guest-memory-fixture.js';
+import { ENGINE_TEST_LIMITS, memoryFixture, type MemoryFixture } from './guest-memory-fixture.js';
 
-const limits: DeviceLimits = {
-  sizeMax: 1 << 20,
-  segMax: 16,
-  logicalBlockSize: 512,
-  readOnly: false,
-  serial: new Uint8Array(Buffer.from('serial-0123456789abc')),
-  maxDiscardSectors: 0x3fffff,
-  maxDiscardSeg: 4,
-  maxWriteZeroesSectors: 0x3fffff,
-  maxWriteZeroesSeg: 4,
-};
+const limits: DeviceLimits = { ...ENGINE_TEST_LIMITS, serial: new Uint8Array(Buffer.from('serial-0123456789abc')) };
 const IMAGE_BYTES = 1 << 20;
 const CAPACITY = 2 * IMAGE_BYTES; // reads past the end of the file zero-fill
 const uringUnavailable = probeIoUring();

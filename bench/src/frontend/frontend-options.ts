@@ -7,6 +7,7 @@ import { VirtioFeature, featureMask } from '../../../protocol/virtio.js';
 import { BlkFeature } from '../../../protocol/virtio-blk.js';
 import type { GuestAllocOptions, GuestMemory, GuestRegionSpec } from './guest-memory.js';
 import type { KickPolicy } from './virtqueue-driver.js';
+import type { InflightKeeper } from './inflight-keeper.js';
 
 export interface FeatureOptions {
   /** VIRTIO_RING_F_EVENT_IDX. Default true. */
@@ -36,6 +37,11 @@ export interface ProtocolOptions {
   configureMemSlots?: boolean;
   /** BACKEND_REQ: when negotiated, the handshake sets up the back-end channel (SET_BACKEND_REQ_FD) like QEMU. Default false. */
   backendReq?: boolean;
+  /**
+   * INFLIGHT_SHMFD: when negotiated, the handshake gets the region once (GET_INFLIGHT_FD) into this keeper and
+   * sets it (SET_INFLIGHT_FD) at every start, like QEMU's vhost-user-blk. Default: not negotiated.
+   */
+  inflight?: InflightKeeper;
   extra?: bigint;
   /** Send exactly this to SET_PROTOCOL_FEATURES (hostile tests). */
   exact?: bigint;
@@ -106,5 +112,6 @@ export function wantedProtocolFeatures(options: ProtocolOptions = {}, memoryMess
   if (options.status ?? false) wanted |= featureMask(ProtocolFeature.STATUS);
   if (options.configureMemSlots ?? memoryMessages === 'add-mem-reg') wanted |= featureMask(ProtocolFeature.CONFIGURE_MEM_SLOTS);
   if (options.backendReq ?? false) wanted |= featureMask(ProtocolFeature.BACKEND_REQ);
+  if (options.inflight !== undefined) wanted |= featureMask(ProtocolFeature.INFLIGHT_SHMFD);
   return wanted | (options.extra ?? 0n);
 }

@@ -28,3 +28,4 @@ export * from './vhost-user-frontend.js';
 export * from './blk-chain-plan.js';
 export * from './virtio-blk-driver.js';
 export * from './qemu-storage-daemon.js';
+export * from './inflight-keeper.js';

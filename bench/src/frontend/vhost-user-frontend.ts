@@ -9,9 +9,11 @@ import {
   ProtocolFeature,
   VHOST_USER_F_PROTOCOL_FEATURES,
   decodeConfigMessage,
+  decodeInflight,
   decodeU64,
   decodeVringState,
   encodeConfigMessage,
+  encodeInflight,
   encodeMemoryTable,
   encodeSingleRegion,
   encodeU64,
@@ -71,7 +73,8 @@ export class VhostUserFrontend {
   private closed = false;
 
   private constructor(
-    readonly channel: VhostUserChannel,
+    /** Replaced by reconnect(). */
+    public channel: VhostUserChannel,
     readonly socketPath: string,
     readonly options: FrontendOptions,
   ) {
@@ -134,6 +137,7 @@ export class VhostUserFrontend {
     await this.negotiate();
     await this.setOwner();
     if (this.hasProtocolFeature(ProtocolFeature.CONFIG)) await this.getConfig();
+    await this.handOverInflight();
     await this.setFeatures(this.options.features?.exact ?? this.ackedFeatures);
     if (this.hasProtocolFeature(ProtocolFeature.STATUS)) await this.addStatus(DeviceStatus.FEATURES_OK);
     await this.sendMemory();
@@ -145,6 +149,61 @@ export class VhostUserFrontend {
     if (this.hasProtocolFeature(ProtocolFeature.STATUS)) {
       await this.addStatus(DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER | DeviceStatus.DRIVER_OK);
     }
+  }
+
+  /**
+   * QEMU's reconnect=1 after the back-end went away (crash, kill -9, restart): a new connection to the same
+   * socket, the same guest memory, rings and outstanding requests. Each ring resumes at used.idx (QEMU's
+   * rewind when GET_VRING_BASE cannot be answered) and the kept inflight region is handed to the new back-end,
+   * which resubmits what the old one left in flight.
+   */
+  async reconnect(connectTimeoutMs = this.timeoutMs): Promise<void> {
+    this.assertOpen();
+    this.channel.close();
+    this.backendChannel?.close();
+    this.backendChannel = null;
+    this.channel = await VhostUserChannel.connect(this.socketPath, connectTimeoutMs);
+    await this.negotiate();
+    await this.setOwner();
+    if (this.hasProtocolFeature(ProtocolFeature.CONFIG)) await this.getConfig();
+    await this.handOverInflight();
+    await this.setFeatures(this.options.features?.exact ?? this.ackedFeatures);
+    if (this.hasProtocolFeature(ProtocolFeature.STATUS)) await this.addStatus(DeviceStatus.FEATURES_OK);
+    await this.sendMemory();
+    for (const queue of this.queues) await this.resumeQueue(queue.index, queue.ring.usedIdx);
+    if (this.hasFeature(VHOST_USER_F_PROTOCOL_FEATURES)) {
+      for (const queue of this.queues) await this.setVringEnable(queue.index, true);
+    }
+    if (this.hasProtocolFeature(ProtocolFeature.STATUS)) {
+      await this.addStatus(DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER | DeviceStatus.DRIVER_OK);
+    }
+  }
+
+  /** vhost_user_blk_start: GET_INFLIGHT_FD the first time (kept across connections), SET_INFLIGHT_FD every time. */
+  async handOverInflight(): Promise<void> {
+    const keeper = this.options.protocol?.inflight;
+    if (keeper === undefined || !this.hasProtocolFeature(ProtocolFeature.INFLIGHT_SHMFD)) return;
+    if (!keeper.held) {
+      const queueSize = this.options.queueSize ?? DEFAULT_QUEUE_SIZE;
+      const asked = encodeInflight({ mmapSize: 0n, mmapOffset: 0n, numQueues: this.resolveQueueCount(), queueSize });
+      const reply = await this.callWithFds(FrontendRequest.GET_INFLIGHT_FD, asked);
+      const fd = reply.fds[0];
+      if (fd === undefined) throw new UnexpectedReplyError('GET_INFLIGHT_FD', 'the reply carries no fd');
+      closeAll(reply.fds.slice(1));
+      keeper.keep(fd, this.decodeReply('GET_INFLIGHT_FD', () => decodeInflight(FrontendRequest.GET_INFLIGHT_FD, reply.payload)));
+    }
+    await this.set(FrontendRequest.SET_INFLIGHT_FD, encodeInflight(keeper.description!), [keeper.fd]);
+  }
+
+  /** A ring's start on a reconnect: its driver state (indices, chains in flight) is kept, only the back-end is told. */
+  async resumeQueue(index: number, base: number): Promise<void> {
+    const queue = this.queue(index);
+    await this.setVringNum(index, queue.size);
+    await this.setVringBase(index, base);
+    await this.setVringAddr(index);
+    await this.setVringKick(index, queue.kickFd);
+    await this.setVringCall(index, queue.callFd >= 0 ? queue.callFd : null);
+    await this.setVringErr(index, queue.errFd);
   }
 
   /** GET_FEATURES, then GET/SET_PROTOCOL_FEATURES, GET_QUEUE_NUM and GET_MAX_MEM_SLOTS as negotiated. */

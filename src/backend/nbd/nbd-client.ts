@@ -44,15 +44,13 @@ import {
   replyHeaderSize,
   type ReplyHeader,
 } from '../../../protocol/nbd.js';
-import { addressOf } from '../../sys/libc.js';
+import { addressOf, IOV_MAX, MSGHDR_SIZE } from '../../sys/libc.js';
 import { Errno, errnoName, SyscallError } from '../../sys/errors.js';
 import { createEventFd, drainEventFd, signalEventFd } from '../../sys/eventfd.js';
 import { closeFd } from '../../sys/fd.js';
-import { waitReadable } from '../../sys/unix-socket.js';
+import { waitReadable } from '../../sys/poll-wait.js';
 import { InterestSet, OneShotTimer } from '../../sys/interest-set.js';
 import {
-  EINPROGRESS,
-  MSGHDR_SIZE,
   connectResult,
   copyMemory,
   describeEndpoint,
@@ -128,7 +126,6 @@ export interface NbdClientCounters {
   bytesWritten: number;
 }
 
-const IOV_MAX = 1024;
 const STAGING_SIZE = 64 * 1024;
 /** Read data of at least this size is worth a header-sized recv first, so the data lands without a copy. */
 const LARGE_DATA = 32 * 1024;
@@ -887,7 +884,7 @@ export class NbdClient {
     try {
       if (this.connectPending) {
         const errno = connectResult(this.socket);
-        if (errno === EINPROGRESS) return;
+        if (errno === Errno.EINPROGRESS) return;
         if (errno !== 0) throw new SyscallError('connect', errno, describeEndpoint(this.options.endpoint));
         this.connectPending = false;
       }

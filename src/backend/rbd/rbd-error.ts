@@ -3,8 +3,8 @@
  * librados / librbd returned (0 when none), and a message that says what to check. A malformed spec is the
  * operator's input (peerFault); any other failure ends the open of that disk (fatal).
  */
-import koffi from 'koffi';
 import { VublkError } from '../../errors.js';
+import { errnoName } from '../../sys/errors.js';
 
 export type RbdErrorCode =
   /** The image spec or one of its options is malformed. */
@@ -28,13 +28,6 @@ export type RbdErrorCode =
   /** Any other librados / librbd failure. */
   | 'VUBLK_ERR_RBD_FAILED';
 
-const errnoNames = new Map<number, string>(Object.entries(koffi.os.errno).map(([name, code]) => [code, name]));
-
-/** `ENOENT` for 2 or -2. */
-export function errnoName(errno: number): string {
-  return errnoNames.get(Math.abs(errno)) ?? `errno ${Math.abs(errno)}`;
-}
-
 export class RbdError extends VublkError {
   declare readonly code: RbdErrorCode;
 
@@ -47,19 +40,3 @@ export class RbdError extends VublkError {
     super(code, errno ? `${message} (${errnoName(errno)})` : message, code === 'VUBLK_ERR_RBD_SPEC' ? { peerFault: true } : { fatal: true });
   }
 }
-
-/** errno values librados / librbd return (negated), Linux numbering. */
-export const RbdErrno = {
-  EPERM: 1,
-  ENOENT: 2,
-  EIO: 5,
-  EBUSY: 16,
-  EEXIST: 17,
-  EINVAL: 22,
-  EROFS: 30,
-  ENOTSUP: 95,
-  ESHUTDOWN: 108,
-  ETIMEDOUT: 110,
-  EACCES: 13,
-  EBLOCKLISTED: 108,
-} as const;

@@ -10,7 +10,8 @@
  */
 import { accessSync, constants } from 'node:fs';
 import { librbd, EVENT_TYPE_EVENTFD, RBD_FEATURE_EXCLUSIVE_LOCK, RBD_IMAGE_INFO_BYTES, RBD_LOCK_MODE_EXCLUSIVE, type LibRbd } from './librbd.js';
-import { RbdErrno, RbdError, errnoName } from './rbd-error.js';
+import { RbdError } from './rbd-error.js';
+import { Errno, errnoName } from '../../sys/errors.js';
 import { rbdImageName, type RbdSpec } from './rbd-spec.js';
 import { addressOf, sys } from '../../sys/libc.js';
 import { createEventFd } from '../../sys/eventfd.js';
@@ -36,7 +37,7 @@ function call<A extends unknown[], R>(fn: AsyncFn<A, R>, ...args: A): Promise<R>
 }
 
 function isAuthErrno(r: number): boolean {
-  return r === -RbdErrno.EACCES || r === -RbdErrno.EPERM || r === -RbdErrno.ENOENT;
+  return r === -Errno.EACCES || r === -Errno.EPERM || r === -Errno.ENOENT;
 }
 
 /** A connected cluster handle plus the pool's I/O context; torn down in reverse order. */
@@ -92,7 +93,7 @@ async function connect(lib: LibRbd, spec: RbdSpec, options: RbdOpenOptions): Pro
       if (r < 0) throw new RbdError('VUBLK_ERR_RBD_CONFIG', `ceph option ${key}=${value} rejected`, r);
     }
     r = await call(lib.radosConnect, cluster);
-    if (r === -RbdErrno.ETIMEDOUT) {
+    if (r === -Errno.ETIMEDOUT) {
       throw new RbdError(
         'VUBLK_ERR_RBD_CLUSTER_UNREACHABLE',
         `no Ceph monitor answered within ${spec.connectTimeoutSeconds} s (mon_host from ${spec.monHost !== undefined ? 'mon-host=' : (spec.conf ?? 'the default ceph.conf')})`,
@@ -110,8 +111,8 @@ async function connect(lib: LibRbd, spec: RbdSpec, options: RbdOpenOptions): Pro
 
     const io: [number] = [0];
     r = await call(lib.radosIoctxCreate, cluster, spec.pool, io);
-    if (r === -RbdErrno.ENOENT) throw new RbdError('VUBLK_ERR_RBD_NO_POOL', `pool '${spec.pool}' does not exist`, r);
-    if (r === -RbdErrno.EACCES || r === -RbdErrno.EPERM) throw new RbdError('VUBLK_ERR_RBD_PERMISSION', `${who} may not use pool '${spec.pool}'`, r);
+    if (r === -Errno.ENOENT) throw new RbdError('VUBLK_ERR_RBD_NO_POOL', `pool '${spec.pool}' does not exist`, r);
+    if (r === -Errno.EACCES || r === -Errno.EPERM) throw new RbdError('VUBLK_ERR_RBD_PERMISSION', `${who} may not use pool '${spec.pool}'`, r);
     if (r < 0) throw new RbdError('VUBLK_ERR_RBD_FAILED', `opening pool '${spec.pool}' failed`, r);
     if (spec.namespace !== '') lib.radosIoctxSetNamespace(io[0], spec.namespace);
     return { cluster, ioctx: io[0] };
@@ -154,8 +155,8 @@ export class RbdImage {
     let eventFd = -1;
     try {
       const r = await call(spec.readOnly ? lib.rbdOpenReadOnly : lib.rbdOpen, ioctx, spec.image, out, null);
-      if (r === -RbdErrno.ENOENT) throw new RbdError('VUBLK_ERR_RBD_NO_IMAGE', `image '${spec.image}' does not exist in pool '${spec.pool}'${spec.namespace ? ` namespace '${spec.namespace}'` : ''}`, r);
-      if (r === -RbdErrno.EACCES || r === -RbdErrno.EPERM) throw new RbdError('VUBLK_ERR_RBD_PERMISSION', `client.${spec.id} may not open ${name}`, r);
+      if (r === -Errno.ENOENT) throw new RbdError('VUBLK_ERR_RBD_NO_IMAGE', `image '${spec.image}' does not exist in pool '${spec.pool}'${spec.namespace ? ` namespace '${spec.namespace}'` : ''}`, r);
+      if (r === -Errno.EACCES || r === -Errno.EPERM) throw new RbdError('VUBLK_ERR_RBD_PERMISSION', `client.${spec.id} may not open ${name}`, r);
       if (r < 0) throw new RbdError('VUBLK_ERR_RBD_FAILED', `opening ${name} failed`, r);
       handle = out[0];
       const lockHeld = !spec.readOnly && spec.lock === 'exclusive';
@@ -184,14 +185,14 @@ export class RbdImage {
       );
     }
     r = await call(lib.rbdLockAcquire, handle, RBD_LOCK_MODE_EXCLUSIVE);
-    if (r === -RbdErrno.EROFS || r === -RbdErrno.EBUSY || r === -RbdErrno.EEXIST) {
+    if (r === -Errno.EROFS || r === -Errno.EBUSY || r === -Errno.EEXIST) {
       throw new RbdError(
         'VUBLK_ERR_RBD_LOCKED',
         `${name} is in use: another client holds its exclusive lock (see 'rbd lock ls ${name.slice(4)}' and 'rbd status ${name.slice(4)}'; open with lock=none only for a live migration)`,
         r,
       );
     }
-    if (r === -RbdErrno.EACCES || r === -RbdErrno.EPERM) throw new RbdError('VUBLK_ERR_RBD_PERMISSION', `client.${id} may not lock ${name}`, r);
+    if (r === -Errno.EACCES || r === -Errno.EPERM) throw new RbdError('VUBLK_ERR_RBD_PERMISSION', `client.${id} may not lock ${name}`, r);
     if (r < 0) throw new RbdError('VUBLK_ERR_RBD_FAILED', `taking the exclusive lock of ${name} failed`, r);
   }
 
@@ -237,7 +238,7 @@ export class RbdImage {
   async releaseLock(): Promise<void> {
     this.live();
     const r = await call(this.lib.rbdLockRelease, this.handle);
-    if (r < 0 && r !== -RbdErrno.EINVAL) throw new RbdError('VUBLK_ERR_RBD_FAILED', `releasing the exclusive lock of ${this.name} failed`, r);
+    if (r < 0 && r !== -Errno.EINVAL) throw new RbdError('VUBLK_ERR_RBD_FAILED', `releasing the exclusive lock of ${this.name} failed`, r);
   }
 
   /** Takes the exclusive lock and keeps it (the target of a migration, once the source released it). */
@@ -251,8 +252,8 @@ export class RbdImage {
     this.live();
     if (!Number.isSafeInteger(bytes) || bytes < 0) throw new RbdError('VUBLK_ERR_RBD_SPEC', `resize: ${bytes} is not a size in bytes`);
     const r = await call(this.lib.rbdResize, this.handle, bytes);
-    if (r === -RbdErrno.EROFS) throw new RbdError('VUBLK_ERR_RBD_FAILED', `${this.name} is read-only: cannot resize`, r);
-    if (r === -RbdErrno.EACCES || r === -RbdErrno.EPERM) throw new RbdError('VUBLK_ERR_RBD_PERMISSION', `client.${this.spec.id} may not resize ${this.name}`, r);
+    if (r === -Errno.EROFS) throw new RbdError('VUBLK_ERR_RBD_FAILED', `${this.name} is read-only: cannot resize`, r);
+    if (r === -Errno.EACCES || r === -Errno.EPERM) throw new RbdError('VUBLK_ERR_RBD_PERMISSION', `client.${this.spec.id} may not resize ${this.name}`, r);
     if (r < 0) throw new RbdError('VUBLK_ERR_RBD_FAILED', `resizing ${this.name} to ${bytes} bytes failed`, r);
   }
 

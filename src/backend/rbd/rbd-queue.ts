@@ -18,7 +18,7 @@
  *   (then the error is queued here and the eventfd is signalled, so the loop wakes as usual).
  */
 import { librbd, type LibRbd } from './librbd.js';
-import { addressOf, sys, POLLIN } from '../../sys/libc.js';
+import { addressOf, sys, POLLIN, IOV_MAX, IOVEC_BYTES } from '../../sys/libc.js';
 import { drainEventFd, signalEventFd } from '../../sys/eventfd.js';
 
 /** (tag, result): result >= 0 on success (bytes for reads and writes, 0 otherwise), else a negative errno. */
@@ -32,8 +32,7 @@ export interface RbdSegments {
 }
 
 /** librbd refuses more iovecs than IOV_MAX in one request. */
-export const RBD_MAX_SEGMENTS = 1024;
-const IOVEC_BYTES = 16;
+export const RBD_MAX_SEGMENTS = IOV_MAX;
 /** Completions taken per rbd_poll_io_events call. */
 const POLL_BATCH = 64;
 const TWO_32 = 0x1_0000_0000;
