@@ -539,7 +539,8 @@ export function renderReport(input: ReportInput): { markdown: string; summary: s
     '## How this was measured',
     '',
     `\`npm run bench\` builds, creates ${imageBytes / MiB} MiB raw images of random data in a directory on the host disk (\`/var/tmp\`, not`,
-    'tmpfs) — one read once into the page cache, one only ever opened with O_DIRECT — starts every back-end below on its image',
+    'tmpfs) — one read once into the page cache, one only ever opened with O_DIRECT — and the qcow2, NBD and RBD targets',
+    'listed under Commands, starts every back-end below on its image',
     '(each stays up for the whole benchmark, idle while another is measured; `locking=off` so several share an image), and',
     'drives each with `vublk-bench run`: the TypeScript vhost-user front-end as a load generator, no VM. fio runs the same',
     'workload on the O_DIRECT file directly, as the device\'s limit. Per scenario the back-ends run back to back, order rotated',
@@ -567,7 +568,7 @@ export function renderReport(input: ReportInput): { markdown: string; summary: s
     '# one run (socket, workload and seed vary):',
     `node bench/dist/bench/src/cli.js ${benchArgs({ rw: 'randread', bs: '4k', iodepth: 32, queues: 1 }, '$DIR/vublk-none.sock', runtime, ramp, 1).join(' ')}`,
     '# the whole benchmark:',
-    'npm run bench        # = node bench/bin/vublk-bench.js compare [--rounds 3 --runtime 2 --ramp 0.3 --groups direct,cached,scale]',
+    `npm run bench        # = node bench/bin/vublk-bench.js compare [--rounds ${rounds} --runtime ${runtime} --ramp ${ramp} --groups direct,cached,qcow2,nbd,rbd,scale]`,
     '```',
     '',
   );
