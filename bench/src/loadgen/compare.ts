@@ -11,7 +11,7 @@
  * recorded with every run. Then the scale part (scale.ts): many disks on one daemon.
  */
 import { spawnSync } from 'node:child_process';
-import { closeSync, existsSync, fsyncSync, mkdirSync, mkdtempSync, openSync, readFileSync, readSync, rmSync, writeFileSync, writeSync } from 'node:fs';
+import { closeSync, existsSync, fsyncSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, readSync, rmSync, writeFileSync, writeSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import os from 'node:os';
 import path from 'node:path';
@@ -505,6 +505,12 @@ export async function benchCompare(flags: CompareFlags): Promise<number> {
     for (const daemon of daemons.values()) await daemon.stop();
     for (const cleanup of images?.cleanup ?? []) await cleanup();
     if (typeof flags.dir !== 'string') rmSync(dir, { recursive: true, force: true });
+    else {
+      // A directory of the caller's: remove only what the benchmark put there.
+      for (const name of readdirSync(dir)) {
+        if (/^(cached\.img|direct\.img|full\.qcow2|nbd\.img|rbd-import\.img|scale-\d+\.img|fresh-.*\.qcow2|.*\.sock)$/.test(name)) rmSync(path.join(dir, name), { force: true });
+      }
+    }
   }
 }
 
