@@ -90,12 +90,18 @@ export function lockImage(fd: number, imagePath: string, mode: ImageLockMode): v
     }
     for (const bit of used) {
       if (heldByOthers(fd, SHARED_BASE + bit)) {
-        throw new ImageLockError(imagePath, `failed to get "${PERMISSION_NAMES[bit]}" lock: another process (vublk, QEMU or qemu-storage-daemon) has it open and does not share ${PERMISSION_NAMES[bit]}`);
+        throw new ImageLockError(
+          imagePath,
+          `failed to get "${PERMISSION_NAMES[bit]}" lock: another process (vublk, QEMU or qemu-storage-daemon) has it open and does not share ${PERMISSION_NAMES[bit]}`,
+        );
       }
     }
     for (const bit of unshared) {
       if (heldByOthers(fd, PERM_BASE + bit)) {
-        throw new ImageLockError(imagePath, `failed to get shared "${PERMISSION_NAMES[bit]}" lock: another process (vublk, QEMU or qemu-storage-daemon) has it open for ${PERMISSION_NAMES[bit]}`);
+        throw new ImageLockError(
+          imagePath,
+          `failed to get shared "${PERMISSION_NAMES[bit]}" lock: another process (vublk, QEMU or qemu-storage-daemon) has it open for ${PERMISSION_NAMES[bit]}`,
+        );
       }
     }
   } catch (error) {
@@ -103,4 +109,3 @@ export function lockImage(fd: number, imagePath: string, mode: ImageLockMode): v
     throw error;
   }
 }
-
