@@ -266,7 +266,9 @@ export function decodeExportNameReply(bytes: Uint8Array): { size: number; transm
 
 /** A human-readable string from a server (error message): bounded, decoded leniently. */
 export function decodeServerString(bytes: Uint8Array): string {
-  return Buffer.from(bytes.subarray(0, Math.min(bytes.length, 256))).toString('utf8').replace(/[^\x20-\x7e]/g, '?');
+  return Buffer.from(bytes.subarray(0, Math.min(bytes.length, 256)))
+    .toString('utf8')
+    .replace(/[^\x20-\x7e]/g, '?');
 }
 
 // ---------------------------------------------------------------- transmission

@@ -156,7 +156,8 @@ export function parseQcow2Header(bytes: Uint8Array): Qcow2Header {
     const length = view.getUint32(at + 4);
     if (type === EXT_END) break;
     const dataStart = at + 8;
-    if (length > bytes.length - dataStart) throw new Qcow2HeaderError('extension', `header extension 0x${type.toString(16)} overruns the first cluster`);
+    if (length > bytes.length - dataStart)
+      throw new Qcow2HeaderError('extension', `header extension 0x${type.toString(16)} overruns the first cluster`);
     const data = bytes.subarray(dataStart, dataStart + length);
     extensions.push({ type, offset: dataStart, data });
     if (type === EXT_BACKING_FORMAT) backingFormat = new TextDecoder().decode(data);
@@ -171,8 +172,10 @@ export function parseQcow2Header(bytes: Uint8Array): Qcow2Header {
 
   let backingFile: string | undefined;
   if (backingFileOffset !== 0) {
-    if (backingFileSize === 0 || backingFileSize > MAX_BACKING_NAME_BYTES) throw new Qcow2HeaderError('backing_file_size', `backing file name length ${backingFileSize} is out of range`);
-    if (backingFileOffset + backingFileSize > bytes.length) throw new Qcow2HeaderError('backing_file_offset', 'backing file name lies outside the first cluster');
+    if (backingFileSize === 0 || backingFileSize > MAX_BACKING_NAME_BYTES)
+      throw new Qcow2HeaderError('backing_file_size', `backing file name length ${backingFileSize} is out of range`);
+    if (backingFileOffset + backingFileSize > bytes.length)
+      throw new Qcow2HeaderError('backing_file_offset', 'backing file name lies outside the first cluster');
     backingFile = new TextDecoder().decode(bytes.subarray(backingFileOffset, backingFileOffset + backingFileSize));
   }
   return {
@@ -203,7 +206,13 @@ export function parseQcow2Header(bytes: Uint8Array): Qcow2Header {
 
 /** Names of the well-known incompatible bits; unknown ones are named from the image's feature table. */
 export function incompatibleFeatureName(bit: number, header: Pick<Qcow2Header, 'featureNames'>): string {
-  const known: Record<number, string> = { 0: 'dirty', 1: 'corrupt', 2: 'external data file', 3: 'compression type', 4: 'extended L2 entries' };
+  const known: Record<number, string> = {
+    0: 'dirty',
+    1: 'corrupt',
+    2: 'external data file',
+    3: 'compression type',
+    4: 'extended L2 entries',
+  };
   return known[bit] ?? header.featureNames.get(`0:${bit}`) ?? `unknown incompatible feature bit ${bit}`;
 }
 
@@ -255,7 +264,8 @@ export function readRefcount(block: Uint8Array, index: number, order: number): n
       return ((block[index * 4]! << 24) | (block[index * 4 + 1]! << 16) | (block[index * 4 + 2]! << 8) | block[index * 4 + 3]!) >>> 0;
     case 6: {
       const hi = ((block[index * 8]! << 24) | (block[index * 8 + 1]! << 16) | (block[index * 8 + 2]! << 8) | block[index * 8 + 3]!) >>> 0;
-      const lo = ((block[index * 8 + 4]! << 24) | (block[index * 8 + 5]! << 16) | (block[index * 8 + 6]! << 8) | block[index * 8 + 7]!) >>> 0;
+      const lo =
+        ((block[index * 8 + 4]! << 24) | (block[index * 8 + 5]! << 16) | (block[index * 8 + 6]! << 8) | block[index * 8 + 7]!) >>> 0;
       return hi * 0x1_0000_0000 + lo;
     }
     default: {

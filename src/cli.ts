@@ -1,7 +1,7 @@
 #!/usr/bin/env node
 /** The `vublk` command line. */
 import path from 'node:path';
-import { Command, CommanderError, Option } from 'commander';
+import { Command, type CommanderError, Option } from 'commander';
 import { VublkError } from './errors.js';
 import { buildDiskSpec, checkDistinct, parseDiskArgument, readOption, type DiskSpec } from './daemon/disk-spec.js';
 import { DISK_OPTIONS, type DiskFields } from './daemon/disk-options.js';
@@ -70,7 +70,11 @@ function flagFields(options: ServeOptions, command: Command, rows = FLAG_ROWS): 
 
 /** Flags that also set the default of `--disk` and `--config` disks (`--io-engine`). */
 function diskDefaults(options: ServeOptions, command: Command): Partial<DiskFields> {
-  return flagFields(options, command, FLAG_ROWS.filter(({ row }) => row.flagIsDefault === true));
+  return flagFields(
+    options,
+    command,
+    FLAG_ROWS.filter(({ row }) => row.flagIsDefault === true),
+  );
 }
 
 function diskSpecs(options: ServeOptions, command: Command): DiskSpec[] {
@@ -79,7 +83,8 @@ function diskSpecs(options: ServeOptions, command: Command): DiskSpec[] {
   let specs: DiskSpec[];
   if (options.disk.length > 0) {
     const single = FLAG_ROWS.filter(({ row, attribute }) => row.flagIsDefault !== true && fromCli(attribute)).map(({ row }) => row.flag);
-    if (single.length > 0) throw new UsageError(`use either --disk (repeatable) or the single-disk flags, not both: drop ${single.join(', ')}`);
+    if (single.length > 0)
+      throw new UsageError(`use either --disk (repeatable) or the single-disk flags, not both: drop ${single.join(', ')}`);
     specs = options.disk.map((text, i) => parseDiskArgument(text, i, defaults));
   } else {
     const fields = flagFields(options, command);
@@ -127,7 +132,10 @@ function serveSettings(options: ServeOptions, command: Command): ServeSettings {
   let config: ServeConfig | undefined;
   let specs: DiskSpec[];
   if (options.config !== undefined) {
-    const given = [...FLAG_ROWS.filter(({ row, attribute }) => row.flagIsDefault !== true && fromCli(attribute)).map(({ row }) => row.flag!), ...(options.disk.length > 0 ? ['--disk'] : [])];
+    const given = [
+      ...FLAG_ROWS.filter(({ row, attribute }) => row.flagIsDefault !== true && fromCli(attribute)).map(({ row }) => row.flag!),
+      ...(options.disk.length > 0 ? ['--disk'] : []),
+    ];
     if (given.length > 0) throw new UsageError(`--config describes the disks: drop ${given.join(', ')} (or describe the disk in the file)`);
     config = loadConfigFile(options.config, diskDefaults(options, command));
     specs = config.disks;
@@ -179,10 +187,12 @@ async function serve(options: ServeOptions, command: Command): Promise<void> {
   let specs: DiskSpec[];
   try {
     // Sockets passed by systemd (LISTEN_FDS) are used whenever present; see docs/operations.md.
-    const defaultSocket = settings.config === undefined && options.disk.length === 0 && options['socket'] === undefined && options['socketFd'] === undefined;
+    const defaultSocket =
+      settings.config === undefined && options.disk.length === 0 && options['socket'] === undefined && options['socketFd'] === undefined;
     specs = applySocketActivation(settings.specs, {
       required: options.socketActivation === true,
-      implicitSocket: (i) => defaultSocket && settings.specs[i]?.listen.kind === 'path' && settings.specs[i]?.listen.path === path.resolve(DEFAULT_SOCKET),
+      implicitSocket: (i) =>
+        defaultSocket && settings.specs[i]?.listen.kind === 'path' && settings.specs[i]?.listen.path === path.resolve(DEFAULT_SOCKET),
       log,
     });
   } catch (error) {
@@ -255,11 +265,17 @@ async function throttleCommand(options: ThrottleCommandOptions & AdminClientOpti
   if (options.bps !== undefined) body['bps'] = options.bps;
   if (options.bpsBurst !== undefined) body['bps-burst'] = options.bpsBurst;
   if (Object.keys(body).length === 0) throw new UsageError('give at least one of --iops, --iops-burst, --bps, --bps-burst');
-  printAdminReply(await adminRequest(adminEndpoint(options, options.disk), 'POST', `/admin/disks/${encodeURIComponent(options.disk)}/throttle`, body));
+  printAdminReply(
+    await adminRequest(adminEndpoint(options, options.disk), 'POST', `/admin/disks/${encodeURIComponent(options.disk)}/throttle`, body),
+  );
 }
 
 async function resizeCommand(options: { disk: string; size: string } & AdminClientOptions): Promise<void> {
-  printAdminReply(await adminRequest(adminEndpoint(options, options.disk), 'POST', `/admin/disks/${encodeURIComponent(options.disk)}/resize`, { size: options.size }));
+  printAdminReply(
+    await adminRequest(adminEndpoint(options, options.disk), 'POST', `/admin/disks/${encodeURIComponent(options.disk)}/resize`, {
+      size: options.size,
+    }),
+  );
 }
 
 async function disksCommand(options: AdminClientOptions): Promise<void> {
@@ -292,11 +308,23 @@ for (const { row } of FLAG_ROWS) {
   serveCommand.addOption(option);
 }
 serveCommand
-  .option('--socket-activation', 'require sockets passed by systemd socket activation (LISTEN_FDS); without this flag they are used when present')
-  .option('--disk <spec>', `a disk as key=value pairs: image=PATH,socket=PATH|socket-fd=N[,...]; keys: ${DISK_OPTIONS.map((row) => row.key).join(', ')}; repeatable`, collect, [])
-  .option('--threads <n>', 'worker threads of the daemon\'s one pool, serving every queue of every disk (default: the number of CPUs)')
+  .option(
+    '--socket-activation',
+    'require sockets passed by systemd socket activation (LISTEN_FDS); without this flag they are used when present',
+  )
+  .option(
+    '--disk <spec>',
+    `a disk as key=value pairs: image=PATH,socket=PATH|socket-fd=N[,...]; keys: ${DISK_OPTIONS.map((row) => row.key).join(', ')}; repeatable`,
+    collect,
+    [],
+  )
+  .option('--threads <n>', "worker threads of the daemon's one pool, serving every queue of every disk (default: the number of CPUs)")
   .option('--config <file>', 'describe the disks (and these settings) in a YAML or JSON file; SIGHUP re-reads it')
-  .option('--metrics-listen <address>', 'HTTP listener for /metrics, /healthz, /readyz and /admin: HOST:PORT, [IPV6]:PORT, unix:PATH or off', DEFAULT_METRICS_LISTEN)
+  .option(
+    '--metrics-listen <address>',
+    'HTTP listener for /metrics, /healthz, /readyz and /admin: HOST:PORT, [IPV6]:PORT, unix:PATH or off',
+    DEFAULT_METRICS_LISTEN,
+  )
   .option('--admin-public', 'allow the admin API on a non-loopback --metrics-listen (needs --admin-token-file)')
   .option('--admin-socket <path>', 'Unix socket of the admin API, or off (default: next to the first disk socket, DISK.admin.sock)')
   .option('--admin-socket-mode <octal>', 'permissions of the admin socket (default 0600)')
@@ -304,9 +332,12 @@ serveCommand
   .option('--admin-socket-group <group>', 'group of the admin socket (name or gid); use with --admin-socket-mode 0660')
   .option('--admin-token-file <file>', 'bearer token that opens the admin API on a TCP --metrics-listen (Host header checked too)')
   .addOption(new Option('--log-level <level>', 'log level').choices(LOG_LEVELS).default('info'))
-  .addOption(new Option('--log-format <format>', 'log format: auto = human-readable on a terminal, JSON otherwise').choices(LOG_FORMATS).default('auto'))
+  .addOption(
+    new Option('--log-format <format>', 'log format: auto = human-readable on a terminal, JSON otherwise')
+      .choices(LOG_FORMATS)
+      .default('auto'),
+  )
   .action((options: ServeOptions, command: Command) => serve(options, command));
-
 
 program
   .command('throttle')
@@ -316,7 +347,10 @@ program
   .option('--iops-burst <n>', 'request burst (default: one second of --iops)')
   .option('--bps <rate>', 'bytes per second (e.g. 100M; 0 = unlimited)')
   .option('--bps-burst <size>', 'byte burst (default: one second of --bps)')
-  .option('--admin-socket <path>', 'the daemon\'s admin socket (default $VUBLK_ADMIN_SOCKET, /run/vublk/DISK.admin.sock or the only one there)')
+  .option(
+    '--admin-socket <path>',
+    "the daemon's admin socket (default $VUBLK_ADMIN_SOCKET, /run/vublk/DISK.admin.sock or the only one there)",
+  )
   .option('--metrics-url <url>', 'use a TCP listener instead: http://HOST:PORT (needs --admin-token-file)')
   .option('--admin-token-file <file>', 'bearer token for --metrics-url')
   .action((options: ThrottleCommandOptions & AdminClientOptions) => throttleCommand(options));
@@ -326,7 +360,10 @@ program
   .description('grow a running disk (image and guest-visible capacity) through the admin API; never shrinks')
   .requiredOption('--disk <name>', 'the disk to grow')
   .requiredOption('--size <bytes>', 'the new size, e.g. 2G')
-  .option('--admin-socket <path>', 'the daemon\'s admin socket (default $VUBLK_ADMIN_SOCKET, /run/vublk/DISK.admin.sock or the only one there)')
+  .option(
+    '--admin-socket <path>',
+    "the daemon's admin socket (default $VUBLK_ADMIN_SOCKET, /run/vublk/DISK.admin.sock or the only one there)",
+  )
   .option('--metrics-url <url>', 'use a TCP listener instead: http://HOST:PORT (needs --admin-token-file)')
   .option('--admin-token-file <file>', 'bearer token for --metrics-url')
   .action((options: { disk: string; size: string } & AdminClientOptions) => resizeCommand(options));
@@ -334,7 +371,10 @@ program
 program
   .command('disks')
   .description("list a running daemon's disks: capacity, queues, throttle limits, whether a front-end is connected")
-  .option('--admin-socket <path>', 'the daemon\'s admin socket (default $VUBLK_ADMIN_SOCKET, /run/vublk/DISK.admin.sock or the only one there)')
+  .option(
+    '--admin-socket <path>',
+    "the daemon's admin socket (default $VUBLK_ADMIN_SOCKET, /run/vublk/DISK.admin.sock or the only one there)",
+  )
   .option('--metrics-url <url>', 'use a TCP listener instead: http://HOST:PORT (needs --admin-token-file)')
   .option('--admin-token-file <file>', 'bearer token for --metrics-url')
   .action((options: AdminClientOptions) => disksCommand(options));

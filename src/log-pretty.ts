@@ -52,7 +52,9 @@ export function formatPrettyLine(line: string, color: boolean): string {
   const disk = record['disk'];
   const queue = record['queue'];
   if (disk !== undefined || queue !== undefined) {
-    const subject = [disk !== undefined ? String(disk) : '', queue !== undefined ? `q${String(queue)}` : ''].filter((s) => s !== '').join('/');
+    const subject = [disk !== undefined ? String(disk) : '', queue !== undefined ? `q${String(queue)}` : '']
+      .filter((s) => s !== '')
+      .join('/');
     parts.push(paint(BOLD, subject));
   }
   parts.push(String(record['msg'] ?? ''));
@@ -64,7 +66,10 @@ export function formatPrettyLine(line: string, color: boolean): string {
 }
 
 /** A pino destination writing pretty lines to `out` (stdout by default). */
-export function prettyDestination(out: NodeJS.WritableStream = process.stdout, color = (out as { isTTY?: boolean }).isTTY === true && !process.env['NO_COLOR']): DestinationStream {
+export function prettyDestination(
+  out: NodeJS.WritableStream = process.stdout,
+  color = (out as { isTTY?: boolean }).isTTY === true && !process.env['NO_COLOR'],
+): DestinationStream {
   return {
     write(line: string): void {
       out.write(formatPrettyLine(line, color));

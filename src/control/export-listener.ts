@@ -17,7 +17,6 @@ const RECONNECT_GRACE_MS = 1000;
 /** After a failed accept (EMFILE), how long the listener waits before trying again. */
 const ACCEPT_BACKOFF_MS = 200;
 
-
 export type { SocketAccess } from '../sys/socket-path.js';
 export { bindSocketPath, DEFAULT_SOCKET_MODE } from '../sys/socket-path.js';
 

@@ -14,7 +14,13 @@ import { MAX_QUEUE_SIZE, isValidQueueSize } from '../../protocol/split-ring.js';
 import { createMemfd, mapShared, unmap } from '../sys/memory-map.js';
 import { closeFd } from '../sys/fd.js';
 import { describeFd, guardAgainstShrink, isOpenReadWrite } from '../sys/file-seals.js';
-import { INFLIGHT_VERSION, QueueHeaderOffset, inflightQueueStride, inflightRegionBytes, type InflightQueueMapping } from '../dataplane/inflight-layout.js';
+import {
+  INFLIGHT_VERSION,
+  QueueHeaderOffset,
+  inflightQueueStride,
+  inflightRegionBytes,
+  type InflightQueueMapping,
+} from '../dataplane/inflight-layout.js';
 import { VublkError } from '../errors.js';
 import koffi from 'koffi';
 
@@ -35,7 +41,8 @@ export interface InflightGeometry {
 /** Checks num_queues / queue_size against what the disk can have. */
 export function checkGeometry(geometry: InflightGeometry, maxQueues: number): void {
   const { numQueues, queueSize } = geometry;
-  if (numQueues < 1 || numQueues > maxQueues) throw new InflightFdError(`num_queues ${numQueues} is not between 1 and the disk's ${maxQueues} queues`);
+  if (numQueues < 1 || numQueues > maxQueues)
+    throw new InflightFdError(`num_queues ${numQueues} is not between 1 and the disk's ${maxQueues} queues`);
   if (!isValidQueueSize(queueSize)) throw new InflightFdError(`queue_size ${queueSize} is not a power of two up to ${MAX_QUEUE_SIZE}`);
 }
 
@@ -95,7 +102,9 @@ export function mapInflightRegion(description: InflightDescription, fd: number, 
     checkGeometry({ numQueues, queueSize }, maxQueues);
     const needed = inflightRegionBytes(numQueues, queueSize);
     if (description.mmapSize < BigInt(needed)) {
-      throw new InflightFdError(`mmap_size ${description.mmapSize} is smaller than the ${needed} bytes ${numQueues} queues of ${queueSize} need`);
+      throw new InflightFdError(
+        `mmap_size ${description.mmapSize} is smaller than the ${needed} bytes ${numQueues} queues of ${queueSize} need`,
+      );
     }
     if (description.mmapOffset > BigInt(MAX_MMAP_OFFSET) || description.mmapOffset % 8n !== 0n) {
       throw new InflightFdError(`mmap_offset ${description.mmapOffset} is not a multiple of 8 below ${MAX_MMAP_OFFSET}`);
@@ -108,7 +117,10 @@ export function mapInflightRegion(description: InflightDescription, fd: number, 
     guardAgainstShrink(fd);
     const fileSize = describeFd(fd).size;
     const mapLength = offset + needed;
-    if (fileSize < mapLength) throw new InflightFdError(`the region needs ${mapLength} bytes of the fd (offset ${offset} + ${needed}) but the file has ${fileSize}`);
+    if (fileSize < mapLength)
+      throw new InflightFdError(
+        `the region needs ${mapLength} bytes of the fd (offset ${offset} + ${needed}) but the file has ${fileSize}`,
+      );
     let mapAddress: number;
     try {
       mapAddress = mapShared(fd, mapLength, 0);

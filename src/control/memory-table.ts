@@ -54,10 +54,13 @@ export function mapRegion(region: MemoryRegion, fd: number): MappedRegion {
     if (guestPhysAddr % PAGE_SIZE !== 0 || userAddr % PAGE_SIZE !== 0 || mmapOffset % PAGE_SIZE !== 0) {
       throw new MemoryTableError(`region guest address, user address and mmap offset must be multiples of ${PAGE_SIZE}`);
     }
-    if (guestPhysAddr + size > MAX_GUEST_ADDRESS || userAddr + size > MAX_GUEST_ADDRESS) throw new MemoryTableError('region end beyond 2^53');
+    if (guestPhysAddr + size > MAX_GUEST_ADDRESS || userAddr + size > MAX_GUEST_ADDRESS)
+      throw new MemoryTableError('region end beyond 2^53');
     const mapLength = mmapOffset + size;
     if (mapLength > SessionLimits.mappedBytes) {
-      throw new MemoryTableError(`region of ${mapLength} bytes exceeds the ${SessionLimits.mappedBytes}-byte limit of mapped guest memory per session`);
+      throw new MemoryTableError(
+        `region of ${mapLength} bytes exceeds the ${SessionLimits.mappedBytes}-byte limit of mapped guest memory per session`,
+      );
     }
     const info = describeFd(fd);
     if (info.kind !== 'file') {
@@ -71,7 +74,8 @@ export function mapRegion(region: MemoryRegion, fd: number): MappedRegion {
         `region needs ${mapLength} bytes of its fd (mmap_offset ${mmapOffset} + size ${size}) but the file has only ${fileSize}`,
       );
     }
-    if (!isOpenReadWrite(fd)) throw new MemoryTableError('region fd is not open for reading and writing (O_RDWR): the device writes guest memory');
+    if (!isOpenReadWrite(fd))
+      throw new MemoryTableError('region fd is not open for reading and writing (O_RDWR): the device writes guest memory');
     let mapAddress: number;
     try {
       mapAddress = mapShared(fd, mapLength, 0);

@@ -23,8 +23,6 @@ export interface IncomingMessage {
 
 export type CloseReason = { kind: 'peer-closed' } | { kind: 'protocol-error'; detail: string } | { kind: 'local' };
 
-
-
 export class MessageStream {
   private readonly buffer = Buffer.alloc(HEADER_SIZE + MAX_PAYLOAD_SIZE);
   private received = 0;
@@ -104,11 +102,12 @@ export class MessageStream {
   private readAvailable(): void {
     while (!this.closed && this.canRead) {
       const want = this.header === null ? HEADER_SIZE : HEADER_SIZE + this.header.size;
-      let got;
+      let got: ReturnType<typeof recvWithFds>;
       try {
         got = recvWithFds(this.fd, this.buffer, this.received, want - this.received);
       } catch (error) {
-        const detail = error instanceof TruncatedFdsError ? error.message : `recvmsg: ${error instanceof Error ? error.message : String(error)}`;
+        const detail =
+          error instanceof TruncatedFdsError ? error.message : `recvmsg: ${error instanceof Error ? error.message : String(error)}`;
         this.close({ kind: 'protocol-error', detail });
         return;
       }

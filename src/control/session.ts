@@ -36,10 +36,9 @@ import {
   encodeVringState,
   requestName,
 } from '../../protocol/vhost-user.js';
-import { DeviceStatus, hasFeature } from '../../protocol/virtio.js';
+import { DeviceStatus, hasFeature, VirtioFeature } from '../../protocol/virtio.js';
 import { BlkConfigOffset } from '../../protocol/virtio-blk.js';
 import { isValidQueueSize } from '../../protocol/split-ring.js';
-import { VirtioFeature } from '../../protocol/virtio.js';
 import { closeAll, closeFd } from '../sys/fd.js';
 import { sendWithFds } from '../sys/unix-socket.js';
 import { signalEventFd } from '../sys/eventfd.js';
@@ -158,7 +157,11 @@ export class VhostUserSession {
     };
     queues.setWorkerEventListener((event) => this.onWorkerEvent(event));
     queues.setConfigChangeListener(() => this.notifyConfigChange());
-    this.stream = new MessageStream(fd, (message) => this.handle(message), (reason) => void this.teardown(reason));
+    this.stream = new MessageStream(
+      fd,
+      (message) => this.handle(message),
+      (reason) => void this.teardown(reason),
+    );
   }
 
   get protocolFeaturesNegotiated(): boolean {
@@ -202,19 +205,23 @@ export class VhostUserSession {
     const { request, flags } = message.header;
     const handler = this.handlers[request];
     // Under LOG_SHMFD, SET_LOG_BASE is answered like a GET (vhost-user "Communication"); QEMU waits for it.
-    const replying = REPLYING_REQUESTS.has(request) || (request === FrontendRequest.SET_LOG_BASE && this.hasProtocolFeature(ProtocolFeature.LOG_SHMFD));
+    const replying =
+      REPLYING_REQUESTS.has(request) || (request === FrontendRequest.SET_LOG_BASE && this.hasProtocolFeature(ProtocolFeature.LOG_SHMFD));
     const wantsAck = (flags & HeaderFlag.NEED_REPLY) !== 0 && this.hasProtocolFeature(ProtocolFeature.REPLY_ACK) && !replying;
-    let reply: Uint8Array | void = undefined;
+    let reply: Uint8Array | undefined;
     let failed = false;
     try {
       if (handler === undefined) throw new SessionRequestError(request, 'request not supported by vublk');
-      reply = await handler(message);
+      reply = (await handler(message)) ?? undefined;
     } catch (error) {
       failed = true;
       // The error's classification decides: the front-end's fault is a warning, ours an error;
       // a fatal error ends the connection instead of a reply.
       const classified = error instanceof VublkError ? error : null;
-      this.log[classified?.peerFault === true ? 'warn' : 'error']({ request: requestName(request), ...errorFields(error) }, 'vhost-user request rejected');
+      this.log[classified?.peerFault === true ? 'warn' : 'error'](
+        { request: requestName(request), ...errorFields(error) },
+        'vhost-user request rejected',
+      );
       if (classified?.fatal === true) this.stream.close({ kind: 'protocol-error', detail: classified.message });
     } finally {
       // Whatever a handler did not take ownership of is closed here (handlers splice out the fds they keep).
@@ -269,7 +276,11 @@ export class VhostUserSession {
    * with the same set are debug, a different set is `features renegotiated` with both values.
    */
   private logFeatures(previous: bigint): void {
-    const fields = { features: `0x${this.ackedFeatures.toString(16)}`, eventIdx: this.eventIdx, version1: hasFeature(this.ackedFeatures, VirtioFeature.VERSION_1) };
+    const fields = {
+      features: `0x${this.ackedFeatures.toString(16)}`,
+      eventIdx: this.eventIdx,
+      version1: hasFeature(this.ackedFeatures, VirtioFeature.VERSION_1),
+    };
     if (!this.featuresLogged) {
       this.featuresLogged = true;
       this.log.info(fields, 'features negotiated');
@@ -355,7 +366,8 @@ export class VhostUserSession {
     const previous = this.regions;
     this.regions = next;
     const unsealed = next.filter((region) => region.shrinkGuard === 'unsealable' && !previous.includes(region)).length;
-    if (unsealed > 0) this.log.warn({ regions: unsealed }, 'guest memory fd cannot be sealed against shrinking; the front-end must not truncate it');
+    if (unsealed > 0)
+      this.log.warn({ regions: unsealed }, 'guest memory fd cannot be sealed against shrinking; the front-end must not truncate it');
     this.memoryVersion++;
     const table = this.memoryTable();
     const layouts = table.regions;
@@ -375,7 +387,10 @@ export class VhostUserSession {
     closeFd(this.inflightOfferFd);
     this.inflightOfferFd = fd;
     this.replyFds = [fd];
-    this.log.debug({ numQueues: description.numQueues, queueSize: description.queueSize, bytes: Number(description.mmapSize) }, 'inflight region offered');
+    this.log.debug(
+      { numQueues: description.numQueues, queueSize: description.queueSize, bytes: Number(description.mmapSize) },
+      'inflight region offered',
+    );
     return encodeInflight(description);
   }
 
@@ -414,7 +429,10 @@ export class VhostUserSession {
     await this.queues.updateLog(table);
     // Counters of running rings are published at the end of each drain; stopped rings have published all.
     const pagesLogged = this.rings.reduce((sum, ring) => sum + this.disk.counters.read(ring.index, 'dirtyPagesLogged'), 0);
-    this.log.info({ logging: table.size > 0, logBytes: table.size, pagesLogged }, table.size > 0 ? 'dirty logging on' : 'dirty logging off');
+    this.log.info(
+      { logging: table.size > 0, logBytes: table.size, pagesLogged },
+      table.size > 0 ? 'dirty logging on' : 'dirty logging off',
+    );
   }
 
   /**
@@ -425,7 +443,8 @@ export class VhostUserSession {
    */
   private async setLogBase(message: IncomingMessage): Promise<Uint8Array> {
     const request = message.header.request;
-    if (!this.hasProtocolFeature(ProtocolFeature.LOG_SHMFD)) throw new SessionRequestError(request, 'LOG_SHMFD was not negotiated (a log without an fd is not supported)');
+    if (!this.hasProtocolFeature(ProtocolFeature.LOG_SHMFD))
+      throw new SessionRequestError(request, 'LOG_SHMFD was not negotiated (a log without an fd is not supported)');
     let mapped: MappedLog;
     try {
       const description = decodeLogDescription(request, message.payload);
@@ -491,7 +510,10 @@ export class VhostUserSession {
     }
     // Split-ring alignment (virtio 1.x 2.7): the worker views the rings as typed arrays at these addresses.
     if (address.descUserAddr % 16n !== 0n || address.availUserAddr % 2n !== 0n || address.usedUserAddr % 4n !== 0n) {
-      throw new SessionRequestError(message.header.request, 'ring addresses must be aligned: descriptor table to 16, avail ring to 2, used ring to 4 bytes');
+      throw new SessionRequestError(
+        message.header.request,
+        'ring addresses must be aligned: descriptor table to 16, avail ring to 2, used ring to 4 bytes',
+      );
     }
     const logUsed = (address.flags & (1 << VHOST_VRING_F_LOG)) !== 0;
     const wasRunning = ring.running;
@@ -601,7 +623,13 @@ export class VhostUserSession {
 
   /** Starts or stops the worker's ring so that it runs exactly when the configuration allows it. */
   private async reconcile(ring: VringConfig): Promise<void> {
-    const shouldRun = !this.stopping && ring.kickArmed && ring.addressed && ring.isEnabled(this.protocolFeaturesNegotiated) && this.regions.length > 0 && !this.logUnusable;
+    const shouldRun =
+      !this.stopping &&
+      ring.kickArmed &&
+      ring.addressed &&
+      ring.isEnabled(this.protocolFeaturesNegotiated) &&
+      this.regions.length > 0 &&
+      !this.logUnusable;
     if (shouldRun && !ring.running) {
       await this.queues.start(
         ring.index,
@@ -622,7 +650,10 @@ export class VhostUserSession {
         this.dirtyLogTable(),
       );
       ring.running = true;
-      this.log.info({ queue: ring.index, size: ring.size, base: ring.base, eventIdx: this.eventIdx, logUsed: ring.usedLogGpa >= 0 }, 'ring started');
+      this.log.info(
+        { queue: ring.index, size: ring.size, base: ring.base, eventIdx: this.eventIdx, logUsed: ring.usedLogGpa >= 0 },
+        'ring started',
+      );
     } else if (!shouldRun && ring.running) {
       await this.stopRing(ring);
     }
@@ -638,7 +669,10 @@ export class VhostUserSession {
     const lastAvailIdx = await this.queues.stop(ring.index);
     ring.running = false;
     if (lastAvailIdx !== undefined) ring.base = lastAvailIdx;
-    this.log.info({ queue: ring.index, base: ring.base, pagesLogged: this.disk.counters.read(ring.index, 'dirtyPagesLogged') }, 'ring stopped');
+    this.log.info(
+      { queue: ring.index, base: ring.base, pagesLogged: this.disk.counters.read(ring.index, 'dirtyPagesLogged') },
+      'ring stopped',
+    );
   }
 
   private async restartRing(ring: VringConfig): Promise<void> {
@@ -721,7 +755,10 @@ export class VhostUserSession {
     if (this.ended) return;
     this.ended = true;
     const level = reason.kind === 'protocol-error' ? 'warn' : 'info';
-    this.log[level]({ reason: reason.kind, ...(reason.kind === 'protocol-error' ? { detail: reason.detail } : {}) }, 'front-end disconnected');
+    this.log[level](
+      { reason: reason.kind, ...(reason.kind === 'protocol-error' ? { detail: reason.detail } : {}) },
+      'front-end disconnected',
+    );
     // Rings stop concurrently: they may sit on different workers, and one slow worker must not hold the others.
     const stops = await Promise.allSettled(this.rings.map((ring) => this.stopRing(ring)));
     const failed = stops.filter((s) => s.status === 'rejected').length;

@@ -16,7 +16,15 @@
  *   what the update removed.
  */
 import type { Logger } from '../log.js';
-import type { DirtyLogTable, DiskContext, DiskSettings, MemoryTable, RingStart, WorkerAck, WorkerEvent } from '../dataplane/worker-protocol.js';
+import type {
+  DirtyLogTable,
+  DiskContext,
+  DiskSettings,
+  MemoryTable,
+  RingStart,
+  WorkerAck,
+  WorkerEvent,
+} from '../dataplane/worker-protocol.js';
 import { WorkerThread, type CommandBody } from './worker-thread.js';
 
 /** How long shutdown waits for each worker thread to leave. */

@@ -7,7 +7,9 @@ import { VublkError } from '../errors.js';
 
 export class AccountLookupError extends VublkError {
   constructor(kind: 'user' | 'group', name: string, file: string) {
-    super('VUBLK_ERR_ACCOUNT_LOOKUP', `no ${kind} named '${name}' in ${file} (give a name that exists, or a numeric id)`, { peerFault: true });
+    super('VUBLK_ERR_ACCOUNT_LOOKUP', `no ${kind} named '${name}' in ${file} (give a name that exists, or a numeric id)`, {
+      peerFault: true,
+    });
   }
 }
 

@@ -175,7 +175,8 @@ function diskSpec(entry: unknown, index: number, base: string, defaults: Partial
   checkKeys(entry, DISK_KEYS, where, fail);
   const throttle = entry['throttle'];
   if ('throttle' in entry) {
-    if (!isMapping(throttle)) return fail(`${where}.throttle`, `must be a mapping with ${THROTTLE_KEYS.join(', ')}, got ${describe(throttle)}`);
+    if (!isMapping(throttle))
+      return fail(`${where}.throttle`, `must be a mapping with ${THROTTLE_KEYS.join(', ')}, got ${describe(throttle)}`);
     checkKeys(throttle, THROTTLE_KEYS, `${where}.throttle`, fail);
   }
   const fields: Partial<Record<keyof DiskFields, unknown>> = {};

@@ -103,7 +103,9 @@ export class Daemon implements AdminTarget {
       if (this.options.metrics) await this.startMetrics(this.options.metrics);
       for (const spec of specs) {
         const log = this.log.child({ disk: spec.options.name });
-        const network = isNetworkImage(spec.options.imagePath) ? await openNetworkImage(spec.options).catch((error: unknown) => Promise.reject(diskError(spec, error))) : null;
+        const network = isNetworkImage(spec.options.imagePath)
+          ? await openNetworkImage(spec.options).catch((error: unknown) => Promise.reject(diskError(spec, error)))
+          : null;
         if (network === null) {
           checkDiskPaths(spec);
           if (!fs.existsSync(spec.options.imagePath)) created.push(spec.options.imagePath);
@@ -124,9 +126,17 @@ export class Daemon implements AdminTarget {
           await disk.close();
           throw error;
         }
-        if (network !== null && network.readOnly && !spec.options.readOnly) log.info({ image: network.location }, 'the server exports the image read-only: the disk is read-only');
+        if (network?.readOnly && !spec.options.readOnly)
+          log.info({ image: network.location }, 'the server exports the image read-only: the disk is read-only');
         log.info(
-          { image: spec.options.imagePath, capacityBytes: disk.capacityBytes, numQueues: spec.options.numQueues, readOnly: disk.limits.readOnly, throttle: throttleJson(disk.throttle.limits), ...(network !== null ? { backend: network.kind, queuesPinned: network.pinQueues } : {}) },
+          {
+            image: spec.options.imagePath,
+            capacityBytes: disk.capacityBytes,
+            numQueues: spec.options.numQueues,
+            readOnly: disk.limits.readOnly,
+            throttle: throttleJson(disk.throttle.limits),
+            ...(network !== null ? { backend: network.kind, queuesPinned: network.pinQueues } : {}),
+          },
           'disk ready',
         );
       }
@@ -149,7 +159,10 @@ export class Daemon implements AdminTarget {
     let options: AdminSocketOptions;
     if (setting === 'default') {
       const first = specs[0]!;
-      const file = defaultAdminSocketPath({ socketPath: first.listen.kind === 'path' ? first.listen.path : null, diskName: first.options.name });
+      const file = defaultAdminSocketPath({
+        socketPath: first.listen.kind === 'path' ? first.listen.path : null,
+        diskName: first.options.name,
+      });
       if (file === null) {
         this.log.warn('no admin socket: the first disk is socket-activated and $RUNTIME_DIRECTORY is unset (pass --admin-socket PATH)');
         return;
@@ -184,7 +197,10 @@ export class Daemon implements AdminTarget {
     } catch (error) {
       const code = (error as NodeJS.ErrnoException).code;
       if (options.optional === true && code === 'EADDRINUSE') {
-        this.log.warn({ address: formatAddress(address) }, 'metrics listener not started: the default address is in use (pass --metrics-listen to choose another)');
+        this.log.warn(
+          { address: formatAddress(address) },
+          'metrics listener not started: the default address is in use (pass --metrics-listen to choose another)',
+        );
         return;
       }
       throw new MetricsListenError(`metrics listener ${formatAddress(address)}: ${(error as Error).message}`, { cause: error });
@@ -254,10 +270,16 @@ export class Daemon implements AdminTarget {
     for (const change of plan.throttle) {
       const running = this.disks.find(({ disk }) => disk.name === change.disk);
       running?.disk.throttle.setLimits(change.limits);
-      this.log.info({ disk: change.disk, from: throttleJson(change.from), to: throttleJson(change.to), source: 'config' }, 'throttle limits changed');
+      this.log.info(
+        { disk: change.disk, from: throttleJson(change.from), to: throttleJson(change.to), source: 'config' },
+        'throttle limits changed',
+      );
     }
     for (const change of plan.restart) {
-      this.log.warn({ ...(change.disk !== undefined ? { disk: change.disk } : {}), change: change.change, keys: change.keys }, 'config change requires restart: not applied');
+      this.log.warn(
+        { ...(change.disk !== undefined ? { disk: change.disk } : {}), change: change.change, keys: change.keys },
+        'config change requires restart: not applied',
+      );
     }
     this.log.info({ file: config.file, throttleChanged: plan.throttle.length, restartRequired: plan.restart.length }, 'config reloaded');
     return plan;
@@ -278,7 +300,8 @@ export class Daemon implements AdminTarget {
 
   setThrottle(name: string, change: DiskLimits): ResolvedDiskLimits {
     const running = this.disks.find(({ disk }) => disk.name === name);
-    if (running === undefined) throw new AdminError(404, `no disk named '${name}' (disks: ${this.disks.map(({ disk }) => disk.name).join(', ')})`);
+    if (running === undefined)
+      throw new AdminError(404, `no disk named '${name}' (disks: ${this.disks.map(({ disk }) => disk.name).join(', ')})`);
     const { throttle } = running.disk;
     const from = throttle.limits;
     const next = mergeThrottle(from, change);
@@ -293,7 +316,8 @@ export class Daemon implements AdminTarget {
 
   async resize(name: string, sizeBytes: number): Promise<number> {
     const running = this.disks.find(({ disk }) => disk.name === name);
-    if (running === undefined) throw new AdminError(404, `no disk named '${name}' (disks: ${this.disks.map(({ disk }) => disk.name).join(', ')})`);
+    if (running === undefined)
+      throw new AdminError(404, `no disk named '${name}' (disks: ${this.disks.map(({ disk }) => disk.name).join(', ')})`);
     try {
       await running.queues.resize(sizeBytes);
     } catch (error) {
@@ -389,5 +413,9 @@ class AdminTokenError extends VublkError {
 /** A network image that cannot be opened: the disk is named, the cause kept (its code says which check failed). */
 function diskError(spec: DiskSpec, error: unknown): unknown {
   if (!(error instanceof VublkError)) return error;
-  return new VublkError(error.code, `disk ${spec.options.name}: ${error.message}`, { peerFault: error.peerFault, fatal: true, cause: error });
+  return new VublkError(error.code, `disk ${spec.options.name}: ${error.message}`, {
+    peerFault: error.peerFault,
+    fatal: true,
+    cause: error,
+  });
 }

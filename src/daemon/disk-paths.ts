@@ -24,7 +24,11 @@ function checkFolder(disk: string, what: 'image' | 'socket', file: string): void
   try {
     stat = fs.statSync(folder);
   } catch {
-    throw new DiskPathError(disk, file, `the folder of the ${what} ${file} does not exist: create ${folder} (mkdir -p) or give ${what === 'image' ? 'an image' : 'a socket'} path in an existing folder`);
+    throw new DiskPathError(
+      disk,
+      file,
+      `the folder of the ${what} ${file} does not exist: create ${folder} (mkdir -p) or give ${what === 'image' ? 'an image' : 'a socket'} path in an existing folder`,
+    );
   }
   if (!stat.isDirectory()) throw new DiskPathError(disk, file, `${folder}, the folder of the ${what} ${file}, is not a directory`);
 }

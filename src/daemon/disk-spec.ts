@@ -71,7 +71,13 @@ function labelOf(row: AnyDiskOption, source: DiskSource): string {
  * Turns parsed fields into a DiskSpec: table defaults (then `defaults`, e.g. `--io-engine`) under the given
  * fields, then the checks that involve more than one option.
  */
-export function buildDiskSpec(given: Partial<DiskFields>, where: string, index: number, source: DiskSource, defaults: Partial<DiskFields> = {}): DiskSpec {
+export function buildDiskSpec(
+  given: Partial<DiskFields>,
+  where: string,
+  index: number,
+  source: DiskSource,
+  defaults: Partial<DiskFields> = {},
+): DiskSpec {
   const fields: DiskFields = { ...defaultFields(defaults), ...withoutUndefined(given) };
   const fail = (detail: string, key?: string): never => {
     const row = key === undefined ? undefined : diskOptionByKey(key);
@@ -94,7 +100,9 @@ export function buildDiskSpec(given: Partial<DiskFields>, where: string, index: 
   const { socket, socketFd, socketMode, socketOwner, socketGroup, iops, iopsBurst, bps, bpsBurst, ...device } = fields;
   const throttle: DiskLimits = { iops, iopsBurst, bps, bpsBurst };
   const listen: ListenAddress =
-    socketFd !== undefined ? { kind: 'fd', fd: socketFd } : { kind: 'path', path: socket!, mode: socketMode, uid: socketOwner, gid: socketGroup };
+    socketFd !== undefined
+      ? { kind: 'fd', fd: socketFd }
+      : { kind: 'path', path: socket!, mode: socketMode, uid: socketOwner, gid: socketGroup };
   const options: DiskOptions = { ...device, name: fields.name, imagePath: fields.imagePath, throttle };
   return { options, listen, fields };
 }
@@ -161,7 +169,8 @@ function checkNetworkImage(fields: DiskFields, fail: (detail: string, key?: stri
     if (fields.connectTimeout !== undefined) fail('only applies to nbd:// and rbd: images', 'connect-timeout');
     return;
   }
-  if (fields.sizeBytes !== undefined) fail('a network image has the size its server gives it (resize an RBD image with `vublk resize`)', 'size');
+  if (fields.sizeBytes !== undefined)
+    fail('a network image has the size its server gives it (resize an RBD image with `vublk resize`)', 'size');
   try {
     if (nbd) parseNbdUri(image);
     else rbdSpecOf(fields);

@@ -54,7 +54,9 @@ export function sameLimits(a: ResolvedDiskLimits, b: ResolvedDiskLimits): boolea
 
 /** Restart-only options (per the option table) whose values differ, named as in the config file. */
 export function changedDiskKeys(running: DiskSpec, next: DiskSpec): string[] {
-  return DISK_OPTIONS.filter((row) => row.reload === 'restart' && row.field !== 'name' && running.fields[row.field] !== next.fields[row.field]).map(configKeyOf);
+  return DISK_OPTIONS.filter(
+    (row) => row.reload === 'restart' && row.field !== 'name' && running.fields[row.field] !== next.fields[row.field],
+  ).map(configKeyOf);
 }
 
 export function planReload(running: readonly RunningDiskState[], previous: ServeConfig, next: ServeConfig): ReloadPlan {

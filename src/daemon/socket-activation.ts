@@ -55,7 +55,7 @@ function describeFd(socket: Pick<ActivatedSocket, 'fd' | 'name' | 'address'>): s
 
 /** Checks that an inherited fd is a listening AF_UNIX stream socket; returns its bound address. */
 export function checkListeningUnixSocket(fd: number, label: string): string | null {
-  let info;
+  let info: ReturnType<typeof describeSocket>;
   try {
     info = describeSocket(fd);
   } catch (error) {
@@ -64,13 +64,19 @@ export function checkListeningUnixSocket(fd: number, label: string): string | nu
     throw error;
   }
   if (info.domain !== AF_UNIX) {
-    throw new SocketActivationError(`${label} is not an AF_UNIX socket (domain ${info.domain}); vhost-user needs a Unix socket: use ListenStream=/path`);
+    throw new SocketActivationError(
+      `${label} is not an AF_UNIX socket (domain ${info.domain}); vhost-user needs a Unix socket: use ListenStream=/path`,
+    );
   }
   if (info.type !== SOCK_STREAM) {
-    throw new SocketActivationError(`${label} is a ${SOCKET_TYPES[info.type] ?? `type ${info.type}`} socket; vhost-user needs a stream socket: use ListenStream=, not ListenDatagram=/ListenSequentialPacket=`);
+    throw new SocketActivationError(
+      `${label} is a ${SOCKET_TYPES[info.type] ?? `type ${info.type}`} socket; vhost-user needs a stream socket: use ListenStream=, not ListenDatagram=/ListenSequentialPacket=`,
+    );
   }
   if (!info.listening) {
-    throw new SocketActivationError(`${label} is not a listening socket (with Accept=yes systemd passes connections; vublk needs Accept=no)`);
+    throw new SocketActivationError(
+      `${label} is not a listening socket (with Accept=yes systemd passes connections; vublk needs Accept=no)`,
+    );
   }
   return unixSocketName(fd);
 }
@@ -92,14 +98,17 @@ export function adoptListenFds(env: Record<string, string | undefined> = process
   if (pidText === undefined || pidText === '') return { activated: false, reason: 'LISTEN_FDS is set but LISTEN_PID is not' };
   if (!/^\d+$/.test(pidText)) throw new SocketActivationError(`LISTEN_PID='${pidText}' is not a process id`);
   if (Number(pidText) !== pid) return { activated: false, reason: `LISTEN_PID=${pidText} is another process (this is pid ${pid})` };
-  if (!/^\d+$/.test(fdsText) || Number(fdsText) > MAX_LISTEN_FDS) throw new SocketActivationError(`LISTEN_FDS='${fdsText}' is not a valid fd count`);
+  if (!/^\d+$/.test(fdsText) || Number(fdsText) > MAX_LISTEN_FDS)
+    throw new SocketActivationError(`LISTEN_FDS='${fdsText}' is not a valid fd count`);
   const count = Number(fdsText);
 
   let names: (string | null)[] = new Array<string | null>(count).fill(null);
   if (namesText !== undefined && namesText !== '') {
     const split = namesText.split(':');
     if (split.length !== count) {
-      throw new SocketActivationError(`LISTEN_FDNAMES has ${split.length} name${split.length === 1 ? '' : 's'} ('${namesText}') for LISTEN_FDS=${count}`);
+      throw new SocketActivationError(
+        `LISTEN_FDNAMES has ${split.length} name${split.length === 1 ? '' : 's'} ('${namesText}') for LISTEN_FDS=${count}`,
+      );
     }
     names = split.map((name) => (name === '' || name === 'unknown' ? null : name));
   }
@@ -206,7 +215,9 @@ export function assignActivatedSockets(
   }
 
   if (leftover.length > 0) {
-    const disks = out.map((spec) => `${spec.options.name} (${spec.listen.kind === 'path' ? spec.listen.path : `fd ${spec.listen.fd}`})`).join(', ');
+    const disks = out
+      .map((spec) => `${spec.options.name} (${spec.listen.kind === 'path' ? spec.listen.path : `fd ${spec.listen.fd}`})`)
+      .join(', ');
     throw new SocketActivationError(
       `no disk takes ${leftover.map(describeFd).join('; ')}. Disks: ${disks}. ` +
         'Give the disk the same socket path as the .socket unit, name the disk as its FileDescriptorName=, or leave out --socket for a single disk.',
@@ -233,15 +244,20 @@ export function applySocketActivation(specs: readonly DiskSpec[], options: Socke
   const activation = adoptListenFds(options.env, options.pid);
   if (!activation.activated) {
     if (options.required) throw new SocketActivationError(`--socket-activation was given but no sockets were passed: ${activation.reason}`);
-    if (activation.reason !== 'LISTEN_FDS is not set') options.log.warn({ reason: activation.reason }, 'ignoring socket activation variables');
+    if (activation.reason !== 'LISTEN_FDS is not set')
+      options.log.warn({ reason: activation.reason }, 'ignoring socket activation variables');
     return [...specs];
   }
-  if (activation.sockets.length === 0 && options.required) throw new SocketActivationError('--socket-activation was given but LISTEN_FDS=0');
+  if (activation.sockets.length === 0 && options.required)
+    throw new SocketActivationError('--socket-activation was given but LISTEN_FDS=0');
   const { specs: result, assignments } = assignActivatedSockets(specs, activation.sockets, options.implicitSocket);
   for (const a of assignments) {
     const fields = { disk: a.disk, fd: a.fd, fdName: a.socket.name, socket: a.socket.address, matchedBy: a.via };
     if (a.replacedPath !== undefined) {
-      options.log.warn({ ...fields, configuredSocket: a.replacedPath }, 'activated socket named after the disk replaces its configured socket path');
+      options.log.warn(
+        { ...fields, configuredSocket: a.replacedPath },
+        'activated socket named after the disk replaces its configured socket path',
+      );
     } else {
       options.log.info(fields, 'serving on a socket-activated fd');
     }

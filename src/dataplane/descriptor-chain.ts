@@ -19,7 +19,6 @@ export const ChainOutcome = {
 } as const;
 export type ChainOutcomeCode = (typeof ChainOutcome)[keyof typeof ChainOutcome];
 
-
 /** Reusable per-queue storage for one chain: parallel arrays, no allocation per request. */
 export class ChainScratch {
   readonly addr: Float64Array;
@@ -35,7 +34,6 @@ export class ChainScratch {
     this.writable = new Uint8Array(capacity);
   }
 }
-
 
 /**
  * Fills `scratch` with the chain starting at `head` of a table of `queueSize` entries at

@@ -54,14 +54,14 @@ export class DirtyLog {
       last = this.pages - 1;
     }
     const bits = this.bits;
-    for (let page = first; page <= last; page++) Atomics.or(bits, Math.floor(page / 8), 1 << page % 8);
+    for (let page = first; page <= last; page++) Atomics.or(bits, Math.floor(page / 8), 1 << (page % 8));
     counters.add(Counter.dirtyPagesLogged, last - first + 1);
   }
 
   /** Whether `page` is marked (tests and diagnostics). */
   isMarked(page: number): boolean {
     if (page < 0 || page >= this.pages) return false;
-    return (Atomics.load(this.bits, Math.floor(page / 8)) & (1 << page % 8)) !== 0;
+    return (Atomics.load(this.bits, Math.floor(page / 8)) & (1 << (page % 8))) !== 0;
   }
 }
 

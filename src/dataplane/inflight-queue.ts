@@ -21,7 +21,14 @@
  */
 import koffi from 'koffi';
 import { VublkError } from '../errors.js';
-import { DESC_STATE_BYTES, DescStateOffset, INFLIGHT_VERSION, QUEUE_HEADER_BYTES, QueueHeaderOffset, type InflightQueueMapping } from './inflight-layout.js';
+import {
+  DESC_STATE_BYTES,
+  DescStateOffset,
+  INFLIGHT_VERSION,
+  QUEUE_HEADER_BYTES,
+  QueueHeaderOffset,
+  type InflightQueueMapping,
+} from './inflight-layout.js';
 
 export class InflightRegionError extends VublkError {
   constructor(detail: string) {
@@ -53,7 +60,10 @@ export class InflightQueue {
 
   constructor(mapping: InflightQueueMapping) {
     const needed = QUEUE_HEADER_BYTES + DESC_STATE_BYTES * mapping.descNum;
-    if (mapping.bytes < needed) throw new InflightRegionError(`queue region of ${mapping.bytes} bytes is smaller than the ${needed} bytes ${mapping.descNum} descriptors need`);
+    if (mapping.bytes < needed)
+      throw new InflightRegionError(
+        `queue region of ${mapping.bytes} bytes is smaller than the ${needed} bytes ${mapping.descNum} descriptors need`,
+      );
     if (mapping.hostAddr % 8 !== 0) throw new InflightRegionError('queue region is not 8-byte aligned');
     const buffer = koffi.view(mapping.hostAddr, needed);
     this.u8 = new Uint8Array(buffer);
@@ -96,7 +106,8 @@ export class InflightQueue {
     }
     if (version !== INFLIGHT_VERSION) throw new InflightRegionError(`version ${version} (vublk knows ${INFLIGHT_VERSION})`);
     const descNum = this.header16(QueueHeaderOffset.descNum);
-    if (descNum !== this.descNum) throw new InflightRegionError(`desc_num ${descNum} differs from the queue size ${this.descNum} of SET_INFLIGHT_FD`);
+    if (descNum !== this.descNum)
+      throw new InflightRegionError(`desc_num ${descNum} differs from the queue size ${this.descNum} of SET_INFLIGHT_FD`);
     if (ringSize > descNum) throw new InflightRegionError(`ring of ${ringSize} descriptors is larger than the region's ${descNum}`);
     // Check everything before changing anything: a refused region is left as it was found.
     const inflight: number[] = [];
@@ -104,7 +115,8 @@ export class InflightQueue {
       const flag = this.u8[this.flagIndex(head)] ?? 0;
       if (flag > 1) throw new InflightRegionError(`descriptor ${head} has inflight flag ${flag}`);
       if (flag === 1) {
-        if (head >= ringSize) throw new InflightRegionError(`descriptor ${head} is marked in flight but the ring has ${ringSize} descriptors`);
+        if (head >= ringSize)
+          throw new InflightRegionError(`descriptor ${head} is marked in flight but the ring has ${ringSize} descriptors`);
         inflight.push(head);
       }
     }
@@ -112,7 +124,10 @@ export class InflightQueue {
     const lastBatch = (usedIdx - regionUsed) & 0xffff;
     const batch: number[] = [];
     if (lastBatch !== 0) {
-      if (lastBatch > ringSize) throw new InflightRegionError(`used_idx ${regionUsed} is ${lastBatch} behind used.idx ${usedIdx}, more than the ring size ${ringSize}`);
+      if (lastBatch > ringSize)
+        throw new InflightRegionError(
+          `used_idx ${regionUsed} is ${lastBatch} behind used.idx ${usedIdx}, more than the ring size ${ringSize}`,
+        );
       let head = this.header16(QueueHeaderOffset.lastBatchHead);
       for (let k = 0; k < lastBatch; k++) {
         if (head >= ringSize) throw new InflightRegionError(`last batch links to descriptor ${head}, outside the ring`);

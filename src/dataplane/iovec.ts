@@ -47,7 +47,14 @@ export function skipIovecs(words: Uint32Array, base: number, first: number, byte
  * Zero-fills the data segments from stream byte `done` on: a read that hit end of file (an image shorter
  * than the capacity) returns zeroes there, like a sparse tail would.
  */
-export function zeroFillTail(memory: GuestMemory, segGpa: ArrayLike<number>, segLen: ArrayLike<number>, from: number, count: number, done: number): void {
+export function zeroFillTail(
+  memory: GuestMemory,
+  segGpa: ArrayLike<number>,
+  segLen: ArrayLike<number>,
+  from: number,
+  count: number,
+  done: number,
+): void {
   let skip = done;
   for (let s = from; s < from + count; s++) {
     const len = segLen[s] ?? 0;

@@ -41,7 +41,7 @@ export const NETWORK_DEPTH = 256;
 /** Host pieces one request may have (the transports copy at most this many). */
 const MAX_PIECES = 1024;
 
-const enum Phase {
+enum Phase {
   /** The request's only (or current) operation is on the wire. */
   Main,
   /** A write done in write-through mode without FUA: its flush is on the wire. */
@@ -100,7 +100,16 @@ export class NetworkExecutor implements RequestExecutor, ChannelMember {
     this.pieceCount++;
   };
 
-  private readonly completion: Completion = { head: 0, statusGpa: 0, type: 0, status: 0, written: 0, dataBytes: 0, latencyNanos: 0, error: '' };
+  private readonly completion: Completion = {
+    head: 0,
+    statusGpa: 0,
+    type: 0,
+    status: 0,
+    written: 0,
+    dataBytes: 0,
+    latencyNanos: 0,
+    error: '',
+  };
 
   /** `backend`: the disk's back-end (its channel on this worker is found or opened); a channel: tests. */
   constructor(
@@ -135,7 +144,13 @@ export class NetworkExecutor implements RequestExecutor, ChannelMember {
       this.sync.submit(memory, request, head, capacityBytes, writeback);
       return;
     }
-    if (type !== BlkRequestType.IN && type !== BlkRequestType.OUT && type !== BlkRequestType.FLUSH && type !== BlkRequestType.DISCARD && type !== BlkRequestType.WRITE_ZEROES) {
+    if (
+      type !== BlkRequestType.IN &&
+      type !== BlkRequestType.OUT &&
+      type !== BlkRequestType.FLUSH &&
+      type !== BlkRequestType.DISCARD &&
+      type !== BlkRequestType.WRITE_ZEROES
+    ) {
       // GET_ID (and unknown types: UNSUPP) need no image.
       this.sync.submit(memory, request, head, capacityBytes, writeback);
       return;

@@ -100,7 +100,16 @@ export class Qcow2Executor implements RequestExecutor {
   private readonly queued: Sub[] = [];
   private deferred: Parent[] = [];
   private active = 0;
-  private readonly completion: Completion = { head: 0, statusGpa: 0, type: 0, status: 0, written: 0, dataBytes: 0, latencyNanos: 0, error: '' };
+  private readonly completion: Completion = {
+    head: 0,
+    statusGpa: 0,
+    type: 0,
+    status: 0,
+    written: 0,
+    dataBytes: 0,
+    latencyNanos: 0,
+    error: '',
+  };
   private readonly scratch = new BlkRequest(INNER_SEGMENTS);
   private readonly readExtents: ReadExtent[] = [];
   private readonly writeExtents: WriteExtent[] = [];
@@ -408,7 +417,9 @@ export class Qcow2Executor implements RequestExecutor {
     try {
       for (const range of parent.ranges ?? []) {
         if (range.length === 0) continue;
-        const result = discard ? this.handle.discard(range.offset, range.length) : this.handle.writeZeroes(range.offset, range.length, range.unmap);
+        const result = discard
+          ? this.handle.discard(range.offset, range.length)
+          : this.handle.writeZeroes(range.offset, range.length, range.unmap);
         if (result === RETRY) return false;
       }
       if (parent.writeThrough && !discard) this.handle.flush();
@@ -587,7 +598,12 @@ export function createQcow2Executor(
     return fd;
   };
   try {
-    const executor = new Qcow2Executor(layer, limits, { hostFd, makeInner: makeRaw, ignoreFlush, onClose: () => opened.forEach((fd) => sys.close(fd)) });
+    const executor = new Qcow2Executor(layer, limits, {
+      hostFd,
+      makeInner: makeRaw,
+      ignoreFlush,
+      onClose: () => opened.forEach((fd) => sys.close(fd)),
+    });
     return executor;
   } catch (error) {
     layer.close();

@@ -164,7 +164,13 @@ class PoolWorker {
         if (previous !== undefined) this.forget(key, previous);
         const memory = this.memoryFor(command.memory);
         const log = this.logFor(command.log);
-        const server = new RingServer(command.queue, command.disk, this.epoll, (event) => this.post({ ...event, diskId: command.diskId }), command.settings);
+        const server = new RingServer(
+          command.queue,
+          command.disk,
+          this.epoll,
+          (event) => this.post({ ...event, diskId: command.diskId }),
+          command.settings,
+        );
         const ring = { server, diskId: command.diskId, memoryId: command.memory.id };
         this.rings.set(key, ring);
         try {

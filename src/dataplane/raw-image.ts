@@ -44,7 +44,9 @@ export function openRawImage(path: string, readOnly: boolean, cache: CacheMode):
     fd = openFlags(path, flags);
   } catch (error) {
     if (policy.direct && error instanceof SyscallError && error.errnoName === 'EINVAL') {
-      throw new ImageOpenError(`cache=${cache} opens ${path} with O_DIRECT, which its file system refuses (tmpfs does); use cache=writeback or put the image on a disk file system`);
+      throw new ImageOpenError(
+        `cache=${cache} opens ${path} with O_DIRECT, which its file system refuses (tmpfs does); use cache=writeback or put the image on a disk file system`,
+      );
     }
     throw error;
   }

@@ -23,11 +23,18 @@ import { Counter, QueueCounters } from './counters.js';
 import { SyncExecutor } from './sync-executor.js';
 import { UringExecutor } from './uring-executor.js';
 import { NetworkExecutor } from './network-executor.js';
-import type { EngineOptions, IoEngineName, RequestExecutor } from './request-executor.js';
+import { cachePolicy, type EngineOptions, type IoEngineName, type RequestExecutor } from './request-executor.js';
 import { engineOptions } from './raw-image.js';
 import { createQcow2Executor } from './qcow2-executor.js';
-import { cachePolicy } from './request-executor.js';
-import { completeRequest, createRequestScratch, drainQueue, unlimited, type Admission, type DrainContext, type PoisonCause } from './drain.js';
+import {
+  completeRequest,
+  createRequestScratch,
+  drainQueue,
+  unlimited,
+  type Admission,
+  type DrainContext,
+  type PoisonCause,
+} from './drain.js';
 import { DiskThrottle } from '../throttle/disk-throttle.js';
 import { DirtyLog, RingDirtyLog } from './dirty-log.js';
 import type { DiskContext, DiskSettings, RingEvent, RingStart } from './worker-protocol.js';
@@ -198,7 +205,12 @@ export class RingServer {
     ctx.accepting = false;
     const usedBefore = ctx.queue.usedIdx;
     if (!this.executor.waitIdle(QUIESCE_TIMEOUT_MS)) {
-      this.post({ type: 'event', kind: 'error', queue: this.queue, reason: `${this.executor.inFlight} requests still in flight after ${QUIESCE_TIMEOUT_MS} ms; the ring stops without them` });
+      this.post({
+        type: 'event',
+        kind: 'error',
+        queue: this.queue,
+        reason: `${this.executor.inFlight} requests still in flight after ${QUIESCE_TIMEOUT_MS} ms; the ring stops without them`,
+      });
     }
     if (!ctx.poisoned && ctx.queue.shouldInterrupt(usedBefore)) {
       ctx.counters.add(Counter.notifications);
@@ -325,7 +337,12 @@ export class RingServer {
       return resume.lastAvailIdx;
     } catch (error) {
       if (!(error instanceof InflightRegionError)) throw error;
-      this.post({ type: 'event', kind: 'error', queue: this.queue, reason: `${error.message}; tracking starts afresh at the front-end's base` });
+      this.post({
+        type: 'event',
+        kind: 'error',
+        queue: this.queue,
+        reason: `${error.message}; tracking starts afresh at the front-end's base`,
+      });
       inflight.reset(queue.usedIdx);
       return frontendBase;
     }

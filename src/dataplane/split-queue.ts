@@ -54,7 +54,9 @@ export class SplitQueue {
   ) {
     const { size, descGpa, availGpa, usedGpa } = layout;
     if (descGpa % 16 !== 0 || availGpa % 2 !== 0 || usedGpa % 4 !== 0) {
-      throw new RingMappingError(`misaligned ring (desc 0x${descGpa.toString(16)}, avail 0x${availGpa.toString(16)}, used 0x${usedGpa.toString(16)})`);
+      throw new RingMappingError(
+        `misaligned ring (desc 0x${descGpa.toString(16)}, avail 0x${availGpa.toString(16)}, used 0x${usedGpa.toString(16)})`,
+      );
     }
     const desc = memory.slice(descGpa, descriptorTableBytes(size));
     const avail = memory.slice(availGpa, availRingBytes(size));

@@ -6,8 +6,7 @@ import { BlkRequestType, BlkStatus, BLK_ID_BYTES } from '../../protocol/virtio-b
 import { sys, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE } from '../sys/libc.js';
 import { lastErrno, errnoName, Errno } from '../sys/errors.js';
 import type { GuestMemory } from './guest-memory.js';
-import type { BlkRequest } from './blk-request.js';
-import { readDiscardSegments } from './blk-request.js';
+import { readDiscardSegments, type BlkRequest } from './blk-request.js';
 import type { DeviceLimits } from './device-limits.js';
 import type { Completion, EngineOptions, RequestExecutor } from './request-executor.js';
 import { IOV_MAX, IovecPool, SECTOR_SIZE, zeroFillTail } from './iovec.js';
@@ -29,7 +28,16 @@ export class SyncExecutor implements RequestExecutor {
   readonly inFlight = 0;
   readonly completionFd = -1;
   onComplete: (completion: Completion) => void = () => undefined;
-  private readonly completion: Completion = { head: 0, statusGpa: 0, type: 0, status: 0, written: 0, dataBytes: 0, latencyNanos: 0, error: '' };
+  private readonly completion: Completion = {
+    head: 0,
+    statusGpa: 0,
+    type: 0,
+    status: 0,
+    written: 0,
+    dataBytes: 0,
+    latencyNanos: 0,
+    error: '',
+  };
   private readonly iov = new IovecPool(1, IOV_MAX);
   private iovCount = 0;
   private readonly result: ExecutionResult = { status: BlkStatus.OK, written: 0, error: '' };

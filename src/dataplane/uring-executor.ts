@@ -37,7 +37,6 @@ import { IOV_MAX, IovecPool, SECTOR_SIZE, zeroFillTail } from './iovec.js';
 import { BOUNCE_CHUNK_BYTES, BouncePool, copyBounce } from './bounce-pool.js';
 import { waitReadable } from '../sys/poll-wait.js';
 
-
 /** Default number of requests in flight per queue (the largest queue size vublk offers is 1024). */
 export const DEFAULT_URING_DEPTH = 256;
 /** Bounce memory per queue in O_DIRECT mode. */
@@ -76,7 +75,16 @@ export class UringExecutor implements RequestExecutor {
   readonly completionFd: number;
   private readonly ring: IoUring;
   private readonly sync: SyncExecutor;
-  private readonly completion: Completion = { head: 0, statusGpa: 0, type: 0, status: 0, written: 0, dataBytes: 0, latencyNanos: 0, error: '' };
+  private readonly completion: Completion = {
+    head: 0,
+    statusGpa: 0,
+    type: 0,
+    status: 0,
+    written: 0,
+    dataBytes: 0,
+    latencyNanos: 0,
+    error: '',
+  };
   private readonly memAlign: number;
   private readonly dsync: boolean;
   private readonly ignoreFlush: boolean;
@@ -304,7 +312,16 @@ export class UringExecutor implements RequestExecutor {
     this.slotFlags[slot] = (this.slotFlags[slot] ?? 0) | SlotFlag.bounced;
     this.onBounce();
     if (request.type === BlkRequestType.OUT) {
-      copyBounce(memory, request.segGpa, request.segLen, 0, request.segCount, (i) => pool.bytes(this.slotChunks[base + i] ?? 0, BOUNCE_CHUNK_BYTES), BOUNCE_CHUNK_BYTES, false);
+      copyBounce(
+        memory,
+        request.segGpa,
+        request.segLen,
+        0,
+        request.segCount,
+        (i) => pool.bytes(this.slotChunks[base + i] ?? 0, BOUNCE_CHUNK_BYTES),
+        BOUNCE_CHUNK_BYTES,
+        false,
+      );
     }
   }
 
@@ -389,7 +406,8 @@ export class UringExecutor implements RequestExecutor {
       const moved = res;
       if (moved < 0) {
         // EINTR / EAGAIN: resubmitted by advance() (nothing was transferred).
-        if (-moved !== Errno.EINTR && -moved !== Errno.EAGAIN) this.setError(slot, `${type === BlkRequestType.IN ? 'readv' : 'writev'}: ${errnoName(-moved)}`);
+        if (-moved !== Errno.EINTR && -moved !== Errno.EAGAIN)
+          this.setError(slot, `${type === BlkRequestType.IN ? 'readv' : 'writev'}: ${errnoName(-moved)}`);
       } else if (moved === 0) {
         if (type === BlkRequestType.IN) this.slotFlags[slot] = (this.slotFlags[slot] ?? 0) | SlotFlag.eof;
         else this.setError(slot, 'writev wrote nothing');
@@ -483,7 +501,8 @@ export class UringExecutor implements RequestExecutor {
   private earlierWriteInFlight(flushSlot: number): boolean {
     const seq = this.slotSeq[flushSlot] ?? 0;
     for (let s = 0; s < this.depth; s++) {
-      if (s !== flushSlot && (this.slotPending[s] ?? 0) > 0 && this.slotType[s] === BlkRequestType.OUT && (this.slotSeq[s] ?? 0) < seq) return true;
+      if (s !== flushSlot && (this.slotPending[s] ?? 0) > 0 && this.slotType[s] === BlkRequestType.OUT && (this.slotSeq[s] ?? 0) < seq)
+        return true;
     }
     return false;
   }

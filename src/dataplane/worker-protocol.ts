@@ -92,7 +92,17 @@ export interface RingStart {
 export type WorkerCommand =
   /** A new version of a memory table: every ring of this worker running over it switches to it. */
   | { op: 'memory'; seq: number; memory: MemoryTable }
-  | { op: 'start'; seq: number; diskId: number; queue: number; disk: DiskContext; settings: DiskSettings; memory: MemoryTable; log: DirtyLogTable; ring: RingStart }
+  | {
+      op: 'start';
+      seq: number;
+      diskId: number;
+      queue: number;
+      disk: DiskContext;
+      settings: DiskSettings;
+      memory: MemoryTable;
+      log: DirtyLogTable;
+      ring: RingStart;
+    }
   /** A new version of a session's dirty log: every ring of this worker over that session marks into it. */
   | { op: 'log'; seq: number; log: DirtyLogTable }
   /** Stops the ring and forgets it (its engine and timer are released). */

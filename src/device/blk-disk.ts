@@ -7,12 +7,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { BLK_ID_BYTES, SECTOR_SIZE, encodeBlkConfig, type BlkConfig } from '../../protocol/virtio-blk.js';
 import { createCounterBuffer, CounterReader } from '../dataplane/counters.js';
-import {
-  DEFAULT_MAX_DISCARD_SECTORS,
-  DEFAULT_SEG_MAX,
-  DEFAULT_SIZE_MAX,
-  type DeviceLimits,
-} from '../dataplane/device-limits.js';
+import { DEFAULT_MAX_DISCARD_SECTORS, DEFAULT_SEG_MAX, DEFAULT_SIZE_MAX, type DeviceLimits } from '../dataplane/device-limits.js';
 import type { DiskContext, DiskSettings, IoEngineSetting } from '../dataplane/worker-protocol.js';
 import { probeIoUring } from '../sys/io-uring.js';
 import { offeredVirtioFeatures } from './blk-features.js';
@@ -21,12 +16,12 @@ import { DiskThrottle, type DiskLimits } from '../throttle/disk-throttle.js';
 import { cachePolicy, type CacheMode } from '../dataplane/request-executor.js';
 import { openRawImage, type ImageIoInfo } from '../dataplane/raw-image.js';
 import { VublkError } from '../errors.js';
-import { lockImage } from '../sys/image-lock.js';
+import { LOCK_WAIT_MS, lockImageWaiting } from '../sys/image-lock.js';
 import type { NetworkImage, NetworkImageOptions } from './network-image.js';
 import { openFlags, O_DIRECT, O_RDONLY } from '../sys/block-io.js';
 import { sys } from '../sys/libc.js';
 import { hasQcow2Magic } from '../../protocol/qcow2.js';
-import { Qcow2Handle, attachLayer, openImage, type ImageFormat, type LayerDescription } from '../backend/qcow2/index.js';
+import { type Qcow2Handle, attachLayer, openImage, type ImageFormat, type LayerDescription } from '../backend/qcow2/index.js';
 
 export interface DiskOptions extends NetworkImageOptions {
   name: string;
@@ -117,7 +112,11 @@ export class BlkDisk {
       // operations it supports are offered to the guest.
       const readOnly = options.readOnly || network.readOnly;
       const block = Math.max(options.logicalBlockSize, network.minimumBlockSize);
-      if (block > 4096) throw new DiskSetupError(options.name, `${network.location} needs ${block}-byte aligned I/O; vublk offers at most 4096-byte logical blocks`);
+      if (block > 4096)
+        throw new DiskSetupError(
+          options.name,
+          `${network.location} needs ${block}-byte aligned I/O; vublk offers at most 4096-byte logical blocks`,
+        );
       this.fd = -1;
       this.imageIo = { cache: options.cache ?? 'writeback', memAlign: 1, offsetAlign: 1, blockDevice: false };
       this.capacity = Math.floor(network.sizeBytes / block) * block;
@@ -143,13 +142,15 @@ export class BlkDisk {
     const { name, imagePath, sizeBytes, readOnly } = options;
     if (options.ioEngine === 'io_uring') {
       const unavailable = probeIoUring();
-      if (unavailable !== null) throw new DiskSetupError(name, `io engine io_uring was asked for, but io_uring is unavailable: ${unavailable}`);
+      if (unavailable !== null)
+        throw new DiskSetupError(name, `io engine io_uring was asked for, but io_uring is unavailable: ${unavailable}`);
     }
     let exists = fs.existsSync(imagePath);
     if (!exists && sizeBytes === undefined) {
       throw new DiskSetupError(name, `image ${imagePath} does not exist (pass --size to create it)`);
     }
-    if (!exists && options.format === 'qcow2') throw new DiskSetupError(name, `qcow2 image ${imagePath} does not exist (create it with qemu-img create -f qcow2)`);
+    if (!exists && options.format === 'qcow2')
+      throw new DiskSetupError(name, `qcow2 image ${imagePath} does not exist (create it with qemu-img create -f qcow2)`);
     if (!exists && readOnly) throw new DiskSetupError(name, `image ${imagePath} does not exist and the disk is read-only`);
     const createdNow = !exists;
     if (!exists) {
@@ -157,13 +158,17 @@ export class BlkDisk {
       exists = true;
     }
     const stat = fs.statSync(imagePath);
-    if (!stat.isFile() && !stat.isBlockDevice()) throw new DiskSetupError(name, `${imagePath} is neither a regular file nor a block device`);
+    if (!stat.isFile() && !stat.isBlockDevice())
+      throw new DiskSetupError(name, `${imagePath} is neither a regular file nor a block device`);
     const cache = options.cache ?? 'writeback';
     // An image vublk just created is raw: nothing to probe.
     let format = options.format ?? (createdNow ? 'raw' : undefined);
     if (format === undefined) {
       format = probeImageFormat(imagePath);
-      log.warn({ disk: name, image: imagePath, format }, `no format given for ${imagePath}: probed '${format}'; pass format=${format} (probing a guest-writable image is unsafe)`);
+      log.warn(
+        { disk: name, image: imagePath, format },
+        `no format given for ${imagePath}: probed '${format}'; pass format=${format} (probing a guest-writable image is unsafe)`,
+      );
     }
     if (format === 'qcow2') {
       try {
@@ -179,7 +184,7 @@ export class BlkDisk {
       }
       if (this.qcow2.format !== 'qcow2') throw new DiskSetupError(name, `${imagePath} is not a qcow2 image`);
     }
-    let opened;
+    let opened: ReturnType<typeof openRawImage>;
     try {
       opened = openRawImage(imagePath, readOnly, cache);
     } catch (error) {
@@ -188,7 +193,7 @@ export class BlkDisk {
     this.fd = opened.fd;
     this.imageIo = opened.io;
     try {
-      if (options.locking) lockImage(this.fd, imagePath, { write: !readOnly });
+      if (options.locking) lockImageWaiting(this.fd, imagePath, { write: !readOnly }, LOCK_WAIT_MS);
     } catch (error) {
       fs.closeSync(this.fd);
       throw new DiskSetupError(name, (error as Error).message);
@@ -217,7 +222,8 @@ export class BlkDisk {
     }
     // A block device's sectors and O_DIRECT's offset alignment set the smallest block the guest may use.
     const block = Math.max(options.logicalBlockSize, opened.deviceBlockSize, opened.io.offsetAlign);
-    if (block > 4096) throw new DiskSetupError(name, `the image needs ${block}-byte aligned I/O; vublk offers at most 4096-byte logical blocks`);
+    if (block > 4096)
+      throw new DiskSetupError(name, `the image needs ${block}-byte aligned I/O; vublk offers at most 4096-byte logical blocks`);
     this.capacity = Math.floor(size / block) * block;
     if (this.capacity === 0) throw new DiskSetupError(name, `image ${imagePath} is smaller than one ${block}-byte block`);
     // writethrough / directsync start with the write cache off, like --writethrough.
@@ -250,10 +256,12 @@ export class BlkDisk {
         try {
           sys.close(openFlags(layer.path, O_RDONLY | O_DIRECT));
         } catch (error) {
-          throw new Error(`cache=${this.options.cache ?? 'writeback'} reads the backing file ${layer.path} with O_DIRECT, which its file system refuses: ${(error as Error).message}`);
+          throw new Error(
+            `cache=${this.options.cache ?? 'writeback'} reads the backing file ${layer.path} with O_DIRECT, which its file system refuses: ${(error as Error).message}`,
+          );
         }
       }
-      if (locking) lockImage(fd, layer.path, { write: false });
+      if (locking) lockImageWaiting(fd, layer.path, { write: false }, LOCK_WAIT_MS);
       layer = layer.format === 'qcow2' ? layer.shared.backing : null;
     }
   }
@@ -313,7 +321,8 @@ export class BlkDisk {
     if (!Number.isSafeInteger(sizeBytes) || sizeBytes % block !== 0) {
       throw new DiskSetupError(this.name, `new size ${sizeBytes} is not a multiple of the ${block}-byte block`);
     }
-    if (sizeBytes < this.capacity) throw new DiskSetupError(this.name, `new size ${sizeBytes} is smaller than the current ${this.capacity}; shrinking is refused`);
+    if (sizeBytes < this.capacity)
+      throw new DiskSetupError(this.name, `new size ${sizeBytes} is smaller than the current ${this.capacity}; shrinking is refused`);
     if (sizeBytes === this.capacity) return null;
     // Network images grew where they live (growNetworkImage) before this is called.
     if (this.qcow2Handle !== undefined) {

@@ -90,7 +90,9 @@ export function rbdSpecOf(options: NetworkImageOptions & { imagePath?: string | 
 }
 
 /** Opens `imagePath` when it names a network image; null for files and block devices. */
-export async function openNetworkImage(options: NetworkImageOptions & { imagePath: string; readOnly: boolean }): Promise<NetworkImage | null> {
+export async function openNetworkImage(
+  options: NetworkImageOptions & { imagePath: string; readOnly: boolean },
+): Promise<NetworkImage | null> {
   const image = options.imagePath;
   if (image.startsWith('rbd:')) return openRbd(rbdSpecOf(options));
   if (/^nbds?(\+unix)?:\/\//i.test(image)) return openNbd(image, options);
@@ -99,11 +101,15 @@ export async function openNetworkImage(options: NetworkImageOptions & { imagePat
 
 async function openNbd(uri: string, options: NetworkImageOptions): Promise<NetworkImage> {
   const target = parseNbdUri(uri);
-  let endpoint;
+  let endpoint: Awaited<ReturnType<typeof resolveEndpoint>>;
   try {
     endpoint = await resolveEndpoint(target.endpoint);
   } catch (error) {
-    throw new NetworkImageError('VUBLK_ERR_NBD_UNREACHABLE', `NBD server ${uri}: cannot resolve the host name: ${(error as Error).message}`, { cause: error });
+    throw new NetworkImageError(
+      'VUBLK_ERR_NBD_UNREACHABLE',
+      `NBD server ${uri}: cannot resolve the host name: ${(error as Error).message}`,
+      { cause: error },
+    );
   }
   const connectTimeoutMs = (options.connectTimeout ?? NBD_DEFAULT_CONNECT_TIMEOUT_S) * 1000;
   const where = describeEndpoint(endpoint);
@@ -113,13 +119,25 @@ async function openNbd(uri: string, options: NetworkImageOptions): Promise<Netwo
   } catch (error) {
     const detail = (error as Error).message;
     if (error instanceof NbdHandshakeError && error.code === 'NBD_UNKNOWN_EXPORT') {
-      throw new NetworkImageError('VUBLK_ERR_NBD_NO_EXPORT', `NBD server ${where} has no export '${target.exportName}' (${detail})`, { cause: error });
+      throw new NetworkImageError('VUBLK_ERR_NBD_NO_EXPORT', `NBD server ${where} has no export '${target.exportName}' (${detail})`, {
+        cause: error,
+      });
     }
     if (error instanceof NbdHandshakeError) {
-      throw new NetworkImageError('VUBLK_ERR_NBD_REFUSED', `NBD server ${where} refused export '${target.exportName}': ${detail}`, { cause: error });
+      throw new NetworkImageError('VUBLK_ERR_NBD_REFUSED', `NBD server ${where} refused export '${target.exportName}': ${detail}`, {
+        cause: error,
+      });
     }
-    if (error instanceof SyscallError || (error as { code?: string }).code === 'NBD_TIMEOUT' || (error as { code?: string }).code === 'NBD_EOF') {
-      throw new NetworkImageError('VUBLK_ERR_NBD_UNREACHABLE', `NBD server ${where} is unreachable (is it running, and listening there?): ${detail}`, { cause: error });
+    if (
+      error instanceof SyscallError ||
+      (error as { code?: string }).code === 'NBD_TIMEOUT' ||
+      (error as { code?: string }).code === 'NBD_EOF'
+    ) {
+      throw new NetworkImageError(
+        'VUBLK_ERR_NBD_UNREACHABLE',
+        `NBD server ${where} is unreachable (is it running, and listening there?): ${detail}`,
+        { cause: error },
+      );
     }
     throw new NetworkImageError('VUBLK_ERR_NBD_HANDSHAKE', `NBD server ${where}: ${detail}`, { cause: error });
   }
@@ -147,7 +165,8 @@ async function openNbd(uri: string, options: NetworkImageOptions): Promise<Netwo
     canWriteZeroes: info.canWriteZeroes,
     pinQueues: !info.canMultiConn,
     backend,
-    resize: () => Promise.reject(new NetworkImageError('VUBLK_ERR_NBD_RESIZE', `${uri}: an NBD export is resized on its server, not through vublk`)),
+    resize: () =>
+      Promise.reject(new NetworkImageError('VUBLK_ERR_NBD_RESIZE', `${uri}: an NBD export is resized on its server, not through vublk`)),
     close: () => Promise.resolve(),
   };
 }

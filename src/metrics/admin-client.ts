@@ -51,7 +51,12 @@ export function defaultAdminSocket(disk: string | undefined, env: NodeJS.Process
   );
 }
 
-export async function adminRequest(endpoint: string | AdminEndpoint, method: 'GET' | 'POST', pathname: string, body?: unknown): Promise<AdminReply> {
+export async function adminRequest(
+  endpoint: string | AdminEndpoint,
+  method: 'GET' | 'POST',
+  pathname: string,
+  body?: unknown,
+): Promise<AdminReply> {
   const metricsUrl = typeof endpoint === 'string' ? endpoint : endpoint.url;
   const token = typeof endpoint === 'string' ? undefined : endpoint.token;
   let target: http.RequestOptions;
@@ -98,7 +103,12 @@ export async function adminRequest(endpoint: string | AdminEndpoint, method: 'GE
     req.on('timeout', () => req.destroy(new AdminClientError(`no answer from ${metricsUrl} within ${TIMEOUT_MS / 1000} s`)));
     req.on('error', (error: NodeJS.ErrnoException) => {
       if (error instanceof AdminClientError) reject(error);
-      else reject(new AdminClientError(`cannot reach vublk at ${metricsUrl}: ${error.code ?? error.message} (is the daemon running? is this its admin socket?)`));
+      else
+        reject(
+          new AdminClientError(
+            `cannot reach vublk at ${metricsUrl}: ${error.code ?? error.message} (is the daemon running? is this its admin socket?)`,
+          ),
+        );
     });
     req.end(payload);
   });

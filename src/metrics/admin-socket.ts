@@ -4,7 +4,7 @@
  * Serves only /admin/...; metrics and health stay on the metrics listener.
  */
 import fs from 'node:fs';
-import http from 'node:http';
+import type http from 'node:http';
 import path from 'node:path';
 import { bindSocketPath, type SocketAccess } from '../sys/socket-path.js';
 import { closeFd } from '../sys/fd.js';
@@ -22,7 +22,10 @@ export interface AdminSocketOptions extends SocketAccess {
  * named after it (`/run/vublk/disk0.sock` → `/run/vublk/disk0.admin.sock`); for a socket-activated first disk,
  * `$RUNTIME_DIRECTORY/NAME.admin.sock`. Null when neither is known.
  */
-export function defaultAdminSocketPath(first: { socketPath: string | null; diskName: string }, env: NodeJS.ProcessEnv = process.env): string | null {
+export function defaultAdminSocketPath(
+  first: { socketPath: string | null; diskName: string },
+  env: NodeJS.ProcessEnv = process.env,
+): string | null {
   if (first.socketPath !== null) {
     const dir = path.dirname(first.socketPath);
     return path.join(dir, `${path.basename(first.socketPath).replace(/\.sock$/, '')}.admin.sock`);

@@ -177,5 +177,8 @@ async function route(request: AdminRequest, target: AdminTarget): Promise<AdminR
       return { status: 200, body: { disk, 'capacity-bytes': await target.resize(disk, bytes) } };
     }
   }
-  throw new AdminError(404, `no admin endpoint ${request.method} ${request.pathname} (try GET /admin/disks or POST /admin/disks/NAME/throttle)`);
+  throw new AdminError(
+    404,
+    `no admin endpoint ${request.method} ${request.pathname} (try GET /admin/disks or POST /admin/disks/NAME/throttle)`,
+  );
 }

@@ -6,7 +6,7 @@
  */
 import crypto from 'node:crypto';
 import fs from 'node:fs';
-import http from 'node:http';
+import type http from 'node:http';
 import type { AddressInfo } from 'node:net';
 import type { Registry } from 'prom-client';
 import { isSocketLive } from '../sys/unix-socket.js';
@@ -58,7 +58,10 @@ export class MetricsServer {
     if (requested.kind === 'unix') removeStaleSocket(requested.path);
     await startListening(
       server,
-      (done) => (requested.kind === 'unix' ? server.listen(requested.path, done) : server.listen({ host: requested.host, port: requested.port, exclusive: true }, done)),
+      (done) =>
+        requested.kind === 'unix'
+          ? server.listen(requested.path, done)
+          : server.listen({ host: requested.host, port: requested.port, exclusive: true }, done),
       log,
       'metrics listener',
     );
@@ -168,17 +171,19 @@ export async function serveAdmin(
     const host = (req.headers.host ?? '').toLowerCase();
     if (!options.adminAuth.hosts.has(host)) {
       req.resume();
-      replyJson(res, 403, { error: `Host '${req.headers.host ?? ''}' is not this listener; the admin API answers only requests addressed to it` });
+      replyJson(res, 403, {
+        error: `Host '${req.headers.host ?? ''}' is not this listener; the admin API answers only requests addressed to it`,
+      });
       return;
     }
     if (!hasToken(req, options.adminAuth.token)) {
       req.resume();
       res.setHeader('WWW-Authenticate', 'Bearer realm="vublk-admin"');
-      replyJson(res, 401, { error: 'the admin API on TCP needs Authorization: Bearer <token> (the daemon\'s --admin-token-file)' });
+      replyJson(res, 401, { error: "the admin API on TCP needs Authorization: Bearer <token> (the daemon's --admin-token-file)" });
       return;
     }
   }
-  let body: unknown = undefined;
+  let body: unknown;
   if (method === 'POST') {
     try {
       body = await readJsonBody(req);

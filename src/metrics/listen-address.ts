@@ -12,9 +12,13 @@ export const DEFAULT_METRICS_LISTEN = '127.0.0.1:9477';
 
 export class ListenAddressError extends VublkError {
   constructor(input: string, detail: string) {
-    super('VUBLK_ERR_LISTEN_ADDRESS', `invalid metrics listen address '${input}': ${detail} (expected HOST:PORT, [IPV6]:PORT, unix:/PATH or off)`, {
-      peerFault: true,
-    });
+    super(
+      'VUBLK_ERR_LISTEN_ADDRESS',
+      `invalid metrics listen address '${input}': ${detail} (expected HOST:PORT, [IPV6]:PORT, unix:/PATH or off)`,
+      {
+        peerFault: true,
+      },
+    );
   }
 }
 
@@ -44,9 +48,11 @@ export function parseMetricsListen(text: string): MetricsAddress | null {
     portText = input.slice(colon + 1);
     if (host === '') throw new ListenAddressError(text, 'no host (use 0.0.0.0:PORT to listen on every interface)');
     if (host.includes(':')) throw new ListenAddressError(text, 'write an IPv6 address in brackets, e.g. [::1]:9477');
-    if (!net.isIPv4(host) && !HOST_NAME.test(host)) throw new ListenAddressError(text, `'${host}' is neither an IPv4 address nor a host name`);
+    if (!net.isIPv4(host) && !HOST_NAME.test(host))
+      throw new ListenAddressError(text, `'${host}' is neither an IPv4 address nor a host name`);
   }
-  if (!/^\d{1,5}$/.test(portText) || Number(portText) > 65535) throw new ListenAddressError(text, `port '${portText}' is not a number from 0 to 65535`);
+  if (!/^\d{1,5}$/.test(portText) || Number(portText) > 65535)
+    throw new ListenAddressError(text, `port '${portText}' is not a number from 0 to 65535`);
   return { kind: 'tcp', host, port: Number(portText) };
 }
 

@@ -115,17 +115,47 @@ export function createMetricsRegistry(disks: () => readonly DiskMetricsSource[],
     },
   });
 
-  perQueue('counter', 'vublk_io_errors_total', 'Requests completed with VIRTIO_BLK_S_IOERR, chains dropped as malformed, and ring faults.', 'ioErrors');
-  perQueue('counter', 'vublk_unsupported_requests_total', 'Requests completed with VIRTIO_BLK_S_UNSUPP (unknown request type).', 'unsupported');
-  perQueue('counter', 'vublk_throttled_total', 'Times the queue stalled on the disk throttle (once per stall, not per retry).', 'throttled');
+  perQueue(
+    'counter',
+    'vublk_io_errors_total',
+    'Requests completed with VIRTIO_BLK_S_IOERR, chains dropped as malformed, and ring faults.',
+    'ioErrors',
+  );
+  perQueue(
+    'counter',
+    'vublk_unsupported_requests_total',
+    'Requests completed with VIRTIO_BLK_S_UNSUPP (unknown request type).',
+    'unsupported',
+  );
+  perQueue(
+    'counter',
+    'vublk_throttled_total',
+    'Times the queue stalled on the disk throttle (once per stall, not per retry).',
+    'throttled',
+  );
   perQueue('gauge', 'vublk_throttle_pending', '1 while the queue is waiting for throttle tokens, else 0.', 'throttlePending');
-  perQueue('counter', 'vublk_invalid_avail_idx_total', 'Times the driver moved avail.idx more than the queue size ahead (the queue is poisoned).', 'invalidAvailIdx');
+  perQueue(
+    'counter',
+    'vublk_invalid_avail_idx_total',
+    'Times the driver moved avail.idx more than the queue size ahead (the queue is poisoned).',
+    'invalidAvailIdx',
+  );
   perQueue('gauge', 'vublk_queue_poisoned', '1 while the queue is poisoned (device needs reset), else 0.', 'poisoned');
   perQueue('counter', 'vublk_drains_total', 'Wake-ups of the queue worker that drained the ring.', 'drains');
   perQueue('counter', 'vublk_notifications_total', 'Used-buffer notifications (interrupts) sent to the front-end.', 'notifications');
-  perQueue('counter', 'vublk_bounce_requests_total', 'Requests whose guest buffers missed the O_DIRECT alignment and went through a bounce buffer.', 'bounced');
+  perQueue(
+    'counter',
+    'vublk_bounce_requests_total',
+    'Requests whose guest buffers missed the O_DIRECT alignment and went through a bounce buffer.',
+    'bounced',
+  );
   perQueue('counter', 'vublk_dirty_log_pages_total', 'Guest pages marked in the live-migration dirty log.', 'dirtyPagesLogged');
-  perQueue('counter', 'vublk_dirty_log_out_of_range_total', 'Device writes to guest pages beyond the dirty log the front-end supplied (not marked).', 'dirtyLogOutOfRange');
+  perQueue(
+    'counter',
+    'vublk_dirty_log_out_of_range_total',
+    'Device writes to guest pages beyond the dirty log the front-end supplied (not marked).',
+    'dirtyLogOutOfRange',
+  );
 
   new SnapshotHistogram<'disk' | 'op'>({
     name: 'vublk_request_duration_seconds',
@@ -192,7 +222,11 @@ export function createMetricsRegistry(disks: () => readonly DiskMetricsSource[],
   return registry;
 }
 
-export const NON_COUNTER_TOTALS = ['vublk_nodejs_active_handles_total', 'vublk_nodejs_active_requests_total', 'vublk_nodejs_active_resources_total'] as const;
+export const NON_COUNTER_TOTALS = [
+  'vublk_nodejs_active_handles_total',
+  'vublk_nodejs_active_requests_total',
+  'vublk_nodejs_active_resources_total',
+] as const;
 
 /** One histogram series per disk and op, the queues' buckets added together. */
 function latencySnapshots(disks: readonly DiskMetricsSource[]): HistogramSnapshot<'disk' | 'op'>[] {

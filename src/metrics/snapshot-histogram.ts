@@ -41,7 +41,13 @@ export class SnapshotHistogram<T extends string> extends Histogram<T> {
   private readonly helpText: string;
 
   constructor(config: SnapshotHistogramConfig<T>) {
-    super({ name: config.name, help: config.help, labelNames: config.labelNames, buckets: [...config.buckets], registers: config.registers });
+    super({
+      name: config.name,
+      help: config.help,
+      labelNames: config.labelNames,
+      buckets: [...config.buckets],
+      registers: config.registers,
+    });
     this.bounds = [...config.buckets];
     this.snapshot = config.snapshot;
     this.family = config.name;

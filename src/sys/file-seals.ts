@@ -10,7 +10,15 @@ const O_ACCMODE = 0o3;
 const O_RDWR = 0o2;
 import { lastErrno, SyscallError, Errno } from './errors.js';
 
-export type FdKind = 'file' | 'directory' | 'pipe' | 'socket' | 'char-device' | 'block-device' | 'symlink' | 'special file (an eventfd or another anonymous inode)';
+export type FdKind =
+  | 'file'
+  | 'directory'
+  | 'pipe'
+  | 'socket'
+  | 'char-device'
+  | 'block-device'
+  | 'symlink'
+  | 'special file (an eventfd or another anonymous inode)';
 
 export interface FdInfo {
   kind: FdKind;

@@ -4,7 +4,18 @@
  * sockets and timers change over their life (reconnects) while the fd the worker polls must stay the same.
  * Level-triggered throughout, so nothing is lost when the owner stops early.
  */
-import { sys, addressOf, EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CTL_MOD, EPOLLIN, TFD_CLOEXEC, TFD_NONBLOCK, CLOCK_MONOTONIC } from './libc.js';
+import {
+  sys,
+  addressOf,
+  EPOLL_CLOEXEC,
+  EPOLL_CTL_ADD,
+  EPOLL_CTL_DEL,
+  EPOLL_CTL_MOD,
+  EPOLLIN,
+  TFD_CLOEXEC,
+  TFD_NONBLOCK,
+  CLOCK_MONOTONIC,
+} from './libc.js';
 import { check, lastErrno, Errno, SyscallError } from './errors.js';
 
 export const EPOLLOUT = 0x4;

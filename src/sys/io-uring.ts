@@ -333,7 +333,16 @@ export class IoUring {
   }
 
   /** Queues one SQE (not yet visible to the kernel); false when the submission queue is full. */
-  prepare(opcode: number, flags: number, fd: number, offset: number, address: number, length: number, opFlags: number, userData: number): boolean {
+  prepare(
+    opcode: number,
+    flags: number,
+    fd: number,
+    offset: number,
+    address: number,
+    length: number,
+    opFlags: number,
+    userData: number,
+  ): boolean {
     if (this.unsubmitted >= this.sqEntries) return false;
     const slot = this.sqTail & this.sqMask;
     encodeSqe(this.sqes, slot * SQE_WORDS, opcode, flags, fd, offset, address, length, opFlags, userData);

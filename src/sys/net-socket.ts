@@ -153,7 +153,9 @@ export function connectResult(fd: number): number {
 
 export function describeEndpoint(endpoint: StreamEndpoint): string {
   if (endpoint.kind === 'unix') return `unix:${endpoint.path}`;
-  return endpoint.host.includes(':') && !endpoint.host.startsWith('[') ? `[${endpoint.host}]:${endpoint.port}` : `${endpoint.host}:${endpoint.port}`;
+  return endpoint.host.includes(':') && !endpoint.host.startsWith('[')
+    ? `[${endpoint.host}]:${endpoint.port}`
+    : `${endpoint.host}:${endpoint.port}`;
 }
 
 /** readv into `count` iovecs at `iovAddress`: bytes read (0 = peer closed) or -errno. */

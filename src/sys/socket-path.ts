@@ -45,4 +45,3 @@ export function bindSocketPath(path: string, access: SocketAccess = {}): number 
   }
   return fd;
 }
-

@@ -103,7 +103,10 @@ function prepareMsghdr(buffer: Uint8Array, offset: number, length: number, contr
 /** The peer sent more fds than fit: the stream can no longer be trusted, so the connection closes. */
 export class TruncatedFdsError extends VublkError {
   constructor() {
-    super('VUBLK_ERR_TRUNCATED_FDS', `a message carried more than ${MAX_RECEIVED_FDS} fds; the extra ones were discarded`, { peerFault: true, fatal: true });
+    super('VUBLK_ERR_TRUNCATED_FDS', `a message carried more than ${MAX_RECEIVED_FDS} fds; the extra ones were discarded`, {
+      peerFault: true,
+      fatal: true,
+    });
   }
 }
 
@@ -136,7 +139,8 @@ export function recvWithFds(fd: number, buffer: Uint8Array, offset: number, leng
   if (msghdr.readInt32LE(48) & MSG_CTRUNC) {
     closeAll(fds);
     // The kernel also truncates SCM_RIGHTS when this process has no free fd: say so rather than blame the peer.
-    if (outOfFds()) throw new SyscallError('recvmsg', Errno.EMFILE, 'fds passed with a message were dropped: the process has no free fd (RLIMIT_NOFILE)');
+    if (outOfFds())
+      throw new SyscallError('recvmsg', Errno.EMFILE, 'fds passed with a message were dropped: the process has no free fd (RLIMIT_NOFILE)');
     throw new TruncatedFdsError();
   }
   return { bytes, fds };

@@ -22,14 +22,7 @@
  * (`iopsBurst = iops`, `bpsBurst = bps`).
  */
 
-import {
-  type BucketLimits,
-  type Clock,
-  captureClockOrigin,
-  monotonicClock,
-  resolveBucketLimits,
-  TokenBucket,
-} from './token-bucket.js';
+import { type BucketLimits, type Clock, captureClockOrigin, monotonicClock, resolveBucketLimits, TokenBucket } from './token-bucket.js';
 
 /** The longest wait `admit` returns: the caller re-checks at least once per second. */
 export const MAX_THROTTLE_WAIT_NS = 1_000_000_000;
@@ -84,7 +77,11 @@ export class DiskThrottle {
     const buffer = new SharedArrayBuffer(DiskThrottle.BYTES);
     const origin = captureClockOrigin();
     const time = clock ?? monotonicClock(origin);
-    return new DiskThrottle(buffer, TokenBucket.initialize(buffer, OPS_OFFSET, ops, time, origin), TokenBucket.initialize(buffer, BYTES_OFFSET, bytes, time, origin));
+    return new DiskThrottle(
+      buffer,
+      TokenBucket.initialize(buffer, OPS_OFFSET, ops, time, origin),
+      TokenBucket.initialize(buffer, BYTES_OFFSET, bytes, time, origin),
+    );
   }
 
   /** A handle on throttle state created elsewhere (typically in a worker_thread). */

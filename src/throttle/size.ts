@@ -29,10 +29,8 @@ export class InvalidSizeError extends VublkError {
 const BINARY: Record<string, bigint> = { '': 1n, K: 1n << 10n, M: 1n << 20n, G: 1n << 30n, T: 1n << 40n };
 const DECIMAL: Record<string, bigint> = { '': 1n, K: 1_000n, M: 1_000_000n, G: 1_000_000_000n };
 
-const SIZE_EXAMPLE =
-  'expected a whole number of bytes with an optional K/M/G/T suffix (1024-based), e.g. "4096", "64K" or "100MiB"';
-const RATE_EXAMPLE =
-  'expected whole bytes per second with an optional K/M/G/T suffix (1024-based) and "/s", e.g. "100M" or "1.5GiB/s"';
+const SIZE_EXAMPLE = 'expected a whole number of bytes with an optional K/M/G/T suffix (1024-based), e.g. "4096", "64K" or "100MiB"';
+const RATE_EXAMPLE = 'expected whole bytes per second with an optional K/M/G/T suffix (1024-based) and "/s", e.g. "100M" or "1.5GiB/s"';
 const COUNT_EXAMPLE = 'expected a whole number with an optional k/M/G suffix (1000-based), e.g. "5000" or "10k"';
 
 const SIZE_SYNTAX = /^(\d+)(?:\.(\d+))?\s*(?:([KMGT])(I)?)?(B)?$/i;
@@ -68,7 +66,9 @@ export function parseSize(text: string): number {
 
 /** Bytes per second: like parseSize, with an optional trailing `/s`. Throws InvalidSizeError. */
 export function parseRate(text: string): number {
-  const body = String(text).trim().replace(/\s*\/\s*s$/i, '');
+  const body = String(text)
+    .trim()
+    .replace(/\s*\/\s*s$/i, '');
   try {
     return parseBinary(body, 'rate', RATE_EXAMPLE);
   } catch (error) {

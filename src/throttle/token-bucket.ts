@@ -207,7 +207,13 @@ export class TokenBucket {
    * it. The region records `origin` so that `attach` without a clock gets the same clock; pass an
    * explicit `clock` (a fake in tests) to use another time source — then every handle must use it too.
    */
-  static initialize(buffer: SharedArrayBuffer, byteOffset: number, limits: BucketLimits, clock: Clock | undefined, origin: ClockOrigin): TokenBucket {
+  static initialize(
+    buffer: SharedArrayBuffer,
+    byteOffset: number,
+    limits: BucketLimits,
+    clock: Clock | undefined,
+    origin: ClockOrigin,
+  ): TokenBucket {
     const w = regionView(buffer, byteOffset);
     const resolved = resolveBucketLimits(limits); // validate before touching the region
     Atomics.store(w, W_RATE, 0n);

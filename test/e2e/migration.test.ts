@@ -66,26 +66,38 @@ async function freePort(): Promise<number> {
 async function startVm(name: string, dir: string, socketPath: string, incomingPort: number | null): Promise<Vm> {
   const qmpPath = path.join(dir, `${name}.qmp`);
   const args = [
-    '-accel', 'tcg',
-    '-machine', 'q35',
-    '-smp', String(NUM_QUEUES),
-    '-m', String(MEMORY_MIB),
+    '-accel',
+    'tcg',
+    '-machine',
+    'q35',
+    '-smp',
+    String(NUM_QUEUES),
+    '-m',
+    String(MEMORY_MIB),
     // Both QEMUs share nothing but the image: each maps its own guest RAM, shared with its own vublk.
-    '-object', `memory-backend-memfd,id=mem,size=${MEMORY_MIB}M,share=on`,
-    '-numa', 'node,memdev=mem',
+    '-object',
+    `memory-backend-memfd,id=mem,size=${MEMORY_MIB}M,share=on`,
+    '-numa',
+    'node,memdev=mem',
     ...(process.env.VUBLK_MIGRATION_CONTROL === '1'
       ? // Harness control: QEMU's own virtio-blk on the shared image instead of vublk.
         ['-drive', `file=${path.join(dir, 'shared.img')},if=none,id=d0,format=raw,file.locking=off`, '-device', 'virtio-blk-pci,drive=d0']
       : ['-chardev', `socket,id=vu0,path=${socketPath}`, '-device', `vhost-user-blk-pci,chardev=vu0,num-queues=${NUM_QUEUES}`]),
-    '-kernel', path.join(GUEST_DIR, 'vmlinuz'),
-    '-initrd', path.join(GUEST_DIR, 'initramfs.cpio.gz'),
+    '-kernel',
+    path.join(GUEST_DIR, 'vmlinuz'),
+    '-initrd',
+    path.join(GUEST_DIR, 'initramfs.cpio.gz'),
     // init_on_alloc=0: pages the CPU zeroes on allocation would be re-sent anyway and hide a missing bit.
-    '-append', `console=ttyS0 panic=-1 quiet init_on_alloc=0 vublk.test=migrate vublk.offset=${PATTERN_OFFSET} vublk.timeout=1800`,
-    '-display', 'none',
+    '-append',
+    `console=ttyS0 panic=-1 quiet init_on_alloc=0 vublk.test=migrate vublk.offset=${PATTERN_OFFSET} vublk.timeout=1800`,
+    '-display',
+    'none',
     '-nodefaults',
     '-no-reboot',
-    '-serial', 'stdio',
-    '-qmp', `unix:${qmpPath},server=on,wait=off`,
+    '-serial',
+    'stdio',
+    '-qmp',
+    `unix:${qmpPath},server=on,wait=off`,
     ...(incomingPort === null ? [] : ['-incoming', `tcp:127.0.0.1:${incomingPort}`]),
   ];
   // stdin is the guest's console input: the host drives the sentinel with it.
@@ -130,7 +142,8 @@ async function waitForRounds(vm: Vm, after: number, count: number, context: () =
     expect(failures(vm), context()).toEqual([]);
     const latest = Math.max(0, ...vm.rounds());
     if (latest >= after + count) return latest;
-    if (Date.now() > deadline) expect.fail(`${vm.name}: no round past ${after + count - 1} within ${ROUNDS_TIMEOUT_MS} ms (latest ${latest})\n${context()}`);
+    if (Date.now() > deadline)
+      expect.fail(`${vm.name}: no round past ${after + count - 1} within ${ROUNDS_TIMEOUT_MS} ms (latest ${latest})\n${context()}`);
     if (vm.child.exitCode !== null || vm.child.signalCode !== null) expect.fail(`${vm.name} exited\n${context()}`);
     await sleep(250);
   }
@@ -157,7 +170,12 @@ async function waitForLine(vm: Vm, line: string, timeoutMs: number, context: () 
 /** Waits for a console line starting with `prefix`. */
 async function waitForPrefix(vm: Vm, prefix: string, timeoutMs: number, context: () => string): Promise<void> {
   const deadline = Date.now() + timeoutMs;
-  while (!vm.output().split('\n').some((l) => l.startsWith(prefix))) {
+  while (
+    !vm
+      .output()
+      .split('\n')
+      .some((l) => l.startsWith(prefix))
+  ) {
     expect(failures(vm), context()).toEqual([]);
     if (Date.now() > deadline) expect.fail(`${vm.name}: no "${prefix}..." within ${timeoutMs} ms\n${context()}`);
     await sleep(200);
@@ -179,8 +197,10 @@ async function migrate(source: Vm, destination: Vm, port: number, hop: number, c
   const deadline = Date.now() + MIGRATION_TIMEOUT_MS;
   const poll = async (): Promise<MigrationInfo> => {
     const info = await source.qmp.execute<MigrationInfo>('query-migrate');
-    if (info.status === 'failed' || info.status === 'cancelled') expect.fail(`migration ${source.name} → ${destination.name} ${info.status}: ${info['error-desc'] ?? ''}\n${context()}`);
-    if (Date.now() > deadline) expect.fail(`migration ${source.name} → ${destination.name} still ${info.status} after ${MIGRATION_TIMEOUT_MS} ms\n${context()}`);
+    if (info.status === 'failed' || info.status === 'cancelled')
+      expect.fail(`migration ${source.name} → ${destination.name} ${info.status}: ${info['error-desc'] ?? ''}\n${context()}`);
+    if (Date.now() > deadline)
+      expect.fail(`migration ${source.name} → ${destination.name} still ${info.status} after ${MIGRATION_TIMEOUT_MS} ms\n${context()}`);
     return info;
   };
   let info = await poll();
@@ -226,7 +246,13 @@ describe.skipIf(unavailable !== null)('live migration between two vublk daemons 
       const socketPath = path.join(dir, `${name}.sock`);
       // Two daemons on one image by design (shared storage), so image locking is off; each serves its own QEMU.
       const daemon = await startDaemon({
-        rawArgs: ['serve', '--disk', `image=${imagePath},socket=${socketPath},locking=off,num-queues=${NUM_QUEUES}`, '--metrics-listen', 'off'],
+        rawArgs: [
+          'serve',
+          '--disk',
+          `image=${imagePath},socket=${socketPath},locking=off,num-queues=${NUM_QUEUES}`,
+          '--metrics-listen',
+          'off',
+        ],
         waitForSocket: false,
       });
       daemons.push(daemon);
@@ -264,7 +290,8 @@ describe.skipIf(unavailable !== null)('live migration between two vublk daemons 
     const bootDeadline = Date.now() + BOOT_TIMEOUT_MS;
     while (Math.max(0, ...first.rounds()) < ROUNDS_BEFORE) {
       expect(failures(first), context()).toEqual([]);
-      if (Date.now() > bootDeadline) expect.fail(`the guest did not complete ${ROUNDS_BEFORE} rounds within ${BOOT_TIMEOUT_MS} ms\n${context()}`);
+      if (Date.now() > bootDeadline)
+        expect.fail(`the guest did not complete ${ROUNDS_BEFORE} rounds within ${BOOT_TIMEOUT_MS} ms\n${context()}`);
       await sleep(250);
     }
 
@@ -286,7 +313,9 @@ describe.skipIf(unavailable !== null)('live migration between two vublk daemons 
       // The sentinel pages were written by the device after pre-copy sent them: only the dirty log moved them.
       destination.send(`check ${hop}`);
       await waitForLine(destination, `VUBLK-E2E: sentinel ${hop} ok`, 60_000, context);
-      report.push(`${source.name} → ${name}: ${info['total-time']} ms, downtime ${info.downtime} ms, ${info.ram?.['dirty-sync-count']} dirty syncs, ${info.ram?.transferred} bytes`);
+      report.push(
+        `${source.name} → ${name}: ${info['total-time']} ms, downtime ${info.downtime} ms, ${info.ram?.['dirty-sync-count']} dirty syncs, ${info.ram?.transferred} bytes`,
+      );
       const reached = await waitForRounds(destination, before, ROUNDS_AFTER, context);
       expect(failures(source), context()).toEqual([]);
       // The source is done: quitting it ends its vhost-user session, the daemon stays up for the next hop.
@@ -294,13 +323,23 @@ describe.skipIf(unavailable !== null)('live migration between two vublk daemons 
       report.push(`${name} ran rounds ${before + 1}..${reached}`);
       source = destination;
     }
-    const logged = daemons.map((d) => d.logs().filter((line) => line.msg === 'ring stopped').map((line) => line['pagesLogged']));
-    console.log(`live migration: ${report.join('; ')}; dirty pages logged (lifetime, at each ring stop): daemon A ${JSON.stringify(logged[0])}, daemon B ${JSON.stringify(logged[1])}`);
+    const logged = daemons.map((d) =>
+      d
+        .logs()
+        .filter((line) => line.msg === 'ring stopped')
+        .map((line) => line['pagesLogged']),
+    );
+    console.log(
+      `live migration: ${report.join('; ')}; dirty pages logged (lifetime, at each ring stop): daemon A ${JSON.stringify(logged[0])}, daemon B ${JSON.stringify(logged[1])}`,
+    );
     for (const vm of vms) expect(failures(vm), context()).toEqual([]);
     // (VUBLK_MIGRATION_CONTROL=1 runs the same guest on QEMU's own virtio-blk: the daemons sit idle.)
     for (const daemon of process.env.VUBLK_MIGRATION_CONTROL === '1' ? [] : daemons) {
       expect(daemon.running(), context()).toBe(true);
-      expect(daemon.logs().some((line) => line.msg === 'dirty logging on'), context()).toBe(true);
+      expect(
+        daemon.logs().some((line) => line.msg === 'dirty logging on'),
+        context(),
+      ).toBe(true);
     }
   });
 });

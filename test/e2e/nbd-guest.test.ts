@@ -27,7 +27,10 @@ async function guestOver(image: string, numQueues: number, file: string): Promis
   const work = tempDir();
   cleanups.push(() => work.remove());
   const socket = path.join(work.dir, 'vublk.sock');
-  const daemon: DaemonProcess = await startDaemon({ rawArgs: ['serve', '--disk', `image=${image},socket=${socket},num-queues=${numQueues}`], waitForSocket: false });
+  const daemon: DaemonProcess = await startDaemon({
+    rawArgs: ['serve', '--disk', `image=${image},socket=${socket},num-queues=${numQueues}`],
+    waitForSocket: false,
+  });
   cleanups.push(() => daemon.stop());
   await daemon.waitForLog((l) => l.msg === 'listening for a vhost-user front-end' || l.level >= 50, 20_000);
   expect(daemon.running(), daemon.output()).toBe(true);

@@ -1,9 +1,8 @@
 // End to end, beyond plain reads and writes: discard and write-zeroes from the guest's own tools, and a
 // read-only disk as the guest sees it. Skipped with the reason when QEMU is missing (failed if required).
 import http from 'node:http';
-import { writeFileSync, truncateSync } from 'node:fs';
+import { mkdtempSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
 import { imageBytes } from '../support/session-harness.js';
-import { mkdtempSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
@@ -32,7 +31,10 @@ describe.skipIf(unavailable !== null)('guest-visible features', () => {
     const report = guestReport(result.output);
     expect(report.verdict, consoleContext(result.output, daemon)).toMatch(/^PASS discard /);
     const region = imageBytes(daemon.imagePath, PATTERN_OFFSET, 4 * 1024 * 1024);
-    expect(region.every((b) => b === 0), 'the discarded and zeroed range still holds data').toBe(true);
+    expect(
+      region.every((b) => b === 0),
+      'the discarded and zeroed range still holds data',
+    ).toBe(true);
     // The guest used the commands (not plain writes of zeroes), and none of them failed.
     const counts = queueCounts(await scrape(await metricsUrl(daemon)), 0);
     expect(counts.discards).toBeGreaterThan(0);
@@ -49,7 +51,10 @@ describe.skipIf(unavailable !== null)('guest-visible features', () => {
     const imagePath = path.join(dir, 'ro.img');
     writeFileSync(imagePath, '');
     truncateSync(imagePath, 64 * 1024 * 1024);
-    const daemon = await startDaemon({ rawArgs: ['serve', '--socket', path.join(dir, 'ro.sock'), '--image', imagePath, '--read-only'], waitForSocket: false });
+    const daemon = await startDaemon({
+      rawArgs: ['serve', '--socket', path.join(dir, 'ro.sock'), '--image', imagePath, '--read-only'],
+      waitForSocket: false,
+    });
     daemons.push(daemon);
     const socketPath = path.join(dir, 'ro.sock');
     await daemon.waitForLog((l) => l.msg === 'listening for a vhost-user front-end');
@@ -76,7 +81,13 @@ describe.skipIf(unavailable !== null)('guest-visible features', () => {
         if (resize === null && /VUBLK-E2E: size=\d+/.test(output)) {
           resize = new Promise((resolve, reject) => {
             const req = http.request(
-              { socketPath: adminSocket, path: '/admin/disks/disk0/resize', method: 'POST', timeout: 10_000, headers: { 'content-type': 'application/json' } },
+              {
+                socketPath: adminSocket,
+                path: '/admin/disks/disk0/resize',
+                method: 'POST',
+                timeout: 10_000,
+                headers: { 'content-type': 'application/json' },
+              },
               (res) => {
                 res.resume();
                 res.on('end', () => resolve({ status: res.statusCode ?? 0 }));

@@ -53,7 +53,11 @@ describe.skipIf(unavailable !== null)('a QEMU guest on a qcow2 overlay of a raw 
       const overlay = path.join(dir, 'overlay.qcow2');
       execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', 'base.img', '-F', 'raw', overlay]);
       const socketPath = path.join(dir, 'vublk.sock');
-      child = spawn(process.execPath, [CLI, 'serve', '--socket', socketPath, '--image', overlay, '--format', 'qcow2', '--num-queues', '2'], { stdio: ['ignore', 'pipe', 'pipe'] });
+      child = spawn(
+        process.execPath,
+        [CLI, 'serve', '--socket', socketPath, '--image', overlay, '--format', 'qcow2', '--num-queues', '2'],
+        { stdio: ['ignore', 'pipe', 'pipe'] },
+      );
       child.stdout?.setEncoding('utf8').on('data', (text: string) => (log += text));
       child.stderr?.setEncoding('utf8').on('data', (text: string) => (log += text));
       const exited = new Promise<void>((resolve) => child?.once('exit', () => resolve()));
@@ -76,7 +80,10 @@ describe.skipIf(unavailable !== null)('a QEMU guest on a qcow2 overlay of a raw 
       expect(child.exitCode, log).toBe(0);
       child = null;
 
-      const check = JSON.parse(execFileSync('qemu-img', ['check', '--output=json', overlay], { encoding: 'utf8' })) as Record<string, unknown>;
+      const check = JSON.parse(execFileSync('qemu-img', ['check', '--output=json', overlay], { encoding: 'utf8' })) as Record<
+        string,
+        unknown
+      >;
       expect(check['corruptions'] ?? 0, JSON.stringify(check)).toBe(0);
       expect(check['leaks'] ?? 0, JSON.stringify(check)).toBe(0);
       const flat = path.join(dir, 'flat.raw');

@@ -177,7 +177,10 @@ describe.skipIf(unavailable !== null)('a QEMU guest', () => {
         .find((m) => m !== null);
       if (listening) {
         const body = await (await fetch(`http://${listening[1] ?? listening[2]}/metrics`)).text();
-        const bounced = body.split('\n').filter((l) => l.startsWith('vublk_bounce_requests_total{')).reduce((n, l) => n + Number(l.split(' ').pop()), 0);
+        const bounced = body
+          .split('\n')
+          .filter((l) => l.startsWith('vublk_bounce_requests_total{'))
+          .reduce((n, l) => n + Number(l.split(' ').pop()), 0);
         // Reported, not asserted: whether the guest's buffers miss the alignment depends on its kernel.
         console.log(`[e2e cache=none] requests through bounce buffers: ${bounced}`);
       }

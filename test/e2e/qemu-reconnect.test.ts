@@ -32,7 +32,10 @@ const TEST_TIMEOUT_MS = 300_000;
 
 const unavailable = qemuAvailable();
 const required = process.env.VUBLK_E2E_REQUIRED === '1';
-const socketActivate = spawnSync('systemd-socket-activate', ['--help'], { encoding: 'utf8' }).error === undefined ? null : 'systemd-socket-activate is not installed';
+const socketActivate =
+  spawnSync('systemd-socket-activate', ['--help'], { encoding: 'utf8' }).error === undefined
+    ? null
+    : 'systemd-socket-activate is not installed';
 if (unavailable !== null) console.warn(`QEMU reconnect tests ${required ? 'cannot run' : 'skipped'}: ${unavailable}`);
 
 if (required && (unavailable !== null || socketActivate !== null)) {
@@ -56,7 +59,21 @@ async function workDir(): Promise<string> {
 
 /** directsync (O_DIRECT + O_DSYNC): each write lasts until it is durable, so requests are in flight longer. */
 function vublkArgs(socketPath: string, imagePath: string, dir: string, cache = 'none'): string[] {
-  return ['serve', '--socket', socketPath, '--image', imagePath, '--size', '64M', '--cache', cache, '--metrics-listen', 'off', '--admin-socket', path.join(dir, 'admin.sock')];
+  return [
+    'serve',
+    '--socket',
+    socketPath,
+    '--image',
+    imagePath,
+    '--size',
+    '64M',
+    '--cache',
+    cache,
+    '--metrics-listen',
+    'off',
+    '--admin-socket',
+    path.join(dir, 'admin.sock'),
+  ];
 }
 
 /** The round the guest writes now (from its last "ROUND n writing" line), -1 before the first. */
@@ -111,7 +128,12 @@ function restartDue(output: string, done: number): boolean {
 }
 
 function context(result: GuestResult, log: string): string {
-  return [`guest console (exit ${result.exitCode}${result.timedOut ? ', timed out' : ''}):`, result.output, 'daemon logs (tail):', log.split('\n').slice(-60).join('\n')].join('\n');
+  return [
+    `guest console (exit ${result.exitCode}${result.timedOut ? ', timed out' : ''}):`,
+    result.output,
+    'daemon logs (tail):',
+    log.split('\n').slice(-60).join('\n'),
+  ].join('\n');
 }
 
 function checkGuest(result: GuestResult, log: string, restartedAt: number[]): void {
@@ -121,7 +143,11 @@ function checkGuest(result: GuestResult, log: string, restartedAt: number[]): vo
   expect(restartedAt, why).toHaveLength(RESTARTS);
   // Progress after each restart: the guest completed rounds after it (the next restart waits for a later round).
   const progress = [...result.output.matchAll(/^VUBLK-E2E: PROGRESS (\d+)/gm)].map((m) => Number(m[1]));
-  for (const at of restartedAt) expect(progress.some((round) => round > at), `progress after the restart during round ${at}\n${why}`).toBe(true);
+  for (const at of restartedAt)
+    expect(
+      progress.some((round) => round > at),
+      `progress after the restart during round ${at}\n${why}`,
+    ).toBe(true);
 }
 
 describe.skipIf(unavailable !== null)('vublk restarted under a QEMU guest (reconnect=1)', () => {
@@ -132,7 +158,9 @@ describe.skipIf(unavailable !== null)('vublk restarted under a QEMU guest (recon
     let log = '';
     let daemon: ChildProcess;
     const start = async (): Promise<ChildProcess> => {
-      const child = spawn(process.execPath, [CLI, ...vublkArgs(socketPath, imagePath, dir, 'directsync')], { stdio: ['ignore', 'pipe', 'pipe'] });
+      const child = spawn(process.execPath, [CLI, ...vublkArgs(socketPath, imagePath, dir, 'directsync')], {
+        stdio: ['ignore', 'pipe', 'pipe'],
+      });
       children.push(child);
       child.stdout?.setEncoding('utf8').on('data', (text: string) => (log += text));
       child.stderr?.setEncoding('utf8').on('data', (text: string) => (log += text));
@@ -176,7 +204,9 @@ describe.skipIf(unavailable !== null)('vublk restarted under a QEMU guest (recon
     const resumed = [...log.matchAll(/"reason":"(\d+) requests resubmitted/g)].map((m) => Number(m[1]));
     const regions = [...log.matchAll(/"msg":"inflight region set"/g)].length;
     if (process.env['VUBLK_TEST_VERBOSE'] === '1') {
-      console.info(`kill -9 during rounds ${restartedAt.join(', ')}; inflight regions set ${regions}; resubmitted per resume: ${resumed.join(', ') || 'none'}; last progress ${progressed(result.output)}`);
+      console.info(
+        `kill -9 during rounds ${restartedAt.join(', ')}; inflight regions set ${regions}; resubmitted per resume: ${resumed.join(', ') || 'none'}; last progress ${progressed(result.output)}`,
+      );
       if (process.env['VUBLK_TEST_DUMP'] === '1') console.info(log);
     }
     // QEMU handed the region to every daemon: the first, and each one after a kill.
@@ -187,84 +217,99 @@ describe.skipIf(unavailable !== null)('vublk restarted under a QEMU guest (recon
     daemon.kill('SIGTERM');
   });
 
-  it.skipIf(socketActivate !== null)(`SIGTERM → restart ${RESTARTS} times with the socket kept by systemd socket activation`, { timeout: TEST_TIMEOUT_MS }, async () => {
-    const dir = await workDir();
-    const socketPath = path.join(dir, 'vublk.sock');
-    const imagePath = path.join(dir, 'disk.img');
-    // What a .socket unit does across `systemctl restart`: the listening socket (fd 3, from
-    // systemd-socket-activate) stays open here while vublk is started on it again and again.
-    const supervisor = path.join(dir, 'supervisor.sh');
-    await writeFile(
-      supervisor,
-      [
-        '#!/bin/sh',
-        'n=0',
-        `while [ $n -lt ${RESTARTS + 1} ]; do`,
-        // LISTEN_PID must name the process that reads it: the shell's pid, which exec hands to node.
-        // systemd-socket-activate passes no environment through, so the paths are written in.
-        `  sh -c 'echo "SUPERVISOR-PID $$"; LISTEN_PID=$$; export LISTEN_PID; exec "$@"' vublk ${shellQuote(process.execPath)} ${shellQuote(CLI)} "$@"`,
-        '  echo "SUPERVISOR-EXIT $?"',
-        '  n=$((n + 1))',
-        'done',
-        '',
-      ].join('\n'),
-      { mode: 0o755 },
-    );
-    let log = '';
-    const activator = spawn('systemd-socket-activate', ['-l', socketPath, '/bin/sh', supervisor, ...vublkArgs(socketPath, imagePath, dir)], {
-      stdio: ['ignore', 'pipe', 'pipe'],
-    });
-    children.push(activator);
-    activator.stdout?.setEncoding('utf8').on('data', (text: string) => (log += text));
-    activator.stderr?.setEncoding('utf8').on('data', (text: string) => (log += text));
-    const pids = (): number[] => [...log.matchAll(/^SUPERVISOR-PID (\d+)$/gm)].map((m) => Number(m[1]));
-    const exits = (): number[] => [...log.matchAll(/^SUPERVISOR-EXIT (\d+)$/gm)].map((m) => Number(m[1]));
-    // systemd-socket-activate binds now and starts the supervisor at the first connection (QEMU's).
-    const deadline = Date.now() + 20_000;
-    while (!existsSync(socketPath)) {
-      if (Date.now() > deadline || activator.exitCode !== null) throw new Error(`systemd-socket-activate did not start; log:\n${log}`);
-      await new Promise((resolve) => setTimeout(resolve, 50));
-    }
+  it.skipIf(socketActivate !== null)(
+    `SIGTERM → restart ${RESTARTS} times with the socket kept by systemd socket activation`,
+    { timeout: TEST_TIMEOUT_MS },
+    async () => {
+      const dir = await workDir();
+      const socketPath = path.join(dir, 'vublk.sock');
+      const imagePath = path.join(dir, 'disk.img');
+      // What a .socket unit does across `systemctl restart`: the listening socket (fd 3, from
+      // systemd-socket-activate) stays open here while vublk is started on it again and again.
+      const supervisor = path.join(dir, 'supervisor.sh');
+      await writeFile(
+        supervisor,
+        [
+          '#!/bin/sh',
+          'n=0',
+          `while [ $n -lt ${RESTARTS + 1} ]; do`,
+          // LISTEN_PID must name the process that reads it: the shell's pid, which exec hands to node.
+          // systemd-socket-activate passes no environment through, so the paths are written in.
+          `  sh -c 'echo "SUPERVISOR-PID $$"; LISTEN_PID=$$; export LISTEN_PID; exec "$@"' vublk ${shellQuote(process.execPath)} ${shellQuote(CLI)} "$@"`,
+          '  echo "SUPERVISOR-EXIT $?"',
+          '  n=$((n + 1))',
+          'done',
+          '',
+        ].join('\n'),
+        { mode: 0o755 },
+      );
+      let log = '';
+      const activator = spawn(
+        'systemd-socket-activate',
+        ['-l', socketPath, '/bin/sh', supervisor, ...vublkArgs(socketPath, imagePath, dir)],
+        {
+          stdio: ['ignore', 'pipe', 'pipe'],
+        },
+      );
+      children.push(activator);
+      activator.stdout?.setEncoding('utf8').on('data', (text: string) => (log += text));
+      activator.stderr?.setEncoding('utf8').on('data', (text: string) => (log += text));
+      const pids = (): number[] => [...log.matchAll(/^SUPERVISOR-PID (\d+)$/gm)].map((m) => Number(m[1]));
+      const exits = (): number[] => [...log.matchAll(/^SUPERVISOR-EXIT (\d+)$/gm)].map((m) => Number(m[1]));
+      // systemd-socket-activate binds now and starts the supervisor at the first connection (QEMU's).
+      const deadline = Date.now() + 20_000;
+      while (!existsSync(socketPath)) {
+        if (Date.now() > deadline || activator.exitCode !== null) throw new Error(`systemd-socket-activate did not start; log:\n${log}`);
+        await new Promise((resolve) => setTimeout(resolve, 50));
+      }
 
-    const restartedAt: number[] = [];
-    let restarting = false;
-    const result = await runGuest({
-      socketPath,
-      workload: 'reconnect',
-      reconnectSeconds: 1,
-      kernelArgs: [`vublk.rounds=${ROUNDS}`],
-      timeoutMs: GUEST_TIMEOUT_MS,
-      onOutput: (output) => {
-        if (restarting || !restartDue(output, restartedAt.length)) return;
-        restarting = true;
-        const round = currentRound(output);
-        setTimeout(() => {
-          const pid = pids().at(-1);
-          restartedAt.push(round);
-          try {
-            if (pid !== undefined) process.kill(pid, 'SIGTERM');
-          } catch (error) {
-            log += `\nSIGTERM FAILED: ${String(error)}\n`;
-          }
-          restarting = false;
-        }, 300 + 250 * restartedAt.length);
-      },
-    });
-    // The last daemon: a clean stop ends the supervisor's loop, and systemd-socket-activate with it.
-    const last = pids().at(-1);
-    try {
-      if (last !== undefined) process.kill(last, 'SIGTERM');
-    } catch {
-      // Already gone: the checks below say why.
-    }
-    const ended = Date.now() + 20_000;
-    while (activator.exitCode === null && activator.signalCode === null && Date.now() < ended) await new Promise((resolve) => setTimeout(resolve, 100));
-    if (process.env['VUBLK_TEST_VERBOSE'] === '1') console.info(`SIGTERM during rounds ${restartedAt.join(', ')}; daemon exits ${exits().join(', ')}; last progress ${progressed(result.output)}`);
-    checkGuest(result, log, restartedAt);
-    const why = context(result, log);
-    expect(pids(), why).toHaveLength(RESTARTS + 1);
-    expect(exits(), `every daemon exits 0 on SIGTERM\n${why}`).toEqual(new Array<number>(RESTARTS + 1).fill(0));
-    // The socket never went away: QEMU's reconnects were never refused.
-    expect(result.output, why).not.toMatch(/Connection refused|No such file or directory/);
-  });
+      const restartedAt: number[] = [];
+      let restarting = false;
+      const result = await runGuest({
+        socketPath,
+        workload: 'reconnect',
+        reconnectSeconds: 1,
+        kernelArgs: [`vublk.rounds=${ROUNDS}`],
+        timeoutMs: GUEST_TIMEOUT_MS,
+        onOutput: (output) => {
+          if (restarting || !restartDue(output, restartedAt.length)) return;
+          restarting = true;
+          const round = currentRound(output);
+          setTimeout(
+            () => {
+              const pid = pids().at(-1);
+              restartedAt.push(round);
+              try {
+                if (pid !== undefined) process.kill(pid, 'SIGTERM');
+              } catch (error) {
+                log += `\nSIGTERM FAILED: ${String(error)}\n`;
+              }
+              restarting = false;
+            },
+            300 + 250 * restartedAt.length,
+          );
+        },
+      });
+      // The last daemon: a clean stop ends the supervisor's loop, and systemd-socket-activate with it.
+      const last = pids().at(-1);
+      try {
+        if (last !== undefined) process.kill(last, 'SIGTERM');
+      } catch {
+        // Already gone: the checks below say why.
+      }
+      const ended = Date.now() + 20_000;
+      while (activator.exitCode === null && activator.signalCode === null && Date.now() < ended)
+        await new Promise((resolve) => setTimeout(resolve, 100));
+      if (process.env['VUBLK_TEST_VERBOSE'] === '1')
+        console.info(
+          `SIGTERM during rounds ${restartedAt.join(', ')}; daemon exits ${exits().join(', ')}; last progress ${progressed(result.output)}`,
+        );
+      checkGuest(result, log, restartedAt);
+      const why = context(result, log);
+      expect(pids(), why).toHaveLength(RESTARTS + 1);
+      expect(exits(), `every daemon exits 0 on SIGTERM\n${why}`).toEqual(new Array<number>(RESTARTS + 1).fill(0));
+      // The socket never went away: QEMU's reconnects were never refused.
+      expect(result.output, why).not.toMatch(/Connection refused|No such file or directory/);
+    },
+  );
 });

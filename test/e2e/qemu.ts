@@ -103,33 +103,50 @@ export function runGuest(options: GuestOptions): Promise<GuestResult> {
   const disk: string[] = [];
   if (socketPath !== undefined) {
     disk.push(
-      '-chardev', `socket,id=vu0,path=${optionValue(socketPath)}${options.reconnectSeconds !== undefined ? `,reconnect=${options.reconnectSeconds}` : ''}`,
-      '-device', `vhost-user-blk-pci,chardev=vu0,num-queues=${numQueues}`,
+      '-chardev',
+      `socket,id=vu0,path=${optionValue(socketPath)}${options.reconnectSeconds !== undefined ? `,reconnect=${options.reconnectSeconds}` : ''}`,
+      '-device',
+      `vhost-user-blk-pci,chardev=vu0,num-queues=${numQueues}`,
     );
   } else if (imagePath !== undefined) {
     disk.push(
-      '-drive', `file=${optionValue(imagePath)},if=none,id=d0,format=raw`,
-      '-device', `virtio-blk-pci,drive=d0,num-queues=${numQueues}`,
+      '-drive',
+      `file=${optionValue(imagePath)},if=none,id=d0,format=raw`,
+      '-device',
+      `virtio-blk-pci,drive=d0,num-queues=${numQueues}`,
     );
   }
   const args = [
-    '-accel', 'tcg',
-    '-machine', 'q35',
+    '-accel',
+    'tcg',
+    '-machine',
+    'q35',
     // virtio_blk uses min(num-queues, CPUs) queues, so multi-queue needs as many vCPUs.
-    '-smp', String(numQueues),
-    '-m', String(memoryMiB),
+    '-smp',
+    String(numQueues),
+    '-m',
+    String(memoryMiB),
     // vhost-user backends map guest RAM, so it must be a shareable fd.
-    '-object', `memory-backend-memfd,id=mem,size=${memoryMiB}M,share=on`,
-    '-numa', 'node,memdev=mem',
+    '-object',
+    `memory-backend-memfd,id=mem,size=${memoryMiB}M,share=on`,
+    '-numa',
+    'node,memdev=mem',
     ...disk,
-    '-kernel', path.join(GUEST_DIR, 'vmlinuz'),
-    '-initrd', path.join(GUEST_DIR, 'initramfs.cpio.gz'),
+    '-kernel',
+    path.join(GUEST_DIR, 'vmlinuz'),
+    '-initrd',
+    path.join(GUEST_DIR, 'initramfs.cpio.gz'),
     '-append',
-    [`console=ttyS0 panic=-1 quiet vublk.test=${workload} vublk.offset=${PATTERN_OFFSET} vublk.timeout=${guestTimeoutS}`, ...(options.kernelArgs ?? [])].join(' '),
-    '-display', 'none',
+    [
+      `console=ttyS0 panic=-1 quiet vublk.test=${workload} vublk.offset=${PATTERN_OFFSET} vublk.timeout=${guestTimeoutS}`,
+      ...(options.kernelArgs ?? []),
+    ].join(' '),
+    '-display',
+    'none',
     '-nodefaults',
     '-no-reboot',
-    '-serial', 'stdio',
+    '-serial',
+    'stdio',
   ];
 
   return new Promise((resolve, reject) => {

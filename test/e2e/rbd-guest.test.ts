@@ -39,7 +39,13 @@ function bench(args: string[], timeoutMs = 90_000): Promise<{ code: number | nul
 function adminResize(adminSocket: string, disk: string, size: string): Promise<{ status: number; body: string }> {
   return new Promise((resolve, reject) => {
     const req = http.request(
-      { socketPath: adminSocket, path: `/admin/disks/${disk}/resize`, method: 'POST', timeout: 30_000, headers: { 'content-type': 'application/json' } },
+      {
+        socketPath: adminSocket,
+        path: `/admin/disks/${disk}/resize`,
+        method: 'POST',
+        timeout: 30_000,
+        headers: { 'content-type': 'application/json' },
+      },
       (res) => {
         let body = '';
         res.setEncoding('utf8').on('data', (chunk: string) => (body += chunk));
@@ -78,7 +84,12 @@ describe('vublk over Ceph RBD with a QEMU guest', () => {
 
   async function serveAt(socket: string, extra = '', timeoutMs = 20_000): Promise<DaemonProcess> {
     const daemon = await startDaemon({
-      rawArgs: ['serve', ...METRICS_ARGS, '--disk', `name=vm1,image=rbd:rbd/vm1,conf=${cluster.conf},id=vublk,keyring=${cluster.vublkKeyring},socket=${socket}${extra}`],
+      rawArgs: [
+        'serve',
+        ...METRICS_ARGS,
+        '--disk',
+        `name=vm1,image=rbd:rbd/vm1,conf=${cluster.conf},id=vublk,keyring=${cluster.vublkKeyring},socket=${socket}${extra}`,
+      ],
       waitForSocket: false,
     });
     daemons.push(daemon);
@@ -117,14 +128,21 @@ describe('vublk over Ceph RBD with a QEMU guest', () => {
 
     // A second vublk on the same image is refused while the first holds the exclusive lock.
     const second = await startDaemon({
-      rawArgs: ['serve', '--disk', `name=vm1,image=rbd:rbd/vm1,conf=${cluster.conf},id=vublk,keyring=${cluster.vublkKeyring},socket=${socket}2,connect-timeout=10`],
+      rawArgs: [
+        'serve',
+        '--disk',
+        `name=vm1,image=rbd:rbd/vm1,conf=${cluster.conf},id=vublk,keyring=${cluster.vublkKeyring},socket=${socket}2,connect-timeout=10`,
+      ],
       waitForSocket: false,
     });
     daemons.push(second);
     const code = await new Promise<number | null>((resolve, reject) => {
       if (!second.running()) return resolve(second.child.exitCode);
       const timer = setTimeout(() => reject(new Error(`the second daemon neither failed nor served:\n${second.output()}`)), 60_000);
-      second.child.once('exit', (c) => (clearTimeout(timer), resolve(c)));
+      second.child.once('exit', (c) => {
+        clearTimeout(timer);
+        resolve(c);
+      });
     });
     daemons.splice(daemons.indexOf(second), 1);
     expect(code).not.toBe(0);
@@ -134,17 +152,37 @@ describe('vublk over Ceph RBD with a QEMU guest', () => {
 
   it('start-up errors name the cause: no such image, unreadable keyring, a read-only client writing', { timeout: 120_000 }, async () => {
     const cases: [string, RegExp, RegExp][] = [
-      [`image=rbd:rbd/missing,conf=${cluster.conf},id=vublk,keyring=${cluster.vublkKeyring}`, /"code":"VUBLK_ERR_RBD_NO_IMAGE"/, /image 'missing' does not exist in pool 'rbd'/],
+      [
+        `image=rbd:rbd/missing,conf=${cluster.conf},id=vublk,keyring=${cluster.vublkKeyring}`,
+        /"code":"VUBLK_ERR_RBD_NO_IMAGE"/,
+        /image 'missing' does not exist in pool 'rbd'/,
+      ],
       [`image=rbd:rbd/vm1,conf=${cluster.conf},id=vublk,keyring=${cluster.dir}/no.keyring`, /"code":"VUBLK_ERR_RBD_AUTH"/, /no\.keyring/],
-      [`image=rbd:rbd/vm1,conf=${cluster.conf},id=reader,keyring=${cluster.readerKeyring}`, /"code":"VUBLK_ERR_RBD_(PERMISSION|LOCKED)"/, /client\.reader/],
+      [
+        `image=rbd:rbd/vm1,conf=${cluster.conf},id=reader,keyring=${cluster.readerKeyring}`,
+        /"code":"VUBLK_ERR_RBD_(PERMISSION|LOCKED)"/,
+        /client\.reader/,
+      ],
     ];
     for (const [disk, code, message] of cases) {
-      const daemon = await startDaemon({ rawArgs: ['serve', '--metrics-listen', 'off', '--disk', `${disk},socket=${path.join(cluster.dir, '..', 'err.sock')},connect-timeout=10`], waitForSocket: false });
+      const daemon = await startDaemon({
+        rawArgs: [
+          'serve',
+          '--metrics-listen',
+          'off',
+          '--disk',
+          `${disk},socket=${path.join(cluster.dir, '..', 'err.sock')},connect-timeout=10`,
+        ],
+        waitForSocket: false,
+      });
       daemons.push(daemon);
       const exit = await new Promise<number | null>((resolve, reject) => {
         if (!daemon.running()) return resolve(daemon.child.exitCode);
         const timer = setTimeout(() => reject(new Error(`vublk did not fail:\n${daemon.output()}`)), 60_000);
-        daemon.child.once('exit', (c) => (clearTimeout(timer), resolve(c)));
+        daemon.child.once('exit', (c) => {
+          clearTimeout(timer);
+          resolve(c);
+        });
       });
       daemons.splice(daemons.indexOf(daemon), 1);
       expect(exit, daemon.output()).not.toBe(0);
@@ -175,7 +213,9 @@ describe('vublk over Ceph RBD with a QEMU guest', () => {
     await stop(daemon, 'SIGTERM');
   });
 
-  it('live-migration lock handover: two vublk with lock=none write in turn, librbd hands the lock over each time', { timeout: 120_000 }, async () => {
+  it('live-migration lock handover: two vublk with lock=none write in turn, librbd hands the lock over each time', {
+    timeout: 120_000,
+  }, async () => {
     const source = path.join(cluster.dir, '..', 'src.sock');
     const target = path.join(cluster.dir, '..', 'dst.sock');
     await serveAt(source, ',lock=none');
@@ -193,12 +233,28 @@ describe('vublk over Ceph RBD with a QEMU guest', () => {
     expect(Buffer.from(expected).equals(image.subarray(0, 4 * MiB))).toBe(true);
   });
 
-  it('SIGTERM under I/O releases the lock (restart at once); SIGKILL under I/O: the restart waits for the lock; flushed data survives both', { timeout: 200_000 }, async () => {
+  it('SIGTERM under I/O releases the lock (restart at once); SIGKILL under I/O: the restart waits for the lock; flushed data survives both', {
+    timeout: 200_000,
+  }, async () => {
     const socket = path.join(cluster.dir, '..', 'vm1.sock');
     let daemon = await serveAt(socket, ',num-queues=2');
     // Flushed data over the first 64 MiB; the random writes below stay in the first 32 MiB, so the pattern
     // in [32 MiB, 64 MiB) must be there after every stop.
-    const written = await bench(['--socket', socket, '--verify', '--size', '64M', '--bs', '128k', '--queues', '2', '--iodepth', '8', '--seed', '31']);
+    const written = await bench([
+      '--socket',
+      socket,
+      '--verify',
+      '--size',
+      '64M',
+      '--bs',
+      '128k',
+      '--queues',
+      '2',
+      '--iodepth',
+      '8',
+      '--seed',
+      '31',
+    ]);
     expect(written.code, written.stdout + written.stderr).toBe(0);
     const expected = new Uint8Array(32 * MiB);
     fillPattern(expected, 32 * MiB, patternKey(31));
@@ -206,7 +262,27 @@ describe('vublk over Ceph RBD with a QEMU guest', () => {
     for (const signal of ['SIGTERM', 'SIGKILL'] as const) {
       const base = await metricsUrl(daemon);
       const before = queueCounts(await scrape(base), 0, 'vm1').writes;
-      const load = bench(['--socket', socket, '--rw', 'randwrite', '--size', '32M', '--bs', '4k', '--queues', '2', '--iodepth', '16', '--runtime', '30', '--timeout', '5000'], 60_000);
+      const load = bench(
+        [
+          '--socket',
+          socket,
+          '--rw',
+          'randwrite',
+          '--size',
+          '32M',
+          '--bs',
+          '4k',
+          '--queues',
+          '2',
+          '--iodepth',
+          '16',
+          '--runtime',
+          '30',
+          '--timeout',
+          '5000',
+        ],
+        60_000,
+      );
       const deadline = Date.now() + 30_000;
       while (queueCounts(await scrape(base), 0, 'vm1').writes < before + 100) {
         if (Date.now() > deadline) throw new Error(`no random writes reached the image:\n${daemon.output().slice(-2000)}`);
@@ -225,7 +301,21 @@ describe('vublk over Ceph RBD with a QEMU guest', () => {
       const image = await cluster.run('rbd', ['export', 'rbd/vm1', '-'], 90_000);
       expect(Buffer.from(expected).equals(image.subarray(32 * MiB, 64 * MiB)), `flushed data lost after ${signal}`).toBe(true);
       // And I/O works again.
-      const check = await bench(['--socket', socket, '--verify', '--size', '4M', '--bs', '4k', '--queues', '2', '--iodepth', '8', '--seed', '41']);
+      const check = await bench([
+        '--socket',
+        socket,
+        '--verify',
+        '--size',
+        '4M',
+        '--bs',
+        '4k',
+        '--queues',
+        '2',
+        '--iodepth',
+        '8',
+        '--seed',
+        '41',
+      ]);
       expect(check.code, check.stdout + check.stderr).toBe(0);
     }
     await stop(daemon, 'SIGTERM');

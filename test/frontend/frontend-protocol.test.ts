@@ -56,8 +56,21 @@ interface Script {
   hangUpOn?: number;
 }
 
-const OFFERED = featureMask(VirtioFeature.VERSION_1, VirtioFeature.RING_EVENT_IDX, VirtioFeature.RING_INDIRECT_DESC, BlkFeature.FLUSH, BlkFeature.MQ, VHOST_USER_F_PROTOCOL_FEATURES);
-const OFFERED_PROTOCOL = featureMask(ProtocolFeature.MQ, ProtocolFeature.REPLY_ACK, ProtocolFeature.CONFIG, ProtocolFeature.STATUS, ProtocolFeature.CONFIGURE_MEM_SLOTS);
+const OFFERED = featureMask(
+  VirtioFeature.VERSION_1,
+  VirtioFeature.RING_EVENT_IDX,
+  VirtioFeature.RING_INDIRECT_DESC,
+  BlkFeature.FLUSH,
+  BlkFeature.MQ,
+  VHOST_USER_F_PROTOCOL_FEATURES,
+);
+const OFFERED_PROTOCOL = featureMask(
+  ProtocolFeature.MQ,
+  ProtocolFeature.REPLY_ACK,
+  ProtocolFeature.CONFIG,
+  ProtocolFeature.STATUS,
+  ProtocolFeature.CONFIGURE_MEM_SLOTS,
+);
 
 /** A vhost-user back-end that records every message and answers from a script; no data plane. */
 class ScriptedBackend {
@@ -134,9 +147,22 @@ class ScriptedBackend {
       case FrontendRequest.GET_CONFIG: {
         const asked = decodeConfigMessage(request, payload);
         const config = encodeBlkConfig({
-          capacity: 2048, sizeMax: 0, segMax: 126, blkSize: 512, physicalBlockExp: 0, alignmentOffset: 0, minIoSize: 1,
-          optIoSize: 0, writeback: 1, numQueues: 4, maxDiscardSectors: 0, maxDiscardSeg: 0, discardSectorAlignment: 0,
-          maxWriteZeroesSectors: 0, maxWriteZeroesSeg: 0, writeZeroesMayUnmap: 0,
+          capacity: 2048,
+          sizeMax: 0,
+          segMax: 126,
+          blkSize: 512,
+          physicalBlockExp: 0,
+          alignmentOffset: 0,
+          minIoSize: 1,
+          optIoSize: 0,
+          writeback: 1,
+          numQueues: 4,
+          maxDiscardSectors: 0,
+          maxDiscardSeg: 0,
+          discardSectorAlignment: 0,
+          maxWriteZeroesSectors: 0,
+          maxWriteZeroesSeg: 0,
+          writeZeroesMayUnmap: 0,
         });
         return encodeConfigMessage({ offset: asked.offset, flags: 0, data: config.subarray(asked.offset, asked.offset + asked.size) });
       }
@@ -199,7 +225,9 @@ describe('front-end control plane (scripted back-end)', () => {
     }
     for (const m of b.messages.filter((m) => m.name.startsWith('GET_'))) expect(m.flags, m.name).toBe(HeaderFlag.VERSION);
     expect(byName('SET_MEM_TABLE')[0]?.fdCount).toBe(1);
-    expect(decodeMemoryTable(FrontendRequest.SET_MEM_TABLE, byName('SET_MEM_TABLE')[0]?.payload as Buffer)[0]?.memorySize).toBe(64n * 1024n * 1024n);
+    expect(decodeMemoryTable(FrontendRequest.SET_MEM_TABLE, byName('SET_MEM_TABLE')[0]?.payload as Buffer)[0]?.memorySize).toBe(
+      64n * 1024n * 1024n,
+    );
     expect(byName('SET_VRING_KICK').map((m) => m.fdCount)).toEqual([1, 1]);
     expect(byName('SET_STATUS').map((m) => Number(decodeU64(FrontendRequest.SET_STATUS, m.payload)))).toEqual([
       DeviceStatus.FEATURES_OK,
@@ -220,7 +248,10 @@ describe('front-end control plane (scripted back-end)', () => {
     const path = start();
     frontend = await VhostUserFrontend.connect(path, {
       memoryMessages: 'add-mem-reg',
-      memory: [{ gpa: 0, size: 1 << 20 }, { gpa: 1 << 30, size: 1 << 20 }],
+      memory: [
+        { gpa: 0, size: 1 << 20 },
+        { gpa: 1 << 30, size: 1 << 20 },
+      ],
       timeoutMs: 2000,
     });
     const names = (backend as ScriptedBackend).names();

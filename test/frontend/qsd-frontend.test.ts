@@ -30,7 +30,10 @@ afterEach(async () => {
   for (const cleanup of cleanups.splice(0).reverse()) await cleanup();
 });
 
-async function setup(options: FrontendOptions = {}, qsd: Parameters<typeof startQsd>[0] = {}): Promise<{
+async function setup(
+  options: FrontendOptions = {},
+  qsd: Parameters<typeof startQsd>[0] = {},
+): Promise<{
   qsd: QsdFixture;
   frontend: VhostUserFrontend;
   blk: VirtioBlkDriver;
@@ -51,7 +54,13 @@ describe('front-end vs qemu-storage-daemon', () => {
   it('negotiates like QEMU 7.2: features, protocol features, queues, config', async (context) => {
     requireQsd(context);
     const { frontend, blk } = await setup();
-    for (const bit of [VirtioFeature.VERSION_1, VirtioFeature.RING_INDIRECT_DESC, VirtioFeature.RING_EVENT_IDX, BlkFeature.FLUSH, BlkFeature.MQ]) {
+    for (const bit of [
+      VirtioFeature.VERSION_1,
+      VirtioFeature.RING_INDIRECT_DESC,
+      VirtioFeature.RING_EVENT_IDX,
+      BlkFeature.FLUSH,
+      BlkFeature.MQ,
+    ]) {
       expect(frontend.hasFeature(bit), `feature bit ${bit}`).toBe(true);
     }
     expect(frontend.hasFeature(VirtioFeature.RING_PACKED)).toBe(false);
@@ -127,7 +136,10 @@ describe('front-end vs qemu-storage-daemon', () => {
     // Offset 5 GiB into the region, GPA 9 GiB: both above 2^32.
     await blk.write(2048, high, { placement: { region: 1, minAddress: 9 * GiB + 123 * 4096 } });
     // The read buffer (and the status byte) end exactly at the last byte of the region.
-    const tail = await blk.execute({ type: BlkRequestType.IN, sector: 2048, inLength: high.length }, { placement: { region: 1, fromEnd: true, align: 1 } });
+    const tail = await blk.execute(
+      { type: BlkRequestType.IN, sector: 2048, inLength: high.length },
+      { placement: { region: 1, fromEnd: true, align: 1 } },
+    );
     expect(tail.status).toBe(BlkStatus.OK);
     expect(tail.data.equals(high)).toBe(true);
     expect(qsd.imageBytes(2048 * SECTOR_SIZE, high.length).equals(high)).toBe(true);
@@ -163,7 +175,9 @@ describe('front-end vs qemu-storage-daemon', () => {
     }));
     const written = await blk.executeAll(writes);
     expect(written.map((c) => c.status)).toEqual(Array(32).fill(BlkStatus.OK));
-    const reads = await blk.executeAll(writes.map((w, i) => ({ type: BlkRequestType.IN, sector: w.sector, inLength: 4096, options: { queue: (i + 1) % 2 } })));
+    const reads = await blk.executeAll(
+      writes.map((w, i) => ({ type: BlkRequestType.IN, sector: w.sector, inLength: 4096, options: { queue: (i + 1) % 2 } })),
+    );
     reads.forEach((c, i) => expect(c.data.equals(writes[i]?.out as Buffer), `request ${i}`).toBe(true));
     writes.forEach((w) => expect(qsd.imageBytes(w.sector * SECTOR_SIZE, 4096).equals(w.out)).toBe(true));
     // Everything reaped, every descriptor free again.
@@ -242,7 +256,9 @@ describe('front-end vs qemu-storage-daemon', () => {
     // libvhost-user refuses legacy (non-VERSION_1) drivers: it panics and hangs up on SET_MEM_TABLE.
     const legacy = await startQsd();
     cleanups.push(() => legacy.close());
-    const refused = await VhostUserFrontend.connect(legacy.socketPath, { features: { version1: false }, timeoutMs: 2000 }).catch((e: unknown) => e);
+    const refused = await VhostUserFrontend.connect(legacy.socketPath, { features: { version1: false }, timeoutMs: 2000 }).catch(
+      (e: unknown) => e,
+    );
     expect(refused).toBeInstanceOf(BackendDisconnectedError);
     expect(await legacy.daemon.waitForOutput(/legacy devices aren't supported/)).toMatch(/vu_panic/);
 

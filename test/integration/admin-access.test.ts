@@ -12,7 +12,8 @@ import { CLI, startDaemon, type DaemonProcess } from '../support/daemon-process.
 const USER = 'vublk-test-nobody';
 const isRoot = process.getuid?.() === 0;
 const haveTools = spawnSync('curl', ['--version']).status === 0 && spawnSync('runuser', ['--help']).status === 0;
-if (process.env['VUBLK_E2E_REQUIRED'] === '1' && (!isRoot || !haveTools)) throw new Error('VUBLK_E2E_REQUIRED=1 but not root or curl/runuser missing');
+if (process.env['VUBLK_E2E_REQUIRED'] === '1' && (!isRoot || !haveTools))
+  throw new Error('VUBLK_E2E_REQUIRED=1 but not root or curl/runuser missing');
 
 function ensureUser(): void {
   if (spawnSync('id', ['-u', USER]).status === 0) return;
@@ -23,7 +24,10 @@ function ensureUser(): void {
 /** curl as the unprivileged user; returns the HTTP status ('000' when it could not connect) and curl's exit code. */
 function curlAs(user: string | null, args: string[]): { http: string; exit: number | null } {
   const curl = ['curl', '-s', '-o', '/dev/null', '-w', '%{http_code}', '--max-time', '10', ...args];
-  const result = user === null ? spawnSync(curl[0]!, curl.slice(1), { encoding: 'utf8' }) : spawnSync('runuser', ['-u', user, '--', ...curl], { encoding: 'utf8', timeout: 20_000 });
+  const result =
+    user === null
+      ? spawnSync(curl[0]!, curl.slice(1), { encoding: 'utf8' })
+      : spawnSync('runuser', ['-u', user, '--', ...curl], { encoding: 'utf8', timeout: 20_000 });
   return { http: result.stdout.trim(), exit: result.status };
 }
 
@@ -62,7 +66,17 @@ describe.skipIf(!isRoot || !haveTools)('admin API access control with a real unp
     const url = `http://127.0.0.1:${port}/admin/disks/disk0/throttle`;
     expect(curlAs(USER, [...throttle, url]).http).toBe('403');
     expect(curlAs(USER, [...throttle, '-H', 'Host: attacker.example', url]).http).toBe('403');
-    expect(curlAs(USER, ['-X', 'POST', '-H', 'Content-Type: application/json', '-d', '{"size":"1T"}', `http://127.0.0.1:${port}/admin/disks/disk0/resize`]).http).toBe('403');
+    expect(
+      curlAs(USER, [
+        '-X',
+        'POST',
+        '-H',
+        'Content-Type: application/json',
+        '-d',
+        '{"size":"1T"}',
+        `http://127.0.0.1:${port}/admin/disks/disk0/resize`,
+      ]).http,
+    ).toBe('403');
     // Metrics and health stay readable on TCP.
     expect(curlAs(USER, [`http://127.0.0.1:${port}/metrics`]).http).toBe('200');
     expect(curlAs(USER, [`http://127.0.0.1:${port}/healthz`]).http).toBe('200');
@@ -75,7 +89,10 @@ describe.skipIf(!isRoot || !haveTools)('admin API access control with a real unp
     expect(asUser.exit).toBe(7); // couldn't connect (EACCES)
     const asOwner = curlAs(null, ['--unix-socket', adminSocket, 'http://localhost/admin/disks']);
     expect(asOwner.http).toBe('200');
-    const cli = spawnSync(process.execPath, [CLI, 'throttle', '--disk', 'disk0', '--iops', '900', '--admin-socket', adminSocket], { encoding: 'utf8', timeout: 20_000 });
+    const cli = spawnSync(process.execPath, [CLI, 'throttle', '--disk', 'disk0', '--iops', '900', '--admin-socket', adminSocket], {
+      encoding: 'utf8',
+      timeout: 20_000,
+    });
     expect(cli.status).toBe(0);
     expect(JSON.parse(cli.stdout)).toMatchObject({ disk: 'disk0', throttle: { iops: 900 } });
   });

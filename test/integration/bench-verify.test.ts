@@ -97,7 +97,22 @@ describe('vublk-bench run --verify against vublk', () => {
   });
 
   it('writes the pattern with 4 KiB, reads it back with 8 KiB on two queues and passes', async () => {
-    const result = await bench(['--socket', daemon.socketPath, '--verify', '--size', '8M', '--bs', '4k', '--queues', '2', '--iodepth', '8', '--seed', '5', '--json']);
+    const result = await bench([
+      '--socket',
+      daemon.socketPath,
+      '--verify',
+      '--size',
+      '8M',
+      '--bs',
+      '4k',
+      '--queues',
+      '2',
+      '--iodepth',
+      '8',
+      '--seed',
+      '5',
+      '--json',
+    ]);
     expect(result.code, result.stderr).toBe(0);
     const doc = JSON.parse(result.stdout) as BenchDocument;
     expect(doc.ok).toBe(true);
@@ -107,7 +122,21 @@ describe('vublk-bench run --verify against vublk', () => {
   });
 
   it('exits 1 and names the first mismatching offset when the disk holds other data', async () => {
-    const written = await bench(['--socket', daemon.socketPath, '--verify', '--size', '4M', '--bs', '16k', '--queues', '2', '--iodepth', '4', '--seed', '9']);
+    const written = await bench([
+      '--socket',
+      daemon.socketPath,
+      '--verify',
+      '--size',
+      '4M',
+      '--bs',
+      '16k',
+      '--queues',
+      '2',
+      '--iodepth',
+      '4',
+      '--seed',
+      '9',
+    ]);
     expect(written.code, written.stderr).toBe(0);
     expect(written.stdout).toContain('verify: OK');
     const intact = await bench(['--socket', daemon.socketPath, '--verify-only', '--size', '4M', '--bs', '16k', '--seed', '9']);
@@ -115,12 +144,37 @@ describe('vublk-bench run --verify against vublk', () => {
 
     corrupt(daemon.imagePath, 3 * MiB + 777, Uint8Array.of(0x00, 0x11, 0x22));
     corrupt(daemon.imagePath, 1 * MiB + 5, Uint8Array.of(0xee));
-    const broken = await bench(['--socket', daemon.socketPath, '--verify-only', '--size', '4M', '--bs', '16k', '--seed', '9', '--queues', '2']);
+    const broken = await bench([
+      '--socket',
+      daemon.socketPath,
+      '--verify-only',
+      '--size',
+      '4M',
+      '--bs',
+      '16k',
+      '--seed',
+      '9',
+      '--queues',
+      '2',
+    ]);
     expect(broken.code).toBe(1);
-    expect(broken.stdout).toMatch(new RegExp(`FAILED: 2 block\\(s\\) of 32768 bytes differ; first mismatch at byte offset ${1 * MiB + 5} `));
+    expect(broken.stdout).toMatch(
+      new RegExp(`FAILED: 2 block\\(s\\) of 32768 bytes differ; first mismatch at byte offset ${1 * MiB + 5} `),
+    );
 
     // Another seed: every block differs, the first one at offset 0.
-    const otherSeed = await bench(['--socket', daemon.socketPath, '--verify-only', '--size', '4M', '--bs', '16k', '--seed', '10', '--json']);
+    const otherSeed = await bench([
+      '--socket',
+      daemon.socketPath,
+      '--verify-only',
+      '--size',
+      '4M',
+      '--bs',
+      '16k',
+      '--seed',
+      '10',
+      '--json',
+    ]);
     expect(otherSeed.code).toBe(1);
     const doc = JSON.parse(otherSeed.stdout) as BenchDocument;
     expect(doc.ok).toBe(false);
@@ -138,7 +192,23 @@ describe('vublk-bench run --verify against vublk', () => {
   });
 
   it('runs a timed mixed workload on both queues and reports per-queue and total figures', async () => {
-    const result = await bench(['--socket', daemon.socketPath, '--rw', 'randrw', '--rwmixread', '70', '--bs', '8k', '--iodepth', '4', '--queues', '2', '--runtime', '0.3', '--json']);
+    const result = await bench([
+      '--socket',
+      daemon.socketPath,
+      '--rw',
+      'randrw',
+      '--rwmixread',
+      '70',
+      '--bs',
+      '8k',
+      '--iodepth',
+      '4',
+      '--queues',
+      '2',
+      '--runtime',
+      '0.3',
+      '--json',
+    ]);
     expect(result.code, result.stderr).toBe(0);
     const doc = JSON.parse(result.stdout) as BenchDocument;
     const run = doc.result;
@@ -172,7 +242,21 @@ describe('vublk-bench run --verify against qemu-storage-daemon', () => {
     requireQsd(context);
     const qsd = await startQsd({ sizeBytes: 32 * MiB, numQueues: 2 });
     try {
-      const result = await bench(['--socket', qsd.socketPath, '--verify', '--size', '8M', '--bs', '4k', '--queues', '2', '--iodepth', '8', '--seed', '3']);
+      const result = await bench([
+        '--socket',
+        qsd.socketPath,
+        '--verify',
+        '--size',
+        '8M',
+        '--bs',
+        '4k',
+        '--queues',
+        '2',
+        '--iodepth',
+        '8',
+        '--seed',
+        '3',
+      ]);
       expect(result.code, result.stderr + qsd.daemon.output).toBe(0);
       expect(result.stdout).toContain('verify: OK, every byte matches');
 

@@ -14,7 +14,19 @@
  */
 import { afterAll, afterEach, describe, expect, it } from 'vitest';
 import { execFileSync } from 'node:child_process';
-import { closeSync, existsSync, mkdirSync, openSync, mkdtempSync, readFileSync, readdirSync, readlinkSync, rmSync, writeFileSync, constants } from 'node:fs';
+import {
+  closeSync,
+  existsSync,
+  mkdirSync,
+  openSync,
+  mkdtempSync,
+  readFileSync,
+  readdirSync,
+  readlinkSync,
+  rmSync,
+  writeFileSync,
+  constants,
+} from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { BlkStatus, SECTOR_SIZE } from '../../protocol/virtio-blk.js';
@@ -70,18 +82,31 @@ afterAll(() => {
   }
 });
 
-async function serve(image: string, args: string[], size?: string, queueSize?: number): Promise<{ daemon: DaemonProcess; blk: VirtioBlkDriver; fe: VhostUserFrontend }> {
+async function serve(
+  image: string,
+  args: string[],
+  size?: string,
+  queueSize?: number,
+): Promise<{ daemon: DaemonProcess; blk: VirtioBlkDriver; fe: VhostUserFrontend }> {
   const socketDir = mkdtempSync(path.join(os.tmpdir(), 'vublk-cache-'));
   cleanups.push(() => rmSync(socketDir, { recursive: true, force: true }));
   const socket = path.join(socketDir, 'vublk.sock');
-  const daemon = await startDaemon({ rawArgs: ['serve', '--socket', socket, '--image', image, ...(size ? ['--size', size] : []), ...METRICS_ARGS, ...args], waitForSocket: false });
+  const daemon = await startDaemon({
+    rawArgs: ['serve', '--socket', socket, '--image', image, ...(size ? ['--size', size] : []), ...METRICS_ARGS, ...args],
+    waitForSocket: false,
+  });
   cleanups.push(() => daemon.stop());
   const deadline = Date.now() + 15_000;
   while (!existsSync(socket)) {
     if (!daemon.running() || Date.now() > deadline) throw new Error(`daemon did not create ${socket}; output:\n${daemon.output()}`);
     await new Promise((resolve) => setTimeout(resolve, 25));
   }
-  const fe = await VhostUserFrontend.connect(socket, { numQueues: 1, timeoutMs: 20_000, requireInterrupts: false, ...(queueSize ? { queueSize } : {}) });
+  const fe = await VhostUserFrontend.connect(socket, {
+    numQueues: 1,
+    timeoutMs: 20_000,
+    requireInterrupts: false,
+    ...(queueSize ? { queueSize } : {}),
+  });
   cleanups.push(() => fe.close());
   return { daemon, blk: new VirtioBlkDriver(fe), fe };
 }
@@ -161,32 +186,35 @@ describe.each(engines)('--io-engine %s', (engine, noEngine) => {
     expect((await unsafe.blk.read(0, data.length)).equals(data)).toBe(true);
   });
 
-  it.skipIf(noEngine)('a loop block device: size from the device, 4096-byte sectors, DISCARD and WRITE_ZEROES through the ioctls', async (ctx) => {
-    need(ctx, skipReason({ root: true, tools: ['losetup'], direct: true }));
-    const dir = mkdtempSync(path.join(directDir!, 'vublk-loop-'));
-    finalCleanups.push(() => rmSync(dir, { recursive: true, force: true }));
-    const backing = path.join(dir, 'backing.img');
-    writeFileSync(backing, pattern(12 * MiB, 3));
-    const device = execFileSync('losetup', ['-f', '--show', '--sector-size', '4096', backing], { encoding: 'utf8' }).trim();
-    finalCleanups.push(() => execFileSync('losetup', ['-d', device]));
-    for (const cache of ['none', 'writeback'] as const) {
-      const { daemon, blk, fe } = await serve(device, ['--io-engine', engine, '--cache', cache]);
-      expect(fe.blkConfig?.capacity).toBe((12 * MiB) / SECTOR_SIZE);
-      expect(fe.blkConfig?.blkSize).toBe(4096);
-      expect(imageFdFlags(daemon, device) & constants.O_DIRECT).toBe(cache === 'none' ? constants.O_DIRECT : 0);
-      const data = pattern(128 * 1024, cache === 'none' ? 11 : 12);
-      await blk.write(2048, data);
-      expect((await blk.read(2048, data.length)).equals(data)).toBe(true);
-      expect(await blk.writeZeroes([{ sector: 2048, numSectors: 64, flags: 0 }])).toBe(BlkStatus.OK);
-      const expected = Buffer.from(data);
-      expected.fill(0, 0, 64 * SECTOR_SIZE);
-      expect((await blk.read(2048, data.length)).equals(expected)).toBe(true);
-      expect(await blk.discard([{ sector: 4096, numSectors: 64, flags: 0 }])).toBe(BlkStatus.OK);
-      expect(await blk.flush()).toBe(BlkStatus.OK);
-      expect(await counter(daemon, 'vublk_io_errors_total')).toBe(0);
-      for (const cleanup of cleanups.splice(0).reverse()) await cleanup();
-    }
-  });
+  it.skipIf(noEngine)(
+    'a loop block device: size from the device, 4096-byte sectors, DISCARD and WRITE_ZEROES through the ioctls',
+    async (ctx) => {
+      need(ctx, skipReason({ root: true, tools: ['losetup'], direct: true }));
+      const dir = mkdtempSync(path.join(directDir!, 'vublk-loop-'));
+      finalCleanups.push(() => rmSync(dir, { recursive: true, force: true }));
+      const backing = path.join(dir, 'backing.img');
+      writeFileSync(backing, pattern(12 * MiB, 3));
+      const device = execFileSync('losetup', ['-f', '--show', '--sector-size', '4096', backing], { encoding: 'utf8' }).trim();
+      finalCleanups.push(() => execFileSync('losetup', ['-d', device]));
+      for (const cache of ['none', 'writeback'] as const) {
+        const { daemon, blk, fe } = await serve(device, ['--io-engine', engine, '--cache', cache]);
+        expect(fe.blkConfig?.capacity).toBe((12 * MiB) / SECTOR_SIZE);
+        expect(fe.blkConfig?.blkSize).toBe(4096);
+        expect(imageFdFlags(daemon, device) & constants.O_DIRECT).toBe(cache === 'none' ? constants.O_DIRECT : 0);
+        const data = pattern(128 * 1024, cache === 'none' ? 11 : 12);
+        await blk.write(2048, data);
+        expect((await blk.read(2048, data.length)).equals(data)).toBe(true);
+        expect(await blk.writeZeroes([{ sector: 2048, numSectors: 64, flags: 0 }])).toBe(BlkStatus.OK);
+        const expected = Buffer.from(data);
+        expected.fill(0, 0, 64 * SECTOR_SIZE);
+        expect((await blk.read(2048, data.length)).equals(expected)).toBe(true);
+        expect(await blk.discard([{ sector: 4096, numSectors: 64, flags: 0 }])).toBe(BlkStatus.OK);
+        expect(await blk.flush()).toBe(BlkStatus.OK);
+        expect(await counter(daemon, 'vublk_io_errors_total')).toBe(0);
+        for (const cleanup of cleanups.splice(0).reverse()) await cleanup();
+      }
+    },
+  );
 
   it.skipIf(noEngine)('ENOSPC (image on a 1 MiB tmpfs): IOERR, counted, the daemon keeps serving', async (ctx) => {
     need(ctx, skipReason({ root: true, tools: ['mount', 'umount'] }));
@@ -195,7 +223,9 @@ describe.each(engines)('--io-engine %s', (engine, noEngine) => {
     finalCleanups.push(() => rmSync(mountPoint, { recursive: true, force: true }));
     finalCleanups.push(() => execFileSync('umount', [mountPoint]));
     const { daemon, blk } = await serve(path.join(mountPoint, 'disk.img'), ['--io-engine', engine], '8M');
-    const subs = Array.from({ length: 16 }, (_, i) => blk.submit({ type: 1, sector: i * 256, out: pattern(128 * 1024, i) }, { kick: false }));
+    const subs = Array.from({ length: 16 }, (_, i) =>
+      blk.submit({ type: 1, sector: i * 256, out: pattern(128 * 1024, i) }, { kick: false }),
+    );
     blk.kick(0);
     const statuses = (await blk.wait(subs, 20_000)).map((c) => c.status);
     const failed = statuses.filter((s) => s === BlkStatus.IOERR).length;
@@ -230,29 +260,34 @@ describe.each(engines)('--io-engine %s', (engine, noEngine) => {
 });
 
 describe('GET_VRING_BASE with requests in flight (asynchronous engine, O_DIRECT)', () => {
-  it.skipIf(uringUnavailable !== null)('answers only once every popped request is published: used.idx equals the index it reports', async (ctx) => {
-    need(ctx, skipReason({ direct: true }));
-    const dir = mkdtempSync(path.join(directDir!, 'vublk-stop-'));
-    cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
-    const image = path.join(dir, 'disk.img');
-    writeFileSync(image, pattern(32 * MiB, 5));
-    const { blk, fe } = await serve(image, ['--io-engine', 'io_uring', '--cache', 'none'], undefined, 1024);
-    let popped = 0;
-    for (let round = 0; round < 5; round++) {
-      const subs = Array.from({ length: 64 }, (_, i) => blk.submit({ type: 0, sector: ((round * 64 + i) % 256) * 128, inLength: 64 * 1024 }, { kick: false }));
-      blk.kick(0);
-      const before = fe.queue(0).ring.usedIdx;
-      const base = await fe.stopQueue(0);
-      popped += base - before;
-      // Everything the worker popped before the stop was completed and published before it answered.
-      expect(fe.queue(0).ring.usedIdx).toBe(base);
-      expect(base).toBeLessThanOrEqual(fe.queue(0).ring.availIdx);
-      fe.queue(0).reset(base);
-      await fe.startQueue(0, base);
-      void subs;
-    }
-    console.log(`[GET_VRING_BASE] ${popped} requests were popped before the stops and all were published`);
-  });
+  it.skipIf(uringUnavailable !== null)(
+    'answers only once every popped request is published: used.idx equals the index it reports',
+    async (ctx) => {
+      need(ctx, skipReason({ direct: true }));
+      const dir = mkdtempSync(path.join(directDir!, 'vublk-stop-'));
+      cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
+      const image = path.join(dir, 'disk.img');
+      writeFileSync(image, pattern(32 * MiB, 5));
+      const { blk, fe } = await serve(image, ['--io-engine', 'io_uring', '--cache', 'none'], undefined, 1024);
+      let popped = 0;
+      for (let round = 0; round < 5; round++) {
+        const subs = Array.from({ length: 64 }, (_, i) =>
+          blk.submit({ type: 0, sector: ((round * 64 + i) % 256) * 128, inLength: 64 * 1024 }, { kick: false }),
+        );
+        blk.kick(0);
+        const before = fe.queue(0).ring.usedIdx;
+        const base = await fe.stopQueue(0);
+        popped += base - before;
+        // Everything the worker popped before the stop was completed and published before it answered.
+        expect(fe.queue(0).ring.usedIdx).toBe(base);
+        expect(base).toBeLessThanOrEqual(fe.queue(0).ring.availIdx);
+        fe.queue(0).reset(base);
+        await fe.startQueue(0, base);
+        void subs;
+      }
+      console.log(`[GET_VRING_BASE] ${popped} requests were popped before the stops and all were published`);
+    },
+  );
 });
 
 describe('--poll-us', () => {
@@ -304,7 +339,10 @@ describe('cache=none where O_DIRECT is refused', () => {
     }
     if (accepts) need(ctx, 'optional: tmpfs accepts O_DIRECT on this kernel (Linux >= 6.6)');
     const socket = path.join(mountPoint, 'vublk.sock');
-    const daemon = await startDaemon({ rawArgs: ['serve', '--socket', socket, '--image', path.join(mountPoint, 'disk.img'), '--size', '1M', '--cache', 'none'], waitForSocket: false });
+    const daemon = await startDaemon({
+      rawArgs: ['serve', '--socket', socket, '--image', path.join(mountPoint, 'disk.img'), '--size', '1M', '--cache', 'none'],
+      waitForSocket: false,
+    });
     cleanups.push(() => daemon.stop());
     const deadline = Date.now() + 15_000;
     while (daemon.running() && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));

@@ -18,7 +18,10 @@ function serve(...args: string[]): { status: number | null; stderr: string; stdo
 
 /** The daemon's JSON log lines (stdout is not a terminal, so the log is JSON). */
 function logLines(stdout: string): { msg: string; [field: string]: unknown }[] {
-  return stdout.split('\n').filter((line) => line.startsWith('{')).map((line) => JSON.parse(line) as { msg: string });
+  return stdout
+    .split('\n')
+    .filter((line) => line.startsWith('{'))
+    .map((line) => JSON.parse(line) as { msg: string });
 }
 
 describe('vublk serve refuses bad input', () => {
@@ -44,14 +47,18 @@ describe('vublk serve refuses bad input', () => {
   }
 
   it('rejects bad queue counts and sizes', () => {
-    expect(serve('--image', 'x', '--socket', 's', '--num-queues', '0').stderr).toMatch(/^vublk: --num-queues: must be between 1 and 64, got 0\n$/);
+    expect(serve('--image', 'x', '--socket', 's', '--num-queues', '0').stderr).toMatch(
+      /^vublk: --num-queues: must be between 1 and 64, got 0\n$/,
+    );
     expect(serve('--image', 'x', '--socket', 's', '--queue-size', '100').stderr).toMatch(/--queue-size: must be a power of two/);
     expect(serve('--image', 'x', '--socket', 's', '--logical-block-size', '1024').stderr).toMatch(/512 or 4096/);
   });
 
   it('rejects a bad socket mode and an unknown socket owner', () => {
     expect(serve('--image', 'x', '--socket', 's', '--socket-mode', '999').stderr).toMatch(/--socket-mode: must be octal/);
-    expect(serve('--image', 'x', '--socket', 's', '--socket-owner', 'no-such-user-here').stderr).toMatch(/no user named 'no-such-user-here'/);
+    expect(serve('--image', 'x', '--socket', 's', '--socket-owner', 'no-such-user-here').stderr).toMatch(
+      /no user named 'no-such-user-here'/,
+    );
   });
 
   it('rejects malformed --disk specifications', () => {
@@ -103,7 +110,10 @@ describe('vublk serve refuses bad input', () => {
     const socketPath = path.join(dir, 'stale.sock');
     closeFd(listenUnix(socketPath)); // bound, then closed: the file stays, nobody listens
     expect(existsSync(socketPath)).toBe(true);
-    const daemon = await startDaemon({ rawArgs: ['serve', '--socket', socketPath, '--image', path.join(dir, 'stale.img'), '--size', '1M'], waitForSocket: false });
+    const daemon = await startDaemon({
+      rawArgs: ['serve', '--socket', socketPath, '--image', path.join(dir, 'stale.img'), '--size', '1M'],
+      waitForSocket: false,
+    });
     try {
       await daemon.waitForLog((l) => l.msg === 'listening for a vhost-user front-end');
     } finally {
@@ -126,7 +136,9 @@ describe('vublk serve refuses bad input', () => {
     const image = path.join(dir, 'no-such-folder', 'disk.img');
     const { status, stderr, stdout } = serve('--socket', path.join(dir, 'm.sock'), '--image', image, '--size', '1M');
     expect(status).toBe(1);
-    expect(stderr).toBe(`vublk: disk disk0: the folder of the image ${image} does not exist: create ${path.dirname(image)} (mkdir -p) or give an image path in an existing folder\n`);
+    expect(stderr).toBe(
+      `vublk: disk disk0: the folder of the image ${image} does not exist: create ${path.dirname(image)} (mkdir -p) or give an image path in an existing folder\n`,
+    );
     const logs = logLines(stdout);
     expect(logs.filter((l) => l.msg === 'startup failed')).toHaveLength(1);
     expect(logs.find((l) => l.msg === 'startup failed')).toMatchObject({ code: 'VUBLK_ERR_DISK_PATH', peerFault: true });
@@ -148,8 +160,10 @@ describe('vublk serve refuses bad input', () => {
     const blocker = path.join(dir, 'blocker.sock');
     writeFileSync(blocker, 'not a socket');
     const { status, stderr } = serve(
-      '--disk', `image=${path.join(dir, 'new1.img')},socket=${path.join(dir, 'n1.sock')},size=1M`,
-      '--disk', `image=${path.join(dir, 'kept.img')},socket=${blocker}`,
+      '--disk',
+      `image=${path.join(dir, 'new1.img')},socket=${path.join(dir, 'n1.sock')},size=1M`,
+      '--disk',
+      `image=${path.join(dir, 'kept.img')},socket=${blocker}`,
     );
     expect(status).toBe(1);
     expect(stderr).toMatch(/exists and is not a socket/);

@@ -8,7 +8,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { runCli, startDaemon, type DaemonProcess, type LogLine } from '../support/daemon-process.js';
-import { parseExposition, valueOf, type Exposition } from '../support/prom-text.js';
+import { parseExposition, sampleValue, type Exposition } from '../support/prom-text.js';
 
 const MiB = 1024 * 1024;
 const dirs: string[] = [];
@@ -37,7 +37,9 @@ function get(base: string, pathname: string): Promise<{ status: number; body: st
 
 /** POST to `unix:/path` (the admin socket) or an http:// base. */
 function post(base: string, pathname: string, body: unknown): Promise<{ status: number; body: string }> {
-  const target: http.RequestOptions = base.startsWith('unix:') ? { socketPath: base.slice('unix:'.length), path: pathname } : { ...urlParts(new URL(pathname, base)) };
+  const target: http.RequestOptions = base.startsWith('unix:')
+    ? { socketPath: base.slice('unix:'.length), path: pathname }
+    : { ...urlParts(new URL(pathname, base)) };
   return new Promise((resolve, reject) => {
     const req = http.request({ ...target, method: 'POST', timeout: 10_000, headers: { 'Content-Type': 'application/json' } }, (res) => {
       let text = '';
@@ -61,7 +63,7 @@ async function scrape(base: string): Promise<Exposition> {
 }
 
 function limit(m: Exposition, disk: string, kind: string): number {
-  return valueOf(m, 'vublk_throttle_limit', { disk, kind });
+  return sampleValue(m, 'vublk_throttle_limit', { disk, kind });
 }
 
 function exited(daemon: DaemonProcess, timeoutMs = 15_000): Promise<number | null> {
@@ -87,11 +89,18 @@ describe('config file errors', () => {
     const file = path.join(dir, 'vublk.yaml');
     writeFileSync(
       file,
-      ['disks:', '  - { name: a, image: a.img, socket: a.sock, size: 8M }', '  - { name: b, image: b.img, socket: b.sock, throttle: { bps: 10 furlongs } }', ''].join('\n'),
+      [
+        'disks:',
+        '  - { name: a, image: a.img, socket: a.sock, size: 8M }',
+        '  - { name: b, image: b.img, socket: b.sock, throttle: { bps: 10 furlongs } }',
+        '',
+      ].join('\n'),
     );
     const result = await runCli(['serve', '--config', file, '--metrics-listen', 'off']);
     expect(result.code).toBe(2);
-    expect(result.stderr).toMatch(new RegExp(`^vublk: ${file.replace(/[.*+?^${}()|[\]\\/]/g, '\\$&')}: disks\\[1\\]\\.throttle\\.bps: invalid rate: "10 furlongs"`));
+    expect(result.stderr).toMatch(
+      new RegExp(`^vublk: ${file.replace(/[.*+?^${}()|[\]\\/]/g, '\\$&')}: disks\\[1\\]\\.throttle\\.bps: invalid rate: "10 furlongs"`),
+    );
     expect(existsSync(path.join(dir, 'a.sock'))).toBe(false);
     expect(existsSync(path.join(dir, 'a.img'))).toBe(false);
   });
@@ -99,10 +108,22 @@ describe('config file errors', () => {
   it.each([
     ['unknown disk key', 'disks:\n  - { image: a.img, socket: a.sock, colour: red }\n', /disks\[0\]\.colour: unknown key/],
     ['unknown top-level key', 'colour: red\ndisks: []\n', /: colour: unknown key/],
-    ['wrong type', 'disks:\n  - { image: a.img, socket: a.sock, num-queues: "two" }\n', /disks\[0\]\.num-queues: must be a non-negative whole number/],
-    ['out of range', 'disks:\n  - { image: a.img, socket: a.sock, num-queues: 65 }\n', /disks\[0\]\.num-queues: must be between 1 and 64, got 65/],
+    [
+      'wrong type',
+      'disks:\n  - { image: a.img, socket: a.sock, num-queues: "two" }\n',
+      /disks\[0\]\.num-queues: must be a non-negative whole number/,
+    ],
+    [
+      'out of range',
+      'disks:\n  - { image: a.img, socket: a.sock, num-queues: 65 }\n',
+      /disks\[0\]\.num-queues: must be between 1 and 64, got 65/,
+    ],
     ['YAML syntax', 'disks:\n  - image: a.img\n   socket: [\n', /invalid YAML at line \d+, column \d+/],
-    ['bad metrics-listen', 'metrics-listen: here\ndisks:\n  - { image: a.img, socket: a.sock }\n', /metrics-listen: invalid metrics listen address 'here'/],
+    [
+      'bad metrics-listen',
+      'metrics-listen: here\ndisks:\n  - { image: a.img, socket: a.sock }\n',
+      /metrics-listen: invalid metrics listen address 'here'/,
+    ],
   ])('%s', async (_what, text, message) => {
     const file = path.join(tempDir(), 'vublk.yaml');
     writeFileSync(file, text);
@@ -172,12 +193,12 @@ describe('serving from a config file', () => {
       expect((await get(base, '/readyz')).status).toBe(200);
 
       let m = await scrape(base);
-      expect(valueOf(m, 'vublk_disk_capacity_bytes', { disk: 'alpha' })).toBe(16 * MiB);
-      expect(valueOf(m, 'vublk_disk_capacity_bytes', { disk: 'beta' })).toBe(8 * MiB);
+      expect(sampleValue(m, 'vublk_disk_capacity_bytes', { disk: 'alpha' })).toBe(16 * MiB);
+      expect(sampleValue(m, 'vublk_disk_capacity_bytes', { disk: 'beta' })).toBe(8 * MiB);
       expect(limit(m, 'alpha', 'iops')).toBe(1000);
       expect(limit(m, 'alpha', 'bps')).toBe(100 * MiB);
       expect(limit(m, 'beta', 'iops')).toBe(0);
-      expect(valueOf(m, 'vublk_io_errors_total', { disk: 'alpha', queue: '1' })).toBe(0);
+      expect(sampleValue(m, 'vublk_io_errors_total', { disk: 'alpha', queue: '1' })).toBe(0);
 
       // A front-end stays connected to alpha across the reloads.
       const frontEnd = net.createConnection({ path: path.join(dir, 'alpha.sock') });
@@ -202,10 +223,10 @@ describe('serving from a config file', () => {
         expect(limit(m, 'alpha', 'iops_burst')).toBe(4000);
         expect(limit(m, 'alpha', 'bps')).toBe(50 * MiB);
         expect(limit(m, 'alpha', 'bps_burst')).toBe(50 * MiB);
-        expect(valueOf(m, 'vublk_queue_poisoned', { disk: 'beta', queue: '0' })).toBe(0);
-        expect(() => valueOf(m, 'vublk_queue_poisoned', { disk: 'beta', queue: '1' })).toThrow(/found 0/);
-        expect(valueOf(m, 'vublk_front_end_connected', { disk: 'alpha' })).toBe(1);
-        expect(valueOf(m, 'vublk_front_end_connections_total', { disk: 'alpha' })).toBe(1);
+        expect(sampleValue(m, 'vublk_queue_poisoned', { disk: 'beta', queue: '0' })).toBe(0);
+        expect(() => sampleValue(m, 'vublk_queue_poisoned', { disk: 'beta', queue: '1' })).toThrow(/found 0/);
+        expect(sampleValue(m, 'vublk_front_end_connected', { disk: 'alpha' })).toBe(1);
+        expect(sampleValue(m, 'vublk_front_end_connections_total', { disk: 'alpha' })).toBe(1);
 
         // 2. An invalid file: logged, the running limits stay.
         writeFileSync(file, yaml('{ iops: 2k, bps: lots }', 2));
@@ -234,7 +255,7 @@ describe('serving from a config file', () => {
 
         // Nothing above dropped the front-end.
         expect(daemon.logs().some((l) => l.msg === 'front-end disconnected')).toBe(false);
-        expect(valueOf(m, 'vublk_front_end_connected', { disk: 'alpha' })).toBe(1);
+        expect(sampleValue(m, 'vublk_front_end_connected', { disk: 'alpha' })).toBe(1);
       } finally {
         frontEnd.destroy();
       }
@@ -252,12 +273,18 @@ describe('serving from a config file', () => {
   it('lets command-line flags override the file (JSON)', async () => {
     const dir = tempDir();
     const file = path.join(dir, 'vublk.json');
-    writeFileSync(file, JSON.stringify({ 'metrics-listen': 'off', 'log-level': 'error', disks: [{ image: 'd.img', socket: 'd.sock', size: '4M' }] }));
-    const daemon = await startDaemon({ rawArgs: ['serve', '--config', file, '--metrics-listen', '127.0.0.1:0', '--log-level', 'info'], waitForSocket: false });
+    writeFileSync(
+      file,
+      JSON.stringify({ 'metrics-listen': 'off', 'log-level': 'error', disks: [{ image: 'd.img', socket: 'd.sock', size: '4M' }] }),
+    );
+    const daemon = await startDaemon({
+      rawArgs: ['serve', '--config', file, '--metrics-listen', '127.0.0.1:0', '--log-level', 'info'],
+      waitForSocket: false,
+    });
     try {
       const listening = await daemon.waitForLog((l) => l.msg === 'metrics listening', 15_000);
       const m = await scrape(`http://${String(listening['address'])}`);
-      expect(valueOf(m, 'vublk_disk_capacity_bytes', { disk: 'disk0' })).toBe(4 * MiB);
+      expect(sampleValue(m, 'vublk_disk_capacity_bytes', { disk: 'disk0' })).toBe(4 * MiB);
     } finally {
       expect(await daemon.stop()).toBe(0);
     }

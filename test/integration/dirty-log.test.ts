@@ -2,7 +2,7 @@
 // it (SET_LOG_BASE answered, SET_FEATURES with VHOST_F_LOG_ALL, SET_VRING_ADDR with VHOST_VRING_F_LOG): reads
 // mark their data pages, every request marks its status byte and the used ring; nothing is marked with
 // logging off; a replaced log takes over; bad logs are refused with the session kept.
-import fs from 'node:fs';
+import fs, { mkdtempSync, rmSync } from 'node:fs';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import {
   FrontendRequest,
@@ -21,7 +21,6 @@ import { sys } from '../../src/sys/libc.js';
 import { directIoDir } from '../support/host-disk.js';
 import { METRICS_ARGS, metricsUrl, scrape } from '../support/metrics-scrape.js';
 import { select } from '../support/prom-text.js';
-import { mkdtempSync, rmSync } from 'node:fs';
 import path from 'node:path';
 import { closeFd } from '../../src/sys/fd.js';
 
@@ -61,7 +60,12 @@ function markedPages(bytes: Uint8Array): number[] {
 }
 
 /** SET_LOG_BASE: sends the log fd (closed here afterwards, like QEMU keeps its own copy) and returns the reply. */
-async function setLogBase(frontend: VhostUserFrontend, fd: number, size: number, offset = 0): Promise<{ request: number; flags: number; payload: Buffer }> {
+async function setLogBase(
+  frontend: VhostUserFrontend,
+  fd: number,
+  size: number,
+  offset = 0,
+): Promise<{ request: number; flags: number; payload: Buffer }> {
   await frontend.sendMessage(FrontendRequest.SET_LOG_BASE, {
     flags: HeaderFlag.VERSION,
     payload: encodeLogDescription({ mmapSize: BigInt(size), mmapOffset: BigInt(offset) }),
@@ -93,7 +97,11 @@ describe('dirty log (live migration) through the daemon', () => {
   /** A fresh session (each test has its own; the previous one is closed after each test). */
   async function open(): Promise<{ frontend: VhostUserFrontend; blk: VirtioBlkDriver }> {
     // QEMU acknowledges LOG_SHMFD whenever the back-end offers it.
-    return connect(daemon, defer, { memory: [{ gpa: 0, size: MEMORY_BYTES }], numQueues: 2, protocol: { extra: featureMask(ProtocolFeature.LOG_SHMFD) } });
+    return connect(daemon, defer, {
+      memory: [{ gpa: 0, size: MEMORY_BYTES }],
+      numQueues: 2,
+      protocol: { extra: featureMask(ProtocolFeature.LOG_SHMFD) },
+    });
   }
 
   /** A session with a log mapped and logging on, as QEMU sets it up when a migration starts. */
@@ -229,7 +237,15 @@ describe.skipIf(directDir === null)('dirty log with cache=none (bounced reads)',
   let dir: string;
   beforeAll(async () => {
     dir = mkdtempSync(path.join(directDir!, 'vublk-dirty-'));
-    daemon = await startDaemon({ rawArgs: ['serve', '--disk', `image=${path.join(dir, 'disk.img')},socket=${path.join(dir, 'vublk.sock')},cache=none,size=16M`, ...METRICS_ARGS], waitForSocket: false });
+    daemon = await startDaemon({
+      rawArgs: [
+        'serve',
+        '--disk',
+        `image=${path.join(dir, 'disk.img')},socket=${path.join(dir, 'vublk.sock')},cache=none,size=16M`,
+        ...METRICS_ARGS,
+      ],
+      waitForSocket: false,
+    });
     const deadline = Date.now() + 15_000;
     while (!fs.existsSync(path.join(dir, 'vublk.sock'))) {
       if (Date.now() > deadline) throw new Error(`no socket:\n${daemon.output()}`);

@@ -37,13 +37,27 @@ describe('first run', () => {
     mkdirSync(socketDir);
     const socketPath = path.join(socketDir, 'vublk.sock');
     const daemon = await startDaemon({
-      rawArgs: ['serve', '--socket', socketPath, '--image', path.join(dir, 'disk.img'), '--size', '16M', '--num-queues', '2', '--metrics-listen', 'off'],
+      rawArgs: [
+        'serve',
+        '--socket',
+        socketPath,
+        '--image',
+        path.join(dir, 'disk.img'),
+        '--size',
+        '16M',
+        '--num-queues',
+        '2',
+        '--metrics-listen',
+        'off',
+      ],
       waitForSocket: false,
     });
     try {
       const line = await waitFor(() => /\nAttach with QEMU:\n {2}(.*)\n/.exec(daemon.output())?.[1], 'the QEMU command line');
       // A shell splits the printed line into exactly the words QEMU must receive.
-      const words = execFileSync('sh', ['-c', `printf '%s\\0' ${line}`], { encoding: 'utf8', timeout: 10_000 }).split('\0').slice(0, -1);
+      const words = execFileSync('sh', ['-c', `printf '%s\\0' ${line}`], { encoding: 'utf8', timeout: 10_000 })
+        .split('\0')
+        .slice(0, -1);
       expect(words[0]).toBe('qemu-system-x86_64');
       expect(words[words.indexOf('-chardev') + 1]).toBe(`socket,id=vublk0,path=${socketPath.replaceAll(',', ',,')},reconnect=1`);
       expect(words[words.indexOf('-device') + 1]).toBe('vhost-user-blk-pci,chardev=vublk0,num-queues=2');

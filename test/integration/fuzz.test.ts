@@ -341,14 +341,17 @@ class QueueFuzzer {
 
   private dataLen(): number {
     // Mostly small: the fuzzer is about chain shapes; a few large ones reach size_max.
-    return 512 * this.rng.weighted<() => number>([
-      [40, () => 1],
-      [35, () => this.rng.int(2, 8)],
-      [19, () => this.rng.int(9, 64)],
-      [4, () => this.rng.int(65, 256)],
-      [1.5, () => this.rng.int(257, this.limits.sizeMax / 512)],
-      [0.5, () => this.limits.sizeMax / 512],
-    ])();
+    return (
+      512 *
+      this.rng.weighted<() => number>([
+        [40, () => 1],
+        [35, () => this.rng.int(2, 8)],
+        [19, () => this.rng.int(9, 64)],
+        [4, () => this.rng.int(65, 256)],
+        [1.5, () => this.rng.int(257, this.limits.sizeMax / 512)],
+        [0.5, () => this.limits.sizeMax / 512],
+      ])()
+    );
   }
 
   /** Any length, biased to edges: 0, around 16, around 512, around size_max, up to 2 × size_max. */
@@ -376,7 +379,18 @@ class QueueFuzzer {
       [8, () => BigInt(Math.max(0, capSectors - n))],
       [7, () => BigInt(capSectors - n + this.rng.int(1, 8))],
       [2, () => BigInt(capSectors)],
-      [8, () => this.rng.pick([1n << 32n, (1n << 53n) + 1n, (1n << 55n) - 1n, 1n << 63n, (1n << 64n) - 1n, BigInt(capSectors) + BigInt(this.rng.u32())])],
+      [
+        8,
+        () =>
+          this.rng.pick([
+            1n << 32n,
+            (1n << 53n) + 1n,
+            (1n << 55n) - 1n,
+            1n << 63n,
+            (1n << 64n) - 1n,
+            BigInt(capSectors) + BigInt(this.rng.u32()),
+          ]),
+      ],
     ])();
   }
 
@@ -578,14 +592,35 @@ class QueueFuzzer {
         (d[d.length - 1] as DescSpec).write = false;
         break;
       case 'type':
-        spec.type = rng.pick([ReqType.IN, ReqType.OUT, ReqType.FLUSH, ReqType.GET_ID, ReqType.DISCARD, ReqType.WRITE_ZEROES, 2, 10, 14, rng.u32()]);
+        spec.type = rng.pick([
+          ReqType.IN,
+          ReqType.OUT,
+          ReqType.FLUSH,
+          ReqType.GET_ID,
+          ReqType.DISCARD,
+          ReqType.WRITE_ZEROES,
+          2,
+          10,
+          14,
+          rng.u32(),
+        ]);
         break;
       case 'sector':
         spec.sector = this.sectorFor(512 * rng.int(1, 64));
         break;
       case 'indirect':
         spec.layout = rng.chance(0.8) ? 'indirect' : 'mixed';
-        spec.indirectMode = rng.pick<IndirectMode>(['badLen', 'zeroLen', 'withNext', 'outside', 'nested', 'extraLen', 'loop', 'nextOutOfRange', 'valid']);
+        spec.indirectMode = rng.pick<IndirectMode>([
+          'badLen',
+          'zeroLen',
+          'withNext',
+          'outside',
+          'nested',
+          'extraLen',
+          'loop',
+          'nextOutOfRange',
+          'valid',
+        ]);
         break;
       case 'truncate':
         if (d.length > 1) spec.next = { kind: 'truncate', at: rng.int(0, d.length - 2) };
@@ -721,7 +756,8 @@ class QueueFuzzer {
     const ids = this.takeDescriptors(split + 1);
     if (ids === null) return null;
     const mode = spec.indirectMode;
-    if (mode === 'loop' || mode === 'nextOutOfRange') spec.next = mode === 'loop' ? { kind: 'loop', to: 0 } : { kind: 'outOfRange', value: inTable.length + rng.int(0, 5) };
+    if (mode === 'loop' || mode === 'nextOutOfRange')
+      spec.next = mode === 'loop' ? { kind: 'loop', to: 0 } : { kind: 'outOfRange', value: inTable.length + rng.int(0, 5) };
     applyNext(inTable, (p) => p);
     if (mode === 'nested' && inTable.length > 0) {
       const inner = this.arenaAlloc(32);
@@ -741,7 +777,12 @@ class QueueFuzzer {
     const tableEntries = inTable.length + extra;
     const table = this.arenaAlloc(tableEntries * 16, 16);
     if (table === null) return null;
-    const garbage: DescriptorInput[] = Array.from({ length: extra }, () => ({ addr: BigInt(rng.u32()), len: rng.u32(), flags: rng.int(0, 7), next: rng.int(0, 0xffff) }));
+    const garbage: DescriptorInput[] = Array.from({ length: extra }, () => ({
+      addr: BigInt(rng.u32()),
+      len: rng.u32(),
+      flags: rng.int(0, 7),
+      next: rng.int(0, 0xffff),
+    }));
     writeDescriptorTable(this.s.fe.memory, table, [...inTable, ...garbage]);
     let tableAddr: bigint = BigInt(table);
     let tableLen = tableEntries * 16;
@@ -906,7 +947,7 @@ class QueueFuzzer {
     const wanted = this.batch.filter((r) => r.verdict.kind === 'complete');
     let received = 0;
     while (received < wanted.length) {
-      let elements;
+      let elements: Awaited<ReturnType<typeof this.queue.waitUsed>>;
       const waitStart = performance.now();
       try {
         elements = await this.queue.waitUsed({ min: 1, timeoutMs: WAIT_MS });
@@ -931,15 +972,17 @@ class QueueFuzzer {
         signals = this.queue.errorSignals();
       }
       const poison = this.batch[this.batch.length - 1] as ChainRecord;
-      if (signals !== 1) throw new Error(`expected exactly one err eventfd signal for the poisoned queue, got ${signals}: ${this.describe(poison)}`);
-      if (((await this.s.fe.getStatus()) & DeviceStatus.NEEDS_RESET) === 0) throw new Error(`GET_STATUS lacks NEEDS_RESET after: ${this.describe(poison)}`);
+      if (signals !== 1)
+        throw new Error(`expected exactly one err eventfd signal for the poisoned queue, got ${signals}: ${this.describe(poison)}`);
+      if (((await this.s.fe.getStatus()) & DeviceStatus.NEEDS_RESET) === 0)
+        throw new Error(`GET_STATUS lacks NEEDS_RESET after: ${this.describe(poison)}`);
       await this.restart();
       this.s.stats.poisoned++;
     }
     for (const r of this.batch) {
       if (r.verdict.kind === 'drop') this.dropsSinceRestart++;
       countVerdict(r.verdict, this.expected);
-      const key = `${r.verdict.kind === "complete" ? (["ok", "ioerr", "unsupp"][r.verdict.status] ?? "?") : r.verdict.kind}: ${r.verdict.reason.replace(/\d+/g, "N")}`;
+      const key = `${r.verdict.kind === 'complete' ? (['ok', 'ioerr', 'unsupp'][r.verdict.status] ?? '?') : r.verdict.kind}: ${r.verdict.reason.replace(/\d+/g, 'N')}`;
       this.s.stats.verdicts.set(key, (this.s.stats.verdicts.get(key) ?? 0) + 1);
     }
     this.s.stats.chains += this.batch.length;
@@ -959,7 +1002,9 @@ class QueueFuzzer {
     const record = this.byHead.get(id);
     if (record === undefined) {
       const late = this.previousByHead.get(id);
-      throw new Error(`queue ${this.index}: used element for head ${id}, which is not in the current batch${late ? `; late completion of: ${this.describe(late)}` : ''}`);
+      throw new Error(
+        `queue ${this.index}: used element for head ${id}, which is not in the current batch${late ? `; late completion of: ${this.describe(late)}` : ''}`,
+      );
     }
     const v = record.verdict;
     if (v.kind !== 'complete') throw new Error(`daemon completed a chain the model ${v.kind}s (used len ${len}): ${this.describe(record)}`);
@@ -997,7 +1042,8 @@ class QueueFuzzer {
         break;
       case 'getId': {
         const got = gather(e.pieces, e.length);
-        if (Buffer.compare(got, this.s.serial.subarray(0, e.length)) !== 0) throw new Error(`GET_ID returned ${Buffer.from(got).toString('hex')}: ${this.describe(record)}`);
+        if (Buffer.compare(got, this.s.serial.subarray(0, e.length)) !== 0)
+          throw new Error(`GET_ID returned ${Buffer.from(got).toString('hex')}: ${this.describe(record)}`);
         break;
       }
       case 'zero':
@@ -1088,7 +1134,9 @@ afterAll(async () => {
 });
 
 describe('random-chain fuzzer', () => {
-  it(`${CHAINS} seeded random chains: the daemon does what the model says, and the image and counters match`, { timeout: Math.max(120_000, CHAINS * 2) }, async () => {
+  it(`${CHAINS} seeded random chains: the daemon does what the model says, and the image and counters match`, {
+    timeout: Math.max(120_000, CHAINS * 2),
+  }, async () => {
     console.log(`[fuzz] seed ${SEED} (replay with VUBLK_FUZZ_SEED=${SEED}), ${CHAINS} chains`);
     const memory = GuestMemory.create(REGIONS.map((r, i) => ({ gpa: r.gpa, size: r.size, name: `fuzz-${i}` })));
     const fe = await VhostUserFrontend.connect(daemon.socketPath, {
@@ -1134,7 +1182,19 @@ describe('random-chain fuzzer', () => {
         },
         locks: [],
         zoneOwner: new Map(),
-        stats: { chains: 0, completed: 0, poisoned: 0, restarts: 0, ok: 0, ioerr: 0, unsupp: 0, verdicts: new Map(), buildMs: 0, waitMs: 0, verifyMs: 0 },
+        stats: {
+          chains: 0,
+          completed: 0,
+          poisoned: 0,
+          restarts: 0,
+          ok: 0,
+          ioerr: 0,
+          unsupp: 0,
+          verdicts: new Map(),
+          buildMs: 0,
+          waitMs: 0,
+          verifyMs: 0,
+        },
       };
       const before = await metrics.all(QUEUES);
       const fuzzers = Array.from({ length: QUEUES }, (_, q) => new QueueFuzzer(q, shared));

@@ -84,7 +84,18 @@ describe('a memory region larger than its fd (was SIGBUS, exit 135)', () => {
     expect(acked(client, FrontendRequest.SET_MEM_TABLE, encodeMemoryTable([region(MiB)]), [memfd])).toBe(0n);
     const past = 0x7f00_0000_0000n + BigInt(2 * MiB);
     expect(acked(client, FrontendRequest.SET_VRING_NUM, encodeVringState({ index: 0, num: 256 }))).toBe(0n);
-    acked(client, FrontendRequest.SET_VRING_ADDR, encodeVringAddress({ index: 0, flags: 0, descUserAddr: past, usedUserAddr: past + 8192n, availUserAddr: past + 4096n, logGuestAddr: 0n }));
+    acked(
+      client,
+      FrontendRequest.SET_VRING_ADDR,
+      encodeVringAddress({
+        index: 0,
+        flags: 0,
+        descUserAddr: past,
+        usedUserAddr: past + 8192n,
+        availUserAddr: past + 4096n,
+        logGuestAddr: 0n,
+      }),
+    );
     const kick = createEventFd();
     expect(acked(client, FrontendRequest.SET_VRING_KICK, encodeVringFdRequest({ index: 0, noFd: false }), [kick])).toBe(0n);
     acked(client, FrontendRequest.SET_VRING_ENABLE, encodeVringState({ index: 0, num: 1 }));
@@ -116,7 +127,11 @@ describe('a memory region larger than its fd (was SIGBUS, exit 135)', () => {
     const fifoPath = path.join(daemon.dir, 'fifo');
     execFileSync('mkfifo', [fifoPath]);
     const fifo = fs.openSync(fifoPath, fs.constants.O_RDWR | fs.constants.O_NONBLOCK);
-    for (const [fd, kind] of [[pipe, 'char-device'], [dir, 'directory'], [fifo, 'pipe']] as const) {
+    for (const [fd, kind] of [
+      [pipe, 'char-device'],
+      [dir, 'directory'],
+      [fifo, 'pipe'],
+    ] as const) {
       const since = daemon.logs().length;
       expect(acked(client, FrontendRequest.SET_MEM_TABLE, encodeMemoryTable([region(MiB)]), [fd])).toBe(1n);
       await daemon.waitForLog((l) => String(l['err']).includes(`region fd is a ${kind}`), 5_000, since);
@@ -131,7 +146,11 @@ describe('a memory region larger than its fd (was SIGBUS, exit 135)', () => {
     const before = fdCount(daemon.child.pid!);
     for (let i = 0; i < 40; i++) {
       const memfd = createMemfd('tiny', 4096);
-      expect(acked(client, FrontendRequest.ADD_MEM_REG, encodeSingleRegion(region(1024 * 1024 * MiB, BigInt(i) << 40n, BigInt(i + 1) << 40n)), [memfd])).toBe(1n);
+      expect(
+        acked(client, FrontendRequest.ADD_MEM_REG, encodeSingleRegion(region(1024 * 1024 * MiB, BigInt(i) << 40n, BigInt(i + 1) << 40n)), [
+          memfd,
+        ]),
+      ).toBe(1n);
       closeFd(memfd);
     }
     expect(fdCount(daemon.child.pid!)).toBeLessThanOrEqual(before + 1);
@@ -231,7 +250,12 @@ describe('fd ownership', () => {
       }
       expect(refused).toBeGreaterThan(0);
       await own.waitForLog((l) => JSON.stringify(l).includes('EMFILE'), 5_000, since);
-      expect(own.logs().slice(since).some((l) => JSON.stringify(l).includes('more than 16 fds'))).toBe(false);
+      expect(
+        own
+          .logs()
+          .slice(since)
+          .some((l) => JSON.stringify(l).includes('more than 16 fds')),
+      ).toBe(false);
       holder.close();
       execFileSync('prlimit', ['--pid', String(pid), '--nofile=4096:']);
       // A fresh front-end is served once fds are free again.
@@ -316,7 +340,11 @@ describe('ring addresses', () => {
     const memfd = createMemfd('unaligned', 2 * MiB);
     const shifted = { guestPhysAddr: 0n, memorySize: BigInt(MiB), userAddr: 0x7f00_0000_0008n, mmapOffset: 0n };
     expect(acked(client, FrontendRequest.SET_MEM_TABLE, encodeMemoryTable([shifted]), [memfd])).toBe(1n);
-    expect(acked(client, FrontendRequest.SET_MEM_TABLE, encodeMemoryTable([{ ...shifted, userAddr: 0x7f00_0000_0000n, mmapOffset: 24n }]), [memfd])).toBe(1n);
+    expect(
+      acked(client, FrontendRequest.SET_MEM_TABLE, encodeMemoryTable([{ ...shifted, userAddr: 0x7f00_0000_0000n, mmapOffset: 24n }]), [
+        memfd,
+      ]),
+    ).toBe(1n);
     await daemon.waitForLog((l) => String(l['err']).includes('must be multiples of 4096'), 5_000, since);
     closeFd(memfd);
     client.close();

@@ -54,10 +54,16 @@ async function listening(daemon: DaemonProcess): Promise<boolean> {
 async function qsd(image: string, writable: boolean): Promise<{ running: () => boolean; output: () => string }> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vublk-qsd-'));
   const ro = writable ? '' : ',read-only=on';
-  const child = spawn('qemu-storage-daemon', [
-    '--blockdev', `driver=file,filename=${image},node-name=file0${ro}`,
-    '--export', `type=vhost-user-blk,id=e0,node-name=file0,addr.type=unix,addr.path=${path.join(dir, 'q.sock')},writable=${writable ? 'on' : 'off'}`,
-  ], { stdio: ['ignore', 'pipe', 'pipe'] });
+  const child = spawn(
+    'qemu-storage-daemon',
+    [
+      '--blockdev',
+      `driver=file,filename=${image},node-name=file0${ro}`,
+      '--export',
+      `type=vhost-user-blk,id=e0,node-name=file0,addr.type=unix,addr.path=${path.join(dir, 'q.sock')},writable=${writable ? 'on' : 'off'}`,
+    ],
+    { stdio: ['ignore', 'pipe', 'pipe'] },
+  );
   let output = '';
   child.stdout.on('data', (d: Buffer) => (output += d.toString()));
   child.stderr.on('data', (d: Buffer) => (output += d.toString()));
@@ -70,7 +76,8 @@ async function qsd(image: string, writable: boolean): Promise<{ running: () => b
     fs.rmSync(dir, { recursive: true, force: true });
   });
   const deadline = Date.now() + 10_000;
-  while (running() && !fs.existsSync(path.join(dir, 'q.sock')) && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 50));
+  while (running() && !fs.existsSync(path.join(dir, 'q.sock')) && Date.now() < deadline)
+    await new Promise((resolve) => setTimeout(resolve, 50));
   if (running() && !fs.existsSync(path.join(dir, 'q.sock'))) throw new Error('qemu-storage-daemon did not start in time');
   if (!running()) await new Promise((resolve) => setTimeout(resolve, 50)); // let stderr drain
   return { running, output: () => output };
@@ -82,7 +89,12 @@ function qemuImg(...args: string[]): { status: number | null; output: string } {
 }
 
 function lockError(daemon: DaemonProcess): string {
-  return daemon.logs().map((l) => `${l.msg} ${String(l['err'] ?? '')}`).join('\n') + daemon.output();
+  return (
+    daemon
+      .logs()
+      .map((l) => `${l.msg} ${String(l['err'] ?? '')}`)
+      .join('\n') + daemon.output()
+  );
 }
 
 describe.skipIf(!haveQemuImg || !haveQsd)('image locks compatible with QEMU', () => {
@@ -132,6 +144,18 @@ describe.skipIf(!haveQemuImg || !haveQsd)('image locks compatible with QEMU', ()
     expect(lockError(reader)).toMatch(/failed to get shared "write" lock/);
   });
 
+  it('a start waits briefly for a lock that its holder is about to drop (a restart right after a crash)', async () => {
+    const image = await tempImage();
+    const first = await vublk(image);
+    expect(await listening(first)).toBe(true);
+    const second = await vublk(image);
+    // The second daemon is still waiting for the lock when the first one goes away.
+    await new Promise((resolve) => setTimeout(resolve, 500));
+    expect(second.running()).toBe(true);
+    await first.stop();
+    expect(await listening(second)).toBe(true);
+  });
+
   it('locking=off lets two daemons share one image by design (migration)', async () => {
     const image = await tempImage();
     const first = await vublk(image, ',locking=off');
@@ -142,4 +166,3 @@ describe.skipIf(!haveQemuImg || !haveQsd)('image locks compatible with QEMU', ()
     expect(qemuImg('convert', '-f', 'raw', '-O', 'raw', image, `${image}.copy`).status).toBe(0);
   });
 });
-

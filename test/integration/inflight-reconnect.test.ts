@@ -36,7 +36,21 @@ afterAll(async () => {
 
 async function startOn(socketPath: string, imagePath: string): Promise<DaemonProcess> {
   const daemon = await startDaemon({
-    rawArgs: ['serve', '--socket', socketPath, '--image', imagePath, '--size', '256M', '--cache', 'none', '--num-queues', '2', '--metrics-listen', 'off'],
+    rawArgs: [
+      'serve',
+      '--socket',
+      socketPath,
+      '--image',
+      imagePath,
+      '--size',
+      '256M',
+      '--cache',
+      'none',
+      '--num-queues',
+      '2',
+      '--metrics-listen',
+      'off',
+    ],
     waitForSocket: false,
   });
   started.push(daemon);
@@ -60,7 +74,13 @@ describe('kill -9 with requests in flight', () => {
     let daemon = await startDaemon({ size: '256M', args: ['--cache', 'none', '--num-queues', '2', '--metrics-listen', 'off'] });
     started.push(daemon);
     const { socketPath, imagePath } = daemon;
-    frontend = await VhostUserFrontend.connect(socketPath, { timeoutMs: 20_000, numQueues: 2, queueSize: 128, memory: [{ gpa: 0, size: 256 * MiB }], protocol: { inflight: keeper } });
+    frontend = await VhostUserFrontend.connect(socketPath, {
+      timeoutMs: 20_000,
+      numQueues: 2,
+      queueSize: 128,
+      memory: [{ gpa: 0, size: 256 * MiB }],
+      protocol: { inflight: keeper },
+    });
     expect(keeper.held, 'the front-end got an inflight region (GET_INFLIGHT_FD)').toBe(true);
     const blk = new VirtioBlkDriver(frontend);
     const resumedPerRound: number[] = [];
@@ -70,7 +90,12 @@ describe('kill -9 with requests in flight', () => {
       const sectorOf = (i: number): number => (round * REQUESTS + i) * SECTORS_PER_REQUEST;
       for (let i = 0; i < REQUESTS; i++) {
         const queue = i % 2;
-        submissions.push(blk.submit({ type: BlkRequestType.OUT, sector: sectorOf(i), out: pattern(round * 1000 + i, REQUEST_BYTES) }, { queue, kick: i >= REQUESTS - 2, indirect: true }));
+        submissions.push(
+          blk.submit(
+            { type: BlkRequestType.OUT, sector: sectorOf(i), out: pattern(round * 1000 + i, REQUEST_BYTES) },
+            { queue, kick: i >= REQUESTS - 2, indirect: true },
+          ),
+        );
       }
       // Kill as soon as the daemon has completed anything: the rest of the batch is in the kernel or the ring.
       const ring0 = frontend.queue(0).ring;
@@ -93,7 +118,11 @@ describe('kill -9 with requests in flight', () => {
       for (let i = 0; i < REQUESTS; i++) {
         const expected = pattern(round * 1000 + i, REQUEST_BYTES);
         expect(sectorBytes(imagePath, sectorOf(i), REQUEST_BYTES).equals(expected), `round ${round} request ${i} on the image`).toBe(true);
-        if (i % 8 === 0) expect((await blk.read(sectorOf(i), REQUEST_BYTES, { queue: 1 - (i % 2) })).equals(expected), `round ${round} request ${i} read back`).toBe(true);
+        if (i % 8 === 0)
+          expect(
+            (await blk.read(sectorOf(i), REQUEST_BYTES, { queue: 1 - (i % 2) })).equals(expected),
+            `round ${round} request ${i} read back`,
+          ).toBe(true);
       }
       resumedPerRound.push(resumedCount(daemon));
       expect(errorLogs(daemon), `round ${round}: the new daemon logged errors`).toEqual([]);

@@ -25,7 +25,12 @@ afterAll(async () => {
 
 const QUEUES = 2;
 const QUEUE_SIZE = 128;
-const good = (): InflightDescription => ({ mmapSize: BigInt(inflightRegionBytes(QUEUES, QUEUE_SIZE)), mmapOffset: 0n, numQueues: QUEUES, queueSize: QUEUE_SIZE });
+const good = (): InflightDescription => ({
+  mmapSize: BigInt(inflightRegionBytes(QUEUES, QUEUE_SIZE)),
+  mmapOffset: 0n,
+  numQueues: QUEUES,
+  queueSize: QUEUE_SIZE,
+});
 
 function memfd(bytes: number): number {
   return createMemfd('hostile-inflight', bytes);
@@ -51,7 +56,9 @@ describe('SET_INFLIGHT_FD refusals', () => {
       const since = daemon.logs().length;
       const sent = fds();
       try {
-        await expect(frontend.set(FrontendRequest.SET_INFLIGHT_FD, encodeInflight(description), sent), what).rejects.toThrow(BackendNackError);
+        await expect(frontend.set(FrontendRequest.SET_INFLIGHT_FD, encodeInflight(description), sent), what).rejects.toThrow(
+          BackendNackError,
+        );
       } finally {
         sent.forEach(closeFd);
       }
@@ -78,7 +85,11 @@ describe('SET_INFLIGHT_FD refusals', () => {
     defer(() => keeper.drop());
     const since = daemon.logs().length;
     const { blk } = await connect(daemon, defer, { numQueues: QUEUES, queueSize: QUEUE_SIZE, protocol: { inflight: keeper } });
-    const refused = await daemon.waitForLog((l) => l.msg === 'queue worker error' && /inflight region refused: descriptor 5 has inflight flag 7/.test(String(l['reason'])), 10_000, since);
+    const refused = await daemon.waitForLog(
+      (l) => l.msg === 'queue worker error' && /inflight region refused: descriptor 5 has inflight flag 7/.test(String(l['reason'])),
+      10_000,
+      since,
+    );
     expect(refused.queue).toBe(0);
     const data = pattern(9, 32 * 1024);
     await blk.write(4096, data, { queue: 0 });

@@ -56,7 +56,10 @@ function engineLog(daemon: DaemonProcess, queue: number): Promise<LogLine> {
   return daemon.waitForLog((l) => l.msg === 'queue worker io engine' && l['queue'] === queue);
 }
 
-async function start(engine: string, extra: string[] = []): Promise<{ daemon: DaemonProcess; frontend: VhostUserFrontend; blk: VirtioBlkDriver }> {
+async function start(
+  engine: string,
+  extra: string[] = [],
+): Promise<{ daemon: DaemonProcess; frontend: VhostUserFrontend; blk: VirtioBlkDriver }> {
   const daemon = await startDaemon({ args: ['--io-engine', engine, '--num-queues', String(QUEUES), ...extra], size: `${DISK_BYTES}` });
   cleanups.push(() => daemon.stop());
   const frontend = await VhostUserFrontend.connect(daemon.socketPath, {

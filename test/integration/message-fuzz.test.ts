@@ -56,7 +56,16 @@ const USER_BASE = 0x7f00_0000_0000n;
 const VALID_SIZE = MiB;
 
 /** Requests whose reply is part of the request (REPLY_ACK does not apply). */
-const REPLYING = new Set<number>([R.GET_FEATURES, R.GET_PROTOCOL_FEATURES, R.GET_VRING_BASE, R.GET_QUEUE_NUM, R.GET_CONFIG, R.GET_INFLIGHT_FD, R.GET_MAX_MEM_SLOTS, R.GET_STATUS]);
+const REPLYING = new Set<number>([
+  R.GET_FEATURES,
+  R.GET_PROTOCOL_FEATURES,
+  R.GET_VRING_BASE,
+  R.GET_QUEUE_NUM,
+  R.GET_CONFIG,
+  R.GET_INFLIGHT_FD,
+  R.GET_MAX_MEM_SLOTS,
+  R.GET_STATUS,
+]);
 
 interface FdPool {
   eventfd: number;
@@ -93,8 +102,33 @@ function makePool(dir: string): FdPool {
   fs.writeFileSync(file, Buffer.alloc(8192));
   const readOnlyFile = fs.openSync(file, 'r');
   const socket = sys.socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0); // an unconnected socket
-  const all = [eventfd, blockingAtMax, validMemfd, smallMemfd, unsealableMemfd, pipeRead, pipeWrite, devNull, directory, readOnlyFile, socket];
-  return { eventfd, blockingAtMax, validMemfd, smallMemfd, unsealableMemfd, pipeRead, pipeWrite, devNull, directory, readOnlyFile, socket, all };
+  const all = [
+    eventfd,
+    blockingAtMax,
+    validMemfd,
+    smallMemfd,
+    unsealableMemfd,
+    pipeRead,
+    pipeWrite,
+    devNull,
+    directory,
+    readOnlyFile,
+    socket,
+  ];
+  return {
+    eventfd,
+    blockingAtMax,
+    validMemfd,
+    smallMemfd,
+    unsealableMemfd,
+    pipeRead,
+    pipeWrite,
+    devNull,
+    directory,
+    readOnlyFile,
+    socket,
+    all,
+  };
 }
 
 /** One message to send and what must come back. */
@@ -143,7 +177,15 @@ class MessageGenerator {
       [4, () => ({ guestPhysAddr: 0n, memorySize: BigInt(VALID_SIZE), userAddr: USER_BASE, mmapOffset: 0n })],
       [1, () => ({ guestPhysAddr: 0n, memorySize: 0n, userAddr: USER_BASE, mmapOffset: 0n })],
       [1, () => ({ guestPhysAddr: 0n, memorySize: 16n * BigInt(MiB), userAddr: USER_BASE, mmapOffset: 0n })],
-      [1, () => ({ guestPhysAddr: BigInt(r.int(0, 4096)), memorySize: BigInt(r.int(1, VALID_SIZE)), userAddr: USER_BASE + BigInt(r.int(0, 4096)), mmapOffset: BigInt(r.int(0, 8192)) })],
+      [
+        1,
+        () => ({
+          guestPhysAddr: BigInt(r.int(0, 4096)),
+          memorySize: BigInt(r.int(1, VALID_SIZE)),
+          userAddr: USER_BASE + BigInt(r.int(0, 4096)),
+          mmapOffset: BigInt(r.int(0, 8192)),
+        }),
+      ],
       [1, () => ({ guestPhysAddr: 1n << 40n, memorySize: 1n << 41n, userAddr: 1n << 41n, mmapOffset: 0n })],
       [2, () => ({ guestPhysAddr: this.u64(), memorySize: this.u64(), userAddr: this.u64(), mmapOffset: this.u64() })],
     ])();
@@ -240,7 +282,13 @@ class MessageGenerator {
         payload = encodeU64(this.u64() | (1n << BigInt(ProtocolFeature.REPLY_ACK)));
         break;
       case R.SET_MEM_TABLE: {
-        const count = r.weighted([[6, 1], [2, 2], [1, 0], [1, r.int(3, 8)], [1, r.int(9, 40)]]);
+        const count = r.weighted([
+          [6, 1],
+          [2, 2],
+          [1, 0],
+          [1, r.int(3, 8)],
+          [1, r.int(9, 40)],
+        ]);
         const regions = Array.from({ length: Math.min(count, 64) }, () => this.region());
         payload = encodeMemoryTable(regions);
         if (count > 8) new DataView(payload.buffer).setUint32(0, count, true);
@@ -256,12 +304,28 @@ class MessageGenerator {
       case R.SET_VRING_BASE:
       case R.GET_VRING_BASE:
       case R.SET_VRING_ENABLE:
-        payload = encodeVringState({ index: this.queueIndex(), num: request === R.SET_VRING_NUM ? this.vringNum() : r.weighted([[4, r.int(0, 1)], [1, r.u32()]]) });
+        payload = encodeVringState({
+          index: this.queueIndex(),
+          num:
+            request === R.SET_VRING_NUM
+              ? this.vringNum()
+              : r.weighted([
+                  [4, r.int(0, 1)],
+                  [1, r.u32()],
+                ]),
+        });
         break;
       case R.SET_VRING_ADDR: {
         const inside = (): bigint => USER_BASE + BigInt(r.int(0, VALID_SIZE / 4096 - 4)) * 4096n;
         const address = (): bigint => (r.chance(0.7) ? inside() : this.u64());
-        payload = encodeVringAddress({ index: this.queueIndex(), flags: r.chance(0.9) ? 0 : r.u32(), descUserAddr: address(), availUserAddr: address(), usedUserAddr: address(), logGuestAddr: this.u64() });
+        payload = encodeVringAddress({
+          index: this.queueIndex(),
+          flags: r.chance(0.9) ? 0 : r.u32(),
+          descUserAddr: address(),
+          availUserAddr: address(),
+          usedUserAddr: address(),
+          logGuestAddr: this.u64(),
+        });
         break;
       }
       case R.SET_VRING_KICK:
@@ -275,9 +339,23 @@ class MessageGenerator {
       }
       case R.GET_CONFIG:
       case R.SET_CONFIG: {
-        const data = new Uint8Array(r.weighted([[3, 1], [2, 60], [1, r.int(0, 300)]]));
+        const data = new Uint8Array(
+          r.weighted([
+            [3, 1],
+            [2, 60],
+            [1, r.int(0, 300)],
+          ]),
+        );
         r.fill(data);
-        payload = encodeConfigMessage({ offset: r.weighted([[3, 0], [2, 32], [1, r.int(0, 300)]]), flags: r.int(0, 1), data });
+        payload = encodeConfigMessage({
+          offset: r.weighted([
+            [3, 0],
+            [2, 32],
+            [1, r.int(0, 300)],
+          ]),
+          flags: r.int(0, 1),
+          data,
+        });
         break;
       }
       case R.SET_BACKEND_REQ_FD:
@@ -293,7 +371,12 @@ class MessageGenerator {
       }
       case R.SET_INFLIGHT_FD:
       case R.GET_INFLIGHT_FD:
-        payload = encodeInflight({ mmapSize: this.u64(), mmapOffset: this.u64(), numQueues: r.int(0, 0xffff), queueSize: r.int(0, 0xffff) });
+        payload = encodeInflight({
+          mmapSize: this.u64(),
+          mmapOffset: this.u64(),
+          numQueues: r.int(0, 0xffff),
+          queueSize: r.int(0, 0xffff),
+        });
         fds = request === R.SET_INFLIGHT_FD ? this.fds(2) : [];
         break;
       case R.VRING_KICK:
@@ -329,17 +412,41 @@ class MessageGenerator {
   /** Random request code, flags and bytes. */
   private random(): FuzzMessage {
     const r = this.rng;
-    const payload = new Uint8Array(r.weighted([[3, r.int(0, 16)], [2, r.int(17, 300)], [1, r.int(301, 4096)]]));
+    const payload = new Uint8Array(
+      r.weighted([
+        [3, r.int(0, 16)],
+        [2, r.int(17, 300)],
+        [1, r.int(301, 4096)],
+      ]),
+    );
     r.fill(payload);
-    const request = r.weighted([[3, r.int(0, 45)], [1, r.int(46, 0xffff)], [1, r.u32()]]);
-    return { request, flags: V | NEED_REPLY | (r.u32() & 0xfffffff0 & (r.chance(0.5) ? 0 : 0xffffffff)), payload, fds: r.chance(0.2) ? this.fds(4) : [], kind: 'random' };
+    const request = r.weighted([
+      [3, r.int(0, 45)],
+      [1, r.int(46, 0xffff)],
+      [1, r.u32()],
+    ]);
+    return {
+      request,
+      flags: V | NEED_REPLY | (r.u32() & 0xfffffff0 & (r.chance(0.5) ? 0 : 0xffffffff)),
+      payload,
+      fds: r.chance(0.2) ? this.fds(4) : [],
+      kind: 'random',
+    };
   }
 
   /** A header the stream cannot continue after: wrong version or a payload larger than any message. */
   private corrupt(): FuzzMessage {
     const r = this.rng;
-    if (r.chance(0.5)) return { request: R.GET_FEATURES, flags: r.pick([0, 2, 3]), payload: new Uint8Array(0), fds: [], kind: 'bad-version' };
-    return { request: R.SET_FEATURES, flags: V, payload: new Uint8Array(0), fds: [], claimedSize: r.int(4097, 0x7fff_ffff), kind: 'oversized' };
+    if (r.chance(0.5))
+      return { request: R.GET_FEATURES, flags: r.pick([0, 2, 3]), payload: new Uint8Array(0), fds: [], kind: 'bad-version' };
+    return {
+      request: R.SET_FEATURES,
+      flags: V,
+      payload: new Uint8Array(0),
+      fds: [],
+      claimedSize: r.int(4097, 0x7fff_ffff),
+      kind: 'oversized',
+    };
   }
 
   next(): FuzzMessage {
@@ -372,7 +479,10 @@ let daemon: DaemonProcess;
 let pool: FdPool;
 
 beforeAll(async () => {
-  daemon = await startDaemon({ size: '16M', args: ['--num-queues', '2', '--metrics-listen', 'off', '--admin-socket', 'off', '--log-level', 'warn'] });
+  daemon = await startDaemon({
+    size: '16M',
+    args: ['--num-queues', '2', '--metrics-listen', 'off', '--admin-socket', 'off', '--log-level', 'warn'],
+  });
   pool = makePool(daemon.dir);
 });
 
@@ -473,7 +583,10 @@ describe('vhost-user message fuzzer', () => {
         // SET_PROTOCOL_FEATURES may switch it off or on again for the messages after it.
         // Under LOG_SHMFD, SET_LOG_BASE is always answered (vhost-user "Communication").
         const owed =
-          stream || ((message.flags & NEED_REPLY) !== 0 && replyAck) || REPLYING.has(message.request >>> 0) || (message.request === R.SET_LOG_BASE && logShmfd);
+          stream ||
+          ((message.flags & NEED_REPLY) !== 0 && replyAck) ||
+          REPLYING.has(message.request >>> 0) ||
+          (message.request === R.SET_LOG_BASE && logShmfd);
         if (!stream && message.request === R.SET_PROTOCOL_FEATURES && message.payload.length === 8) {
           replyAck = (Buffer.from(message.payload).readBigUInt64LE(0) & (1n << BigInt(ProtocolFeature.REPLY_ACK))) !== 0n;
           logShmfd = (Buffer.from(message.payload).readBigUInt64LE(0) & (1n << BigInt(ProtocolFeature.LOG_SHMFD))) !== 0n;
@@ -492,9 +605,11 @@ describe('vhost-user message fuzzer', () => {
           if (reply === null) {
             if (!stream) figures.unexpectedCloses++;
             figures.closedByDaemon++;
-            await daemon.waitForLog((l) => l.msg === 'front-end disconnected', 10_000, logMark).catch(() => {
-              throw new Error(`${context()}: session closed without a log line`);
-            });
+            await daemon
+              .waitForLog((l) => l.msg === 'front-end disconnected', 10_000, logMark)
+              .catch(() => {
+                throw new Error(`${context()}: session closed without a log line`);
+              });
             client.close();
             client = fuzzSession();
             replyAck = true;
@@ -509,7 +624,10 @@ describe('vhost-user message fuzzer', () => {
         }
         // Now and then a kick on the shared eventfd: rings that run on fuzzed addresses get to work.
         if (rng.chance(0.02)) signalEventFd(pool.eventfd);
-        if (!daemon.running()) throw new Error(`${context()}: the daemon died (${daemon.child.exitCode ?? daemon.child.signalCode})\n${daemon.output().slice(-3000)}`);
+        if (!daemon.running())
+          throw new Error(
+            `${context()}: the daemon died (${daemon.child.exitCode ?? daemon.child.signalCode})\n${daemon.output().slice(-3000)}`,
+          );
       }
       client.close();
       await freshClientServed(round);
@@ -530,7 +648,9 @@ describe('vhost-user message fuzzer', () => {
     const errors = daemon.logs().filter((l) => l.level >= 50);
     const kinds = new Map<string, number>();
     for (const line of errors) {
-      const key = `${line.msg}: ${String(line['request'] ?? '')} ${String(line['err'] ?? '').replace(/0x[0-9a-f]+|\d+/g, 'N').slice(0, 140)}`;
+      const key = `${line.msg}: ${String(line['request'] ?? '')} ${String(line['err'] ?? '')
+        .replace(/0x[0-9a-f]+|\d+/g, 'N')
+        .slice(0, 140)}`;
       kinds.set(key, (kinds.get(key) ?? 0) + 1);
     }
     if (kinds.size > 0) console.log(`error-level log lines by kind:\n${[...kinds].map(([k, n]) => `  ${n} × ${k}`).join('\n')}`);
@@ -550,4 +670,3 @@ describe('vhost-user message fuzzer', () => {
     expect(errors.length, 'error-level log lines').toBe(0);
   });
 });
-

@@ -9,7 +9,7 @@ import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { LATENCY_BUCKETS_SECONDS } from '../../src/dataplane/counters.js';
 import { runCli, startDaemon, type DaemonProcess } from '../support/daemon-process.js';
-import { parseExposition, select, valueOf, type Exposition } from '../support/prom-text.js';
+import { parseExposition, select, sampleValue, type Exposition } from '../support/prom-text.js';
 
 const MiB = 1024 * 1024;
 
@@ -82,7 +82,10 @@ describe('metrics over HTTP', () => {
   let adminSocket: string;
 
   beforeAll(async () => {
-    daemon = await startDaemon({ size: '64M', args: ['--num-queues', '2', '--iops', '1000', '--bps', '10M', '--metrics-listen', '127.0.0.1:0'] });
+    daemon = await startDaemon({
+      size: '64M',
+      args: ['--num-queues', '2', '--iops', '1000', '--bps', '10M', '--metrics-listen', '127.0.0.1:0'],
+    });
     base = await metricsBase(daemon);
     adminSocket = path.join(daemon.dir, 'vublk.admin.sock');
     admin = `unix:${adminSocket}`;
@@ -115,27 +118,32 @@ describe('metrics over HTTP', () => {
     expect(m.types.get('vublk_requests_total')).toBe('counter');
     for (const queue of ['0', '1']) {
       for (const op of ['read', 'write', 'flush', 'discard', 'write_zeroes', 'get_id']) {
-        expect(valueOf(m, 'vublk_requests_total', { disk: 'disk0', queue, op })).toBe(0);
+        expect(sampleValue(m, 'vublk_requests_total', { disk: 'disk0', queue, op })).toBe(0);
       }
-      for (const direction of ['read', 'write']) expect(valueOf(m, 'vublk_bytes_total', { disk: 'disk0', queue, direction })).toBe(0);
-      for (const name of ['vublk_io_errors_total', 'vublk_unsupported_requests_total', 'vublk_throttled_total', 'vublk_invalid_avail_idx_total']) {
+      for (const direction of ['read', 'write']) expect(sampleValue(m, 'vublk_bytes_total', { disk: 'disk0', queue, direction })).toBe(0);
+      for (const name of [
+        'vublk_io_errors_total',
+        'vublk_unsupported_requests_total',
+        'vublk_throttled_total',
+        'vublk_invalid_avail_idx_total',
+      ]) {
         expect(m.types.get(name)).toBe('counter');
-        expect(valueOf(m, name, { disk: 'disk0', queue })).toBe(0);
+        expect(sampleValue(m, name, { disk: 'disk0', queue })).toBe(0);
       }
       expect(m.types.get('vublk_throttle_pending')).toBe('gauge');
-      expect(valueOf(m, 'vublk_throttle_pending', { disk: 'disk0', queue })).toBe(0);
+      expect(sampleValue(m, 'vublk_throttle_pending', { disk: 'disk0', queue })).toBe(0);
       expect(m.types.get('vublk_queue_poisoned')).toBe('gauge');
-      expect(valueOf(m, 'vublk_queue_poisoned', { disk: 'disk0', queue })).toBe(0);
+      expect(sampleValue(m, 'vublk_queue_poisoned', { disk: 'disk0', queue })).toBe(0);
     }
     expect(select(m, 'vublk_requests_total')).toHaveLength(12);
-    expect(valueOf(m, 'vublk_front_end_connected', { disk: 'disk0' })).toBe(0);
-    expect(valueOf(m, 'vublk_disk_capacity_bytes', { disk: 'disk0' })).toBe(64 * MiB);
-    expect(valueOf(m, 'vublk_throttle_limit', { disk: 'disk0', kind: 'iops' })).toBe(1000);
-    expect(valueOf(m, 'vublk_throttle_limit', { disk: 'disk0', kind: 'iops_burst' })).toBe(1000);
-    expect(valueOf(m, 'vublk_throttle_limit', { disk: 'disk0', kind: 'bps' })).toBe(10 * MiB);
-    expect(valueOf(m, 'vublk_throttle_limit', { disk: 'disk0', kind: 'bps_burst' })).toBe(10 * MiB);
+    expect(sampleValue(m, 'vublk_front_end_connected', { disk: 'disk0' })).toBe(0);
+    expect(sampleValue(m, 'vublk_disk_capacity_bytes', { disk: 'disk0' })).toBe(64 * MiB);
+    expect(sampleValue(m, 'vublk_throttle_limit', { disk: 'disk0', kind: 'iops' })).toBe(1000);
+    expect(sampleValue(m, 'vublk_throttle_limit', { disk: 'disk0', kind: 'iops_burst' })).toBe(1000);
+    expect(sampleValue(m, 'vublk_throttle_limit', { disk: 'disk0', kind: 'bps' })).toBe(10 * MiB);
+    expect(sampleValue(m, 'vublk_throttle_limit', { disk: 'disk0', kind: 'bps_burst' })).toBe(10 * MiB);
     expect(m.types.get('vublk_process_start_time_seconds')).toBe('gauge');
-    expect(valueOf(m, 'vublk_process_start_time_seconds')).toBeGreaterThan(0);
+    expect(sampleValue(m, 'vublk_process_start_time_seconds')).toBeGreaterThan(0);
     expect(select(m, 'vublk_nodejs_version_info')).toHaveLength(1);
   });
 
@@ -146,9 +154,9 @@ describe('metrics over HTTP', () => {
       const buckets = select(m, 'vublk_request_duration_seconds_bucket', { disk: 'disk0', op });
       expect(buckets.map((b) => b.labels['le'])).toEqual([...LATENCY_BUCKETS_SECONDS.map(String), '+Inf']);
       for (let i = 1; i < buckets.length; i++) expect(buckets[i]!.value).toBeGreaterThanOrEqual(buckets[i - 1]!.value);
-      const count = valueOf(m, 'vublk_request_duration_seconds_count', { disk: 'disk0', op });
+      const count = sampleValue(m, 'vublk_request_duration_seconds_count', { disk: 'disk0', op });
       expect(buckets.at(-1)!.value).toBe(count);
-      expect(valueOf(m, 'vublk_request_duration_seconds_sum', { disk: 'disk0', op })).toBeGreaterThanOrEqual(0);
+      expect(sampleValue(m, 'vublk_request_duration_seconds_sum', { disk: 'disk0', op })).toBeGreaterThanOrEqual(0);
     }
   });
 
@@ -158,14 +166,14 @@ describe('metrics over HTTP', () => {
     try {
       await daemon.waitForLog((l) => l.msg === 'front-end connected');
       const m = await scrape(base);
-      expect(valueOf(m, 'vublk_front_end_connected', { disk: 'disk0' })).toBe(1);
-      expect(valueOf(m, 'vublk_front_end_connections_total', { disk: 'disk0' })).toBe(1);
+      expect(sampleValue(m, 'vublk_front_end_connected', { disk: 'disk0' })).toBe(1);
+      expect(sampleValue(m, 'vublk_front_end_connections_total', { disk: 'disk0' })).toBe(1);
     } finally {
       socket.destroy();
     }
     await waitFor('front-end disconnected', async () => {
       const m = await scrape(base);
-      return valueOf(m, 'vublk_front_end_connected', { disk: 'disk0' }) === 0 ? true : undefined;
+      return sampleValue(m, 'vublk_front_end_connected', { disk: 'disk0' }) === 0 ? true : undefined;
     });
   });
 
@@ -178,17 +186,20 @@ describe('metrics over HTTP', () => {
     const post = (body: string, contentType?: string) => request(admin, 'POST', '/admin/disks/disk0/throttle', body, contentType);
     const ok = await post(JSON.stringify({ iops: 2500, bps: '20M' }));
     expect(ok.status).toBe(200);
-    expect(JSON.parse(ok.body)).toEqual({ disk: 'disk0', throttle: { iops: 2500, 'iops-burst': 2500, bps: 20 * MiB, 'bps-burst': 20 * MiB } });
+    expect(JSON.parse(ok.body)).toEqual({
+      disk: 'disk0',
+      throttle: { iops: 2500, 'iops-burst': 2500, bps: 20 * MiB, 'bps-burst': 20 * MiB },
+    });
     let m = await scrape(base);
-    expect(valueOf(m, 'vublk_throttle_limit', { disk: 'disk0', kind: 'iops' })).toBe(2500);
-    expect(valueOf(m, 'vublk_throttle_limit', { disk: 'disk0', kind: 'bps' })).toBe(20 * MiB);
+    expect(sampleValue(m, 'vublk_throttle_limit', { disk: 'disk0', kind: 'iops' })).toBe(2500);
+    expect(sampleValue(m, 'vublk_throttle_limit', { disk: 'disk0', kind: 'bps' })).toBe(20 * MiB);
     await daemon.waitForLog((l) => l.msg === 'throttle limits changed' && l['source'] === 'admin');
 
     // Only what is given changes; a burst can be set on its own.
     expect((await post(JSON.stringify({ 'iops-burst': 5000 }))).status).toBe(200);
     m = await scrape(base);
-    expect(valueOf(m, 'vublk_throttle_limit', { disk: 'disk0', kind: 'iops' })).toBe(2500);
-    expect(valueOf(m, 'vublk_throttle_limit', { disk: 'disk0', kind: 'iops_burst' })).toBe(5000);
+    expect(sampleValue(m, 'vublk_throttle_limit', { disk: 'disk0', kind: 'iops' })).toBe(2500);
+    expect(sampleValue(m, 'vublk_throttle_limit', { disk: 'disk0', kind: 'iops_burst' })).toBe(5000);
 
     const bad = await post(JSON.stringify({ bps: 'fast' }));
     expect(bad.status).toBe(400);
@@ -199,7 +210,7 @@ describe('metrics over HTTP', () => {
     expect((await request(admin, 'GET', '/admin/disks/disk0/throttle')).status).toBe(405);
     // Refused changes left the limits alone.
     m = await scrape(base);
-    expect(valueOf(m, 'vublk_throttle_limit', { disk: 'disk0', kind: 'bps' })).toBe(20 * MiB);
+    expect(sampleValue(m, 'vublk_throttle_limit', { disk: 'disk0', kind: 'bps' })).toBe(20 * MiB);
   });
 
   it('lists disks with GET /admin/disks', async () => {
@@ -207,7 +218,14 @@ describe('metrics over HTTP', () => {
     expect(reply.status).toBe(200);
     const { disks } = JSON.parse(reply.body) as { disks: Record<string, unknown>[] };
     expect(disks).toHaveLength(1);
-    expect(disks[0]).toMatchObject({ name: 'disk0', socket: daemon.socketPath, 'capacity-bytes': 64 * MiB, 'num-queues': 2, 'read-only': false, connected: false });
+    expect(disks[0]).toMatchObject({
+      name: 'disk0',
+      socket: daemon.socketPath,
+      'capacity-bytes': 64 * MiB,
+      'num-queues': 2,
+      'read-only': false,
+      connected: false,
+    });
     expect(disks[0]!['throttle']).toMatchObject({ iops: 2500 });
   });
 
@@ -217,8 +235,8 @@ describe('metrics over HTTP', () => {
     expect(set.code).toBe(0);
     expect(JSON.parse(set.stdout)).toEqual({ disk: 'disk0', throttle: { iops: 7000, 'iops-burst': 7000, bps: 0, 'bps-burst': 0 } });
     const m = await scrape(base);
-    expect(valueOf(m, 'vublk_throttle_limit', { disk: 'disk0', kind: 'iops' })).toBe(7000);
-    expect(valueOf(m, 'vublk_throttle_limit', { disk: 'disk0', kind: 'bps' })).toBe(0);
+    expect(sampleValue(m, 'vublk_throttle_limit', { disk: 'disk0', kind: 'iops' })).toBe(7000);
+    expect(sampleValue(m, 'vublk_throttle_limit', { disk: 'disk0', kind: 'bps' })).toBe(0);
 
     const list = await runCli(['disks', '--admin-socket', adminSocket]);
     expect(list.code).toBe(0);
@@ -242,7 +260,7 @@ describe('metrics listener lifecycle', () => {
       expect(base).toBe(`unix:${metricsPath}`);
       expect((await request(base, 'GET', '/readyz')).status).toBe(200);
       const m = await scrape(base);
-      expect(valueOf(m, 'vublk_disk_capacity_bytes', { disk: 'disk0' })).toBe(8 * MiB);
+      expect(sampleValue(m, 'vublk_disk_capacity_bytes', { disk: 'disk0' })).toBe(8 * MiB);
       // A unix metrics socket is owner-only: the admin API is on there too.
       const list = await runCli(['disks', '--metrics-url', base]);
       expect(list.code).toBe(0);
@@ -291,7 +309,15 @@ describe('metrics listener lifecycle', () => {
   });
 
   it('rejects a malformed --metrics-listen before starting', async () => {
-    const result = await runCli(['serve', '--metrics-listen', 'nowhere', '--image', '/nonexistent/x.img', '--socket', '/nonexistent/x.sock']);
+    const result = await runCli([
+      'serve',
+      '--metrics-listen',
+      'nowhere',
+      '--image',
+      '/nonexistent/x.img',
+      '--socket',
+      '/nonexistent/x.sock',
+    ]);
     expect(result.code).toBe(2);
     expect(result.stderr).toMatch(/invalid metrics listen address 'nowhere': no port/);
   });

@@ -88,7 +88,14 @@ describe('NBD client against nbdkit', () => {
     track(await startNbdkit({ unix: socket }, ['memory', '64M']));
     const driven = track(DrivenClient.open(parseNbdUri(`nbd+unix:///?socket=${socket}`)));
     const info = driven.client.info;
-    expect(info).toMatchObject({ size: 64 << 20, structuredReplies: true, canFlush: true, canTrim: true, canWriteZeroes: true, readOnly: false });
+    expect(info).toMatchObject({
+      size: 64 << 20,
+      structuredReplies: true,
+      canFlush: true,
+      canTrim: true,
+      canWriteZeroes: true,
+      readOnly: false,
+    });
     await readWriteRoundTrip(driven);
     await pipelined(driven, 8 << 20);
 
@@ -121,8 +128,13 @@ describe('NBD client against nbdkit', () => {
     const socket = join(scratch(), 'nbd.sock');
     track(
       await startNbdkit({ unix: socket }, [
-        '--filter=blocksize-policy', 'memory', '16M',
-        'blocksize-minimum=4096', 'blocksize-preferred=4096', 'blocksize-maximum=65536', 'blocksize-error-policy=error',
+        '--filter=blocksize-policy',
+        'memory',
+        '16M',
+        'blocksize-minimum=4096',
+        'blocksize-preferred=4096',
+        'blocksize-maximum=65536',
+        'blocksize-error-policy=error',
       ]),
     );
     const driven = track(DrivenClient.open({ endpoint: { kind: 'unix', path: socket }, exportName: '' }));
@@ -173,7 +185,19 @@ describe('NBD client against nbdkit', () => {
     const dir = scratch();
     const socket = join(dir, 'nbd.sock');
     const trigger = join(dir, 'inject');
-    track(await startNbdkit({ unix: socket }, ['--filter=error', 'memory', '16M', 'error=EIO', 'error-pread-rate=100%', `error-pread-file=${trigger}`, 'error-pwrite=ENOSPC', 'error-pwrite-rate=100%', `error-pwrite-file=${trigger}`]));
+    track(
+      await startNbdkit({ unix: socket }, [
+        '--filter=error',
+        'memory',
+        '16M',
+        'error=EIO',
+        'error-pread-rate=100%',
+        `error-pread-file=${trigger}`,
+        'error-pwrite=ENOSPC',
+        'error-pwrite-rate=100%',
+        `error-pwrite-file=${trigger}`,
+      ]),
+    );
     const driven = track(DrivenClient.open({ endpoint: { kind: 'unix', path: socket }, exportName: '' }));
     const buffer = new HostBuffer(8192);
     pattern(9, 4096).copy(buffer.bytes);
@@ -268,7 +292,15 @@ describe('NBD client across server failures', () => {
     const socket = join(dir, 'nbd.sock');
     let server = await startQemuNbd({ unix: socket }, image);
     cleanups.push(() => server.kill());
-    const driven = track(DrivenClient.open({ endpoint: { kind: 'unix', path: socket }, exportName: '', reconnectTimeoutMs: 20_000, initialBackoffMs: 20, maxBackoffMs: 200 }));
+    const driven = track(
+      DrivenClient.open({
+        endpoint: { kind: 'unix', path: socket },
+        exportName: '',
+        reconnectTimeoutMs: 20_000,
+        initialBackoffMs: 20,
+        maxBackoffMs: 200,
+      }),
+    );
 
     const blocks = 512;
     const buffer = new HostBuffer(blocks * 4096);
@@ -313,7 +345,15 @@ describe('NBD client across server failures', () => {
     const socket = join(dir, 'nbd.sock');
     let server = await startNbdkit({ unix: socket }, ['file', image]);
     cleanups.push(() => server.kill());
-    const driven = track(DrivenClient.open({ endpoint: { kind: 'unix', path: socket }, exportName: '', reconnectTimeoutMs: 400, initialBackoffMs: 20, maxBackoffMs: 100 }));
+    const driven = track(
+      DrivenClient.open({
+        endpoint: { kind: 'unix', path: socket },
+        exportName: '',
+        reconnectTimeoutMs: 400,
+        initialBackoffMs: 20,
+        maxBackoffMs: 100,
+      }),
+    );
     const buffer = new HostBuffer(8192);
     pattern(11, 4096).copy(buffer.bytes);
     expect(await driven.write(0, buffer, 0, 4096)).toBe(0);
@@ -336,7 +376,13 @@ describe('NBD client across server failures', () => {
     const socket = join(scratch(), 'nbd.sock');
     track(await startNbdkit({ unix: socket }, ['--filter=delay', 'memory', '16M', 'rdelay=20']));
     const driven = track(
-      DrivenClient.open({ endpoint: { kind: 'unix', path: socket }, exportName: '', requestTimeoutMs: 300, reconnectTimeoutMs: 1000, initialBackoffMs: 20 }),
+      DrivenClient.open({
+        endpoint: { kind: 'unix', path: socket },
+        exportName: '',
+        requestTimeoutMs: 300,
+        reconnectTimeoutMs: 1000,
+        initialBackoffMs: 20,
+      }),
     );
     const buffer = new HostBuffer(8192);
     buffer.bytes.fill(0xee);
@@ -352,8 +398,18 @@ describe('NBD client across server failures', () => {
 
 describe('NBD client against a malicious server', () => {
   const protocolModes: FakeMode[] = [
-    'bad-magic', 'unknown-handle', 'chunk-outside', 'overlap', 'short-done', 'huge-chunk', 'data-too-big',
-    'simple-read-with-sr', 'hole-zero', 'none-without-done', 'error-message-overflow', 'block-status-chunk',
+    'bad-magic',
+    'unknown-handle',
+    'chunk-outside',
+    'overlap',
+    'short-done',
+    'huge-chunk',
+    'data-too-big',
+    'simple-read-with-sr',
+    'hole-zero',
+    'none-without-done',
+    'error-message-overflow',
+    'block-status-chunk',
   ];
 
   async function fakeRead(mode: FakeMode): Promise<{ driven: DrivenClient; buffer: HostBuffer; errno: number }> {
@@ -407,7 +463,13 @@ describe('NBD client against a malicious server', () => {
     const fake = await startFakeServer(socket, 'always-bad-magic');
     cleanups.push(() => fake.stop());
     const driven = track(
-      DrivenClient.open({ endpoint: { kind: 'unix', path: socket }, exportName: '', reconnectTimeoutMs: 1500, initialBackoffMs: 50, maxBackoffMs: 400 }),
+      DrivenClient.open({
+        endpoint: { kind: 'unix', path: socket },
+        exportName: '',
+        reconnectTimeoutMs: 1500,
+        initialBackoffMs: 50,
+        maxBackoffMs: 400,
+      }),
     );
     const buffer = new HostBuffer(8192);
     expect(await driven.read(0, buffer, 0, 8192)).toBe(EIO);
@@ -421,7 +483,9 @@ describe('NBD client against a malicious server', () => {
     const socket = join(scratch(), 'fake.sock');
     const fake = await startFakeServer(socket, 'gappy');
     cleanups.push(() => fake.stop());
-    const driven = track(DrivenClient.open({ endpoint: { kind: 'unix', path: socket }, exportName: '', reconnectTimeoutMs: 800, initialBackoffMs: 50 }));
+    const driven = track(
+      DrivenClient.open({ endpoint: { kind: 'unix', path: socket }, exportName: '', reconnectTimeoutMs: 800, initialBackoffMs: 50 }),
+    );
     const buffer = new HostBuffer(3 * 8192);
     expect(await driven.read(65536, buffer, 8192, 8192, 3000)).toBe(0); // 4096 gaps, then all filled
     expect(buffer.bytes.subarray(8192, 16384).equals(expectedData)).toBe(true);
@@ -460,7 +524,9 @@ describe('NBD client against a malicious server', () => {
     const socket = join(scratch(), 'fake.sock');
     const fake = await startFakeServer(socket, mode);
     cleanups.push(() => fake.stop());
-    expect(() => NbdClient.open({ endpoint: { kind: 'unix', path: socket }, exportName: '', connectTimeoutMs: 3000 }, () => undefined)).toThrow(message);
+    expect(() =>
+      NbdClient.open({ endpoint: { kind: 'unix', path: socket }, exportName: '', connectTimeoutMs: 3000 }, () => undefined),
+    ).toThrow(message);
     void NbdProtocolError;
   });
 });

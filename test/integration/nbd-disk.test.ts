@@ -47,7 +47,10 @@ function dir(): string {
 async function serveNbd(image: string, extra = '', args: string[] = []): Promise<DaemonProcess> {
   const work = dir();
   const socket = path.join(work, 'vublk.sock');
-  const daemon = await startDaemon({ rawArgs: ['serve', '--disk', `image=${image},socket=${socket}${extra}`, ...args], waitForSocket: false });
+  const daemon = await startDaemon({
+    rawArgs: ['serve', '--disk', `image=${image},socket=${socket}${extra}`, ...args],
+    waitForSocket: false,
+  });
   cleanups.push(async () => {
     await daemon.stop();
   });
@@ -97,7 +100,21 @@ describe('vublk over NBD', () => {
     expect(ready['backend']).toBe('nbd');
     expect(ready['queuesPinned']).toBe(false);
     expect(ready['capacityBytes']).toBe(64 * MiB);
-    const result = await bench(['--socket', daemon.socketPath, '--verify', '--size', '8M', '--bs', '4k', '--queues', '2', '--iodepth', '8', '--seed', '5']);
+    const result = await bench([
+      '--socket',
+      daemon.socketPath,
+      '--verify',
+      '--size',
+      '8M',
+      '--bs',
+      '4k',
+      '--queues',
+      '2',
+      '--iodepth',
+      '8',
+      '--seed',
+      '5',
+    ]);
     expectVerified(result, daemon);
   });
 
@@ -110,10 +127,28 @@ describe('vublk over NBD', () => {
     const port = await freePort();
     await keep(startQemuNbd({ port }, image, ['-x', 'disk0']));
     const daemon = await serveNbd(`nbd://127.0.0.1:${port}/disk0`, ',num-queues=2');
-    const result = await bench(['--socket', daemon.socketPath, '--verify', '--size', '4M', '--bs', '16k', '--queues', '2', '--iodepth', '4', '--seed', '7']);
+    const result = await bench([
+      '--socket',
+      daemon.socketPath,
+      '--verify',
+      '--size',
+      '4M',
+      '--bs',
+      '16k',
+      '--queues',
+      '2',
+      '--iodepth',
+      '4',
+      '--seed',
+      '7',
+    ]);
     expectVerified(result, daemon);
     // FLUSH went to the server; qemu-nbd wrote through its page cache into the file.
-    expect(readFileSync(image).subarray(0, 4 * MiB).equals(pattern(7, 4 * MiB))).toBe(true);
+    expect(
+      readFileSync(image)
+        .subarray(0, 4 * MiB)
+        .equals(pattern(7, 4 * MiB)),
+    ).toBe(true);
   });
 
   it('nbdkit file plugin behind the delay filter: verify passes with 5 ms per request', async (context) => {
@@ -125,9 +160,25 @@ describe('vublk over NBD', () => {
     const nbdSocket = path.join(work, 'nbd.sock');
     await keep(startNbdkit({ unix: nbdSocket }, ['--filter=delay', 'file', image, 'delay-read=5ms', 'delay-write=5ms']));
     const daemon = await serveNbd(`nbd+unix:///?socket=${nbdSocket}`);
-    const result = await bench(['--socket', daemon.socketPath, '--verify', '--size', '2M', '--bs', '64k', '--iodepth', '16', '--seed', '3']);
+    const result = await bench([
+      '--socket',
+      daemon.socketPath,
+      '--verify',
+      '--size',
+      '2M',
+      '--bs',
+      '64k',
+      '--iodepth',
+      '16',
+      '--seed',
+      '3',
+    ]);
     expectVerified(result, daemon);
-    expect(readFileSync(image).subarray(0, 2 * MiB).equals(pattern(3, 2 * MiB))).toBe(true);
+    expect(
+      readFileSync(image)
+        .subarray(0, 2 * MiB)
+        .equals(pattern(3, 2 * MiB)),
+    ).toBe(true);
   });
 
   it('injected EIO (nbdkit error filter) becomes IOERR and io_errors; the daemon stays up and serves on', async (context) => {
@@ -135,11 +186,32 @@ describe('vublk over NBD', () => {
     const work = dir();
     const nbdSocket = path.join(work, 'nbd.sock');
     const trigger = path.join(work, 'fail-reads');
-    await keep(startNbdkit({ unix: nbdSocket }, ['--filter=error', 'memory', '16M', 'error-pread=EIO', 'error-pread-rate=100%', `error-pread-file=${trigger}`]));
+    await keep(
+      startNbdkit({ unix: nbdSocket }, [
+        '--filter=error',
+        'memory',
+        '16M',
+        'error-pread=EIO',
+        'error-pread-rate=100%',
+        `error-pread-file=${trigger}`,
+      ]),
+    );
     const daemon = await serveNbd(`nbd+unix:///?socket=${nbdSocket}`, '', [...METRICS_ARGS]);
     const base = await metricsUrl(daemon);
     // Writes work; while the trigger file exists every read fails.
-    const written = await bench(['--socket', daemon.socketPath, '--verify', '--size', '1M', '--bs', '4k', '--iodepth', '4', '--seed', '11']);
+    const written = await bench([
+      '--socket',
+      daemon.socketPath,
+      '--verify',
+      '--size',
+      '1M',
+      '--bs',
+      '4k',
+      '--iodepth',
+      '4',
+      '--seed',
+      '11',
+    ]);
     expectVerified(written, daemon);
     writeFileSync(trigger, '');
     const failing = await bench(['--socket', daemon.socketPath, '--verify-only', '--size', '1M', '--bs', '4k', '--seed', '11']);
@@ -154,7 +226,9 @@ describe('vublk over NBD', () => {
     expectVerified(again, daemon);
   });
 
-  it('the NBD server killed and restarted under I/O: requests wait, are resent, and nothing is lost', { timeout: 120_000 }, async (context) => {
+  it('the NBD server killed and restarted under I/O: requests wait, are resent, and nothing is lost', {
+    timeout: 120_000,
+  }, async (context) => {
     requireTool(context, 'qemu-nbd');
     const work = dir();
     const image = path.join(work, 'disk.raw');
@@ -165,7 +239,26 @@ describe('vublk over NBD', () => {
     cleanups.push(() => server.kill());
     const daemon = await serveNbd(`nbd+unix:///?socket=${nbdSocket}`, ',num-queues=2,reconnect-timeout=60', [...METRICS_ARGS]);
     const base = await metricsUrl(daemon);
-    const run = bench(['--socket', daemon.socketPath, '--verify', '--size', '48M', '--bs', '64k', '--queues', '2', '--iodepth', '8', '--seed', '21', '--timeout', '60000'], 110_000);
+    const run = bench(
+      [
+        '--socket',
+        daemon.socketPath,
+        '--verify',
+        '--size',
+        '48M',
+        '--bs',
+        '64k',
+        '--queues',
+        '2',
+        '--iodepth',
+        '8',
+        '--seed',
+        '21',
+        '--timeout',
+        '60000',
+      ],
+      110_000,
+    );
     // Kill the server once the write pass is well under way, restart it a second later.
     const deadline = Date.now() + 60_000;
     let writesAtKill = 0;
@@ -188,10 +281,16 @@ describe('vublk over NBD', () => {
     // The operator saw it: the connection was lost, then came back (each worker's connection says so once).
     await daemon.waitForLog((l) => l.msg === 'network back-end' && /NBD connection lost/.test(String(l['reason'])));
     await daemon.waitForLog((l) => l.msg === 'network back-end' && /NBD connection up again/.test(String(l['reason'])));
-    expect(readFileSync(image).subarray(0, 48 * MiB).equals(pattern(21, 48 * MiB))).toBe(true);
+    expect(
+      readFileSync(image)
+        .subarray(0, 48 * MiB)
+        .equals(pattern(21, 48 * MiB)),
+    ).toBe(true);
   });
 
-  it('a server away longer than reconnect-timeout: requests fail with IOERR, and the disk recovers when it returns', { timeout: 90_000 }, async (context) => {
+  it('a server away longer than reconnect-timeout: requests fail with IOERR, and the disk recovers when it returns', {
+    timeout: 90_000,
+  }, async (context) => {
     requireTool(context, 'qemu-nbd');
     const work = dir();
     const image = path.join(work, 'disk.raw');
@@ -204,7 +303,19 @@ describe('vublk over NBD', () => {
     const base = await metricsUrl(daemon);
     expectVerified(await bench(['--socket', daemon.socketPath, '--verify', '--size', '1M', '--bs', '4k', '--seed', '61']), daemon);
     await server.kill();
-    const failing = await bench(['--socket', daemon.socketPath, '--verify-only', '--size', '1M', '--bs', '4k', '--seed', '61', '--timeout', '20000']);
+    const failing = await bench([
+      '--socket',
+      daemon.socketPath,
+      '--verify-only',
+      '--size',
+      '1M',
+      '--bs',
+      '4k',
+      '--seed',
+      '61',
+      '--timeout',
+      '20000',
+    ]);
     expect(failing.code, failing.stdout + failing.stderr).not.toBe(0);
     expect(queueCounts(await scrape(base), 0).ioErrors).toBeGreaterThan(0);
     expect(daemon.running()).toBe(true);
@@ -212,9 +323,22 @@ describe('vublk over NBD', () => {
     // Reconnect attempts continue (backoff up to 2 s): the first requests after the return may still fail.
     const deadline = Date.now() + 30_000;
     for (;;) {
-      const again = await bench(['--socket', daemon.socketPath, '--verify-only', '--size', '1M', '--bs', '4k', '--seed', '61', '--timeout', '20000']);
+      const again = await bench([
+        '--socket',
+        daemon.socketPath,
+        '--verify-only',
+        '--size',
+        '1M',
+        '--bs',
+        '4k',
+        '--seed',
+        '61',
+        '--timeout',
+        '20000',
+      ]);
       if (again.code === 0) break;
-      if (Date.now() > deadline) throw new Error(`the disk did not recover:\n${again.stdout}${again.stderr}\n${daemon.output().slice(-2000)}`);
+      if (Date.now() > deadline)
+        throw new Error(`the disk did not recover:\n${again.stdout}${again.stderr}\n${daemon.output().slice(-2000)}`);
       await new Promise((resolve) => setTimeout(resolve, 500));
     }
   });
@@ -223,7 +347,10 @@ describe('vublk over NBD', () => {
     requireTool(context, 'qemu-nbd');
     const work = dir();
     const socket = path.join(work, 'vublk.sock');
-    const nobody = await startDaemon({ rawArgs: ['serve', '--disk', `image=nbd+unix:///x?socket=${path.join(work, 'none.sock')},socket=${socket},connect-timeout=2`], waitForSocket: false });
+    const nobody = await startDaemon({
+      rawArgs: ['serve', '--disk', `image=nbd+unix:///x?socket=${path.join(work, 'none.sock')},socket=${socket},connect-timeout=2`],
+      waitForSocket: false,
+    });
     cleanups.push(async () => {
       await nobody.stop();
     });
@@ -236,7 +363,10 @@ describe('vublk over NBD', () => {
     writeFileSync(image, '');
     truncateSync(image, MiB);
     await keep(startQemuNbd({ unix: nbdSocket }, image, ['-x', 'only']));
-    const wrong = await startDaemon({ rawArgs: ['serve', '--disk', `image=nbd+unix:///other?socket=${nbdSocket},socket=${socket}`], waitForSocket: false });
+    const wrong = await startDaemon({
+      rawArgs: ['serve', '--disk', `image=nbd+unix:///other?socket=${nbdSocket},socket=${socket}`],
+      waitForSocket: false,
+    });
     cleanups.push(async () => {
       await wrong.stop();
     });

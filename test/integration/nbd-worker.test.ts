@@ -12,7 +12,7 @@ import { requireTool, startNbdkit, tempDir } from '../support/nbd-servers.js';
 
 const DIST = resolve('dist');
 
-const WORKER = String.raw`
+const WORKER = `
 const { parentPort, workerData } = require('node:worker_threads');
 (async () => {
   const { NbdClient } = await import(workerData.dist + '/src/backend/nbd/nbd-client.js');

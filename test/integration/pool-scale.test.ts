@@ -53,7 +53,9 @@ async function serveOne(daemon: DaemonProcess, disk: number, open: VhostUserFron
     await blk.write(sector, data, { queue: q });
     const back = await blk.read(sector, data.length, { queue: 1 - q });
     expect(back.equals(data), `disk ${disk} queue ${q}: read back`).toBe(true);
-    expect(sectorBytes(path.join(daemon.dir, `d${disk}.img`), sector, data.length).equals(data), `disk ${disk} queue ${q}: image`).toBe(true);
+    expect(sectorBytes(path.join(daemon.dir, `d${disk}.img`), sector, data.length).equals(data), `disk ${disk} queue ${q}: image`).toBe(
+      true,
+    );
   }
   return { handshakeMs, totalMs: performance.now() - t0 };
 }
@@ -67,7 +69,9 @@ describe('one worker pool for every disk', () => {
     for (const d of daemons.splice(0)) await d.stop();
   });
 
-  it(`${DISKS} front-ends connecting at once to ${DISKS} disks × ${QUEUES} queues all complete the handshake and verified I/O`, { timeout: 240_000 }, async () => {
+  it(`${DISKS} front-ends connecting at once to ${DISKS} disks × ${QUEUES} queues all complete the handshake and verified I/O`, {
+    timeout: 240_000,
+  }, async () => {
     const daemon = await startDisks(DISKS);
     daemons.push(daemon);
     const pid = daemon.child.pid as number;
@@ -97,7 +101,9 @@ describe('one worker pool for every disk', () => {
     daemons.push(single);
     await serveOne(single, 0, frontends);
     const singleThreads = threadCount(single.child.pid as number);
-    console.log(`[pool] threads: 1 disk ${singleThreads}, ${DISKS} disks ${connectedThreads}; RSS 1 disk ${rssMiB(single.child.pid as number)} MiB`);
+    console.log(
+      `[pool] threads: 1 disk ${singleThreads}, ${DISKS} disks ${connectedThreads}; RSS 1 disk ${rssMiB(single.child.pid as number)} MiB`,
+    );
     expect(singleThreads).toBe(connectedThreads);
   });
 });

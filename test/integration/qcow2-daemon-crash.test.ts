@@ -70,11 +70,14 @@ async function checkReport(image: string, iteration: number): Promise<Record<str
   const deadline = Date.now() + 10_000;
   for (;;) {
     try {
-      return JSON.parse(execFileSync('qemu-img', ['check', '--output=json', image], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] })) as Record<string, unknown>;
+      return JSON.parse(
+        execFileSync('qemu-img', ['check', '--output=json', image], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] }),
+      ) as Record<string, unknown>;
     } catch (error) {
       const { stdout = '', stderr = '' } = error as { stdout?: string; stderr?: string };
       if (stdout.trim() !== '') return JSON.parse(stdout) as Record<string, unknown>;
-      if (!/lock/.test(stderr) || Date.now() > deadline) throw new Error(`iteration ${iteration}, seed ${SEED}: qemu-img check failed: ${stderr}`);
+      if (!/lock/.test(stderr) || Date.now() > deadline)
+        throw new Error(`iteration ${iteration}, seed ${SEED}: qemu-img check failed: ${stderr}`);
       await new Promise((resolve) => setTimeout(resolve, 50));
     }
   }
@@ -99,7 +102,10 @@ describe(`qcow2 crash: kill -9 during writes (engine ${process.env['VUBLK_IO_ENG
 
     for (let iteration = 0; iteration < ITERATIONS; iteration++) {
       const socket = path.join(dir, `vublk-${iteration}.sock`);
-      const daemon = await startDaemon({ rawArgs: ['serve', '--socket', socket, '--image', image, '--format', 'qcow2', '--num-queues', String(QUEUES)], waitForSocket: false });
+      const daemon = await startDaemon({
+        rawArgs: ['serve', '--socket', socket, '--image', image, '--format', 'qcow2', '--num-queues', String(QUEUES)],
+        waitForSocket: false,
+      });
       cleanups.push(() => daemon.stop());
       const deadline = Date.now() + 15_000;
       while (!existsSync(socket)) {
@@ -127,7 +133,12 @@ describe(`qcow2 crash: kill -9 during writes (engine ${process.env['VUBLK_IO_ENG
             written.push([b, id]);
             parts.push(blockData(id, b));
           }
-          subs.push(blk.submit({ type: 1, sector: (first * BLOCK) / SECTOR_SIZE, out: Buffer.concat(parts) }, { kick: false, queue: i % QUEUES, dataSegments: 1 + (i % 3) }));
+          subs.push(
+            blk.submit(
+              { type: 1, sector: (first * BLOCK) / SECTOR_SIZE, out: Buffer.concat(parts) },
+              { kick: false, queue: i % QUEUES, dataSegments: 1 + (i % 3) },
+            ),
+          );
         }
         for (let q = 0; q < QUEUES; q++) blk.kick(q);
         return { subs, written };
@@ -172,7 +183,10 @@ describe(`qcow2 crash: kill -9 during writes (engine ${process.env['VUBLK_IO_ENG
       for (let b = 0; b < BLOCKS; b++) {
         const id = blockId(bytes, b);
         const ok = id === durable[b] || (id > 0 && later[b]!.has(id));
-        if (!ok) throw new Error(`iteration ${iteration}, seed ${SEED}: block ${b} holds id ${id}, expected ${durable[b]} or one of [${[...later[b]!].join(', ')}]`);
+        if (!ok)
+          throw new Error(
+            `iteration ${iteration}, seed ${SEED}: block ${b} holds id ${id}, expected ${durable[b]} or one of [${[...later[b]!].join(', ')}]`,
+          );
         durable[b] = id;
         later[b]!.clear();
       }

@@ -70,7 +70,17 @@ interface Served {
 async function serve(image: string, format: 'raw' | 'qcow2' | null, queues: number, extra: string[] = []): Promise<Served> {
   const socket = path.join(path.dirname(image), `${path.basename(image)}.sock`);
   const daemon = await startDaemon({
-    rawArgs: ['serve', '--socket', socket, '--image', image, '--num-queues', String(queues), ...(format === null ? [] : ['--format', format]), ...extra],
+    rawArgs: [
+      'serve',
+      '--socket',
+      socket,
+      '--image',
+      image,
+      '--num-queues',
+      String(queues),
+      ...(format === null ? [] : ['--format', format]),
+      ...extra,
+    ],
     waitForSocket: false,
   });
   cleanups.push(() => daemon.stop());
@@ -150,10 +160,27 @@ async function run(served: Served, ops: Op[][], queues: number): Promise<void> {
           subs.push(blk.submit({ type: 1, sector: op.offset / SECTOR_SIZE, out: op.data }, options));
           break;
         case 'discard':
-          subs.push(blk.submit({ type: 11, out: encodeDiscardSegment({ sector: op.offset / SECTOR_SIZE, numSectors: op.length / SECTOR_SIZE, flags: 0 }) }, { kick: false, queue }));
+          subs.push(
+            blk.submit(
+              { type: 11, out: encodeDiscardSegment({ sector: op.offset / SECTOR_SIZE, numSectors: op.length / SECTOR_SIZE, flags: 0 }) },
+              { kick: false, queue },
+            ),
+          );
           break;
         case 'zeroes':
-          subs.push(blk.submit({ type: 13, out: encodeDiscardSegment({ sector: op.offset / SECTOR_SIZE, numSectors: op.length / SECTOR_SIZE, flags: op.unmap ? 1 : 0 }) }, { kick: false, queue }));
+          subs.push(
+            blk.submit(
+              {
+                type: 13,
+                out: encodeDiscardSegment({
+                  sector: op.offset / SECTOR_SIZE,
+                  numSectors: op.length / SECTOR_SIZE,
+                  flags: op.unmap ? 1 : 0,
+                }),
+              },
+              { kick: false, queue },
+            ),
+          );
           break;
         case 'flush':
           subs.push(blk.submit({ type: 4 }, { kick: false, queue }));
@@ -163,7 +190,10 @@ async function run(served: Served, ops: Op[][], queues: number): Promise<void> {
     for (const queue of kicked) blk.kick(queue);
     const done = await blk.wait(subs, 60_000);
     const bad = done.filter((c) => c.status !== BlkStatus.OK);
-    if (bad.length > 0) throw new Error(`seed ${SEED}: ${bad.length} requests failed (status ${bad[0]!.status}); daemon output:\n${served.daemon.output().slice(-3000)}`);
+    if (bad.length > 0)
+      throw new Error(
+        `seed ${SEED}: ${bad.length} requests failed (status ${bad[0]!.status}); daemon output:\n${served.daemon.output().slice(-3000)}`,
+      );
   }
 }
 
@@ -196,74 +226,89 @@ async function qsdBytes(image: string, size: number): Promise<Buffer> {
 }
 
 const cases: [number, number, boolean][] = [];
-for (const cluster of [4 * KiB, 64 * KiB, 2 * MiB]) for (const queues of [1, 2]) for (const backing of [false, true]) cases.push([cluster, queues, backing]);
+for (const cluster of [4 * KiB, 64 * KiB, 2 * MiB])
+  for (const queues of [1, 2]) for (const backing of [false, true]) cases.push([cluster, queues, backing]);
 
 describe(`qcow2 through the daemon (engine ${process.env['VUBLK_IO_ENGINE'] ?? 'auto'}, seed ${SEED})`, () => {
-  it.for(cases)('cluster %i, %i queue(s), backing %s: check clean, compare identical to raw, qemu-storage-daemon agrees', { timeout: 180_000 }, async ([cluster, queues, backing], ctx) => {
-    needQemuImg(ctx);
-    const dir = tempDir();
-    const raw = path.join(dir, 'raw.img');
-    const image = path.join(dir, 'disk.qcow2');
-    if (backing) {
-      const base = path.join(dir, 'base.img');
-      const bytes = Buffer.alloc(DISK);
-      new Prng(SEED ^ 0x5a5a).fill(bytes);
-      writeFileSync(base, bytes);
-      copyFileSync(base, raw);
-      qemuImg('create', '-q', '-f', 'qcow2', '-o', `cluster_size=${cluster}`, '-b', 'base.img', '-F', 'raw', image);
-    } else {
-      writeFileSync(raw, '');
-      execFileSync('truncate', ['-s', String(DISK), raw]);
-      qemuImg('create', '-q', '-f', 'qcow2', '-o', `cluster_size=${cluster}`, image, String(DISK));
-    }
-    const ops = workload(SEED + cluster + queues * 7 + (backing ? 1 : 0), cluster, 60);
-    // 4 KiB clusters: 12 L2 tables for the disk, a 4-table cache (l2-cache-size=16K) so they are evicted and reloaded.
-    const cacheArgs = cluster === 4 * KiB ? ['--l2-cache-size', '16K'] : [];
-    for (const [file, format] of [[raw, 'raw'], [image, 'qcow2']] as const) {
-      const served = await serve(file, format, queues, format === 'qcow2' ? cacheArgs : []);
-      await run(served, ops, queues);
-      await served.fe.close();
-      expect(await served.daemon.stop()).toBe(0);
-    }
-    checkClean(image);
-    const compare = execFileSync('qemu-img', ['compare', '-f', 'qcow2', '-F', 'raw', image, raw], { encoding: 'utf8' });
-    expect(compare).toContain('identical');
-    if (QSD_BINARY !== null) {
-      const viaQsd = await qsdBytes(image, DISK);
-      expect(viaQsd.equals(readFileSync(raw))).toBe(true);
-    }
-  });
+  it.for(cases)(
+    'cluster %i, %i queue(s), backing %s: check clean, compare identical to raw, qemu-storage-daemon agrees',
+    { timeout: 180_000 },
+    async ([cluster, queues, backing], ctx) => {
+      needQemuImg(ctx);
+      const dir = tempDir();
+      const raw = path.join(dir, 'raw.img');
+      const image = path.join(dir, 'disk.qcow2');
+      if (backing) {
+        const base = path.join(dir, 'base.img');
+        const bytes = Buffer.alloc(DISK);
+        new Prng(SEED ^ 0x5a5a).fill(bytes);
+        writeFileSync(base, bytes);
+        copyFileSync(base, raw);
+        qemuImg('create', '-q', '-f', 'qcow2', '-o', `cluster_size=${cluster}`, '-b', 'base.img', '-F', 'raw', image);
+      } else {
+        writeFileSync(raw, '');
+        execFileSync('truncate', ['-s', String(DISK), raw]);
+        qemuImg('create', '-q', '-f', 'qcow2', '-o', `cluster_size=${cluster}`, image, String(DISK));
+      }
+      const ops = workload(SEED + cluster + queues * 7 + (backing ? 1 : 0), cluster, 60);
+      // 4 KiB clusters: 12 L2 tables for the disk, a 4-table cache (l2-cache-size=16K) so they are evicted and reloaded.
+      const cacheArgs = cluster === 4 * KiB ? ['--l2-cache-size', '16K'] : [];
+      for (const [file, format] of [
+        [raw, 'raw'],
+        [image, 'qcow2'],
+      ] as const) {
+        const served = await serve(file, format, queues, format === 'qcow2' ? cacheArgs : []);
+        await run(served, ops, queues);
+        await served.fe.close();
+        expect(await served.daemon.stop()).toBe(0);
+      }
+      checkClean(image);
+      const compare = execFileSync('qemu-img', ['compare', '-f', 'qcow2', '-F', 'raw', image, raw], { encoding: 'utf8' });
+      expect(compare).toContain('identical');
+      if (QSD_BINARY !== null) {
+        const viaQsd = await qsdBytes(image, DISK);
+        expect(viaQsd.equals(readFileSync(raw))).toBe(true);
+      }
+    },
+  );
 
-  it.for(['none', 'writethrough', 'directsync', 'unsafe'])('cache=%s (64 KiB clusters, backing, 2 queues): check clean, compare identical to raw', { timeout: 180_000 }, async (cache, ctx) => {
-    needQemuImg(ctx);
-    const direct = cache === 'none' || cache === 'directsync';
-    const base = direct ? directIoDir() : os.tmpdir();
-    if (base === null) {
-      ctx.skip('optional: no file system here accepts O_DIRECT');
-      return;
-    }
-    const dir = mkdtempSync(path.join(base, 'vublk-qcow2c-'));
-    cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
-    const raw = path.join(dir, 'raw.img');
-    const image = path.join(dir, 'disk.qcow2');
-    const bytes = Buffer.alloc(DISK);
-    new Prng(SEED ^ 0x77).fill(bytes);
-    writeFileSync(path.join(dir, 'base.img'), bytes);
-    writeFileSync(raw, bytes);
-    qemuImg('create', '-q', '-f', 'qcow2', '-o', 'cluster_size=65536', '-b', 'base.img', '-F', 'raw', image);
-    const ops = workload(SEED + 99, 65536, 40);
-    for (const [file, format] of [[raw, 'raw'], [image, 'qcow2']] as const) {
-      const served = await serve(file, format, 2, ['--cache', cache]);
-      await run(served, ops, 2);
-      // Unaligned guest buffers (the front-end puts data right after the header) bounce under O_DIRECT.
-      const check = await readAll(served.blk, DISK);
-      await served.fe.close();
-      expect(await served.daemon.stop()).toBe(0);
-      if (format === 'qcow2') expect(check.equals(readFileSync(raw))).toBe(true);
-    }
-    checkClean(image);
-    expect(execFileSync('qemu-img', ['compare', '-f', 'qcow2', '-F', 'raw', image, raw], { encoding: 'utf8' })).toContain('identical');
-  });
+  it.for(['none', 'writethrough', 'directsync', 'unsafe'])(
+    'cache=%s (64 KiB clusters, backing, 2 queues): check clean, compare identical to raw',
+    { timeout: 180_000 },
+    async (cache, ctx) => {
+      needQemuImg(ctx);
+      const direct = cache === 'none' || cache === 'directsync';
+      const base = direct ? directIoDir() : os.tmpdir();
+      if (base === null) {
+        ctx.skip('optional: no file system here accepts O_DIRECT');
+        return;
+      }
+      const dir = mkdtempSync(path.join(base, 'vublk-qcow2c-'));
+      cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
+      const raw = path.join(dir, 'raw.img');
+      const image = path.join(dir, 'disk.qcow2');
+      const bytes = Buffer.alloc(DISK);
+      new Prng(SEED ^ 0x77).fill(bytes);
+      writeFileSync(path.join(dir, 'base.img'), bytes);
+      writeFileSync(raw, bytes);
+      qemuImg('create', '-q', '-f', 'qcow2', '-o', 'cluster_size=65536', '-b', 'base.img', '-F', 'raw', image);
+      const ops = workload(SEED + 99, 65536, 40);
+      for (const [file, format] of [
+        [raw, 'raw'],
+        [image, 'qcow2'],
+      ] as const) {
+        const served = await serve(file, format, 2, ['--cache', cache]);
+        await run(served, ops, 2);
+        // Unaligned guest buffers (the front-end puts data right after the header) bounce under O_DIRECT.
+        const check = await readAll(served.blk, DISK);
+        await served.fe.close();
+        expect(await served.daemon.stop()).toBe(0);
+        if (format === 'qcow2') expect(check.equals(readFileSync(raw))).toBe(true);
+      }
+      checkClean(image);
+      expect(execFileSync('qemu-img', ['compare', '-f', 'qcow2', '-F', 'raw', image, raw], { encoding: 'utf8' })).toContain('identical');
+    },
+  );
 
   it('compressed and snapshotted images read back what qemu-img convert -O raw gives; writes leave the snapshot intact', async (ctx) => {
     needQemuImg(ctx);
@@ -389,7 +434,10 @@ describe(`qcow2 through the daemon (engine ${process.env['VUBLK_IO_ENGINE'] ?? '
       qemuImg('create', '-q', '-f', 'qcow2', image, '8M');
       damage(image);
       const socket = path.join(dir, 'bad.sock');
-      const daemon = await startDaemon({ rawArgs: ['serve', '--socket', socket, '--image', image, '--format', 'qcow2'], waitForSocket: false });
+      const daemon = await startDaemon({
+        rawArgs: ['serve', '--socket', socket, '--image', image, '--format', 'qcow2'],
+        waitForSocket: false,
+      });
       cleanups.push(() => daemon.stop());
       const deadline = Date.now() + 15_000;
       while (daemon.running() && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 25));
@@ -470,7 +518,11 @@ describe('hostile metadata found at access', () => {
     expect((await served.blk.read(MiB / SECTOR_SIZE, 4096)).every((b) => b === 0x43)).toBe(true);
     expect(served.daemon.running()).toBe(true);
     // The L1 table the hostile entry pointed at was not written to.
-    expect(readFileSync(image).subarray(l1, l1 + 8).equals(bytes.subarray(l1, l1 + 8))).toBe(true);
+    expect(
+      readFileSync(image)
+        .subarray(l1, l1 + 8)
+        .equals(bytes.subarray(l1, l1 + 8)),
+    ).toBe(true);
   }, 60_000);
 });
 
@@ -485,11 +537,14 @@ function patch(file: string, offset: number, bytes: Buffer): void {
 
 function postUnix(socketPath: string, pathname: string, body: unknown): Promise<{ status: number; body: string }> {
   return new Promise((resolve, reject) => {
-    const req = http.request({ socketPath, path: pathname, method: 'POST', headers: { 'content-type': 'application/json' }, timeout: 10_000 }, (res) => {
-      let text = '';
-      res.setEncoding('utf8').on('data', (chunk: string) => (text += chunk));
-      res.on('end', () => resolve({ status: res.statusCode ?? 0, body: text }));
-    });
+    const req = http.request(
+      { socketPath, path: pathname, method: 'POST', headers: { 'content-type': 'application/json' }, timeout: 10_000 },
+      (res) => {
+        let text = '';
+        res.setEncoding('utf8').on('data', (chunk: string) => (text += chunk));
+        res.on('end', () => resolve({ status: res.statusCode ?? 0, body: text }));
+      },
+    );
     req.on('timeout', () => req.destroy(new Error(`POST ${pathname}: no answer within 10 s`)));
     req.on('error', reject);
     req.end(JSON.stringify(body));

@@ -94,30 +94,31 @@ describe.skipIf(skip !== null)('qcow2 images made by qemu-img', () => {
     });
   }
 
-  for (const cluster of [4096, 65536, 2 * MiB]) it(`internal snapshots, cluster ${cluster / 1024} KiB: reads match, writes never touch the snapshot (snapshot -a then compare)`, () => {
-    const size = 16 * MiB;
-    const image = path.join(dir, `snap-${cluster}.qcow2`);
-    qemuImg('create', '-q', '-f', 'qcow2', '-o', `cluster_size=${cluster}`, image, String(size));
-    qemuIo(image, 'qcow2', 'write -P 0x11 0 6M', 'write -P 0x22 8M 1M', 'write -z 9M 512k');
-    qemuImg('snapshot', '-c', 's1', image);
-    qemuIo(image, 'qcow2', 'write -P 0x33 1M 512k', 'discard 3M 1M');
-    qemuImg('snapshot', '-c', 's2', image);
-    qemuIo(image, 'qcow2', 'write -P 0x44 5M 64k');
-    const snapshot1 = convertToRaw(image, ['-l', 'snapshot.name=s1']);
-    const expected = convertToRaw(image);
-    const handle = attachTop(image);
-    const model = Buffer.from(expected);
-    try {
-      expect(readThrough(handle, 0, size).equals(expected)).toBe(true);
-      runWorkload(handle, model, makeWorkload(99 + cluster, size, cluster, 200), cluster);
-    } finally {
-      handle.close();
-    }
-    writeModelAndCompare(image, model);
-    qemuImg('snapshot', '-a', 's1', image);
-    expect(convertToRaw(image).equals(snapshot1)).toBe(true);
-    expect(qemuImgCheck(image).output).toContain('No errors were found');
-  });
+  for (const cluster of [4096, 65536, 2 * MiB])
+    it(`internal snapshots, cluster ${cluster / 1024} KiB: reads match, writes never touch the snapshot (snapshot -a then compare)`, () => {
+      const size = 16 * MiB;
+      const image = path.join(dir, `snap-${cluster}.qcow2`);
+      qemuImg('create', '-q', '-f', 'qcow2', '-o', `cluster_size=${cluster}`, image, String(size));
+      qemuIo(image, 'qcow2', 'write -P 0x11 0 6M', 'write -P 0x22 8M 1M', 'write -z 9M 512k');
+      qemuImg('snapshot', '-c', 's1', image);
+      qemuIo(image, 'qcow2', 'write -P 0x33 1M 512k', 'discard 3M 1M');
+      qemuImg('snapshot', '-c', 's2', image);
+      qemuIo(image, 'qcow2', 'write -P 0x44 5M 64k');
+      const snapshot1 = convertToRaw(image, ['-l', 'snapshot.name=s1']);
+      const expected = convertToRaw(image);
+      const handle = attachTop(image);
+      const model = Buffer.from(expected);
+      try {
+        expect(readThrough(handle, 0, size).equals(expected)).toBe(true);
+        runWorkload(handle, model, makeWorkload(99 + cluster, size, cluster, 200), cluster);
+      } finally {
+        handle.close();
+      }
+      writeModelAndCompare(image, model);
+      qemuImg('snapshot', '-a', 's1', image);
+      expect(convertToRaw(image).equals(snapshot1)).toBe(true);
+      expect(qemuImgCheck(image).output).toContain('No errors were found');
+    });
 
   it('qcow2 → qcow2 → raw chain with relative backing names, resolved from each image directory', () => {
     const size = 20 * MiB;

@@ -10,7 +10,16 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { Qcow2Error, Qcow2Handle, attachLayer, openImage, type LayerDescription } from '../../src/backend/qcow2/index.js';
 import { Prng } from '../support/prng.js';
-import { makeWorkload, qemuImg, qemuImgCheck, qemuImgCompare, qemuImgSkipReason, readThrough, runWorkload, writeThrough } from '../support/qcow2-harness.js';
+import {
+  makeWorkload,
+  qemuImg,
+  qemuImgCheck,
+  qemuImgCompare,
+  qemuImgSkipReason,
+  readThrough,
+  runWorkload,
+  writeThrough,
+} from '../support/qcow2-harness.js';
 
 const skip = qemuImgSkipReason();
 const KiB = 1024;
@@ -49,7 +58,12 @@ function header(image: string): { l1: number; rt: number; cluster: number; size:
   const fd = fs.openSync(image, 'r');
   fs.readSync(fd, b, 0, 104, 0);
   fs.closeSync(fd);
-  return { cluster: 2 ** b.readUInt32BE(20), l1: Number(b.readBigUInt64BE(40)), rt: Number(b.readBigUInt64BE(48)), size: fs.statSync(image).size };
+  return {
+    cluster: 2 ** b.readUInt32BE(20),
+    l1: Number(b.readBigUInt64BE(40)),
+    rt: Number(b.readBigUInt64BE(48)),
+    size: fs.statSync(image).size,
+  };
 }
 
 function readU64(image: string, offset: number): number {
@@ -161,29 +175,56 @@ describe.skipIf(skip !== null)('format selection', () => {
 
 describe.skipIf(skip !== null)('unsupported features are refused by name', () => {
   const cases: Array<[string, () => string, RegExp]> = [
-    ['encryption', () => {
-      const image = file('aes.qcow2');
-      qemuImg('create', '-q', '-f', 'qcow2', '--object', 'secret,id=s0,data=abc', '-o', 'encryption=on,encrypt.key-secret=s0', image, String(MiB));
-      return image;
-    }, /encryption/],
+    [
+      'encryption',
+      () => {
+        const image = file('aes.qcow2');
+        qemuImg(
+          'create',
+          '-q',
+          '-f',
+          'qcow2',
+          '--object',
+          'secret,id=s0,data=abc',
+          '-o',
+          'encryption=on,encrypt.key-secret=s0',
+          image,
+          String(MiB),
+        );
+        return image;
+      },
+      /encryption/,
+    ],
     ['external data file', () => created('data.qcow2', `data_file=${file('data.raw')}`), /external data file/],
     ['extended L2', () => created('ext.qcow2', 'extended_l2=on'), /extended L2/],
     ['zstd compression', () => created('zstd.qcow2', 'compression_type=zstd'), /compression type 1/],
-    ['dirty bit', () => {
-      const image = created('dirty.qcow2', 'lazy_refcounts=on');
-      patch(image, 79, Buffer.from([0x01]));
-      return image;
-    }, /dirty/],
-    ['corrupt bit', () => {
-      const image = created('corrupt.qcow2');
-      patch(image, 79, Buffer.from([0x02]));
-      return image;
-    }, /corrupt/],
-    ['unknown incompatible bit', () => {
-      const image = created('unknown.qcow2');
-      patch(image, 77, Buffer.from([0x10]));
-      return image;
-    }, /incompatible feature bit 20/],
+    [
+      'dirty bit',
+      () => {
+        const image = created('dirty.qcow2', 'lazy_refcounts=on');
+        patch(image, 79, Buffer.from([0x01]));
+        return image;
+      },
+      /dirty/,
+    ],
+    [
+      'corrupt bit',
+      () => {
+        const image = created('corrupt.qcow2');
+        patch(image, 79, Buffer.from([0x02]));
+        return image;
+      },
+      /corrupt/,
+    ],
+    [
+      'unknown incompatible bit',
+      () => {
+        const image = created('unknown.qcow2');
+        patch(image, 77, Buffer.from([0x10]));
+        return image;
+      },
+      /incompatible feature bit 20/,
+    ],
     ['512-byte clusters', () => created('small.qcow2', 'cluster_size=512'), /cluster size/],
   ];
   for (const [name, make, pattern] of cases) {
@@ -195,7 +236,11 @@ describe.skipIf(skip !== null)('unsupported features are refused by name', () =>
   }
 
   it('lazy refcounts on a clean image, 1-bit and 64-bit refcounts: accepted and kept consistent', () => {
-    for (const options of ['lazy_refcounts=on,cluster_size=4096', 'refcount_bits=1,cluster_size=4096', 'refcount_bits=64,cluster_size=4096']) {
+    for (const options of [
+      'lazy_refcounts=on,cluster_size=4096',
+      'refcount_bits=1,cluster_size=4096',
+      'refcount_bits=64,cluster_size=4096',
+    ]) {
       const image = created('variant.qcow2', options, 8 * MiB);
       const handle = attach(openImage(image, { format: 'qcow2', ...quiet }));
       const model = Buffer.alloc(8 * MiB);
@@ -250,7 +295,12 @@ describe.skipIf(skip !== null)('malformed images', () => {
     } finally {
       handle.close();
     }
-    expect(fs.readFileSync(image).subarray(h.l1, h.l1 + h.cluster).equals(l1Before)).toBe(true);
+    expect(
+      fs
+        .readFileSync(image)
+        .subarray(h.l1, h.l1 + h.cluster)
+        .equals(l1Before),
+    ).toBe(true);
   });
 
   it('refcount table entry past the end of the file, refcount_order above 6: refused at open', () => {
@@ -316,7 +366,9 @@ describe.skipIf(skip !== null)('malformed images', () => {
         } else if (where < 9) {
           // a whole 8-byte entry of a metadata cluster: random, or a plausible-looking offset
           const at = rng.pick(metadata) + rng.int(0, geometry.cluster / 8 - 1) * 8;
-          const value = rng.chance(0.5) ? BigInt(rng.int(0, 4 * 1024) * 512) | (rng.chance(0.5) ? 1n << 63n : 0n) : BigInt(rng.u32()) << BigInt(rng.int(0, 32));
+          const value = rng.chance(0.5)
+            ? BigInt(rng.int(0, 4 * 1024) * 512) | (rng.chance(0.5) ? 1n << 63n : 0n)
+            : BigInt(rng.u32()) << BigInt(rng.int(0, 32));
           bytes.writeBigUInt64BE(value & 0xffff_ffff_ffff_ffffn, at);
         } else {
           bytes[rng.int(0, bytes.length - 1)] = rng.int(0, 255);

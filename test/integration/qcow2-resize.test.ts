@@ -6,8 +6,16 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { Qcow2Error, Qcow2Handle, attachLayer, openImage } from '../../src/backend/qcow2/index.js';
-import { patternFor, qemuImg, qemuImgCheck, qemuImgCompare, qemuImgSkipReason, readThrough, writeThrough } from '../support/qcow2-harness.js';
+import { Qcow2Error, type Qcow2Handle, attachLayer, openImage } from '../../src/backend/qcow2/index.js';
+import {
+  patternFor,
+  qemuImg,
+  qemuImgCheck,
+  qemuImgCompare,
+  qemuImgSkipReason,
+  readThrough,
+  writeThrough,
+} from '../support/qcow2-harness.js';
 
 const skip = qemuImgSkipReason();
 const MiB = 1024 * 1024;

@@ -62,14 +62,25 @@ describe.skipIf(skip !== null)('qcow2 shared by two worker threads', () => {
       const description = openImage(image, { format: 'qcow2', l2CacheBytes: 4 * 65536, warn: () => {} });
       const results = await Promise.all(
         Array.from({ length: WORKERS }, (_, index) =>
-          runWorker({ description, index, workers: WORKERS, seed: SEED + index + (backing ? 10 : 0), ops: 3000, stripe: STRIPE, initial: backing ? base : null }),
+          runWorker({
+            description,
+            index,
+            workers: WORKERS,
+            seed: SEED + index + (backing ? 10 : 0),
+            ops: 3000,
+            stripe: STRIPE,
+            initial: backing ? base : null,
+          }),
         ),
       );
       for (const r of results) expect(r.error).toBeUndefined();
       // merge: the first half is in 16 KiB stripes, the second in clusters; unit u belongs to worker u % WORKERS,
       // whose model starts from the backing file
       const model = Buffer.alloc(size);
-      for (const [base, unit] of [[0, STRIPE], [size / 2, 65536]] as const) {
+      for (const [base, unit] of [
+        [0, STRIPE],
+        [size / 2, 65536],
+      ] as const) {
         for (let u = 0; u < size / 2 / unit; u++) {
           const owner = results[u % WORKERS]!.model!;
           const at = base + u * unit;

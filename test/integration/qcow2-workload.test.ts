@@ -67,7 +67,20 @@ describe.skipIf(skip !== null)('qcow2 random workload checked by qemu-img', () =
         fs.writeFileSync(base, baseData);
         baseData.copy(model);
         baseData.copy(backingView);
-        qemuImg('create', '-q', '-f', 'qcow2', '-o', `cluster_size=${c.cluster},compat=${c.compat}`, '-b', path.basename(base), '-F', 'raw', top, String(DISK));
+        qemuImg(
+          'create',
+          '-q',
+          '-f',
+          'qcow2',
+          '-o',
+          `cluster_size=${c.cluster},compat=${c.compat}`,
+          '-b',
+          path.basename(base),
+          '-F',
+          'raw',
+          top,
+          String(DISK),
+        );
       } else {
         qemuImg('create', '-q', '-f', 'qcow2', '-o', `cluster_size=${c.cluster},compat=${c.compat}`, top, String(DISK));
       }

@@ -305,7 +305,11 @@ describe('RBD back-end against a real Ceph cluster', () => {
       queue.submitReadv(1, 0, iov.address, 0);
       // Too many segments: refused by the queue itself, also through reap.
       pending.set(2, { buffers: [] });
-      queue.submitRead(2, 0, { count: 2000, addresses: new Array<number>(2000).fill(addressOf(buffer)), lengths: new Array<number>(2000).fill(1) });
+      queue.submitRead(2, 0, {
+        count: 2000,
+        addresses: new Array<number>(2000).fill(addressOf(buffer)),
+        lengths: new Array<number>(2000).fill(1),
+      });
     });
     expect(results.get(1)).toBeLessThan(0);
     expect(results.get(2)).toBe(-22 /* EINVAL */);
@@ -341,7 +345,11 @@ describe('RBD back-end against a real Ceph cluster', () => {
 
   it('exclusive lock: a second writer is refused; with lock=none it cannot write until the owner releases', async () => {
     const first = await open();
-    const firstError = await expectOpenError(parseRbdSpec('rbd:rbd/img1', options()), 'VUBLK_ERR_RBD_LOCKED', /another client holds its exclusive lock/);
+    const firstError = await expectOpenError(
+      parseRbdSpec('rbd:rbd/img1', options()),
+      'VUBLK_ERR_RBD_LOCKED',
+      /another client holds its exclusive lock/,
+    );
     expect(firstError.errno).toBeLessThan(0);
 
     // lock=none (the target of a live migration): opens, but its writes fail while the owner keeps the lock.
@@ -409,19 +417,26 @@ describe('RBD back-end against a real Ceph cluster', () => {
         epollModule: path.join(root, 'dist/src/dataplane/epoll.js'),
       },
     });
-    const reply = await new Promise<{ idle?: boolean; results?: [number, number][]; wakeups?: number; error?: string }>((resolve, reject) => {
-      const timer = setTimeout(() => reject(new Error('worker did not answer in 60 s')), 60_000);
-      worker.once('message', (message) => {
-        clearTimeout(timer);
-        resolve(message as never);
-      });
-      worker.once('error', reject);
-    });
+    const reply = await new Promise<{ idle?: boolean; results?: [number, number][]; wakeups?: number; error?: string }>(
+      (resolve, reject) => {
+        const timer = setTimeout(() => reject(new Error('worker did not answer in 60 s')), 60_000);
+        worker.once('message', (message) => {
+          clearTimeout(timer);
+          resolve(message as never);
+        });
+        worker.once('error', reject);
+      },
+    );
     await worker.terminate();
     expect(reply.error).toBeUndefined();
     expect(reply.idle).toBe(true);
     expect(reply.wakeups).toBeGreaterThan(0);
-    expect(new Map(reply.results)).toEqual(new Map([[1, 0], [2, 0]]));
+    expect(new Map(reply.results)).toEqual(
+      new Map([
+        [1, 0],
+        [2, 0],
+      ]),
+    );
     model.fill(0x42, 8 * MiB, 8 * MiB + 65536);
     const exported = await cluster.run('rbd', ['export', '--no-progress', 'rbd/img1', '-'], 120_000);
     expect(exported.subarray(8 * MiB, 8 * MiB + 65536).equals(model.subarray(8 * MiB, 8 * MiB + 65536))).toBe(true);
@@ -463,7 +478,7 @@ describe('RBD back-end against a real Ceph cluster', () => {
     await close(patient, patientQueue);
   });
 
-  it('a writer killed under I/O: flushed data survives, and a new exclusive open takes the dead holder\'s lock', async () => {
+  it("a writer killed under I/O: flushed data survives, and a new exclusive open takes the dead holder's lock", async () => {
     const root = path.resolve(import.meta.dirname, '../..');
     // The child opens with the exclusive lock, writes and flushes a pattern, says so, then keeps writing
     // until it is killed.
@@ -536,11 +551,19 @@ describe('RBD back-end against a real Ceph cluster', () => {
     });
 
     it('missing image', async () => {
-      await expectOpenError(parseRbdSpec('rbd:rbd/nosuchimage', options()), 'VUBLK_ERR_RBD_NO_IMAGE', /image 'nosuchimage' does not exist in pool 'rbd'/);
+      await expectOpenError(
+        parseRbdSpec('rbd:rbd/nosuchimage', options()),
+        'VUBLK_ERR_RBD_NO_IMAGE',
+        /image 'nosuchimage' does not exist in pool 'rbd'/,
+      );
     });
 
     it('missing keyring file', async () => {
-      await expectOpenError(parseRbdSpec('rbd:rbd/img1', options({ keyring: '/nonexistent/keyring' })), 'VUBLK_ERR_RBD_AUTH', /keyring \/nonexistent\/keyring .* not readable/);
+      await expectOpenError(
+        parseRbdSpec('rbd:rbd/img1', options({ keyring: '/nonexistent/keyring' })),
+        'VUBLK_ERR_RBD_AUTH',
+        /keyring \/nonexistent\/keyring .* not readable/,
+      );
     });
 
     it('keyring with the wrong key, and an id the cluster does not know', async () => {
@@ -556,7 +579,11 @@ describe('RBD back-end against a real Ceph cluster', () => {
     });
 
     it('unreadable ceph.conf', async () => {
-      await expectOpenError(parseRbdSpec('rbd:rbd/img1', options({ conf: '/nonexistent/ceph.conf' })), 'VUBLK_ERR_RBD_CONFIG', /ceph configuration \/nonexistent\/ceph.conf is not readable/);
+      await expectOpenError(
+        parseRbdSpec('rbd:rbd/img1', options({ conf: '/nonexistent/ceph.conf' })),
+        'VUBLK_ERR_RBD_CONFIG',
+        /ceph configuration \/nonexistent\/ceph.conf is not readable/,
+      );
     });
 
     it('permission denied: a read-only client opening for writing', async () => {

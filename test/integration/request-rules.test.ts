@@ -316,7 +316,9 @@ describe('request rules (read-write disk)', () => {
     await withSession(h, async (s) => {
       const before = await h.metrics.settledCounts(0);
       expect((await s.blk.execute({ type: BlkRequestType.IN, sector: 0, inLength: 100 })).status).toBe(BlkStatus.IOERR);
-      expect((await s.blk.execute({ type: BlkRequestType.IN, sector: 0, inLength: 1000 }, { dataSegments: 2 })).status).toBe(BlkStatus.IOERR);
+      expect((await s.blk.execute({ type: BlkRequestType.IN, sector: 0, inLength: 1000 }, { dataSegments: 2 })).status).toBe(
+        BlkStatus.IOERR,
+      );
       expect((await s.blk.execute({ type: BlkRequestType.OUT, sector: 0, out: Buffer.alloc(700, 0x77) })).status).toBe(BlkStatus.IOERR);
       await expectDelta(h, before, { ioErrors: 3 });
       expect(readFileSync(h.daemon.imagePath).subarray(0, 1024).includes(0x77)).toBe(false);
@@ -331,7 +333,9 @@ describe('request rules (read-write disk)', () => {
       expect((await s.blk.execute({ type: BlkRequestType.GET_ID, out: Buffer.alloc(20) })).status).toBe(BlkStatus.IOERR);
       expect((await s.blk.execute({ type: BlkRequestType.OUT, sector: 0, inLength: 512 })).status).toBe(BlkStatus.IOERR);
       // Both directions at once.
-      expect((await s.blk.execute({ type: BlkRequestType.OUT, sector: 0, out: Buffer.alloc(512), inLength: 512 })).status).toBe(BlkStatus.IOERR);
+      expect((await s.blk.execute({ type: BlkRequestType.OUT, sector: 0, out: Buffer.alloc(512), inLength: 512 })).status).toBe(
+        BlkStatus.IOERR,
+      );
       await expectDelta(h, before, { ioErrors: 4 });
       await expectServing(s);
     });
@@ -394,11 +398,20 @@ describe('request rules (read-write disk)', () => {
       expect(Buffer.compare(await s.blk.read(200, 4096, { indirect: true, dataSegments: 4 }), data)).toBe(0);
 
       const bad = readChain(s.chains);
-      await expectDropped(s, () => ({ chain: s.chains.submit(bad.descriptors, { indirect: true, indirectLen: 3 * 16 + 8 }), status: bad.status }));
+      await expectDropped(s, () => ({
+        chain: s.chains.submit(bad.descriptors, { indirect: true, indirectLen: 3 * 16 + 8 }),
+        status: bad.status,
+      }));
       const empty = readChain(s.chains);
-      await expectDropped(s, () => ({ chain: s.chains.submit(empty.descriptors, { indirect: true, indirectLen: 0 }), status: empty.status }));
+      await expectDropped(s, () => ({
+        chain: s.chains.submit(empty.descriptors, { indirect: true, indirectLen: 0 }),
+        status: empty.status,
+      }));
       const withNext = readChain(s.chains);
-      await expectDropped(s, () => ({ chain: s.chains.submit(withNext.descriptors, { indirect: true, indirectFlags: DescFlag.NEXT }), status: withNext.status }));
+      await expectDropped(s, () => ({
+        chain: s.chains.submit(withNext.descriptors, { indirect: true, indirectFlags: DescFlag.NEXT }),
+        status: withNext.status,
+      }));
 
       // Nested: the table's second entry is itself an INDIRECT descriptor pointing at a table of data + status.
       const status = s.chains.status();
@@ -535,7 +548,10 @@ describe('request rules (read-write disk)', () => {
       expect(config).toMatchObject({ maxDiscardSeg: 1, maxWriteZeroesSeg: 1 });
       const before = await h.metrics.settledCounts(0);
       // The request QEMU's tests/qtest/vhost-user-blk-test.c sends and expects to fail with UNSUPP.
-      const two = [{ sector: 0, numSectors: 1, flags: 0 }, { sector: 1, numSectors: 1, flags: 0 }];
+      const two = [
+        { sector: 0, numSectors: 1, flags: 0 },
+        { sector: 1, numSectors: 1, flags: 0 },
+      ];
       expect(await s.blk.writeZeroes(two)).toBe(BlkStatus.UNSUPP);
       expect(await s.blk.discard(two)).toBe(BlkStatus.UNSUPP);
       expect(await s.blk.writeZeroes(two.slice(0, 1))).toBe(BlkStatus.OK);

@@ -7,7 +7,18 @@ import { VirtioFeature } from '../../protocol/virtio.js';
 import { BlkRequestType, BlkStatus, SECTOR_SIZE } from '../../protocol/virtio-blk.js';
 import type { BlkRequest, BlkSubmitOptions, FrontendOptions, VirtioBlkDriver } from '../../bench/src/frontend/index.js';
 import { startDaemon, type DaemonProcess } from '../support/daemon-process.js';
-import { KiB, MiB, Prng, connect, imageBytes, pattern, sectorBytes, testSeed, useCleanups, stopCleanly } from '../support/session-harness.js';
+import {
+  KiB,
+  MiB,
+  Prng,
+  connect,
+  imageBytes,
+  pattern,
+  sectorBytes,
+  testSeed,
+  useCleanups,
+  stopCleanly,
+} from '../support/session-harness.js';
 
 const NUM_QUEUES = 4;
 const DISK_BYTES = 64 * MiB;
@@ -74,7 +85,13 @@ for (const engine of ['auto', 'sync'] as const) {
     }
 
     /** Writes a batch (one kick per queue), then reads every extent back on another queue; checks all of it. */
-    async function writeThenRead(blk: VirtioBlkDriver, rng: Prng, count: number, maxBytes: number, framing: (i: number) => BlkSubmitOptions): Promise<void> {
+    async function writeThenRead(
+      blk: VirtioBlkDriver,
+      rng: Prng,
+      count: number,
+      maxBytes: number,
+      framing: (i: number) => BlkSubmitOptions,
+    ): Promise<void> {
       const extents = randomExtents(rng, count, maxBytes);
       const writes = extents.map(({ sector, bytes }, i) => ({
         type: BlkRequestType.OUT,
@@ -99,7 +116,9 @@ for (const engine of ['auto', 'sync'] as const) {
         expect(c.data.equals(shadow.read(r.sector ?? 0, r.inLength ?? 0)), `read ${i} at sector ${r.sector} (seed ${seed})`).toBe(true);
       });
       for (const w of writes) {
-        expect(sectorBytes(daemon.imagePath, w.sector, w.out.length).equals(w.out), `image at sector ${w.sector} (seed ${seed})`).toBe(true);
+        expect(sectorBytes(daemon.imagePath, w.sector, w.out.length).equals(w.out), `image at sector ${w.sector} (seed ${seed})`).toBe(
+          true,
+        );
       }
     }
 
@@ -159,7 +178,9 @@ for (const engine of ['auto', 'sync'] as const) {
 
     for (const eventIdx of [true, false]) {
       for (const indirect of [true, false]) {
-        it(`EVENT_IDX ${eventIdx ? 'on' : 'off'}, INDIRECT ${indirect ? 'on' : 'off'}: depth-32 batches, every completion interrupts`, { timeout: 180_000 }, async () => {
+        it(`EVENT_IDX ${eventIdx ? 'on' : 'off'}, INDIRECT ${indirect ? 'on' : 'off'}: depth-32 batches, every completion interrupts`, {
+          timeout: 180_000,
+        }, async () => {
           seed = testSeed();
           const rng = new Prng(seed);
           const { frontend, blk } = await connect(daemon, defer, {
@@ -210,7 +231,10 @@ for (const engine of ['auto', 'sync'] as const) {
           expect([write.status, write.usedLen], `write ${what} on queue ${q}`).toEqual([BlkStatus.OK, 1]);
           shadow.write(sector, data);
           expect(sectorBytes(daemon.imagePath, sector, data.length).equals(data), `image after ${what}`).toBe(true);
-          const read = await blk.execute({ type: BlkRequestType.IN, sector, inLength: data.length }, { ...framing, queue: (q + 1) % NUM_QUEUES });
+          const read = await blk.execute(
+            { type: BlkRequestType.IN, sector, inLength: data.length },
+            { ...framing, queue: (q + 1) % NUM_QUEUES },
+          );
           expect([read.status, read.usedLen], `read ${what}`).toEqual([BlkStatus.OK, data.length + 1]);
           expect(read.data.equals(data), `read ${what} on queue ${(q + 1) % NUM_QUEUES}`).toBe(true);
         }
@@ -224,7 +248,10 @@ for (const engine of ['auto', 'sync'] as const) {
       // read's extra bytes must make a whole block. The status still lands in the descriptor's last byte.
       const flush = await blk.execute({ type: BlkRequestType.FLUSH }, { statusBytes: 4 });
       expect([flush.status, flush.usedLen]).toEqual([BlkStatus.IOERR, 1]);
-      const longStatusWrite = await blk.execute({ type: BlkRequestType.OUT, sector: 64, out: pattern(7, 512) }, { statusBytes: 8, indirect: true });
+      const longStatusWrite = await blk.execute(
+        { type: BlkRequestType.OUT, sector: 64, out: pattern(7, 512) },
+        { statusBytes: 8, indirect: true },
+      );
       expect(longStatusWrite.status).toBe(BlkStatus.IOERR);
       expect((await blk.read(64, 512)).equals(shadow.read(64, 512)), 'the refused write changed nothing').toBe(true);
       expect(await blk.flush({ statusBytes: 1 })).toBe(BlkStatus.OK);
@@ -233,7 +260,11 @@ for (const engine of ['auto', 'sync'] as const) {
     it('a legacy driver (VERSION_1 not acknowledged) is served on every queue', async () => {
       seed = testSeed();
       const rng = new Prng(seed);
-      const { frontend, blk } = await connect(daemon, defer, { numQueues: NUM_QUEUES, memory: GUEST_MEMORY, features: { version1: false } });
+      const { frontend, blk } = await connect(daemon, defer, {
+        numQueues: NUM_QUEUES,
+        memory: GUEST_MEMORY,
+        features: { version1: false },
+      });
       expect(frontend.hasFeature(VirtioFeature.VERSION_1)).toBe(false);
       expect(frontend.offeredFeatures & (1n << BigInt(VirtioFeature.VERSION_1))).not.toBe(0n);
       await daemon.waitForLog((l) => l.msg === 'features negotiated' && l['version1'] === false);

@@ -161,7 +161,9 @@ describe('handshake as QEMU 7.2 does it', () => {
     const orphan = blk.submit({ type: BlkRequestType.IN, sector: 300, inLength: 512 }, { queue: 1, kick: 'force' });
     await expect(blk.wait(orphan, 300)).rejects.toBeInstanceOf(MissingCompletionError);
     await frontend.handshake();
-    expect(await frontend.getStatus()).toBe(DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER | DeviceStatus.FEATURES_OK | DeviceStatus.DRIVER_OK);
+    expect(await frontend.getStatus()).toBe(
+      DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER | DeviceStatus.FEATURES_OK | DeviceStatus.DRIVER_OK,
+    );
     for (let q = 0; q < NUM_QUEUES; q++) {
       expect((await blk.read(300, before.length, { queue: q })).equals(before), `queue ${q} after reset`).toBe(true);
       const after = pattern(30 + q, 4096);

@@ -93,7 +93,12 @@ describe('memory table messages', () => {
 
   for (const memoryMessages of MEMORY_PATHS) {
     it(`${memoryMessages === 'table' ? 'SET_MEM_TABLE' : 'ADD_MEM_REG'}: three regions (one at an fd offset), I/O in each on both queues`, async () => {
-      const { frontend, blk } = await connect(daemon, defer, { numQueues: 2, memory: regions, memoryMessages, ringPlacement: { region: 2 } });
+      const { frontend, blk } = await connect(daemon, defer, {
+        numQueues: 2,
+        memory: regions,
+        memoryMessages,
+        ringPlacement: { region: 2 },
+      });
       expect(frontend.queue(1).descGpa).toBeGreaterThanOrEqual(3 * GiB);
       for (let r = 0; r < regions.length; r++) {
         for (let q = 0; q < 2; q++) {
@@ -118,7 +123,9 @@ describe('a 6 GiB sparse region at GPA 4 GiB', () => {
   ];
 
   for (const memoryMessages of MEMORY_PATHS) {
-    it(`${memoryMessages}: rings straddle a 1 GiB window edge, buffers above 4 GiB, one ends at the region's last byte`, { timeout: 180_000 }, async () => {
+    it(`${memoryMessages}: rings straddle a 1 GiB window edge, buffers above 4 GiB, one ends at the region's last byte`, {
+      timeout: 180_000,
+    }, async () => {
       // Queue size 1024: the 16 KiB descriptor table of queue 0 runs across region offset 1 GiB (the first edge
       // between two of the daemon's views of this region).
       const ringStart = REGION_GPA + 1 * GiB - 8 * KiB;
@@ -144,7 +151,10 @@ describe('a 6 GiB sparse region at GPA 4 GiB', () => {
         const sector = 4096 + edge * 64;
         const placement = { region: 1, minAddress: REGION_GPA + edge * GiB - 8, align: 8 };
         await blk.write(sector, data, { queue: edge % 2, placement, headerWithData: edge % 2 === 0 });
-        expect((await blk.read(sector, data.length, { queue: (edge + 1) % 2, placement, indirect: true })).equals(data), `edge ${edge} GiB`).toBe(true);
+        expect(
+          (await blk.read(sector, data.length, { queue: (edge + 1) % 2, placement, indirect: true })).equals(data),
+          `edge ${edge} GiB`,
+        ).toBe(true);
       }
 
       // Request buffers whose last byte (the status) is the region's last byte: a read, a 1 MiB read, a write, GET_ID.
@@ -154,7 +164,10 @@ describe('a 6 GiB sparse region at GPA 4 GiB', () => {
       expect(tail.data.equals(high)).toBe(true);
       const big = pattern(43, 1 * MiB);
       await blk.write(8192, big, { queue: 1, placement: tailPlacement, statusWithData: true });
-      const bigRead = await blk.execute({ type: BlkRequestType.IN, sector: 8192, inLength: big.length }, { queue: 0, placement: tailPlacement, statusWithData: true });
+      const bigRead = await blk.execute(
+        { type: BlkRequestType.IN, sector: 8192, inLength: big.length },
+        { queue: 0, placement: tailPlacement, statusWithData: true },
+      );
       expect([bigRead.status, bigRead.usedLen]).toEqual([BlkStatus.OK, big.length + 1]);
       expect(bigRead.data.equals(big)).toBe(true);
       expect(sectorBytes(daemon.imagePath, 8192, big.length).equals(big)).toBe(true);
@@ -207,11 +220,16 @@ describe('a data buffer spanning two adjacent regions', () => {
       const data = pattern(90, 8 * KiB);
       const after = mem.alloc(8 + data.length, { region: 1, minAddress: BOUNDARY });
       expect([before + 8, after]).toEqual([BOUNDARY, BOUNDARY]);
-      const write = await handBuiltRequest(frontend, 0, { type: BlkRequestType.OUT, sector: 3000, out: data }, {
-        header: null,
-        data: [{ gpa: before, len: 16 + data.length }],
-        status,
-      });
+      const write = await handBuiltRequest(
+        frontend,
+        0,
+        { type: BlkRequestType.OUT, sector: 3000, out: data },
+        {
+          header: null,
+          data: [{ gpa: before, len: 16 + data.length }],
+          status,
+        },
+      );
       expect(write.status, 'header split across regions').toBe(BlkStatus.OK);
       expect(sectorBytes(daemon.imagePath, 3000, data.length).equals(data)).toBe(true);
     });
@@ -254,13 +272,23 @@ describe('changing the table while the rings run', () => {
     const header = frontend.memory.alloc(16, { region: 0 });
     const status = frontend.memory.alloc(1, { region: 0 });
     const gone = frontend.memory.alloc(4096, { region: 2 });
-    const refused = await handBuiltRequest(frontend, 1, { type: BlkRequestType.IN, sector: 100, inLength: 4096 }, { header, data: [{ gpa: gone, len: 4096 }], status });
+    const refused = await handBuiltRequest(
+      frontend,
+      1,
+      { type: BlkRequestType.IN, sector: 100, inLength: 4096 },
+      { header, data: [{ gpa: gone, len: 4096 }], status },
+    );
     expect(refused.status).toBe(BlkStatus.IOERR);
 
     // Back in: the same buffer works again.
     await frontend.addMemReg(2);
     expect(memfdMappingCount(pid, 'vublk-rem-2')).toBe(1);
-    const back = await handBuiltRequest(frontend, 1, { type: BlkRequestType.IN, sector: 100, inLength: 4096 }, { header, data: [{ gpa: gone, len: 4096 }], status });
+    const back = await handBuiltRequest(
+      frontend,
+      1,
+      { type: BlkRequestType.IN, sector: 100, inLength: 4096 },
+      { header, data: [{ gpa: gone, len: 4096 }], status },
+    );
     expect(back.status).toBe(BlkStatus.OK);
     expect(back.data.equals(inRegion2.subarray(0, 4096))).toBe(true);
   });
@@ -279,7 +307,9 @@ describe('changing the table while the rings run', () => {
 
     await frontend.setMemTable([wire[0]!], [fds[0]!]);
     expect(memfdMappingCount(pid, 'vublk-swap-1')).toBe(0);
-    expect((await blk.execute({ type: BlkRequestType.IN, sector: 50, inLength: 4096 }, { queue: 1, placement: { region: 0 } })).status).toBe(BlkStatus.OK);
+    expect(
+      (await blk.execute({ type: BlkRequestType.IN, sector: 50, inLength: 4096 }, { queue: 1, placement: { region: 0 } })).status,
+    ).toBe(BlkStatus.OK);
     // A request buffer entirely in the dropped region (status included) is not even completed: no used entry.
     const lost = blk.submit({ type: BlkRequestType.IN, sector: 50, inLength: 4096 }, { queue: 0, placement: { region: 1 } });
     await expect(blk.wait(lost, 300)).rejects.toThrow(/not completed/);
@@ -287,7 +317,10 @@ describe('changing the table while the rings run', () => {
     await frontend.setMemTable();
     expect(memfdMappingCount(pid, 'vublk-swap-')).toBe(2);
     for (let q = 0; q < 2; q++) {
-      expect((await blk.read(50, 4096, { queue: q, placement: { region: 1 } })).equals(pattern(1, 4096)), `queue ${q} after the full table`).toBe(true);
+      expect(
+        (await blk.read(50, 4096, { queue: q, placement: { region: 1 } })).equals(pattern(1, 4096)),
+        `queue ${q} after the full table`,
+      ).toBe(true);
     }
   });
 });

@@ -34,7 +34,12 @@ describe('a front-end that never sends guest memory', () => {
     await frontend.setVringEnable(0, false);
     await frontend.setVringEnable(0, true);
     await frontend.getFeatures(); // a round trip: everything before it has been handled
-    expect(daemon.logs().slice(since).filter((l) => NO_MEMORY(l.msg))).toHaveLength(1);
+    expect(
+      daemon
+        .logs()
+        .slice(since)
+        .filter((l) => NO_MEMORY(l.msg)),
+    ).toHaveLength(1);
   });
 
   it('says nothing when the memory table comes first (the normal QEMU order)', async () => {
@@ -42,7 +47,12 @@ describe('a front-end that never sends guest memory', () => {
     const { frontend } = await connect(daemon, defer);
     await frontend.handshake();
     await frontend.getFeatures();
-    expect(daemon.logs().slice(since).filter((l) => NO_MEMORY(l.msg))).toEqual([]);
+    expect(
+      daemon
+        .logs()
+        .slice(since)
+        .filter((l) => NO_MEMORY(l.msg)),
+    ).toEqual([]);
   });
 
   it('logs features negotiated once per session; a different set later (firmware, then kernel) is a renegotiation', async () => {

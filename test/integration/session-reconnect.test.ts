@@ -41,12 +41,19 @@ describe('disconnect and reconnect', () => {
 
   it('a front-end closed with requests outstanding; the next one (connecting at once) continues', { timeout: 180_000 }, async () => {
     for (let round = 0; round < 5; round++) {
-      const first = await VhostUserFrontend.connect(daemon.socketPath, { numQueues: 2, timeoutMs: 10_000, memory: [{ gpa: 0, size: 64 * MiB }] });
+      const first = await VhostUserFrontend.connect(daemon.socketPath, {
+        numQueues: 2,
+        timeoutMs: 10_000,
+        memory: [{ gpa: 0, size: 64 * MiB }],
+      });
       defer(() => first.close());
       const blk = new VirtioBlkDriver(first);
       // 32 writes of 256 KiB across both queues, kicked, then the connection and guest memory go away.
       for (let i = 0; i < 32; i++) {
-        blk.submit({ type: BlkRequestType.OUT, sector: 16384 + i * 512, out: pattern(round * 100 + i, 256 * KiB) }, { queue: i % 2, kick: i >= 30 });
+        blk.submit(
+          { type: BlkRequestType.OUT, sector: 16384 + i * 512, out: pattern(round * 100 + i, 256 * KiB) },
+          { queue: i % 2, kick: i >= 30 },
+        );
       }
       const seen = disconnects(daemon);
       first.close();
@@ -107,7 +114,9 @@ describe('disconnect and reconnect', () => {
     await waitForDisconnects(daemon, before + 20);
     await waitUntil(() => memfdMappingCount(pid, 'vublk-cycle-') === 0, 10_000, 'every guest memory mapping to be released');
     // Teardown finishes asynchronously after the disconnect log line: allow it a moment, then compare.
-    await waitUntil(() => fdCount(pid) <= baselineFds + 2, 10_000, `the daemon's fd count to return to ${baselineFds} (+2)`).catch(() => undefined);
+    await waitUntil(() => fdCount(pid) <= baselineFds + 2, 10_000, `the daemon's fd count to return to ${baselineFds} (+2)`).catch(
+      () => undefined,
+    );
     expect(fdCount(pid), `fds before ${baselineFds}; /proc/${pid}/fd now`).toBeLessThanOrEqual(baselineFds + 2);
     expect(memfdMappingCount(pid, 'memfd:')).toBe(0);
     expect(daemon.logs().filter((l) => l.msg === 'refused a second front-end: this disk already has one connected')).toEqual([]);
@@ -124,19 +133,23 @@ function postJson(base: string, pathname: string, body: unknown): Promise<{ stat
   const target: string | URL = base.startsWith('unix:') ? `http://localhost${pathname}` : new URL(pathname, base);
   const socketPath = base.startsWith('unix:') ? base.slice('unix:'.length) : undefined;
   return new Promise((resolve, reject) => {
-    const req = http.request(target, { method: 'POST', socketPath, timeout: 10_000, headers: { 'Content-Type': 'application/json' } }, (res) => {
-      let text = '';
-      res.setEncoding('utf8').on('data', (chunk: string) => (text += chunk));
-      res.on('end', () => {
-        let parsed: unknown = text;
-        try {
-          parsed = JSON.parse(text);
-        } catch {
-          // keep the text
-        }
-        resolve({ status: res.statusCode ?? 0, body: parsed });
-      });
-    });
+    const req = http.request(
+      target,
+      { method: 'POST', socketPath, timeout: 10_000, headers: { 'Content-Type': 'application/json' } },
+      (res) => {
+        let text = '';
+        res.setEncoding('utf8').on('data', (chunk: string) => (text += chunk));
+        res.on('end', () => {
+          let parsed: unknown = text;
+          try {
+            parsed = JSON.parse(text);
+          } catch {
+            // keep the text
+          }
+          resolve({ status: res.statusCode ?? 0, body: parsed });
+        });
+      },
+    );
     req.on('timeout', () => req.destroy(new Error(`POST ${pathname}: no answer within 10 s`)));
     req.on('error', reject);
     req.end(JSON.stringify(body));

@@ -4,7 +4,12 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { DeviceStatus } from '../../protocol/virtio.js';
 import { BlkRequestType, BlkStatus } from '../../protocol/virtio-blk.js';
-import { MissingCompletionError, type BlkSubmission, type VhostUserFrontend, type VirtioBlkDriver } from '../../bench/src/frontend/index.js';
+import {
+  MissingCompletionError,
+  type BlkSubmission,
+  type VhostUserFrontend,
+  type VirtioBlkDriver,
+} from '../../bench/src/frontend/index.js';
 import { createEventFd, drainEventFd } from '../../src/sys/eventfd.js';
 import { closeFd } from '../../src/sys/fd.js';
 import { startDaemon, type DaemonProcess } from '../support/daemon-process.js';
@@ -109,7 +114,9 @@ describe('GET_VRING_BASE and restart', () => {
     expectWritten(800, 32);
   });
 
-  it('GET_VRING_BASE with a batch in flight: base = completed requests, the rest runs after the restart', { timeout: 180_000 }, async () => {
+  it('GET_VRING_BASE with a batch in flight: base = completed requests, the rest runs after the restart', {
+    timeout: 180_000,
+  }, async () => {
     const { frontend, blk } = await connect(daemon, defer, { numQueues: 2 });
     const queue = frontend.queue(1);
     for (let round = 0; round < 5; round++) {
@@ -141,7 +148,10 @@ describe('SET_VRING_ENABLE', () => {
     const { frontend, blk } = await connect(daemon, defer, { numQueues: 2 });
     await blk.write(writeOf(300).sector, writeOf(300).out, { queue: 0 });
     await frontend.setVringEnable(0, false);
-    const paused = [blk.submit(writeOf(301), { queue: 0 }), blk.submit({ type: BlkRequestType.IN, sector: writeOf(300).sector, inLength: 8 * KiB }, { queue: 0, kick: 'force' })];
+    const paused = [
+      blk.submit(writeOf(301), { queue: 0 }),
+      blk.submit({ type: BlkRequestType.IN, sector: writeOf(300).sector, inLength: 8 * KiB }, { queue: 0, kick: 'force' }),
+    ];
     expect(await expectNothing(frontend, 0, 300), 'a disabled ring completes nothing').toBe(0);
     expect(paused.every((s) => s.completion === null)).toBe(true);
     // The other queue is not affected.

@@ -6,7 +6,19 @@ import { existsSync, readFileSync, readdirSync } from 'node:fs';
 import path from 'node:path';
 import { VhostUserFrontend, VirtioBlkDriver } from '../../bench/src/frontend/index.js';
 import { startDaemon, type DaemonProcess } from '../support/daemon-process.js';
-import { KiB, MiB, connect, disconnects, errorLogs, pattern, sectorBytes, useCleanups, waitForDisconnects, waitForExit, waitUntil } from '../support/session-harness.js';
+import {
+  KiB,
+  MiB,
+  connect,
+  disconnects,
+  errorLogs,
+  pattern,
+  sectorBytes,
+  useCleanups,
+  waitForDisconnects,
+  waitForExit,
+  waitUntil,
+} from '../support/session-harness.js';
 
 const defer = useCleanups();
 
@@ -23,7 +35,9 @@ describe('shutdown', () => {
     for (const d of daemons.splice(0)) await d.stop();
   });
 
-  it('SIGTERM without a metrics listener, after a front-end came and went: `stopped` is logged and the exit is 0', { timeout: 60_000 }, async () => {
+  it('SIGTERM without a metrics listener, after a front-end came and went: `stopped` is logged and the exit is 0', {
+    timeout: 60_000,
+  }, async () => {
     const daemon = await startDaemon({ size: '16M', args: ['--metrics-listen', 'off', '--num-queues', '2'] });
     daemons.push(daemon);
     const { frontend, blk } = await connect(daemon, defer, { numQueues: 2, memory: [{ gpa: 0, size: 8 * MiB }] });
@@ -42,7 +56,9 @@ describe('shutdown', () => {
     expect(errorLogs(daemon)).toEqual([]);
   });
 
-  it('SIGTERM after 4 disks × 2 queues were each used in turn for a second of 4 KiB reads exits 0 in time', { timeout: 90_000 }, async () => {
+  it('SIGTERM after 4 disks × 2 queues were each used in turn for a second of 4 KiB reads exits 0 in time', {
+    timeout: 90_000,
+  }, async () => {
     const daemon = await startFourDisks(daemons);
     for (let i = 0; i < 4; i++) {
       const frontend = await connectTwoQueues(daemon, i);
@@ -61,7 +77,9 @@ describe('shutdown', () => {
 
     const pid = daemon.child.pid as number;
     const rss = /VmRSS:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1];
-    console.log(`[shutdown] after 4 disks used in turn: ${readdirSync(`/proc/${pid}/task`).length} threads, RSS ${Math.round(Number(rss) / 1024)} MiB`);
+    console.log(
+      `[shutdown] after 4 disks used in turn: ${readdirSync(`/proc/${pid}/task`).length} threads, RSS ${Math.round(Number(rss) / 1024)} MiB`,
+    );
     const exit = await terminate(daemon, 20_000);
     expect(exit, daemon.output().slice(-3000)).toEqual({ code: 0, signal: null });
     expect(daemon.logs().at(-1)?.msg).toBe('stopped');
@@ -96,5 +114,9 @@ async function startFourDisks(daemons: DaemonProcess[]): Promise<DaemonProcess> 
 }
 
 function connectTwoQueues(daemon: DaemonProcess, disk: number): Promise<VhostUserFrontend> {
-  return VhostUserFrontend.connect(path.join(daemon.dir, `s${disk}.sock`), { numQueues: 2, timeoutMs: 10_000, memory: [{ gpa: 0, size: 8 * MiB }] });
+  return VhostUserFrontend.connect(path.join(daemon.dir, `s${disk}.sock`), {
+    numQueues: 2,
+    timeoutMs: 10_000,
+    memory: [{ gpa: 0, size: 8 * MiB }],
+  });
 }

@@ -2,7 +2,19 @@
 // unit files under systemd/. The daemon runs as `node dist/src/cli.js serve` (run `npm run build` first),
 // started the way systemd starts it: the listening socket at fd 3 and LISTEN_PID set to the daemon's own pid.
 import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
-import { closeSync, cpSync, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, statSync, writeFileSync, chmodSync } from 'node:fs';
+import {
+  closeSync,
+  cpSync,
+  existsSync,
+  mkdirSync,
+  mkdtempSync,
+  openSync,
+  readFileSync,
+  rmSync,
+  statSync,
+  writeFileSync,
+  chmodSync,
+} from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -98,10 +110,13 @@ function start(options: StartOptions): Started {
       for (;;) {
         const found = notes.find(predicate);
         if (found !== undefined) return found;
-        if (Date.now() > deadline) throw new Error(`no matching notification in ${timeoutMs} ms; got ${JSON.stringify(notes)}; log:\n${log}`);
+        if (Date.now() > deadline)
+          throw new Error(`no matching notification in ${timeoutMs} ms; got ${JSON.stringify(notes)}; log:\n${log}`);
         // Notifications sent just before exit are collected within a few ms; give them 300.
         if (!running && Date.now() > exitedAt + 300) {
-          throw new Error(`daemon exited (code ${child.exitCode}) without a matching notification; got ${JSON.stringify(notes)}; log:\n${log}`);
+          throw new Error(
+            `daemon exited (code ${child.exitCode}) without a matching notification; got ${JSON.stringify(notes)}; log:\n${log}`,
+          );
         }
         await sleep(10);
       }
@@ -146,7 +161,12 @@ async function getFeatures(socketPath: string): Promise<{ request: number; flags
       if (got.bytes === 0) throw new Error(`GET_FEATURES: connection closed after ${have} reply bytes`);
       have += got.bytes;
     }
-    return { request: reply.readUInt32LE(0), flags: reply.readUInt32LE(4), size: reply.readUInt32LE(8), features: reply.readBigUInt64LE(12) };
+    return {
+      request: reply.readUInt32LE(0),
+      flags: reply.readUInt32LE(4),
+      size: reply.readUInt32LE(8),
+      features: reply.readBigUInt64LE(12),
+    };
   } finally {
     closeFd(fd);
   }
@@ -166,7 +186,12 @@ describe('socket activation and sd_notify', () => {
     expect(listening).toBeGreaterThanOrEqual(0);
     expect(listening).toBeLessThan(notified);
     expect(lines[listening]!['socket']).toBe('fd:3');
-    expect(lines.find((l) => l['msg'] === 'serving on a socket-activated fd')).toMatchObject({ disk: 'disk0', fd: 3, matchedBy: 'position', socket: d.socketPath });
+    expect(lines.find((l) => l['msg'] === 'serving on a socket-activated fd')).toMatchObject({
+      disk: 'disk0',
+      fd: 3,
+      matchedBy: 'position',
+      socket: d.socketPath,
+    });
 
     // A front-end connecting to the activated socket is served by the daemon.
     const reply = await getFeatures(d.socketPath);
@@ -248,14 +273,22 @@ describe('socket activation and sd_notify', () => {
   });
 
   it('ignores LISTEN_FDS meant for another process, unless --socket-activation requires it', async () => {
-    const ignored = start({ args: ['--image', '{dir}/disk.img', '--size', '16M', '--socket', '{dir}/own.sock'], direct: true, env: { LISTEN_PID: '1' } });
+    const ignored = start({
+      args: ['--image', '{dir}/disk.img', '--size', '16M', '--socket', '{dir}/own.sock'],
+      direct: true,
+      env: { LISTEN_PID: '1' },
+    });
     await ignored.waitForNote((n) => n.startsWith('READY=1'));
     expect(ignored.log()).toContain('ignoring socket activation variables');
     expect(existsSync(path.join(ignored.dir, 'own.sock'))).toBe(true);
     ignored.child.kill('SIGTERM');
     expect(await ignored.exited).toBe(0);
 
-    const required = start({ args: ['--image', '{dir}/disk.img', '--size', '16M', '--socket-activation'], direct: true, env: { LISTEN_PID: '1' } });
+    const required = start({
+      args: ['--image', '{dir}/disk.img', '--size', '16M', '--socket-activation'],
+      direct: true,
+      env: { LISTEN_PID: '1' },
+    });
     expect(await required.exited).toBe(2);
     expect(required.log()).toMatch(/--socket-activation was given but no sockets were passed: LISTEN_PID=1 is another process/);
   });
@@ -289,7 +322,13 @@ describe('systemd units', () => {
     return unitText
       .split('\n')
       .filter((l) => /^Exec[A-Za-z]+=\S/.test(l))
-      .map((l) => l.slice(l.indexOf('=') + 1).replace(/^[-@:+!]+/, '').split(/\s+/)[0]!);
+      .map(
+        (l) =>
+          l
+            .slice(l.indexOf('=') + 1)
+            .replace(/^[-@:+!]+/, '')
+            .split(/\s+/)[0]!,
+      );
   }
 
   function scratchRoot(): string {
@@ -345,7 +384,9 @@ describe('systemd units', () => {
     const entry = passwd.split('\n').find((line) => line.startsWith('vublk:'));
     expect(entry).toMatch(/^vublk:x:\d+:\d+:[^:]*:\/var\/lib\/vublk:/);
     const uid = Number(entry!.split(':')[2]);
-    const tmpfiles = spawnSync('systemd-tmpfiles', [`--root=${root}`, '--create', path.join(UNITS, 'vublk.tmpfiles.conf')], { encoding: 'utf8' });
+    const tmpfiles = spawnSync('systemd-tmpfiles', [`--root=${root}`, '--create', path.join(UNITS, 'vublk.tmpfiles.conf')], {
+      encoding: 'utf8',
+    });
     expect(tmpfiles.status, tmpfiles.stderr).toBe(0);
     const run = statSync(path.join(root, 'run/vublk'));
     expect(run.isDirectory()).toBe(true);

@@ -136,7 +136,9 @@ describe('throttle', () => {
       expect(second.status).toBe(BlkStatus.OK);
       // Debt after the big read: big - burst; the follower needs the balance back to >= 0 plus its own bytes.
       const debtSeconds = (big - burst) / bps;
-      console.log(`[throttle] ${big}-byte read over a ${burst}-byte burst: ${(t1 - t0).toFixed(1)} ms; follower waited ${(t2 - t1).toFixed(1)} ms (debt ${(debtSeconds * 1000).toFixed(1)} ms)`);
+      console.log(
+        `[throttle] ${big}-byte read over a ${burst}-byte burst: ${(t1 - t0).toFixed(1)} ms; follower waited ${(t2 - t1).toFixed(1)} ms (debt ${(debtSeconds * 1000).toFixed(1)} ms)`,
+      );
       // The debt is counted from the big read's admission (at or after t0).
       expect(t2 - t0).toBeGreaterThanOrEqual(debtSeconds * 1000 * 0.95);
       const delta = countsDelta(before, await metrics.waitFor(0, (c) => c.reads - before.reads === 2 && c.throttlePending === 0));

@@ -79,7 +79,12 @@ export type Verdict =
 
 function decodeDescriptor(bytes: Uint8Array, index: number): ModelDescriptor {
   const view = new DataView(bytes.buffer, bytes.byteOffset + index * 16, 16);
-  return { addr: view.getBigUint64(0, true), len: view.getUint32(8, true), flags: view.getUint16(12, true), next: view.getUint16(14, true) };
+  return {
+    addr: view.getBigUint64(0, true),
+    len: view.getUint32(8, true),
+    flags: view.getUint16(12, true),
+    next: view.getUint16(14, true),
+  };
 }
 
 type Walk = { kind: 'ok'; descriptors: ModelDescriptor[] } | { kind: 'poison'; reason: string } | { kind: 'drop'; reason: string };
@@ -283,7 +288,18 @@ export interface CounterDelta {
 }
 
 export function emptyCounters(): CounterDelta {
-  return { reads: 0, writes: 0, flushes: 0, discards: 0, writeZeroes: 0, getIds: 0, bytesRead: 0, bytesWritten: 0, ioErrors: 0, unsupported: 0 };
+  return {
+    reads: 0,
+    writes: 0,
+    flushes: 0,
+    discards: 0,
+    writeZeroes: 0,
+    getIds: 0,
+    bytesRead: 0,
+    bytesWritten: 0,
+    ioErrors: 0,
+    unsupported: 0,
+  };
 }
 
 export function countVerdict(verdict: Verdict, into: CounterDelta): void {

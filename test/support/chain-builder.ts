@@ -94,8 +94,9 @@ export class ChainBuilder {
     const queue = this.queue;
     const count = descriptors.length;
     const encode = (d: RawDescriptor, i: number, position: (p: number) => number): DescriptorInput => {
-      const next = d.next === undefined ? (i + 1 < count ? position(i + 1) : 0) : typeof d.next === 'number' ? position(d.next) : d.next.index;
-      const flags = d.rawFlags ?? ((d.write ? DescFlag.WRITE : 0) | (i + 1 < count ? DescFlag.NEXT : 0) | (d.flags ?? 0));
+      const next =
+        d.next === undefined ? (i + 1 < count ? position(i + 1) : 0) : typeof d.next === 'number' ? position(d.next) : d.next.index;
+      const flags = d.rawFlags ?? (d.write ? DescFlag.WRITE : 0) | (i + 1 < count ? DescFlag.NEXT : 0) | (d.flags ?? 0);
       return { addr: d.addr, len: d.len, flags, next };
     };
     let chain: RawChain;
@@ -103,7 +104,11 @@ export class ChainBuilder {
       const ids = this.take(1);
       const head = ids[0] as number;
       const table = this.alloc(Math.max(count, 1) * DESCRIPTOR_SIZE, 0);
-      writeDescriptorTable(this.frontend.memory, table, descriptors.map((d, i) => encode(d, i, (p) => p)));
+      writeDescriptorTable(
+        this.frontend.memory,
+        table,
+        descriptors.map((d, i) => encode(d, i, (p) => p)),
+      );
       queue.ring.writeDescriptor(head, {
         addr: table,
         len: options.indirectLen ?? count * DESCRIPTOR_SIZE,
@@ -114,7 +119,12 @@ export class ChainBuilder {
       chain = { head, table };
     } else {
       const ids = this.take(count);
-      descriptors.forEach((d, i) => queue.ring.writeDescriptor(ids[i] as number, encode(d, i, (p) => ids[p] ?? 0)));
+      descriptors.forEach((d, i) =>
+        queue.ring.writeDescriptor(
+          ids[i] as number,
+          encode(d, i, (p) => ids[p] ?? 0),
+        ),
+      );
       queue.descriptors.track({ head: ids[0] as number, descriptors: ids, indirectTable: null, token: undefined });
       chain = { head: ids[0] as number, table: null };
     }
@@ -140,15 +150,20 @@ export class ChainBuilder {
   async expectNoCompletion(chain: RawChain, timeoutMs = 300): Promise<void> {
     try {
       const elements = await this.queue.waitUsed({ min: 1, timeoutMs });
-      throw new Error(`head ${chain.head} should have been dropped, but used elements arrived: ${JSON.stringify(elements.map((e) => [e.id, e.len]))}`);
+      throw new Error(
+        `head ${chain.head} should have been dropped, but used elements arrived: ${JSON.stringify(elements.map((e) => [e.id, e.len]))}`,
+      );
     } catch (error) {
       if (!(error instanceof MissingCompletionError)) throw error;
-      if (error.elements.length !== 0) throw new Error(`unexpected used elements: ${JSON.stringify(error.elements.map((e) => [e.id, e.len]))}`);
+      if (error.elements.length !== 0)
+        throw new Error(`unexpected used elements: ${JSON.stringify(error.elements.map((e) => [e.id, e.len]))}`);
     }
     // Also nothing published without an interrupt: used.idx is where the driver last reaped.
     const { usedIdx } = this.queue.ring;
     if (usedIdx !== this.queue.indices.lastUsedIdx) {
-      throw new Error(`head ${chain.head} should have been dropped, but used.idx moved to ${usedIdx} (reaped up to ${this.queue.indices.lastUsedIdx})`);
+      throw new Error(
+        `head ${chain.head} should have been dropped, but used.idx moved to ${usedIdx} (reaped up to ${this.queue.indices.lastUsedIdx})`,
+      );
     }
     this.forget(chain);
   }

@@ -47,8 +47,21 @@ export async function startDaemon(options: StartOptions = {}): Promise<DaemonPro
   const dir = await mkdtemp(path.join(os.tmpdir(), 'vublk-it-'));
   const socketPath = path.join(dir, 'vublk.sock');
   const imagePath = path.join(dir, 'disk.img');
-  const args = options.rawArgs ?? ['serve', '--socket', socketPath, '--image', imagePath, '--size', options.size ?? '64M', ...(options.args ?? [])];
-  const child = spawn(process.execPath, [CLI, ...args], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, ...options.env }, cwd: dir });
+  const args = options.rawArgs ?? [
+    'serve',
+    '--socket',
+    socketPath,
+    '--image',
+    imagePath,
+    '--size',
+    options.size ?? '64M',
+    ...(options.args ?? []),
+  ];
+  const child = spawn(process.execPath, [CLI, ...args], {
+    stdio: ['ignore', 'pipe', 'pipe'],
+    env: { ...process.env, ...options.env },
+    cwd: dir,
+  });
   let output = '';
   let partial = '';
   const lines: LogLine[] = [];
@@ -91,7 +104,13 @@ export async function startDaemon(options: StartOptions = {}): Promise<DaemonPro
       if (found) return Promise.resolve(found);
       return new Promise((resolve, reject) => {
         const timer = setTimeout(() => reject(new Error(`no matching log line within ${timeoutMs} ms; output:\n${output}`)), timeoutMs);
-        waiters.push({ match, resolve: (line) => (clearTimeout(timer), resolve(line)) });
+        waiters.push({
+          match,
+          resolve: (line) => {
+            clearTimeout(timer);
+            resolve(line);
+          },
+        });
       });
     },
     async stop() {

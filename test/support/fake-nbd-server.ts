@@ -35,7 +35,7 @@ export type FakeMode =
   | 'always-bad-magic'
   | 'gappy';
 
-const SOURCE = String.raw`
+const SOURCE = `
 const { parentPort, workerData } = require('node:worker_threads');
 const net = require('node:net');
 const { path, mode, size } = workerData;

@@ -165,7 +165,9 @@ export class DrivenClient {
       const left = deadline - Date.now();
       if (left <= 0) {
         const missing = cookies.filter((c) => !this.results.has(c));
-        throw new Error(`NBD requests ${missing.slice(0, 8).join(',')} did not complete in ${timeoutMs} ms (state ${this.client.state}, ${this.client.lastError})`);
+        throw new Error(
+          `NBD requests ${missing.slice(0, 8).join(',')} did not complete in ${timeoutMs} ms (state ${this.client.state}, ${this.client.lastError})`,
+        );
       }
       await new Promise<void>((resolve) => {
         const timer = setTimeout(resolve, Math.min(left, 100));

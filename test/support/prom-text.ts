@@ -88,7 +88,7 @@ export function select(exposition: Exposition, name: string, labels: Record<stri
 }
 
 /** The value of the one sample matching; throws when there is none or several. */
-export function valueOf(exposition: Exposition, name: string, labels: Record<string, string> = {}): number {
+export function sampleValue(exposition: Exposition, name: string, labels: Record<string, string> = {}): number {
   const found = select(exposition, name, labels);
   if (found.length !== 1) throw new Error(`expected one ${name}${JSON.stringify(labels)}, found ${found.length}`);
   return found[0]!.value;

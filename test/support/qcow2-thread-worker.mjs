@@ -110,13 +110,16 @@ try {
     } else {
       completeAll();
       const got = read(unitStart, unit);
-      if (!got.equals(model.subarray(unitStart, unitStart + unit))) throw new Error(`worker ${index}: ${unit}-byte unit at ${unitStart} read back wrong at op ${i}`);
+      if (!got.equals(model.subarray(unitStart, unitStart + unit)))
+        throw new Error(`worker ${index}: ${unit}-byte unit at ${unitStart} read back wrong at op ${i}`);
     }
   }
   completeAll();
   handle.close();
   parentPort.postMessage({ ok: true, model, retries });
 } catch (error) {
-  try { handle.close(); } catch {}
-  parentPort.postMessage({ ok: false, error: String(error && error.stack || error) });
+  try {
+    handle.close();
+  } catch {}
+  parentPort.postMessage({ ok: false, error: String(error?.stack || error) });
 }

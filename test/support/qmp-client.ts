@@ -52,7 +52,8 @@ export class QmpClient {
         await client.handshake(Math.max(1_000, deadline - Date.now()));
         return client;
       } catch (error) {
-        if (Date.now() > deadline) throw new Error(`QMP connect to ${socketPath} failed: ${error instanceof Error ? error.message : String(error)}`);
+        if (Date.now() > deadline)
+          throw new Error(`QMP connect to ${socketPath} failed: ${error instanceof Error ? error.message : String(error)}`);
         await new Promise((resolve) => setTimeout(resolve, 100));
       }
     }

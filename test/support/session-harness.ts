@@ -104,7 +104,11 @@ export interface Connected {
  * Connects a front-end (QEMU 7.2 handshake unless options.handshake is false). `defer` closes it and waits
  * until the daemon noticed, so the next test's front-end is not refused as a second one.
  */
-export async function connect(daemon: DaemonProcess, defer: (cleanup: () => unknown) => void, options: FrontendOptions = {}): Promise<Connected> {
+export async function connect(
+  daemon: DaemonProcess,
+  defer: (cleanup: () => unknown) => void,
+  options: FrontendOptions = {},
+): Promise<Connected> {
   const before = disconnects(daemon);
   let frontend: VhostUserFrontend;
   try {

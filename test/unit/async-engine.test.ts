@@ -149,8 +149,24 @@ describe.each(engines)('cache=none (O_DIRECT) with the %s engine', (engine, skip
     fx.bytes.set(data.subarray(0, 32768), align);
     fx.bytes.set(data.subarray(32768), align + 65536 + 8);
     const writes = [
-      request(BlkRequestType.OUT, 0, [[fx.gpa(align), 16384], [fx.gpa(align + 16384), 16384]], status(0)),
-      request(BlkRequestType.OUT, 64, [[fx.gpa(align + 65536 + 8), 512 * 60], [fx.gpa(align + 65536 + 8 + 512 * 60), 32768 - 512 * 60]], status(1)),
+      request(
+        BlkRequestType.OUT,
+        0,
+        [
+          [fx.gpa(align), 16384],
+          [fx.gpa(align + 16384), 16384],
+        ],
+        status(0),
+      ),
+      request(
+        BlkRequestType.OUT,
+        64,
+        [
+          [fx.gpa(align + 65536 + 8), 512 * 60],
+          [fx.gpa(align + 65536 + 8 + 512 * 60), 32768 - 512 * 60],
+        ],
+        status(1),
+      ),
     ];
     writes.forEach((w, i) => {
       executor.submit(fx.memory, w, i, IMAGE_BYTES, true);

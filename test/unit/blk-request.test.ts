@@ -24,7 +24,12 @@ interface Desc {
   write?: boolean;
 }
 
-function setup(type: number, sector: number, descs: (fx: ReturnType<typeof memoryFixture>) => Desc[], overrides: Partial<DeviceLimits> = {}) {
+function setup(
+  type: number,
+  sector: number,
+  descs: (fx: ReturnType<typeof memoryFixture>) => Desc[],
+  overrides: Partial<DeviceLimits> = {},
+) {
   const fx = memoryFixture();
   fx.bytes.set(encodeRequestHeader({ type, ioprio: 0, sector }), 0);
   const chain = new ChainScratch(limits.segMax + 2);
@@ -45,7 +50,11 @@ const status = (fx: ReturnType<typeof memoryFixture>): Desc => ({ addr: fx.gpa(4
 
 describe('request framing (byte-stream view)', () => {
   it('accepts the classic header / data / status layout', () => {
-    const { request, disposition } = setup(BlkRequestType.IN, 8, (fx) => [header(fx), { addr: fx.gpa(8192), len: 4096, write: true }, status(fx)]);
+    const { request, disposition } = setup(BlkRequestType.IN, 8, (fx) => [
+      header(fx),
+      { addr: fx.gpa(8192), len: 4096, write: true },
+      status(fx),
+    ]);
     expect(disposition).toBe(Disposition.Execute);
     expect(request.sector).toBe(8);
     expect(request.dataBytes).toBe(4096);
@@ -110,7 +119,12 @@ describe('request framing (byte-stream view)', () => {
   });
 
   it('fails a readable descriptor after a writable one with IOERR', () => {
-    const { request, disposition } = setup(BlkRequestType.OUT, 0, (fx) => [header(fx), { addr: fx.gpa(9000), len: 1, write: true }, { addr: fx.gpa(8192), len: 512 }, status(fx)]);
+    const { request, disposition } = setup(BlkRequestType.OUT, 0, (fx) => [
+      header(fx),
+      { addr: fx.gpa(9000), len: 1, write: true },
+      { addr: fx.gpa(8192), len: 512 },
+      status(fx),
+    ]);
     expect(disposition).toBe(Disposition.Complete);
     expect(request.status).toBe(BlkStatus.IOERR);
   });
@@ -127,12 +141,36 @@ describe('data rules', () => {
     ['IN with device-readable data', BlkRequestType.IN, (fx) => [header(fx), { addr: fx.gpa(8192), len: 512 }, status(fx)]],
     ['OUT with device-writable data', BlkRequestType.OUT, (fx) => [header(fx), { addr: fx.gpa(8192), len: 512, write: true }, status(fx)]],
     ['GET_ID with device-readable data', BlkRequestType.GET_ID, (fx) => [header(fx), { addr: fx.gpa(8192), len: 20 }, status(fx)]],
-    ['a data segment over size_max', BlkRequestType.IN, (fx) => [header(fx), { addr: fx.gpa(8192), len: 8192, write: true }, status(fx)], { sizeMax: 4096 }],
-    ['data outside guest memory', BlkRequestType.IN, (fx) => [header(fx), { addr: fx.gpa((1 << 20) - 256), len: 512, write: true }, status(fx)]],
-    ['IN not aligned to a 4096-byte block', BlkRequestType.IN, (fx) => [header(fx), { addr: fx.gpa(8192), len: 512, write: true }, status(fx)], { logicalBlockSize: 4096 }],
+    [
+      'a data segment over size_max',
+      BlkRequestType.IN,
+      (fx) => [header(fx), { addr: fx.gpa(8192), len: 8192, write: true }, status(fx)],
+      { sizeMax: 4096 },
+    ],
+    [
+      'data outside guest memory',
+      BlkRequestType.IN,
+      (fx) => [header(fx), { addr: fx.gpa((1 << 20) - 256), len: 512, write: true }, status(fx)],
+    ],
+    [
+      'IN not aligned to a 4096-byte block',
+      BlkRequestType.IN,
+      (fx) => [header(fx), { addr: fx.gpa(8192), len: 512, write: true }, status(fx)],
+      { logicalBlockSize: 4096 },
+    ],
     ['OUT on a read-only disk', BlkRequestType.OUT, (fx) => [header(fx), { addr: fx.gpa(8192), len: 512 }, status(fx)], { readOnly: true }],
-    ['DISCARD on a read-only disk', BlkRequestType.DISCARD, (fx) => [header(fx), { addr: fx.gpa(8192), len: 16 }, status(fx)], { readOnly: true }],
-    ['WRITE_ZEROES on a read-only disk', BlkRequestType.WRITE_ZEROES, (fx) => [header(fx), { addr: fx.gpa(8192), len: 16 }, status(fx)], { readOnly: true }],
+    [
+      'DISCARD on a read-only disk',
+      BlkRequestType.DISCARD,
+      (fx) => [header(fx), { addr: fx.gpa(8192), len: 16 }, status(fx)],
+      { readOnly: true },
+    ],
+    [
+      'WRITE_ZEROES on a read-only disk',
+      BlkRequestType.WRITE_ZEROES,
+      (fx) => [header(fx), { addr: fx.gpa(8192), len: 16 }, status(fx)],
+      { readOnly: true },
+    ],
     ['DISCARD with a partial segment', BlkRequestType.DISCARD, (fx) => [header(fx), { addr: fx.gpa(8192), len: 24 }, status(fx)]],
   ];
   for (const [name, type, descs, overrides] of cases) {
@@ -144,7 +182,11 @@ describe('data rules', () => {
   }
 
   it('fails a range past the capacity with IOERR', () => {
-    const { request } = setup(BlkRequestType.IN, CAPACITY / 512 - 1, (fx) => [header(fx), { addr: fx.gpa(8192), len: 1024, write: true }, status(fx)]);
+    const { request } = setup(BlkRequestType.IN, CAPACITY / 512 - 1, (fx) => [
+      header(fx),
+      { addr: fx.gpa(8192), len: 1024, write: true },
+      status(fx),
+    ]);
     expect(request.status).toBe(BlkStatus.IOERR);
   });
 
@@ -190,7 +232,9 @@ describe('discard and write-zeroes segments', () => {
   }
 
   it('returns validated byte ranges', () => {
-    expect(discard(BlkRequestType.WRITE_ZEROES, [{ sector: 8, numSectors: 16, flags: 1 }])).toEqual([{ offset: 4096, length: 8192, unmap: true }]);
+    expect(discard(BlkRequestType.WRITE_ZEROES, [{ sector: 8, numSectors: 16, flags: 1 }])).toEqual([
+      { offset: 4096, length: 8192, unmap: true },
+    ]);
   });
 
   it('ignores the unmap flag on DISCARD', () => {
@@ -206,6 +250,8 @@ describe('discard and write-zeroes segments', () => {
   });
 
   it('fails a segment past the capacity with IOERR', () => {
-    expect(discard(BlkRequestType.DISCARD, [{ sector: CAPACITY / 512, numSectors: 1, flags: 0 }])).toMatchObject({ status: BlkStatus.IOERR });
+    expect(discard(BlkRequestType.DISCARD, [{ sector: CAPACITY / 512, numSectors: 1, flags: 0 }])).toMatchObject({
+      status: BlkStatus.IOERR,
+    });
   });
 });

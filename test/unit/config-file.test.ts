@@ -76,28 +76,47 @@ describe('parseConfig', () => {
   });
 
   it('reads the same from JSON', () => {
-    const config = parseConfig(JSON.stringify({ disks: [{ image: 'a.img', socket: '/run/a.sock', throttle: { bps: '1M' } }] }), '/cfg/v.json');
+    const config = parseConfig(
+      JSON.stringify({ disks: [{ image: 'a.img', socket: '/run/a.sock', throttle: { bps: '1M' } }] }),
+      '/cfg/v.json',
+    );
     expect(config.disks[0]!.options.imagePath).toBe('/cfg/a.img');
     expect(config.disks[0]!.options.throttle.bps).toBe(1 << 20);
   });
 
   it.each([
     ['disks:\n  - image: a.img\n    socket: a.sock\n    throttle: { bps: fast }\n', 'disks[0].throttle.bps', /invalid rate: "fast"/],
-    ['disks:\n  - { image: a, socket: a }\n  - { image: b, socket: b, throttle: { bps: "10 furlongs" } }\n', 'disks[1].throttle.bps', /invalid rate/],
+    [
+      'disks:\n  - { image: a, socket: a }\n  - { image: b, socket: b, throttle: { bps: "10 furlongs" } }\n',
+      'disks[1].throttle.bps',
+      /invalid rate/,
+    ],
     ['disks:\n  - { image: a, socket: a, throttle: { iops: -5 } }\n', 'disks[0].throttle.iops', /non-negative whole number/],
     ['disks:\n  - { image: a, socket: a, throttle: { iops-burst: 5 } }\n', 'disks[0].throttle.iops-burst', /needs iops/],
-    ['disks:\n  - { image: a, socket: a, throttle: { iops: 5, colour: red } }\n', 'disks[0].throttle.colour', /unknown key \(known: iops, iops-burst, bps, bps-burst\)/],
+    [
+      'disks:\n  - { image: a, socket: a, throttle: { iops: 5, colour: red } }\n',
+      'disks[0].throttle.colour',
+      /unknown key \(known: iops, iops-burst, bps, bps-burst\)/,
+    ],
     ['disks:\n  - { image: a, socket: a, throttle: 5 }\n', 'disks[0].throttle', /must be a mapping/],
     ['disks:\n  - { image: a, socket: a, colour: red }\n', 'disks[0].colour', /unknown key/],
     ['disks:\n  - { image: a, socket: a, num-queues: 100 }\n', 'disks[0].num-queues', /^must be between 1 and 64, got 100$/],
-    ['disks:\n  - { image: a, socket: a, num-queues: two }\n', 'disks[0].num-queues', /must be a non-negative whole number, got string "two"/],
+    [
+      'disks:\n  - { image: a, socket: a, num-queues: two }\n',
+      'disks[0].num-queues',
+      /must be a non-negative whole number, got string "two"/,
+    ],
     ['disks:\n  - { image: a, socket: a, queue-size: 100 }\n', 'disks[0].queue-size', /power of two/],
     ['disks:\n  - { image: a, socket: a, logical-block-size: 1024 }\n', 'disks[0].logical-block-size', /512 or 4096/],
     ['disks:\n  - { image: a, socket: a, size: 1000 }\n', 'disks[0].size', /multiple of 512/],
     ['disks:\n  - { image: a, socket: a, read-only: yes }\n', 'disks[0].read-only', /true or false, got string "yes"/],
     ['disks:\n  - { image: a, socket: a, io-engine: turbo }\n', 'disks[0].io-engine', /must be one of/],
     ['disks:\n  - { image: a, socket: a, threads: 2 }\n', 'disks[0].threads', /no longer a disk option.*--threads/],
-    ['disks:\n  - { image: a, socket: a, max-write-zeroes-seg: 0 }\n', 'disks[0].max-write-zeroes-seg', /^must be between 1 and 256, got 0$/],
+    [
+      'disks:\n  - { image: a, socket: a, max-write-zeroes-seg: 0 }\n',
+      'disks[0].max-write-zeroes-seg',
+      /^must be between 1 and 256, got 0$/,
+    ],
     ['disks:\n  - { socket: a }\n', 'disks[0].image', /image path is required/],
     ['disks:\n  - { image: a }\n', 'disks[0].socket', /is required/],
     ['disks:\n  - { image: a, socket: a, socket-fd: 3 }\n', 'disks[0]', /not both/],

@@ -65,7 +65,10 @@ function mappedLog(size: number): { mapped: MappedLog; log: DirtyLog; readFd: nu
   const fd = logMemfd(size);
   const readFd = fs.openSync(`/proc/self/fd/${fd}`, 'r');
   const mapped = mapLog({ mmapSize: BigInt(size), mmapOffset: 0n }, fd);
-  cleanups.push(() => unmapLog(mapped), () => fs.closeSync(readFd));
+  cleanups.push(
+    () => unmapLog(mapped),
+    () => fs.closeSync(readFd),
+  );
   return { mapped, log: DirtyLog.mapped(mapped.hostAddr, mapped.size), readFd };
 }
 

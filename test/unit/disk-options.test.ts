@@ -20,7 +20,14 @@ describe('the disk option table', () => {
     expect(DEFAULT_MAX_DISCARD_SEG).toBe(1);
     expect(DEFAULT_MAX_WRITE_ZEROES_SEG).toBe(1);
     const spec = parseDiskArgument('image=/x.img,socket=/x.sock', 0);
-    expect(spec.options).toMatchObject({ maxDiscardSeg: 1, maxWriteZeroesSeg: 1, numQueues: 1, queueSize: 1024, ioEngine: 'auto', writeback: true });
+    expect(spec.options).toMatchObject({
+      maxDiscardSeg: 1,
+      maxWriteZeroesSeg: 1,
+      numQueues: 1,
+      queueSize: 1024,
+      ioEngine: 'auto',
+      writeback: true,
+    });
   });
 
   it('lets the caller override a default (--io-engine) without a module-global', () => {
@@ -29,7 +36,10 @@ describe('the disk option table', () => {
     expect(parseDiskArgument('image=/x.img,socket=/x.sock', 0).options.ioEngine).toBe('auto');
     expect(defaultFields().ioEngine).toBe('auto');
     expect(parseDiskArgument('image=/x.img,socket=/x.sock', 0, { cache: 'none' }).options).toMatchObject({ cache: 'none', pollUs: 0 });
-    expect(parseDiskArgument('image=/x.img,socket=/x.sock,cache=directsync,poll-us=20', 0, { cache: 'none' }).options).toMatchObject({ cache: 'directsync', pollUs: 20 });
+    expect(parseDiskArgument('image=/x.img,socket=/x.sock,cache=directsync,poll-us=20', 0, { cache: 'none' }).options).toMatchObject({
+      cache: 'directsync',
+      pollUs: 20,
+    });
     expect(() => parseDiskArgument('image=/x.img,socket=/x.sock,cache=fast', 0)).toThrow(/cache/);
   });
 
@@ -57,11 +67,39 @@ describe('the disk option table', () => {
 
   it('accepts every table key in --disk and (for settable rows) in a config file', () => {
     const samples: Record<string, string | number | boolean> = {
-      name: 'n', image: '/i', 'socket-mode': '0660', 'socket-owner': 0, 'socket-group': 0, size: '1M', 'num-queues': 2,
-      'queue-size': 64, 'read-only': true, serial: 'S', 'logical-block-size': 4096, writeback: false, 'io-engine': 'sync',
-      'max-discard-seg': 2, 'max-write-zeroes-seg': 2, locking: false, cache: 'none', 'poll-us': 50, iops: 10, 'iops-burst': 20, bps: '1M', 'bps-burst': '2M',
-      'connect-timeout': 3, 'reconnect-timeout': 10, 'request-timeout': 0, conf: '/etc/ceph/c.conf', id: 'vublk', keyring: '/k', 'mon-host': '127.0.0.1:3300',
-      lock: 'none', 'osd-timeout': 5, format: 'qcow2', 'l2-cache-size': '4M',
+      name: 'n',
+      image: '/i',
+      'socket-mode': '0660',
+      'socket-owner': 0,
+      'socket-group': 0,
+      size: '1M',
+      'num-queues': 2,
+      'queue-size': 64,
+      'read-only': true,
+      serial: 'S',
+      'logical-block-size': 4096,
+      writeback: false,
+      'io-engine': 'sync',
+      'max-discard-seg': 2,
+      'max-write-zeroes-seg': 2,
+      locking: false,
+      cache: 'none',
+      'poll-us': 50,
+      iops: 10,
+      'iops-burst': 20,
+      bps: '1M',
+      'bps-burst': '2M',
+      'connect-timeout': 3,
+      'reconnect-timeout': 10,
+      'request-timeout': 0,
+      conf: '/etc/ceph/c.conf',
+      id: 'vublk',
+      keyring: '/k',
+      'mon-host': '127.0.0.1:3300',
+      lock: 'none',
+      'osd-timeout': 5,
+      format: 'qcow2',
+      'l2-cache-size': '4M',
     };
     // Network options apply only to their kind of image.
     const rbdKeys = ['conf', 'id', 'keyring', 'mon-host', 'lock', 'osd-timeout'];
@@ -75,24 +113,35 @@ describe('the disk option table', () => {
       const image = rbdKeys.includes(row.key) ? 'rbd:pool/img' : nbdKeys.includes(row.key) ? 'nbd://host/e' : '/x.img';
       const spec = parseDiskArgument(`image=${image},socket=/x.sock,${row.key}=${text}${burstNeeds}`, 0);
       expect(spec.fields[row.field], row.key).toBeDefined();
-      const entry = row.group === undefined ? `${row.key}: ${JSON.stringify(sample)}` : `${row.group}: { ${row.key}: ${JSON.stringify(sample)}${burstNeeds.replace(',', ', ').replace('=', ': ')} }`;
+      const entry =
+        row.group === undefined
+          ? `${row.key}: ${JSON.stringify(sample)}`
+          : `${row.group}: { ${row.key}: ${JSON.stringify(sample)}${burstNeeds.replace(',', ', ').replace('=', ': ')} }`;
       const config = parseConfig(`disks:\n  - { image: "${image}", socket: /x.sock, ${entry} }\n`, '/etc/v.yaml');
       expect(config.disks[0]!.fields[row.field], configKeyOf(row)).toEqual(spec.fields[row.field]);
     }
   });
 
   it('keeps network image locations as written and refuses options of the other kind', () => {
-    expect(parseDiskArgument('image=nbd+unix:///e?socket=/run/n.sock,socket=/x.sock', 0).options.imagePath).toBe('nbd+unix:///e?socket=/run/n.sock');
+    expect(parseDiskArgument('image=nbd+unix:///e?socket=/run/n.sock,socket=/x.sock', 0).options.imagePath).toBe(
+      'nbd+unix:///e?socket=/run/n.sock',
+    );
     expect(parseDiskArgument('image=rbd:vms/g1,socket=/x.sock,id=vublk,keyring=k', 0).options.rbdKeyring).toMatch(/^\/.*\/k$/);
     expect(() => parseDiskArgument('image=/x.img,socket=/x.sock,keyring=/k', 0)).toThrow(/keyring: only applies to rbd: images/);
-    expect(() => parseDiskArgument('image=rbd:vms/g1,socket=/x.sock,reconnect-timeout=5', 0)).toThrow(/reconnect-timeout: only applies to nbd/);
-    expect(() => parseDiskArgument('image=rbd:vms/g1,socket=/x.sock,size=1G', 0)).toThrow(/size: a network image has the size its server gives it/);
+    expect(() => parseDiskArgument('image=rbd:vms/g1,socket=/x.sock,reconnect-timeout=5', 0)).toThrow(
+      /reconnect-timeout: only applies to nbd/,
+    );
+    expect(() => parseDiskArgument('image=rbd:vms/g1,socket=/x.sock,size=1G', 0)).toThrow(
+      /size: a network image has the size its server gives it/,
+    );
     expect(() => parseDiskArgument('image=rbd:vms,socket=/x.sock', 0)).toThrow(/image: .*expected rbd:POOL\/IMAGE/);
     expect(() => parseDiskArgument('image=nbds://h/e,socket=/x.sock', 0)).toThrow(/TLS \(nbds\) is not supported/);
   });
 
   it('says where a retired key went', () => {
-    expect(() => parseDiskArgument('image=/x.img,socket=/x.sock,threads=2', 0)).toThrow(/threads is no longer a disk option.*serve --threads N/);
+    expect(() => parseDiskArgument('image=/x.img,socket=/x.sock,threads=2', 0)).toThrow(
+      /threads is no longer a disk option.*serve --threads N/,
+    );
   });
 
   it('drives the reload plan: restart-only rows are reported, live rows are not', () => {
@@ -104,8 +153,18 @@ describe('the disk option table', () => {
   it('drives the admin JSON', () => {
     const spec = parseDiskArgument('image=/x.img,socket=/x.sock,name=d,read-only=on', 0);
     expect(adminOptionValues(spec.fields)).toEqual({
-      name: 'd', image: '/x.img', 'num-queues': 1, 'queue-size': 1024, 'read-only': true, 'logical-block-size': 512,
-      'io-engine': 'auto', 'max-discard-seg': 1, 'max-write-zeroes-seg': 1, locking: true, cache: 'writeback', 'poll-us': 0,
+      name: 'd',
+      image: '/x.img',
+      'num-queues': 1,
+      'queue-size': 1024,
+      'read-only': true,
+      'logical-block-size': 512,
+      'io-engine': 'auto',
+      'max-discard-seg': 1,
+      'max-write-zeroes-seg': 1,
+      locking: true,
+      cache: 'writeback',
+      'poll-us': 0,
     });
   });
 });

@@ -292,10 +292,16 @@ parentPort.postMessage({ ops, bytes });
     }
 
     it('never over-grants ops under contention', async () => {
-      const { throttle, granted, ops } = await race({ iops: 200_000, bps: 0 }, [4096]);
-      expect(ops).toBe(200_000); // exactly the burst: no lost update, no over-grant
-      expect(throttle.admit(0)).toBeGreaterThan(0);
-      expect(granted.filter((r) => r.ops > 0).length).toBeGreaterThan(1); // they really raced
+      // On a loaded host one thread may take the whole burst before the others run: repeat (bounded) until
+      // at least two threads won tokens, so the exactness below was checked under a real race.
+      let raced = false;
+      for (let attempt = 0; attempt < 5 && !raced; attempt++) {
+        const { throttle, granted, ops } = await race({ iops: 200_000, bps: 0 }, [4096]);
+        expect(ops).toBe(200_000); // exactly the burst: no lost update, no over-grant
+        expect(throttle.admit(0)).toBeGreaterThan(0);
+        raced = granted.filter((r) => r.ops > 0).length > 1;
+      }
+      expect(raced).toBe(true);
     }, 30_000);
 
     it('charges both buckets exactly (refunds included) when bytes run out first', async () => {

@@ -24,7 +24,14 @@ function excludedFromContext(file: string): boolean {
     .map((l) => l.trim())
     .filter((l) => l !== '' && !l.startsWith('#'));
   const toRegExp = (glob: string): RegExp =>
-    new RegExp(`^${glob.replace(/[.+^${}()|[\]\\]/g, '\\$&').replace(/\*\*/g, '\u0000').replace(/\*/g, '[^/]*').replace(/\?/g, '[^/]').replace(/\u0000/g, '.*')}$`);
+    new RegExp(
+      `^${glob
+        .replace(/[.+^${}()|[\]\\]/g, '\\$&')
+        .replace(/\*\*/g, '\u0000')
+        .replace(/\*/g, '[^/]*')
+        .replace(/\?/g, '[^/]')
+        .replace(/\u0000/g, '.*')}$`,
+    );
   const prefixes = file.split('/').map((_, i, parts) => parts.slice(0, i + 1).join('/'));
   let excluded = false;
   for (const raw of patterns) {
@@ -88,7 +95,9 @@ describe('Dockerfile', () => {
 
   it('has the package bin as its entrypoint', () => {
     const entrypoint = jsonArray(of('ENTRYPOINT').at(-1)!.args);
-    const workdir = of('WORKDIR').filter((i) => i.stage === finalStage).at(-1)!.args;
+    const workdir = of('WORKDIR')
+      .filter((i) => i.stage === finalStage)
+      .at(-1)!.args;
     expect(entrypoint[0]).toBe('node');
     expect(Object.values(pkg.bin)).toContain(path.posix.relative(workdir, entrypoint[1]!));
     const cmd = jsonArray(of('CMD').at(-1)!.args);
@@ -110,7 +119,9 @@ describe('Dockerfile', () => {
   });
 
   it('runs as the vublk user, with the socket and image directories as volumes', () => {
-    const user = of('USER').filter((i) => i.stage === finalStage).at(-1)?.args;
+    const user = of('USER')
+      .filter((i) => i.stage === finalStage)
+      .at(-1)?.args;
     expect(user).toBe('vublk');
     const volumes = jsonArray(of('VOLUME').at(-1)!.args);
     expect(volumes).toEqual(expect.arrayContaining(['/run/vublk', '/var/lib/vublk']));

@@ -105,7 +105,12 @@ function setup(eventIdx: boolean, executorHook?: (flush: () => void) => void) {
     waitIdle: () => true,
     close: () => sync.close(),
   };
-  const queue = new SplitQueue(fx.memory, { size: SIZE, descGpa: fx.gpa(DESC), availGpa: fx.gpa(AVAIL), usedGpa: fx.gpa(USED) }, eventIdx, 0);
+  const queue = new SplitQueue(
+    fx.memory,
+    { size: SIZE, descGpa: fx.gpa(DESC), availGpa: fx.gpa(AVAIL), usedGpa: fx.gpa(USED) },
+    eventIdx,
+    0,
+  );
   const ctx: DrainContext = {
     queue,
     memory: fx.memory,

@@ -66,7 +66,11 @@ describe('errorFields (the log serializer)', () => {
   });
 
   it('keeps the call and errno name of a failed syscall', () => {
-    expect(errorFields(new SyscallError('open', Errno.ENOENT, '/x'))).toMatchObject({ code: 'VUBLK_ERR_SYSCALL', call: 'open', errno: 'ENOENT' });
+    expect(errorFields(new SyscallError('open', Errno.ENOENT, '/x'))).toMatchObject({
+      code: 'VUBLK_ERR_SYSCALL',
+      call: 'open',
+      errno: 'ENOENT',
+    });
   });
 
   it('keeps the errno code of a Node.js system error, and handles non-errors', () => {

@@ -51,7 +51,12 @@ describe('GuestMemory', () => {
   });
 
   it('honours fdOffset and rejects overlapping regions', () => {
-    expect(() => GuestMemory.create([{ gpa: 0, size: 2 * MiB }, { gpa: MiB, size: MiB }])).toThrow(/overlap/);
+    expect(() =>
+      GuestMemory.create([
+        { gpa: 0, size: 2 * MiB },
+        { gpa: MiB, size: MiB },
+      ]),
+    ).toThrow(/overlap/);
     const memory = GuestMemory.create([{ gpa: 0x100000, size: MiB, fdOffset: 64 * 1024 }]);
     expect(memory.wireRegions()[0]?.mmapOffset).toBe(65536n);
     memory.close();

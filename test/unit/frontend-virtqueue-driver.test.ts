@@ -29,7 +29,11 @@ class FakeDevice {
       if (d.flags & DescFlag.INDIRECT) {
         const table = this.memory.read(Number(d.addr), d.len);
         for (let i = 0; i < d.len / 16; i++) {
-          buffers.push({ addr: table.readBigUInt64LE(i * 16), len: table.readUInt32LE(i * 16 + 8), flags: table.readUInt16LE(i * 16 + 12) });
+          buffers.push({
+            addr: table.readBigUInt64LE(i * 16),
+            len: table.readUInt32LE(i * 16 + 8),
+            flags: table.readUInt16LE(i * 16 + 12),
+          });
         }
       } else {
         for (;;) {
@@ -88,14 +92,20 @@ afterEach(() => {
 describe('VirtqueueDriver', () => {
   it('publishes direct and indirect chains the device can walk', async () => {
     const device = setup(false);
-    const a = queue.submit([
-      { gpa: 0x20000, len: 16, writable: false },
-      { gpa: 0x20010, len: 512, writable: true },
-    ], { token: 'direct' });
-    const b = queue.submit([
-      { gpa: 0x30000, len: 16, writable: false },
-      { gpa: 0x30010, len: 1, writable: true },
-    ], { indirect: true, token: 'indirect' });
+    const a = queue.submit(
+      [
+        { gpa: 0x20000, len: 16, writable: false },
+        { gpa: 0x20010, len: 512, writable: true },
+      ],
+      { token: 'direct' },
+    );
+    const b = queue.submit(
+      [
+        { gpa: 0x30000, len: 16, writable: false },
+        { gpa: 0x30010, len: 1, writable: true },
+      ],
+      { indirect: true, token: 'indirect' },
+    );
     expect(queue.freeDescriptors).toBe(8 - 3);
     expect(queue.kick()).toBe(true);
     expect(device.kicks()).toBe(1);
@@ -123,7 +133,12 @@ describe('VirtqueueDriver', () => {
   it('throws RingFullError instead of overrunning the table', () => {
     setup(false, 2);
     queue.submit([{ gpa: 0x20000, len: 1, writable: true }]);
-    expect(() => queue.addChain([{ gpa: 0x20000, len: 1, writable: false }, { gpa: 0x20000, len: 1, writable: true }])).toThrow(RingFullError);
+    expect(() =>
+      queue.addChain([
+        { gpa: 0x20000, len: 1, writable: false },
+        { gpa: 0x20000, len: 1, writable: true },
+      ]),
+    ).toThrow(RingFullError);
   });
 
   it('honours NO_NOTIFY without EVENT_IDX, and a forced kick overrides it', () => {
@@ -204,7 +219,10 @@ describe('VirtqueueDriver', () => {
 
   it('rejects used ids that are not in-flight heads', async () => {
     const device = setup(false);
-    queue.submit([{ gpa: 0x20000, len: 1, writable: true }, { gpa: 0x20000, len: 1, writable: true }]);
+    queue.submit([
+      { gpa: 0x20000, len: 1, writable: true },
+      { gpa: 0x20000, len: 1, writable: true },
+    ]);
     device.pop();
     device.push(1, 0); // descriptor 1 is the chain's second descriptor, not its head
     await expect(queue.waitUsed()).rejects.toBeInstanceOf(UsedRingError);

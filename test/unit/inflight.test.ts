@@ -6,7 +6,13 @@ import fs from 'node:fs';
 import { createMemfd, mapShared, unmap } from '../../src/sys/memory-map.js';
 import { closeFd } from '../../src/sys/fd.js';
 import { InflightQueue, InflightRegionError } from '../../src/dataplane/inflight-queue.js';
-import { DESC_STATE_BYTES, QUEUE_HEADER_BYTES, QueueHeaderOffset, inflightQueueStride, inflightRegionBytes } from '../../src/dataplane/inflight-layout.js';
+import {
+  DESC_STATE_BYTES,
+  QUEUE_HEADER_BYTES,
+  QueueHeaderOffset,
+  inflightQueueStride,
+  inflightRegionBytes,
+} from '../../src/dataplane/inflight-layout.js';
 import { InflightFdError, createInflightFd, mapInflightRegion } from '../../src/control/inflight-region.js';
 import koffi from 'koffi';
 import { spawnSync } from 'node:child_process';
@@ -80,11 +86,15 @@ describe('InflightQueue', () => {
     ['an unknown version', (v) => v.setUint16(QueueHeaderOffset.version, 7, true), /version 7/],
     ['desc_num other than the queue size', (v) => v.setUint16(QueueHeaderOffset.descNum, SIZE * 2, true), /desc_num 32/],
     ['an inflight flag other than 0/1', (v) => v.setUint8(QUEUE_HEADER_BYTES + DESC_STATE_BYTES * 3, 9), /flag 9/],
-    ['a last batch linking outside the ring', (v) => {
-      v.setUint8(QUEUE_HEADER_BYTES, 1);
-      v.setUint16(QueueHeaderOffset.lastBatchHead, 0xffff, true);
-      v.setUint16(QueueHeaderOffset.usedIdx, 0xfffe, true);
-    }, /outside the ring/],
+    [
+      'a last batch linking outside the ring',
+      (v) => {
+        v.setUint8(QUEUE_HEADER_BYTES, 1);
+        v.setUint16(QueueHeaderOffset.lastBatchHead, 0xffff, true);
+        v.setUint16(QueueHeaderOffset.usedIdx, 0xfffe, true);
+      },
+      /outside the ring/,
+    ],
     ['used_idx far behind used.idx', (v) => v.setUint16(QueueHeaderOffset.usedIdx, 1000, true), /behind/],
   ];
   for (const [what, corrupt, message] of corruptions) {

@@ -41,9 +41,7 @@ describe('npm install scripts', () => {
     const allow = readManifest(ROOT).allowScripts ?? {};
     const packages = installedPackages(path.join(ROOT, 'node_modules'));
     expect(packages.length).toBeGreaterThan(0);
-    const withScripts = packages
-      .map(readManifest)
-      .filter((m) => INSTALL_SCRIPTS.some((s) => m.scripts?.[s] !== undefined));
+    const withScripts = packages.map(readManifest).filter((m) => INSTALL_SCRIPTS.some((s) => m.scripts?.[s] !== undefined));
     expect(withScripts.map((m) => m.name)).toContain('koffi');
     const uncovered = withScripts.filter((m) => allow[m.name] === undefined && allow[`${m.name}@${m.version}`] === undefined);
     expect(uncovered.map((m) => `${m.name}@${m.version}`)).toEqual([]);

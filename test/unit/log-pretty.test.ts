@@ -4,13 +4,28 @@ import { formatPrettyLine, prettyDestination } from '../../src/log-pretty.js';
 
 describe('formatPrettyLine', () => {
   it('puts time, level, disk/queue and message first, then the other fields', () => {
-    const line = JSON.stringify({ level: 30, time: '2026-01-02T03:04:05.678Z', service: 'vublk', disk: 'disk0', queue: 1, size: 256, eventIdx: true, msg: 'ring started' });
+    const line = JSON.stringify({
+      level: 30,
+      time: '2026-01-02T03:04:05.678Z',
+      service: 'vublk',
+      disk: 'disk0',
+      queue: 1,
+      size: 256,
+      eventIdx: true,
+      msg: 'ring started',
+    });
     const text = formatPrettyLine(line, false);
-    expect(text).toMatch(/^\d\d:\d\d:\d\d\.678 INFO  disk0\/q1 ring started size=256 eventIdx=true\n$/);
+    expect(text).toMatch(/^\d\d:\d\d:\d\d\.678 INFO {2}disk0\/q1 ring started size=256 eventIdx=true\n$/);
   });
 
   it('quotes strings with spaces, JSON-encodes objects, and colours only when asked', () => {
-    const line = JSON.stringify({ level: 40, time: 0, msg: 'config change requires restart: not applied', keys: ['num-queues'], reason: 'two words' });
+    const line = JSON.stringify({
+      level: 40,
+      time: 0,
+      msg: 'config change requires restart: not applied',
+      keys: ['num-queues'],
+      reason: 'two words',
+    });
     const plain = formatPrettyLine(line, false);
     expect(plain).toContain('WARN  config change requires restart: not applied keys=["num-queues"] reason="two words"');
     expect(plain).not.toContain('\x1b[');

@@ -1,5 +1,12 @@
 import { describe, expect, it } from 'vitest';
-import { AdminError, handleAdmin, mergeThrottle, parseThrottleChange, type AdminDiskInfo, type AdminTarget } from '../../src/metrics/admin.js';
+import {
+  AdminError,
+  handleAdmin,
+  mergeThrottle,
+  parseThrottleChange,
+  type AdminDiskInfo,
+  type AdminTarget,
+} from '../../src/metrics/admin.js';
 import type { DiskLimits, ResolvedDiskLimits } from '../../src/throttle/disk-throttle.js';
 import { resolveDiskLimits } from '../../src/daemon/reload.js';
 

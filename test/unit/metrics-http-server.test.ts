@@ -15,14 +15,29 @@ const log = pino({ level: 'silent' });
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vublk-http-'));
 afterAll(() => fs.rmSync(dir, { recursive: true, force: true }));
 
-function call(target: { port: number } | { socketPath: string }, method: string, pathname: string, body?: string): Promise<{ status: number; body: string; allow?: string }> {
+function call(
+  target: { port: number } | { socketPath: string },
+  method: string,
+  pathname: string,
+  body?: string,
+): Promise<{ status: number; body: string; allow?: string }> {
   const where = 'port' in target ? { host: '127.0.0.1', port: target.port } : { socketPath: target.socketPath };
   return new Promise((resolve, reject) => {
-    const req = http.request({ ...where, agent: false, method, path: pathname, timeout: 5_000, headers: body === undefined ? {} : { 'Content-Type': 'application/json' } }, (res) => {
-      let text = '';
-      res.setEncoding('utf8').on('data', (t: string) => (text += t));
-      res.on('end', () => resolve({ status: res.statusCode ?? 0, body: text, allow: res.headers['allow'] }));
-    });
+    const req = http.request(
+      {
+        ...where,
+        agent: false,
+        method,
+        path: pathname,
+        timeout: 5_000,
+        headers: body === undefined ? {} : { 'Content-Type': 'application/json' },
+      },
+      (res) => {
+        let text = '';
+        res.setEncoding('utf8').on('data', (t: string) => (text += t));
+        res.on('end', () => resolve({ status: res.statusCode ?? 0, body: text, allow: res.headers['allow'] }));
+      },
+    );
     req.on('timeout', () => req.destroy(new Error('timeout')));
     req.on('error', reject);
     req.end(body);

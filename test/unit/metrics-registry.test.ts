@@ -1,11 +1,22 @@
 import { describe, expect, it } from 'vitest';
-import { Counter, CounterReader, LATENCY_BUCKETS_SECONDS, LatencyOp, QueueCounters, createCounterBuffer } from '../../src/dataplane/counters.js';
+import {
+  Counter,
+  CounterReader,
+  LATENCY_BUCKETS_SECONDS,
+  LatencyOp,
+  QueueCounters,
+  createCounterBuffer,
+} from '../../src/dataplane/counters.js';
 import { createMetricsRegistry, type DiskMetricsSource } from '../../src/metrics/registry.js';
 import { SnapshotHistogram } from '../../src/metrics/snapshot-histogram.js';
-import { parseExposition, select, valueOf } from '../support/prom-text.js';
+import { parseExposition, select, sampleValue } from '../support/prom-text.js';
 import { Registry } from 'prom-client';
 
-function disk(name: string, queues: number, extra: Partial<DiskMetricsSource> = {}): { source: DiskMetricsSource; writers: QueueCounters[] } {
+function disk(
+  name: string,
+  queues: number,
+  extra: Partial<DiskMetricsSource> = {},
+): { source: DiskMetricsSource; writers: QueueCounters[] } {
   const buffer = createCounterBuffer(queues);
   const writers = Array.from({ length: queues }, (_, q) => new QueueCounters(buffer, q));
   return {
@@ -32,7 +43,7 @@ describe('metrics registry', () => {
     const a = disk('a', 2, { connected: true, connections: 3, throttleLimits: { iops: 100, iopsBurst: 200, bps: 1000, bpsBurst: 1000 } });
     const registry = createMetricsRegistry(() => [a.source], { defaultMetrics: false });
     const before = parseExposition(await registry.metrics());
-    expect(valueOf(before, 'vublk_requests_total', { disk: 'a', queue: '1', op: 'write' })).toBe(0);
+    expect(sampleValue(before, 'vublk_requests_total', { disk: 'a', queue: '1', op: 'write' })).toBe(0);
 
     const [q0, q1] = a.writers;
     q0!.add(Counter.reads, 5);
@@ -50,30 +61,35 @@ describe('metrics registry', () => {
 
     const m = parseExposition(await registry.metrics());
     expect(m.types.get('vublk_requests_total')).toBe('counter');
-    expect(valueOf(m, 'vublk_requests_total', { disk: 'a', queue: '0', op: 'read' })).toBe(5);
-    expect(valueOf(m, 'vublk_requests_total', { disk: 'a', queue: '1', op: 'write' })).toBe(2);
-    expect(valueOf(m, 'vublk_requests_total', { disk: 'a', queue: '1', op: 'write_zeroes' })).toBe(1);
-    expect(valueOf(m, 'vublk_requests_total', { disk: 'a', queue: '1', op: 'get_id' })).toBe(1);
+    expect(sampleValue(m, 'vublk_requests_total', { disk: 'a', queue: '0', op: 'read' })).toBe(5);
+    expect(sampleValue(m, 'vublk_requests_total', { disk: 'a', queue: '1', op: 'write' })).toBe(2);
+    expect(sampleValue(m, 'vublk_requests_total', { disk: 'a', queue: '1', op: 'write_zeroes' })).toBe(1);
+    expect(sampleValue(m, 'vublk_requests_total', { disk: 'a', queue: '1', op: 'get_id' })).toBe(1);
     expect(select(m, 'vublk_requests_total').map((s) => s.labels['op'])).toEqual(
       expect.arrayContaining(['read', 'write', 'flush', 'discard', 'write_zeroes', 'get_id']),
     );
     expect(select(m, 'vublk_requests_total')).toHaveLength(12);
-    expect(valueOf(m, 'vublk_bytes_total', { disk: 'a', queue: '0', direction: 'read' })).toBe(20480);
-    expect(valueOf(m, 'vublk_bytes_total', { disk: 'a', queue: '1', direction: 'write' })).toBe(8192);
-    expect(valueOf(m, 'vublk_io_errors_total', { disk: 'a', queue: '0' })).toBe(7);
-    expect(valueOf(m, 'vublk_throttled_total', { disk: 'a', queue: '1' })).toBe(1);
+    expect(sampleValue(m, 'vublk_bytes_total', { disk: 'a', queue: '0', direction: 'read' })).toBe(20480);
+    expect(sampleValue(m, 'vublk_bytes_total', { disk: 'a', queue: '1', direction: 'write' })).toBe(8192);
+    expect(sampleValue(m, 'vublk_io_errors_total', { disk: 'a', queue: '0' })).toBe(7);
+    expect(sampleValue(m, 'vublk_throttled_total', { disk: 'a', queue: '1' })).toBe(1);
     expect(m.types.get('vublk_throttle_pending')).toBe('gauge');
-    expect(valueOf(m, 'vublk_throttle_pending', { disk: 'a', queue: '0' })).toBe(1);
-    expect(valueOf(m, 'vublk_queue_poisoned', { disk: 'a', queue: '1' })).toBe(1);
-    expect(valueOf(m, 'vublk_queue_poisoned', { disk: 'a', queue: '0' })).toBe(0);
-    expect(valueOf(m, 'vublk_front_end_connected', { disk: 'a' })).toBe(1);
-    expect(valueOf(m, 'vublk_front_end_connections_total', { disk: 'a' })).toBe(3);
-    expect(valueOf(m, 'vublk_disk_capacity_bytes', { disk: 'a' })).toBe(1 << 20);
-    expect(valueOf(m, 'vublk_throttle_limit', { disk: 'a', kind: 'iops' })).toBe(100);
-    expect(valueOf(m, 'vublk_throttle_limit', { disk: 'a', kind: 'iops_burst' })).toBe(200);
-    expect(valueOf(m, 'vublk_throttle_limit', { disk: 'a', kind: 'bps' })).toBe(1000);
-    expect(valueOf(m, 'vublk_throttle_limit', { disk: 'a', kind: 'bps_burst' })).toBe(1000);
-    for (const name of ['vublk_unsupported_requests_total', 'vublk_invalid_avail_idx_total', 'vublk_drains_total', 'vublk_notifications_total']) {
+    expect(sampleValue(m, 'vublk_throttle_pending', { disk: 'a', queue: '0' })).toBe(1);
+    expect(sampleValue(m, 'vublk_queue_poisoned', { disk: 'a', queue: '1' })).toBe(1);
+    expect(sampleValue(m, 'vublk_queue_poisoned', { disk: 'a', queue: '0' })).toBe(0);
+    expect(sampleValue(m, 'vublk_front_end_connected', { disk: 'a' })).toBe(1);
+    expect(sampleValue(m, 'vublk_front_end_connections_total', { disk: 'a' })).toBe(3);
+    expect(sampleValue(m, 'vublk_disk_capacity_bytes', { disk: 'a' })).toBe(1 << 20);
+    expect(sampleValue(m, 'vublk_throttle_limit', { disk: 'a', kind: 'iops' })).toBe(100);
+    expect(sampleValue(m, 'vublk_throttle_limit', { disk: 'a', kind: 'iops_burst' })).toBe(200);
+    expect(sampleValue(m, 'vublk_throttle_limit', { disk: 'a', kind: 'bps' })).toBe(1000);
+    expect(sampleValue(m, 'vublk_throttle_limit', { disk: 'a', kind: 'bps_burst' })).toBe(1000);
+    for (const name of [
+      'vublk_unsupported_requests_total',
+      'vublk_invalid_avail_idx_total',
+      'vublk_drains_total',
+      'vublk_notifications_total',
+    ]) {
       expect(select(m, name)).toHaveLength(2);
     }
   });
@@ -100,12 +116,12 @@ describe('metrics registry', () => {
     expect(le('2.5')).toBe(3);
     expect(le('+Inf')).toBe(4);
     for (let i = 1; i < buckets.length; i++) expect(buckets[i]!.value).toBeGreaterThanOrEqual(buckets[i - 1]!.value);
-    expect(valueOf(m, 'vublk_request_duration_seconds_count', { disk: 'a', op: 'read' })).toBe(4);
-    expect(valueOf(m, 'vublk_request_duration_seconds_sum', { disk: 'a', op: 'read' })).toBeCloseTo(10.002305, 6);
+    expect(sampleValue(m, 'vublk_request_duration_seconds_count', { disk: 'a', op: 'read' })).toBe(4);
+    expect(sampleValue(m, 'vublk_request_duration_seconds_sum', { disk: 'a', op: 'read' })).toBeCloseTo(10.002305, 6);
     const flush = select(m, 'vublk_request_duration_seconds_bucket', { disk: 'a', op: 'flush' });
     expect(flush.find((b) => b.labels['le'] === '0.0005')!.value).toBe(0);
     expect(flush.find((b) => b.labels['le'] === '0.001')!.value).toBe(1);
-    expect(valueOf(m, 'vublk_request_duration_seconds_count', { disk: 'a', op: 'other' })).toBe(0);
+    expect(sampleValue(m, 'vublk_request_duration_seconds_count', { disk: 'a', op: 'other' })).toBe(0);
     // No queue label on the histogram: one series set per disk and op.
     expect(select(m, 'vublk_request_duration_seconds_count')).toHaveLength(4);
     expect(select(m, 'vublk_request_duration_seconds_count').every((s) => !('queue' in s.labels))).toBe(true);
@@ -115,15 +131,23 @@ describe('metrics registry', () => {
     const a = disk('a', 1);
     const b = disk('b', 3);
     let limits = { iops: 0, iopsBurst: 0, bps: 0, bpsBurst: 0 };
-    const sources: DiskMetricsSource[] = [a.source, { ...b.source, get throttleLimits() { return limits; } }];
+    const sources: DiskMetricsSource[] = [
+      a.source,
+      {
+        ...b.source,
+        get throttleLimits() {
+          return limits;
+        },
+      },
+    ];
     const registry = createMetricsRegistry(() => sources, { defaultMetrics: false });
     let m = parseExposition(await registry.metrics());
     expect(select(m, 'vublk_io_errors_total', { disk: 'a' })).toHaveLength(1);
     expect(select(m, 'vublk_io_errors_total', { disk: 'b' })).toHaveLength(3);
-    expect(valueOf(m, 'vublk_throttle_limit', { disk: 'b', kind: 'bps' })).toBe(0);
+    expect(sampleValue(m, 'vublk_throttle_limit', { disk: 'b', kind: 'bps' })).toBe(0);
     limits = { iops: 10, iopsBurst: 10, bps: 5, bpsBurst: 5 };
     m = parseExposition(await registry.metrics());
-    expect(valueOf(m, 'vublk_throttle_limit', { disk: 'b', kind: 'bps' })).toBe(5);
+    expect(sampleValue(m, 'vublk_throttle_limit', { disk: 'b', kind: 'bps' })).toBe(5);
   });
 
   it('includes the process metrics with the vublk_ prefix by default', async () => {
@@ -153,8 +177,8 @@ describe('SnapshotHistogram', () => {
       ['1', 3],
       ['+Inf', 6],
     ]);
-    expect(valueOf(m, 'test_seconds_sum')).toBe(7.5);
-    expect(valueOf(m, 'test_seconds_count')).toBe(6);
+    expect(sampleValue(m, 'test_seconds_sum')).toBe(7.5);
+    expect(sampleValue(m, 'test_seconds_count')).toBe(6);
     const json = await registry.getMetricsAsJSON();
     expect(json[0]?.name).toBe('test_seconds');
     expect(() => histogram.observe(1)).toThrow(/shared counters/);

@@ -106,7 +106,12 @@ describe('NBD handshake codecs', () => {
     expect(() => decodeInfoReply(infoExport(1n << 60n, 1))).toThrow(/2\^53/);
     expect(() => decodeInfoReply(infoExport(4096n, 0))).toThrow(/HAS_FLAGS/);
     expect(() => decodeInfoReply(infoExport(4096n, 1).subarray(0, 11))).toThrow(/expected 12/);
-    expect(decodeInfoReply(infoBlockSize(512, 4096, 65536))).toEqual({ info: Info.BLOCK_SIZE, minimum: 512, preferred: 4096, maximum: 65536 });
+    expect(decodeInfoReply(infoBlockSize(512, 4096, 65536))).toEqual({
+      info: Info.BLOCK_SIZE,
+      minimum: 512,
+      preferred: 4096,
+      maximum: 65536,
+    });
     expect(() => decodeInfoReply(infoBlockSize(3, 4096, 65536))).toThrow(/power of two/);
     expect(() => decodeInfoReply(infoBlockSize(512, 256, 65536))).toThrow(/preferred/);
     expect(() => decodeInfoReply(infoBlockSize(512, 4096, 1000))).toThrow(/multiple/);
@@ -136,13 +141,19 @@ describe('NBD transmission codecs', () => {
     expect(into).toMatchObject({ structured: false, error: 5, handleHigh: 1, handleLow: 2 });
     decodeReplyHeader(hex('668e33ef 0001 0002 0000000300000004 0000000c'), 0, true, into);
     expect(into).toMatchObject({ structured: true, flags: 1, type: ChunkType.OFFSET_HOLE, handleHigh: 3, handleLow: 4, length: 12 });
-    expect(() => decodeReplyHeader(hex('668e33ef 0001 0002 0000000300000004 0000000c'), 0, false, into)).toThrow(/without NBD_OPT_STRUCTURED_REPLY/);
+    expect(() => decodeReplyHeader(hex('668e33ef 0001 0002 0000000300000004 0000000c'), 0, false, into)).toThrow(
+      /without NBD_OPT_STRUCTURED_REPLY/,
+    );
     expect(() => decodeReplyHeader(hex('deadbeef 00000000 0000000000000000'), 0, true, into)).toThrow(/unknown magic/);
   });
 
   it('decodes error chunks and rejects messages longer than the chunk or a zero error', () => {
     expect(decodeErrorChunk(ChunkType.ERROR, hex('00000005 0002 6869'))).toEqual({ errno: 5, message: 'hi', offset: -1 });
-    expect(decodeErrorChunk(ChunkType.ERROR_OFFSET, hex('0000001c 0000 0000000000001000'))).toEqual({ errno: 28, message: '', offset: 4096 });
+    expect(decodeErrorChunk(ChunkType.ERROR_OFFSET, hex('0000001c 0000 0000000000001000'))).toEqual({
+      errno: 28,
+      message: '',
+      offset: 4096,
+    });
     expect(() => decodeErrorChunk(ChunkType.ERROR, hex('00000005 0010 6869'))).toThrow(/does not fit/);
     expect(() => decodeErrorChunk(ChunkType.ERROR, hex('00000000 0000'))).toThrow(/error value 0/);
     expect(() => decodeErrorChunk(ChunkType.ERROR_OFFSET, hex('00000005 0000 00000000'))).toThrow(/does not fit/);
@@ -178,8 +189,16 @@ describe('NBD handshake (generator against scripted server bytes)', () => {
     expect(sent.subarray(0, 4).toString('hex')).toBe('00000003'); // FIXED_NEWSTYLE | NO_ZEROES
     expect(sent.subarray(4, 20).toString('hex')).toBe('49484156454f5054' + '00000008' + '00000000');
     expect(info).toMatchObject({
-      size: 1 << 20, canFlush: true, canTrim: true, canMultiConn: true, canFua: false, readOnly: false,
-      structuredReplies: true, minimumBlockSize: 512, preferredBlockSize: 4096, maximumPayload: 65536,
+      size: 1 << 20,
+      canFlush: true,
+      canTrim: true,
+      canMultiConn: true,
+      canFua: false,
+      readOnly: false,
+      structuredReplies: true,
+      minimumBlockSize: 512,
+      preferredBlockSize: 4096,
+      maximumPayload: 65536,
     });
   });
 
@@ -216,7 +235,11 @@ describe('NBD handshake (generator against scripted server bytes)', () => {
   });
 
   it('treats an ACK without NBD_INFO_EXPORT, a malformed INFO or an endless reply stream as protocol errors', () => {
-    const noExport = Buffer.concat([GREETING, optionReply(Option.STRUCTURED_REPLY, OptionReply.ACK), optionReply(Option.GO, OptionReply.ACK)]);
+    const noExport = Buffer.concat([
+      GREETING,
+      optionReply(Option.STRUCTURED_REPLY, OptionReply.ACK),
+      optionReply(Option.GO, OptionReply.ACK),
+    ]);
     expect(() => runHandshake(noExport)).toThrow(/without NBD_INFO_EXPORT/);
     const badInfo = Buffer.concat([
       GREETING,
@@ -237,7 +260,10 @@ describe('NBD handshake (generator against scripted server bytes)', () => {
 
 describe('NBD URIs', () => {
   it('parses TCP URIs with the default port, IPv6 literals and percent-encoded export names', () => {
-    expect(parseNbdUri('nbd://example.com/disk')).toEqual({ endpoint: { kind: 'tcp', host: 'example.com', port: 10809 }, exportName: 'disk' });
+    expect(parseNbdUri('nbd://example.com/disk')).toEqual({
+      endpoint: { kind: 'tcp', host: 'example.com', port: 10809 },
+      exportName: 'disk',
+    });
     expect(parseNbdUri('nbd://127.0.0.1:2000/')).toEqual({ endpoint: { kind: 'tcp', host: '127.0.0.1', port: 2000 }, exportName: '' });
     expect(parseNbdUri('nbd://127.0.0.1')).toMatchObject({ exportName: '' });
     expect(parseNbdUri('nbd://[::1]:10810/a')).toEqual({ endpoint: { kind: 'tcp', host: '::1', port: 10810 }, exportName: 'a' });
@@ -246,7 +272,10 @@ describe('NBD URIs', () => {
   });
 
   it('parses Unix URIs, including abstract sockets', () => {
-    expect(parseNbdUri('nbd+unix:///disk?socket=/run/nbd.sock')).toEqual({ endpoint: { kind: 'unix', path: '/run/nbd.sock' }, exportName: 'disk' });
+    expect(parseNbdUri('nbd+unix:///disk?socket=/run/nbd.sock')).toEqual({
+      endpoint: { kind: 'unix', path: '/run/nbd.sock' },
+      exportName: 'disk',
+    });
     expect(parseNbdUri('nbd+unix:///?socket=%00/abstract')).toEqual({ endpoint: { kind: 'unix', path: '@/abstract' }, exportName: '' });
   });
 

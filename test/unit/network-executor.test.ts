@@ -85,7 +85,10 @@ afterEach(() => {
   for (const e of executors.splice(0)) e.close();
 });
 
-function setup(supportsFua = true, options = {}): { transport: ScriptedTransport; channel: BackendChannel; executor: NetworkExecutor; done: Completion[] } {
+function setup(
+  supportsFua = true,
+  options = {},
+): { transport: ScriptedTransport; channel: BackendChannel; executor: NetworkExecutor; done: Completion[] } {
   const transport = new ScriptedTransport(supportsFua);
   const channel = new BackendChannel('test', transport);
   const executor = new NetworkExecutor(channel, limits, options);
@@ -121,19 +124,46 @@ describe('network executor', () => {
 
   it('maps ENOTSUP to UNSUPP and reports the read length as written', () => {
     const { transport, executor, done } = setup();
-    executor.submit(fixture.memory, request(BlkRequestType.IN, 0, [[0, 512], [1024, 1024]], 200), 1, CAPACITY, true);
+    executor.submit(
+      fixture.memory,
+      request(
+        BlkRequestType.IN,
+        0,
+        [
+          [0, 512],
+          [1024, 1024],
+        ],
+        200,
+      ),
+      1,
+      CAPACITY,
+      true,
+    );
     executor.submit(fixture.memory, request(BlkRequestType.FLUSH, 0, [], 201), 2, CAPACITY, true);
     transport.answer(transport.tags[0]!);
     transport.answer(transport.tags[1]!, 95);
     executor.reap();
-    expect(done.map((c) => [c.head, c.status, c.written])).toEqual([[1, BlkStatus.OK, 1536], [2, BlkStatus.UNSUPP, 0]]);
+    expect(done.map((c) => [c.head, c.status, c.written])).toEqual([
+      [1, BlkStatus.OK, 1536],
+      [2, BlkStatus.UNSUPP, 0],
+    ]);
   });
 
   it('DISCARD waits for an empty queue, blocks everything after it, and runs its ranges one by one', () => {
     const { transport, executor, done } = setup();
     const read = request(BlkRequestType.IN, 0, [[0, 512]], 300);
     executor.submit(fixture.memory, read, 1, CAPACITY, true);
-    const discard = request(BlkRequestType.DISCARD, 0, [rangePayload(2048, [[8, 8, 0], [64, 16, 0]])], 301);
+    const discard = request(
+      BlkRequestType.DISCARD,
+      0,
+      [
+        rangePayload(2048, [
+          [8, 8, 0],
+          [64, 16, 0],
+        ]),
+      ],
+      301,
+    );
     expect(executor.canAccept(discard)).toBe(false);
     transport.answer(transport.tags[0]!);
     executor.reap();
@@ -147,13 +177,26 @@ describe('network executor', () => {
     expect(done.map((c) => c.head)).toEqual([1]);
     transport.answer(transport.tags[2]!);
     executor.reap();
-    expect(done.map((c) => [c.head, c.status])).toEqual([[1, BlkStatus.OK], [2, BlkStatus.OK]]);
+    expect(done.map((c) => [c.head, c.status])).toEqual([
+      [1, BlkStatus.OK],
+      [2, BlkStatus.OK],
+    ]);
     expect(executor.canAccept(read)).toBe(true);
   });
 
   it('WRITE_ZEROES passes the unmap flag; a failed range fails the request without running the rest', () => {
     const { transport, executor, done } = setup();
-    const zeroes = request(BlkRequestType.WRITE_ZEROES, 0, [rangePayload(2048, [[0, 8, 1], [16, 8, 0]])], 400);
+    const zeroes = request(
+      BlkRequestType.WRITE_ZEROES,
+      0,
+      [
+        rangePayload(2048, [
+          [0, 8, 1],
+          [16, 8, 0],
+        ]),
+      ],
+      400,
+    );
     executor.submit(fixture.memory, zeroes, 3, CAPACITY, true);
     expect(transport.ops).toEqual(['zeroes 0+4096 unmap']);
     transport.answer(transport.tags[0]!, 28);
@@ -184,7 +227,10 @@ describe('network executor', () => {
     executor.submit(fixture.memory, request(BlkRequestType.FLUSH, 0, [], 600), 1, CAPACITY, true);
     executor.submit(fixture.memory, request(BlkRequestType.GET_ID, 0, [[0, 20]], 601), 2, CAPACITY, true);
     expect(transport.ops).toEqual([]);
-    expect(done.map((c) => [c.head, c.status])).toEqual([[1, BlkStatus.OK], [2, BlkStatus.OK]]);
+    expect(done.map((c) => [c.head, c.status])).toEqual([
+      [1, BlkStatus.OK],
+      [2, BlkStatus.OK],
+    ]);
   });
 
   it('the last queue to leave closes the transport; a late completion of a queue that left is dropped', () => {

@@ -39,7 +39,14 @@ describe('vhost-user codecs', () => {
   });
 
   it('round-trips a vring address', () => {
-    const address = { index: 1, flags: 0, descUserAddr: 0x7f0000001000n, usedUserAddr: 0x7f0000003000n, availUserAddr: 0x7f0000002000n, logGuestAddr: 0n };
+    const address = {
+      index: 1,
+      flags: 0,
+      descUserAddr: 0x7f0000001000n,
+      usedUserAddr: 0x7f0000003000n,
+      availUserAddr: 0x7f0000002000n,
+      logGuestAddr: 0n,
+    };
     const bytes = encodeVringAddress(address);
     expect(bytes.length).toBe(40);
     expect(hex(bytes.subarray(8, 16))).toBe('00100000007f0000');
@@ -109,7 +116,11 @@ describe('virtio-blk layouts', () => {
   });
 
   it('decodes the request header', () => {
-    expect(decodeRequestHeader(Buffer.from('01000000' + '00000000' + '0800000000000000', 'hex'))).toEqual({ type: 1, ioprio: 0, sector: 8 });
+    expect(decodeRequestHeader(Buffer.from('01000000' + '00000000' + '0800000000000000', 'hex'))).toEqual({
+      type: 1,
+      ioprio: 0,
+      sector: 8,
+    });
   });
 });
 

@@ -86,18 +86,24 @@ describe('qcow2 header codec', () => {
     expect(bad((b) => b.writeBigUInt64BE(1n << 60n, 24))).toBe('size');
     expect(bad((b) => b.writeUInt32BE(64, 100))).toBe('header_length');
     expect(bad((b) => b.writeUInt32BE(9000, 100))).toBe('header_length');
-    expect(bad((b) => {
-      b.writeUInt32BE(EXT_BACKING_FORMAT, 112);
-      b.writeUInt32BE(100000, 116);
-    })).toBe('extension');
-    expect(bad((b) => {
-      b.writeBigUInt64BE(4000n, 8);
-      b.writeUInt32BE(200, 16);
-    })).toBe('backing_file_offset');
-    expect(bad((b) => {
-      b.writeBigUInt64BE(200n, 8);
-      b.writeUInt32BE(2000, 16);
-    })).toBe('backing_file_size');
+    expect(
+      bad((b) => {
+        b.writeUInt32BE(EXT_BACKING_FORMAT, 112);
+        b.writeUInt32BE(100000, 116);
+      }),
+    ).toBe('extension');
+    expect(
+      bad((b) => {
+        b.writeBigUInt64BE(4000n, 8);
+        b.writeUInt32BE(200, 16);
+      }),
+    ).toBe('backing_file_offset');
+    expect(
+      bad((b) => {
+        b.writeBigUInt64BE(200n, 8);
+        b.writeUInt32BE(2000, 16);
+      }),
+    ).toBe('backing_file_size');
     expect(() => parseQcow2Header(Buffer.alloc(10))).toThrow(Qcow2HeaderError);
   });
 
@@ -118,7 +124,7 @@ describe('qcow2 entries', () => {
       const block = new Uint8Array(512);
       const entries = (512 * 8) >> order;
       const max = maxRefcount(order);
-      for (let i = 0; i < entries; i += 7) writeRefcount(block, i, order, i % 3 === 0 ? max : (i % (Math.min(max, 1000) + 1)));
+      for (let i = 0; i < entries; i += 7) writeRefcount(block, i, order, i % 3 === 0 ? max : i % (Math.min(max, 1000) + 1));
       for (let i = 0; i < entries; i++) {
         const expected = i % 7 !== 0 ? 0 : i % 3 === 0 ? max : i % (Math.min(max, 1000) + 1);
         expect(readRefcount(block, i, order)).toBe(expected);

@@ -32,7 +32,7 @@ describe('qemu command line hint', () => {
   });
 
   it('quotes paths with blanks, quotes and shell metacharacters so sh hands QEMU the exact word', () => {
-    const nasty = "/tmp/it's a dir/$HOME `x` *;|&<>(){}\"\\\n,end.sock";
+    const nasty = '/tmp/it\'s a dir/$HOME `x` *;|&<>(){}"\\\n,end.sock';
     const words = shellWords(qemuCommandLine(nasty, 4));
     expect(words[0]).toBe('qemu-system-x86_64');
     expect(optionAfter(words, '-chardev')).toBe(`socket,id=vublk0,path=${nasty.replaceAll(',', ',,')},reconnect=1`);

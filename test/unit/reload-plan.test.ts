@@ -33,10 +33,22 @@ disks:
 `);
     const plan = planReload(running(), START, next);
     expect(plan.restart).toEqual([]);
-    expect(plan.throttle).toEqual([
-      { disk: 'a', from: { iops: 100, iopsBurst: 100, bps: 0, bpsBurst: 0 }, to: { iops: 200, iopsBurst: 200, bps: 1 << 20, bpsBurst: 1 << 20 }, limits: { iops: 200, bps: 1 << 20 } },
-      { disk: 'b', from: { iops: 0, iopsBurst: 0, bps: 0, bpsBurst: 0 }, to: { iops: 0, iopsBurst: 0, bps: 5 << 20, bpsBurst: 10 << 20 }, limits: { bps: 5 << 20, bpsBurst: 10 << 20 } },
-    ].map(({ limits, ...rest }) => ({ ...rest, limits: expect.objectContaining(limits) })));
+    expect(plan.throttle).toEqual(
+      [
+        {
+          disk: 'a',
+          from: { iops: 100, iopsBurst: 100, bps: 0, bpsBurst: 0 },
+          to: { iops: 200, iopsBurst: 200, bps: 1 << 20, bpsBurst: 1 << 20 },
+          limits: { iops: 200, bps: 1 << 20 },
+        },
+        {
+          disk: 'b',
+          from: { iops: 0, iopsBurst: 0, bps: 0, bpsBurst: 0 },
+          to: { iops: 0, iopsBurst: 0, bps: 5 << 20, bpsBurst: 10 << 20 },
+          limits: { bps: 5 << 20, bpsBurst: 10 << 20 },
+        },
+      ].map(({ limits, ...rest }) => ({ ...rest, limits: expect.objectContaining(limits) })),
+    );
   });
 
   it('makes the file authoritative: limits changed since (admin) are set back', () => {

@@ -57,7 +57,12 @@ describe('SystemdNotifier', () => {
     const name = `@vublk-test-${process.pid}-${Math.random().toString(36).slice(2)}`;
     const fd = receiver(name);
     const n = notifier({ NOTIFY_SOCKET: name });
-    const daemon = { disks: [{ disk: { name: 'disk0' }, listener: { hasSession: true } }, { disk: { name: 'disk1' }, listener: { hasSession: false } }] };
+    const daemon = {
+      disks: [
+        { disk: { name: 'disk0' }, listener: { hasSession: true } },
+        { disk: { name: 'disk1' }, listener: { hasSession: false } },
+      ],
+    };
     n.ready(daemon);
     expect(receiveDatagram(fd)?.toString()).toBe('READY=1\nSTATUS=serving 2 disks, 1 front-end connected: disk0 connected, disk1 waiting');
     n.stopping();
@@ -88,6 +93,8 @@ describe('watchdogPingMs', () => {
 describe('statusLine', () => {
   it('summarises the disks', () => {
     expect(statusLine({ disks: [] })).toBe('no disks');
-    expect(statusLine({ disks: [{ disk: { name: 'd' }, listener: { hasSession: false } }] })).toBe('serving 1 disk, 0 front-ends connected: d waiting');
+    expect(statusLine({ disks: [{ disk: { name: 'd' }, listener: { hasSession: false } }] })).toBe(
+      'serving 1 disk, 0 front-ends connected: d waiting',
+    );
   });
 });

@@ -128,7 +128,14 @@ describe.each(engines)('%s engine', (_name, create, skip) => {
     start();
     fx.bytes.fill(0xff);
     const sector = (IMAGE_BYTES - 8192) / 512;
-    const head = submit({ type: BlkRequestType.IN, sector, segs: [[0, 4096], [8192, 12288]] });
+    const head = submit({
+      type: BlkRequestType.IN,
+      sector,
+      segs: [
+        [0, 4096],
+        [8192, 12288],
+      ],
+    });
     const beyond = submit({ type: BlkRequestType.IN, sector: IMAGE_BYTES / 512 + 8, segs: [[65536, 4096]] });
     expect(executor.waitIdle(10_000)).toBe(true);
     expect(byHead(head)).toMatchObject({ status: BlkStatus.OK, written: 16384 });
@@ -149,7 +156,19 @@ describe.each(engines)('%s engine', (_name, create, skip) => {
       const writes: number[] = [];
       for (let i = 0; i < 24; i++) {
         const len = 4096 * (1 + (i % 8));
-        writes.push(submit({ type: BlkRequestType.OUT, sector: (i * STRIDE) / 512, segs: [[i * STRIDE, len / 2], [i * STRIDE + len / 2, len / 2]] }, writeback));
+        writes.push(
+          submit(
+            {
+              type: BlkRequestType.OUT,
+              sector: (i * STRIDE) / 512,
+              segs: [
+                [i * STRIDE, len / 2],
+                [i * STRIDE + len / 2, len / 2],
+              ],
+            },
+            writeback,
+          ),
+        );
       }
       const flush = submit({ type: BlkRequestType.FLUSH });
       expect(executor.waitIdle(10_000)).toBe(true);

@@ -67,14 +67,31 @@ const disk: DiskContext = {
   counters: new SharedArrayBuffer(8),
   throttle: null,
 };
-const ring: RingStart = { size: 128, descUserAddr: 0, availUserAddr: 4096, usedUserAddr: 8192, lastAvailIdx: 0, eventIdx: true, usedLogGpa: -1, kickFd: -1, callFd: -1, errFd: -1 };
+const ring: RingStart = {
+  size: 128,
+  descUserAddr: 0,
+  availUserAddr: 4096,
+  usedUserAddr: 8192,
+  lastAvailIdx: 0,
+  eventIdx: true,
+  usedLogGpa: -1,
+  kickFd: -1,
+  callFd: -1,
+  errFd: -1,
+};
 
 function table(id: number, version = 1): MemoryTable {
   return { id, version, regions: [] };
 }
 
 function start(pool: WorkerPool, diskId: number, queue: number, memoryId: number): Promise<void> {
-  return pool.startRing(diskId, queue, { disk, settings: { capacityBytes: 1 << 20, writeback: true }, memory: table(memoryId), log: { id: memoryId, version: 0, hostAddr: 0, size: 0 }, ring });
+  return pool.startRing(diskId, queue, {
+    disk,
+    settings: { capacityBytes: 1 << 20, writeback: true },
+    memory: table(memoryId),
+    log: { id: memoryId, version: 0, hostAddr: 0, size: 0 },
+    ring,
+  });
 }
 
 describe('worker pool', () => {

@@ -188,7 +188,7 @@ class Part {
   }
 }
 
-const enum Rx {
+enum Rx {
   /** Waiting for a reply header. */
   Header,
   /** Waiting for `rxNeed` payload bytes of a non-data chunk in staging. */
@@ -323,7 +323,8 @@ export class NbdClient {
         waitReadable(client.fd, Math.max(1, Math.ceil(left)));
         client.progressConnect();
       }
-      if (client.stateValue !== 'connected') throw client.openFailure ?? new NbdClientError(`NBD connect to ${describeEndpoint(options.endpoint)} timed out`, 'NBD_TIMEOUT');
+      if (client.stateValue !== 'connected')
+        throw client.openFailure ?? new NbdClientError(`NBD connect to ${describeEndpoint(options.endpoint)} timed out`, 'NBD_TIMEOUT');
       return client;
     } catch (error) {
       client.closeWithoutCallbacks();
@@ -354,7 +355,7 @@ export class NbdClient {
 
   /** Requests accepted and not yet completed. */
   get pending(): number {
-    let n = this.ready.length;
+    const n = this.ready.length;
     const seen = new Set<Operation>();
     for (const part of this.waiting) seen.add(part.op);
     for (const part of this.slots) if (part) seen.add(part.op);
@@ -425,15 +426,24 @@ export class NbdClient {
   private rangeValid(offset: number, length: number): boolean {
     const block = this.info.minimumBlockSize;
     return (
-      Number.isSafeInteger(offset) && Number.isSafeInteger(length) && offset >= 0 && length >= 0 &&
-      offset + length <= this.info.size && offset % block === 0 && length % block === 0
+      Number.isSafeInteger(offset) &&
+      Number.isSafeInteger(length) &&
+      offset >= 0 &&
+      length >= 0 &&
+      offset + length <= this.info.size &&
+      offset % block === 0 &&
+      length % block === 0
     );
   }
 
   /** False (and the cookie already answered) when the client cannot take requests now. */
   private accepting(cookie: number): boolean {
     if (this.stateValue === 'closed') throw new NbdClientError('submit on a closed NBD client', 'NBD_CLOSED');
-    if (this.stateValue !== 'connected' && this.unhealthySince >= 0 && this.now() - this.unhealthySince >= this.options.reconnectTimeoutMs) {
+    if (
+      this.stateValue !== 'connected' &&
+      this.unhealthySince >= 0 &&
+      this.now() - this.unhealthySince >= this.options.reconnectTimeoutMs
+    ) {
       this.counters.timedOutRequests++;
       this.finishLater(cookie, EIO);
       return false;
@@ -606,7 +616,11 @@ export class NbdClient {
 
   private updateSocketInterest(): void {
     if (this.socket < 0 || this.stateValue !== 'connected') return;
-    this.interest.watch(this.socket, true, this.sendHead < this.sendQueue.length || (this.waiting.length > 0 && this.inFlightCount < this.options.maxInFlight));
+    this.interest.watch(
+      this.socket,
+      true,
+      this.sendHead < this.sendQueue.length || (this.waiting.length > 0 && this.inFlightCount < this.options.maxInFlight),
+    );
   }
 
   // ------------------------------------------------------------------ receive

@@ -5,7 +5,8 @@ import { preadFull } from './file-io.js';
 
 /** Inflates the cluster whose stream starts at `hostOffset` (at most `maxLength` bytes) into `into`. */
 export function inflateCluster(fd: number, hostOffset: number, maxLength: number, fileBytes: number, into: Uint8Array): void {
-  if (hostOffset <= 0 || hostOffset >= fileBytes) throw new Qcow2Error('QCOW2_INVALID', `compressed cluster at ${hostOffset} lies outside the image`);
+  if (hostOffset <= 0 || hostOffset >= fileBytes)
+    throw new Qcow2Error('QCOW2_INVALID', `compressed cluster at ${hostOffset} lies outside the image`);
   const length = Math.min(maxLength, fileBytes - hostOffset);
   const stream = Buffer.alloc(length);
   preadFull(fd, stream, hostOffset);

@@ -142,7 +142,7 @@ function openQcow2(
   if (header.extensions.some((e) => e.type === EXT_EXTERNAL_DATA_FILE)) refuse(path, 'an external data file');
   for (let bit = 0; bit < 64; bit++) {
     if ((header.incompatibleFeatures & (1n << BigInt(bit))) === 0n) continue;
-    if ((1n << BigInt(bit)) === INCOMPAT_COMPRESSION_TYPE && header.compressionType === 0) continue;
+    if (1n << BigInt(bit) === INCOMPAT_COMPRESSION_TYPE && header.compressionType === 0) continue;
     const name = incompatibleFeatureName(bit, header);
     if (bit === 0) refuse(path, 'the dirty bit (lazy refcounts need a repair: qemu-img check -r all)');
     if (bit === 1) refuse(path, 'the corrupt bit (repair it with qemu-img check -r all)');
@@ -161,7 +161,8 @@ function openQcow2(
   if (header.l1Size * 8 > MAX_L1_BYTES) invalid(path, `l1_size ${header.l1Size} exceeds 32 MiB`);
   const checkTable = (offset: number, bytes: number, name: string): void => {
     if (offset % cs !== 0) invalid(path, `${name} offset ${offset} is not cluster aligned`);
-    if (bytes > 0 && (offset === 0 || offset + bytes > fileClusters * cs)) invalid(path, `${name} (${bytes} bytes at ${offset}) lies outside the file`);
+    if (bytes > 0 && (offset === 0 || offset + bytes > fileClusters * cs))
+      invalid(path, `${name} (${bytes} bytes at ${offset}) lies outside the file`);
   };
   checkTable(header.l1TableOffset, header.l1Size * 8, 'L1 table');
   if (header.refcountTableClusters === 0) invalid(path, 'refcount table has no clusters');
@@ -200,13 +201,16 @@ function openQcow2(
       );
     }
     const backingPath = resolveBackingPath(path, header.backingFile);
-    const backingFormat = header.backingFormat === undefined ? undefined : parseImageFormat(header.backingFormat, `backing file of ${path}`);
+    const backingFormat =
+      header.backingFormat === undefined ? undefined : parseImageFormat(header.backingFormat, `backing file of ${path}`);
     backing = openLayer(backingPath, backingFormat, true, { ...options, format: backingFormat }, warn, visited, depth + 1);
   }
 
   // Read-only layers (backing files) never grow: their shared tables are sized exactly.
   const maxVirtual = Math.max(options.maxVirtualSize ?? 0, header.size * 4, 2 ** 40);
-  const l1Capacity = readOnly ? header.l1Size : Math.max(header.l1Size, Math.min(MAX_L1_BYTES / 8, Math.ceil(maxVirtual / bytesPerL1Entry)));
+  const l1Capacity = readOnly
+    ? header.l1Size
+    : Math.max(header.l1Size, Math.min(MAX_L1_BYTES / 8, Math.ceil(maxVirtual / bytesPerL1Entry)));
   const rtCapacity = readOnly ? (header.refcountTableClusters * cs) / 8 : MAX_REFCOUNT_TABLE_BYTES / 8;
   const wantedCache = options.l2CacheBytes ?? Math.min(DEFAULT_L2_CACHE_MAX, Math.max(neededL1, 1) * cs);
   const l2Slots = Math.max(4, Math.ceil(Math.min(wantedCache / cs, Math.max(header.l1Size, 4)) / 4) * 4);
@@ -263,7 +267,9 @@ function openQcow2(
     // Autoclear bits describe data (e.g. dirty bitmaps) vublk does not keep up to date: clear them before writing.
     pwriteFull(fd, new Uint8Array(8), HEADER_AUTOCLEAR_OFFSET);
     syncData(fd);
-    warn(`image ${path}: cleared autoclear feature bits 0x${header.autoclearFeatures.toString(16)} (e.g. persistent bitmaps become invalid)`);
+    warn(
+      `image ${path}: cleared autoclear feature bits 0x${header.autoclearFeatures.toString(16)} (e.g. persistent bitmaps become invalid)`,
+    );
   }
   return { format: 'qcow2', path, readOnly, shared };
 }

@@ -70,7 +70,8 @@ export class MetadataGuard {
   /** An L2 table offset read from L1 must be a cluster in the file that is not other metadata. */
   checkTableTarget(offset: number, what: string): void {
     if (offset % this.cs !== 0) throw new Qcow2Error('QCOW2_INVALID', `${what} offset ${offset} is not cluster aligned`);
-    if (offset / this.cs >= this.views.floats[F_FILE_CLUSTERS]!) throw new Qcow2Error('QCOW2_INVALID', `${what} at ${offset} lies past the end of the file`);
+    if (offset / this.cs >= this.views.floats[F_FILE_CLUSTERS]!)
+      throw new Qcow2Error('QCOW2_INVALID', `${what} at ${offset} lies past the end of the file`);
   }
 
   /** The host cluster of a standard L2 entry, validated: aligned, inside the file, not metadata. */
@@ -81,7 +82,8 @@ export class MetadataGuard {
     const offset = standardEntryOffset(hi, lo);
     if (offset % this.cs !== 0) throw new Qcow2Error('QCOW2_INVALID', `L2 entry of guest cluster ${g} is not cluster aligned`);
     const cluster = offset / this.cs;
-    if (cluster >= this.views.floats[F_FILE_CLUSTERS]!) throw new Qcow2Error('QCOW2_INVALID', `L2 entry of guest cluster ${g} points past the end of the file`);
+    if (cluster >= this.views.floats[F_FILE_CLUSTERS]!)
+      throw new Qcow2Error('QCOW2_INVALID', `L2 entry of guest cluster ${g} points past the end of the file`);
     this.refreshMetadataClusters();
     if (this.metadataClusters.has(cluster)) throw new Qcow2Error('QCOW2_INVALID', `L2 entry of guest cluster ${g} points into metadata`);
     return cluster;

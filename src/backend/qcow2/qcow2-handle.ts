@@ -168,8 +168,6 @@ export class Qcow2Handle implements ReadLayer, CompressedSource {
     if (--this.lockDepth === 0) releaseLock(this.views.ints);
   }
 
-
-
   private isZeroEntry(lo: number, hi: number): boolean {
     if ((lo & L2_ZERO_LO) === 0 || (hi & ENTRY_COMPRESSED_HI) !== 0) return false;
     if (this.geometry.version === 2) throw new Qcow2Error('QCOW2_INVALID', 'a version 2 image has a zero-flagged L2 entry');
@@ -222,7 +220,14 @@ export class Qcow2Handle implements ReadLayer, CompressedSource {
     const lo = this.map.eLo;
     if ((hi & ENTRY_COMPRESSED_HI) !== 0) {
       const d = decodeCompressedEntry(hi, lo, this.geometry.clusterBits);
-      out.push({ kind: 'compressed', source: this, hostOffset: d.hostOffset, maxLength: d.maxLength, offsetInCluster: inCluster, length: n });
+      out.push({
+        kind: 'compressed',
+        source: this,
+        hostOffset: d.hostOffset,
+        maxLength: d.maxLength,
+        offsetInCluster: inCluster,
+        length: n,
+      });
       return;
     }
     if (this.isZeroEntry(lo, hi)) {
@@ -368,8 +373,13 @@ export class Qcow2Handle implements ReadLayer, CompressedSource {
         const oldLo = this.map.eLo;
         // A zero-flagged cluster this image owns (WRITE_ZEROES without UNMAP) is reused in place.
         const reuse =
-          (oldHi & ENTRY_COPIED_HI) !== 0 && (oldHi & ENTRY_COMPRESSED_HI) === 0 && (oldLo & L2_ZERO_LO) !== 0 && standardEntryOffset(oldHi, oldLo) !== 0;
-        const { cluster, fresh } = reuse ? { cluster: this.guard.dataCluster(g, oldHi, oldLo), fresh: false } : this.allocator.takeCluster();
+          (oldHi & ENTRY_COPIED_HI) !== 0 &&
+          (oldHi & ENTRY_COMPRESSED_HI) === 0 &&
+          (oldLo & L2_ZERO_LO) !== 0 &&
+          standardEntryOffset(oldHi, oldLo) !== 0;
+        const { cluster, fresh } = reuse
+          ? { cluster: this.guard.dataCluster(g, oldHi, oldLo), fresh: false }
+          : this.allocator.takeCluster();
         pending.push({ guestCluster: g, hostCluster: cluster, oldHi, oldLo, reused: reuse });
         this.copyOnWrite(g, oldHi, oldLo, cluster, fresh, start, stop);
         pushWriteExtent(out, { fd: this.fd, hostOffset: cluster * this.cs + start, length: stop - start });
@@ -497,7 +507,12 @@ export class Qcow2Handle implements ReadLayer, CompressedSource {
         // one pwrite per run of consecutive clusters in one L2 table
         let j = i + 1;
         const l2Of = (p: PendingCluster): number => Math.floor(p.guestCluster / this.geometry.l2Entries);
-        while (j < pending.length && pending[j]!.guestCluster === pending[j - 1]!.guestCluster + 1 && l2Of(pending[j]!) === l2Of(pending[i]!)) j++;
+        while (
+          j < pending.length &&
+          pending[j]!.guestCluster === pending[j - 1]!.guestCluster + 1 &&
+          l2Of(pending[j]!) === l2Of(pending[i]!)
+        )
+          j++;
         const entries = new Uint32Array((j - i) * 2);
         for (let k = i; k < j; k++) {
           const host = pending[k]!.hostCluster * this.cs;
@@ -507,7 +522,8 @@ export class Qcow2Handle implements ReadLayer, CompressedSource {
         this.setL2Entries(pending[i]!.guestCluster, entries);
         for (let k = i; k < j; k++) {
           const p = pending[k]!;
-          if (standardEntryOffset(p.oldHi, p.oldLo) !== p.hostCluster * this.cs || (p.oldHi & ENTRY_COMPRESSED_HI) !== 0) frees.push([p.oldHi, p.oldLo]);
+          if (standardEntryOffset(p.oldHi, p.oldLo) !== p.hostCluster * this.cs || (p.oldHi & ENTRY_COMPRESSED_HI) !== 0)
+            frees.push([p.oldHi, p.oldLo]);
         }
         i = j;
       }
@@ -648,7 +664,12 @@ export class Qcow2Handle implements ReadLayer, CompressedSource {
     const emptyLo = zeroFlag ? L2_ZERO_LO : 0;
     // WRITE_ZEROES without UNMAP keeps a cluster this image owns allocated (offset | COPIED | zero flag)
     const keepsCluster = (hi: number, lo: number): boolean =>
-      mode === 'zero' && !unmap && v3 && (hi & ENTRY_COPIED_HI) !== 0 && (hi & ENTRY_COMPRESSED_HI) === 0 && standardEntryOffset(hi, lo) !== 0;
+      mode === 'zero' &&
+      !unmap &&
+      v3 &&
+      (hi & ENTRY_COPIED_HI) !== 0 &&
+      (hi & ENTRY_COMPRESSED_HI) === 0 &&
+      standardEntryOffset(hi, lo) !== 0;
     this.lock();
     try {
       if (this.inflightOverlaps(first, end)) return RETRY;
@@ -662,7 +683,9 @@ export class Qcow2Handle implements ReadLayer, CompressedSource {
         for (let k = g; k < stop && !changed; k++) {
           this.map.lookupLocked(k);
           if (keepsCluster(this.map.eHi, this.map.eLo)) changed = (this.map.eLo & L2_ZERO_LO) === 0;
-          else changed = !(this.map.eHi === 0 && this.map.eLo === emptyLo) && !(this.map.eHi === 0 && this.map.eLo === 0 && this.backing === null);
+          else
+            changed =
+              !(this.map.eHi === 0 && this.map.eLo === emptyLo) && !(this.map.eHi === 0 && this.map.eLo === 0 && this.backing === null);
         }
         if (!changed) {
           g = stop;
@@ -707,7 +730,8 @@ export class Qcow2Handle implements ReadLayer, CompressedSource {
   /** Live resize: grows the virtual size (and the L1 table when needed). Shrinking is refused. */
   resize(newSize: number): void {
     this.checkWritable();
-    if (!Number.isSafeInteger(newSize) || newSize % 512 !== 0) throw new Qcow2Error('QCOW2_RANGE', `size ${newSize} is not a multiple of 512`);
+    if (!Number.isSafeInteger(newSize) || newSize % 512 !== 0)
+      throw new Qcow2Error('QCOW2_RANGE', `size ${newSize} is not a multiple of 512`);
     this.lock();
     try {
       const f = this.views.floats;

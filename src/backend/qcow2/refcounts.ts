@@ -6,14 +6,7 @@
  * - A refcount is decremented only after the references to the cluster are durably gone (the caller syncs).
  * So a crash can leak clusters (refcount 1, no reference) but never leave a reference to a free cluster.
  */
-import {
-  MAX_REFCOUNT_TABLE_BYTES,
-  maxRefcount,
-  offsetHi,
-  offsetLo,
-  readRefcount,
-  writeRefcount,
-} from '../../../protocol/qcow2.js';
+import { MAX_REFCOUNT_TABLE_BYTES, maxRefcount, offsetHi, offsetLo, readRefcount, writeRefcount } from '../../../protocol/qcow2.js';
 import { Qcow2Error } from './errors.js';
 import { preadFull, punchHole, pwriteFull, syncData, truncateFile } from './file-io.js';
 import {
@@ -196,7 +189,8 @@ export class RefcountAllocator {
       this.views.floats[F_RT_ENTRIES] = newEntries;
       this.adjust(oldOffset / cs, oldClusters, -1);
     }
-    if (tableClusters > 0) Atomics.add(this.views.ints, I_META_GEN, 1); // the table moved: full rebuild
+    if (tableClusters > 0)
+      Atomics.add(this.views.ints, I_META_GEN, 1); // the table moved: full rebuild
     else publishMetadataCluster(this.views, home);
     return home + 1 + tableClusters;
   }

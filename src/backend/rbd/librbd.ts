@@ -31,10 +31,9 @@ export const RBD_IMAGE_INFO_BYTES = 8 + 8 + 8 + 4 + 24 + 4 + 8 + 96;
 
 function bind(rados: LibraryHandle, rbd: LibraryHandle) {
   return {
-    radosCreate2: rados.func('int rados_create2(_Out_ uintptr_t *cluster, const char *clusterName, const char *name, uint64_t flags)') as Fn<
-      [[number], string, string, number],
-      number
-    >,
+    radosCreate2: rados.func(
+      'int rados_create2(_Out_ uintptr_t *cluster, const char *clusterName, const char *name, uint64_t flags)',
+    ) as Fn<[[number], string, string, number], number>,
     radosConfReadFile: rados.func('int rados_conf_read_file(uintptr_t cluster, const char *path)') as Fn<[number, string | null], number>,
     radosConfSet: rados.func('int rados_conf_set(uintptr_t cluster, const char *option, const char *value)') as Fn<
       [number, string, string],
@@ -67,7 +66,10 @@ function bind(rados: LibraryHandle, rbd: LibraryHandle) {
       number
     >,
     rbdGetFlags: rbd.func('int rbd_get_flags(uintptr_t image, _Out_ uint64_t *flags)') as Fn<[number, [number]], number>,
-    rbdIsExclusiveLockOwner: rbd.func('int rbd_is_exclusive_lock_owner(uintptr_t image, _Out_ int *owner)') as Fn<[number, [number]], number>,
+    rbdIsExclusiveLockOwner: rbd.func('int rbd_is_exclusive_lock_owner(uintptr_t image, _Out_ int *owner)') as Fn<
+      [number, [number]],
+      number
+    >,
     rbdLockAcquire: rbd.func('int rbd_lock_acquire(uintptr_t image, int mode)') as Fn<[number, number], number>,
     rbdLockRelease: rbd.func('int rbd_lock_release(uintptr_t image)') as Fn<[number], number>,
 

@@ -37,6 +37,10 @@ export class RbdError extends VublkError {
     /** Negative errno from librados / librbd, 0 when the failure was not a library return value. */
     readonly errno = 0,
   ) {
-    super(code, errno ? `${message} (${errnoName(errno)})` : message, code === 'VUBLK_ERR_RBD_SPEC' ? { peerFault: true } : { fatal: true });
+    super(
+      code,
+      errno ? `${message} (${errnoName(errno)})` : message,
+      code === 'VUBLK_ERR_RBD_SPEC' ? { peerFault: true } : { fatal: true },
+    );
   }
 }

@@ -9,7 +9,14 @@
  * notification is per image handle); `close()` only after that queue is idle and closed.
  */
 import { accessSync, constants } from 'node:fs';
-import { librbd, EVENT_TYPE_EVENTFD, RBD_FEATURE_EXCLUSIVE_LOCK, RBD_IMAGE_INFO_BYTES, RBD_LOCK_MODE_EXCLUSIVE, type LibRbd } from './librbd.js';
+import {
+  librbd,
+  EVENT_TYPE_EVENTFD,
+  RBD_FEATURE_EXCLUSIVE_LOCK,
+  RBD_IMAGE_INFO_BYTES,
+  RBD_LOCK_MODE_EXCLUSIVE,
+  type LibRbd,
+} from './librbd.js';
 import { RbdError } from './rbd-error.js';
 import { Errno, errnoName } from '../../sys/errors.js';
 import { rbdImageName, type RbdSpec } from './rbd-spec.js';
@@ -47,14 +54,20 @@ async function connect(lib: LibRbd, spec: RbdSpec, options: RbdOpenOptions): Pro
     try {
       accessSync(spec.keyring, constants.R_OK);
     } catch (error) {
-      throw new RbdError('VUBLK_ERR_RBD_AUTH', `keyring ${spec.keyring} for ${who} is not readable: ${(error as NodeJS.ErrnoException).code ?? String(error)}`);
+      throw new RbdError(
+        'VUBLK_ERR_RBD_AUTH',
+        `keyring ${spec.keyring} for ${who} is not readable: ${(error as NodeJS.ErrnoException).code ?? String(error)}`,
+      );
     }
   }
   if (spec.conf !== undefined) {
     try {
       accessSync(spec.conf, constants.R_OK);
     } catch (error) {
-      throw new RbdError('VUBLK_ERR_RBD_CONFIG', `ceph configuration ${spec.conf} is not readable: ${(error as NodeJS.ErrnoException).code ?? String(error)}`);
+      throw new RbdError(
+        'VUBLK_ERR_RBD_CONFIG',
+        `ceph configuration ${spec.conf} is not readable: ${(error as NodeJS.ErrnoException).code ?? String(error)}`,
+      );
     }
   }
   const out: [number] = [0];
@@ -112,7 +125,8 @@ async function connect(lib: LibRbd, spec: RbdSpec, options: RbdOpenOptions): Pro
     const io: [number] = [0];
     r = await call(lib.radosIoctxCreate, cluster, spec.pool, io);
     if (r === -Errno.ENOENT) throw new RbdError('VUBLK_ERR_RBD_NO_POOL', `pool '${spec.pool}' does not exist`, r);
-    if (r === -Errno.EACCES || r === -Errno.EPERM) throw new RbdError('VUBLK_ERR_RBD_PERMISSION', `${who} may not use pool '${spec.pool}'`, r);
+    if (r === -Errno.EACCES || r === -Errno.EPERM)
+      throw new RbdError('VUBLK_ERR_RBD_PERMISSION', `${who} may not use pool '${spec.pool}'`, r);
     if (r < 0) throw new RbdError('VUBLK_ERR_RBD_FAILED', `opening pool '${spec.pool}' failed`, r);
     if (spec.namespace !== '') lib.radosIoctxSetNamespace(io[0], spec.namespace);
     return { cluster, ioctx: io[0] };
@@ -155,8 +169,14 @@ export class RbdImage {
     let eventFd = -1;
     try {
       const r = await call(spec.readOnly ? lib.rbdOpenReadOnly : lib.rbdOpen, ioctx, spec.image, out, null);
-      if (r === -Errno.ENOENT) throw new RbdError('VUBLK_ERR_RBD_NO_IMAGE', `image '${spec.image}' does not exist in pool '${spec.pool}'${spec.namespace ? ` namespace '${spec.namespace}'` : ''}`, r);
-      if (r === -Errno.EACCES || r === -Errno.EPERM) throw new RbdError('VUBLK_ERR_RBD_PERMISSION', `client.${spec.id} may not open ${name}`, r);
+      if (r === -Errno.ENOENT)
+        throw new RbdError(
+          'VUBLK_ERR_RBD_NO_IMAGE',
+          `image '${spec.image}' does not exist in pool '${spec.pool}'${spec.namespace ? ` namespace '${spec.namespace}'` : ''}`,
+          r,
+        );
+      if (r === -Errno.EACCES || r === -Errno.EPERM)
+        throw new RbdError('VUBLK_ERR_RBD_PERMISSION', `client.${spec.id} may not open ${name}`, r);
       if (r < 0) throw new RbdError('VUBLK_ERR_RBD_FAILED', `opening ${name} failed`, r);
       handle = out[0];
       const lockHeld = !spec.readOnly && spec.lock === 'exclusive';
@@ -253,7 +273,8 @@ export class RbdImage {
     if (!Number.isSafeInteger(bytes) || bytes < 0) throw new RbdError('VUBLK_ERR_RBD_SPEC', `resize: ${bytes} is not a size in bytes`);
     const r = await call(this.lib.rbdResize, this.handle, bytes);
     if (r === -Errno.EROFS) throw new RbdError('VUBLK_ERR_RBD_FAILED', `${this.name} is read-only: cannot resize`, r);
-    if (r === -Errno.EACCES || r === -Errno.EPERM) throw new RbdError('VUBLK_ERR_RBD_PERMISSION', `client.${this.spec.id} may not resize ${this.name}`, r);
+    if (r === -Errno.EACCES || r === -Errno.EPERM)
+      throw new RbdError('VUBLK_ERR_RBD_PERMISSION', `client.${this.spec.id} may not resize ${this.name}`, r);
     if (r < 0) throw new RbdError('VUBLK_ERR_RBD_FAILED', `resizing ${this.name} to ${bytes} bytes failed`, r);
   }
 

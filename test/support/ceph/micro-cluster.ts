@@ -44,10 +44,15 @@ export interface MicroCluster {
 
 function runFile(file: string, args: string[], env: NodeJS.ProcessEnv, timeoutMs: number): Promise<Buffer> {
   return new Promise((resolve, reject) => {
-    execFile(file, args, { env, timeout: timeoutMs, killSignal: 'SIGKILL', encoding: 'buffer', maxBuffer: 256 << 20 }, (error, stdout, stderr) => {
-      if (error) reject(new Error(`${file} ${args.join(' ')} failed: ${error.message}\n${stderr.toString().slice(-2000)}`));
-      else resolve(stdout);
-    });
+    execFile(
+      file,
+      args,
+      { env, timeout: timeoutMs, killSignal: 'SIGKILL', encoding: 'buffer', maxBuffer: 256 << 20 },
+      (error, stdout, stderr) => {
+        if (error) reject(new Error(`${file} ${args.join(' ')} failed: ${error.message}\n${stderr.toString().slice(-2000)}`));
+        else resolve(stdout);
+      },
+    );
   });
 }
 
@@ -67,7 +72,12 @@ export async function startMicroCluster(deadlineSeconds = 240): Promise<MicroClu
   const env = { ...process.env, CEPH_CONF: path.join(dir, 'ceph.conf') };
   let out: Buffer;
   try {
-    out = await runFile('bash', [SCRIPT, 'start', dir, '--watch-pid', String(process.pid), '--deadline', String(deadlineSeconds)], env, (deadlineSeconds + 30) * 1000);
+    out = await runFile(
+      'bash',
+      [SCRIPT, 'start', dir, '--watch-pid', String(process.pid), '--deadline', String(deadlineSeconds)],
+      env,
+      (deadlineSeconds + 30) * 1000,
+    );
   } catch (error) {
     await runFile('bash', [SCRIPT, 'stop', dir], env, 60_000).catch(() => undefined);
     rmSync(parent, { recursive: true, force: true });
