@@ -224,7 +224,19 @@ describe('vublk-bench run --verify against vublk', () => {
 
   it('--start-at connects at once and holds the load until that wall-clock time; the JSON says when it ran', async () => {
     const startAt = Date.now() + 1500;
-    const result = await bench(['--socket', daemon.socketPath, '--bs', '4k', '--iodepth', '2', '--runtime', '0.2', '--start-at', String(startAt), '--json']);
+    const result = await bench([
+      '--socket',
+      daemon.socketPath,
+      '--bs',
+      '4k',
+      '--iodepth',
+      '2',
+      '--runtime',
+      '0.2',
+      '--start-at',
+      String(startAt),
+      '--json',
+    ]);
     expect(result.code, result.stderr).toBe(0);
     const doc = JSON.parse(result.stdout) as BenchDocument;
     expect(doc.timing.connectMs).toBeGreaterThanOrEqual(0);

@@ -3,7 +3,17 @@ import { describe, expect, it } from 'vitest';
 import { cpuMicrosPerRequest, parseHostCpuTicks, parseStatCpuTicks, parseStatusNumber } from '../../bench/src/loadgen/proc-stats.js';
 import { fioArgs, parseFioJson } from '../../bench/src/loadgen/fio.js';
 import {
-  BACKENDS, GROUPS, SCENARIOS, TARGETS, capabilitiesFromHelp, judge, medianOf, planScenarios, ratioOf, type Capability, type Sample,
+  BACKENDS,
+  GROUPS,
+  SCENARIOS,
+  TARGETS,
+  capabilitiesFromHelp,
+  judge,
+  medianOf,
+  planScenarios,
+  ratioOf,
+  type Capability,
+  type Sample,
 } from '../../bench/src/loadgen/scenarios.js';
 import { commonWindowSec } from '../../bench/src/loadgen/scale.js';
 import { parseKeyValueLines, renderReport } from '../../bench/src/loadgen/compare.js';
@@ -37,7 +47,9 @@ describe('/proc parsers', () => {
 
 describe('micro-cluster output', () => {
   it('reads KEY=VALUE lines and ignores the rest', () => {
-    const map = parseKeyValueLines('some log line\nCEPH_CONF=/var/tmp/x/ceph/ceph.conf\n  CEPH_HEALTH=HEALTH_OK  \nlower=case\nCEPH_EMPTY=\n');
+    const map = parseKeyValueLines(
+      'some log line\nCEPH_CONF=/var/tmp/x/ceph/ceph.conf\n  CEPH_HEALTH=HEALTH_OK  \nlower=case\nCEPH_EMPTY=\n',
+    );
     expect(map.get('CEPH_CONF')).toBe('/var/tmp/x/ceph/ceph.conf');
     expect(map.get('CEPH_HEALTH')).toBe('HEALTH_OK');
     expect(map.get('CEPH_EMPTY')).toBe('');
@@ -48,7 +60,18 @@ describe('micro-cluster output', () => {
 describe('fio', () => {
   it('runs the same workload with io_uring and O_DIRECT on the file', () => {
     const args = fioArgs({ rw: 'randread', bs: '4k', iodepth: 32, runtimeSec: 2, rampSec: 0.3, seed: 7 }, '/var/tmp/x.img');
-    expect(args).toEqual(expect.arrayContaining(['--ioengine=io_uring', '--direct=1', '--iodepth=32', '--rw=randread', '--bs=4k', '--filename=/var/tmp/x.img', '--output-format=json', '--randseed=7']));
+    expect(args).toEqual(
+      expect.arrayContaining([
+        '--ioengine=io_uring',
+        '--direct=1',
+        '--iodepth=32',
+        '--rw=randread',
+        '--bs=4k',
+        '--filename=/var/tmp/x.img',
+        '--output-format=json',
+        '--randseed=7',
+      ]),
+    );
   });
 
   const job = (read: object, write: object): string =>
@@ -56,7 +79,12 @@ describe('fio', () => {
 
   it('parses IOPS, bandwidth, percentiles (ns → µs) and CPU per request', () => {
     const text = `fio: some warning\n${job(
-      { iops: 50_000.5, bw_bytes: 204_802_048, total_ios: 100_001, clat_ns: { percentile: { '50.000000': 415_744, '99.000000': 2_000_000, '99.900000': 5_000_000 } } },
+      {
+        iops: 50_000.5,
+        bw_bytes: 204_802_048,
+        total_ios: 100_001,
+        clat_ns: { percentile: { '50.000000': 415_744, '99.000000': 2_000_000, '99.900000': 5_000_000 } },
+      },
       { iops: 0, bw_bytes: 0, total_ios: 0, clat_ns: { percentile: {} } },
     )}`;
     const r = parseFioJson(text);
@@ -71,7 +99,9 @@ describe('fio', () => {
   });
 
   it('takes the percentiles of the busier direction (writes)', () => {
-    const r = parseFioJson(job({ total_ios: 0 }, { iops: 10, bw_bytes: 40960, total_ios: 20, clat_ns: { percentile: { '50.000000': 1000 } } }));
+    const r = parseFioJson(
+      job({ total_ios: 0 }, { iops: 10, bw_bytes: 40960, total_ios: 20, clat_ns: { percentile: { '50.000000': 1000 } } }),
+    );
     expect(r.p50Us).toBe(1);
     expect(r.iops).toBe(10);
   });
@@ -130,14 +160,28 @@ describe('scenario table', () => {
 
 describe('aggregation', () => {
   const sample = (scenario: string, backend: string, round: number, iops: number, p50Us = 10): Sample => ({
-    scenario, backend, round, iops, mibps: iops / 256, p50Us, p99Us: 2 * p50Us, p999Us: 3 * p50Us, cpuUsPerRequest: 2, daemonCpuPercent: 50, hostIdlePercent: 20, generatorCpuPercent: 30,
+    scenario,
+    backend,
+    round,
+    iops,
+    mibps: iops / 256,
+    p50Us,
+    p99Us: 2 * p50Us,
+    p999Us: 3 * p50Us,
+    cpuUsPerRequest: 2,
+    daemonCpuPercent: 50,
+    hostIdlePercent: 20,
+    generatorCpuPercent: 30,
   });
 
   it('ratios are medians of per-round ratios, rounds missing on one side are ignored', () => {
     const samples = [
-      sample('d-rr-qd32', 'vublk-none', 1, 100), sample('d-rr-qd32', 'qsd-direct', 1, 50),
-      sample('d-rr-qd32', 'vublk-none', 2, 90), sample('d-rr-qd32', 'qsd-direct', 2, 100),
-      sample('d-rr-qd32', 'vublk-none', 3, 120), sample('d-rr-qd32', 'qsd-direct', 3, 100),
+      sample('d-rr-qd32', 'vublk-none', 1, 100),
+      sample('d-rr-qd32', 'qsd-direct', 1, 50),
+      sample('d-rr-qd32', 'vublk-none', 2, 90),
+      sample('d-rr-qd32', 'qsd-direct', 2, 100),
+      sample('d-rr-qd32', 'vublk-none', 3, 120),
+      sample('d-rr-qd32', 'qsd-direct', 3, 100),
       sample('d-rr-qd32', 'vublk-none', 4, 1000),
     ];
     // Per round: 2, 0.9, 1.2 → median 1.2 (not 310 / 250 from the medians of the values).
@@ -149,7 +193,12 @@ describe('aggregation', () => {
   it('judges min and max targets, and "not measured"', () => {
     const min = TARGETS.find((t) => t.scenario === 'd-rr-qd32' && t.against === 'qsd-direct')!;
     const max = TARGETS.find((t) => t.scenario === 'd-rr-qd1')!;
-    const s = [sample('d-rr-qd32', 'vublk-none', 1, 94), sample('d-rr-qd32', 'qsd-direct', 1, 100), sample('d-rr-qd1', 'vublk-none', 1, 1, 11), sample('d-rr-qd1', 'qsd-direct', 1, 1, 10)];
+    const s = [
+      sample('d-rr-qd32', 'vublk-none', 1, 94),
+      sample('d-rr-qd32', 'qsd-direct', 1, 100),
+      sample('d-rr-qd1', 'vublk-none', 1, 1, 11),
+      sample('d-rr-qd1', 'qsd-direct', 1, 1, 10),
+    ];
     expect(judge(min, s).met).toBe(false);
     expect(judge(min, [sample('d-rr-qd32', 'vublk-none', 1, 95), sample('d-rr-qd32', 'qsd-direct', 1, 100)]).met).toBe(true);
     expect(judge(max, s)).toEqual({ ratio: expect.closeTo(1.1, 5), met: true });
@@ -157,20 +206,46 @@ describe('aggregation', () => {
   });
 
   it('the common load window of many generators', () => {
-    expect(commonWindowSec([{ loadStartMs: 1000, loadEndMs: 4000 }, { loadStartMs: 1500, loadEndMs: 4200 }])).toBeCloseTo(2.5);
-    expect(commonWindowSec([{ loadStartMs: 0, loadEndMs: 1000 }, { loadStartMs: 2000, loadEndMs: 3000 }])).toBe(0);
+    expect(
+      commonWindowSec([
+        { loadStartMs: 1000, loadEndMs: 4000 },
+        { loadStartMs: 1500, loadEndMs: 4200 },
+      ]),
+    ).toBeCloseTo(2.5);
+    expect(
+      commonWindowSec([
+        { loadStartMs: 0, loadEndMs: 1000 },
+        { loadStartMs: 2000, loadEndMs: 3000 },
+      ]),
+    ).toBe(0);
     expect(commonWindowSec([])).toBe(0);
   });
 
   it('renders targets with the figures and skips rows that did not run', () => {
     const plan = planScenarios(new Set<Capability>(['cache', 'poll']), () => null, new Set(['direct']));
-    const samples = [sample('d-rr-qd32', 'vublk-none', 1, 60_000), sample('d-rr-qd32', 'qsd-direct', 1, 50_000), sample('d-rr-qd32', 'fio-direct', 1, 64_000)];
+    const samples = [
+      sample('d-rr-qd32', 'vublk-none', 1, 60_000),
+      sample('d-rr-qd32', 'qsd-direct', 1, 50_000),
+      sample('d-rr-qd32', 'fio-direct', 1, 64_000),
+    ];
     const report = renderReport({
-      facts: { nproc: '2' }, scenarios: plan.scenarios, skipped: plan.skipped, samples: samples.map((s) => ({ ...s, loadAvg1: 1.5, generatorMicrosPerRequest: 1 })),
-      memory: [], failures: [], commands: ['qemu-storage-daemon …'], imageNotes: [], rounds: 1, runtime: 2, ramp: 0.3, imageBytes: 1 << 30,
+      facts: { nproc: '2' },
+      scenarios: plan.scenarios,
+      skipped: plan.skipped,
+      samples: samples.map((s) => ({ ...s, loadAvg1: 1.5, generatorMicrosPerRequest: 1 })),
+      memory: [],
+      failures: [],
+      commands: ['qemu-storage-daemon …'],
+      imageNotes: [],
+      rounds: 1,
+      runtime: 2,
+      ramp: 0.3,
+      imageBytes: 1 << 30,
       scale: { idle: [{ backend: 'vublk', disks: 64, rssMiB: 62, threads: 11 }], serving: [], commands: [] },
     });
-    expect(report.markdown).toContain('| #9 O_DIRECT 4 KiB randread QD32: IOPS ≥ 0.95× QSD | 1.20× | **met** | 60,000 vs 50,000 IOPS | 1.50 |');
+    expect(report.markdown).toContain(
+      '| #9 O_DIRECT 4 KiB randread QD32: IOPS ≥ 0.95× QSD | 1.20× | **met** | 60,000 vs 50,000 IOPS | 1.50 |',
+    );
     expect(report.markdown).toContain('| #9 O_DIRECT 4 KiB randread QD32: IOPS ≥ 0.85× fio | 0.94× | **met** |');
     expect(report.markdown).toContain('| #9 64 idle disks: RSS ≤ 80 MiB | 62.0 MiB | **met** |');
     expect(report.markdown).not.toContain('page-cached 4 KiB randread');
