@@ -11,7 +11,20 @@
  * recorded with every run. Then the scale part (scale.ts): many disks on one daemon.
  */
 import { spawnSync } from 'node:child_process';
-import { closeSync, existsSync, fsyncSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, readSync, rmSync, writeFileSync, writeSync } from 'node:fs';
+import {
+  closeSync,
+  existsSync,
+  fsyncSync,
+  mkdirSync,
+  mkdtempSync,
+  openSync,
+  readdirSync,
+  readFileSync,
+  readSync,
+  rmSync,
+  writeFileSync,
+  writeSync,
+} from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import os from 'node:os';
 import path from 'node:path';
@@ -24,8 +37,24 @@ import { fioArgs, runFio } from './fio.js';
 import { cpuMicrosPerRequest, hostCpuTicks, processCpuSeconds, processMemoryMiB, processThreads } from './proc-stats.js';
 import { runScale, type ScaleResult } from './scale.js';
 import {
-  BACKENDS, GROUPS, TARGETS, backendById, capabilitiesFromHelp, judge, median, medianOf, planScenarios, ratioOf,
-  type BackendSpec, type Capability, type GroupId, type ImageKind, type ImageTarget, type Sample, type Scenario, type Workload,
+  BACKENDS,
+  GROUPS,
+  TARGETS,
+  backendById,
+  capabilitiesFromHelp,
+  judge,
+  median,
+  medianOf,
+  planScenarios,
+  ratioOf,
+  type BackendSpec,
+  type Capability,
+  type GroupId,
+  type ImageKind,
+  type ImageTarget,
+  type Sample,
+  type Scenario,
+  type Workload,
 } from './scenarios.js';
 
 export { median };
@@ -62,11 +91,20 @@ function flagString(value: string | boolean | undefined, fallback: string): stri
 }
 
 function display(argv: string[], dir: string): string {
-  return argv.map(shellQuote).join(' ').replaceAll(dir, '$DIR').replace(process.execPath, 'node').replace(DAEMON_CLI, 'dist/src/cli.js').replace(BENCH_CLI, 'bench/dist/bench/src/cli.js');
+  return argv
+    .map(shellQuote)
+    .join(' ')
+    .replaceAll(dir, '$DIR')
+    .replace(process.execPath, 'node')
+    .replace(DAEMON_CLI, 'dist/src/cli.js')
+    .replace(BENCH_CLI, 'bench/dist/bench/src/cli.js');
 }
 
 function loadAverage(): string {
-  return os.loadavg().map((v) => v.toFixed(2)).join(' ');
+  return os
+    .loadavg()
+    .map((v) => v.toFixed(2))
+    .join(' ');
 }
 
 /** A raw image of random data, fsynced; read once (so it sits in the page cache) when `warm`. */
@@ -106,7 +144,9 @@ function which(binary: string): string | null {
 }
 
 function machineFacts(qsd: string | null, dir: string): Record<string, string> {
-  const qemuVersion = qsd ? (spawnSync(qsd, ['--version'], { encoding: 'utf8' }).stdout ?? '').split('\n')[0]?.trim() ?? '?' : 'not installed';
+  const qemuVersion = qsd
+    ? ((spawnSync(qsd, ['--version'], { encoding: 'utf8' }).stdout ?? '').split('\n')[0]?.trim() ?? '?')
+    : 'not installed';
   const fio = which('fio');
   const fs = fileSystemOf(dir);
   return {
@@ -125,8 +165,24 @@ function machineFacts(qsd: string | null, dir: string): Record<string, string> {
 
 function benchArgs(w: Workload, socket: string, runtime: number, ramp: number, seed: number): string[] {
   return [
-    'run', '--socket', socket, '--rw', w.rw, '--bs', w.bs, '--iodepth', String(w.iodepth), '--queues', String(w.queues),
-    '--runtime', String(runtime), '--ramp', String(ramp), '--seed', String(seed), '--json',
+    'run',
+    '--socket',
+    socket,
+    '--rw',
+    w.rw,
+    '--bs',
+    w.bs,
+    '--iodepth',
+    String(w.iodepth),
+    '--queues',
+    String(w.queues),
+    '--runtime',
+    String(runtime),
+    '--ramp',
+    String(ramp),
+    '--seed',
+    String(seed),
+    '--json',
   ];
 }
 
@@ -144,7 +200,10 @@ function fileTarget(file: string, format: 'raw' | 'qcow2'): ImageTarget {
   return {
     vublkImage: file,
     vublkKeys: format === 'qcow2' ? ['format=qcow2'] : [],
-    qsdBlockdev: format === 'qcow2' ? `driver=qcow2,file.driver=file,file.filename=${file},file.locking=off` : `driver=file,filename=${file},locking=off`,
+    qsdBlockdev:
+      format === 'qcow2'
+        ? `driver=qcow2,file.driver=file,file.filename=${file},file.locking=off`
+        : `driver=file,filename=${file},locking=off`,
     file: format === 'raw' ? file : null,
   };
 }
@@ -247,7 +306,10 @@ export function parseKeyValueLines(text: string): Map<string, string> {
  * else a micro cluster of our own (test/support/ceph/micro-cluster.sh: one mon, mgr and OSD on 127.0.0.1, stopped
  * with the benchmark) holding a 256 MiB image of random data (`rbd import`).
  */
-async function prepareRbd(dir: string, log: (t: string) => void): Promise<{ target: ImageTarget; notes: string[]; stop: (() => Promise<void>) | null } | string> {
+async function prepareRbd(
+  dir: string,
+  log: (t: string) => void,
+): Promise<{ target: ImageTarget; notes: string[]; stop: (() => Promise<void>) | null } | string> {
   const target = (pool: string, name: string, conf: string): ImageTarget => ({
     vublkImage: `rbd:${pool}/${name}`,
     vublkKeys: [`conf=${conf}`],
@@ -261,7 +323,8 @@ async function prepareRbd(dir: string, log: (t: string) => void): Promise<{ targ
     return { target: target(pool, name, envConf), notes: [`# RBD: ${spec} of the cluster in ${envConf}`], stop: null };
   }
   const script = path.join(REPO_ROOT, 'test/support/ceph/micro-cluster.sh');
-  if (!existsSync(script)) return 'no test/support/ceph/micro-cluster.sh in this tree (or set VUBLK_BENCH_RBD=pool/image and VUBLK_BENCH_CEPH_CONF)';
+  if (!existsSync(script))
+    return 'no test/support/ceph/micro-cluster.sh in this tree (or set VUBLK_BENCH_RBD=pool/image and VUBLK_BENCH_CEPH_CONF)';
   if (which('ceph-mon') === null || which('rbd') === null) return 'Ceph is not installed (ceph-mon, ceph-osd, rbd)';
   const cephDir = path.join(dir, 'ceph');
   log(`starting a micro Ceph cluster in ${cephDir}`);
@@ -286,7 +349,10 @@ async function prepareRbd(dir: string, log: (t: string) => void): Promise<{ targ
   }
   return {
     target: target('rbd', 'bench', conf),
-    notes: [`test/support/ceph/micro-cluster.sh start $DIR/ceph --watch-pid $$   # prints CEPH_CONF`, 'rbd -c $CEPH_CONF import 256MiB-of-random-data rbd/bench'],
+    notes: [
+      `test/support/ceph/micro-cluster.sh start $DIR/ceph --watch-pid $$   # prints CEPH_CONF`,
+      'rbd -c $CEPH_CONF import 256MiB-of-random-data rbd/bench',
+    ],
     stop,
   };
 }
@@ -298,11 +364,21 @@ function socketOf(dir: string, backend: BackendSpec): string {
 function daemonCommand(backend: BackendSpec, target: ImageTarget, socket: string, qsd: string): string[] {
   if (backend.kind === 'qsd') {
     return [
-      qsd, '--blockdev', `${qsdOptions(target, backend.options)},node-name=n0`,
-      '--export', `type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path=${socket},writable=on,num-queues=2`,
+      qsd,
+      '--blockdev',
+      `${qsdOptions(target, backend.options)},node-name=n0`,
+      '--export',
+      `type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path=${socket},writable=on,num-queues=2`,
     ];
   }
-  const disk = [`image=${target.vublkImage}`, `socket=${socket}`, 'num-queues=2', 'locking=off', ...target.vublkKeys, ...backend.options].join(',');
+  const disk = [
+    `image=${target.vublkImage}`,
+    `socket=${socket}`,
+    'num-queues=2',
+    'locking=off',
+    ...target.vublkKeys,
+    ...backend.options,
+  ].join(',');
   return [process.execPath, DAEMON_CLI, 'serve', '--disk', disk, '--metrics-listen', 'off', '--admin-socket', 'off', '--log-level', 'warn'];
 }
 
@@ -325,15 +401,37 @@ async function measureOnce(
     const host1 = hostCpuTicks();
     const busy = host1.busy - host0.busy;
     const idle = host1.idle - host0.idle;
-    return { scenario: scenario.id, backend: backend.id, round, hostIdlePercent: busy + idle > 0 ? (idle / (busy + idle)) * 100 : NaN, ...s };
+    return {
+      scenario: scenario.id,
+      backend: backend.id,
+      round,
+      hostIdlePercent: busy + idle > 0 ? (idle / (busy + idle)) * 100 : NaN,
+      ...s,
+    };
   };
   if (backend.kind === 'fio') {
     const file = images.targets.get(backend.image)?.file;
     if (fio === null || file == null) return 'fio or its file is missing';
     try {
       const w = scenario.workload;
-      const r = await runFio(fio, { rw: w.rw, bs: w.bs, iodepth: w.iodepth, runtimeSec, rampSec: ramp, seed: round }, file, (runtimeSec + ramp) * 1000 + 30_000);
-      return sample({ iops: r.iops, mibps: r.mibps, p50Us: r.p50Us, p99Us: r.p99Us, p999Us: r.p999Us, cpuUsPerRequest: r.cpuMicrosPerRequest, daemonCpuPercent: NaN, generatorCpuPercent: NaN, loadAvg1, generatorMicrosPerRequest: NaN });
+      const r = await runFio(
+        fio,
+        { rw: w.rw, bs: w.bs, iodepth: w.iodepth, runtimeSec, rampSec: ramp, seed: round },
+        file,
+        (runtimeSec + ramp) * 1000 + 30_000,
+      );
+      return sample({
+        iops: r.iops,
+        mibps: r.mibps,
+        p50Us: r.p50Us,
+        p99Us: r.p99Us,
+        p999Us: r.p999Us,
+        cpuUsPerRequest: r.cpuMicrosPerRequest,
+        daemonCpuPercent: NaN,
+        generatorCpuPercent: NaN,
+        loadAvg1,
+        generatorMicrosPerRequest: NaN,
+      });
     } catch (error) {
       return (error as Error).message;
     }
@@ -341,7 +439,10 @@ async function measureOnce(
   if (daemon === null) return 'daemon not running';
   const cpuBefore = processCpuSeconds(daemon.pid);
   const wallBefore = performance.now();
-  const result = await runChild([process.execPath, BENCH_CLI, ...benchArgs(scenario.workload, daemon.sockets[0] as string, runtimeSec, ramp, round)], (runtimeSec + ramp) * 1000 + 60_000);
+  const result = await runChild(
+    [process.execPath, BENCH_CLI, ...benchArgs(scenario.workload, daemon.sockets[0] as string, runtimeSec, ramp, round)],
+    (runtimeSec + ramp) * 1000 + 60_000,
+  );
   const cpu = processCpuSeconds(daemon.pid) - cpuBefore;
   const wallSec = (performance.now() - wallBefore) / 1000;
   let doc: BenchDocument | null = null;
@@ -379,7 +480,15 @@ export async function benchCompare(flags: CompareFlags): Promise<number> {
   const ramp = Number(flagString(flags.ramp, '0.3'));
   const imageBytes = parseSize(flagString(flags.imageSize, '1G'));
   const out = path.resolve(flagString(flags.out, path.join(REPO_ROOT, 'docs/benchmarks.md')));
-  const only = typeof flags.groups === 'string' ? new Set(flags.groups.split(',').map((g) => g.trim()).filter(Boolean)) : null;
+  const only =
+    typeof flags.groups === 'string'
+      ? new Set(
+          flags.groups
+            .split(',')
+            .map((g) => g.trim())
+            .filter(Boolean),
+        )
+      : null;
   const scaleDisks = Number(flagString(flags.scaleDisks, '32'));
   const doScale = flags.scale !== false && (only === null || only.has('scale'));
   const started = Date.now();
@@ -392,7 +501,13 @@ export async function benchCompare(flags: CompareFlags): Promise<number> {
   const caps = capabilitiesFromHelp(help);
   // The O_DIRECT image must sit on a disk: /var/tmp is on the root file system, /tmp may be tmpfs.
   const baseDir = existsSync('/var/tmp') ? '/var/tmp' : os.tmpdir();
-  const dir = typeof flags.dir === 'string' ? (mkdirSync(flags.dir, { recursive: true }), path.resolve(flags.dir)) : mkdtempSync(path.join(baseDir, 'vublk-bench-'));
+  let dir: string;
+  if (typeof flags.dir === 'string') {
+    mkdirSync(flags.dir, { recursive: true });
+    dir = path.resolve(flags.dir);
+  } else {
+    dir = mkdtempSync(path.join(baseDir, 'vublk-bench-'));
+  }
   const facts = machineFacts(qsd, dir);
 
   const groupFilter = only === null ? undefined : new Set([...only].filter((g): g is GroupId => GROUPS.some((x) => x.id === g)));
@@ -407,18 +522,24 @@ export async function benchCompare(flags: CompareFlags): Promise<number> {
   try {
     images = await prepareImages(dir, imageBytes, kinds, log);
     const img = images;
-    const plan = planScenarios(caps, (b) => {
-      if (img.missing.has(b.image)) return img.missing.get(b.image) as string;
-      if (!img.targets.has(b.image)) return `no ${b.image} image`;
-      if (b.kind === 'qsd' && qsd === null) return 'qemu-storage-daemon is not installed';
-      if (b.kind === 'fio' && fio === null) return 'fio is not installed (apt-get install fio)';
-      return null;
-    }, groupFilter);
+    const plan = planScenarios(
+      caps,
+      (b) => {
+        if (img.missing.has(b.image)) return img.missing.get(b.image) as string;
+        if (!img.targets.has(b.image)) return `no ${b.image} image`;
+        if (b.kind === 'qsd' && qsd === null) return 'qemu-storage-daemon is not installed';
+        if (b.kind === 'fio' && fio === null) return 'fio is not installed (apt-get install fio)';
+        return null;
+      },
+      groupFilter,
+    );
     const scenarios = plan.scenarios;
     for (const s of plan.skipped) log(`skipped: ${s}`);
 
     // Long-lived daemons: every back-end of a non-fresh scenario.
-    const longLived = [...new Set(scenarios.filter((s) => !s.freshImage && !s.perRunDaemon).flatMap((s) => s.running))].map(backendById).filter((b) => b.kind !== 'fio');
+    const longLived = [...new Set(scenarios.filter((s) => !s.freshImage && !s.perRunDaemon).flatMap((s) => s.running))]
+      .map(backendById)
+      .filter((b) => b.kind !== 'fio');
     for (const backend of longLived) {
       const socket = socketOf(dir, backend);
       const argv = daemonCommand(backend, img.targets.get(backend.image) as ImageTarget, socket, qsd ?? '');
@@ -428,7 +549,10 @@ export async function benchCompare(flags: CompareFlags): Promise<number> {
       await daemon.ready();
     }
     if (scenarios.some((s) => s.running.includes('fio-direct'))) {
-      commands.push('# fio on the same file (workload and seed vary)', `fio ${fioArgs({ rw: 'randread', bs: '4k', iodepth: 32, runtimeSec: runtime, rampSec: ramp, seed: 1 }, '$DIR/direct.img').join(' ')}`);
+      commands.push(
+        '# fio on the same file (workload and seed vary)',
+        `fio ${fioArgs({ rw: 'randread', bs: '4k', iodepth: 32, runtimeSec: runtime, rampSec: ramp, seed: 1 }, '$DIR/direct.img').join(' ')}`,
+      );
     }
     const runs = scenarios.reduce((n, s) => n + s.running.length, 0);
     log(`${daemons.size} back-end daemons up; ${scenarios.length} scenarios, ${runs} runs × ${rounds} rounds of ${ramp}+${runtime} s`);
@@ -454,7 +578,10 @@ export async function benchCompare(flags: CompareFlags): Promise<number> {
             const socket = socketOf(dir, backend);
             fresh = new DaemonProcess(backend.label, daemonCommand(backend, runImage, socket, qsd ?? ''), [socket]);
             if (round === 1 && !commands.includes(display(fresh.argv, dir).replace(/-\d+\.qcow2/, '-1.qcow2'))) {
-              commands.push(`# ${backend.label} (${scenario.freshImage ? 'a fresh image and daemon every run' : 'a daemon of its own every run'})`, display(fresh.argv, dir));
+              commands.push(
+                `# ${backend.label} (${scenario.freshImage ? 'a fresh image and daemon every run' : 'a daemon of its own every run'})`,
+                display(fresh.argv, dir),
+              );
             }
             try {
               await fresh.ready();
@@ -477,12 +604,19 @@ export async function benchCompare(flags: CompareFlags): Promise<number> {
             continue;
           }
           samples.push(result);
-          log(`round ${round} ${scenario.id.padEnd(12)} ${backend.label.padEnd(48)} ${Math.round(result.iops).toString().padStart(7)} IOPS ` +
-            `${result.mibps.toFixed(1).padStart(7)} MiB/s p50 ${result.p50Us.toFixed(1).padStart(7)} µs  CPU ${result.cpuUsPerRequest.toFixed(2)} µs/req  load ${result.loadAvg1.toFixed(2)}`);
+          log(
+            `round ${round} ${scenario.id.padEnd(12)} ${backend.label.padEnd(48)} ${Math.round(result.iops).toString().padStart(7)} IOPS ` +
+              `${result.mibps.toFixed(1).padStart(7)} MiB/s p50 ${result.p50Us.toFixed(1).padStart(7)} µs  CPU ${result.cpuUsPerRequest.toFixed(2)} µs/req  load ${result.loadAvg1.toFixed(2)}`,
+          );
         }
       }
     }
-    const memory = [...daemons.entries()].map(([id, d]) => ({ id, rssMiB: processMemoryMiB(d.pid), hwmMiB: processMemoryMiB(d.pid, 'VmHWM'), threads: processThreads(d.pid) }));
+    const memory = [...daemons.entries()].map(([id, d]) => ({
+      id,
+      rssMiB: processMemoryMiB(d.pid),
+      hwmMiB: processMemoryMiB(d.pid, 'VmHWM'),
+      threads: processThreads(d.pid),
+    }));
     for (const d of daemons.values()) await d.stop();
     daemons.clear();
 
@@ -492,7 +626,21 @@ export async function benchCompare(flags: CompareFlags): Promise<number> {
     }
     facts['load average at end'] = loadAverage();
     facts['duration'] = `${((Date.now() - started) / 1000).toFixed(0)} s`;
-    const report = renderReport({ facts, scenarios, skipped: plan.skipped, samples, memory, failures, commands, imageNotes: img.notes, rounds, runtime, ramp, imageBytes, scale });
+    const report = renderReport({
+      facts,
+      scenarios,
+      skipped: plan.skipped,
+      samples,
+      memory,
+      failures,
+      commands,
+      imageNotes: img.notes,
+      rounds,
+      runtime,
+      ramp,
+      imageBytes,
+      scale,
+    });
     writeReport(out, report.markdown);
     log(`wrote ${out}`);
     if (typeof flags.jsonOut === 'string') {
@@ -508,7 +656,8 @@ export async function benchCompare(flags: CompareFlags): Promise<number> {
     else {
       // A directory of the caller's: remove only what the benchmark put there.
       for (const name of readdirSync(dir)) {
-        if (/^(cached\.img|direct\.img|full\.qcow2|nbd\.img|rbd-import\.img|scale-\d+\.img|fresh-.*\.qcow2|.*\.sock)$/.test(name)) rmSync(path.join(dir, name), { force: true });
+        if (/^(cached\.img|direct\.img|full\.qcow2|nbd\.img|rbd-import\.img|scale-\d+\.img|fresh-.*\.qcow2|.*\.sock)$/.test(name))
+          rmSync(path.join(dir, name), { force: true });
       }
     }
   }
@@ -532,7 +681,8 @@ interface ReportInput {
   scale: ScaleResult | null;
 }
 
-const fmt = (v: number, digits = 0): string => (Number.isFinite(v) ? v.toLocaleString('en-US', { minimumFractionDigits: digits, maximumFractionDigits: digits }) : '–');
+const fmt = (v: number, digits = 0): string =>
+  Number.isFinite(v) ? v.toLocaleString('en-US', { minimumFractionDigits: digits, maximumFractionDigits: digits }) : '–';
 const ratio = (v: number): string => (Number.isFinite(v) ? `${v.toFixed(2)}×` : '–');
 const label = (id: string): string => backendById(id).label;
 
@@ -549,10 +699,10 @@ export function renderReport(input: ReportInput): { markdown: string; summary: s
     'listed under Commands, starts every back-end below on its image',
     '(each stays up for the whole benchmark, idle while another is measured; `locking=off` so several share an image), and',
     'drives each with `vublk-bench run`: the TypeScript vhost-user front-end as a load generator, no VM. fio runs the same',
-    'workload on the O_DIRECT file directly, as the device\'s limit. Per scenario the back-ends run back to back, order rotated',
+    "workload on the O_DIRECT file directly, as the device's limit. Per scenario the back-ends run back to back, order rotated",
     `every round, ${rounds} rounds of ${ramp} s warm-up + ${runtime} s measured; tables show medians over the rounds, ratios are medians of`,
     'the per-round ratios (measured the same minute, under the same host load). **Daemon CPU µs/request** is utime+stime of the',
-    'daemon process (`/proc/PID/stat`) over the run divided by every request of the run (warm-up included); fio\'s is its own',
+    "daemon process (`/proc/PID/stat`) over the run divided by every request of the run (warm-up included); fio's is its own",
     'process (it is generator and engine at once). **load** is the 1-minute load average when the run started.',
     '',
     '### Machine',
@@ -598,27 +748,50 @@ export function renderReport(input: ReportInput): { markdown: string; summary: s
     const idleVublk = scale.idle.filter((s) => s.backend === 'vublk');
     if (serving !== undefined) {
       const up = serving.sessionsOk === serving.sessionsTotal && serving.commonWindowSec > 0;
-      targetLines.push(`| #9 ${serving.disks} disks × 2 queues serving at once: every session up | ${serving.sessionsOk}/${serving.sessionsTotal} | ${up ? '**met**' : '**missed**'} | all generating load together for ${fmt(serving.commonWindowSec, 1)} s | |`);
+      targetLines.push(
+        `| #9 ${serving.disks} disks × 2 queues serving at once: every session up | ${serving.sessionsOk}/${serving.sessionsTotal} | ${up ? '**met**' : '**missed**'} | all generating load together for ${fmt(serving.commonWindowSec, 1)} s | |`,
+      );
       const qsdServing = scale.serving.find((s) => s.backend === 'qsd' && s.disks === serving.disks);
-      targetLines.push(`| #9 ${serving.disks} front-ends connecting at once: each handshake ≤ 2 s | ${fmt(serving.maxConnectMs)} ms | ${serving.maxConnectMs <= 2000 ? '**met**' : '**missed**'} | slowest of ${serving.sessionsTotal}, median ${fmt(serving.medianConnectMs)} ms (QSD: slowest ${fmt(qsdServing?.maxConnectMs ?? NaN)} ms, median ${fmt(qsdServing?.medianConnectMs ?? NaN)} ms); seen from the generators, which start together on the same CPUs | |`);
-      targetLines.push(`| #9 ${serving.disks} disks × 2 queues serving: RSS ≤ 160 MiB | ${fmt(serving.rssPeakMiB, 1)} MiB | ${serving.rssPeakMiB <= 160 ? '**met**' : '**missed**'} | peak VmRSS while serving (idle before: ${fmt(serving.rssIdleMiB, 1)} MiB) | |`);
+      targetLines.push(
+        `| #9 ${serving.disks} front-ends connecting at once: each handshake ≤ 2 s | ${fmt(serving.maxConnectMs)} ms | ${serving.maxConnectMs <= 2000 ? '**met**' : '**missed**'} | slowest of ${serving.sessionsTotal}, median ${fmt(serving.medianConnectMs)} ms (QSD: slowest ${fmt(qsdServing?.maxConnectMs ?? NaN)} ms, median ${fmt(qsdServing?.medianConnectMs ?? NaN)} ms); seen from the generators, which start together on the same CPUs | |`,
+      );
+      targetLines.push(
+        `| #9 ${serving.disks} disks × 2 queues serving: RSS ≤ 160 MiB | ${fmt(serving.rssPeakMiB, 1)} MiB | ${serving.rssPeakMiB <= 160 ? '**met**' : '**missed**'} | peak VmRSS while serving (idle before: ${fmt(serving.rssIdleMiB, 1)} MiB) | |`,
+      );
     }
-    if (idle64 !== undefined) targetLines.push(`| #9 64 idle disks: RSS ≤ 80 MiB | ${fmt(idle64.rssMiB, 1)} MiB | ${idle64.rssMiB <= 80 ? '**met**' : '**missed**'} | 64 disks configured, no front-end connected | |`);
+    if (idle64 !== undefined)
+      targetLines.push(
+        `| #9 64 idle disks: RSS ≤ 80 MiB | ${fmt(idle64.rssMiB, 1)} MiB | ${idle64.rssMiB <= 80 ? '**met**' : '**missed**'} | 64 disks configured, no front-end connected | |`,
+      );
     if (idleVublk.length > 1 || vublkServing.length > 1) {
       // Idle daemons compared among themselves, serving ones among themselves (the pool's workers start on first use).
       const idleSame = idleVublk.every((s) => s.threads === idleVublk[0]?.threads);
       const servingSame = vublkServing.every((s) => s.threadsPeak === vublkServing[0]?.threadsPeak);
-      targetLines.push(`| #9 thread count independent of the number of disks | idle ${idleVublk.map((s) => `${s.disks} disks: ${s.threads}`).join(', ')}; serving ${vublkServing.map((s) => `${s.disks} disks: ${s.threadsPeak}`).join(', ')} | ${idleSame && servingSame ? '**met**' : '**missed**'} | threads (/proc/PID/status) | |`);
+      targetLines.push(
+        `| #9 thread count independent of the number of disks | idle ${idleVublk.map((s) => `${s.disks} disks: ${s.threads}`).join(', ')}; serving ${vublkServing.map((s) => `${s.disks} disks: ${s.threadsPeak}`).join(', ')} | ${idleSame && servingSame ? '**met**' : '**missed**'} | threads (/proc/PID/status) | |`,
+      );
     }
   }
-  push('## Targets', '', 'Ratios are vublk / the reference: above 1 is better for IOPS and MiB/s, below 1 for latency.', '', '| target | measured | verdict | numbers (medians) | load |', '|---|---:|---|---|---:|', ...targetLines, '');
+  push(
+    '## Targets',
+    '',
+    'Ratios are vublk / the reference: above 1 is better for IOPS and MiB/s, below 1 for latency.',
+    '',
+    '| target | measured | verdict | numbers (medians) | load |',
+    '|---|---:|---|---|---:|',
+    ...targetLines,
+    '',
+  );
 
   // ---------------------------------------------------------------- per group
   for (const group of GROUPS) {
     const rows = scenarios.filter((s) => s.group === group.id);
     if (rows.length === 0) continue;
     push(`## ${group.title}`, '', group.intro, '');
-    push('| workload | back-end | IOPS | MiB/s | p50 µs | p99 µs | p99.9 µs | daemon CPU µs/req | IOPS ratio | p50 ratio | CPU/req ratio | load | host idle % |', '|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|');
+    push(
+      '| workload | back-end | IOPS | MiB/s | p50 µs | p99 µs | p99.9 µs | daemon CPU µs/req | IOPS ratio | p50 ratio | CPU/req ratio | load | host idle % |',
+      '|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|',
+    );
     for (const s of rows) {
       const subject = s.running[0] as string;
       for (const id of s.running) {
@@ -638,7 +811,12 @@ export function renderReport(input: ReportInput): { markdown: string; summary: s
   // ---------------------------------------------------------------- polling
   const pollRows = scenarios.filter((s) => s.running.includes('vublk-poll50'));
   if (pollRows.length > 0) {
-    push('### `--poll-us 50`: what polling buys and costs', '', '| workload | IOPS without → with | IOPS ratio | p50 µs without → with | daemon CPU µs/req without → with | CPU/req ratio | daemon CPU % of a core without → with |', '|---|---:|---:|---:|---:|---:|---:|');
+    push(
+      '### `--poll-us 50`: what polling buys and costs',
+      '',
+      '| workload | IOPS without → with | IOPS ratio | p50 µs without → with | daemon CPU µs/req without → with | CPU/req ratio | daemon CPU % of a core without → with |',
+      '|---|---:|---:|---:|---:|---:|---:|',
+    );
     for (const s of pollRows) {
       push(
         `| ${s.title} (page-cached) | ${fmt(medianOf(m, s.id, 'vublk', 'iops'))} → ${fmt(medianOf(m, s.id, 'vublk-poll50', 'iops'))} | ${ratio(ratioOf(m, s.id, 'vublk-poll50', 'vublk', 'iops'))} | ` +
@@ -650,31 +828,63 @@ export function renderReport(input: ReportInput): { markdown: string; summary: s
 
   // ---------------------------------------------------------------- scale
   if (scale !== null) {
-    push('## Scale: many disks on one daemon', '',
+    push(
+      '## Scale: many disks on one daemon',
+      '',
       'Sparse 64 MiB raw images, one per disk, 2 queues each. Idle: the daemon started with N disks configured and no front-end,',
       'measured 1.5 s after every socket exists. Serving: one `vublk-bench run` per disk (4 KiB randread QD8 on both queues, 3 s),',
       'all launched together with the same `--start-at`, so every session is connected before any load starts; RSS and threads are',
       'sampled every 200 ms while they run. "All at once" is the time during which every generator was generating load (from their',
-      '`timing` in the JSON), the handshake is `VhostUserFrontend.connect` as seen by the generator.', '',
-      '| back-end | disks | RSS | threads |', '|---|---:|---:|---:|');
-    for (const s of scale.idle) push(`| ${s.backend === 'vublk' ? 'vublk' : 'qemu-storage-daemon aio=io_uring'} | ${s.disks} idle | ${fmt(s.rssMiB, 1)} MiB | ${fmt(s.threads)} |`);
-    push('', '| back-end | disks × queues serving | sessions ok | all at once | handshake median / max | RSS idle → peak | threads idle → peak | total IOPS | daemon CPU µs/req |', '|---|---:|---:|---:|---:|---:|---:|---:|---:|');
+      '`timing` in the JSON), the handshake is `VhostUserFrontend.connect` as seen by the generator.',
+      '',
+      '| back-end | disks | RSS | threads |',
+      '|---|---:|---:|---:|',
+    );
+    for (const s of scale.idle)
+      push(
+        `| ${s.backend === 'vublk' ? 'vublk' : 'qemu-storage-daemon aio=io_uring'} | ${s.disks} idle | ${fmt(s.rssMiB, 1)} MiB | ${fmt(s.threads)} |`,
+      );
+    push(
+      '',
+      '| back-end | disks × queues serving | sessions ok | all at once | handshake median / max | RSS idle → peak | threads idle → peak | total IOPS | daemon CPU µs/req |',
+      '|---|---:|---:|---:|---:|---:|---:|---:|---:|',
+    );
     for (const s of scale.serving) {
-      push(`| ${s.backend === 'vublk' ? 'vublk' : 'qemu-storage-daemon aio=io_uring'} | ${s.disks} × ${s.queues} | ${s.sessionsOk}/${s.sessionsTotal} | ${fmt(s.commonWindowSec, 1)} s | ${fmt(s.medianConnectMs)} / ${fmt(s.maxConnectMs)} ms | ` +
-        `${fmt(s.rssIdleMiB, 1)} → ${fmt(s.rssPeakMiB, 1)} MiB | ${fmt(s.threadsIdle)} → ${fmt(s.threadsPeak)} | ${fmt(s.totalIops)} | ${fmt(s.cpuUsPerRequest, 2)} |`);
+      push(
+        `| ${s.backend === 'vublk' ? 'vublk' : 'qemu-storage-daemon aio=io_uring'} | ${s.disks} × ${s.queues} | ${s.sessionsOk}/${s.sessionsTotal} | ${fmt(s.commonWindowSec, 1)} s | ${fmt(s.medianConnectMs)} / ${fmt(s.maxConnectMs)} ms | ` +
+          `${fmt(s.rssIdleMiB, 1)} → ${fmt(s.rssPeakMiB, 1)} MiB | ${fmt(s.threadsIdle)} → ${fmt(s.threadsPeak)} | ${fmt(s.totalIops)} | ${fmt(s.cpuUsPerRequest, 2)} |`,
+      );
     }
-    push('', '```sh', ...scale.commands, `node bench/dist/bench/src/cli.js run --socket $DIR/scale-vublk-32-$i.sock --rw randread --bs 4k --iodepth 8 --queues 2 --runtime 3 --seed $((i+1)) --start-at $T --json   # i = 0…31, all at once`, '```', '');
+    push(
+      '',
+      '```sh',
+      ...scale.commands,
+      `node bench/dist/bench/src/cli.js run --socket $DIR/scale-vublk-32-$i.sock --rw randread --bs 4k --iodepth 8 --queues 2 --runtime 3 --seed $((i+1)) --start-at $T --json   # i = 0…31, all at once`,
+      '```',
+      '',
+    );
     const scaleFailures = scale.serving.flatMap((s) => s.failures.map((f) => `${s.backend}: ${f}`));
     if (scaleFailures.length > 0) push('Scale failures:', '', ...scaleFailures.slice(0, 20).map((f) => `- ${f}`), '');
   }
 
-  push('### Memory of the benchmark daemons (after all runs)', '', '| back-end | RSS | peak RSS (VmHWM) | threads |', '|---|---:|---:|---:|');
+  push(
+    '### Memory of the benchmark daemons (after all runs)',
+    '',
+    '| back-end | RSS | peak RSS (VmHWM) | threads |',
+    '|---|---:|---:|---:|',
+  );
   for (const d of input.memory) push(`| ${label(d.id)} | ${fmt(d.rssMiB, 1)} MiB | ${fmt(d.hwmMiB, 1)} MiB | ${fmt(d.threads)} |`);
   push('');
   if (input.skipped.length > 0) push('### Not measured in this run', '', ...input.skipped.map((s) => `- ${s}`), '');
   if (input.failures.length > 0) push('### Failures', '', ...input.failures.map((f) => `- ${f}`), '');
 
-  const summary = ['', 'Targets:', ...targetLines.map((l) => `  ${l.replace(/\*\*/g, '')}`), input.failures.length ? `${input.failures.length} failure(s), see the report` : '', ''].join('\n');
+  const summary = [
+    '',
+    'Targets:',
+    ...targetLines.map((l) => `  ${l.replace(/\*\*/g, '')}`),
+    input.failures.length ? `${input.failures.length} failure(s), see the report` : '',
+    '',
+  ].join('\n');
   return { markdown: lines.join('\n'), summary };
 }
 
@@ -686,7 +896,10 @@ function writeReport(file: string, markdown: string): void {
     const current = readFileSync(file, 'utf8');
     const from = current.indexOf(BEGIN);
     const to = current.indexOf(END);
-    text = from >= 0 && to > from ? current.slice(0, from) + generated + current.slice(to + END.length) : `${current.trimEnd()}\n\n${generated}\n`;
+    text =
+      from >= 0 && to > from
+        ? current.slice(0, from) + generated + current.slice(to + END.length)
+        : `${current.trimEnd()}\n\n${generated}\n`;
   } else {
     text = `# Benchmarks: vublk vs qemu-storage-daemon\n\n${generated}\n`;
   }

@@ -29,9 +29,20 @@ export interface FioResult {
 
 export function fioArgs(job: FioJob, file: string): string[] {
   return [
-    '--name=vublk-bench', `--filename=${file}`, `--rw=${job.rw}`, `--bs=${job.bs}`, `--iodepth=${job.iodepth}`,
-    '--ioengine=io_uring', '--direct=1', '--numjobs=1', '--time_based', `--runtime=${job.runtimeSec}`, `--ramp_time=${job.rampSec}`,
-    `--randseed=${job.seed}`, '--norandommap', '--output-format=json',
+    '--name=vublk-bench',
+    `--filename=${file}`,
+    `--rw=${job.rw}`,
+    `--bs=${job.bs}`,
+    `--iodepth=${job.iodepth}`,
+    '--ioengine=io_uring',
+    '--direct=1',
+    '--numjobs=1',
+    '--time_based',
+    `--runtime=${job.runtimeSec}`,
+    `--ramp_time=${job.rampSec}`,
+    `--randseed=${job.seed}`,
+    '--norandommap',
+    '--output-format=json',
   ];
 }
 
@@ -47,7 +58,9 @@ export function parseFioJson(text: string): FioResult {
   // fio may print warnings before the JSON document.
   const start = text.indexOf('{');
   if (start < 0) throw new Error(`fio printed no JSON: ${text.trim().slice(0, 200)}`);
-  const doc = JSON.parse(text.slice(start)) as { jobs?: Array<{ read?: FioDirection; write?: FioDirection; usr_cpu?: number; sys_cpu?: number; job_runtime?: number; error?: number }> };
+  const doc = JSON.parse(text.slice(start)) as {
+    jobs?: Array<{ read?: FioDirection; write?: FioDirection; usr_cpu?: number; sys_cpu?: number; job_runtime?: number; error?: number }>;
+  };
   const job = doc.jobs?.[0];
   if (job === undefined) throw new Error('fio JSON has no job');
   if (job.error) throw new Error(`fio job failed with error ${job.error}`);

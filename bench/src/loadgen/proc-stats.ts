@@ -11,7 +11,10 @@ export function parseStatCpuTicks(stat: string): number {
   const close = stat.lastIndexOf(')');
   if (close < 0) return NaN;
   // After "pid (comm) " field 3 (state) comes first: utime is field 14, stime field 15.
-  const fields = stat.slice(close + 2).trim().split(/\s+/);
+  const fields = stat
+    .slice(close + 2)
+    .trim()
+    .split(/\s+/);
   return Number(fields[11]) + Number(fields[12]);
 }
 

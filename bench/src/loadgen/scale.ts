@@ -83,13 +83,17 @@ function socket(dir: string, backend: ScaleBackend, disks: number, i: number): s
 export function scaleCommand(backend: ScaleBackend, qsdBinary: string, dir: string, disks: number): string[] {
   if (backend === 'vublk') {
     const argv = [process.execPath, DAEMON_CLI, 'serve'];
-    for (let i = 0; i < disks; i++) argv.push('--disk', `image=${image(dir, i)},socket=${socket(dir, backend, disks, i)},num-queues=2,locking=off`);
+    for (let i = 0; i < disks; i++)
+      argv.push('--disk', `image=${image(dir, i)},socket=${socket(dir, backend, disks, i)},num-queues=2,locking=off`);
     return [...argv, '--metrics-listen', 'off', '--admin-socket', 'off', '--log-level', 'warn'];
   }
   const argv = [qsdBinary];
   for (let i = 0; i < disks; i++) {
     argv.push('--blockdev', `driver=file,node-name=f${i},filename=${image(dir, i)},aio=io_uring,locking=off`);
-    argv.push('--export', `type=vhost-user-blk,id=e${i},node-name=f${i},addr.type=unix,addr.path=${socket(dir, backend, disks, i)},writable=on,num-queues=2`);
+    argv.push(
+      '--export',
+      `type=vhost-user-blk,id=e${i},node-name=f${i},addr.type=unix,addr.path=${socket(dir, backend, disks, i)},writable=on,num-queues=2`,
+    );
   }
   return argv;
 }
@@ -129,7 +133,11 @@ export async function runScale(options: ScaleOptions): Promise<ScaleResult> {
   for (const backend of backends) {
     for (const disks of options.idleDiskCounts) {
       const argv = scaleCommand(backend, qsd, dir, disks);
-      const daemon = new DaemonProcess(`${backend} ${disks} disks`, argv, Array.from({ length: disks }, (_, i) => socket(dir, backend, disks, i)));
+      const daemon = new DaemonProcess(
+        `${backend} ${disks} disks`,
+        argv,
+        Array.from({ length: disks }, (_, i) => socket(dir, backend, disks, i)),
+      );
       try {
         await daemon.ready(60_000);
         const s = await settle(daemon.pid);
@@ -143,72 +151,100 @@ export async function runScale(options: ScaleOptions): Promise<ScaleResult> {
     }
   }
 
-  for (const backend of backends) for (const disks of options.servingDiskCounts) {
-    const argv = scaleCommand(backend, qsd, dir, disks);
-    if (disks === Math.max(...options.servingDiskCounts)) result.commands.push(display(argv, dir, disks));
-    const sockets = Array.from({ length: disks }, (_, i) => socket(dir, backend, disks, i));
-    const daemon = new DaemonProcess(`${backend} ${disks} disks`, argv, sockets);
-    try {
-      await daemon.ready(60_000);
-      const idle = await settle(daemon.pid);
-      const cpuBefore = processCpuSeconds(daemon.pid);
-      // Every generator connects as soon as it is up; the load starts for all at the same wall-clock time.
-      const startAt = Date.now() + 3000 + 150 * disks;
-      const runs = sockets.map((sock, i) =>
-        runChild([process.execPath, BENCH_CLI, 'run', '--socket', sock, '--rw', 'randread', '--bs', '4k', '--iodepth', '8', '--queues', '2',
-          '--runtime', String(options.runtimeSec), '--seed', String(i + 1), '--timeout', '20000', '--start-at', String(startAt), '--json'], 60_000 + 150 * disks),
-      );
-      let rssPeak = idle.rssMiB;
-      let threadsPeak = idle.threads;
-      let pending = runs.length;
-      for (const r of runs) void r.then(() => pending--);
-      const deadline = Date.now() + 90_000 + 150 * disks;
-      while (pending > 0 && Date.now() < deadline) {
-        if (Date.now() >= startAt) {
-          rssPeak = Math.max(rssPeak, processMemoryMiB(daemon.pid));
-          threadsPeak = Math.max(threadsPeak, processThreads(daemon.pid));
+  for (const backend of backends)
+    for (const disks of options.servingDiskCounts) {
+      const argv = scaleCommand(backend, qsd, dir, disks);
+      if (disks === Math.max(...options.servingDiskCounts)) result.commands.push(display(argv, dir, disks));
+      const sockets = Array.from({ length: disks }, (_, i) => socket(dir, backend, disks, i));
+      const daemon = new DaemonProcess(`${backend} ${disks} disks`, argv, sockets);
+      try {
+        await daemon.ready(60_000);
+        const idle = await settle(daemon.pid);
+        const cpuBefore = processCpuSeconds(daemon.pid);
+        // Every generator connects as soon as it is up; the load starts for all at the same wall-clock time.
+        const startAt = Date.now() + 3000 + 150 * disks;
+        const runs = sockets.map((sock, i) =>
+          runChild(
+            [
+              process.execPath,
+              BENCH_CLI,
+              'run',
+              '--socket',
+              sock,
+              '--rw',
+              'randread',
+              '--bs',
+              '4k',
+              '--iodepth',
+              '8',
+              '--queues',
+              '2',
+              '--runtime',
+              String(options.runtimeSec),
+              '--seed',
+              String(i + 1),
+              '--timeout',
+              '20000',
+              '--start-at',
+              String(startAt),
+              '--json',
+            ],
+            60_000 + 150 * disks,
+          ),
+        );
+        let rssPeak = idle.rssMiB;
+        let threadsPeak = idle.threads;
+        let pending = runs.length;
+        for (const r of runs) void r.then(() => pending--);
+        const deadline = Date.now() + 90_000 + 150 * disks;
+        while (pending > 0 && Date.now() < deadline) {
+          if (Date.now() >= startAt) {
+            rssPeak = Math.max(rssPeak, processMemoryMiB(daemon.pid));
+            threadsPeak = Math.max(threadsPeak, processThreads(daemon.pid));
+          }
+          await sleep(200);
         }
-        await sleep(200);
+        const done = await Promise.all(runs);
+        const cpu = processCpuSeconds(daemon.pid) - cpuBefore;
+        const failures: string[] = [];
+        const docs: BenchDocument[] = [];
+        done.forEach((r, i) => {
+          try {
+            const doc = JSON.parse(r.stdout) as BenchDocument;
+            if (r.code === 0 && doc.ok && doc.result !== null) docs.push(doc);
+            else failures.push(`disk ${i}: exit ${r.code} ${r.stderr.trim().slice(0, 200)}`);
+          } catch {
+            failures.push(`disk ${i}: exit ${r.code} ${r.stderr.trim().slice(0, 200)}`);
+          }
+        });
+        const completions = docs.reduce((sum, d) => sum + (d.result?.allCompletions ?? 0), 0);
+        const sample: ServingSample = {
+          backend,
+          disks,
+          queues: 2,
+          sessionsOk: docs.length,
+          sessionsTotal: disks,
+          maxConnectMs: docs.length > 0 ? Math.max(...docs.map((d) => d.timing.connectMs)) : NaN,
+          medianConnectMs: median(docs.map((d) => d.timing.connectMs)),
+          commonWindowSec: docs.length === disks ? commonWindowSec(docs.map((d) => d.timing)) : 0,
+          rssIdleMiB: idle.rssMiB,
+          rssPeakMiB: rssPeak,
+          threadsIdle: idle.threads,
+          threadsPeak,
+          totalIops: docs.reduce((sum, d) => sum + (d.result?.total.iops ?? 0), 0),
+          cpuUsPerRequest: cpuMicrosPerRequest(cpu, completions),
+          failures,
+        };
+        result.serving.push(sample);
+        log(
+          `scale: ${backend} ${disks} disks × 2 queues serving: ${sample.sessionsOk}/${disks} sessions ok, all at once for ${sample.commonWindowSec.toFixed(1)} s, ` +
+            `RSS ${idle.rssMiB.toFixed(1)} → peak ${rssPeak.toFixed(1)} MiB, threads ${idle.threads} → ${threadsPeak}, slowest handshake ${sample.maxConnectMs} ms`,
+        );
+      } catch (error) {
+        log(`scale: ${backend} serving FAILED: ${(error as Error).message.slice(0, 300)}`);
+      } finally {
+        await daemon.stop();
       }
-      const done = await Promise.all(runs);
-      const cpu = processCpuSeconds(daemon.pid) - cpuBefore;
-      const failures: string[] = [];
-      const docs: BenchDocument[] = [];
-      done.forEach((r, i) => {
-        try {
-          const doc = JSON.parse(r.stdout) as BenchDocument;
-          if (r.code === 0 && doc.ok && doc.result !== null) docs.push(doc);
-          else failures.push(`disk ${i}: exit ${r.code} ${r.stderr.trim().slice(0, 200)}`);
-        } catch {
-          failures.push(`disk ${i}: exit ${r.code} ${r.stderr.trim().slice(0, 200)}`);
-        }
-      });
-      const completions = docs.reduce((sum, d) => sum + (d.result?.allCompletions ?? 0), 0);
-      const sample: ServingSample = {
-        backend,
-        disks,
-        queues: 2,
-        sessionsOk: docs.length,
-        sessionsTotal: disks,
-        maxConnectMs: docs.length > 0 ? Math.max(...docs.map((d) => d.timing.connectMs)) : NaN,
-        medianConnectMs: median(docs.map((d) => d.timing.connectMs)),
-        commonWindowSec: docs.length === disks ? commonWindowSec(docs.map((d) => d.timing)) : 0,
-        rssIdleMiB: idle.rssMiB,
-        rssPeakMiB: rssPeak,
-        threadsIdle: idle.threads,
-        threadsPeak,
-        totalIops: docs.reduce((sum, d) => sum + (d.result?.total.iops ?? 0), 0),
-        cpuUsPerRequest: cpuMicrosPerRequest(cpu, completions),
-        failures,
-      };
-      result.serving.push(sample);
-      log(`scale: ${backend} ${disks} disks × 2 queues serving: ${sample.sessionsOk}/${disks} sessions ok, all at once for ${sample.commonWindowSec.toFixed(1)} s, ` +
-        `RSS ${idle.rssMiB.toFixed(1)} → peak ${rssPeak.toFixed(1)} MiB, threads ${idle.threads} → ${threadsPeak}, slowest handshake ${sample.maxConnectMs} ms`);
-    } catch (error) {
-      log(`scale: ${backend} serving FAILED: ${(error as Error).message.slice(0, 300)}`);
-    } finally {
-      await daemon.stop();
     }
-  }
   return result;
 }

@@ -67,16 +67,51 @@ export interface Group {
 }
 
 export const GROUPS: readonly Group[] = [
-  { id: 'direct', title: 'O_DIRECT image on the host disk', needs: 'cache', intro: 'A raw image on the root file system (not tmpfs), opened with O_DIRECT by every back-end: vublk `cache=none`, qemu-storage-daemon `cache.direct=on,aio=io_uring`, and fio (`--ioengine=io_uring --direct=1`) on the same file as the device\'s limit.' },
-  { id: 'cached', title: 'Page-cached image', intro: 'A raw image read once into the page cache: vublk `cache=writeback` (default) against qemu-storage-daemon `aio=io_uring`; the `--poll-us 50` rows show what adaptive polling buys and costs.' },
-  { id: 'qcow2', title: 'qcow2', needs: 'qcow2', intro: 'vublk `format=qcow2` against qemu-storage-daemon\'s qcow2 driver (aio=io_uring) on a fully allocated qcow2 (converted from the random raw image), and sequential writes into a fresh qcow2 (created anew before every run).' },
-  { id: 'nbd', title: 'NBD', needs: 'nbd', intro: 'vublk `image=nbd://…` against qemu-storage-daemon with an `nbd` blockdev, both to the same server (nbdkit `file` on a copy of the raw image, loopback TCP).' },
-  { id: 'rbd', title: 'RBD', needs: 'rbd', intro: 'vublk `image=rbd:…` against qemu-storage-daemon with an `rbd` blockdev to the same image (a 256 MiB image of random data on a micro cluster started by the benchmark, test/support/ceph/micro-cluster.sh).' },
+  {
+    id: 'direct',
+    title: 'O_DIRECT image on the host disk',
+    needs: 'cache',
+    intro:
+      "A raw image on the root file system (not tmpfs), opened with O_DIRECT by every back-end: vublk `cache=none`, qemu-storage-daemon `cache.direct=on,aio=io_uring`, and fio (`--ioengine=io_uring --direct=1`) on the same file as the device's limit.",
+  },
+  {
+    id: 'cached',
+    title: 'Page-cached image',
+    intro:
+      'A raw image read once into the page cache: vublk `cache=writeback` (default) against qemu-storage-daemon `aio=io_uring`; the `--poll-us 50` rows show what adaptive polling buys and costs.',
+  },
+  {
+    id: 'qcow2',
+    title: 'qcow2',
+    needs: 'qcow2',
+    intro:
+      "vublk `format=qcow2` against qemu-storage-daemon's qcow2 driver (aio=io_uring) on a fully allocated qcow2 (converted from the random raw image), and sequential writes into a fresh qcow2 (created anew before every run).",
+  },
+  {
+    id: 'nbd',
+    title: 'NBD',
+    needs: 'nbd',
+    intro:
+      'vublk `image=nbd://…` against qemu-storage-daemon with an `nbd` blockdev, both to the same server (nbdkit `file` on a copy of the raw image, loopback TCP).',
+  },
+  {
+    id: 'rbd',
+    title: 'RBD',
+    needs: 'rbd',
+    intro:
+      'vublk `image=rbd:…` against qemu-storage-daemon with an `rbd` blockdev to the same image (a 256 MiB image of random data on a micro cluster started by the benchmark, test/support/ceph/micro-cluster.sh).',
+  },
 ];
 
 export const BACKENDS: readonly BackendSpec[] = [
   { id: 'vublk-none', kind: 'vublk', label: 'vublk cache=none', image: 'direct', options: ['cache=none'], needs: 'cache' },
-  { id: 'qsd-direct', kind: 'qsd', label: 'qemu-storage-daemon cache.direct=on,aio=io_uring', image: 'direct', options: ['cache.direct=on', 'aio=io_uring'] },
+  {
+    id: 'qsd-direct',
+    kind: 'qsd',
+    label: 'qemu-storage-daemon cache.direct=on,aio=io_uring',
+    image: 'direct',
+    options: ['cache.direct=on', 'aio=io_uring'],
+  },
   { id: 'fio-direct', kind: 'fio', label: 'fio io_uring direct=1', image: 'direct', options: [] },
   { id: 'vublk', kind: 'vublk', label: 'vublk cache=writeback', image: 'cached', options: [] },
   { id: 'vublk-poll50', kind: 'vublk', label: 'vublk cache=writeback poll-us=50', image: 'cached', options: ['poll-us=50'], needs: 'poll' },
@@ -96,24 +131,95 @@ const RW4 = (iodepth: number): Workload => ({ rw: 'randwrite', bs: '4k', iodepth
 const SR128: Workload = { rw: 'read', bs: '128k', iodepth: 8, queues: 1 };
 
 export const SCENARIOS: readonly Scenario[] = [
-  { id: 'd-rr-qd32', group: 'direct', title: '4 KiB randread QD32, 1 queue', workload: RR4(32), backends: ['vublk-none', 'qsd-direct', 'fio-direct'] },
-  { id: 'd-rr-qd1', group: 'direct', title: '4 KiB randread QD1, 1 queue', workload: RR4(1), backends: ['vublk-none', 'qsd-direct', 'fio-direct'] },
-  { id: 'd-rw-qd32', group: 'direct', title: '4 KiB randwrite QD32, 1 queue', workload: RW4(32), backends: ['vublk-none', 'qsd-direct', 'fio-direct'] },
-  { id: 'd-sr-qd8', group: 'direct', title: '128 KiB seq read QD8, 1 queue', workload: SR128, backends: ['vublk-none', 'qsd-direct', 'fio-direct'] },
+  {
+    id: 'd-rr-qd32',
+    group: 'direct',
+    title: '4 KiB randread QD32, 1 queue',
+    workload: RR4(32),
+    backends: ['vublk-none', 'qsd-direct', 'fio-direct'],
+  },
+  {
+    id: 'd-rr-qd1',
+    group: 'direct',
+    title: '4 KiB randread QD1, 1 queue',
+    workload: RR4(1),
+    backends: ['vublk-none', 'qsd-direct', 'fio-direct'],
+  },
+  {
+    id: 'd-rw-qd32',
+    group: 'direct',
+    title: '4 KiB randwrite QD32, 1 queue',
+    workload: RW4(32),
+    backends: ['vublk-none', 'qsd-direct', 'fio-direct'],
+  },
+  {
+    id: 'd-sr-qd8',
+    group: 'direct',
+    title: '128 KiB seq read QD8, 1 queue',
+    workload: SR128,
+    backends: ['vublk-none', 'qsd-direct', 'fio-direct'],
+  },
   { id: 'c-rr-qd1', group: 'cached', title: '4 KiB randread QD1, 1 queue', workload: RR4(1), backends: ['vublk', 'qsd', 'vublk-poll50'] },
-  { id: 'c-rr-qd32', group: 'cached', title: '4 KiB randread QD32, 1 queue', workload: RR4(32), backends: ['vublk', 'qsd', 'vublk-poll50'] },
+  {
+    id: 'c-rr-qd32',
+    group: 'cached',
+    title: '4 KiB randread QD32, 1 queue',
+    workload: RR4(32),
+    backends: ['vublk', 'qsd', 'vublk-poll50'],
+  },
   { id: 'c-rr-qd32-q2', group: 'cached', title: '4 KiB randread QD32, 2 queues', workload: RR4(32, 2), backends: ['vublk', 'qsd'] },
   { id: 'c-rw-qd32', group: 'cached', title: '4 KiB randwrite QD32, 1 queue', workload: RW4(32), backends: ['vublk', 'qsd'] },
   { id: 'c-sr-qd8', group: 'cached', title: '128 KiB seq read QD8, 1 queue', workload: SR128, backends: ['vublk', 'qsd'] },
-  { id: 'q-rr-qd32', group: 'qcow2', title: '4 KiB randread QD32, fully allocated qcow2', workload: RR4(32), backends: ['vublk-qcow2', 'qsd-qcow2'] },
-  { id: 'q-rw-qd32', group: 'qcow2', title: '4 KiB randwrite QD32, fully allocated qcow2', workload: RW4(32), backends: ['vublk-qcow2', 'qsd-qcow2'] },
-  { id: 'q-sw-fresh', group: 'qcow2', title: '64 KiB seq write QD8 into a fresh qcow2', workload: { rw: 'write', bs: '64k', iodepth: 8, queues: 1 }, backends: ['vublk-qcow2-fresh', 'qsd-qcow2-fresh'], freshImage: true, runtimeSec: 1 },
+  {
+    id: 'q-rr-qd32',
+    group: 'qcow2',
+    title: '4 KiB randread QD32, fully allocated qcow2',
+    workload: RR4(32),
+    backends: ['vublk-qcow2', 'qsd-qcow2'],
+  },
+  {
+    id: 'q-rw-qd32',
+    group: 'qcow2',
+    title: '4 KiB randwrite QD32, fully allocated qcow2',
+    workload: RW4(32),
+    backends: ['vublk-qcow2', 'qsd-qcow2'],
+  },
+  {
+    id: 'q-sw-fresh',
+    group: 'qcow2',
+    title: '64 KiB seq write QD8 into a fresh qcow2',
+    workload: { rw: 'write', bs: '64k', iodepth: 8, queues: 1 },
+    backends: ['vublk-qcow2-fresh', 'qsd-qcow2-fresh'],
+    freshImage: true,
+    runtimeSec: 1,
+  },
   { id: 'n-rr-qd32', group: 'nbd', title: '4 KiB randread QD32 over NBD', workload: RR4(32), backends: ['vublk-nbd', 'qsd-nbd'] },
   { id: 'n-rw-qd32', group: 'nbd', title: '4 KiB randwrite QD32 over NBD', workload: RW4(32), backends: ['vublk-nbd', 'qsd-nbd'] },
   { id: 'n-sr-qd8', group: 'nbd', title: '128 KiB seq read QD8 over NBD', workload: SR128, backends: ['vublk-nbd', 'qsd-nbd'] },
-  { id: 'r-rr-qd32', group: 'rbd', perRunDaemon: true, title: '4 KiB randread QD32 over RBD', workload: RR4(32), backends: ['vublk-rbd', 'qsd-rbd'] },
-  { id: 'r-rw-qd32', group: 'rbd', perRunDaemon: true, title: '4 KiB randwrite QD32 over RBD', workload: RW4(32), backends: ['vublk-rbd', 'qsd-rbd'] },
-  { id: 'r-sr-qd8', group: 'rbd', perRunDaemon: true, title: '128 KiB seq read QD8 over RBD', workload: SR128, backends: ['vublk-rbd', 'qsd-rbd'] },
+  {
+    id: 'r-rr-qd32',
+    group: 'rbd',
+    perRunDaemon: true,
+    title: '4 KiB randread QD32 over RBD',
+    workload: RR4(32),
+    backends: ['vublk-rbd', 'qsd-rbd'],
+  },
+  {
+    id: 'r-rw-qd32',
+    group: 'rbd',
+    perRunDaemon: true,
+    title: '4 KiB randwrite QD32 over RBD',
+    workload: RW4(32),
+    backends: ['vublk-rbd', 'qsd-rbd'],
+  },
+  {
+    id: 'r-sr-qd8',
+    group: 'rbd',
+    perRunDaemon: true,
+    title: '128 KiB seq read QD8 over RBD',
+    workload: SR128,
+    backends: ['vublk-rbd', 'qsd-rbd'],
+  },
 ];
 
 export type Metric = 'iops' | 'mibps' | 'p50Us' | 'p99Us' | 'cpuUsPerRequest';
@@ -132,20 +238,146 @@ export interface Target {
 }
 
 export const TARGETS: readonly Target[] = [
-  { issue: 9, text: 'O_DIRECT 4 KiB randread QD32: IOPS ≥ 0.95× QSD', scenario: 'd-rr-qd32', backend: 'vublk-none', against: 'qsd-direct', metric: 'iops', kind: 'min', bound: 0.95 },
-  { issue: 9, text: 'O_DIRECT 4 KiB randread QD32: IOPS ≥ 0.85× fio', scenario: 'd-rr-qd32', backend: 'vublk-none', against: 'fio-direct', metric: 'iops', kind: 'min', bound: 0.85 },
-  { issue: 9, text: 'O_DIRECT 4 KiB randread QD1: p50 ≤ 1.1× QSD', scenario: 'd-rr-qd1', backend: 'vublk-none', against: 'qsd-direct', metric: 'p50Us', kind: 'max', bound: 1.1 },
-  { issue: 9, text: 'page-cached 4 KiB randread QD32, 1 queue: IOPS ≥ 1.3× QSD', scenario: 'c-rr-qd32', backend: 'vublk', against: 'qsd', metric: 'iops', kind: 'min', bound: 1.3 },
-  { issue: 9, text: 'page-cached 128 KiB read QD8: MiB/s ≥ 1.0× QSD', scenario: 'c-sr-qd8', backend: 'vublk', against: 'qsd', metric: 'mibps', kind: 'min', bound: 1.0 },
-  { issue: 11, text: 'qcow2 4 KiB randread QD32: IOPS ≥ 1.0× QSD qcow2', scenario: 'q-rr-qd32', backend: 'vublk-qcow2', against: 'qsd-qcow2', metric: 'iops', kind: 'min', bound: 1.0 },
-  { issue: 11, text: 'qcow2 4 KiB randwrite QD32: IOPS ≥ 1.0× QSD qcow2', scenario: 'q-rw-qd32', backend: 'vublk-qcow2', against: 'qsd-qcow2', metric: 'iops', kind: 'min', bound: 1.0 },
-  { issue: 11, text: 'qcow2 fresh 64 KiB seq write: MiB/s ≥ 0.9× QSD', scenario: 'q-sw-fresh', backend: 'vublk-qcow2-fresh', against: 'qsd-qcow2-fresh', metric: 'mibps', kind: 'min', bound: 0.9 },
-  { issue: 12, text: 'NBD 4 KiB randread QD32: IOPS ≥ 1.0× QSD nbd', scenario: 'n-rr-qd32', backend: 'vublk-nbd', against: 'qsd-nbd', metric: 'iops', kind: 'min', bound: 1.0 },
-  { issue: 12, text: 'NBD 4 KiB randwrite QD32: IOPS ≥ 1.0× QSD nbd', scenario: 'n-rw-qd32', backend: 'vublk-nbd', against: 'qsd-nbd', metric: 'iops', kind: 'min', bound: 1.0 },
-  { issue: 12, text: 'NBD 128 KiB read: MiB/s ≥ 1.0× QSD nbd', scenario: 'n-sr-qd8', backend: 'vublk-nbd', against: 'qsd-nbd', metric: 'mibps', kind: 'min', bound: 1.0 },
-  { issue: 12, text: 'RBD 4 KiB randread QD32: IOPS ≥ 1.0× QSD rbd', scenario: 'r-rr-qd32', backend: 'vublk-rbd', against: 'qsd-rbd', metric: 'iops', kind: 'min', bound: 1.0 },
-  { issue: 12, text: 'RBD 4 KiB randwrite QD32: IOPS ≥ 1.0× QSD rbd', scenario: 'r-rw-qd32', backend: 'vublk-rbd', against: 'qsd-rbd', metric: 'iops', kind: 'min', bound: 1.0 },
-  { issue: 12, text: 'RBD 128 KiB read: MiB/s ≥ 1.0× QSD rbd', scenario: 'r-sr-qd8', backend: 'vublk-rbd', against: 'qsd-rbd', metric: 'mibps', kind: 'min', bound: 1.0 },
+  {
+    issue: 9,
+    text: 'O_DIRECT 4 KiB randread QD32: IOPS ≥ 0.95× QSD',
+    scenario: 'd-rr-qd32',
+    backend: 'vublk-none',
+    against: 'qsd-direct',
+    metric: 'iops',
+    kind: 'min',
+    bound: 0.95,
+  },
+  {
+    issue: 9,
+    text: 'O_DIRECT 4 KiB randread QD32: IOPS ≥ 0.85× fio',
+    scenario: 'd-rr-qd32',
+    backend: 'vublk-none',
+    against: 'fio-direct',
+    metric: 'iops',
+    kind: 'min',
+    bound: 0.85,
+  },
+  {
+    issue: 9,
+    text: 'O_DIRECT 4 KiB randread QD1: p50 ≤ 1.1× QSD',
+    scenario: 'd-rr-qd1',
+    backend: 'vublk-none',
+    against: 'qsd-direct',
+    metric: 'p50Us',
+    kind: 'max',
+    bound: 1.1,
+  },
+  {
+    issue: 9,
+    text: 'page-cached 4 KiB randread QD32, 1 queue: IOPS ≥ 1.3× QSD',
+    scenario: 'c-rr-qd32',
+    backend: 'vublk',
+    against: 'qsd',
+    metric: 'iops',
+    kind: 'min',
+    bound: 1.3,
+  },
+  {
+    issue: 9,
+    text: 'page-cached 128 KiB read QD8: MiB/s ≥ 1.0× QSD',
+    scenario: 'c-sr-qd8',
+    backend: 'vublk',
+    against: 'qsd',
+    metric: 'mibps',
+    kind: 'min',
+    bound: 1.0,
+  },
+  {
+    issue: 11,
+    text: 'qcow2 4 KiB randread QD32: IOPS ≥ 1.0× QSD qcow2',
+    scenario: 'q-rr-qd32',
+    backend: 'vublk-qcow2',
+    against: 'qsd-qcow2',
+    metric: 'iops',
+    kind: 'min',
+    bound: 1.0,
+  },
+  {
+    issue: 11,
+    text: 'qcow2 4 KiB randwrite QD32: IOPS ≥ 1.0× QSD qcow2',
+    scenario: 'q-rw-qd32',
+    backend: 'vublk-qcow2',
+    against: 'qsd-qcow2',
+    metric: 'iops',
+    kind: 'min',
+    bound: 1.0,
+  },
+  {
+    issue: 11,
+    text: 'qcow2 fresh 64 KiB seq write: MiB/s ≥ 0.9× QSD',
+    scenario: 'q-sw-fresh',
+    backend: 'vublk-qcow2-fresh',
+    against: 'qsd-qcow2-fresh',
+    metric: 'mibps',
+    kind: 'min',
+    bound: 0.9,
+  },
+  {
+    issue: 12,
+    text: 'NBD 4 KiB randread QD32: IOPS ≥ 1.0× QSD nbd',
+    scenario: 'n-rr-qd32',
+    backend: 'vublk-nbd',
+    against: 'qsd-nbd',
+    metric: 'iops',
+    kind: 'min',
+    bound: 1.0,
+  },
+  {
+    issue: 12,
+    text: 'NBD 4 KiB randwrite QD32: IOPS ≥ 1.0× QSD nbd',
+    scenario: 'n-rw-qd32',
+    backend: 'vublk-nbd',
+    against: 'qsd-nbd',
+    metric: 'iops',
+    kind: 'min',
+    bound: 1.0,
+  },
+  {
+    issue: 12,
+    text: 'NBD 128 KiB read: MiB/s ≥ 1.0× QSD nbd',
+    scenario: 'n-sr-qd8',
+    backend: 'vublk-nbd',
+    against: 'qsd-nbd',
+    metric: 'mibps',
+    kind: 'min',
+    bound: 1.0,
+  },
+  {
+    issue: 12,
+    text: 'RBD 4 KiB randread QD32: IOPS ≥ 1.0× QSD rbd',
+    scenario: 'r-rr-qd32',
+    backend: 'vublk-rbd',
+    against: 'qsd-rbd',
+    metric: 'iops',
+    kind: 'min',
+    bound: 1.0,
+  },
+  {
+    issue: 12,
+    text: 'RBD 4 KiB randwrite QD32: IOPS ≥ 1.0× QSD rbd',
+    scenario: 'r-rw-qd32',
+    backend: 'vublk-rbd',
+    against: 'qsd-rbd',
+    metric: 'iops',
+    kind: 'min',
+    bound: 1.0,
+  },
+  {
+    issue: 12,
+    text: 'RBD 128 KiB read: MiB/s ≥ 1.0× QSD rbd',
+    scenario: 'r-sr-qd8',
+    backend: 'vublk-rbd',
+    against: 'qsd-rbd',
+    metric: 'mibps',
+    kind: 'min',
+    bound: 1.0,
+  },
 ];
 
 /** Capabilities `vublk serve --help` advertises (the --disk key list and option names). */
@@ -186,7 +418,8 @@ export function planScenarios(
       const running: string[] = [];
       for (const id of scenario.backends) {
         const backend = backendById(id);
-        const missing = backend.needs !== undefined && !caps.has(backend.needs) ? `the daemon does not offer ${backend.needs}` : available(backend);
+        const missing =
+          backend.needs !== undefined && !caps.has(backend.needs) ? `the daemon does not offer ${backend.needs}` : available(backend);
         if (missing === null) running.push(id);
         else if (!skipped.some((s) => s.startsWith(`${backend.label}:`))) skipped.push(`${backend.label}: ${missing}`);
       }
