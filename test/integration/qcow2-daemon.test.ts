@@ -473,6 +473,14 @@ describe('ring stop with allocating writes racing across queues of one worker', 
       cluster += 12;
       blk.kick(0);
       blk.kick(1);
+      // Stop only once the worker has popped every request (avail_event, EVENT_IDX, is re-armed at the index
+      // it reached): a stop that overtook the kicks would find nothing in flight, and the requests would
+      // wait for the restart below, which is not the race this test is about.
+      const popped = (q: number): boolean => fe.queue(q).ring.availEvent === fe.queue(q).indices.availIdx;
+      for (const deadline = Date.now() + 10_000; !(popped(0) && popped(1)); ) {
+        if (Date.now() > deadline) throw new Error('the worker did not pop the kicked requests within 10 s');
+        await new Promise((resolve) => setTimeout(resolve, 1));
+      }
       await fe.stopQueue(1);
       await fe.stopQueue(0);
       const done = await blk.wait(subs, 20_000);
