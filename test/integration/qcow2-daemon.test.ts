@@ -20,6 +20,7 @@ import { afterEach, describe, expect, it } from 'vitest';
 import { BlkStatus, SECTOR_SIZE, encodeDiscardSegment } from '../../protocol/virtio-blk.js';
 import { VhostUserFrontend, VirtioBlkDriver, QemuStorageDaemon, type BlkSubmission } from '../../bench/src/frontend/index.js';
 import { startDaemon, waitForSocketFile, type DaemonProcess } from '../support/daemon-process.js';
+import { hasQemuImg } from '../support/qcow2-harness.js';
 import { Prng, seedFromEnv } from '../support/prng.js';
 import { QSD_BINARY } from '../frontend/qsd-harness.js';
 import { directIoDir } from '../support/host-disk.js';
@@ -31,14 +32,6 @@ const SEED = seedFromEnv('QCOW2_DAEMON_SEED');
 const DISK = 24 * MiB;
 const required = process.env['VUBLK_E2E_REQUIRED'] === '1';
 
-function hasQemuImg(): boolean {
-  try {
-    execFileSync('qemu-img', ['--version'], { stdio: 'ignore' });
-    return true;
-  } catch {
-    return false;
-  }
-}
 const QEMU_IMG = hasQemuImg();
 function needQemuImg(ctx: { skip: (note?: string) => void }): void {
   if (QEMU_IMG) return;
