@@ -47,7 +47,22 @@ function startDaemon(engine) {
   rmSync(socket, { force: true });
   const child = spawn(
     process.execPath,
-    [CLI, 'serve', '--socket', socket, '--image', image, '--io-engine', engine, '--num-queues', queues, '--metrics-listen', 'off', '--log-level', 'warn'],
+    [
+      CLI,
+      'serve',
+      '--socket',
+      socket,
+      '--image',
+      image,
+      '--io-engine',
+      engine,
+      '--num-queues',
+      queues,
+      '--metrics-listen',
+      'off',
+      '--log-level',
+      'warn',
+    ],
     { stdio: ['ignore', 'inherit', 'inherit'] },
   );
   return { child, socket };
@@ -65,7 +80,25 @@ function bench(socket, seconds, ramp = 1) {
   return new Promise((resolve, reject) => {
     const child = spawn(
       process.execPath,
-      [BENCH_CLI, 'run', '--socket', socket, '--rw', rw, '--bs', bs, '--iodepth', iodepth, '--queues', queues, '--runtime', String(seconds), '--ramp', String(ramp), '--json'],
+      [
+        BENCH_CLI,
+        'run',
+        '--socket',
+        socket,
+        '--rw',
+        rw,
+        '--bs',
+        bs,
+        '--iodepth',
+        iodepth,
+        '--queues',
+        queues,
+        '--runtime',
+        String(seconds),
+        '--ramp',
+        String(ramp),
+        '--json',
+      ],
       { stdio: ['ignore', 'pipe', 'inherit'] },
     );
     let out = '';

@@ -21,5 +21,6 @@ for (const file of process.argv.slice(2)) {
   }
   const rows = [...self.entries()].sort((a, b) => b[1] - a[1]).slice(0, limit);
   console.log(`\n${file}: ${(total / 1e6).toFixed(2)} s sampled`);
-  for (const [key, us] of rows) console.log(`${((us / total) * 100).toFixed(1).padStart(6)} %  ${(us / 1e3).toFixed(0).padStart(7)} ms  ${key}`);
+  for (const [key, us] of rows)
+    console.log(`${((us / total) * 100).toFixed(1).padStart(6)} %  ${(us / 1e3).toFixed(0).padStart(7)} ms  ${key}`);
 }

@@ -29,6 +29,7 @@ interface BenchFlags {
   queueSize?: string;
   indirect?: boolean;
   timeout: string;
+  startAt?: string;
 }
 
 function integer(name: string, text: string, min: number, max: number): number {
@@ -41,7 +42,8 @@ function integer(name: string, text: string, min: number, max: number): number {
 
 function seconds(name: string, text: string, min: number): number {
   const value = Number(text);
-  if (text.trim() === '' || !Number.isFinite(value) || value < min) throw new InvalidArgumentError(`${name} must be a number of seconds ≥ ${min}, got ${JSON.stringify(text)}`);
+  if (text.trim() === '' || !Number.isFinite(value) || value < min)
+    throw new InvalidArgumentError(`${name} must be a number of seconds ≥ ${min}, got ${JSON.stringify(text)}`);
   return value;
 }
 
@@ -55,7 +57,8 @@ function size(name: string, text: string): number {
 
 function blockSize(name: string, text: string): number {
   const value = size(name, text);
-  if (value <= 0 || value % 512 !== 0) throw new InvalidArgumentError(`${name} must be a positive multiple of 512 bytes, got ${JSON.stringify(text)}`);
+  if (value <= 0 || value % 512 !== 0)
+    throw new InvalidArgumentError(`${name} must be a positive multiple of 512 bytes, got ${JSON.stringify(text)}`);
   return value;
 }
 
@@ -77,6 +80,7 @@ function benchOptionsFromFlags(flags: BenchFlags): BenchOptions {
     queueSize: flags.queueSize === undefined ? null : integer('--queue-size', flags.queueSize, 1, 32768),
     indirect: flags.indirect === true,
     timeoutMs: integer('--timeout', flags.timeout, 100, 3_600_000),
+    startAtMs: flags.startAt === undefined ? null : integer('--start-at', flags.startAt, 0, Number.MAX_SAFE_INTEGER),
   };
 }
 
@@ -115,8 +119,14 @@ program
   .option('--runtime <seconds>', 'measured time', '10')
   .option('--ramp <seconds>', 'warm-up before measuring (not counted)', '0')
   .option('--size <bytes>', 'use only the first SIZE bytes of the disk (default: all of it)')
-  .option('--verify', 'write a seeded pattern over the region with --bs, flush, read it back with another block size and compare; exit 1 on any mismatch')
-  .option('--verify-only', 'like --verify without the write pass: check data an earlier --verify (same --seed, --size, --bs) left on the disk')
+  .option(
+    '--verify',
+    'write a seeded pattern over the region with --bs, flush, read it back with another block size and compare; exit 1 on any mismatch',
+  )
+  .option(
+    '--verify-only',
+    'like --verify without the write pass: check data an earlier --verify (same --seed, --size, --bs) left on the disk',
+  )
   .option('--verify-bs <size>', 'block size of the verify read pass (default 2×bs if it divides --size and fits size_max, else 4k)')
   .option('--json', 'print the result as JSON')
   .option('--seed <n>', 'seed of offsets and of the verify pattern', '1')
@@ -124,22 +134,31 @@ program
   .option('--queue-size <n>', 'ring size (default: smallest power of two ≥ 128 that holds iodepth requests)')
   .option('--indirect', 'one indirect descriptor per request (default: direct header/data/status chains)')
   .option('--timeout <ms>', 'bound of every handshake wait and of a back-end stall', '10000')
+  .option(
+    '--start-at <epoch-ms>',
+    'connect at once, start the load at this wall-clock time (ms since the epoch): many generators on one daemon at the same moment',
+  )
   .action((flags: BenchFlags) => benchAction(flags));
 
 program
   .command('compare')
-  .description('benchmark vublk against qemu-storage-daemon on one page-cached image and write docs/benchmarks.md (npm run bench)')
-  .option('--rounds <n>', 'A/B rounds per workload', '3')
+  .description(
+    'benchmark vublk against qemu-storage-daemon (and fio) side by side: O_DIRECT, page-cached, scale; writes docs/benchmarks.md (npm run bench)',
+  )
+  .option('--rounds <n>', 'A/B rounds per workload', '4')
   .option('--runtime <seconds>', 'measured seconds per run', '2')
   .option('--ramp <seconds>', 'warm-up seconds per run', '0.3')
   .option('--image-size <bytes>', 'size of the test image', '1G')
-  .option('--dir <path>', 'where the image and sockets go (default: a fresh directory under the OS temp dir)')
+  .option('--dir <path>', 'where the images and sockets go, on a disk for O_DIRECT (default: a fresh directory under /var/tmp)')
   .option('--out <file>', 'the report to write (default: docs/benchmarks.md of the repository)')
   .option('--json-out <file>', 'also write every raw measurement as JSON')
+  .option('--groups <list>', 'only these groups, comma-separated: direct, cached, qcow2, nbd, rbd, scale (default: all)')
+  .option('--no-scale', 'skip the many-disks part')
+  .option('--scale-disks <n>', 'disks of the serving part of the scale test (2 queues each)', '32')
   .action(async (flags: Record<string, string | boolean | undefined>) => {
-      const { benchCompare } = await import('./loadgen/compare.js');
-      process.exitCode = await benchCompare(flags);
-    });
+    const { benchCompare } = await import('./loadgen/compare.js');
+    process.exitCode = await benchCompare(flags);
+  });
 
 program.parseAsync(process.argv).catch((error: unknown) => {
   process.stderr.write(`vublk-bench: ${error instanceof Error ? error.message : String(error)}\n`);

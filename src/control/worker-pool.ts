@@ -5,8 +5,8 @@
  *
  * Placement: a ring is placed when it starts, on the worker with the fewest rings (ties: the lowest index),
  * and leaves it when it stops, so load re-balances at every ring start. A pinned disk's rings all go to the
- * worker already running one of them. Threads are spawned on first use
- * and then sleep in epoll_wait: an idle daemon uses no CPU.
+ * worker already running one of them. The daemon spawns every thread at start (`startAll`), so no
+ * front-end's handshake pays for a thread start; they sleep in epoll_wait: an idle daemon uses no CPU.
  *
  * Invariants:
  * - A ring is placed on at most one worker; its placement is recorded before its start command is sent and
@@ -210,6 +210,11 @@ export class WorkerPool {
     if (placement === undefined) return;
     this.placements.delete(key);
     this.load[placement.worker]!--;
+  }
+
+  /** Spawns every thread now; each sleeps in epoll_wait until it is given a ring. */
+  startAll(): void {
+    for (let index = 0; index < this.size; index++) this.thread(index);
   }
 
   /** The worker thread at `index`, spawned on first use (again after an unexpected exit). */

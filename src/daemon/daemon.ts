@@ -141,6 +141,7 @@ export class Daemon implements AdminTarget {
         );
       }
       await this.startAdminSocket(specs);
+      this.pool.startAll();
       this.log.info({ threads: this.pool.size, disks: this.disks.length }, 'worker pool ready');
       if (this.state === 'starting') this.state = 'running';
     } catch (error) {

@@ -16,7 +16,7 @@ import { DiskThrottle, type DiskLimits } from '../throttle/disk-throttle.js';
 import { cachePolicy, type CacheMode } from '../dataplane/request-executor.js';
 import { openRawImage, type ImageIoInfo } from '../dataplane/raw-image.js';
 import { VublkError } from '../errors.js';
-import { lockImage } from '../sys/image-lock.js';
+import { LOCK_WAIT_MS, lockImageWaiting } from '../sys/image-lock.js';
 import type { NetworkImage, NetworkImageOptions } from './network-image.js';
 import { openFlags, O_DIRECT, O_RDONLY } from '../sys/block-io.js';
 import { sys } from '../sys/libc.js';
@@ -198,7 +198,7 @@ export class BlkDisk {
     this.fd = opened.fd;
     this.imageIo = opened.io;
     try {
-      if (options.locking) lockImage(this.fd, imagePath, { write: !readOnly });
+      if (options.locking) lockImageWaiting(this.fd, imagePath, { write: !readOnly }, LOCK_WAIT_MS);
     } catch (error) {
       fs.closeSync(this.fd);
       throw new DiskSetupError(name, (error as Error).message);
@@ -256,7 +256,7 @@ export class BlkDisk {
           );
         }
       }
-      if (locking) lockImage(fd, layer.path, { write: false });
+      if (locking) lockImageWaiting(fd, layer.path, { write: false }, LOCK_WAIT_MS);
       layer = layer.format === 'qcow2' ? layer.shared.backing : null;
     }
   }

@@ -79,6 +79,30 @@ export function unlockImage(fd: number): void {
 }
 
 /** Takes QEMU-compatible locks on an open image fd; throws ImageLockError naming the conflict. */
+/**
+ * `lockImage`, retried for up to `waitMs` while another holder has the image. A daemon restarted right after
+ * a crash (systemd's Restart=, QEMU's reconnect) finds the dead process's locks still held for a moment: the
+ * kernel tears down its io_uring, which keeps the open file description (and so its OFD locks) alive,
+ * asynchronously. A real conflict still fails, only `waitMs` later. Blocks the calling thread: start-up only.
+ */
+export function lockImageWaiting(fd: number, imagePath: string, mode: ImageLockMode, waitMs: number): void {
+  const deadline = Date.now() + waitMs;
+  for (;;) {
+    try {
+      lockImage(fd, imagePath, mode);
+      return;
+    } catch (error) {
+      if (!(error instanceof ImageLockError) || Date.now() >= deadline) throw error;
+      Atomics.wait(RETRY_NAP, 0, 0, LOCK_RETRY_MS);
+    }
+  }
+}
+
+/** How long a start-up waits for a lock a dying process may still hold, and how often it looks again. */
+export const LOCK_WAIT_MS = 3_000;
+const LOCK_RETRY_MS = 100;
+const RETRY_NAP = new Int32Array(new SharedArrayBuffer(4));
+
 export function lockImage(fd: number, imagePath: string, mode: ImageLockMode): void {
   const { used, shared } = permissionsFor(mode);
   const unshared = ALL_PERMISSIONS.filter((bit) => !shared.includes(bit));

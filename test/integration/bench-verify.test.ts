@@ -157,6 +157,32 @@ describe('vublk-bench run --verify against vublk', () => {
     expect(run?.total.latency.p99Us).toBeGreaterThanOrEqual(run?.total.latency.p50Us ?? 0);
     expect(run?.generator.cpuMicrosPerRequest).toBeGreaterThan(0);
   });
+
+  it('--start-at connects at once and holds the load until that wall-clock time; the JSON says when it ran', async () => {
+    const startAt = Date.now() + 1500;
+    const result = await bench([
+      '--socket',
+      daemon.socketPath,
+      '--bs',
+      '4k',
+      '--iodepth',
+      '2',
+      '--runtime',
+      '0.2',
+      '--start-at',
+      String(startAt),
+      '--json',
+    ]);
+    expect(result.code, result.stderr).toBe(0);
+    const doc = JSON.parse(result.stdout) as BenchDocument;
+    expect(doc.timing.connectMs).toBeGreaterThanOrEqual(0);
+    expect(doc.timing.loadStartMs).toBeGreaterThanOrEqual(startAt);
+    expect(doc.timing.loadEndMs).toBeGreaterThan(doc.timing.loadStartMs);
+    expect(doc.result?.total.requests).toBeGreaterThan(0);
+    const bad = await bench(['--socket', daemon.socketPath, '--start-at', 'soon']);
+    expect(bad.code).toBe(2);
+    expect(bad.stderr).toContain('--start-at');
+  });
 });
 
 describe('vublk-bench run --verify against qemu-storage-daemon', () => {

@@ -144,6 +144,18 @@ describe.skipIf(!haveQemuImg || !haveQsd)('image locks compatible with QEMU', ()
     expect(lockError(reader)).toMatch(/failed to get shared "write" lock/);
   });
 
+  it('a start waits briefly for a lock that its holder is about to drop (a restart right after a crash)', async () => {
+    const image = await tempImage();
+    const first = await vublk(image);
+    expect(await listening(first)).toBe(true);
+    const second = await vublk(image);
+    // The second daemon is still waiting for the lock when the first one goes away.
+    await new Promise((resolve) => setTimeout(resolve, 500));
+    expect(second.running()).toBe(true);
+    await first.stop();
+    expect(await listening(second)).toBe(true);
+  });
+
   it('locking=off lets two daemons share one image by design (migration)', async () => {
     const image = await tempImage();
     const first = await vublk(image, ',locking=off');

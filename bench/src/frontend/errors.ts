@@ -61,7 +61,10 @@ export class BackendDisconnectedError extends FrontendError {
 
 /** A reply that does not fit the request: wrong code, missing REPLY flag, wrong size. */
 export class UnexpectedReplyError extends FrontendError {
-  constructor(readonly request: string, detail: string) {
+  constructor(
+    readonly request: string,
+    detail: string,
+  ) {
     super(`unexpected reply to ${request}: ${detail}`);
     this.name = 'UnexpectedReplyError';
   }

@@ -37,7 +37,9 @@ export class FdWatcher {
   async until<T>(probe: () => T | typeof NOT_YET, options: WaitOptions): Promise<T> {
     if (this.closed) throw new FrontendClosedError(`wait for ${options.what}`);
     if (this.busy) {
-      throw new FrontendError(`fd ${this.fd} already has a wait in progress (for ${options.what}); await the first wait before starting another`);
+      throw new FrontendError(
+        `fd ${this.fd} already has a wait in progress (for ${options.what}); await the first wait before starting another`,
+      );
     }
     const first = probe();
     if (first !== NOT_YET) return first;

@@ -53,12 +53,13 @@ export function findQemuStorageDaemon(): string | null {
 export function qsdArguments(options: QsdOptions): string[] {
   const format = options.format ?? 'raw';
   const file = `driver=file,node-name=file0,filename=${options.image}${options.cacheDirect ? ',cache.direct=on' : ''}`;
-  const blockdevs = format === 'raw' ? ['--blockdev', file] : ['--blockdev', file, '--blockdev', `driver=${format},node-name=fmt0,file=file0`];
+  const blockdevs =
+    format === 'raw' ? ['--blockdev', file] : ['--blockdev', file, '--blockdev', `driver=${format},node-name=fmt0,file=file0`];
   const node = format === 'raw' ? 'file0' : 'fmt0';
   const exportSpec = [
     `type=vhost-user-blk,id=exp0,node-name=${node}`,
     `addr.type=unix,addr.path=${options.socketPath}`,
-    `writable=${options.writable ?? true ? 'on' : 'off'}`,
+    `writable=${(options.writable ?? true) ? 'on' : 'off'}`,
     `num-queues=${options.numQueues ?? 1}`,
     ...(options.logicalBlockSize ? [`logical-block-size=${options.logicalBlockSize}`] : []),
   ].join(',');
@@ -116,7 +117,8 @@ export class QemuStorageDaemon {
   async waitForOutput(pattern: RegExp, timeoutMs = 2000): Promise<string> {
     const deadline = Date.now() + timeoutMs;
     while (!pattern.test(this.collected)) {
-      if (Date.now() > deadline) throw new FrontendTimeoutError(`qemu-storage-daemon output matching ${pattern}`, timeoutMs, this.collected || 'it printed nothing');
+      if (Date.now() > deadline)
+        throw new FrontendTimeoutError(`qemu-storage-daemon output matching ${pattern}`, timeoutMs, this.collected || 'it printed nothing');
       await new Promise((resolve) => setTimeout(resolve, 10));
     }
     return this.collected;

@@ -110,7 +110,7 @@ export class VhostUserChannel {
       const target = this.rxPayload ?? this.rxHeader;
       const start = this.rxPayload ? this.rxFill - HEADER_SIZE : this.rxFill;
       if (start < target.length) {
-        let received;
+        let received: ReturnType<typeof recvWithFds>;
         try {
           received = recvWithFds(this.fd, target, start, target.length - start);
         } catch (error) {
@@ -133,7 +133,10 @@ export class VhostUserChannel {
       if (this.rxPayload === null) {
         if (header.size > MAX_REPLY_PAYLOAD) {
           this.peerClosed = true;
-          throw new UnexpectedReplyError(what, `header announces ${header.size} payload bytes (limit ${MAX_REPLY_PAYLOAD}); stream is out of sync`);
+          throw new UnexpectedReplyError(
+            what,
+            `header announces ${header.size} payload bytes (limit ${MAX_REPLY_PAYLOAD}); stream is out of sync`,
+          );
         }
         this.rxPayload = Buffer.alloc(header.size);
       }

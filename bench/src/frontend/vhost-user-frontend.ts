@@ -190,7 +190,10 @@ export class VhostUserFrontend {
       const fd = reply.fds[0];
       if (fd === undefined) throw new UnexpectedReplyError('GET_INFLIGHT_FD', 'the reply carries no fd');
       closeAll(reply.fds.slice(1));
-      keeper.keep(fd, this.decodeReply('GET_INFLIGHT_FD', () => decodeInflight(FrontendRequest.GET_INFLIGHT_FD, reply.payload)));
+      keeper.keep(
+        fd,
+        this.decodeReply('GET_INFLIGHT_FD', () => decodeInflight(FrontendRequest.GET_INFLIGHT_FD, reply.payload)),
+      );
     }
     await this.set(FrontendRequest.SET_INFLIGHT_FD, encodeInflight(keeper.description!), [keeper.fd]);
   }
@@ -331,14 +334,17 @@ export class VhostUserFrontend {
   /** GET_CONFIG; stores and returns the config bytes. */
   async getConfig(offset = 0, size = this.options.configSize ?? DEFAULT_CONFIG_SIZE, flags = 0): Promise<Buffer> {
     const reply = await this.call(FrontendRequest.GET_CONFIG, encodeConfigMessage({ offset, flags, data: new Uint8Array(size) }));
-    let message;
+    let message: ReturnType<typeof decodeConfigMessage>;
     try {
       message = decodeConfigMessage(FrontendRequest.GET_CONFIG, reply);
     } catch (error) {
       throw new UnexpectedReplyError('GET_CONFIG', (error as Error).message);
     }
     if (message.size !== size) {
-      throw new UnexpectedReplyError('GET_CONFIG', `asked for ${size} bytes at ${offset}, got ${message.size} (a size of 0 means the back-end refused)`);
+      throw new UnexpectedReplyError(
+        'GET_CONFIG',
+        `asked for ${size} bytes at ${offset}, got ${message.size} (a size of 0 means the back-end refused)`,
+      );
     }
     const data = Buffer.from(message.data);
     if (offset === 0) this.config = data;
@@ -361,7 +367,12 @@ export class VhostUserFrontend {
   async addMemReg(regionIndex: number, options?: SetOptions): Promise<void> {
     const region = this.memory.regions[regionIndex];
     if (region === undefined) throw new RangeError(`no guest region ${regionIndex}`);
-    await this.set(FrontendRequest.ADD_MEM_REG, encodeSingleRegion(this.memory.wireRegions()[regionIndex] as MemoryRegion), [region.fd], options);
+    await this.set(
+      FrontendRequest.ADD_MEM_REG,
+      encodeSingleRegion(this.memory.wireRegions()[regionIndex] as MemoryRegion),
+      [region.fd],
+      options,
+    );
   }
 
   async remMemReg(regionIndex: number, options?: SetOptions): Promise<void> {
@@ -472,7 +483,13 @@ export class VhostUserFrontend {
   /** Sends a message exactly as given (no NEED_REPLY unless in flags) and does not wait for anything. */
   async sendMessage(request: number, options: RawSendOptions = {}): Promise<void> {
     this.assertOpen();
-    await this.channel.send(request, options.flags ?? HeaderFlag.VERSION, options.payload ?? new Uint8Array(0), options.fds ?? [], this.timeoutMs);
+    await this.channel.send(
+      request,
+      options.flags ?? HeaderFlag.VERSION,
+      options.payload ?? new Uint8Array(0),
+      options.fds ?? [],
+      this.timeoutMs,
+    );
   }
 
   /** Sends arbitrary bytes on the socket (e.g. a lying size field or half a header). */
@@ -571,4 +588,3 @@ export class VhostUserFrontend {
     if (this.closed) throw new FrontendClosedError('front-end');
   }
 }
-

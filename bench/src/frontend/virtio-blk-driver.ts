@@ -100,7 +100,8 @@ export class VirtioBlkDriver {
     const bufferGpa = this.memory.alloc(plan.totalBytes, { align: 16, ...options.placement });
     let submission: BlkSubmission;
     try {
-      const header = request.rawHeader ?? encodeRequestHeader({ type: request.type, ioprio: request.ioprio ?? 0, sector: request.sector ?? 0 });
+      const header =
+        request.rawHeader ?? encodeRequestHeader({ type: request.type, ioprio: request.ioprio ?? 0, sector: request.sector ?? 0 });
       this.memory.write(bufferGpa, header);
       if (request.out !== undefined && outBytes > 0) this.memory.write(bufferGpa + plan.outOffset, request.out);
       if (inBytes > 0) this.memory.fill(bufferGpa + plan.inOffset, inBytes, options.poison ?? 0);
@@ -182,7 +183,10 @@ export class VirtioBlkDriver {
   }
 
   /** Submits all (one kick per queue at the end), then waits for all: a batch at queue depth = requests.length. */
-  async executeAll(requests: readonly (BlkRequest & { options?: BlkSubmitOptions })[], options: BlkSubmitOptions = {}): Promise<BlkCompletion[]> {
+  async executeAll(
+    requests: readonly (BlkRequest & { options?: BlkSubmitOptions })[],
+    options: BlkSubmitOptions = {},
+  ): Promise<BlkCompletion[]> {
     const submissions = requests.map((request) => this.submit(request, { ...options, ...request.options, kick: false }));
     const kick = options.kick ?? true;
     for (const queue of new Set(submissions.map((s) => s.queue))) {
@@ -199,7 +203,8 @@ export class VirtioBlkDriver {
 
   async write(sector: number, data: Uint8Array, options: BlkSubmitOptions = {}): Promise<void> {
     const completion = await this.execute({ type: BlkRequestType.OUT, sector, out: data }, options);
-    if (completion.status !== BlkStatus.OK) throw new BlkStatusError(`write of ${data.length} bytes at sector ${sector}`, completion.status);
+    if (completion.status !== BlkStatus.OK)
+      throw new BlkStatusError(`write of ${data.length} bytes at sector ${sector}`, completion.status);
   }
 
   /** Returns the status byte. */
@@ -211,7 +216,11 @@ export class VirtioBlkDriver {
   async getId(options: BlkSubmitOptions = {}): Promise<{ status: number; id: string; raw: Buffer }> {
     const completion = await this.execute({ type: BlkRequestType.GET_ID, inLength: BLK_ID_BYTES }, options);
     const end = completion.data.indexOf(0);
-    return { status: completion.status, id: completion.data.subarray(0, end < 0 ? BLK_ID_BYTES : end).toString('latin1'), raw: completion.data };
+    return {
+      status: completion.status,
+      id: completion.data.subarray(0, end < 0 ? BLK_ID_BYTES : end).toString('latin1'),
+      raw: completion.data,
+    };
   }
 
   /** Returns the status byte. */
@@ -243,4 +252,3 @@ export class VirtioBlkDriver {
 function encodeSegments(segments: readonly DiscardSegment[]): Buffer {
   return Buffer.concat(segments.map((segment) => encodeDiscardSegment(segment)));
 }
-

@@ -3,7 +3,14 @@
  * indirect), publish them, kick (honouring the device's suppression unless told otherwise), and reap used
  * entries while checking that each one came with an interrupt. `ring` gives raw access for hostile tests.
  */
-import { DescFlag, DESCRIPTOR_SIZE, availRingBytes, descriptorTableBytes, isValidQueueSize, usedRingBytes } from '../../../protocol/split-ring.js';
+import {
+  DescFlag,
+  DESCRIPTOR_SIZE,
+  availRingBytes,
+  descriptorTableBytes,
+  isValidQueueSize,
+  usedRingBytes,
+} from '../../../protocol/split-ring.js';
 import { createEventFd, drainEventFd, signalEventFd } from '../../../src/sys/eventfd.js';
 import { closeFd } from '../../../src/sys/fd.js';
 import type { GuestAllocOptions, GuestMemory } from './guest-memory.js';

@@ -8,7 +8,7 @@ import { VhostUserFrontend } from '../frontend/vhost-user-frontend.js';
 import { VirtioFeature } from '../../../protocol/virtio.js';
 import { BlkFeature, BlkRequestType, SECTOR_SIZE } from '../../../protocol/virtio-blk.js';
 import { LoadQueue, descriptorsPerRequest } from './load-queue.js';
-import { runPhase, type PhaseResult, type RequestSource } from './engine.js';
+import { runPhase, type PhaseResult } from './engine.js';
 import { FixedSource, SequentialSource, splitRegion, timedSources, type RwMode } from './workload.js';
 import { fillPattern, findMismatch, patternKey, type PatternMismatch } from './pattern.js';
 
@@ -34,6 +34,15 @@ export interface BenchOptions {
   indirect: boolean;
   /** Bound of every wait of the handshake, and of a stall (ms). */
   timeoutMs: number;
+  /** Wall-clock time (ms since the epoch) to start the load at, after connecting; null = at once. Lets many generators hit one daemon together. */
+  startAtMs?: number | null;
+}
+
+/** When things happened (ms since the epoch; connectMs is the handshake's duration). */
+export interface BenchTiming {
+  connectMs: number;
+  loadStartMs: number;
+  loadEndMs: number;
 }
 
 export interface TargetInfo {
@@ -67,6 +76,7 @@ export interface BenchResult {
   size: number;
   run: PhaseResult | null;
   verify: VerifyResult | null;
+  timing: BenchTiming;
 }
 
 export class BenchUsageError extends Error {
@@ -96,7 +106,14 @@ export function ringPlan(iodepth: number, queueSize: number | null, indirect: bo
 /** The verify read block size: another size than bs that divides the region (2×bs, 4 KiB, bs/2, 512), at most `limit`. */
 export function chooseVerifyBs(bs: number, size: number, limit = Infinity): number {
   for (const candidate of [2 * bs, 4096, bs / 2, 8192, 512]) {
-    if (candidate !== bs && Number.isInteger(candidate) && candidate % SECTOR_SIZE === 0 && candidate <= size && candidate <= limit && size % candidate === 0) {
+    if (
+      candidate !== bs &&
+      Number.isInteger(candidate) &&
+      candidate % SECTOR_SIZE === 0 &&
+      candidate <= size &&
+      candidate <= limit &&
+      size % candidate === 0
+    ) {
       return candidate;
     }
   }
@@ -126,12 +143,14 @@ export async function runBench(options: BenchOptions): Promise<BenchResult> {
   // Guest memory for the largest buffer any request of this run may need (the verify read size is chosen later).
   const bufferBound = Math.max(bs, options.verify ? Math.max(options.verifyBs ?? 2 * bs, 8192) : 0, 4096);
   // QEMU 7.2's handshake; asking for more queues than GET_QUEUE_NUM offers fails it with a NegotiationError.
+  const connectStart = Date.now();
   const frontend = await VhostUserFrontend.connect(options.socket, {
     numQueues: queueCount,
     queueSize: plan.queueSize,
     timeoutMs: options.timeoutMs,
     memory: [{ gpa: 0, size: guestMemoryBytes(queueCount, plan.queueSize, iodepth, bufferBound) }],
   });
+  const connectMs = Date.now() - connectStart;
   try {
     const config = frontend.blkConfig;
     if (config === null) throw new BenchUsageError('the back-end did not answer GET_CONFIG (CONFIG protocol feature missing)');
@@ -156,10 +175,15 @@ export async function runBench(options: BenchOptions): Promise<BenchResult> {
     const sizeMax = frontend.hasFeature(BlkFeature.SIZE_MAX) ? config.sizeMax : 0;
     const readBs = options.verify ? (options.verifyBs ?? chooseVerifyBs(bs, size, sizeMax > 0 ? sizeMax : Infinity)) : bs;
     const maxData = Math.max(bs, readBs);
-    for (const [name, value] of [['--bs', bs], ['the verify read size (--verify-bs)', readBs]] as const) {
-      if (value % logicalBlockSize !== 0) throw new BenchUsageError(`${name} ${value} is not a multiple of the logical block size ${logicalBlockSize}`);
+    for (const [name, value] of [
+      ['--bs', bs],
+      ['the verify read size (--verify-bs)', readBs],
+    ] as const) {
+      if (value % logicalBlockSize !== 0)
+        throw new BenchUsageError(`${name} ${value} is not a multiple of the logical block size ${logicalBlockSize}`);
     }
-    if (sizeMax > 0 && maxData > sizeMax) throw new BenchUsageError(`block size ${maxData} exceeds the device's size_max ${sizeMax} (one data segment per request)`);
+    if (sizeMax > 0 && maxData > sizeMax)
+      throw new BenchUsageError(`block size ${maxData} exceeds the device's size_max ${sizeMax} (one data segment per request)`);
     if (size < bs * queueCount) throw new BenchUsageError(`--size ${size} holds fewer than one ${bs}-byte block per queue`);
     const writes = (options.verify && !options.verifyOnly) || (!options.verify && options.rw !== 'randread' && options.rw !== 'read');
     if (writes && readOnly) throw new BenchUsageError('the disk is read-only (VIRTIO_BLK_F_RO); use --rw randread or read');
@@ -176,9 +200,12 @@ export async function runBench(options: BenchOptions): Promise<BenchResult> {
         }),
     );
     const socketFd = frontend.channel.fd;
+    const startAt = options.startAtMs ?? null;
+    if (startAt !== null && startAt > Date.now()) await new Promise((resolve) => setTimeout(resolve, startAt - Date.now()));
+    const loadStartMs = Date.now();
     if (options.verify) {
       const verify = runVerify(loadQueues, size, bs, readBs, key, options.verifyOnly, options.timeoutMs, socketFd);
-      return { target, options, size, run: null, verify };
+      return { target, options, size, run: null, verify, timing: { connectMs, loadStartMs, loadEndMs: Date.now() } };
     }
     const run = runPhase({
       queues: loadQueues,
@@ -188,7 +215,7 @@ export async function runBench(options: BenchOptions): Promise<BenchResult> {
       stallMs: options.timeoutMs,
       socketFd,
     });
-    return { target, options, size, run, verify: null };
+    return { target, options, size, run, verify: null, timing: { connectMs, loadStartMs, loadEndMs: Date.now() } };
   } finally {
     frontend.close();
   }
@@ -209,24 +236,28 @@ function runVerify(
   const bytes = Math.floor(size / unit) * unit;
   if (bytes === 0) throw new BenchUsageError(`--size ${size} is smaller than one ${unit}-byte verify unit (write ${bs}, read ${readBs})`);
   const writeRanges = splitRegion(bytes, bs, queues.length);
-  const write = readOnly ? null : runPhase({
-    queues,
-    sources: queues.map((_, q) => {
-      const range = writeRanges[q] as { start: number; end: number };
-      if (range.end - range.start < bs) return new FixedSource(0, BlkRequestType.OUT);
-      return new SequentialSource(range.start, range.end, bs, BlkRequestType.OUT, false, (queue, slot, offset, length) =>
-        fillPattern((queue.data[slot] as Uint8Array).subarray(0, length), offset, key),
-      );
-    }),
-    stallMs,
-    socketFd,
-  });
-  const flush = readOnly ? null : runPhase({
-    queues,
-    sources: queues.map((_, q) => new FixedSource(q === 0 ? 1 : 0, BlkRequestType.FLUSH)),
-    stallMs,
-    socketFd,
-  });
+  const write = readOnly
+    ? null
+    : runPhase({
+        queues,
+        sources: queues.map((_, q) => {
+          const range = writeRanges[q] as { start: number; end: number };
+          if (range.end - range.start < bs) return new FixedSource(0, BlkRequestType.OUT);
+          return new SequentialSource(range.start, range.end, bs, BlkRequestType.OUT, false, (queue, slot, offset, length) =>
+            fillPattern((queue.data[slot] as Uint8Array).subarray(0, length), offset, key),
+          );
+        }),
+        stallMs,
+        socketFd,
+      });
+  const flush = readOnly
+    ? null
+    : runPhase({
+        queues,
+        sources: queues.map((_, q) => new FixedSource(q === 0 ? 1 : 0, BlkRequestType.FLUSH)),
+        stallMs,
+        socketFd,
+      });
   let mismatches = 0;
   let firstMismatch: PatternMismatch | null = null;
   let read: PhaseResult | null = null;

@@ -131,7 +131,13 @@ export function runPhase(options: PhaseOptions): PhaseResult {
   const done = (queue: LoadQueue, slot: number, status: number): void => {
     allCompletions++;
     if (status !== BlkStatus.OK && failure === null) {
-      failure = { queue: queue.index, type: queue.slotType[slot] as number, offset: queue.slotOffset[slot] as number, bytes: queue.slotBytes[slot] as number, status };
+      failure = {
+        queue: queue.index,
+        type: queue.slotType[slot] as number,
+        offset: queue.slotOffset[slot] as number,
+        bytes: queue.slotBytes[slot] as number,
+        status,
+      };
       stopping = true;
     }
     if (onComplete !== undefined) onComplete(queue, slot, status);
@@ -203,7 +209,10 @@ export function runPhase(options: PhaseOptions): PhaseResult {
       }
       wakeups++;
       for (let e = 0; e < n; e++) {
-        if (events.readUInt32LE(e * EVENT_SIZE + 4) === HANGUP_TAG && (events.readUInt32LE(e * EVENT_SIZE) & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) !== 0) {
+        if (
+          events.readUInt32LE(e * EVENT_SIZE + 4) === HANGUP_TAG &&
+          (events.readUInt32LE(e * EVENT_SIZE) & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) !== 0
+        ) {
           throw new BackendHangupError();
         }
       }
@@ -235,7 +244,9 @@ export function runPhase(options: PhaseOptions): PhaseResult {
       }
       if (progress > 0) lastProgressMs = nowMs;
       else if (nowMs - lastProgressMs > stallMs && queues.some((q) => q.inflight > 0)) {
-        throw new BackendStallError(`no completion for ${stallMs} ms with requests in flight: ${queues.map((q) => q.describe()).join('; ')}`);
+        throw new BackendStallError(
+          `no completion for ${stallMs} ms with requests in flight: ${queues.map((q) => q.describe()).join('; ')}`,
+        );
       }
     }
   } finally {

@@ -112,7 +112,9 @@ export class LoadQueue {
     this.indirect = indirect;
     if (this.callFd < 0) throw new RangeError('the load generator needs call eventfds');
     if (depth < 1 || depth * descriptorsPerRequest(indirect) > driver.size) {
-      throw new RangeError(`queue depth ${depth} needs ${depth * descriptorsPerRequest(indirect)} descriptors; the ring has ${driver.size}`);
+      throw new RangeError(
+        `queue depth ${depth} needs ${depth * descriptorsPerRequest(indirect)} descriptors; the ring has ${driver.size}`,
+      );
     }
     if (driver.inflight !== 0) throw new RangeError(`queue ${driver.index} has requests in flight`);
 

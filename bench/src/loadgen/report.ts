@@ -168,6 +168,8 @@ export interface BenchDocument {
     rwmixread: number | null;
   };
   result: PhaseSummary | null;
+  /** Handshake duration and the load's wall-clock window (ms since the epoch). */
+  timing: BenchResult['timing'];
   verify: {
     ok: boolean;
     bytes: number;
@@ -200,6 +202,7 @@ export function benchDocument(result: BenchResult): BenchDocument {
       rwmixread: o.rw === 'randrw' ? o.rwmixread : null,
     },
     result: run,
+    timing: result.timing,
     verify:
       verify === null
         ? null
@@ -274,7 +277,11 @@ export function formatHuman(doc: BenchDocument): string {
         ? `verify: read ${formatBytes(v.bytes)} with ${v.readBs}-byte requests (${rate(v.read)}) and compared it with the pattern of seed ${j.seed} (no write pass)`
         : `verify: wrote ${formatBytes(v.bytes)} with ${v.writeBs}-byte requests (${rate(v.write)}), flushed, read back with ${v.readBs}-byte requests (${rate(v.read)})`,
     );
-    for (const [name, p] of [['write', v.write], ['flush', v.flush], ['read', v.read]] as const) {
+    for (const [name, p] of [
+      ['write', v.write],
+      ['flush', v.flush],
+      ['read', v.read],
+    ] as const) {
       if (p?.failure) lines.push(`FAILED (${name}): ${p.failure.description}`);
     }
     if (v.firstMismatch !== null) {
@@ -286,7 +293,7 @@ export function formatHuman(doc: BenchDocument): string {
     }
     if (v.ok) lines.push('verify: OK, every byte matches');
   }
-  return lines.join('\n') + '\n';
+  return `${lines.join('\n')}\n`;
 }
 
 export type { VerifyResult };
