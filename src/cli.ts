@@ -202,6 +202,8 @@ async function serve(options: ServeOptions, command: Command): Promise<void> {
     process.exit(2);
   }
   const daemon = new Daemon(log, { metrics: settings.metrics, config: settings.config, threads, adminSocket: settings.adminSocket });
+  // Before start: SIGHUP's default action would kill a daemon still starting, and SIGTERM would skip the clean-up.
+  daemon.installSignalHandlers((code) => process.exit(code));
   try {
     await daemon.start(specs);
   } catch (error) {
@@ -212,7 +214,6 @@ async function serve(options: ServeOptions, command: Command): Promise<void> {
     process.stderr.write(`vublk: ${(error as Error).message}\n`);
     process.exit(1);
   }
-  daemon.installSignalHandlers((code) => process.exit(code));
   systemd?.ready(daemon);
   const attach: QemuHintDisk[] = [];
   for (const { disk, spec } of daemon.disks) {

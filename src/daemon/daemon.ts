@@ -73,6 +73,8 @@ export class Daemon implements AdminTarget {
     return this.adminSocket?.path ?? null;
   }
   readonly pool: WorkerPool;
+  /** A SIGTERM/SIGINT that arrived while the daemon was starting, run when the start has finished. */
+  private signalDuringStart: (() => void) | null = null;
   /** False when a worker thread did not stop at shutdown: the process must not wait for it at exit. */
   private workersStopped = true;
 
@@ -144,6 +146,9 @@ export class Daemon implements AdminTarget {
       this.pool.startAll();
       this.log.info({ threads: this.pool.size, disks: this.disks.length }, 'worker pool ready');
       if (this.state === 'starting') this.state = 'running';
+      const pending = this.signalDuringStart;
+      this.signalDuringStart = null;
+      pending?.();
     } catch (error) {
       // Not a shutdown: no `stopped` line; the caller reports the error once.
       this.state = 'stopping';
@@ -219,6 +224,13 @@ export class Daemon implements AdminTarget {
    */
   installSignalHandlers(onStopped: (code: number) => void): void {
     const handler = (signal: NodeJS.Signals): void => {
+      if (this.state === 'idle' || this.state === 'starting') {
+        // Installed before start (a signal then must neither kill the process half-started nor race start's
+        // own set-up): the shutdown runs as soon as start has finished.
+        this.log.info({ signal }, 'shutting down once the start has finished');
+        this.signalDuringStart = () => handler(signal);
+        return;
+      }
       if (this.stopping !== null) {
         this.log.warn({ signal }, 'second signal: exiting immediately');
         exitNow(this.log, 1);

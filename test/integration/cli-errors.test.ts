@@ -174,6 +174,21 @@ describe('vublk serve refuses bad input', () => {
 });
 
 describe('signals', () => {
+  it('SIGTERM while the daemon is still starting: it finishes starting, then shuts down cleanly (exit 0, socket removed)', async () => {
+    const daemon = await startDaemon({ waitForSocket: false });
+    try {
+      // The metrics listener comes up before the disks: the signal lands in the middle of the start.
+      await daemon.waitForLog((l) => l.msg === 'metrics listening');
+      const exited = new Promise<number | null>((resolve) => daemon.child.once('exit', (code) => resolve(code)));
+      daemon.child.kill('SIGTERM');
+      const code = await Promise.race([exited, new Promise<'timeout'>((resolve) => setTimeout(() => resolve('timeout'), 30_000))]);
+      expect(code).toBe(0);
+      expect(existsSync(daemon.socketPath)).toBe(false);
+    } finally {
+      await daemon.stop();
+    }
+  }, 60_000);
+
   it('SIGHUP without --config logs that there is nothing to reload and keeps serving', async () => {
     const daemon = await startDaemon();
     try {
