@@ -15,9 +15,11 @@ import { VublkError } from '../errors.js';
 import { InvalidSizeError, parseCount, parseRate, parseSize } from '../throttle/size.js';
 import { groupId, userId } from './account-lookup.js';
 import { MAX_QUEUE_SIZE } from '../../protocol/split-ring.js';
-import { IO_ENGINE_SETTINGS, type IoEngineSetting } from '../dataplane/worker-protocol.js';
+import { IO_ENGINE_SETTINGS } from '../dataplane/worker-protocol.js';
 import { CACHE_MODES, type CacheMode } from '../dataplane/request-executor.js';
-import { IMAGE_FORMATS, type ImageFormat } from '../backend/qcow2/index.js';
+import { IMAGE_FORMATS } from '../backend/qcow2/index.js';
+import type { DiskOptions } from '../device/blk-disk.js';
+import type { NetworkImageOptions } from '../device/network-image.js';
 import { DEFAULT_MAX_DISCARD_SEG, DEFAULT_MAX_WRITE_ZEROES_SEG, MAX_RANGE_SEG } from '../dataplane/device-limits.js';
 
 export const DEFAULT_QUEUE_SIZE = 1024;
@@ -30,11 +32,28 @@ export class OptionValueError extends VublkError {
   }
 }
 
+/** The fields that are DiskOptions fields as they are (documented there); the rest differ or are not options of a disk. */
+type SharedDiskField =
+  | 'sizeBytes'
+  | 'numQueues'
+  | 'queueSize'
+  | 'readOnly'
+  | 'serial'
+  | 'logicalBlockSize'
+  | 'writeback'
+  | 'ioEngine'
+  | 'maxDiscardSeg'
+  | 'maxWriteZeroesSeg'
+  | 'locking'
+  | 'format'
+  | 'l2CacheBytes'
+  | keyof NetworkImageOptions;
+
 /**
  * Every option of one disk, parsed. Fields that are also DiskOptions keys flow into DiskOptions as they
  * are; the socket fields make the listen address and the throttle fields the DiskLimits.
  */
-export interface DiskFields {
+export interface DiskFields extends Pick<DiskOptions, SharedDiskField> {
   name?: string | undefined;
   imagePath?: string | undefined;
   socket?: string | undefined;
@@ -42,34 +61,8 @@ export interface DiskFields {
   socketMode?: number | undefined;
   socketOwner?: number | undefined;
   socketGroup?: number | undefined;
-  sizeBytes?: number | undefined;
-  numQueues: number;
-  queueSize: number;
-  readOnly: boolean;
-  serial?: string | undefined;
-  logicalBlockSize: 512 | 4096;
-  writeback: boolean;
-  ioEngine: IoEngineSetting;
   cache: CacheMode;
   pollUs: number;
-  maxDiscardSeg: number;
-  maxWriteZeroesSeg: number;
-  locking: boolean;
-  /** Network images (NBD, RBD): seconds to connect (and, RBD, per monitor command). */
-  connectTimeout?: number | undefined;
-  /** NBD: seconds requests wait for a lost server before failing with IOERR. */
-  reconnectTimeout?: number | undefined;
-  /** NBD: seconds without a reply before the connection counts as stalled and is reset (0 = never). */
-  requestTimeout?: number | undefined;
-  /** RBD: ceph.conf, cephx id, keyring, monitors, lock mode, OSD timeout (docs/rbd.md). */
-  rbdConf?: string | undefined;
-  rbdId?: string | undefined;
-  rbdKeyring?: string | undefined;
-  rbdMonHost?: string | undefined;
-  rbdLock?: 'exclusive' | 'none' | undefined;
-  osdTimeout?: number | undefined;
-  format?: ImageFormat | undefined;
-  l2CacheBytes?: number | undefined;
   iops?: number | undefined;
   iopsBurst?: number | undefined;
   bps?: number | undefined;

@@ -30,7 +30,7 @@ import { Errno, errnoName } from '../sys/errors.js';
 import type { GuestMemory } from './guest-memory.js';
 import { readDiscardSegments, type BlkRequest, type RangeSegment } from './blk-request.js';
 import type { DeviceLimits } from './device-limits.js';
-import type { Completion, RequestExecutor } from './request-executor.js';
+import { emptyCompletion, type Completion, type RequestExecutor } from './request-executor.js';
 import { SyncExecutor } from './sync-executor.js';
 import { SECTOR_SIZE } from './iovec.js';
 import { BackendChannel, channelFor, type ChannelMember } from './backend-channel.js';
@@ -100,16 +100,7 @@ export class NetworkExecutor implements RequestExecutor, ChannelMember {
     this.pieceCount++;
   };
 
-  private readonly completion: Completion = {
-    head: 0,
-    statusGpa: 0,
-    type: 0,
-    status: 0,
-    written: 0,
-    dataBytes: 0,
-    latencyNanos: 0,
-    error: '',
-  };
+  private readonly completion: Completion = emptyCompletion();
 
   /** `backend`: the disk's back-end (its channel on this worker is found or opened); a channel: tests. */
   constructor(

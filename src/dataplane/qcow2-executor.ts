@@ -41,7 +41,7 @@ import type { DeviceLimits } from './device-limits.js';
 import { EpollSet } from './epoll.js';
 import { createEventFd, signalEventFd } from '../sys/eventfd.js';
 import type { GuestMemory } from './guest-memory.js';
-import type { Completion, RequestExecutor } from './request-executor.js';
+import { emptyCompletion, type Completion, type RequestExecutor } from './request-executor.js';
 import { SECTOR_SIZE } from './iovec.js';
 
 /** Parents in flight at most per queue (sub-requests may be many more; they wait in `queued`). */
@@ -100,16 +100,7 @@ export class Qcow2Executor implements RequestExecutor {
   private readonly queued: Sub[] = [];
   private deferred: Parent[] = [];
   private active = 0;
-  private readonly completion: Completion = {
-    head: 0,
-    statusGpa: 0,
-    type: 0,
-    status: 0,
-    written: 0,
-    dataBytes: 0,
-    latencyNanos: 0,
-    error: '',
-  };
+  private readonly completion: Completion = emptyCompletion();
   private readonly scratch = new BlkRequest(INNER_SEGMENTS);
   private readonly readExtents: ReadExtent[] = [];
   private readonly writeExtents: WriteExtent[] = [];

@@ -46,6 +46,11 @@ export interface Completion {
   error: string;
 }
 
+/** A zeroed completion record; each executor owns one and refills it before every `onComplete` (no allocation per request). */
+export function emptyCompletion(): Completion {
+  return { head: 0, statusGpa: 0, type: 0, status: 0, written: 0, dataBytes: 0, latencyNanos: 0, error: '' };
+}
+
 export interface RequestExecutor {
   /** Whether `request` (validated, about to be submitted) can be taken now. */
   canAccept(request: BlkRequest): boolean;

@@ -8,7 +8,7 @@ import { lastErrno, errnoName, Errno } from '../sys/errors.js';
 import type { GuestMemory } from './guest-memory.js';
 import { readDiscardSegments, type BlkRequest } from './blk-request.js';
 import type { DeviceLimits } from './device-limits.js';
-import type { Completion, EngineOptions, RequestExecutor } from './request-executor.js';
+import { emptyCompletion, type Completion, type EngineOptions, type RequestExecutor } from './request-executor.js';
 import { IOV_MAX, IovecPool, SECTOR_SIZE, zeroFillTail } from './iovec.js';
 import { AlignedBuffer, copyBounce } from './bounce-pool.js';
 import { blockDeviceRange } from '../sys/block-io.js';
@@ -28,16 +28,7 @@ export class SyncExecutor implements RequestExecutor {
   readonly inFlight = 0;
   readonly completionFd = -1;
   onComplete: (completion: Completion) => void = () => undefined;
-  private readonly completion: Completion = {
-    head: 0,
-    statusGpa: 0,
-    type: 0,
-    status: 0,
-    written: 0,
-    dataBytes: 0,
-    latencyNanos: 0,
-    error: '',
-  };
+  private readonly completion: Completion = emptyCompletion();
   private readonly iov = new IovecPool(1, IOV_MAX);
   private iovCount = 0;
   private readonly result: ExecutionResult = { status: BlkStatus.OK, written: 0, error: '' };

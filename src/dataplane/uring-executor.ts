@@ -31,7 +31,7 @@ import { sys } from '../sys/libc.js';
 import type { GuestMemory } from './guest-memory.js';
 import type { BlkRequest } from './blk-request.js';
 import type { DeviceLimits } from './device-limits.js';
-import type { Completion, EngineOptions, RequestExecutor } from './request-executor.js';
+import { emptyCompletion, type Completion, type EngineOptions, type RequestExecutor } from './request-executor.js';
 import { SyncExecutor } from './sync-executor.js';
 import { IOV_MAX, IovecPool, SECTOR_SIZE, zeroFillTail } from './iovec.js';
 import { BOUNCE_CHUNK_BYTES, BouncePool, copyBounce } from './bounce-pool.js';
@@ -75,16 +75,7 @@ export class UringExecutor implements RequestExecutor {
   readonly completionFd: number;
   private readonly ring: IoUring;
   private readonly sync: SyncExecutor;
-  private readonly completion: Completion = {
-    head: 0,
-    statusGpa: 0,
-    type: 0,
-    status: 0,
-    written: 0,
-    dataBytes: 0,
-    latencyNanos: 0,
-    error: '',
-  };
+  private readonly completion: Completion = emptyCompletion();
   private readonly memAlign: number;
   private readonly dsync: boolean;
   private readonly ignoreFlush: boolean;

@@ -65,6 +65,21 @@ function probeImageFormat(imagePath: string): ImageFormat {
   }
 }
 
+/** What the guest is offered: the fixed request limits, and the disk's block size, read-only flag, serial and range segments. */
+function deviceLimits(options: DiskOptions, block: number, readOnly: boolean, serial: string): DeviceLimits {
+  return {
+    sizeMax: DEFAULT_SIZE_MAX,
+    segMax: DEFAULT_SEG_MAX,
+    logicalBlockSize: block,
+    readOnly,
+    serial: serialBytes(serial),
+    maxDiscardSectors: DEFAULT_MAX_DISCARD_SECTORS,
+    maxDiscardSeg: options.maxDiscardSeg,
+    maxWriteZeroesSectors: DEFAULT_MAX_DISCARD_SECTORS,
+    maxWriteZeroesSeg: options.maxWriteZeroesSeg,
+  };
+}
+
 export class DiskSetupError extends VublkError {
   constructor(disk: string, detail: string) {
     super('VUBLK_ERR_DISK_SETUP', `disk ${disk}: ${detail}`, { peerFault: true, fatal: true });
@@ -122,17 +137,7 @@ export class BlkDisk {
       this.capacity = Math.floor(network.sizeBytes / block) * block;
       if (this.capacity === 0) throw new DiskSetupError(options.name, `${network.location} is smaller than one ${block}-byte block`);
       this.writebackEnabled = options.writeback && cachePolicy(this.imageIo.cache).writeback;
-      this.limits = {
-        sizeMax: DEFAULT_SIZE_MAX,
-        segMax: DEFAULT_SEG_MAX,
-        logicalBlockSize: block,
-        readOnly,
-        serial: serialBytes(options.serial ?? network.defaultSerial),
-        maxDiscardSectors: DEFAULT_MAX_DISCARD_SECTORS,
-        maxDiscardSeg: options.maxDiscardSeg,
-        maxWriteZeroesSectors: DEFAULT_MAX_DISCARD_SECTORS,
-        maxWriteZeroesSeg: options.maxWriteZeroesSeg,
-      };
+      this.limits = deviceLimits(options, block, readOnly, options.serial ?? network.defaultSerial);
       this.counterBuffer = createCounterBuffer(options.numQueues);
       this.counters = new CounterReader(this.counterBuffer);
       this.offeredFeatures = offeredVirtioFeatures(readOnly, { discard: network.canDiscard, writeZeroes: network.canWriteZeroes });
@@ -228,17 +233,7 @@ export class BlkDisk {
     if (this.capacity === 0) throw new DiskSetupError(name, `image ${imagePath} is smaller than one ${block}-byte block`);
     // writethrough / directsync start with the write cache off, like --writethrough.
     this.writebackEnabled = options.writeback && cachePolicy(cache).writeback;
-    this.limits = {
-      sizeMax: DEFAULT_SIZE_MAX,
-      segMax: DEFAULT_SEG_MAX,
-      logicalBlockSize: block,
-      readOnly,
-      serial: serialBytes(options.serial ?? defaultSerial(imagePath)),
-      maxDiscardSectors: DEFAULT_MAX_DISCARD_SECTORS,
-      maxDiscardSeg: options.maxDiscardSeg,
-      maxWriteZeroesSectors: DEFAULT_MAX_DISCARD_SECTORS,
-      maxWriteZeroesSeg: options.maxWriteZeroesSeg,
-    };
+    this.limits = deviceLimits(options, block, readOnly, options.serial ?? defaultSerial(imagePath));
     this.counterBuffer = createCounterBuffer(options.numQueues);
     this.counters = new CounterReader(this.counterBuffer);
     this.offeredFeatures = offeredVirtioFeatures(readOnly);

@@ -23,9 +23,13 @@ import type { NetworkBackend } from '../dataplane/network-backend.js';
 
 /** The disk options that only network images use (rows of the options table). */
 export interface NetworkImageOptions {
+  /** Network images (NBD, RBD): seconds to connect (and, RBD, per monitor command). */
   connectTimeout?: number | undefined;
+  /** NBD: seconds requests wait for a lost server before failing with IOERR. */
   reconnectTimeout?: number | undefined;
+  /** NBD: seconds without a reply before the connection counts as stalled and is reset (0 = never). */
   requestTimeout?: number | undefined;
+  /** RBD: ceph.conf, cephx id, keyring, monitors, lock mode, OSD timeout (docs/rbd.md). */
   rbdConf?: string | undefined;
   rbdId?: string | undefined;
   rbdKeyring?: string | undefined;

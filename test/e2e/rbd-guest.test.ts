@@ -5,7 +5,6 @@
 // I/O (restart waits for Ceph to expire the dead client's lock, ~30 s) with the flushed data intact after
 // each. The cluster is shut down cleanly at the end. Skips with the reason when Ceph or QEMU is missing
 // (fails under VUBLK_E2E_REQUIRED=1).
-import { execFile } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import http from 'node:http';
 import { readFileSync } from 'node:fs';
@@ -15,7 +14,7 @@ import { guestReport, PATTERN_OFFSET, PATTERN_PATH, qemuAvailable, runGuest } fr
 import { startDaemon, type DaemonProcess } from '../support/daemon-process.js';
 import { cephMissing, startMicroCluster, type MicroCluster } from '../support/ceph/micro-cluster.js';
 import { METRICS_ARGS, metricsUrl, queueCounts, scrape } from '../support/metrics-scrape.js';
-import { BENCH_CLI } from '../../bench/src/paths.js';
+import { runBench, verifyArgs, type BenchResult } from '../support/bench-run.js';
 import { fillPattern, patternKey } from '../../bench/src/loadgen/pattern.js';
 
 const MiB = 1024 * 1024;
@@ -28,12 +27,8 @@ function md5(data: Buffer): string {
   return createHash('md5').update(data).digest('hex');
 }
 
-function bench(args: string[], timeoutMs = 90_000): Promise<{ code: number | null; stdout: string; stderr: string }> {
-  return new Promise((resolve) => {
-    execFile(process.execPath, [BENCH_CLI, 'run', ...args], { timeout: timeoutMs }, (error, stdout, stderr) => {
-      resolve({ code: error === null ? 0 : typeof error.code === 'number' ? error.code : null, stdout, stderr });
-    });
-  });
+function bench(args: string[], timeoutMs = 90_000): Promise<BenchResult> {
+  return runBench(args, timeoutMs);
 }
 
 function adminResize(adminSocket: string, disk: string, size: string): Promise<{ status: number; body: string }> {
@@ -221,7 +216,7 @@ describe('vublk over Ceph RBD with a QEMU guest', () => {
     await serveAt(source, ',lock=none');
     await serveAt(target, ',lock=none');
     const run = async (socket: string, seed: number): Promise<void> => {
-      const result = await bench(['--socket', socket, '--verify', '--size', '4M', '--bs', '64k', '--iodepth', '8', '--seed', String(seed)]);
+      const result = await bench(verifyArgs(socket, { size: '4M', bs: '64k', iodepth: 8, seed: seed }));
       expect(result.code, result.stdout + result.stderr).toBe(0);
     };
     await run(source, 51); // the source writes (takes the lock)
@@ -240,21 +235,7 @@ describe('vublk over Ceph RBD with a QEMU guest', () => {
     let daemon = await serveAt(socket, ',num-queues=2');
     // Flushed data over the first 64 MiB; the random writes below stay in the first 32 MiB, so the pattern
     // in [32 MiB, 64 MiB) must be there after every stop.
-    const written = await bench([
-      '--socket',
-      socket,
-      '--verify',
-      '--size',
-      '64M',
-      '--bs',
-      '128k',
-      '--queues',
-      '2',
-      '--iodepth',
-      '8',
-      '--seed',
-      '31',
-    ]);
+    const written = await bench(verifyArgs(socket, { size: '64M', bs: '128k', queues: 2, iodepth: 8, seed: 31 }));
     expect(written.code, written.stdout + written.stderr).toBe(0);
     const expected = new Uint8Array(32 * MiB);
     fillPattern(expected, 32 * MiB, patternKey(31));
@@ -301,21 +282,7 @@ describe('vublk over Ceph RBD with a QEMU guest', () => {
       const image = await cluster.run('rbd', ['export', 'rbd/vm1', '-'], 90_000);
       expect(Buffer.from(expected).equals(image.subarray(32 * MiB, 64 * MiB)), `flushed data lost after ${signal}`).toBe(true);
       // And I/O works again.
-      const check = await bench([
-        '--socket',
-        socket,
-        '--verify',
-        '--size',
-        '4M',
-        '--bs',
-        '4k',
-        '--queues',
-        '2',
-        '--iodepth',
-        '8',
-        '--seed',
-        '41',
-      ]);
+      const check = await bench(verifyArgs(socket, { size: '4M', bs: '4k', queues: 2, iodepth: 8, seed: 41 }));
       expect(check.code, check.stdout + check.stderr).toBe(0);
     }
     await stop(daemon, 'SIGTERM');

@@ -5,29 +5,17 @@
  * the reason when it is not installed (VUBLK_E2E_REQUIRED=1: they fail instead).
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { execFile } from 'node:child_process';
 import { closeSync, openSync, writeSync } from 'node:fs';
 import { startDaemon, type DaemonProcess } from '../support/daemon-process.js';
 import { requireQsd, startQsd } from '../frontend/qsd-harness.js';
 import { fillPattern, findMismatch, patternKey, patternWord } from '../../bench/src/loadgen/pattern.js';
 import type { BenchDocument } from '../../bench/src/loadgen/report.js';
-import { BENCH_CLI } from '../../bench/src/paths.js';
+import { runBench, verifyArgs, type BenchResult } from '../support/bench-run.js';
 
 const MiB = 1024 * 1024;
 
-interface CliResult {
-  code: number | null;
-  stdout: string;
-  stderr: string;
-}
-
-function bench(args: string[], timeoutMs = 30_000): Promise<CliResult> {
-  return new Promise((resolve) => {
-    execFile(process.execPath, [BENCH_CLI, 'run', ...args], { timeout: timeoutMs }, (error, stdout, stderr) => {
-      const code = error === null ? 0 : typeof error.code === 'number' ? error.code : null;
-      resolve({ code, stdout, stderr });
-    });
-  });
+function bench(args: string[], timeoutMs = 30_000): Promise<BenchResult> {
+  return runBench(args, timeoutMs);
 }
 
 /** Overwrites `bytes` of the image file at `offset` behind the back-end's back (both use the page cache). */
@@ -97,22 +85,7 @@ describe('vublk-bench run --verify against vublk', () => {
   });
 
   it('writes the pattern with 4 KiB, reads it back with 8 KiB on two queues and passes', async () => {
-    const result = await bench([
-      '--socket',
-      daemon.socketPath,
-      '--verify',
-      '--size',
-      '8M',
-      '--bs',
-      '4k',
-      '--queues',
-      '2',
-      '--iodepth',
-      '8',
-      '--seed',
-      '5',
-      '--json',
-    ]);
+    const result = await bench([...verifyArgs(daemon.socketPath, { size: '8M', bs: '4k', queues: 2, iodepth: 8, seed: 5 }), '--json']);
     expect(result.code, result.stderr).toBe(0);
     const doc = JSON.parse(result.stdout) as BenchDocument;
     expect(doc.ok).toBe(true);
@@ -122,59 +95,22 @@ describe('vublk-bench run --verify against vublk', () => {
   });
 
   it('exits 1 and names the first mismatching offset when the disk holds other data', async () => {
-    const written = await bench([
-      '--socket',
-      daemon.socketPath,
-      '--verify',
-      '--size',
-      '4M',
-      '--bs',
-      '16k',
-      '--queues',
-      '2',
-      '--iodepth',
-      '4',
-      '--seed',
-      '9',
-    ]);
+    const written = await bench(verifyArgs(daemon.socketPath, { size: '4M', bs: '16k', queues: 2, iodepth: 4, seed: 9 }));
     expect(written.code, written.stderr).toBe(0);
     expect(written.stdout).toContain('verify: OK');
-    const intact = await bench(['--socket', daemon.socketPath, '--verify-only', '--size', '4M', '--bs', '16k', '--seed', '9']);
+    const intact = await bench(verifyArgs(daemon.socketPath, { size: '4M', bs: '16k', seed: 9, only: true }));
     expect(intact.code, intact.stdout + intact.stderr).toBe(0);
 
     corrupt(daemon.imagePath, 3 * MiB + 777, Uint8Array.of(0x00, 0x11, 0x22));
     corrupt(daemon.imagePath, 1 * MiB + 5, Uint8Array.of(0xee));
-    const broken = await bench([
-      '--socket',
-      daemon.socketPath,
-      '--verify-only',
-      '--size',
-      '4M',
-      '--bs',
-      '16k',
-      '--seed',
-      '9',
-      '--queues',
-      '2',
-    ]);
+    const broken = await bench(verifyArgs(daemon.socketPath, { size: '4M', bs: '16k', queues: 2, seed: 9, only: true }));
     expect(broken.code).toBe(1);
     expect(broken.stdout).toMatch(
       new RegExp(`FAILED: 2 block\\(s\\) of 32768 bytes differ; first mismatch at byte offset ${1 * MiB + 5} `),
     );
 
     // Another seed: every block differs, the first one at offset 0.
-    const otherSeed = await bench([
-      '--socket',
-      daemon.socketPath,
-      '--verify-only',
-      '--size',
-      '4M',
-      '--bs',
-      '16k',
-      '--seed',
-      '10',
-      '--json',
-    ]);
+    const otherSeed = await bench([...verifyArgs(daemon.socketPath, { size: '4M', bs: '16k', seed: 10, only: true }), '--json']);
     expect(otherSeed.code).toBe(1);
     const doc = JSON.parse(otherSeed.stdout) as BenchDocument;
     expect(doc.ok).toBe(false);
@@ -254,26 +190,12 @@ describe('vublk-bench run --verify against qemu-storage-daemon', () => {
     requireQsd(context);
     const qsd = await startQsd({ sizeBytes: 32 * MiB, numQueues: 2 });
     try {
-      const result = await bench([
-        '--socket',
-        qsd.socketPath,
-        '--verify',
-        '--size',
-        '8M',
-        '--bs',
-        '4k',
-        '--queues',
-        '2',
-        '--iodepth',
-        '8',
-        '--seed',
-        '3',
-      ]);
+      const result = await bench(verifyArgs(qsd.socketPath, { size: '8M', bs: '4k', queues: 2, iodepth: 8, seed: 3 }));
       expect(result.code, result.stderr + qsd.daemon.output).toBe(0);
       expect(result.stdout).toContain('verify: OK, every byte matches');
 
       corrupt(qsd.image, 6 * MiB + 4095, Uint8Array.of(0x5a, 0xa5));
-      const broken = await bench(['--socket', qsd.socketPath, '--verify-only', '--size', '8M', '--bs', '4k', '--seed', '3']);
+      const broken = await bench(verifyArgs(qsd.socketPath, { size: '8M', bs: '4k', seed: 3, only: true }));
       expect(broken.code).toBe(1);
       expect(broken.stdout).toContain(`first mismatch at byte offset ${6 * MiB + 4095} `);
     } finally {

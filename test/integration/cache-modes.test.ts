@@ -32,7 +32,7 @@ import path from 'node:path';
 import { BlkStatus, SECTOR_SIZE } from '../../protocol/virtio-blk.js';
 import { VhostUserFrontend, VirtioBlkDriver } from '../../bench/src/frontend/index.js';
 import { probeIoUring } from '../../src/sys/io-uring.js';
-import { startDaemon, type DaemonProcess } from '../support/daemon-process.js';
+import { startDaemon, waitForSocketFile, type DaemonProcess } from '../support/daemon-process.js';
 import { METRICS_ARGS, metricsUrl, scrape } from '../support/metrics-scrape.js';
 import { select } from '../support/prom-text.js';
 import { directIoDir } from '../support/host-disk.js';
@@ -96,11 +96,7 @@ async function serve(
     waitForSocket: false,
   });
   cleanups.push(() => daemon.stop());
-  const deadline = Date.now() + 15_000;
-  while (!existsSync(socket)) {
-    if (!daemon.running() || Date.now() > deadline) throw new Error(`daemon did not create ${socket}; output:\n${daemon.output()}`);
-    await new Promise((resolve) => setTimeout(resolve, 25));
-  }
+  await waitForSocketFile(daemon, socket);
   const fe = await VhostUserFrontend.connect(socket, {
     numQueues: 1,
     timeoutMs: 20_000,

@@ -16,7 +16,7 @@
 // the qcow2 executor under the same model, the image read back with qemu-img convert.
 //
 // The seed is printed at the start and in every failure; the same seed replays the same chains.
-import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { execFileSync } from 'node:child_process';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
@@ -44,7 +44,7 @@ import {
   type Verdict,
 } from '../support/blk-model.js';
 import { restartQueue } from '../support/chain-builder.js';
-import { startDaemon, type DaemonProcess } from '../support/daemon-process.js';
+import { startDaemon, waitForSocketFile, type DaemonProcess } from '../support/daemon-process.js';
 import { METRICS_ARGS, QueueMetrics, countsDelta, metricsUrl, type QueueCounts } from '../support/metrics-scrape.js';
 import { Prng, seedFromEnv } from '../support/prng.js';
 import { directIoDir } from '../support/host-disk.js';
@@ -1116,11 +1116,7 @@ beforeAll(async () => {
     if (FORMAT === 'qcow2') execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', `cluster_size=${CLUSTER}`, image, '32M']);
     const imageArgs = FORMAT === 'qcow2' ? ['--format', 'qcow2'] : ['--size', '32M'];
     daemon = await startDaemon({ rawArgs: ['serve', '--socket', socket, '--image', image, ...imageArgs, ...args], waitForSocket: false });
-    const deadline = Date.now() + 15_000;
-    while (!existsSync(socket)) {
-      if (!daemon.running() || Date.now() > deadline) throw new Error(`daemon did not create ${socket}:\n${daemon.output()}`);
-      await new Promise((resolve) => setTimeout(resolve, 25));
-    }
+    await waitForSocketFile(daemon, socket);
     daemon = { ...daemon, socketPath: socket, imagePath: image };
   } else {
     daemon = await startDaemon({ size: '32M', args });

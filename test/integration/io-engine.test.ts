@@ -10,6 +10,7 @@ import { BlkRequestType, BlkStatus, SECTOR_SIZE, encodeDiscardSegment } from '..
 import { VhostUserFrontend, VirtioBlkDriver, type BlkRequest, type BlkSubmitOptions } from '../../bench/src/frontend/index.js';
 import { probeIoUring } from '../../src/sys/io-uring.js';
 import { startDaemon, type DaemonProcess, type LogLine } from '../support/daemon-process.js';
+import { Prng } from '../support/prng.js';
 
 const MiB = 1024 * 1024;
 const GiB = 1024 * MiB;
@@ -27,14 +28,8 @@ afterEach(async () => {
 
 /** mulberry32: a seeded generator so a failure can be replayed. */
 function random(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
+  const prng = new Prng(seed);
+  return () => prng.next();
 }
 
 function fill(rand: () => number, length: number): Buffer {

@@ -7,30 +7,18 @@
  * qemu-nbd is missing (fails under VUBLK_E2E_REQUIRED=1).
  */
 import { afterEach, describe, expect, it } from 'vitest';
-import { execFile } from 'node:child_process';
 import { readFileSync, writeFileSync, truncateSync } from 'node:fs';
 import path from 'node:path';
 import { startDaemon, type DaemonProcess } from '../support/daemon-process.js';
 import { freePort, requireTool, startNbdkit, startQemuNbd, tempDir, type ServerProcess } from '../support/nbd-servers.js';
 import { METRICS_ARGS, metricsUrl, queueCounts, scrape } from '../support/metrics-scrape.js';
-import { BENCH_CLI } from '../../bench/src/paths.js';
+import { runBench, verifyArgs, type BenchResult } from '../support/bench-run.js';
 import { fillPattern, patternKey } from '../../bench/src/loadgen/pattern.js';
 
 const MiB = 1024 * 1024;
 
-interface CliResult {
-  code: number | null;
-  stdout: string;
-  stderr: string;
-}
-
-function bench(args: string[], timeoutMs = 60_000): Promise<CliResult> {
-  return new Promise((resolve) => {
-    execFile(process.execPath, [BENCH_CLI, 'run', ...args], { timeout: timeoutMs }, (error, stdout, stderr) => {
-      const code = error === null ? 0 : typeof error.code === 'number' ? error.code : null;
-      resolve({ code, stdout, stderr });
-    });
-  });
+function bench(args: string[], timeoutMs = 60_000): Promise<BenchResult> {
+  return runBench(args, timeoutMs);
 }
 
 const cleanups: (() => Promise<void> | void)[] = [];
@@ -65,7 +53,7 @@ async function keep(server: Promise<ServerProcess>): Promise<ServerProcess> {
   return started;
 }
 
-function expectVerified(result: CliResult, daemon: DaemonProcess): void {
+function expectVerified(result: BenchResult, daemon: DaemonProcess): void {
   expect(result.code, `${result.stdout}${result.stderr}\ndaemon:\n${daemon.output().slice(-3000)}`).toBe(0);
   expect(result.stdout).toContain('verify: OK, every byte matches');
 }
@@ -100,21 +88,7 @@ describe('vublk over NBD', () => {
     expect(ready['backend']).toBe('nbd');
     expect(ready['queuesPinned']).toBe(false);
     expect(ready['capacityBytes']).toBe(64 * MiB);
-    const result = await bench([
-      '--socket',
-      daemon.socketPath,
-      '--verify',
-      '--size',
-      '8M',
-      '--bs',
-      '4k',
-      '--queues',
-      '2',
-      '--iodepth',
-      '8',
-      '--seed',
-      '5',
-    ]);
+    const result = await bench(verifyArgs(daemon.socketPath, { size: '8M', bs: '4k', queues: 2, iodepth: 8, seed: 5 }));
     expectVerified(result, daemon);
   });
 
@@ -127,21 +101,7 @@ describe('vublk over NBD', () => {
     const port = await freePort();
     await keep(startQemuNbd({ port }, image, ['-x', 'disk0']));
     const daemon = await serveNbd(`nbd://127.0.0.1:${port}/disk0`, ',num-queues=2');
-    const result = await bench([
-      '--socket',
-      daemon.socketPath,
-      '--verify',
-      '--size',
-      '4M',
-      '--bs',
-      '16k',
-      '--queues',
-      '2',
-      '--iodepth',
-      '4',
-      '--seed',
-      '7',
-    ]);
+    const result = await bench(verifyArgs(daemon.socketPath, { size: '4M', bs: '16k', queues: 2, iodepth: 4, seed: 7 }));
     expectVerified(result, daemon);
     // FLUSH went to the server; qemu-nbd wrote through its page cache into the file.
     expect(
@@ -160,19 +120,7 @@ describe('vublk over NBD', () => {
     const nbdSocket = path.join(work, 'nbd.sock');
     await keep(startNbdkit({ unix: nbdSocket }, ['--filter=delay', 'file', image, 'delay-read=5ms', 'delay-write=5ms']));
     const daemon = await serveNbd(`nbd+unix:///?socket=${nbdSocket}`);
-    const result = await bench([
-      '--socket',
-      daemon.socketPath,
-      '--verify',
-      '--size',
-      '2M',
-      '--bs',
-      '64k',
-      '--iodepth',
-      '16',
-      '--seed',
-      '3',
-    ]);
+    const result = await bench(verifyArgs(daemon.socketPath, { size: '2M', bs: '64k', iodepth: 16, seed: 3 }));
     expectVerified(result, daemon);
     expect(
       readFileSync(image)
@@ -199,22 +147,10 @@ describe('vublk over NBD', () => {
     const daemon = await serveNbd(`nbd+unix:///?socket=${nbdSocket}`, '', [...METRICS_ARGS]);
     const base = await metricsUrl(daemon);
     // Writes work; while the trigger file exists every read fails.
-    const written = await bench([
-      '--socket',
-      daemon.socketPath,
-      '--verify',
-      '--size',
-      '1M',
-      '--bs',
-      '4k',
-      '--iodepth',
-      '4',
-      '--seed',
-      '11',
-    ]);
+    const written = await bench(verifyArgs(daemon.socketPath, { size: '1M', bs: '4k', iodepth: 4, seed: 11 }));
     expectVerified(written, daemon);
     writeFileSync(trigger, '');
-    const failing = await bench(['--socket', daemon.socketPath, '--verify-only', '--size', '1M', '--bs', '4k', '--seed', '11']);
+    const failing = await bench(verifyArgs(daemon.socketPath, { size: '1M', bs: '4k', seed: 11, only: true }));
     expect(failing.code, failing.stdout + failing.stderr).not.toBe(0);
     const counts = queueCounts(await scrape(base), 0);
     expect(counts.ioErrors).toBeGreaterThan(0);
@@ -222,7 +158,7 @@ describe('vublk over NBD', () => {
     // The fault goes away: the same data reads back.
     const { rmSync } = await import('node:fs');
     rmSync(trigger);
-    const again = await bench(['--socket', daemon.socketPath, '--verify-only', '--size', '1M', '--bs', '4k', '--seed', '11']);
+    const again = await bench(verifyArgs(daemon.socketPath, { size: '1M', bs: '4k', seed: 11, only: true }));
     expectVerified(again, daemon);
   });
 
@@ -301,21 +237,9 @@ describe('vublk over NBD', () => {
     cleanups.push(() => server.kill());
     const daemon = await serveNbd(`nbd+unix:///?socket=${nbdSocket}`, ',reconnect-timeout=1', [...METRICS_ARGS]);
     const base = await metricsUrl(daemon);
-    expectVerified(await bench(['--socket', daemon.socketPath, '--verify', '--size', '1M', '--bs', '4k', '--seed', '61']), daemon);
+    expectVerified(await bench(verifyArgs(daemon.socketPath, { size: '1M', bs: '4k', seed: 61 })), daemon);
     await server.kill();
-    const failing = await bench([
-      '--socket',
-      daemon.socketPath,
-      '--verify-only',
-      '--size',
-      '1M',
-      '--bs',
-      '4k',
-      '--seed',
-      '61',
-      '--timeout',
-      '20000',
-    ]);
+    const failing = await bench([...verifyArgs(daemon.socketPath, { size: '1M', bs: '4k', seed: 61, only: true }), '--timeout', '20000']);
     expect(failing.code, failing.stdout + failing.stderr).not.toBe(0);
     expect(queueCounts(await scrape(base), 0).ioErrors).toBeGreaterThan(0);
     expect(daemon.running()).toBe(true);
@@ -323,19 +247,7 @@ describe('vublk over NBD', () => {
     // Reconnect attempts continue (backoff up to 2 s): the first requests after the return may still fail.
     const deadline = Date.now() + 30_000;
     for (;;) {
-      const again = await bench([
-        '--socket',
-        daemon.socketPath,
-        '--verify-only',
-        '--size',
-        '1M',
-        '--bs',
-        '4k',
-        '--seed',
-        '61',
-        '--timeout',
-        '20000',
-      ]);
+      const again = await bench([...verifyArgs(daemon.socketPath, { size: '1M', bs: '4k', seed: 61, only: true }), '--timeout', '20000']);
       if (again.code === 0) break;
       if (Date.now() > deadline)
         throw new Error(`the disk did not recover:\n${again.stdout}${again.stderr}\n${daemon.output().slice(-2000)}`);

@@ -16,6 +16,7 @@ import { afterEach, describe, expect, it } from 'vitest';
 import { BlkStatus, SECTOR_SIZE } from '../../protocol/virtio-blk.js';
 import { VhostUserFrontend, VirtioBlkDriver, type BlkSubmission } from '../../bench/src/frontend/index.js';
 import { startDaemon } from '../support/daemon-process.js';
+import { hasQemuImg } from '../support/qcow2-harness.js';
 import { Prng, seedFromEnv } from '../support/prng.js';
 
 const SEED = seedFromEnv('QCOW2_DAEMON_CRASH_SEED');
@@ -25,15 +26,6 @@ const DISK = 32 * 1024 * 1024;
 const BLOCKS = DISK / BLOCK;
 const QUEUES = 2;
 const required = process.env['VUBLK_E2E_REQUIRED'] === '1';
-
-function hasQemuImg(): boolean {
-  try {
-    execFileSync('qemu-img', ['--version'], { stdio: 'ignore' });
-    return true;
-  } catch {
-    return false;
-  }
-}
 
 const cleanups: (() => Promise<unknown> | void)[] = [];
 afterEach(async () => {

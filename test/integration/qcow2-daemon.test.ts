@@ -13,13 +13,14 @@
  *   QCOW2_DAEMON_SEED replays a workload.
  */
 import { execFileSync } from 'node:child_process';
-import { copyFileSync, existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync, openSync, writeSync, closeSync } from 'node:fs';
+import { copyFileSync, mkdtempSync, readFileSync, rmSync, writeFileSync, openSync, writeSync, closeSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { BlkStatus, SECTOR_SIZE, encodeDiscardSegment } from '../../protocol/virtio-blk.js';
 import { VhostUserFrontend, VirtioBlkDriver, QemuStorageDaemon, type BlkSubmission } from '../../bench/src/frontend/index.js';
-import { startDaemon, type DaemonProcess } from '../support/daemon-process.js';
+import { startDaemon, waitForSocketFile, type DaemonProcess } from '../support/daemon-process.js';
+import { hasQemuImg } from '../support/qcow2-harness.js';
 import { Prng, seedFromEnv } from '../support/prng.js';
 import { QSD_BINARY } from '../frontend/qsd-harness.js';
 import { directIoDir } from '../support/host-disk.js';
@@ -31,14 +32,6 @@ const SEED = seedFromEnv('QCOW2_DAEMON_SEED');
 const DISK = 24 * MiB;
 const required = process.env['VUBLK_E2E_REQUIRED'] === '1';
 
-function hasQemuImg(): boolean {
-  try {
-    execFileSync('qemu-img', ['--version'], { stdio: 'ignore' });
-    return true;
-  } catch {
-    return false;
-  }
-}
 const QEMU_IMG = hasQemuImg();
 function needQemuImg(ctx: { skip: (note?: string) => void }): void {
   if (QEMU_IMG) return;
@@ -84,11 +77,7 @@ async function serve(image: string, format: 'raw' | 'qcow2' | null, queues: numb
     waitForSocket: false,
   });
   cleanups.push(() => daemon.stop());
-  const deadline = Date.now() + 15_000;
-  while (!existsSync(socket)) {
-    if (!daemon.running() || Date.now() > deadline) throw new Error(`daemon did not create ${socket}; output:\n${daemon.output()}`);
-    await new Promise((resolve) => setTimeout(resolve, 25));
-  }
+  await waitForSocketFile(daemon, socket);
   const fe = await VhostUserFrontend.connect(socket, { numQueues: queues, timeoutMs: 30_000, requireInterrupts: false });
   cleanups.push(() => fe.close());
   return { daemon, fe, blk: new VirtioBlkDriver(fe) };

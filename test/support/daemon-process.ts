@@ -128,16 +128,23 @@ export async function startDaemon(options: StartOptions = {}): Promise<DaemonPro
   };
 
   if (options.waitForSocket ?? true) {
-    const deadline = Date.now() + 15_000;
-    while (!existsSync(socketPath)) {
-      if (!running() || Date.now() > deadline) {
-        await daemon.stop();
-        throw new Error(`daemon did not create ${socketPath}; output:\n${output}`);
-      }
-      await new Promise((resolve) => setTimeout(resolve, 25));
+    try {
+      await waitForSocketFile(daemon, socketPath);
+    } catch (error) {
+      await daemon.stop();
+      throw error;
     }
   }
   return daemon;
+}
+
+/** Waits (15 s at most) until the daemon has created `socket`; throws with its output when it exits first or the time is up. */
+export async function waitForSocketFile(daemon: Pick<DaemonProcess, 'running' | 'output'>, socket: string): Promise<void> {
+  const deadline = Date.now() + 15_000;
+  while (!existsSync(socket)) {
+    if (!daemon.running() || Date.now() > deadline) throw new Error(`daemon did not create ${socket}; output:\n${daemon.output()}`);
+    await new Promise((resolve) => setTimeout(resolve, 25));
+  }
 }
 
 /** Runs the CLI (`serve ...` that is expected to exit, or a subcommand such as `throttle`) to completion, with a deadline. */

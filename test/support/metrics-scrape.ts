@@ -5,7 +5,7 @@
 import http from 'node:http';
 import type { DaemonProcess } from './daemon-process.js';
 import { parseExposition, select, type Exposition } from './prom-text.js';
-import type { CounterDelta } from './blk-model.js';
+import { emptyCounters, type CounterDelta } from './blk-model.js';
 
 /** Arguments that make a test daemon serve metrics on an ephemeral loopback port. */
 export const METRICS_ARGS = ['--metrics-listen', '127.0.0.1:0'] as const;
@@ -126,16 +126,7 @@ export class QueueMetrics {
 
 /** A delta with every field zero, for `toEqual({...ZERO_DELTA, ioErrors: 1})`. */
 export const ZERO_COUNTS: Readonly<QueueCounts> = Object.freeze({
-  reads: 0,
-  writes: 0,
-  flushes: 0,
-  discards: 0,
-  writeZeroes: 0,
-  getIds: 0,
-  bytesRead: 0,
-  bytesWritten: 0,
-  ioErrors: 0,
-  unsupported: 0,
+  ...emptyCounters(),
   throttled: 0,
   throttlePending: 0,
   invalidAvailIdx: 0,

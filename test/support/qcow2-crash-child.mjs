@@ -4,17 +4,11 @@
 // Usage: node qcow2-crash-child.mjs <image> <seed> <firstOpId>
 import * as fs from 'node:fs';
 import { attachLayer, openImage, RETRY } from '../../dist/src/backend/qcow2/index.js';
+import { mulberry32 } from './mulberry32.mjs';
 
 const [image, seedText, firstText] = process.argv.slice(2);
 const BLOCK = 4096;
-let state = Number(seedText) >>> 0;
-function u32() {
-  state = (state + 0x6d2b79f5) >>> 0;
-  let t = state;
-  t = Math.imul(t ^ (t >>> 15), t | 1);
-  t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-  return (t ^ (t >>> 14)) >>> 0;
-}
+const u32 = mulberry32(Number(seedText));
 const say = (line) => fs.writeSync(1, `${line}\n`);
 const handle = attachLayer(openImage(image, { format: 'qcow2', warn: () => {} }));
 const blocks = handle.size / BLOCK;

@@ -4,6 +4,7 @@
 import { parentPort, workerData } from 'node:worker_threads';
 import * as fs from 'node:fs';
 import { attachLayer, RETRY } from '../../dist/src/backend/qcow2/index.js';
+import { mulberry32 } from './mulberry32.mjs';
 
 const { description, index, workers, seed, ops, stripe, initial } = workerData;
 const handle = attachLayer(description);
@@ -11,14 +12,7 @@ const size = handle.size;
 const model = Buffer.alloc(size);
 if (initial) fs.readFileSync(initial).copy(model); // what the backing file shows before any write
 const sleeper = new Int32Array(new SharedArrayBuffer(4));
-let state = seed >>> 0;
-function u32() {
-  state = (state + 0x6d2b79f5) >>> 0;
-  let t = state;
-  t = Math.imul(t ^ (t >>> 15), t | 1);
-  t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-  return (t ^ (t >>> 14)) >>> 0;
-}
+const u32 = mulberry32(seed);
 let retries = 0;
 function retrying(op) {
   for (let i = 0; i < 20000; i++) {

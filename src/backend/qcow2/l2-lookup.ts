@@ -57,19 +57,11 @@ export class L2Lookup {
     const ints = this.views.ints;
     const seq = Atomics.load(ints, I_SEQ);
     if ((seq & 1) !== 0) return false;
-    const l1Index = Math.floor(g / this.geometry.l2Entries);
-    this.l1Hi = this.views.l1[l1Index * 2]!;
-    this.l1Lo = this.views.l1[l1Index * 2 + 1]!;
-    const l2 = standardEntryOffset(this.l1Hi, this.l1Lo);
-    if (l2 === 0) {
-      this.eHi = 0;
-      this.eLo = 0;
-    } else {
+    const l2 = this.loadL1Entry(g);
+    if (l2 !== 0) {
       const slot = this.findSlot(l2);
       if (slot < 0) return false;
-      const at = slot * this.cs + (g % this.geometry.l2Entries) * 8;
-      this.eHi = this.views.l2DataView.getUint32(at);
-      this.eLo = this.views.l2DataView.getUint32(at + 4);
+      this.loadL2Entry(slot, g);
       this.views.l2LastUse[slot] = ints[I_CLOCK]!; // approximate LRU: no shared read-modify-write on a hit
     }
     return Atomics.load(ints, I_SEQ) === seq;
@@ -87,6 +79,12 @@ export class L2Lookup {
 
   /** Lookup with LOCK held: loads the L2 table into the cache when missing. */
   lookupLocked(g: number): void {
+    const l2 = this.loadL1Entry(g);
+    if (l2 !== 0) this.loadL2Entry(this.slotFor(l2), g);
+  }
+
+  /** Loads the L1 entry of guest cluster `g` into the registers; returns its L2 table offset (0: none, entry registers zeroed). */
+  private loadL1Entry(g: number): number {
     const l1Index = Math.floor(g / this.geometry.l2Entries);
     this.l1Hi = this.views.l1[l1Index * 2]!;
     this.l1Lo = this.views.l1[l1Index * 2 + 1]!;
@@ -94,9 +92,12 @@ export class L2Lookup {
     if (l2 === 0) {
       this.eHi = 0;
       this.eLo = 0;
-      return;
     }
-    const slot = this.slotFor(l2);
+    return l2;
+  }
+
+  /** Loads the L2 entry of guest cluster `g` from the cached table in `slot` into the registers. */
+  private loadL2Entry(slot: number, g: number): void {
     const at = slot * this.cs + (g % this.geometry.l2Entries) * 8;
     this.eHi = this.views.l2DataView.getUint32(at);
     this.eLo = this.views.l2DataView.getUint32(at + 4);
