@@ -55,6 +55,8 @@ class NbdTransport implements Transport {
         connectTimeoutMs: backend.connectTimeoutMs,
         reconnectTimeoutMs: backend.reconnectTimeoutMs,
         requestTimeoutMs: backend.requestTimeoutMs,
+        // The executor kicks (flush) after every batch it submits.
+        callerFlushes: true,
       },
       backend.info,
       (tag, errno) => this.deliver?.(tag, errno),

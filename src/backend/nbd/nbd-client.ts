@@ -100,6 +100,12 @@ export interface NbdClientOptions {
   maxInFlight?: number;
   /** Clock in milliseconds (injectable for tests; default performance.now). */
   now?: () => number;
+  /**
+   * The caller calls `flush()` after every batch of submissions (the network executor's kick): a submission
+   * then leaves the socket's write interest alone instead of switching it on for `transmit` to switch off
+   * again (two epoll_ctl per batch). Default false: submissions are sent by a pump on writability.
+   */
+  callerFlushes?: boolean;
 }
 
 /** errno 0 = success; otherwise a positive errno (EIO, ENOSPC, EPERM, EINVAL, ENOTSUP, ...). */
@@ -224,8 +230,9 @@ export class NbdClient {
   private readonly interest = new InterestSet();
   private readonly timer = new OneShotTimer();
   private readonly wake = createEventFd();
-  private readonly options: Required<Omit<NbdClientOptions, 'now'>>;
+  private readonly options: Required<Omit<NbdClientOptions, 'now' | 'callerFlushes'>>;
   private readonly now: () => number;
+  private readonly callerFlushes: boolean;
 
   // connection
   private socket = -1;
@@ -299,6 +306,7 @@ export class NbdClient {
       maxInFlight: Math.max(1, Math.min(options.maxInFlight ?? 128, 4096)),
     };
     this.now = options.now ?? (() => performance.now());
+    this.callerFlushes = options.callerFlushes ?? false;
     this.backoffMs = this.options.initialBackoffMs;
     this.headers = Buffer.alloc(this.options.maxInFlight * REQUEST_HEADER_SIZE);
     this.headersAddress = addressOf(this.headers);
@@ -457,7 +465,8 @@ export class NbdClient {
     this.waiting.push(new Part(op, this.seq++, command, flags, offset, length, dataStart));
     if (this.stateValue === 'connected') {
       this.admit();
-      this.updateSocketInterest();
+      // With callerFlushes the caller's flush() sends the batch and sets the interest from what is left.
+      if (!this.callerFlushes) this.updateSocketInterest();
     }
   }
 
