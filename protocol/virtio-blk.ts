@@ -30,6 +30,20 @@ export const BlkRequestType = {
   SECURE_ERASE: 14,
 } as const;
 
+const REQUEST_NAMES: Readonly<Record<number, string>> = {
+  [BlkRequestType.IN]: 'read',
+  [BlkRequestType.OUT]: 'write',
+  [BlkRequestType.FLUSH]: 'flush',
+  [BlkRequestType.GET_ID]: 'get-id',
+  [BlkRequestType.DISCARD]: 'discard',
+  [BlkRequestType.WRITE_ZEROES]: 'write-zeroes',
+};
+
+/** A request type as logs and reports name it (`read`, `write-zeroes`, ... or `type N`). */
+export function blkRequestName(type: number): string {
+  return REQUEST_NAMES[type] ?? `type ${type}`;
+}
+
 export const BlkStatus = {
   OK: 0,
   IOERR: 1,

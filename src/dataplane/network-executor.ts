@@ -21,7 +21,7 @@
  *
  * Invariant: a slot is owned by one request from `submit` to its completion; `active` counts them.
  */
-import { BlkRequestType, BlkStatus } from '../../protocol/virtio-blk.js';
+import { BlkRequestType, BlkStatus, blkRequestName } from '../../protocol/virtio-blk.js';
 import { createEventFd, drainEventFd, signalEventFd } from '../sys/eventfd.js';
 import { closeFd } from '../sys/fd.js';
 import { InterestSet } from '../sys/interest-set.js';
@@ -278,7 +278,7 @@ export class NetworkExecutor implements RequestExecutor, ChannelMember {
     c.dataBytes = this.dataBytes[slot]!;
     c.written = code === 0 && type === BlkRequestType.IN ? c.dataBytes : 0;
     c.latencyNanos = (performance.now() - this.started[slot]!) * 1e6;
-    c.error = code === 0 ? '' : `${opName(type)}: ${errnoName(code)}`;
+    c.error = code === 0 ? '' : `${blkRequestName(type)}: ${errnoName(code)}`;
     this.freeSlots.push(slot);
     this.active--;
     this.onComplete(c);
@@ -316,22 +316,5 @@ export class NetworkExecutor implements RequestExecutor, ChannelMember {
     this.wakeSet.close();
     closeFd(this.wakeFd);
     this.sync.close();
-  }
-}
-
-function opName(type: number): string {
-  switch (type) {
-    case BlkRequestType.IN:
-      return 'read';
-    case BlkRequestType.OUT:
-      return 'write';
-    case BlkRequestType.FLUSH:
-      return 'flush';
-    case BlkRequestType.DISCARD:
-      return 'discard';
-    case BlkRequestType.WRITE_ZEROES:
-      return 'write-zeroes';
-    default:
-      return `request type ${type}`;
   }
 }

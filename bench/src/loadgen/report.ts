@@ -1,5 +1,5 @@
 /** Turns bench results into the --json document and the human-readable report. */
-import { BlkRequestType, BlkStatus } from '../../../protocol/virtio-blk.js';
+import { BlkRequestType, BlkStatus, blkRequestName } from '../../../protocol/virtio-blk.js';
 import { LatencyHistogram } from './latency-histogram.js';
 import type { PhaseResult, QueueStats, RequestFailure } from './engine.js';
 import type { BenchResult, VerifyResult } from './bench.js';
@@ -96,19 +96,6 @@ function throughput(queue: number | null, stats: readonly QueueStats[], seconds:
   };
 }
 
-export function typeName(type: number): string {
-  switch (type) {
-    case BlkRequestType.IN:
-      return 'read';
-    case BlkRequestType.OUT:
-      return 'write';
-    case BlkRequestType.FLUSH:
-      return 'flush';
-    default:
-      return `type ${type}`;
-  }
-}
-
 export function statusName(status: number): string {
   switch (status) {
     case BlkStatus.OK:
@@ -125,7 +112,7 @@ export function statusName(status: number): string {
 }
 
 export function describeFailure(f: RequestFailure): string {
-  const what = f.type === BlkRequestType.FLUSH ? 'flush' : `${typeName(f.type)} of ${f.bytes} bytes at offset ${f.offset}`;
+  const what = f.type === BlkRequestType.FLUSH ? 'flush' : `${blkRequestName(f.type)} of ${f.bytes} bytes at offset ${f.offset}`;
   return `queue ${f.queue}: ${what} completed with ${statusName(f.status)} (${f.status})`;
 }
 
