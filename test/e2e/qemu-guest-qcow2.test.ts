@@ -5,13 +5,13 @@
 // guest from build-guest.sh; skipped otherwise (fails under VUBLK_E2E_REQUIRED=1).
 import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { existsSync } from 'node:fs';
 import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { describe, expect, it } from 'vitest';
 import { guestReport, PATTERN_OFFSET, PATTERN_PATH, qemuAvailable, runGuest } from './qemu.js';
+import { waitForSocketFile } from '../support/daemon-process.js';
 
 const CLI = fileURLToPath(new URL('../../dist/src/cli.js', import.meta.url));
 const DISK = 64 * 1024 * 1024;
@@ -61,11 +61,7 @@ describe.skipIf(unavailable !== null)('a QEMU guest on a qcow2 overlay of a raw 
       child.stdout?.setEncoding('utf8').on('data', (text: string) => (log += text));
       child.stderr?.setEncoding('utf8').on('data', (text: string) => (log += text));
       const exited = new Promise<void>((resolve) => child?.once('exit', () => resolve()));
-      const deadline = Date.now() + 15_000;
-      while (!existsSync(socketPath)) {
-        if (child.exitCode !== null || Date.now() > deadline) throw new Error(`daemon did not start; log:\n${log}`);
-        await new Promise((resolve) => setTimeout(resolve, 50));
-      }
+      await waitForSocketFile({ running: () => child?.exitCode === null, output: () => log }, socketPath);
 
       const result = await runGuest({ socketPath, numQueues: 2, workload: 'rw', timeoutMs: 150_000 });
       const report = guestReport(result.output);

@@ -12,13 +12,14 @@
 // The image is on the host disk with O_DIRECT (--cache directsync / none), so the io_uring engine really has
 // requests in flight; the guest runs four writers at once.
 import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
-import { existsSync, readFileSync, readdirSync, readlinkSync } from 'node:fs';
+import { readFileSync, readdirSync, readlinkSync } from 'node:fs';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, describe, expect, it } from 'vitest';
 import { directIoDir } from '../support/host-disk.js';
+import { waitForSocketFile } from '../support/daemon-process.js';
 import { guestReport, qemuAvailable, runGuest, type GuestResult } from './qemu.js';
 
 const CLI = fileURLToPath(new URL('../../dist/src/cli.js', import.meta.url));
@@ -257,11 +258,7 @@ describe.skipIf(unavailable !== null)('vublk restarted under a QEMU guest (recon
       const pids = (): number[] => [...log.matchAll(/^SUPERVISOR-PID (\d+)$/gm)].map((m) => Number(m[1]));
       const exits = (): number[] => [...log.matchAll(/^SUPERVISOR-EXIT (\d+)$/gm)].map((m) => Number(m[1]));
       // systemd-socket-activate binds now and starts the supervisor at the first connection (QEMU's).
-      const deadline = Date.now() + 20_000;
-      while (!existsSync(socketPath)) {
-        if (Date.now() > deadline || activator.exitCode !== null) throw new Error(`systemd-socket-activate did not start; log:\n${log}`);
-        await new Promise((resolve) => setTimeout(resolve, 50));
-      }
+      await waitForSocketFile({ running: () => activator.exitCode === null, output: () => log }, socketPath, 20_000);
 
       const restartedAt: number[] = [];
       let restarting = false;

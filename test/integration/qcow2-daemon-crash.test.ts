@@ -9,13 +9,13 @@
  * checks the order of metadata updates, not power loss. QCOW2_DAEMON_CRASH_SEED replays a run.
  */
 import { execFileSync } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { BlkStatus, SECTOR_SIZE } from '../../protocol/virtio-blk.js';
 import { VhostUserFrontend, VirtioBlkDriver, type BlkSubmission } from '../../bench/src/frontend/index.js';
-import { startDaemon } from '../support/daemon-process.js';
+import { startDaemon, waitForSocketFile } from '../support/daemon-process.js';
 import { hasQemuImg } from '../support/qcow2-harness.js';
 import { Prng, seedFromEnv } from '../support/prng.js';
 
@@ -99,11 +99,7 @@ describe(`qcow2 crash: kill -9 during writes (engine ${process.env['VUBLK_IO_ENG
         waitForSocket: false,
       });
       cleanups.push(() => daemon.stop());
-      const deadline = Date.now() + 15_000;
-      while (!existsSync(socket)) {
-        if (!daemon.running() || Date.now() > deadline) throw new Error(`daemon did not start:\n${daemon.output()}`);
-        await new Promise((resolve) => setTimeout(resolve, 20));
-      }
+      await waitForSocketFile(daemon, socket);
       const fe = await VhostUserFrontend.connect(socket, { numQueues: QUEUES, timeoutMs: 20_000, requireInterrupts: false });
       const blk = new VirtioBlkDriver(fe);
 

@@ -139,8 +139,12 @@ export async function startDaemon(options: StartOptions = {}): Promise<DaemonPro
 }
 
 /** Waits (15 s at most) until the daemon has created `socket`; throws with its output when it exits first or the time is up. */
-export async function waitForSocketFile(daemon: Pick<DaemonProcess, 'running' | 'output'>, socket: string): Promise<void> {
-  const deadline = Date.now() + 15_000;
+export async function waitForSocketFile(
+  daemon: Pick<DaemonProcess, 'running' | 'output'>,
+  socket: string,
+  timeoutMs = 15_000,
+): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
   while (!existsSync(socket)) {
     if (!daemon.running() || Date.now() > deadline) throw new Error(`daemon did not create ${socket}; output:\n${daemon.output()}`);
     await new Promise((resolve) => setTimeout(resolve, 25));
