@@ -1,11 +1,16 @@
 // Boots the tiny guest built by build-guest.sh under QEMU (TCG, no KVM needed) and
 // captures its serial console, where /init reports "VUBLK-E2E: ..." marker lines.
 import { spawn, spawnSync } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { readFileSync, rmSync } from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 const QEMU = 'qemu-system-x86_64';
 const BUILD_SCRIPT = fileURLToPath(new URL('./build-guest.sh', import.meta.url));
+/** Lines of the firmware's debug log shown after a timed-out boot. */
+const FIRMWARE_LOG_TAIL_LINES = 30;
 
 export const GUEST_DIR = fileURLToPath(new URL('../../.cache/guest/', import.meta.url));
 /** The bytes the rw workload writes and verify expects. */
@@ -116,6 +121,9 @@ export function runGuest(options: GuestOptions): Promise<GuestResult> {
       `virtio-blk-pci,drive=d0,num-queues=${numQueues}`,
     );
   }
+  // SeaBIOS's debug port (0x402): after a boot that timed out with an empty console, its last lines say
+  // whether the firmware stopped (e.g. waiting for a disk request) or handed over to the kernel.
+  const firmwareLog = path.join(os.tmpdir(), `vublk-e2e-seabios-${process.pid}-${randomBytes(4).toString('hex')}.log`);
   const args = [
     '-accel',
     'tcg',
@@ -141,6 +149,10 @@ export function runGuest(options: GuestOptions): Promise<GuestResult> {
       `console=ttyS0 panic=-1 quiet vublk.test=${workload} vublk.offset=${PATTERN_OFFSET} vublk.timeout=${guestTimeoutS}`,
       ...(options.kernelArgs ?? []),
     ].join(' '),
+    '-chardev',
+    `file,id=fwlog,path=${optionValue(firmwareLog)}`,
+    '-device',
+    'isa-debugcon,iobase=0x402,chardev=fwlog',
     '-display',
     'none',
     '-nodefaults',
@@ -166,13 +178,28 @@ export function runGuest(options: GuestOptions): Promise<GuestResult> {
     }, timeoutMs);
     qemu.on('error', (err) => {
       clearTimeout(timer);
+      rmSync(firmwareLog, { force: true });
       reject(err);
     });
     qemu.on('close', (exitCode) => {
       clearTimeout(timer);
+      if (timedOut) output += firmwareLogTail(firmwareLog);
+      rmSync(firmwareLog, { force: true });
       resolve({ output: output.replace(/\r\n/g, '\n'), exitCode, timedOut });
     });
   });
+}
+
+/** The end of the firmware's debug log, as a block to append to the console output. */
+function firmwareLogTail(file: string): string {
+  let text: string;
+  try {
+    text = readFileSync(file, 'utf8');
+  } catch (error) {
+    return `\n--- SeaBIOS debug log unreadable: ${error instanceof Error ? error.message : String(error)} ---\n`;
+  }
+  const lines = text.replace(/\r\n/g, '\n').trimEnd().split('\n');
+  return `\n--- SeaBIOS debug log, last ${Math.min(lines.length, FIRMWARE_LOG_TAIL_LINES)} of ${lines.length} lines ---\n${lines.slice(-FIRMWARE_LOG_TAIL_LINES).join('\n')}\n--- end of SeaBIOS debug log ---\n`;
 }
 
 /** QEMU option values end at a comma unless it is doubled. */
