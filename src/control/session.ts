@@ -314,13 +314,16 @@ export class VhostUserSession {
     }
     const fds = message.fds.splice(0);
     const mapped: MappedRegion[] = [];
+    // mapRegion closes its fd whether it succeeds or throws: only the fds it never got are closed here. Closing
+    // one twice could close an fd a worker thread opened meanwhile under the same number (a ring's timer).
+    let consumed = 0;
     try {
-      regions.forEach((region, i) => mapped.push(mapRegion(region, fds[i]!)));
+      for (const region of regions) mapped.push(mapRegion(region, fds[consumed++]!));
       assertNoOverlap(mapped);
       assertWithinLimits(mapped);
     } catch (error) {
       mapped.forEach(unmapRegion);
-      closeAll(fds.slice(mapped.length));
+      closeAll(fds.slice(consumed));
       throw error;
     }
     await this.replaceMemory(mapped);
