@@ -17,7 +17,7 @@ export const PATTERN_OFFSET = 1024 * 1024;
  * probe: report the disk (or "no-vda") without I/O; rw: write the pattern, flush,
  * drop caches, read back; verify: only read back and compare.
  */
-export type Workload = 'probe' | 'rw' | 'verify' | 'discard' | 'readonly' | 'resize' | 'reconnect';
+export type Workload = 'probe' | 'rw' | 'verify' | 'unaligned' | 'discard' | 'readonly' | 'resize' | 'reconnect';
 
 export interface GuestOptions {
   /** vhost-user-blk socket of the backend under test. */
