@@ -332,6 +332,8 @@ export async function cancelledHop(source: Vm, options: HopOptions): Promise<Can
     info = await queryMigration(source, destination, deadline, context);
   }
   const before = latestRound(source);
+  // query-migrate reports no RAM figures once cancelled: keep the last ones.
+  const transferred = info.ram?.transferred;
   await source.qmp.execute('migrate_cancel');
   while (info.status !== 'cancelled') {
     expect(info.status, `the cancelled migration completed\n${context()}`).not.toBe('completed');
@@ -341,7 +343,7 @@ export async function cancelledHop(source: Vm, options: HopOptions): Promise<Can
   await waitForRunning(source, context);
   await destination.kill();
   const reached = await waitForRounds(source, before, ROUNDS_AFTER, context);
-  const summary = `${source.name} → ${name} cancelled after ${info.ram?.transferred} bytes; ${source.name} ran rounds ${before + 1}..${reached}`;
+  const summary = `${source.name} → ${name} cancelled after ${transferred} bytes of pre-copy; ${source.name} ran rounds ${before + 1}..${reached}`;
   return { info, before, reached, summary };
 }
 

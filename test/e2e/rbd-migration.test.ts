@@ -118,8 +118,12 @@ describe('live migration between two vublk daemons on one Ceph RBD image (lock=n
     expect(await owner(), `the lock follows the guest to the destination\n${context()}`).toBe('vublk B');
 
     // A migration B → A cancelled in pre-copy (docs/rbd.md step 6): the source guest writes on, the lock stays.
+    const logSince = daemons[1]!.logs().length;
     const cancelled = await cancelledHop(there.destination, { dir, name: 'qemu-x', disk: vhostUserDisk(sockets[0]!), vms, context });
     report.push(cancelled.summary);
+    // The source QEMU turned vublk B's dirty log on for the pre-copy and off again at the cancel.
+    await daemons[1]!.waitForLog((line) => line.msg === 'dirty logging on', 30_000, logSince);
+    await daemons[1]!.waitForLog((line) => line.msg === 'dirty logging off', 30_000, logSince);
     expect(await owner(), `the lock stays with the source after a cancelled migration\n${context()}`).toBe('vublk B');
 
     // B → A, to a fresh QEMU on the first daemon.
