@@ -10,7 +10,7 @@ import { writeFileSync } from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { expect } from 'vitest';
-import { GUEST_DIR, PATTERN_OFFSET } from './qemu.js';
+import { guestQemuArgs, PATTERN_OFFSET } from './qemu.js';
 import { QmpClient } from '../support/qmp-client.js';
 import { startDaemon, waitForSocketFile, type DaemonProcess } from '../support/daemon-process.js';
 
@@ -74,33 +74,14 @@ export async function startVm(options: VmOptions): Promise<Vm> {
   const { name, dir, disk, incomingPort, cpus = 1 } = options;
   const qmpPath = path.join(dir, `${name}.qmp`);
   const args = [
-    '-accel',
-    'tcg',
-    '-machine',
-    'q35',
-    '-smp',
-    String(cpus),
-    '-m',
-    String(MEMORY_MIB),
     // Both QEMUs share nothing but the image: each maps its own guest RAM, shared with its own vublk.
-    '-object',
-    `memory-backend-memfd,id=mem,size=${MEMORY_MIB}M,share=on`,
-    '-numa',
-    'node,memdev=mem',
-    ...disk,
-    '-kernel',
-    path.join(GUEST_DIR, 'vmlinuz'),
-    '-initrd',
-    path.join(GUEST_DIR, 'initramfs.cpio.gz'),
     // init_on_alloc=0: pages the CPU zeroes on allocation would be re-sent anyway and hide a missing bit.
-    '-append',
-    `console=ttyS0 panic=-1 quiet init_on_alloc=0 vublk.test=migrate vublk.offset=${PATTERN_OFFSET} vublk.timeout=1800`,
-    '-display',
-    'none',
-    '-nodefaults',
-    '-no-reboot',
-    '-serial',
-    'stdio',
+    ...guestQemuArgs({
+      cpus,
+      memoryMiB: MEMORY_MIB,
+      disk,
+      kernelArgs: ['init_on_alloc=0', 'vublk.test=migrate', `vublk.offset=${PATTERN_OFFSET}`, 'vublk.timeout=1800'],
+    }),
     '-qmp',
     `unix:${qmpPath},server=on,wait=off`,
     ...(incomingPort === null ? [] : ['-incoming', `tcp:127.0.0.1:${incomingPort}`]),
