@@ -47,6 +47,7 @@ type SharedDiskField =
   | 'locking'
   | 'format'
   | 'l2CacheBytes'
+  | 'bufferAlign'
   | keyof NetworkImageOptions;
 
 /**
@@ -411,6 +412,15 @@ export const DISK_OPTIONS: readonly AnyDiskOption[] = [
     default: 'writeback',
     reload: 'restart',
     admin: 'cache',
+  }),
+  option({
+    field: 'bufferAlign',
+    key: 'buffer-align',
+    flag: '--buffer-align',
+    help: 'cache=none/directsync: the alignment (bytes, a power of two up to 4096) guest buffers must have for O_DIRECT; others go through bounce buffers. Default: what statx reports (STATX_DIOALIGN), else the logical block size; raise it where the kernel reports none (before 6.1) or too little',
+    type: powerOfTwo(4096),
+    reload: 'restart',
+    admin: 'buffer-align',
   }),
   option({
     field: 'pollUs',

@@ -7,6 +7,7 @@ import type { DiskLimits } from '../throttle/disk-throttle.js';
 import type { DiskOptions } from '../device/blk-disk.js';
 import type { ListenAddress } from '../control/export-listener.js';
 import { VublkError } from '../errors.js';
+import { cachePolicy } from '../dataplane/request-executor.js';
 import {
   DISK_OPTIONS,
   OptionValueError,
@@ -94,6 +95,7 @@ export function buildDiskSpec(
     fail(`must be a non-zero multiple of ${block} bytes, got ${fields.sizeBytes}`, 'size');
   }
   checkNetworkImage(fields, fail);
+  checkBufferAlign(fields, fail);
   if (fields.iopsBurst && !fields.iops) fail('needs iops', 'iops-burst');
   if (fields.bpsBurst && !fields.bps) fail('needs bps', 'bps-burst');
 
@@ -149,6 +151,14 @@ const RBD_KEYS = ['conf', 'id', 'keyring', 'mon-host', 'lock', 'osd-timeout'] as
 const NBD_KEYS = ['reconnect-timeout', 'request-timeout'] as const;
 const RBD_FIELDS = ['rbdConf', 'rbdId', 'rbdKeyring', 'rbdMonHost', 'rbdLock', 'osdTimeout'] as const;
 const NBD_FIELDS = ['reconnectTimeout', 'requestTimeout'] as const;
+
+/** buffer-align is about O_DIRECT on a local image: refused where it would silently do nothing. */
+function checkBufferAlign(fields: DiskFields, fail: (detail: string, key?: string) => never): void {
+  if (fields.bufferAlign === undefined) return;
+  if (isNetworkImage(fields.imagePath!)) fail('only applies to image files and block devices (O_DIRECT)', 'buffer-align');
+  if (!cachePolicy(fields.cache).direct)
+    fail(`only applies to cache=none and cache=directsync (O_DIRECT), not cache=${fields.cache}`, 'buffer-align');
+}
 
 /**
  * Network images: the location must parse (pure: nothing is connected here), options of the other kind of

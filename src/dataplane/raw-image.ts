@@ -35,8 +35,11 @@ export class ImageOpenError extends VublkError {
   }
 }
 
-/** Opens an existing image with the flags of `cache`. */
-export function openRawImage(path: string, readOnly: boolean, cache: CacheMode): OpenedImage {
+/**
+ * Opens an existing image with the flags of `cache`. `bufferAlign` raises the memory alignment O_DIRECT
+ * needs above what the kernel reports (kernels before 6.1 report none; the fallback may be too little).
+ */
+export function openRawImage(path: string, readOnly: boolean, cache: CacheMode, bufferAlign = 1): OpenedImage {
   const policy = cachePolicy(cache);
   const flags = (readOnly ? O_RDONLY : O_RDWR) | (policy.direct ? O_DIRECT : 0) | (policy.dsync ? O_DSYNC : 0);
   let fd: number;
@@ -55,7 +58,7 @@ export function openRawImage(path: string, readOnly: boolean, cache: CacheMode):
     const deviceBlockSize = stat.blockDevice ? blockDeviceSectorSize(fd) : 0;
     const sizeBytes = stat.blockDevice ? blockDeviceBytes(fd) : stat.size;
     const fallback = deviceBlockSize > 0 ? deviceBlockSize : 512;
-    const memAlign = policy.direct ? stat.dioMemAlign || fallback : 1;
+    const memAlign = policy.direct ? Math.max(stat.dioMemAlign || fallback, bufferAlign) : 1;
     const offsetAlign = policy.direct ? stat.dioOffsetAlign || fallback : 1;
     return { fd, sizeBytes, deviceBlockSize, io: { cache, memAlign, offsetAlign, blockDevice: stat.blockDevice } };
   } catch (error) {

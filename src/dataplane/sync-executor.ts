@@ -6,7 +6,7 @@ import { BlkRequestType, BlkStatus, BLK_ID_BYTES } from '../../protocol/virtio-b
 import { sys, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE } from '../sys/libc.js';
 import { lastErrno, errnoName, Errno } from '../sys/errors.js';
 import type { GuestMemory } from './guest-memory.js';
-import { readDiscardSegments, type BlkRequest } from './blk-request.js';
+import { readDiscardSegments, type BlkRequest, type RangeSegment } from './blk-request.js';
 import type { DeviceLimits } from './device-limits.js';
 import { emptyCompletion, type Completion, type EngineOptions, type RequestExecutor } from './request-executor.js';
 import { IOV_MAX, IovecPool, SECTOR_SIZE, zeroFillTail } from './iovec.js';
@@ -14,6 +14,11 @@ import { AlignedBuffer, copyBounce } from './bounce-pool.js';
 import { blockDeviceRange } from '../sys/block-io.js';
 
 const ZERO_CHUNK = 1 << 20;
+
+/** fallocate mode for a file range: DISCARD and WRITE_ZEROES with UNMAP punch a hole, else ZERO_RANGE. */
+export function fallocateMode(range: RangeSegment, isWriteZeroes: boolean): number {
+  return !isWriteZeroes || range.unmap ? FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE : FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE;
+}
 
 interface ExecutionResult {
   status: number;
@@ -211,26 +216,33 @@ export class SyncExecutor implements RequestExecutor {
     if (!Array.isArray(ranges)) return this.fail(ranges.status, ranges.reason);
     const isWriteZeroes = request.type === BlkRequestType.WRITE_ZEROES;
     for (const range of ranges) {
-      if (range.length === 0) continue;
-      if (this.options.blockDevice === true) {
-        // Block devices: BLKZEROOUT zeroes (unmapping where the device can), BLKDISCARD is a hint.
-        if (blockDeviceRange(this.fd, isWriteZeroes, range.offset, range.length) === 0) continue;
-        const errno = lastErrno();
-        if (!isWriteZeroes && errno === Errno.EOPNOTSUPP) continue;
-        return this.fail(BlkStatus.IOERR, `ioctl(${isWriteZeroes ? 'BLKZEROOUT' : 'BLKDISCARD'}): ${errnoName(errno)}`);
-      }
-      const mode = !isWriteZeroes || range.unmap ? FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE : FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE;
-      if (sys.fallocate(this.fd, mode, range.offset, range.length) === 0) continue;
-      const errno = lastErrno();
-      // Discard is a hint: a file system without hole punching simply keeps the data.
-      if (!isWriteZeroes && errno === Errno.EOPNOTSUPP) continue;
-      if (isWriteZeroes && errno === Errno.EOPNOTSUPP) {
-        if (!this.writeZeroes(range.offset, range.length)) return this.fail(BlkStatus.IOERR, `pwrite of zeroes: ${errnoName(lastErrno())}`);
-        continue;
-      }
-      return this.fail(BlkStatus.IOERR, `fallocate: ${errnoName(errno)}`);
+      const error = this.applyRange(range, isWriteZeroes);
+      if (error !== '') return this.fail(BlkStatus.IOERR, error);
     }
     return this.result;
+  }
+
+  /**
+   * Discards or zeroes one validated range with blocking calls; '' on success, else why it failed. Also the
+   * io_uring engine's fallback for a range its asynchronous fallocate could not do.
+   */
+  applyRange(range: RangeSegment, isWriteZeroes: boolean): string {
+    if (range.length === 0) return '';
+    if (this.options.blockDevice === true) {
+      // Block devices: BLKZEROOUT zeroes (unmapping where the device can), BLKDISCARD is a hint.
+      if (blockDeviceRange(this.fd, isWriteZeroes, range.offset, range.length) === 0) return '';
+      const errno = lastErrno();
+      if (!isWriteZeroes && errno === Errno.EOPNOTSUPP) return '';
+      return `ioctl(${isWriteZeroes ? 'BLKZEROOUT' : 'BLKDISCARD'}): ${errnoName(errno)}`;
+    }
+    if (sys.fallocate(this.fd, fallocateMode(range, isWriteZeroes), range.offset, range.length) === 0) return '';
+    const errno = lastErrno();
+    // Discard is a hint: a file system without hole punching simply keeps the data.
+    if (!isWriteZeroes && errno === Errno.EOPNOTSUPP) return '';
+    if (isWriteZeroes && errno === Errno.EOPNOTSUPP) {
+      return this.writeZeroes(range.offset, range.length) ? '' : `pwrite of zeroes: ${errnoName(lastErrno())}`;
+    }
+    return `fallocate: ${errnoName(errno)}`;
   }
 
   /** Fallback for file systems without FALLOC_FL_ZERO_RANGE. */

@@ -13,9 +13,14 @@
  * - FLUSH → FSYNC(DATASYNC) with IOSQE_IO_DRAIN: it starts only after every SQE submitted before it has
  *   completed, so it covers every write completed before it was received. If an earlier write was still
  *   being continued (short write) when the fsync completed, the fsync is issued again behind it.
- * - DISCARD / WRITE_ZEROES stay behind everything submitted before them without blocking: `canAccept`
- *   refuses them while anything is in flight (the drain stops popping and resumes on the last completion),
- *   then they run synchronously on an internal SyncExecutor (fallocate / BLKDISCARD / BLKZEROOUT).
+ * - DISCARD / WRITE_ZEROES on a file: one FALLOCATE per range (PUNCH_HOLE, or ZERO_RANGE for WRITE_ZEROES
+ *   without UNMAP), the ranges one after another. The first SQE carries IOSQE_IO_DRAIN, so the request
+ *   starts only once everything submitted before it has completed, without the worker waiting (its later
+ *   ranges are not ordered against requests that came after it: virtio-blk orders nothing in flight). A range the kernel refuses (EOPNOTSUPP: no ZERO_RANGE on tmpfs; EINVAL: a kernel before
+ *   FALLOCATE) is redone synchronously by the SyncExecutor's rules (discard is a hint; zeroes are then
+ *   written); once ZERO_RANGE failed, later zero ranges go straight to that fallback, behind a draining NOP.
+ * - DISCARD / WRITE_ZEROES on a block device (BLKDISCARD / BLKZEROOUT are ioctls, not io_uring operations):
+ *   `canAccept` refuses them while anything is in flight, then they run synchronously.
  * - GET_ID (and requests whose iovecs do not fit a slot, or whose bounce does not fit the pool) run
  *   synchronously too.
  *
@@ -29,10 +34,10 @@ import { IoUring, IoUringOp, SqeFlag, IORING_FSYNC_DATASYNC } from '../sys/io-ur
 import { createEventFd, drainEventFd } from '../sys/eventfd.js';
 import { sys } from '../sys/libc.js';
 import type { GuestMemory } from './guest-memory.js';
-import type { BlkRequest } from './blk-request.js';
+import { readDiscardSegments, type BlkRequest, type RangeSegment } from './blk-request.js';
 import type { DeviceLimits } from './device-limits.js';
 import { emptyCompletion, type Completion, type EngineOptions, type RequestExecutor } from './request-executor.js';
-import { SyncExecutor } from './sync-executor.js';
+import { fallocateMode, SyncExecutor } from './sync-executor.js';
 import { IOV_MAX, IovecPool, SECTOR_SIZE, zeroFillTail } from './iovec.js';
 import { BOUNCE_CHUNK_BYTES, BouncePool, copyBounce } from './bounce-pool.js';
 import { waitReadable } from '../sys/poll-wait.js';
@@ -45,6 +50,8 @@ export const BOUNCE_POOL_BYTES = 4 * 1024 * 1024;
 /** CQE kinds, in the high half of the 32-bit user data; the slot is in the low half. */
 const KIND_RW = 0;
 const KIND_SYNC = 1;
+/** A DISCARD / WRITE_ZEROES range (FALLOCATE), or the draining NOP in front of a synchronous one. */
+const KIND_RANGE = 2;
 
 const SlotFlag = {
   /** Write-through write: must be synced before it completes. */
@@ -55,6 +62,8 @@ const SlotFlag = {
   synced: 4,
   /** Data goes through bounce chunks. */
   bounced: 8,
+  /** The range SQE in flight is a NOP: its range is done synchronously when it completes. */
+  rangeNop: 16,
 } as const;
 
 export function encodeUserData(slot: number, kind: number): number {
@@ -113,9 +122,17 @@ export class UringExecutor implements RequestExecutor {
   private readonly slotSegLen: Uint32Array;
   private readonly slotChunks: Int32Array;
   private readonly iov: IovecPool;
+  /** DISCARD / WRITE_ZEROES: the request's ranges and the next one to do. */
+  private readonly slotRanges: (RangeSegment[] | null)[];
+  private readonly slotRangeAt: Int32Array;
+  /** Files take DISCARD / WRITE_ZEROES through FALLOCATE SQEs; block devices synchronously. */
+  private readonly asyncRanges: boolean;
+  /** FALLOC_FL_ZERO_RANGE was refused once (tmpfs): zero ranges go to the synchronous fallback. */
+  private zeroRangeRefused = false;
   private closed = false;
 
   private readonly onCqe = (userData: number, res: number): void => this.handleCqe(userData, res);
+  private readonly limits: DeviceLimits;
 
   /** Sets up the ring; throws SyscallError when io_uring is unavailable. */
   constructor(
@@ -167,16 +184,21 @@ export class UringExecutor implements RequestExecutor {
     this.slotChunks = new Int32Array(depth * this.chunksPerSlot);
     // A segment crossing a memory-region boundary becomes two iovecs; requests needing more fall back to sync.
     this.iov = new IovecPool(depth, Math.max(this.chunksPerSlot, Math.min(IOV_MAX, 2 * this.segCapacity)));
+    this.slotRanges = new Array<RangeSegment[] | null>(depth).fill(null);
+    this.slotRangeAt = new Int32Array(depth);
+    this.asyncRanges = options.blockDevice !== true;
+    this.limits = limits;
   }
 
   get inFlight(): number {
     return this.active;
   }
 
-  /** Room for one more request: a slot, bounce chunks; DISCARD / WRITE_ZEROES only once nothing is in flight. */
+  /** Room for one more request: a slot, bounce chunks; on a block device DISCARD / WRITE_ZEROES only once idle. */
   canAccept(request: BlkRequest): boolean {
     if (this.freeCount === 0) return false;
-    if (request.type === BlkRequestType.DISCARD || request.type === BlkRequestType.WRITE_ZEROES) return this.active === 0;
+    if (request.type === BlkRequestType.DISCARD || request.type === BlkRequestType.WRITE_ZEROES)
+      return this.asyncRanges || this.active === 0;
     if (this.bounce === null || (request.type !== BlkRequestType.IN && request.type !== BlkRequestType.OUT)) return true;
     const chunks = BouncePool.chunksFor(request.dataBytes);
     // Whether this request bounces is only known once its iovecs are built; asking for the chunks it would
@@ -201,8 +223,17 @@ export class UringExecutor implements RequestExecutor {
         this.prepareFsync(slot, SqeFlag.IO_DRAIN);
         return;
       }
+      case BlkRequestType.DISCARD:
+      case BlkRequestType.WRITE_ZEROES:
+        if (this.asyncRanges) {
+          this.submitRanges(memory, request, head, capacityBytes);
+          return;
+        }
+        // A block device: canAccept let it in only with nothing in flight.
+        this.sync.submit(memory, request, head, capacityBytes, writeback);
+        return;
       default:
-        // GET_ID touches guest memory only; DISCARD / WRITE_ZEROES are not ordered against requests in flight.
+        // GET_ID touches guest memory only.
         this.sync.submit(memory, request, head, capacityBytes, writeback);
     }
   }
@@ -277,6 +308,71 @@ export class UringExecutor implements RequestExecutor {
     this.prepareReadWrite(slot);
   }
 
+  /** DISCARD / WRITE_ZEROES on a file: validated here, then one range at a time, the first one draining. */
+  private submitRanges(memory: GuestMemory, request: BlkRequest, head: number, capacityBytes: number): void {
+    const ranges = readDiscardSegments(memory, request, this.limits, capacityBytes);
+    if (!Array.isArray(ranges)) {
+      // Bad segments are answered at once, like the sync engine does (nothing touched the file).
+      this.sync.submit(memory, request, head, capacityBytes, true);
+      return;
+    }
+    const slot = this.acquireSlot();
+    this.initSlot(slot, memory, request, head, performance.now());
+    this.slotRanges[slot] = ranges;
+    this.slotRangeAt[slot] = 0;
+    this.prepareRange(slot, SqeFlag.IO_DRAIN);
+  }
+
+  /**
+   * Queues the slot's next non-empty range (FALLOCATE), or a NOP when that range must be done synchronously
+   * (the NOP's completion does it, so `flags` still orders it); completes the slot when none is left.
+   */
+  private prepareRange(slot: number, flags: number): void {
+    const ranges = this.slotRanges[slot] ?? [];
+    let at = this.slotRangeAt[slot] ?? 0;
+    while (at < ranges.length && (ranges[at]?.length ?? 0) === 0) at++;
+    this.slotRangeAt[slot] = at;
+    const range = ranges[at];
+    if (range === undefined) {
+      this.complete(slot, BlkStatus.OK, '');
+      return;
+    }
+    const isWriteZeroes = this.slotType[slot] === BlkRequestType.WRITE_ZEROES;
+    const nop = this.zeroRangeRefused && isWriteZeroes && !range.unmap;
+    if (nop) this.prepare(IoUringOp.NOP, flags, 0, 0, 0, 0, encodeUserData(slot, KIND_RANGE));
+    else
+      this.prepare(
+        IoUringOp.FALLOCATE,
+        flags,
+        range.offset,
+        range.length,
+        fallocateMode(range, isWriteZeroes),
+        0,
+        encodeUserData(slot, KIND_RANGE),
+      );
+    this.slotFlags[slot] = nop ? (this.slotFlags[slot] ?? 0) | SlotFlag.rangeNop : (this.slotFlags[slot] ?? 0) & ~SlotFlag.rangeNop;
+    this.slotPending[slot] = (this.slotPending[slot] ?? 0) + 1;
+  }
+
+  /** A range's FALLOCATE (or NOP) completed: redo it synchronously if needed, then the next range. */
+  private rangeDone(slot: number, res: number, wasNop: boolean): void {
+    const ranges = this.slotRanges[slot] ?? [];
+    const at = this.slotRangeAt[slot] ?? 0;
+    const range = ranges[at];
+    const isWriteZeroes = this.slotType[slot] === BlkRequestType.WRITE_ZEROES;
+    if (range !== undefined && (wasNop || res < 0)) {
+      if (isWriteZeroes && !range.unmap && -res === Errno.EOPNOTSUPP) this.zeroRangeRefused = true;
+      // The synchronous rules decide: a refused discard is fine, refused zeroing writes zeroes, else IOERR.
+      const error = this.sync.applyRange(range, isWriteZeroes);
+      if (error !== '') {
+        this.complete(slot, BlkStatus.IOERR, error);
+        return;
+      }
+    }
+    this.slotRangeAt[slot] = at + 1;
+    this.prepareRange(slot, 0);
+  }
+
   private canBounce(bytes: number): boolean {
     const pool = this.bounce;
     return pool !== null && pool.available >= BouncePool.chunksFor(bytes);
@@ -348,6 +444,7 @@ export class UringExecutor implements RequestExecutor {
     }
     this.slotFlags[slot] = 0;
     this.slotMemory[slot] = null;
+    this.slotRanges[slot] = null;
     this.freeSlots[this.freeCount++] = slot;
     this.active--;
   }
@@ -393,7 +490,13 @@ export class UringExecutor implements RequestExecutor {
     const slot = userDataSlot(userData);
     this.outstandingCqes--;
     const type = this.slotType[slot] ?? 0;
-    if (userDataKind(userData) === KIND_RW) {
+    const kind = userDataKind(userData);
+    if (kind === KIND_RANGE) {
+      this.slotPending[slot] = (this.slotPending[slot] ?? 1) - 1;
+      this.rangeDone(slot, res, ((this.slotFlags[slot] ?? 0) & SlotFlag.rangeNop) !== 0);
+      return;
+    }
+    if (kind === KIND_RW) {
       const moved = res;
       if (moved < 0) {
         // EINTR / EAGAIN: resubmitted by advance() (nothing was transferred).
@@ -492,8 +595,9 @@ export class UringExecutor implements RequestExecutor {
   private earlierWriteInFlight(flushSlot: number): boolean {
     const seq = this.slotSeq[flushSlot] ?? 0;
     for (let s = 0; s < this.depth; s++) {
-      if (s !== flushSlot && (this.slotPending[s] ?? 0) > 0 && this.slotType[s] === BlkRequestType.OUT && (this.slotSeq[s] ?? 0) < seq)
-        return true;
+      if (s === flushSlot || (this.slotPending[s] ?? 0) === 0 || (this.slotSeq[s] ?? 0) >= seq) continue;
+      const type = this.slotType[s];
+      if (type === BlkRequestType.OUT || type === BlkRequestType.WRITE_ZEROES || type === BlkRequestType.DISCARD) return true;
     }
     return false;
   }

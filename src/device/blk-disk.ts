@@ -46,6 +46,8 @@ export interface DiskOptions extends NetworkImageOptions {
   locking: boolean;
   /** Cache mode, as QEMU's cache= (default writeback). */
   cache?: CacheMode | undefined;
+  /** O_DIRECT: the least alignment guest buffers need (raises what statx reports; undefined = as reported). */
+  bufferAlign?: number | undefined;
   /** Adaptive polling of the workers serving this disk, µs (0 / undefined = off). */
   pollUs?: number | undefined;
   /** Image format; undefined: probed (with a warning). */
@@ -191,7 +193,7 @@ export class BlkDisk {
     }
     let opened: ReturnType<typeof openRawImage>;
     try {
-      opened = openRawImage(imagePath, readOnly, cache);
+      opened = openRawImage(imagePath, readOnly, cache, options.bufferAlign);
     } catch (error) {
       throw new DiskSetupError(name, (error as Error).message);
     }

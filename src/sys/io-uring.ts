@@ -51,6 +51,8 @@ export const IoUringOp = {
   READV: 1,
   WRITEV: 2,
   FSYNC: 3,
+  /** Linux 5.6: off = offset, addr = length, len = mode. */
+  FALLOCATE: 17,
 } as const;
 
 /** IOSQE_* flags of an SQE. */

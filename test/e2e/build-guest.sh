@@ -12,7 +12,9 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 out=$repo/.cache/guest
 debs=$out/debs
 stamp=$out/stamp
-want_stamp=$(sha256sum "${BASH_SOURCE[0]}" | cut -d' ' -f1)
+dio_source=$repo/test/e2e/guest/dio-unaligned.c
+# The guest changes with this script and with the C workload it compiles.
+want_stamp=$(cat "${BASH_SOURCE[0]}" "$dio_source" | sha256sum | cut -d' ' -f1)
 
 mkdir -p "$debs"
 # Serialise concurrent builds (e.g. parallel test workers).
@@ -33,6 +35,8 @@ missing=()
 command -v cpio >/dev/null || missing+=(cpio)
 command -v xz >/dev/null || missing+=(xz-utils)
 command -v depmod >/dev/null && command -v modprobe >/dev/null || missing+=(kmod)
+command -v gcc >/dev/null || missing+=(gcc)
+[[ -f /usr/lib/x86_64-linux-gnu/libc.a ]] || missing+=(libc6-dev)
 if ((${#missing[@]})); then
   apt_retry apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
@@ -104,6 +108,9 @@ for lib in $(ldd /usr/sbin/blkdiscard | awk '/=>/ { print $3 } /ld-linux/ { prin
   cp -L "$lib" "$root$lib"
 done
 
+# O_DIRECT with guest buffers 512 bytes past a page boundary (the bounce-buffer test); static, no libraries.
+gcc -static -O2 -Wall -Werror -o "$root/opt/dio-unaligned" "$dio_source"
+
 # 4 MiB; every 32-byte line names its 512-byte sector, so misplaced sectors show up in a hexdump.
 awk 'BEGIN { for (s = 0; s < 8192; s++) for (l = 0; l < 16; l++) printf "vublk-e2e sector %06d line %02d\n", s, l }' \
   >"$root/pattern.bin"
@@ -111,7 +118,7 @@ awk 'BEGIN { for (s = 0; s < 8192; s++) for (l = 0; l < 16; l++) printf "vublk-e
 cat >"$root/init" <<'INIT'
 #!/bin/busybox sh
 # PID 1 of the e2e guest. Kernel command line:
-#   vublk.test=probe|rw|verify|discard|readonly|resize|migrate|reconnect  workload on /dev/vda
+#   vublk.test=probe|rw|verify|unaligned|discard|readonly|resize|migrate|reconnect  workload on /dev/vda
 #   vublk.rounds=N              write/read-back rounds of the reconnect workload (default 12)
 #   vublk.offset=BYTES          where rw/verify put /pattern.bin on the disk
 #   vublk.timeout=SECONDS       guest-side watchdog (default 60)
@@ -185,6 +192,16 @@ case $workload in
       sync
       echo 3 >/proc/sys/vm/drop_caches
     fi
+    readback
+    ;;
+  unaligned)
+    # O_DIRECT writes and reads whose buffers start 512..3584 bytes past a page boundary (dio-unaligned.c),
+    # then the usual read-back: a back-end needing 4096-byte buffers must bounce them and still be exact.
+    [ -n "$offset" ] || fail "unaligned: vublk.offset missing"
+    [ $((offset + length)) -le $((size * 512)) ] || fail "unaligned: disk too small ($size sectors)"
+    step "unaligned: writing and reading back with unaligned buffers"
+    result=$(/opt/dio-unaligned /dev/vda "$offset" /pattern.bin) || fail "unaligned: $result"
+    say "$result"
     readback
     ;;
   discard)

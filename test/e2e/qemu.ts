@@ -22,7 +22,7 @@ export const PATTERN_OFFSET = 1024 * 1024;
  * probe: report the disk (or "no-vda") without I/O; rw: write the pattern, flush,
  * drop caches, read back; verify: only read back and compare.
  */
-export type Workload = 'probe' | 'rw' | 'verify' | 'discard' | 'readonly' | 'resize' | 'reconnect';
+export type Workload = 'probe' | 'rw' | 'verify' | 'unaligned' | 'discard' | 'readonly' | 'resize' | 'reconnect';
 
 export interface GuestOptions {
   /** vhost-user-blk socket of the backend under test. */
@@ -76,6 +76,41 @@ export function ensureGuest(): void {
 
 let availability: string | null | undefined;
 
+/**
+ * The QEMU command line of the e2e guest (TCG, q35, no devices but `disk`, console on stdio): `kernelArgs`
+ * after the fixed ones select the workload. Guest RAM is a shared memfd, which vhost-user back-ends map.
+ */
+export function guestQemuArgs(options: { cpus: number; memoryMiB: number; disk: string[]; kernelArgs: string[] }): string[] {
+  const { cpus, memoryMiB, disk, kernelArgs } = options;
+  return [
+    '-accel',
+    'tcg',
+    '-machine',
+    'q35',
+    '-smp',
+    String(cpus),
+    '-m',
+    String(memoryMiB),
+    '-object',
+    `memory-backend-memfd,id=mem,size=${memoryMiB}M,share=on`,
+    '-numa',
+    'node,memdev=mem',
+    ...disk,
+    '-kernel',
+    path.join(GUEST_DIR, 'vmlinuz'),
+    '-initrd',
+    path.join(GUEST_DIR, 'initramfs.cpio.gz'),
+    '-append',
+    ['console=ttyS0 panic=-1 quiet', ...kernelArgs].join(' '),
+    '-display',
+    'none',
+    '-nodefaults',
+    '-no-reboot',
+    '-serial',
+    'stdio',
+  ];
+}
+
 /** null if guests can be booted here, otherwise why not. */
 export function qemuAvailable(): string | null {
   if (availability === undefined) {
@@ -124,42 +159,19 @@ export function runGuest(options: GuestOptions): Promise<GuestResult> {
   // SeaBIOS's debug port (0x402): after a boot that timed out with an empty console, its last lines say
   // whether the firmware stopped (e.g. waiting for a disk request) or handed over to the kernel.
   const firmwareLog = path.join(os.tmpdir(), `vublk-e2e-seabios-${process.pid}-${randomBytes(4).toString('hex')}.log`);
-  const args = [
-    '-accel',
-    'tcg',
-    '-machine',
-    'q35',
+  const args = guestQemuArgs({
     // virtio_blk uses min(num-queues, CPUs) queues, so multi-queue needs as many vCPUs.
-    '-smp',
-    String(numQueues),
-    '-m',
-    String(memoryMiB),
-    // vhost-user backends map guest RAM, so it must be a shareable fd.
-    '-object',
-    `memory-backend-memfd,id=mem,size=${memoryMiB}M,share=on`,
-    '-numa',
-    'node,memdev=mem',
-    ...disk,
-    '-kernel',
-    path.join(GUEST_DIR, 'vmlinuz'),
-    '-initrd',
-    path.join(GUEST_DIR, 'initramfs.cpio.gz'),
-    '-append',
-    [
-      `console=ttyS0 panic=-1 quiet vublk.test=${workload} vublk.offset=${PATTERN_OFFSET} vublk.timeout=${guestTimeoutS}`,
+    cpus: numQueues,
+    memoryMiB,
+    disk,
+    kernelArgs: [
+      `vublk.test=${workload}`,
+      `vublk.offset=${PATTERN_OFFSET}`,
+      `vublk.timeout=${guestTimeoutS}`,
       ...(options.kernelArgs ?? []),
-    ].join(' '),
-    '-chardev',
-    `file,id=fwlog,path=${optionValue(firmwareLog)}`,
-    '-device',
-    'isa-debugcon,iobase=0x402,chardev=fwlog',
-    '-display',
-    'none',
-    '-nodefaults',
-    '-no-reboot',
-    '-serial',
-    'stdio',
-  ];
+    ],
+  });
+  args.push('-chardev', `file,id=fwlog,path=${optionValue(firmwareLog)}`, '-device', 'isa-debugcon,iobase=0x402,chardev=fwlog');
 
   return new Promise((resolve, reject) => {
     const qemu = spawn(QEMU, args, { stdio: ['ignore', 'pipe', 'pipe'] });

@@ -85,6 +85,7 @@ describe('the disk option table', () => {
       locking: false,
       cache: 'none',
       'poll-us': 50,
+      'buffer-align': 4096,
       iops: 10,
       'iops-burst': 20,
       bps: '1M',
@@ -109,14 +110,17 @@ describe('the disk option table', () => {
       const sample = samples[row.key];
       expect(sample, `a sample value for ${row.key}`).toBeDefined();
       const text = typeof sample === 'boolean' ? (sample ? 'on' : 'off') : String(sample);
-      const burstNeeds = row.key === 'iops-burst' ? ',iops=10' : row.key === 'bps-burst' ? ',bps=1M' : '';
+      // Keys that only apply next to another one.
+      const burstNeeds =
+        row.key === 'iops-burst' ? ',iops=10' : row.key === 'bps-burst' ? ',bps=1M' : row.key === 'buffer-align' ? ',cache=none' : '';
       const image = rbdKeys.includes(row.key) ? 'rbd:pool/img' : nbdKeys.includes(row.key) ? 'nbd://host/e' : '/x.img';
       const spec = parseDiskArgument(`image=${image},socket=/x.sock,${row.key}=${text}${burstNeeds}`, 0);
       expect(spec.fields[row.field], row.key).toBeDefined();
+      const needs = burstNeeds.replace(',', ', ').replace('=', ': ');
       const entry =
         row.group === undefined
-          ? `${row.key}: ${JSON.stringify(sample)}`
-          : `${row.group}: { ${row.key}: ${JSON.stringify(sample)}${burstNeeds.replace(',', ', ').replace('=', ': ')} }`;
+          ? `${row.key}: ${JSON.stringify(sample)}${needs}`
+          : `${row.group}: { ${row.key}: ${JSON.stringify(sample)}${needs} }`;
       const config = parseConfig(`disks:\n  - { image: "${image}", socket: /x.sock, ${entry} }\n`, '/etc/v.yaml');
       expect(config.disks[0]!.fields[row.field], configKeyOf(row)).toEqual(spec.fields[row.field]);
     }
@@ -131,6 +135,14 @@ describe('the disk option table', () => {
     expect(() => parseDiskArgument('image=rbd:vms/g1,socket=/x.sock,reconnect-timeout=5', 0)).toThrow(
       /reconnect-timeout: only applies to nbd/,
     );
+    expect(() => parseDiskArgument('image=/x.img,socket=/x.sock,buffer-align=4096', 0)).toThrow(
+      /buffer-align: only applies to cache=none and cache=directsync \(O_DIRECT\), not cache=writeback/,
+    );
+    expect(() => parseDiskArgument('image=rbd:vms/g1,socket=/x.sock,cache=none,buffer-align=4096', 0)).toThrow(
+      /buffer-align: only applies to image files and block devices/,
+    );
+    expect(() => parseDiskArgument('image=/x.img,socket=/x.sock,cache=none,buffer-align=3000', 0)).toThrow(/power of two/);
+    expect(parseDiskArgument('image=/x.img,socket=/x.sock,cache=directsync,buffer-align=4096', 0).options.bufferAlign).toBe(4096);
     expect(() => parseDiskArgument('image=rbd:vms/g1,socket=/x.sock,size=1G', 0)).toThrow(
       /size: a network image has the size its server gives it/,
     );

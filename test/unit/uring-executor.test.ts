@@ -258,3 +258,131 @@ describe.each(engines)('%s engine', (_name, create, skip) => {
     executor.close();
   });
 });
+
+// DISCARD / WRITE_ZEROES on a file go through FALLOCATE SQEs: the worker never waits for them, the first
+// one drains what came before, and a file system without ZERO_RANGE (tmpfs) gets zeroes written instead.
+describe.skipIf(uringUnavailable !== null)('io_uring engine: DISCARD / WRITE_ZEROES without blocking the worker', () => {
+  const cases: [string, string][] = [
+    ['ext4 or the like (os.tmpdir())', os.tmpdir()],
+    ['tmpfs (/dev/shm: no FALLOC_FL_ZERO_RANGE)', '/dev/shm'],
+  ];
+  describe.each(cases)('on %s', (_label, base) => {
+    const available = fs.existsSync(base);
+    let dir: string;
+    let fd: number;
+    let fx: MemoryFixture;
+    let executor: UringExecutor;
+    let completions: Completion[];
+    const request = new BlkRequest(limits.segMax + 2);
+
+    beforeEach(() => {
+      if (!available) return;
+      dir = fs.mkdtempSync(path.join(base, 'vublk-ranges-'));
+      fs.writeFileSync(path.join(dir, 'disk.img'), Buffer.alloc(IMAGE_BYTES, 0x5a));
+      fd = fs.openSync(path.join(dir, 'disk.img'), 'r+');
+      fx = memoryFixture(1 << 20);
+      completions = [];
+      executor = new UringExecutor(fd, limits);
+      executor.onComplete = (c) => completions.push({ ...c });
+    });
+
+    afterEach(() => {
+      if (!available) return;
+      executor.close();
+      fs.closeSync(fd);
+      fs.rmSync(dir, { recursive: true, force: true });
+    });
+
+    /** A DISCARD / WRITE_ZEROES of [sector, sectors, unmap] ranges; its segments at guest offset `at`. */
+    function submitRanges(head: number, type: number, ranges: [number, number, boolean][], at: number): void {
+      ranges.forEach(([sector, numSectors, unmap], i) =>
+        fx.bytes.set(encodeDiscardSegment({ sector, numSectors, flags: unmap ? 1 : 0 }), at + 16 * i),
+      );
+      request.type = type;
+      request.sector = 0;
+      request.segCount = 0;
+      request.dataBytes = 0;
+      request.statusGpa = fx.gpa(fx.bytes.length - 1 - head);
+      request.addSegment(fx.gpa(at), 16 * ranges.length);
+      expect(executor.canAccept(request)).toBe(true);
+      executor.submit(fx.memory, request, head, IMAGE_BYTES, true);
+    }
+
+    it.skipIf(!available)('stay in flight after submit (even behind a write), start after it, and zero what they cover', () => {
+      fx.bytes.fill(0x11, 0, 65536);
+      request.type = BlkRequestType.OUT;
+      request.sector = 0;
+      request.segCount = 0;
+      request.dataBytes = 0;
+      request.statusGpa = fx.gpa(fx.bytes.length - 100);
+      request.addSegment(fx.gpa(0), 65536);
+      executor.submit(fx.memory, request, 100, IMAGE_BYTES, true);
+      // Zero (no unmap) two ranges, one of them inside the write's range, and discard one elsewhere.
+      submitRanges(
+        1,
+        BlkRequestType.WRITE_ZEROES,
+        [
+          [64, 32, false],
+          [1024, 8, false],
+        ],
+        200_000,
+      );
+      submitRanges(2, BlkRequestType.DISCARD, [[512, 64, false]], 200_100);
+      submitRanges(3, BlkRequestType.WRITE_ZEROES, [[1536, 16, true]], 200_200);
+      // Nothing ran inside submit: the worker would go back to its rings now.
+      expect(completions).toEqual([]);
+      expect(executor.inFlight).toBe(4);
+      expect(executor.submitPending()).toBe(true);
+      expect(executor.waitIdle(10_000)).toBe(true);
+      // The write first (the first range drains it); the later ranges of a request are not ordered against
+      // requests that came after it, as nothing in flight is in virtio-blk.
+      expect(completions[0]).toMatchObject({ head: 100, status: BlkStatus.OK });
+      expect(completions.map((c) => [c.head, c.status, c.error]).sort()).toEqual([
+        [1, BlkStatus.OK, ''],
+        [100, BlkStatus.OK, ''],
+        [2, BlkStatus.OK, ''],
+        [3, BlkStatus.OK, ''],
+      ]);
+      const disk = fs.readFileSync(path.join(dir, 'disk.img'));
+      expect(disk.length).toBe(IMAGE_BYTES);
+      // The zeroed range inside the write lost to the WRITE_ZEROES submitted after it, the rest kept the write.
+      expect(disk.subarray(0, 32768).every((b) => b === 0x11)).toBe(true);
+      expect(disk.subarray(32768, 49152).every((b) => b === 0)).toBe(true);
+      expect(disk.subarray(49152, 65536).every((b) => b === 0x11)).toBe(true);
+      expect(disk.subarray(1024 * 512, 1032 * 512).every((b) => b === 0)).toBe(true);
+      expect(disk.subarray(1032 * 512, 1033 * 512).every((b) => b === 0x5a)).toBe(true);
+      expect(disk.subarray(512 * 512, 576 * 512).every((b) => b === 0)).toBe(true);
+      expect(disk.subarray(1536 * 512, 1552 * 512).every((b) => b === 0)).toBe(true);
+      // A second zeroing after a refused ZERO_RANGE (tmpfs) takes the remembered fallback.
+      fs.writeSync(fd, Buffer.alloc(4096, 0x22), 0, 4096, 1800 * 512);
+      submitRanges(4, BlkRequestType.WRITE_ZEROES, [[1800, 8, false]], 200_300);
+      expect(executor.waitIdle(10_000)).toBe(true);
+      expect(completions.at(-1)).toMatchObject({ head: 4, status: BlkStatus.OK, type: BlkRequestType.WRITE_ZEROES });
+      expect(
+        fs
+          .readFileSync(path.join(dir, 'disk.img'))
+          .subarray(1800 * 512, 1808 * 512)
+          .every((b) => b === 0),
+      ).toBe(true);
+    });
+
+    it.skipIf(!available)('fail with IOERR naming the errno when the kernel refuses the range, and keep serving', () => {
+      executor.close();
+      const readOnly = fs.openSync(path.join(dir, 'disk.img'), 'r');
+      try {
+        executor = new UringExecutor(readOnly, limits);
+        executor.onComplete = (c) => completions.push({ ...c });
+        submitRanges(1, BlkRequestType.DISCARD, [[0, 8, false]], 200_000);
+        expect(executor.waitIdle(10_000)).toBe(true);
+        expect(completions).toHaveLength(1);
+        expect(completions[0]!.status).toBe(BlkStatus.IOERR);
+        expect(completions[0]!.error).toMatch(/fallocate: EBADF/);
+        expect(executor.inFlight).toBe(0);
+      } finally {
+        executor.close();
+        fs.closeSync(readOnly);
+        executor = new UringExecutor(fd, limits);
+      }
+    });
+  });
+});

@@ -1,0 +1,381 @@
+/**
+ * What the live-migration e2e tests share (migration.test.ts on a shared file, rbd-migration.test.ts on a
+ * shared Ceph RBD image): QEMU guests running the `migrate` workload of build-guest.sh (O_DIRECT write and
+ * read-back rounds, a console-driven sentinel only the dirty log can carry over), driven over QMP; the
+ * vublk daemons serving them; a QMP-held pre-copy, its switch-over and its cancellation.
+ * Every wait has a deadline; a failure message carries the consoles and daemon logs (`context()`).
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { writeFileSync } from 'node:fs';
+import net from 'node:net';
+import path from 'node:path';
+import { expect } from 'vitest';
+import { guestQemuArgs, PATTERN_OFFSET } from './qemu.js';
+import { QmpClient } from '../support/qmp-client.js';
+import { startDaemon, waitForSocketFile, type DaemonProcess } from '../support/daemon-process.js';
+
+const QEMU = 'qemu-system-x86_64';
+const MEMORY_MIB = 256;
+/** Rounds the guest must complete on a QEMU before it is migrated away. */
+export const ROUNDS_BEFORE = 2;
+/** Rounds the guest must complete on the destination after a switch-over (or on the source after a cancel). */
+export const ROUNDS_AFTER = 3;
+const BOOT_TIMEOUT_MS = 120_000;
+const MIGRATION_TIMEOUT_MS = 240_000;
+const ROUNDS_TIMEOUT_MS = 120_000;
+
+export interface Vm {
+  name: string;
+  qmp: QmpClient;
+  child: ChildProcess;
+  output(): string;
+  /** The numbers of the "round=N ok" lines on the console so far. */
+  rounds(): number[];
+  /** Types a line on the guest console. */
+  send(line: string): void;
+  kill(): Promise<void>;
+}
+
+export interface VmOptions {
+  name: string;
+  /** Where the QMP socket goes. */
+  dir: string;
+  /** The disk's QEMU arguments (vhostUserDisk(), or a -drive for a control run). */
+  disk: string[];
+  /** Listen for an incoming migration on this loopback port (a destination), or null (a source). */
+  incomingPort: number | null;
+  /** vCPUs (as many as the disk has queues, so the guest uses all of them). */
+  cpus?: number;
+}
+
+export function sleep(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
+export async function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const server = net.createServer();
+    server.once('error', reject);
+    server.listen(0, '127.0.0.1', () => {
+      const address = server.address();
+      const port = typeof address === 'object' && address !== null ? address.port : 0;
+      server.close(() => resolve(port));
+    });
+  });
+}
+
+/** The QEMU arguments of a vhost-user-blk disk on `socketPath`. */
+export function vhostUserDisk(socketPath: string, numQueues = 1): string[] {
+  return ['-chardev', `socket,id=vu0,path=${socketPath}`, '-device', `vhost-user-blk-pci,chardev=vu0,num-queues=${numQueues}`];
+}
+
+/** Starts a QEMU running the `migrate` workload (or waiting for it with -incoming) and connects its QMP. */
+export async function startVm(options: VmOptions): Promise<Vm> {
+  const { name, dir, disk, incomingPort, cpus = 1 } = options;
+  const qmpPath = path.join(dir, `${name}.qmp`);
+  const args = [
+    // Both QEMUs share nothing but the image: each maps its own guest RAM, shared with its own vublk.
+    // init_on_alloc=0: pages the CPU zeroes on allocation would be re-sent anyway and hide a missing bit.
+    ...guestQemuArgs({
+      cpus,
+      memoryMiB: MEMORY_MIB,
+      disk,
+      kernelArgs: ['init_on_alloc=0', 'vublk.test=migrate', `vublk.offset=${PATTERN_OFFSET}`, 'vublk.timeout=1800'],
+    }),
+    '-qmp',
+    `unix:${qmpPath},server=on,wait=off`,
+    ...(incomingPort === null ? [] : ['-incoming', `tcp:127.0.0.1:${incomingPort}`]),
+  ];
+  // stdin is the guest's console input: the host drives the sentinel with it.
+  const child = spawn(QEMU, args, { stdio: ['pipe', 'pipe', 'pipe'] });
+  let output = '';
+  child.stdout?.setEncoding('utf8').on('data', (text: string) => (output += text));
+  child.stderr?.setEncoding('utf8').on('data', (text: string) => (output += text));
+  // A QEMU that died (e.g. a destination whose migration was cancelled) must not fail the test on EPIPE.
+  child.stdin?.on('error', () => undefined);
+  const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
+  let qmp: QmpClient;
+  try {
+    qmp = await QmpClient.connect(qmpPath, 30_000);
+  } catch (error) {
+    child.kill('SIGKILL');
+    throw new Error(`${name}: ${error instanceof Error ? error.message : String(error)}\n${output}`);
+  }
+  return {
+    name,
+    qmp,
+    child,
+    // Line ends are \r\n on the serial console; a chunk may split them, so they are normalised when read.
+    output: () => output.replace(/\r/g, ''),
+    rounds: () => [...output.replace(/\r/g, '').matchAll(/^VUBLK-E2E: round=(\d+) ok$/gm)].map((m) => Number(m[1])),
+    send: (line) => void child.stdin?.write(`${line}\n`),
+    async kill() {
+      qmp.close();
+      if (child.exitCode === null && child.signalCode === null) {
+        child.kill('SIGKILL');
+        await Promise.race([exited, sleep(10_000)]);
+      }
+    },
+  };
+}
+
+/** The guest's FAIL lines (an I/O error, a mismatch, a watchdog timeout). */
+export function failures(vm: Vm): string[] {
+  return [...vm.output().matchAll(/^VUBLK-E2E: FAIL .*$/gm)].map((m) => m[0]);
+}
+
+export function latestRound(vm: Vm): number {
+  return Math.max(0, ...vm.rounds());
+}
+
+/** Waits until the VM's console shows round `after + count`; fails on a FAIL line or when QEMU exits. */
+export async function waitForRounds(
+  vm: Vm,
+  after: number,
+  count: number,
+  context: () => string,
+  timeoutMs = ROUNDS_TIMEOUT_MS,
+): Promise<number> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    expect(failures(vm), context()).toEqual([]);
+    const latest = latestRound(vm);
+    if (latest >= after + count) return latest;
+    if (Date.now() > deadline)
+      expect.fail(`${vm.name}: no round past ${after + count - 1} within ${timeoutMs} ms (latest ${latest})\n${context()}`);
+    if (vm.child.exitCode !== null || vm.child.signalCode !== null) expect.fail(`${vm.name} exited\n${context()}`);
+    await sleep(250);
+  }
+}
+
+/** Waits for the first VM to boot and complete ROUNDS_BEFORE rounds. */
+export function waitForBoot(vm: Vm, context: () => string): Promise<number> {
+  return waitForRounds(vm, 0, ROUNDS_BEFORE, context, BOOT_TIMEOUT_MS);
+}
+
+/** Waits for a console line that `matches`, failing early on a FAIL line. */
+async function waitForConsole(
+  vm: Vm,
+  matches: (line: string) => boolean,
+  what: string,
+  timeoutMs: number,
+  context: () => string,
+): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!vm.output().split('\n').some(matches)) {
+    expect(failures(vm), context()).toEqual([]);
+    if (Date.now() > deadline) expect.fail(`${vm.name}: no "${what}" within ${timeoutMs} ms\n${context()}`);
+    await sleep(200);
+  }
+}
+
+export interface MigrationInfo {
+  status: string;
+  'error-desc'?: string;
+  'total-time'?: number;
+  downtime?: number;
+  ram?: { transferred: number; remaining: number; 'dirty-sync-count': number; 'dirty-pages-rate'?: number };
+}
+
+/**
+ * Starts a migration of `source` to the loopback `port` that cannot converge on its own: 16 MiB/s for 1 ms
+ * means QEMU switches over only when under 16 KiB are left, which the guest's steady dirtier never allows.
+ * (A hold that lets QEMU 7.2 TCG switch over on its own — e.g. a higher bandwidth with this limit — crashed
+ * destination kernels even with QEMU's own virtio-blk: avoid it.)
+ */
+async function startHeldMigration(source: Vm, port: number): Promise<void> {
+  await source.qmp.execute('migrate-set-parameters', { 'max-bandwidth': 16 * 1024 * 1024, 'downtime-limit': 1 });
+  await source.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
+}
+
+/** query-migrate on the source; fails on `failed`/`cancelled` (unless `expected`) or past the deadline. */
+async function queryMigration(
+  source: Vm,
+  destination: Vm,
+  deadline: number,
+  context: () => string,
+  expected: string[] = [],
+): Promise<MigrationInfo> {
+  const info = await source.qmp.execute<MigrationInfo>('query-migrate');
+  if ((info.status === 'failed' || info.status === 'cancelled') && !expected.includes(info.status))
+    expect.fail(`migration ${source.name} → ${destination.name} ${info.status}: ${info['error-desc'] ?? ''}\n${context()}`);
+  if (Date.now() > deadline)
+    expect.fail(`migration ${source.name} → ${destination.name} still ${info.status} after ${MIGRATION_TIMEOUT_MS} ms\n${context()}`);
+  return info;
+}
+
+async function waitForRunning(vm: Vm, context: () => string): Promise<void> {
+  const deadline = Date.now() + 30_000;
+  for (;;) {
+    const status = await vm.qmp.execute<{ status: string; running: boolean }>('query-status');
+    if (status.running) return;
+    if (Date.now() > deadline) expect.fail(`${vm.name} is ${status.status}, not running\n${context()}`);
+    await sleep(200);
+  }
+}
+
+/**
+ * Migrates `source` to `destination` (listening on `port`). Pre-copy is held open until the first full RAM
+ * pass is done and the guest has filled the sentinel — pages the device writes after they were sent once;
+ * then the limits are raised and query-migrate is polled until completed. Returns query-migrate's last answer.
+ */
+export async function migrate(source: Vm, destination: Vm, port: number, hop: number, context: () => string): Promise<MigrationInfo> {
+  await startHeldMigration(source, port);
+  const deadline = Date.now() + MIGRATION_TIMEOUT_MS;
+  let info = await queryMigration(source, destination, deadline, context);
+  // The first full pass is over once the dirty bitmap has been synced again after it.
+  while (info.status !== 'active' || (info.ram?.['dirty-sync-count'] ?? 0) < 2) {
+    expect(info.status, `pre-copy converged before the sentinel was filled\n${context()}`).not.toBe('completed');
+    await sleep(100);
+    info = await queryMigration(source, destination, deadline, context);
+  }
+  source.send(`fill ${hop}`);
+  await waitForConsole(source, (l) => l.startsWith(`VUBLK-E2E: filled ${hop} `), `filled ${hop} ...`, 60_000, context);
+  info = await queryMigration(source, destination, deadline, context);
+  expect(info.status, `pre-copy converged before the sentinel was filled\n${context()}`).toBe('active');
+  // Loopback is fast; let it converge now.
+  await source.qmp.execute('migrate-set-parameters', { 'max-bandwidth': 1024 * 1024 * 1024, 'downtime-limit': 300 });
+  while (info.status !== 'completed') {
+    await sleep(200);
+    info = await queryMigration(source, destination, deadline, context);
+  }
+  await waitForRunning(destination, context);
+  return info;
+}
+
+export interface HopResult {
+  destination: Vm;
+  info: MigrationInfo;
+  /** The source's latest round when the migration started, and the destination's when the hop was done. */
+  before: number;
+  reached: number;
+  /** One line for the test's report. */
+  summary: string;
+}
+
+export interface HopOptions {
+  dir: string;
+  /** The destination QEMU's name and disk arguments. */
+  name: string;
+  disk: string[];
+  cpus?: number;
+  /** Every VM started is pushed here (the caller kills them at the end). */
+  vms: Vm[];
+  context: () => string;
+}
+
+/**
+ * One live migration: starts the destination QEMU with -incoming, migrates the guest there, checks the
+ * sentinel (carried only by the dirty log) and waits for ROUNDS_AFTER more rounds on the destination with
+ * no FAIL on either side; then the source QEMU quits (its vhost-user session ends, its daemon stays up).
+ */
+export async function hopTo(source: Vm, hop: number, options: HopOptions): Promise<HopResult> {
+  const { dir, name, disk, cpus, vms, context } = options;
+  const port = await freePort();
+  const destination = await startVm({ name, dir, disk, incomingPort: port, cpus });
+  vms.push(destination);
+  const before = latestRound(source);
+  const info = await migrate(source, destination, port, hop, context);
+  destination.send(`check ${hop}`);
+  await waitForConsole(destination, (l) => l === `VUBLK-E2E: sentinel ${hop} ok`, `sentinel ${hop} ok`, 60_000, context);
+  const reached = await waitForRounds(destination, before, ROUNDS_AFTER, context);
+  expect(failures(source), context()).toEqual([]);
+  await source.qmp.execute('quit').catch(() => undefined);
+  const summary =
+    `${source.name} → ${name}: ${info['total-time']} ms, downtime ${info.downtime} ms, ${info.ram?.['dirty-sync-count']} dirty syncs, ` +
+    `${info.ram?.transferred} bytes; ${name} ran rounds ${before + 1}..${reached}`;
+  return { destination, info, before, reached, summary };
+}
+
+export interface CancelResult {
+  info: MigrationInfo;
+  before: number;
+  reached: number;
+  summary: string;
+}
+
+/**
+ * A failed migration: starts a destination QEMU with -incoming, migrates to it with pre-copy held open,
+ * cancels with `migrate_cancel` once RAM is moving, and checks the source runs on and completes
+ * ROUNDS_AFTER more rounds with no FAIL. The destination QEMU is killed.
+ */
+export async function cancelledHop(source: Vm, options: HopOptions): Promise<CancelResult> {
+  const { dir, name, disk, cpus, vms, context } = options;
+  const port = await freePort();
+  const destination = await startVm({ name, dir, disk, incomingPort: port, cpus });
+  vms.push(destination);
+  await startHeldMigration(source, port);
+  const deadline = Date.now() + MIGRATION_TIMEOUT_MS;
+  let info = await queryMigration(source, destination, deadline, context);
+  while (info.status !== 'active' || (info.ram?.transferred ?? 0) < 8 * 1024 * 1024) {
+    expect(info.status, `pre-copy converged although it was held open\n${context()}`).not.toBe('completed');
+    await sleep(100);
+    info = await queryMigration(source, destination, deadline, context);
+  }
+  const before = latestRound(source);
+  // query-migrate reports no RAM figures once cancelled: keep the last ones.
+  const transferred = info.ram?.transferred;
+  await source.qmp.execute('migrate_cancel');
+  while (info.status !== 'cancelled') {
+    expect(info.status, `the cancelled migration completed\n${context()}`).not.toBe('completed');
+    await sleep(200);
+    info = await queryMigration(source, destination, deadline, context, ['cancelled']);
+  }
+  await waitForRunning(source, context);
+  await destination.kill();
+  const reached = await waitForRounds(source, before, ROUNDS_AFTER, context);
+  const summary = `${source.name} → ${name} cancelled after ${transferred} bytes of pre-copy; ${source.name} ran rounds ${before + 1}..${reached}`;
+  return { info, before, reached, summary };
+}
+
+/**
+ * Pauses the VM (`stop` drains its vhost-user rings: every write it submitted has completed in the back-end)
+ * and returns the latest round it completed. The image then holds only whole writes of two round patterns.
+ */
+export async function pauseVm(vm: Vm, context: () => string): Promise<number> {
+  await vm.qmp.execute('stop');
+  const status = await vm.qmp.execute<{ status: string; running: boolean }>('query-status');
+  expect(status.running, context()).toBe(false);
+  expect(failures(vm), context()).toEqual([]);
+  return latestRound(vm);
+}
+
+/** Starts `vublk serve --disk SPEC` (no metrics listener) and waits up to `timeoutMs` for its socket. */
+export async function startServingDaemon(disk: string, socketPath: string, timeoutMs = 15_000): Promise<DaemonProcess> {
+  const daemon = await startDaemon({ rawArgs: ['serve', '--disk', disk, '--metrics-listen', 'off'], waitForSocket: false });
+  try {
+    await waitForSocketFile(daemon, socketPath, timeoutMs);
+  } catch (error) {
+    await daemon.stop();
+    throw error;
+  }
+  return daemon;
+}
+
+/**
+ * The failure context: the tail of every console and daemon log (VUBLK_MIGRATION_DUMP=PREFIX also writes
+ * them whole to PREFIX-NAME.log).
+ */
+export function migrationContext(vms: Vm[], daemons: DaemonProcess[]): () => string {
+  return () => {
+    const dump = process.env['VUBLK_MIGRATION_DUMP'];
+    if (dump) {
+      for (const vm of vms) writeFileSync(`${dump}-${vm.name}.log`, vm.output());
+      daemons.forEach((d, i) => writeFileSync(`${dump}-daemon${i}.log`, d.output()));
+    }
+    return [
+      ...vms.map((vm) => `--- ${vm.name} console:\n${vm.output().split('\n').slice(-30).join('\n')}`),
+      ...daemons.map((d, i) => `--- daemon ${i} log:\n${d.output().split('\n').slice(-25).join('\n')}`),
+    ].join('\n');
+  };
+}
+
+/** The lifetime dirty-page counts each daemon logged at each ring stop. */
+export function dirtyPagesLogged(daemons: DaemonProcess[]): unknown[][] {
+  return daemons.map((d) =>
+    d
+      .logs()
+      .filter((line) => line.msg === 'ring stopped')
+      .map((line) => line['pagesLogged']),
+  );
+}
