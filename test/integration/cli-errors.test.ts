@@ -175,7 +175,8 @@ describe('vublk serve refuses bad input', () => {
 
 describe('signals', () => {
   it('SIGTERM while the daemon is still starting: it finishes starting, then shuts down cleanly (exit 0, socket removed)', async () => {
-    const daemon = await startDaemon({ waitForSocket: false });
+    // A port of its own: on the default one, another daemon of a parallel test may be listening already.
+    const daemon = await startDaemon({ waitForSocket: false, args: ['--metrics-listen', '127.0.0.1:0'] });
     try {
       // The metrics listener comes up before the disks: the signal lands in the middle of the start.
       await daemon.waitForLog((l) => l.msg === 'metrics listening');
