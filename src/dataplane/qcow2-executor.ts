@@ -12,13 +12,15 @@
  *   maybe on another worker) leaves the request in `deferred`: it is tried again at the next reap/submit
  *   (a completion or the drain's retry timer: `submitPending` says false when nothing in flight will wake
  *   the worker), never waited for.
- * - FLUSH: `handle.flush()` (one fdatasync of the top image: data written through any fd of that file and
- *   metadata). Every write completed before it was committed first, so it is covered.
+ * - FLUSH: one fdatasync of the top image (data written through any fd of that file, and metadata) done by
+ *   the top image's engine as a sub-request (io_uring: an FSYNC draining what was submitted before it), so
+ *   the worker never waits for the disk; then `handle.afterDataSync()` (deferred cluster frees). Every
+ *   write completed before the FLUSH was committed first, so it is covered.
  * - DISCARD / WRITE_ZEROES: accepted only with nothing in flight (vublk's ordering rule), then
  *   `handle.discard` / `handle.writeZeroes` per range (RETRY: deferred as above; they are idempotent).
  * - Write-through (cache=writethrough/directsync, or the guest turned the write cache off): the data goes
- *   through the engine as a write-back write, and after the commit one `handle.flush()` makes data and the
- *   new L2 entry durable before the completion.
+ *   through the engine as a write-back write, and after the commit the same engine fdatasync makes data and
+ *   the new L2 entry durable before the completion.
  * - O_DIRECT: the caller maps each layer fd to an fd of the same file opened with the cache mode's flags
  *   (`hostFd`), so extents of the buffered handle fds are served by direct I/O.
  *
@@ -67,6 +69,8 @@ interface Parent {
   ticket: number;
   writeThrough: boolean;
   ranges: RangeSegment[] | null;
+  /** Waiting for the top image's fdatasync (FLUSH, or a write-through write after its commit). */
+  syncing: boolean;
 }
 
 interface Sub {
@@ -159,6 +163,7 @@ export class Qcow2Executor implements RequestExecutor {
       ticket: 0,
       writeThrough: !writeback,
       ranges: null,
+      syncing: false,
     };
     this.active++;
     switch (request.type) {
@@ -378,12 +383,12 @@ export class Qcow2Executor implements RequestExecutor {
     }
     try {
       if (ticket > 0) this.handle.commitWrite(ticket);
-      if (parent.writeThrough) this.handle.flush();
     } catch (error) {
       this.complete(parent, BlkStatus.IOERR, (error as Error).message);
       return;
     }
-    this.complete(parent, BlkStatus.OK, '');
+    if (parent.writeThrough) this.syncThenComplete(parent);
+    else this.complete(parent, BlkStatus.OK, '');
   }
 
   // --- flush, discard, write zeroes, get id ----------------------------------------------------------
@@ -393,11 +398,28 @@ export class Qcow2Executor implements RequestExecutor {
       this.complete(parent, BlkStatus.OK, '');
       return;
     }
-    try {
-      this.handle.flush();
-    } catch (error) {
-      this.complete(parent, BlkStatus.IOERR, (error as Error).message);
+    this.syncThenComplete(parent);
+  }
+
+  /** Queues the top image's fdatasync on its engine; `finishSync` completes the parent when it is done. */
+  private syncThenComplete(parent: Parent): void {
+    parent.syncing = true;
+    parent.pending = 0;
+    this.enqueue({ parent, fd: this.handle.fd, type: BlkRequestType.FLUSH, offset: 0, segGpa: [], segLen: [], length: 0 });
+  }
+
+  private finishSync(parent: Parent): void {
+    if (parent.error !== '') {
+      this.complete(parent, BlkStatus.IOERR, parent.error);
       return;
+    }
+    if (parent.type === BlkRequestType.FLUSH) {
+      try {
+        this.handle.afterDataSync();
+      } catch (error) {
+        this.complete(parent, BlkStatus.IOERR, (error as Error).message);
+        return;
+      }
     }
     this.complete(parent, BlkStatus.OK, '');
   }
@@ -535,6 +557,10 @@ export class Qcow2Executor implements RequestExecutor {
   private subDone(parent: Parent): void {
     parent.pending--;
     if (parent.pending > 0) return;
+    if (parent.syncing) {
+      this.finishSync(parent);
+      return;
+    }
     if (parent.type === BlkRequestType.OUT) {
       this.finishWrite(parent);
       return;
