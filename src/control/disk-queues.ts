@@ -28,6 +28,14 @@ export class DiskQueues {
   }
 
   /** A daemon-wide id for a new session's memory table. */
+  /**
+   * A front-end connected: the pool's threads start now if they have not (an idle daemon with no front-end
+   * keeps none), while the handshake runs, so its first ring start does not wait for a thread to boot.
+   */
+  frontEndConnected(): void {
+    this.pool.startAll();
+  }
+
   newMemoryId(): number {
     return this.pool.newMemoryId();
   }

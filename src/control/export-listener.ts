@@ -94,6 +94,7 @@ export class ExportListener {
   private startSession(fd: number): void {
     this.connections++;
     this.log.info({ connection: this.connections }, 'front-end connected');
+    this.queues.frontEndConnected();
     this.session = new VhostUserSession(fd, this.queues, this.log, () => {
       this.session = null;
       const next = this.waiting;

@@ -5,8 +5,9 @@
  *
  * Placement: a ring is placed when it starts, on the worker with the fewest rings (ties: the lowest index),
  * and leaves it when it stops, so load re-balances at every ring start. A pinned disk's rings all go to the
- * worker already running one of them. The daemon spawns every thread at start (`startAll`), so no
- * front-end's handshake pays for a thread start; they sleep in epoll_wait: an idle daemon uses no CPU.
+ * worker already running one of them. Every thread is spawned when the first front-end connects
+ * (`startAll`), while its handshake runs, so no ring start waits for a thread to boot, and a daemon no
+ * front-end ever used keeps no thread; they sleep in epoll_wait: an idle daemon uses no CPU.
  *
  * Invariants:
  * - A ring is placed on at most one worker; its placement is recorded before its start command is sent and

@@ -143,7 +143,8 @@ export class Daemon implements AdminTarget {
         );
       }
       await this.startAdminSocket(specs);
-      this.pool.startAll();
+      // The threads themselves start with the first front-end (DiskQueues.frontEndConnected): an idle
+      // daemon keeps no V8 isolates (about 13 MiB each).
       this.log.info({ threads: this.pool.size, disks: this.disks.length }, 'worker pool ready');
       if (this.state === 'starting') this.state = 'running';
       const pending = this.signalDuringStart;

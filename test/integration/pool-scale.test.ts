@@ -21,8 +21,8 @@ function rssMiB(pid: number): number {
   return match ? Math.round(Number(match[1]) / 1024) : NaN;
 }
 
-async function startDisks(count: number): Promise<DaemonProcess> {
-  const args = ['serve', '--metrics-listen', 'off', '--threads', String(THREADS)];
+async function startDisks(count: number, extraArgs: string[] = []): Promise<DaemonProcess> {
+  const args = ['serve', '--metrics-listen', 'off', '--threads', String(THREADS), ...extraArgs];
   // Relative paths: the daemon runs in its own temporary directory.
   for (let i = 0; i < count; i++) args.push('--disk', `name=d${i},image=d${i}.img,socket=s${i}.sock,num-queues=${QUEUES},size=16M`);
   const daemon = await startDaemon({ rawArgs: args, waitForSocket: false });
@@ -105,5 +105,19 @@ describe('one worker pool for every disk', () => {
       `[pool] threads: 1 disk ${singleThreads}, ${DISKS} disks ${connectedThreads}; RSS 1 disk ${rssMiB(single.child.pid as number)} MiB`,
     );
     expect(singleThreads).toBe(connectedThreads);
+  });
+
+  it('the pool threads start with the first front-end: a daemon nobody connected to keeps none', { timeout: 60_000 }, async () => {
+    const daemon = await startDisks(2, ['--log-level', 'debug']);
+    daemons.push(daemon);
+    const started = (): number => daemon.logs().filter((l) => l.msg === 'worker thread started').length;
+    const idleThreads = threadCount(daemon.child.pid as number);
+    expect(started()).toBe(0);
+    await serveOne(daemon, 0, frontends);
+    expect(started()).toBe(THREADS);
+    // A second front-end (another disk) finds them running.
+    await serveOne(daemon, 1, frontends);
+    expect(started()).toBe(THREADS);
+    expect(threadCount(daemon.child.pid as number)).toBeGreaterThanOrEqual(idleThreads + THREADS);
   });
 });
