@@ -11,9 +11,12 @@ export interface Pollable {
   poll(): boolean;
 }
 
-/** Like `epoll.wait(ready)`, spinning first for up to `pollUs` µs. Returns the number of ready fds. */
-export function waitPolling(epoll: EpollSet, ready: Int32Array, pollUs: number, rings: Iterable<Pollable>): number {
-  if (pollUs <= 0) return epoll.wait(ready);
+/**
+ * Like `epoll.wait(ready, timeoutMs)`, spinning first for up to `pollUs` µs. Returns the number of ready fds
+ * (0 when the blocking wait timed out).
+ */
+export function waitPolling(epoll: EpollSet, ready: Int32Array, pollUs: number, rings: Iterable<Pollable>, timeoutMs = -1): number {
+  if (pollUs <= 0) return epoll.wait(ready, timeoutMs);
   let deadline = performance.now() + pollUs / 1000;
   // Bounded by the window: every pass either finds work (and restarts it, serving that work) or runs it down.
   for (;;) {
@@ -23,6 +26,6 @@ export function waitPolling(epoll: EpollSet, ready: Int32Array, pollUs: number, 
     for (const ring of rings) if (ring.poll()) moved = true;
     const now = performance.now();
     if (moved) deadline = now + pollUs / 1000;
-    else if (now >= deadline) return epoll.wait(ready);
+    else if (now >= deadline) return epoll.wait(ready, timeoutMs);
   }
 }

@@ -30,9 +30,11 @@ export const Counter = {
   dirtyPagesLogged: 17,
   /** Device writes to guest pages the dirty log does not cover (not marked: the front-end sized it too small). */
   dirtyLogOutOfRange: 18,
+  /** Drains the worker's watchdog ran: requests were outstanding and no wake-up came for WATCHDOG_MS. */
+  watchdogDrains: 19,
 } as const;
 export type CounterName = keyof typeof Counter;
-const SCALAR_COUNTERS = 19;
+const SCALAR_COUNTERS = 20;
 
 /** Operations with a latency histogram each. */
 export const LatencyOp = {

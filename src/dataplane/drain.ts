@@ -78,6 +78,8 @@ interface NotifyState {
   batch: number;
   /** The device refused a submission with nothing in flight (retry on a timer). */
   submitRefused: boolean;
+  /** Requests in flight when the drain stopped popping for lack of room; -1 when it did not. */
+  blockedInFlight: number;
 }
 
 function submitAndReap(ctx: DrainContext, notify: NotifyState): void {
@@ -90,16 +92,42 @@ export const SUBMIT_RETRY_NANOS = 1_000_000;
 /** serveRequest: the back-end has no room; the chain was put back. */
 const BLOCKED = -1;
 
+/** A drain that stopped for lack of room goes round again at most this often before leaving it to a timer. */
+const MAX_DRAIN_ROUNDS = 8;
+
 /** Runs one drain. Returns 0 when there is nothing to retry, or the nanoseconds to wait before retrying a stall. */
 export function drainQueue(ctx: DrainContext): number {
-  const notify: NotifyState = { notifiedUsed: ctx.queue.usedIdx, sinceCheck: 0, batch: MIN_COMPLETION_BATCH, submitRefused: false };
+  const notify: NotifyState = {
+    notifiedUsed: ctx.queue.usedIdx,
+    sinceCheck: 0,
+    batch: MIN_COMPLETION_BATCH,
+    submitRefused: false,
+    blockedInFlight: -1,
+  };
   let wait = 0;
-  try {
-    ctx.executor.reap();
-    if (!ctx.poisoned && ctx.accepting) wait = drainUntilEmpty(ctx, notify);
-  } finally {
-    ctx.counters.add(Counter.drains);
-    completeAndNotify(ctx, notify);
+  for (let round = 0; ; round++) {
+    notify.blockedInFlight = -1;
+    try {
+      ctx.executor.reap();
+      if (!ctx.poisoned && ctx.accepting) wait = drainUntilEmpty(ctx, notify);
+    } finally {
+      ctx.counters.add(Counter.drains);
+      completeAndNotify(ctx, notify);
+    }
+    // Stopped for lack of room, kicks suppressed, waiting for a completion to wake the queue: if the final
+    // submit above completed requests itself (an engine that finishes some synchronously), that completion
+    // wakes nobody, so go round again rather than strand the requests left in the avail ring.
+    if (notify.blockedInFlight < 0 || wait > 0) break;
+    if (ctx.executor.inFlight === 0 && notify.blockedInFlight === 0) {
+      // Refused with nothing in flight to wake us: retry on the timer.
+      wait = SUBMIT_RETRY_NANOS;
+      break;
+    }
+    if (ctx.executor.inFlight >= notify.blockedInFlight) break;
+    if (round + 1 >= MAX_DRAIN_ROUNDS) {
+      wait = SUBMIT_RETRY_NANOS;
+      break;
+    }
   }
   if (notify.submitRefused) wait = wait > 0 ? Math.min(wait, SUBMIT_RETRY_NANOS) : SUBMIT_RETRY_NANOS;
   return wait;
@@ -170,7 +198,10 @@ function drainUntilEmpty(ctx: DrainContext, notify: NotifyState): number {
     submitAndReap(ctx, notify);
     if (blocked) {
       // Still full: the next completion wakes this queue (kicks stay suppressed meanwhile).
-      if (ctx.executor.inFlight >= inFlight) return 0;
+      if (ctx.executor.inFlight >= inFlight) {
+        notify.blockedInFlight = ctx.executor.inFlight;
+        return 0;
+      }
       continue;
     }
     if (!queue.rearmKicks()) return 0;

@@ -4,7 +4,10 @@
  * existing raw engines (io_uring or sync), one inner executor per host file (the top image, and each backing
  * file a read touches). So alignment, bounce buffers, short transfers and io_uring batching stay in one place.
  *
- * - IN: `mapRead` → data extents become READV sub-requests into the guest buffers (split per extent);
+ * - IN whose range is one data extent (an allocated cluster range of one file: the common case) goes to that
+ *   file's engine as it is, with only its sector moved (`fastRead`: no parent, no sub-request objects); the
+ *   engine's completion carries the guest's head (offset by FAST_HEAD) and status address straight through.
+ * - Other IN: `mapRead` → data extents become READV sub-requests into the guest buffers (split per extent);
  *   zero extents are zero-filled and compressed ones inflated and copied here (`landInGuest`: the one place
  *   this file writes guest bytes itself). The request completes when its last sub-request does.
  * - OUT: `prepareWrite` → a ticket and extents; WRITEV per extent; then `commitWrite` (or `abortWrite` on a
@@ -46,6 +49,8 @@ import type { GuestMemory } from './guest-memory.js';
 import { emptyCompletion, type Completion, type RequestExecutor } from './request-executor.js';
 import { SECTOR_SIZE } from './iovec.js';
 
+/** Engine tags at or above this are fast-path reads (tag = FAST_HEAD + the guest's head), below are sub ids. */
+const FAST_HEAD = 0x4000_0000;
 /** Parents in flight at most per queue (sub-requests may be many more; they wait in `queued`). */
 export const QCOW2_MAX_IN_FLIGHT = 128;
 const INNER_SEGMENTS = 1024 + 2;
@@ -148,6 +153,7 @@ export class Qcow2Executor implements RequestExecutor {
   }
 
   submit(memory: GuestMemory, request: BlkRequest, head: number, capacityBytes: number, writeback: boolean): void {
+    if (request.type === BlkRequestType.IN && this.fastRead(memory, request, head)) return;
     const parent: Parent = {
       memory,
       head,
@@ -250,6 +256,9 @@ export class Qcow2Executor implements RequestExecutor {
       }
       this.retryDeferred();
       this.pushQueued();
+      // What was pushed (continuations, a write-through sync) must reach the kernel now: this ring's own
+      // drain, which would submit it, may not run until something wakes it.
+      for (const inner of this.inners.values()) inner.submitPending();
     } finally {
       this.holding = false;
     }
@@ -283,6 +292,39 @@ export class Qcow2Executor implements RequestExecutor {
   }
 
   // --- reads ---------------------------------------------------------------------------------------
+
+  /**
+   * A read that maps to one data extent is handed to that file's engine unchanged but for its sector (the
+   * drain's request object is restored before returning). False when it does not qualify (several or
+   * non-data extents, a mapping error, no room in that engine): the general path handles it.
+   */
+  private fastRead(memory: GuestMemory, request: BlkRequest, head: number): boolean {
+    const extents = this.readExtents;
+    extents.length = 0;
+    try {
+      this.handle.mapRead(request.sector * SECTOR_SIZE, request.dataBytes, extents);
+    } catch {
+      return false; // the general path maps it again and reports the error
+    }
+    const extent = extents[0];
+    if (extents.length !== 1 || extent === undefined || extent.kind !== 'data' || extent.length !== request.dataBytes) return false;
+    let inner: RequestExecutor;
+    try {
+      inner = this.innerFor(extent.fd);
+    } catch {
+      return false;
+    }
+    if (!inner.canAccept(request)) return false;
+    const sector = request.sector;
+    request.sector = extent.hostOffset / SECTOR_SIZE;
+    this.active++;
+    try {
+      inner.submit(memory, request, FAST_HEAD + head, Number.MAX_SAFE_INTEGER, true);
+    } finally {
+      request.sector = sector;
+    }
+    return true;
+  }
 
   private startRead(parent: Parent): void {
     const extents = this.readExtents;
@@ -542,6 +584,12 @@ export class Qcow2Executor implements RequestExecutor {
   }
 
   private innerComplete(c: Completion): void {
+    if (c.head >= FAST_HEAD) {
+      // A fast-path read: the engine's completion is the guest's, with its own head back.
+      c.head -= FAST_HEAD;
+      this.deliver(c);
+      return;
+    }
     const sub = this.subs[c.head];
     if (sub === null || sub === undefined) return;
     this.subs[c.head] = null;
@@ -579,6 +627,11 @@ export class Qcow2Executor implements RequestExecutor {
     c.written = written ?? (status === BlkStatus.OK && parent.type === BlkRequestType.IN ? parent.dataBytes : 0);
     c.latencyNanos = (performance.now() - parent.started) * 1e6;
     c.error = error;
+    this.deliver(c);
+  }
+
+  /** Hands a finished request to the ring (held while a sibling pumps this executor). */
+  private deliver(c: Completion): void {
     if (this.holding) {
       this.held.push({ ...c });
       return;

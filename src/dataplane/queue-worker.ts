@@ -19,6 +19,8 @@ import type { DirtyLogTable, MemoryTable, WorkerCommand, WorkerInit, WorkerMessa
 
 /** Ready fds handled per epoll_wait: more are simply reported by the next wait. */
 const READY_BATCH = 64;
+/** How long a worker with requests outstanding sleeps at most before checking its busy rings itself. */
+const WATCHDOG_MS = 100;
 
 interface ServedRing {
   server: RingServer;
@@ -68,7 +70,20 @@ class PoolWorker {
 
   private serve(): void {
     while (this.running) {
-      const n = this.pollUs > 0 ? waitPolling(this.epoll, this.ready, this.pollUs, this.servers) : this.epoll.wait(this.ready);
+      // With work outstanding the wait is bounded: a wake-up that never comes (a kernel notification lost
+      // or deferred) then costs WATCHDOG_MS, not a guest stuck for ever. Idle rings: no timeout, no CPU.
+      let timeoutMs = -1;
+      for (const { server } of this.rings.values()) {
+        if (server.busy) {
+          timeoutMs = WATCHDOG_MS;
+          break;
+        }
+      }
+      const n = waitPolling(this.epoll, this.ready, this.pollUs, this.servers, timeoutMs);
+      if (n === 0 && timeoutMs >= 0) {
+        for (const { server } of this.rings.values()) server.watchdog();
+        continue;
+      }
       for (let i = 0; i < n; i++) {
         const fd = this.ready[i] ?? -1;
         if (fd === this.init.controlFd) {

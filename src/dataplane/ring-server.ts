@@ -146,6 +146,23 @@ export class RingServer {
   }
 
   /**
+   * Work a wake-up is owed for: requests in flight, or (while serving) requests in the avail ring. A
+   * poisoned or stopped ring owes nothing.
+   */
+  get busy(): boolean {
+    const ctx = this.context;
+    if (ctx === null || ctx.poisoned) return false;
+    return this.executor.inFlight > 0 || (ctx.accepting && ctx.queue.pending() !== 0);
+  }
+
+  /** The worker's watchdog fired with this ring busy: drain, and count it (a wake-up was owed). */
+  watchdog(): void {
+    if (!this.busy) return;
+    this.counters.add(Counter.watchdogDrains);
+    this.drain();
+  }
+
+  /**
    * Adaptive polling: drains when the avail ring has entries or requests are in flight. Returns whether
    * anything moved (popped or published), so the worker knows to keep spinning.
    */

@@ -149,6 +149,12 @@ export function createMetricsRegistry(disks: () => readonly DiskMetricsSource[],
     'Requests whose guest buffers missed the O_DIRECT alignment and went through a bounce buffer.',
     'bounced',
   );
+  perQueue(
+    'counter',
+    'vublk_watchdog_drains_total',
+    'Drains run because requests were outstanding and no wake-up came within the worker watchdog period (a lost notification; should stay 0).',
+    'watchdogDrains',
+  );
   perQueue('counter', 'vublk_dirty_log_pages_total', 'Guest pages marked in the live-migration dirty log.', 'dirtyPagesLogged');
   perQueue(
     'counter',

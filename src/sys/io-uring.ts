@@ -226,8 +226,13 @@ export interface IoUringOptions {
 
 /** Setup flag sets tried in order: the first one the kernel accepts wins. */
 const SETUP_ATTEMPTS: readonly number[] = [
-  // 6.1+: completions are only run when this thread asks for them (inside io_uring_enter with GETEVENTS).
-  IoUringSetup.CLAMP | IoUringSetup.SUBMIT_ALL | IoUringSetup.SINGLE_ISSUER | IoUringSetup.DEFER_TASKRUN,
+  // Not DEFER_TASKRUN: there completions run only inside io_uring_enter(GETEVENTS), newer kernels run a
+  // bounded number of them per call (the rest wait on a retry list), and the registered eventfd is only
+  // signalled when the first work item is queued. Requests held behind a draining FLUSH are released as a
+  // burst of such items, so a worker that sleeps on the eventfd after one reap could wait for ever
+  // (test/unit/uring-executor.test.ts, "a burst behind a FLUSH"). COOP_TASKRUN posts completions whenever
+  // this thread enters the kernel or is woken, and every posted completion signals the eventfd.
+  IoUringSetup.CLAMP | IoUringSetup.SUBMIT_ALL | IoUringSetup.SINGLE_ISSUER | IoUringSetup.COOP_TASKRUN,
   IoUringSetup.CLAMP | IoUringSetup.SUBMIT_ALL | IoUringSetup.COOP_TASKRUN,
   IoUringSetup.CLAMP,
 ];

@@ -14,6 +14,8 @@ import type { Completion, RequestExecutor } from '../../src/dataplane/request-ex
 import { SyncExecutor } from '../../src/dataplane/sync-executor.js';
 import { UringExecutor } from '../../src/dataplane/uring-executor.js';
 import { probeIoUring } from '../../src/sys/io-uring.js';
+import { waitReadable } from '../../src/sys/poll-wait.js';
+import { drainEventFd } from '../../src/sys/eventfd.js';
 import { ENGINE_TEST_LIMITS, memoryFixture, type MemoryFixture } from './guest-memory-fixture.js';
 
 const limits: DeviceLimits = { ...ENGINE_TEST_LIMITS, serial: new Uint8Array(Buffer.from('serial-0123456789abc')) };
@@ -384,5 +386,51 @@ describe.skipIf(uringUnavailable !== null)('io_uring engine: DISCARD / WRITE_ZER
         executor = new UringExecutor(fd, limits);
       }
     });
+  });
+});
+
+// The worker sleeps on the ring's eventfd between wake-ups (edge-triggered epoll) and reaps once per wake.
+// Requests held behind a draining FLUSH are released together when it completes; every one of them must
+// complete through such wake-ups alone (with DEFER_TASKRUN the kernel left part of the burst unposted and
+// never signalled the eventfd again: the worker slept for ever).
+describe.skipIf(uringUnavailable !== null)('io_uring engine: a burst behind a FLUSH, driven by eventfd wake-ups only', () => {
+  it('writes, a FLUSH, then many reads: all complete, each wake-up followed by one reap', () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vublk-burst-'));
+    const fd = fs.openSync(path.join(dir, 'disk.img'), 'w+');
+    fs.ftruncateSync(fd, IMAGE_BYTES);
+    const fx = memoryFixture(4 << 20);
+    const executor = new UringExecutor(fd, limits);
+    const done: Completion[] = [];
+    executor.onComplete = (c) => done.push({ ...c });
+    const request = new BlkRequest(limits.segMax + 2);
+    const submit = (head: number, type: number, sector: number, at: number | null): void => {
+      request.type = type;
+      request.sector = sector;
+      request.segCount = 0;
+      request.dataBytes = 0;
+      request.statusGpa = fx.gpa(fx.bytes.length - 1 - head);
+      if (at !== null) request.addSegment(fx.gpa(at), 4096);
+      expect(executor.canAccept(request)).toBe(true);
+      executor.submit(fx.memory, request, head, IMAGE_BYTES, true);
+    };
+    try {
+      const count = 96;
+      for (let i = 0; i < count; i++) submit(i, BlkRequestType.OUT, i * 8, i * 4096);
+      submit(count, BlkRequestType.FLUSH, 0, null);
+      for (let i = 0; i < count; i++) submit(count + 1 + i, BlkRequestType.IN, i * 8, (count + i) * 4096);
+      expect(executor.submitPending()).toBe(true);
+      for (let wakeups = 0; done.length < 2 * count + 1; wakeups++) {
+        expect(waitReadable(executor.completionFd, 10_000), `wake-up ${wakeups}: ${done.length} of ${2 * count + 1} completed`).toBe(true);
+        drainEventFd(executor.completionFd);
+        executor.reap();
+        executor.submitPending();
+      }
+      expect(done.every((c) => c.status === BlkStatus.OK)).toBe(true);
+      expect(executor.inFlight).toBe(0);
+    } finally {
+      executor.close();
+      fs.closeSync(fd);
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
   });
 });
