@@ -163,6 +163,9 @@ function machineFacts(qsd: string | null, dir: string): Record<string, string> {
   };
 }
 
+/** Seconds of the row's own load a per-run daemon gets before its measured run (`perRunDaemon` rows). */
+const PER_RUN_WARMUP_SEC = 1;
+
 function benchArgs(w: Workload, socket: string, runtime: number, ramp: number, seed: number): string[] {
   return [
     'run',
@@ -579,7 +582,7 @@ export async function benchCompare(flags: CompareFlags): Promise<number> {
             fresh = new DaemonProcess(backend.label, daemonCommand(backend, runImage, socket, qsd ?? ''), [socket]);
             if (round === 1 && !commands.includes(display(fresh.argv, dir).replace(/-\d+\.qcow2/, '-1.qcow2'))) {
               commands.push(
-                `# ${backend.label} (${scenario.freshImage ? 'a fresh image and daemon every run' : 'a daemon of its own every run'})`,
+                `# ${backend.label} (${scenario.freshImage ? 'a fresh image and daemon every run' : `a daemon of its own every run, warmed up with ${PER_RUN_WARMUP_SEC} s of the same load`})`,
                 display(fresh.argv, dir),
               );
             }
@@ -592,6 +595,14 @@ export async function benchCompare(flags: CompareFlags): Promise<number> {
               continue;
             }
             daemon = fresh;
+            if (scenario.perRunDaemon) {
+              // Unmeasured: a daemon just started is not what a host runs (vublk's JIT, its pool threads, librbd's
+              // caches warm up in the first second), and the row measures each back-end in its steady state.
+              await runChild(
+                [process.execPath, BENCH_CLI, ...benchArgs(scenario.workload, fresh.sockets[0] as string, PER_RUN_WARMUP_SEC, 0, round)],
+                PER_RUN_WARMUP_SEC * 1000 + 60_000,
+              );
+            }
           }
           const result = await measureOnce(scenario, backend, daemon, img, runtime, ramp, round, fio);
           if (fresh !== null) {

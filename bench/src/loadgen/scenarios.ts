@@ -51,7 +51,10 @@ export interface Scenario {
   backends: string[];
   /** The image is created anew before every run (and its daemons started for that run only): writes into a fresh qcow2. */
   freshImage?: boolean;
-  /** The daemon is started for each run and stopped after it, so only one back-end holds the image at a time (RBD's exclusive lock). */
+  /**
+   * The daemon is started for each run and stopped after it, so only one back-end holds the image at a time (RBD's
+   * exclusive lock); it gets an unmeasured second of the same load first (compare.ts PER_RUN_WARMUP_SEC).
+   */
   perRunDaemon?: boolean;
   /** Shorter measured time for rows that consume the image (fresh allocation). */
   runtimeSec?: number;
