@@ -134,6 +134,14 @@ export class VhostUserFrontend {
 
   /** The full start-up sequence of QEMU 7.2's vhost-user-blk (see the module comment of each step). */
   async handshake(): Promise<void> {
+    await this.setUpDevice();
+    this.createQueues(this.resolveQueueCount());
+    for (const queue of this.queues) await this.startQueue(queue.index);
+    await this.enableQueues();
+  }
+
+  /** What every connection does before the rings: features, config, inflight region, status, memory table. */
+  private async setUpDevice(): Promise<void> {
     await this.negotiate();
     await this.setOwner();
     if (this.hasProtocolFeature(ProtocolFeature.CONFIG)) await this.getConfig();
@@ -141,8 +149,10 @@ export class VhostUserFrontend {
     await this.setFeatures(this.options.features?.exact ?? this.ackedFeatures);
     if (this.hasProtocolFeature(ProtocolFeature.STATUS)) await this.addStatus(DeviceStatus.FEATURES_OK);
     await this.sendMemory();
-    this.createQueues(this.resolveQueueCount());
-    for (const queue of this.queues) await this.startQueue(queue.index);
+  }
+
+  /** After the rings: enable them (with PROTOCOL_FEATURES) and set DRIVER_OK (with STATUS). */
+  private async enableQueues(): Promise<void> {
     if (this.hasFeature(VHOST_USER_F_PROTOCOL_FEATURES)) {
       for (const queue of this.queues) await this.setVringEnable(queue.index, true);
     }
@@ -163,20 +173,9 @@ export class VhostUserFrontend {
     this.backendChannel?.close();
     this.backendChannel = null;
     this.channel = await VhostUserChannel.connect(this.socketPath, connectTimeoutMs);
-    await this.negotiate();
-    await this.setOwner();
-    if (this.hasProtocolFeature(ProtocolFeature.CONFIG)) await this.getConfig();
-    await this.handOverInflight();
-    await this.setFeatures(this.options.features?.exact ?? this.ackedFeatures);
-    if (this.hasProtocolFeature(ProtocolFeature.STATUS)) await this.addStatus(DeviceStatus.FEATURES_OK);
-    await this.sendMemory();
+    await this.setUpDevice();
     for (const queue of this.queues) await this.resumeQueue(queue.index, queue.ring.usedIdx);
-    if (this.hasFeature(VHOST_USER_F_PROTOCOL_FEATURES)) {
-      for (const queue of this.queues) await this.setVringEnable(queue.index, true);
-    }
-    if (this.hasProtocolFeature(ProtocolFeature.STATUS)) {
-      await this.addStatus(DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER | DeviceStatus.DRIVER_OK);
-    }
+    await this.enableQueues();
   }
 
   /** vhost_user_blk_start: GET_INFLIGHT_FD the first time (kept across connections), SET_INFLIGHT_FD every time. */
