@@ -102,7 +102,7 @@ function makePool(dir: string): FdPool {
   fs.writeFileSync(file, Buffer.alloc(8192));
   const readOnlyFile = fs.openSync(file, 'r');
   const socket = sys.socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0); // an unconnected socket
-  const all = [
+  const fds = {
     eventfd,
     blockingAtMax,
     validMemfd,
@@ -114,21 +114,8 @@ function makePool(dir: string): FdPool {
     directory,
     readOnlyFile,
     socket,
-  ];
-  return {
-    eventfd,
-    blockingAtMax,
-    validMemfd,
-    smallMemfd,
-    unsealableMemfd,
-    pipeRead,
-    pipeWrite,
-    devNull,
-    directory,
-    readOnlyFile,
-    socket,
-    all,
   };
+  return { ...fds, all: Object.values(fds) };
 }
 
 /** One message to send and what must come back. */
