@@ -128,6 +128,36 @@ function restartDue(output: string, done: number): boolean {
   return done < RESTARTS && currentRound(output) >= FIRST_RESTART_ROUND + done * ROUNDS_BETWEEN;
 }
 
+/**
+ * Boots the reconnect workload on `socketPath` and calls `restart` once per due restart (one at a time: the
+ * next waits until `done`). `index` counts the restarts before this one. Returns the guest's result and the
+ * round of each restart.
+ */
+async function runRestartingGuest(
+  socketPath: string,
+  restart: (index: number, done: () => void) => void,
+): Promise<{ result: GuestResult; restartedAt: number[] }> {
+  const restartedAt: number[] = [];
+  let restarting = false;
+  const result = await runGuest({
+    socketPath,
+    workload: 'reconnect',
+    reconnectSeconds: 1,
+    kernelArgs: [`vublk.rounds=${ROUNDS}`],
+    timeoutMs: GUEST_TIMEOUT_MS,
+    onOutput: (output) => {
+      if (restarting || !restartDue(output, restartedAt.length)) return;
+      restarting = true;
+      const round = currentRound(output);
+      restart(restartedAt.length, () => {
+        restartedAt.push(round);
+        restarting = false;
+      });
+    },
+  });
+  return { result, restartedAt };
+}
+
 function context(result: GuestResult, log: string): string {
   return [
     `guest console (exit ${result.exitCode}${result.timedOut ? ', timed out' : ''}):`,
@@ -175,32 +205,19 @@ describe.skipIf(unavailable !== null)('vublk restarted under a QEMU guest (recon
     };
     daemon = await start();
 
-    const restartedAt: number[] = [];
-    let restarting = false;
-    const result = await runGuest({
-      socketPath,
-      workload: 'reconnect',
-      reconnectSeconds: 1,
-      kernelArgs: [`vublk.rounds=${ROUNDS}`],
-      timeoutMs: GUEST_TIMEOUT_MS,
-      onOutput: (output) => {
-        if (restarting || !restartDue(output, restartedAt.length)) return;
-        restarting = true;
-        const round = currentRound(output);
-        // Into the round's writes (64 KiB O_DIRECT each): killed the moment QEMU's inflight region shows a
-        // request marked (watched through QEMU's fd), or after 2 s of looking.
-        void untilMarked(socketPath, 2_000).then(() => {
-          const victim = daemon;
-          victim.once('exit', () => {
-            restartedAt.push(round);
-            start()
-              .then((next) => (daemon = next))
-              .catch((error: unknown) => (log += `\nRESTART FAILED: ${String(error)}\n`))
-              .finally(() => (restarting = false));
-          });
-          victim.kill('SIGKILL');
+    const { result, restartedAt } = await runRestartingGuest(socketPath, (_index, done) => {
+      // Into the round's writes (64 KiB O_DIRECT each): killed the moment QEMU's inflight region shows a
+      // request marked (watched through QEMU's fd), or after 2 s of looking.
+      void untilMarked(socketPath, 2_000).then(() => {
+        const victim = daemon;
+        victim.once('exit', () => {
+          start()
+            .then((next) => (daemon = next))
+            .catch((error: unknown) => (log += `\nRESTART FAILED: ${String(error)}\n`))
+            .finally(done);
         });
-      },
+        victim.kill('SIGKILL');
+      });
     });
     const resumed = [...log.matchAll(/"reason":"(\d+) requests resubmitted/g)].map((m) => Number(m[1]));
     const regions = [...log.matchAll(/"msg":"inflight region set"/g)].length;
@@ -260,32 +277,19 @@ describe.skipIf(unavailable !== null)('vublk restarted under a QEMU guest (recon
       // systemd-socket-activate binds now and starts the supervisor at the first connection (QEMU's).
       await waitForSocketFile({ running: () => activator.exitCode === null, output: () => log }, socketPath, 20_000);
 
-      const restartedAt: number[] = [];
-      let restarting = false;
-      const result = await runGuest({
-        socketPath,
-        workload: 'reconnect',
-        reconnectSeconds: 1,
-        kernelArgs: [`vublk.rounds=${ROUNDS}`],
-        timeoutMs: GUEST_TIMEOUT_MS,
-        onOutput: (output) => {
-          if (restarting || !restartDue(output, restartedAt.length)) return;
-          restarting = true;
-          const round = currentRound(output);
-          setTimeout(
-            () => {
-              const pid = pids().at(-1);
-              restartedAt.push(round);
-              try {
-                if (pid !== undefined) process.kill(pid, 'SIGTERM');
-              } catch (error) {
-                log += `\nSIGTERM FAILED: ${String(error)}\n`;
-              }
-              restarting = false;
-            },
-            300 + 250 * restartedAt.length,
-          );
-        },
+      const { result, restartedAt } = await runRestartingGuest(socketPath, (index, done) => {
+        setTimeout(
+          () => {
+            const pid = pids().at(-1);
+            try {
+              if (pid !== undefined) process.kill(pid, 'SIGTERM');
+            } catch (error) {
+              log += `\nSIGTERM FAILED: ${String(error)}\n`;
+            }
+            done();
+          },
+          300 + 250 * index,
+        );
       });
       // The last daemon: a clean stop ends the supervisor's loop, and systemd-socket-activate with it.
       const last = pids().at(-1);
