@@ -199,13 +199,7 @@ export class VhostUserFrontend {
 
   /** A ring's start on a reconnect: its driver state (indices, chains in flight) is kept, only the back-end is told. */
   async resumeQueue(index: number, base: number): Promise<void> {
-    const queue = this.queue(index);
-    await this.setVringNum(index, queue.size);
-    await this.setVringBase(index, base);
-    await this.setVringAddr(index);
-    await this.setVringKick(index, queue.kickFd);
-    await this.setVringCall(index, queue.callFd >= 0 ? queue.callFd : null);
-    await this.setVringErr(index, queue.errFd);
+    await this.sendRing(index, base);
   }
 
   /** GET_FEATURES, then GET/SET_PROTOCOL_FEATURES, GET_QUEUE_NUM and GET_MAX_MEM_SLOTS as negotiated. */
@@ -268,6 +262,12 @@ export class VhostUserFrontend {
   async startQueue(index: number, base = 0): Promise<void> {
     const queue = this.queue(index);
     if (base !== queue.indices.availIdx || queue.inflight > 0) queue.reset(base);
+    await this.sendRing(index, base);
+  }
+
+  /** Tells the back-end about one ring as the driver has it: size, base, addresses and its three eventfds. */
+  private async sendRing(index: number, base: number): Promise<void> {
+    const queue = this.queue(index);
     await this.setVringNum(index, queue.size);
     await this.setVringBase(index, base);
     await this.setVringAddr(index);
