@@ -153,7 +153,9 @@ export class Qcow2Executor implements RequestExecutor {
   }
 
   submit(memory: GuestMemory, request: BlkRequest, head: number, capacityBytes: number, writeback: boolean): void {
-    if (request.type === BlkRequestType.IN && this.fastRead(memory, request, head)) return;
+    // A read is mapped once: the fast path hands it over, or the general path starts from the same extents.
+    const mapped = request.type === BlkRequestType.IN && this.mapRead(request.sector * SECTOR_SIZE, request.dataBytes);
+    if (mapped && this.fastRead(memory, request, head)) return;
     const parent: Parent = {
       memory,
       head,
@@ -174,7 +176,7 @@ export class Qcow2Executor implements RequestExecutor {
     this.active++;
     switch (request.type) {
       case BlkRequestType.IN:
-        this.startRead(parent);
+        this.startRead(parent, mapped);
         return;
       case BlkRequestType.OUT:
         if (!this.startWrite(parent)) this.deferred.push(parent);
@@ -293,19 +295,24 @@ export class Qcow2Executor implements RequestExecutor {
 
   // --- reads ---------------------------------------------------------------------------------------
 
+  /** Fills `readExtents` with where the range lives; false when mapping failed (startRead reports why). */
+  private mapRead(offset: number, length: number): boolean {
+    this.readExtents.length = 0;
+    try {
+      this.handle.mapRead(offset, length, this.readExtents);
+      return true;
+    } catch {
+      return false;
+    }
+  }
+
   /**
-   * A read that maps to one data extent is handed to that file's engine unchanged but for its sector (the
-   * drain's request object is restored before returning). False when it does not qualify (several or
-   * non-data extents, a mapping error, no room in that engine): the general path handles it.
+   * A read whose mapping (`readExtents`) is one data extent is handed to that file's engine unchanged but for
+   * its sector (the drain's request object is restored before returning). False when it does not qualify
+   * (several or non-data extents, no room in that engine): the general path handles it.
    */
   private fastRead(memory: GuestMemory, request: BlkRequest, head: number): boolean {
     const extents = this.readExtents;
-    extents.length = 0;
-    try {
-      this.handle.mapRead(request.sector * SECTOR_SIZE, request.dataBytes, extents);
-    } catch {
-      return false; // the general path maps it again and reports the error
-    }
     const extent = extents[0];
     if (extents.length !== 1 || extent === undefined || extent.kind !== 'data' || extent.length !== request.dataBytes) return false;
     let inner: RequestExecutor;
@@ -326,14 +333,17 @@ export class Qcow2Executor implements RequestExecutor {
     return true;
   }
 
-  private startRead(parent: Parent): void {
+  /** `mapped`: `readExtents` already holds this read's mapping (submit made it); else map now and report a failure. */
+  private startRead(parent: Parent, mapped: boolean): void {
     const extents = this.readExtents;
-    extents.length = 0;
-    try {
-      this.handle.mapRead(parent.offset, parent.dataBytes, extents);
-    } catch (error) {
-      this.complete(parent, BlkStatus.IOERR, (error as Error).message);
-      return;
+    if (!mapped) {
+      extents.length = 0;
+      try {
+        this.handle.mapRead(parent.offset, parent.dataBytes, extents);
+      } catch (error) {
+        this.complete(parent, BlkStatus.IOERR, (error as Error).message);
+        return;
+      }
     }
     parent.pending = 1;
     const cursor = { seg: 0, skip: 0 };
