@@ -4,10 +4,7 @@
  * existing raw engines (io_uring or sync), one inner executor per host file (the top image, and each backing
  * file a read touches). So alignment, bounce buffers, short transfers and io_uring batching stay in one place.
  *
- * - IN whose range is one data extent (an allocated cluster range of one file: the common case) goes to that
- *   file's engine as it is, with only its sector moved (`fastRead`: no parent, no sub-request objects); the
- *   engine's completion carries the guest's head (offset by FAST_HEAD) and status address straight through.
- * - Other IN: `mapRead` → data extents become READV sub-requests into the guest buffers (split per extent);
+ * - IN: `mapRead` → data extents become READV sub-requests into the guest buffers (split per extent);
  *   zero extents are zero-filled and compressed ones inflated and copied here (`landInGuest`: the one place
  *   this file writes guest bytes itself). The request completes when its last sub-request does.
  * - OUT: `prepareWrite` → a ticket and extents; WRITEV per extent; then `commitWrite` (or `abortWrite` on a
@@ -15,15 +12,13 @@
  *   maybe on another worker) leaves the request in `deferred`: it is tried again at the next reap/submit
  *   (a completion or the drain's retry timer: `submitPending` says false when nothing in flight will wake
  *   the worker), never waited for.
- * - FLUSH: one fdatasync of the top image (data written through any fd of that file, and metadata) done by
- *   the top image's engine as a sub-request (io_uring: an FSYNC draining what was submitted before it), so
- *   the worker never waits for the disk; then `handle.afterDataSync()` (deferred cluster frees). Every
- *   write completed before the FLUSH was committed first, so it is covered.
+ * - FLUSH: `handle.flush()` (one fdatasync of the top image: data written through any fd of that file and
+ *   metadata). Every write completed before it was committed first, so it is covered.
  * - DISCARD / WRITE_ZEROES: accepted only with nothing in flight (vublk's ordering rule), then
  *   `handle.discard` / `handle.writeZeroes` per range (RETRY: deferred as above; they are idempotent).
  * - Write-through (cache=writethrough/directsync, or the guest turned the write cache off): the data goes
- *   through the engine as a write-back write, and after the commit the same engine fdatasync makes data and
- *   the new L2 entry durable before the completion.
+ *   through the engine as a write-back write, and after the commit one `handle.flush()` makes data and the
+ *   new L2 entry durable before the completion.
  * - O_DIRECT: the caller maps each layer fd to an fd of the same file opened with the cache mode's flags
  *   (`hostFd`), so extents of the buffered handle fds are served by direct I/O.
  *
@@ -49,8 +44,6 @@ import type { GuestMemory } from './guest-memory.js';
 import { emptyCompletion, type Completion, type RequestExecutor } from './request-executor.js';
 import { SECTOR_SIZE } from './iovec.js';
 
-/** Engine tags at or above this are fast-path reads (tag = FAST_HEAD + the guest's head), below are sub ids. */
-const FAST_HEAD = 0x4000_0000;
 /** Parents in flight at most per queue (sub-requests may be many more; they wait in `queued`). */
 export const QCOW2_MAX_IN_FLIGHT = 128;
 const INNER_SEGMENTS = 1024 + 2;
@@ -74,8 +67,6 @@ interface Parent {
   ticket: number;
   writeThrough: boolean;
   ranges: RangeSegment[] | null;
-  /** Waiting for the top image's fdatasync (FLUSH, or a write-through write after its commit). */
-  syncing: boolean;
 }
 
 interface Sub {
@@ -153,9 +144,6 @@ export class Qcow2Executor implements RequestExecutor {
   }
 
   submit(memory: GuestMemory, request: BlkRequest, head: number, capacityBytes: number, writeback: boolean): void {
-    // A read is mapped once: the fast path hands it over, or the general path starts from the same extents.
-    const mapped = request.type === BlkRequestType.IN && this.mapRead(request.sector * SECTOR_SIZE, request.dataBytes);
-    if (mapped && this.fastRead(memory, request, head)) return;
     const parent: Parent = {
       memory,
       head,
@@ -171,12 +159,11 @@ export class Qcow2Executor implements RequestExecutor {
       ticket: 0,
       writeThrough: !writeback,
       ranges: null,
-      syncing: false,
     };
     this.active++;
     switch (request.type) {
       case BlkRequestType.IN:
-        this.startRead(parent, mapped);
+        this.startRead(parent);
         return;
       case BlkRequestType.OUT:
         if (!this.startWrite(parent)) this.deferred.push(parent);
@@ -258,8 +245,8 @@ export class Qcow2Executor implements RequestExecutor {
       }
       this.retryDeferred();
       this.pushQueued();
-      // What was pushed (continuations, a write-through sync) must reach the kernel now: this ring's own
-      // drain, which would submit it, may not run until something wakes it.
+      // What was pushed (continuations) must reach the kernel now: this ring's own drain, which would submit
+      // it, may not run until something wakes it.
       for (const inner of this.inners.values()) inner.submitPending();
     } finally {
       this.holding = false;
@@ -295,55 +282,14 @@ export class Qcow2Executor implements RequestExecutor {
 
   // --- reads ---------------------------------------------------------------------------------------
 
-  /** Fills `readExtents` with where the range lives; false when mapping failed (startRead reports why). */
-  private mapRead(offset: number, length: number): boolean {
-    this.readExtents.length = 0;
-    try {
-      this.handle.mapRead(offset, length, this.readExtents);
-      return true;
-    } catch {
-      return false;
-    }
-  }
-
-  /**
-   * A read whose mapping (`readExtents`) is one data extent is handed to that file's engine unchanged but for
-   * its sector (the drain's request object is restored before returning). False when it does not qualify
-   * (several or non-data extents, no room in that engine): the general path handles it.
-   */
-  private fastRead(memory: GuestMemory, request: BlkRequest, head: number): boolean {
+  private startRead(parent: Parent): void {
     const extents = this.readExtents;
-    const extent = extents[0];
-    if (extents.length !== 1 || extent === undefined || extent.kind !== 'data' || extent.length !== request.dataBytes) return false;
-    let inner: RequestExecutor;
+    extents.length = 0;
     try {
-      inner = this.innerFor(extent.fd);
-    } catch {
-      return false;
-    }
-    if (!inner.canAccept(request)) return false;
-    const sector = request.sector;
-    request.sector = extent.hostOffset / SECTOR_SIZE;
-    this.active++;
-    try {
-      inner.submit(memory, request, FAST_HEAD + head, Number.MAX_SAFE_INTEGER, true);
-    } finally {
-      request.sector = sector;
-    }
-    return true;
-  }
-
-  /** `mapped`: `readExtents` already holds this read's mapping (submit made it); else map now and report a failure. */
-  private startRead(parent: Parent, mapped: boolean): void {
-    const extents = this.readExtents;
-    if (!mapped) {
-      extents.length = 0;
-      try {
-        this.handle.mapRead(parent.offset, parent.dataBytes, extents);
-      } catch (error) {
-        this.complete(parent, BlkStatus.IOERR, (error as Error).message);
-        return;
-      }
+      this.handle.mapRead(parent.offset, parent.dataBytes, extents);
+    } catch (error) {
+      this.complete(parent, BlkStatus.IOERR, (error as Error).message);
+      return;
     }
     parent.pending = 1;
     const cursor = { seg: 0, skip: 0 };
@@ -435,12 +381,12 @@ export class Qcow2Executor implements RequestExecutor {
     }
     try {
       if (ticket > 0) this.handle.commitWrite(ticket);
+      if (parent.writeThrough) this.handle.flush();
     } catch (error) {
       this.complete(parent, BlkStatus.IOERR, (error as Error).message);
       return;
     }
-    if (parent.writeThrough) this.syncThenComplete(parent);
-    else this.complete(parent, BlkStatus.OK, '');
+    this.complete(parent, BlkStatus.OK, '');
   }
 
   // --- flush, discard, write zeroes, get id ----------------------------------------------------------
@@ -450,28 +396,11 @@ export class Qcow2Executor implements RequestExecutor {
       this.complete(parent, BlkStatus.OK, '');
       return;
     }
-    this.syncThenComplete(parent);
-  }
-
-  /** Queues the top image's fdatasync on its engine; `finishSync` completes the parent when it is done. */
-  private syncThenComplete(parent: Parent): void {
-    parent.syncing = true;
-    parent.pending = 0;
-    this.enqueue({ parent, fd: this.handle.fd, type: BlkRequestType.FLUSH, offset: 0, segGpa: [], segLen: [], length: 0 });
-  }
-
-  private finishSync(parent: Parent): void {
-    if (parent.error !== '') {
-      this.complete(parent, BlkStatus.IOERR, parent.error);
+    try {
+      this.handle.flush();
+    } catch (error) {
+      this.complete(parent, BlkStatus.IOERR, (error as Error).message);
       return;
-    }
-    if (parent.type === BlkRequestType.FLUSH) {
-      try {
-        this.handle.afterDataSync();
-      } catch (error) {
-        this.complete(parent, BlkStatus.IOERR, (error as Error).message);
-        return;
-      }
     }
     this.complete(parent, BlkStatus.OK, '');
   }
@@ -594,12 +523,6 @@ export class Qcow2Executor implements RequestExecutor {
   }
 
   private innerComplete(c: Completion): void {
-    if (c.head >= FAST_HEAD) {
-      // A fast-path read: the engine's completion is the guest's, with its own head back.
-      c.head -= FAST_HEAD;
-      this.deliver(c);
-      return;
-    }
     const sub = this.subs[c.head];
     if (sub === null || sub === undefined) return;
     this.subs[c.head] = null;
@@ -615,10 +538,6 @@ export class Qcow2Executor implements RequestExecutor {
   private subDone(parent: Parent): void {
     parent.pending--;
     if (parent.pending > 0) return;
-    if (parent.syncing) {
-      this.finishSync(parent);
-      return;
-    }
     if (parent.type === BlkRequestType.OUT) {
       this.finishWrite(parent);
       return;
@@ -637,11 +556,6 @@ export class Qcow2Executor implements RequestExecutor {
     c.written = written ?? (status === BlkStatus.OK && parent.type === BlkRequestType.IN ? parent.dataBytes : 0);
     c.latencyNanos = (performance.now() - parent.started) * 1e6;
     c.error = error;
-    this.deliver(c);
-  }
-
-  /** Hands a finished request to the ring (held while a sibling pumps this executor). */
-  private deliver(c: Completion): void {
     if (this.holding) {
       this.held.push({ ...c });
       return;

@@ -718,14 +718,6 @@ export class Qcow2Handle implements ReadLayer, CompressedSource {
   /** FLUSH: data and metadata were written through, so one fdatasync makes every completed write durable. */
   flush(): void {
     syncData(this.fd);
-    this.afterDataSync();
-  }
-
-  /**
-   * The rest of a FLUSH once the image's data is synced (by `flush`, or by an engine's fdatasync of the same
-   * file): frees deferred clusters whose writers have drained.
-   */
-  afterDataSync(): void {
     if (Atomics.load(this.views.ints, I_DEFERRED) === 0 || this.readOnly) return;
     this.lock();
     try {
