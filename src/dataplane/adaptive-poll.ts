@@ -4,6 +4,7 @@
  * picked up without a kick and a wake-up. Finding work restarts the spin window; an idle window ends in a
  * blocking wait, so an idle daemon uses no CPU. Off (0) by default: spinning costs a CPU while busy.
  */
+import { performance } from 'node:perf_hooks';
 import type { EpollSet } from './epoll.js';
 
 export interface Pollable {

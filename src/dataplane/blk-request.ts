@@ -127,7 +127,7 @@ export function parseRequest(
   let copied = 0;
   for (let i = 0; copied < REQUEST_HEADER_SIZE; i++) {
     const take = Math.min(chain.len[i] ?? 0, REQUEST_HEADER_SIZE - copied);
-    if (take > 0 && !memory.read(chain.addr[i] ?? Infinity, request.header.subarray(copied, copied + take))) {
+    if (take > 0 && !memory.readInto(chain.addr[i] ?? Infinity, request.header, copied, take)) {
       return request.complete(BlkStatus.IOERR, 'request header is outside guest memory');
     }
     copied += take;

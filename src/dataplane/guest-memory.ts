@@ -51,16 +51,29 @@ export interface WindowSlice {
   offset: number;
 }
 
+const NO_WINDOW: Window = { view: new DataView(new ArrayBuffer(0)), bytes: new Uint8Array(0) };
+/** Copies up to this many bytes with a loop: cheaper than a subarray (an allocation) plus set. */
+const SMALL_COPY = 64;
+
 export class GuestMemory {
   private readonly regions: MappedRegion[];
+  /** The window `locate` found last (hot paths use it instead of allocating a WindowSlice). */
+  private hit: Window = NO_WINDOW;
+  private lastRegion: MappedRegion | undefined;
 
   constructor(layouts: readonly RegionLayout[]) {
     this.regions = layouts.map((layout) => new MappedRegion(layout));
   }
 
   private regionOf(gpa: number): MappedRegion | undefined {
+    // Most accesses of a burst (ring, headers, status bytes) fall in the region of the one before.
+    const last = this.lastRegion;
+    if (last !== undefined && gpa >= last.layout.guestPhysAddr && gpa < last.guestEnd) return last;
     for (const region of this.regions) {
-      if (gpa >= region.layout.guestPhysAddr && gpa < region.guestEnd) return region;
+      if (gpa >= region.layout.guestPhysAddr && gpa < region.guestEnd) {
+        this.lastRegion = region;
+        return region;
+      }
     }
     return undefined;
   }
@@ -101,13 +114,49 @@ export class GuestMemory {
 
   /** Zero-copy view of [gpa, gpa+length) for length ≤ WINDOW_OVERLAP; null if outside the table. */
   slice(gpa: number, length: number): WindowSlice | null {
-    if (length > WINDOW_OVERLAP) return null;
+    const offset = this.locate(gpa, length);
+    return offset < 0 ? null : { view: this.hit.view, bytes: this.hit.bytes, offset };
+  }
+
+  /**
+   * Offset of [gpa, gpa+length) in the window `hit` (set here), or -1 if outside the table. Length ≤ WINDOW_OVERLAP
+   * (larger: -1). Allocates nothing, unlike `slice`: it runs for every request header and status byte.
+   */
+  private locate(gpa: number, length: number): number {
+    if (length > WINDOW_OVERLAP) return -1;
     const region = this.regionOf(gpa);
-    if (region === undefined || length > region.guestEnd - gpa) return null;
+    if (region === undefined || length > region.guestEnd - gpa) return -1;
     const offset = gpa - region.layout.guestPhysAddr;
     const index = Math.floor(offset / WINDOW_STRIDE);
-    const window = region.window(index);
-    return { view: window.view, bytes: window.bytes, offset: offset - index * WINDOW_STRIDE };
+    this.hit = region.window(index);
+    return offset - index * WINDOW_STRIDE;
+  }
+
+  /**
+   * Copies `length` guest bytes at `gpa` into target[at, at+length) (may span regions); false if any byte is
+   * unmapped. Allocation-free for small copies (request headers).
+   */
+  readInto(gpa: number, target: Uint8Array, at: number, length: number): boolean {
+    if (length > SMALL_COPY) return this.read(gpa, target.subarray(at, at + length));
+    const from = this.locate(gpa, length);
+    if (from >= 0) {
+      // The common case: one region.
+      const bytes = this.hit.bytes;
+      for (let i = 0; i < length; i++) target[at + i] = bytes[from + i]!;
+      return true;
+    }
+    let done = 0;
+    while (done < length) {
+      const region = this.regionOf(gpa + done);
+      if (region === undefined) return false;
+      const take = Math.min(length - done, region.guestEnd - (gpa + done));
+      const from = this.locate(gpa + done, take);
+      if (from < 0) return false;
+      const bytes = this.hit.bytes;
+      for (let i = 0; i < take; i++) target[at + done + i] = bytes[from + i]!;
+      done += take;
+    }
+    return true;
   }
 
   /** Copies guest bytes into `target` (any length, may span regions); false if any byte is unmapped. */
@@ -158,9 +207,9 @@ export class GuestMemory {
   }
 
   writeU8(gpa: number, value: number): boolean {
-    const slice = this.slice(gpa, 1);
-    if (slice === null) return false;
-    slice.bytes[slice.offset] = value;
+    const at = this.locate(gpa, 1);
+    if (at < 0) return false;
+    this.hit.bytes[at] = value;
     return true;
   }
 }

@@ -21,6 +21,7 @@
  *
  * Invariant: a slot is owned by one request from `submit` to its completion; `active` counts them.
  */
+import { performance } from 'node:perf_hooks';
 import { BlkRequestType, BlkStatus, blkRequestName } from '../../protocol/virtio-blk.js';
 import { createEventFd, drainEventFd, signalEventFd } from '../sys/eventfd.js';
 import { closeFd } from '../sys/fd.js';

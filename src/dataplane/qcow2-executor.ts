@@ -32,6 +32,7 @@
  * submitted); a parent completes exactly once, after all its sub-requests; `inFlight` counts parents from
  * `submit` to completion, deferred ones included.
  */
+import { performance } from 'node:perf_hooks';
 import { BlkRequestType, BlkStatus, BLK_ID_BYTES } from '../../protocol/virtio-blk.js';
 import { RETRY, Qcow2Handle, attachLayer, type LayerDescription, type ReadExtent, type WriteExtent } from '../backend/qcow2/index.js';
 import { openFlags, O_CLOEXEC, O_DIRECT, O_RDONLY } from '../sys/block-io.js';

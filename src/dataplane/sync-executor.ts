@@ -2,6 +2,7 @@
  * Executes validated requests against the backing file with synchronous vectored syscalls on the worker
  * thread. iovecs carry host addresses straight into mapped guest memory, so data is never copied through JS.
  */
+import { performance } from 'node:perf_hooks';
 import { BlkRequestType, BlkStatus, BLK_ID_BYTES } from '../../protocol/virtio-blk.js';
 import { sys, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE } from '../sys/libc.js';
 import { lastErrno, errnoName, Errno } from '../sys/errors.js';

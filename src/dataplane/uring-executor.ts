@@ -28,6 +28,7 @@
  * submission sequence are stable meanwhile); at most two SQEs per slot are outstanding, and the SQ holds
  * 2 × depth entries, so preparing never finds the SQ full; nothing here blocks except `waitIdle`.
  */
+import { performance } from 'node:perf_hooks';
 import { BlkRequestType, BlkStatus } from '../../protocol/virtio-blk.js';
 import { errnoName, Errno } from '../sys/errors.js';
 import { IoUring, IoUringOp, SqeFlag, IORING_FSYNC_DATASYNC } from '../sys/io-uring.js';
@@ -130,6 +131,8 @@ export class UringExecutor implements RequestExecutor {
   /** FALLOC_FL_ZERO_RANGE was refused once (tmpfs): zero ranges go to the synchronous fallback. */
   private zeroRangeRefused = false;
   private closed = false;
+  /** See batchNow; -1 when the next read must go to the clock. */
+  private clock = -1;
 
   private readonly onCqe = (userData: number, res: number): void => this.handleCqe(userData, res);
   private readonly limits: DeviceLimits;
@@ -217,9 +220,8 @@ export class UringExecutor implements RequestExecutor {
           this.sync.submit(memory, request, head, capacityBytes, writeback);
           return;
         }
-        const started = performance.now();
         const slot = this.acquireSlot();
-        this.initSlot(slot, memory, request, head, started);
+        this.initSlot(slot, memory, request, head, this.batchNow());
         this.prepareFsync(slot, SqeFlag.IO_DRAIN);
         return;
       }
@@ -238,7 +240,18 @@ export class UringExecutor implements RequestExecutor {
     }
   }
 
+  /**
+   * The clock of the current batch, read once per batch rather than twice per request: every request
+   * prepared until the batch is handed to the kernel shares one start time, and every completion of one
+   * reap one end time. A latency so includes the time the request waited for the requests popped before it.
+   */
+  private batchNow(): number {
+    if (this.clock < 0) this.clock = performance.now();
+    return this.clock;
+  }
+
   submitPending(): boolean {
+    this.clock = -1;
     if (this.ring.pendingSubmissions === 0) return true;
     if (this.ring.submitAndWait(0)) return true;
     // EAGAIN / EBUSY: fine as long as something in the kernel will complete and wake the worker.
@@ -247,6 +260,7 @@ export class UringExecutor implements RequestExecutor {
 
   reap(): number {
     if (this.closed) return 0;
+    this.clock = -1;
     let total = 0;
     // Bounded: each round either reaps something or stops; continuations are submitted between rounds.
     for (let round = 0; round < 4; round++) {
@@ -256,6 +270,7 @@ export class UringExecutor implements RequestExecutor {
       total += n;
       if (n === 0 || this.ring.pendingSubmissions === 0) break;
     }
+    this.clock = -1;
     return total;
   }
 
@@ -283,7 +298,7 @@ export class UringExecutor implements RequestExecutor {
   }
 
   private submitReadWrite(memory: GuestMemory, request: BlkRequest, head: number, capacityBytes: number, writeback: boolean): void {
-    const started = performance.now();
+    const started = this.batchNow();
     const slot = this.acquireSlot();
     const count = this.iov.fill(slot, memory, request.segGpa, request.segLen, request.segCount);
     const mustBounce = this.bounce !== null && (count > this.iov.perArray || !this.iov.aligned(slot, count, this.memAlign));
@@ -317,7 +332,7 @@ export class UringExecutor implements RequestExecutor {
       return;
     }
     const slot = this.acquireSlot();
-    this.initSlot(slot, memory, request, head, performance.now());
+    this.initSlot(slot, memory, request, head, this.batchNow());
     this.slotRanges[slot] = ranges;
     this.slotRangeAt[slot] = 0;
     this.prepareRange(slot, SqeFlag.IO_DRAIN);
@@ -611,7 +626,7 @@ export class UringExecutor implements RequestExecutor {
     c.status = status;
     c.dataBytes = this.slotDataBytes[slot] ?? 0;
     c.written = status === BlkStatus.OK && type === BlkRequestType.IN ? c.dataBytes : 0;
-    c.latencyNanos = (performance.now() - (this.slotStarted[slot] ?? 0)) * 1e6;
+    c.latencyNanos = (this.batchNow() - (this.slotStarted[slot] ?? 0)) * 1e6;
     c.error = error;
     this.releaseSlot(slot);
     this.onComplete(c);

@@ -22,6 +22,7 @@
  *   every waiting request completes with EIO (counted in `timedOutRequests`) and new ones fail at once until
  *   the server is back; reconnect attempts continue with capped exponential backoff for the client's life.
  */
+import { performance } from 'node:perf_hooks';
 import {
   ChunkType,
   Command,
