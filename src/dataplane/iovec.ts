@@ -99,6 +99,17 @@ export class IovecPool {
     return this.address + (n * this.perArray + index) * IOVEC_BYTES;
   }
 
+  /** Base address held by entry `index` of array `n`. */
+  entryAddress(n: number, index: number): number {
+    const w = this.base(n) + index * 4;
+    return (this.words[w] ?? 0) + (this.words[w + 1] ?? 0) * TWO_32;
+  }
+
+  /** Length held by entry `index` of array `n`. */
+  entryLength(n: number, index: number): number {
+    return this.words[this.base(n) + index * 4 + 2] ?? 0;
+  }
+
   private readonly collect = (hostAddr: number, length: number): void => {
     if (this.fillCount < this.perArray) setIovec(this.words, this.fillBase, this.fillCount, hostAddr, length);
     this.fillCount++;

@@ -131,6 +131,11 @@ export class UringExecutor implements RequestExecutor {
   /** FALLOC_FL_ZERO_RANGE was refused once (tmpfs): zero ranges go to the synchronous fallback. */
   private zeroRangeRefused = false;
   private closed = false;
+  /** What SQEs name the image by: index 0 of the ring's fixed files with FIXED_FILE, else the fd. */
+  private readonly sqeFd: number;
+  private readonly fileFlag: number;
+  /** READ / WRITE (one buffer) are available: a one-piece transfer skips the kernel's iovec import. */
+  private readonly singleBufferOps: boolean;
   /** See batchNow; -1 when the next read must go to the clock. */
   private clock = -1;
 
@@ -138,11 +143,7 @@ export class UringExecutor implements RequestExecutor {
   private readonly limits: DeviceLimits;
 
   /** Sets up the ring; throws SyscallError when io_uring is unavailable. */
-  constructor(
-    private readonly fd: number,
-    limits: DeviceLimits,
-    options: EngineOptions = {},
-  ) {
+  constructor(fd: number, limits: DeviceLimits, options: EngineOptions = {}) {
     const depth = Math.max(1, Math.min(options.depth ?? DEFAULT_URING_DEPTH, 0x8000));
     this.depth = depth;
     this.memAlign = options.memAlign ?? 1;
@@ -158,6 +159,15 @@ export class UringExecutor implements RequestExecutor {
       this.ring.close();
       throw error;
     }
+    // The image as fixed file 0: no fget/fput per request. Old kernels without it keep the plain fd.
+    if (this.ring.registerFiles([fd])) {
+      this.sqeFd = 0;
+      this.fileFlag = SqeFlag.FIXED_FILE;
+    } else {
+      this.sqeFd = fd;
+      this.fileFlag = 0;
+    }
+    this.singleBufferOps = this.ring.supportsOp(IoUringOp.READ) && this.ring.supportsOp(IoUringOp.WRITE);
     this.sync = new SyncExecutor(fd, limits, options);
     this.sync.onComplete = (completion) => this.onComplete(completion);
     this.freeSlots = new Int32Array(depth);
@@ -465,7 +475,8 @@ export class UringExecutor implements RequestExecutor {
   }
 
   private prepare(opcode: number, flags: number, offset: number, address: number, length: number, opFlags: number, userData: number): void {
-    if (!this.ring.prepare(opcode, flags, this.fd, offset, address, length, opFlags, userData)) {
+    const fileFlag = opcode === IoUringOp.NOP ? 0 : this.fileFlag;
+    if (!this.ring.prepare(opcode, flags | fileFlag, this.sqeFd, offset, address, length, opFlags, userData)) {
       throw new Error('io_uring engine: submission queue full (invariant broken)');
     }
     this.outstandingCqes++;
@@ -477,16 +488,25 @@ export class UringExecutor implements RequestExecutor {
     const first = this.slotIovFirst[slot] ?? 0;
     const done = this.slotDone[slot] ?? 0;
     this.slotSubmittedDone[slot] = done;
-    const opcode = this.slotType[slot] === BlkRequestType.IN ? IoUringOp.READV : IoUringOp.WRITEV;
-    this.prepare(
-      opcode,
-      writeThrough ? SqeFlag.IO_LINK : 0,
-      (this.slotOffset[slot] ?? 0) + done,
-      this.iov.addressOf(slot, first),
-      (this.slotIovCount[slot] ?? 0) - first,
-      0,
-      encodeUserData(slot, KIND_RW),
-    );
+    const read = this.slotType[slot] === BlkRequestType.IN;
+    const pieces = (this.slotIovCount[slot] ?? 0) - first;
+    const linkFlag = writeThrough ? SqeFlag.IO_LINK : 0;
+    const offset = (this.slotOffset[slot] ?? 0) + done;
+    if (pieces === 1 && this.singleBufferOps) {
+      const opcode = read ? IoUringOp.READ : IoUringOp.WRITE;
+      this.prepare(
+        opcode,
+        linkFlag,
+        offset,
+        this.iov.entryAddress(slot, first),
+        this.iov.entryLength(slot, first),
+        0,
+        encodeUserData(slot, KIND_RW),
+      );
+    } else {
+      const opcode = read ? IoUringOp.READV : IoUringOp.WRITEV;
+      this.prepare(opcode, linkFlag, offset, this.iov.addressOf(slot, first), pieces, 0, encodeUserData(slot, KIND_RW));
+    }
     this.slotPending[slot] = (this.slotPending[slot] ?? 0) + 1;
     if (writeThrough) {
       this.slotFlags[slot] = (this.slotFlags[slot] ?? 0) & ~SlotFlag.synced;

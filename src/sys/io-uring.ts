@@ -24,7 +24,13 @@ const syscall7 = libc.func('long syscall(long nr, long a, long b, long c, long d
 export const SYS_io_uring_setup = 425;
 export const SYS_io_uring_enter = 426;
 export const SYS_io_uring_register = 427;
+export const IORING_REGISTER_FILES = 2;
 export const IORING_REGISTER_EVENTFD = 4;
+export const IORING_REGISTER_PROBE = 8;
+/** io_uring_probe_op.flags: the kernel implements the opcode. */
+const IO_URING_OP_SUPPORTED = 1;
+/** Entries of the probe's op table: every opcode up to 255 fits. */
+const PROBE_OPS = 256;
 
 export const IORING_OFF_SQ_RING = 0;
 export const IORING_OFF_CQ_RING = 0x8000000;
@@ -53,10 +59,15 @@ export const IoUringOp = {
   FSYNC: 3,
   /** Linux 5.6: off = offset, addr = length, len = mode. */
   FALLOCATE: 17,
+  /** Linux 5.6: one buffer (addr, len) instead of an iovec array: no iovec import per request. */
+  READ: 22,
+  WRITE: 23,
 } as const;
 
 /** IOSQE_* flags of an SQE. */
 export const SqeFlag = {
+  /** `fd` is an index into the files registered with registerFiles (no fget/fput per request). */
+  FIXED_FILE: 1 << 0,
   IO_DRAIN: 1 << 1,
   IO_LINK: 1 << 2,
 } as const;
@@ -264,6 +275,8 @@ export class IoUring {
   /** Prepared SQEs the kernel has not consumed yet. */
   private unsubmitted = 0;
   private closed = false;
+  /** Opcodes the kernel implements (IORING_REGISTER_PROBE), read on first use. */
+  private probedOps: Uint8Array | null = null;
 
   /** Creates a ring; throws SyscallError (io_uring_setup: ENOSYS / EPERM / ...) when io_uring is unavailable. */
   static create(options: IoUringOptions): IoUring {
@@ -399,6 +412,34 @@ export class IoUring {
     const word = new Int32Array([eventFd]);
     const n = syscall7(SYS_io_uring_register, this.fd, IORING_REGISTER_EVENTFD, addressOf(new Uint8Array(word.buffer)), 1, 0, 0);
     if (n < 0) throw new SyscallError('io_uring_register(EVENTFD)', lastErrno());
+  }
+
+  /**
+   * Registers `fds` as the ring's fixed files (SQEs then name them by index with SqeFlag.FIXED_FILE).
+   * False when the kernel refuses (the caller keeps using plain fds).
+   */
+  registerFiles(fds: readonly number[]): boolean {
+    const words = new Int32Array(fds);
+    return syscall7(SYS_io_uring_register, this.fd, IORING_REGISTER_FILES, addressOf(new Uint8Array(words.buffer)), fds.length, 0, 0) >= 0;
+  }
+
+  /** Whether the kernel implements `opcode` (IORING_REGISTER_PROBE, Linux 5.6; false where probing fails). */
+  supportsOp(opcode: number): boolean {
+    if (this.probedOps === null) {
+      // struct io_uring_probe: last_op, ops_len, resv (u16), resv2[3] (u32), then 8-byte io_uring_probe_op.
+      const probe = new Uint8Array(16 + PROBE_OPS * 8);
+      const n = syscall7(SYS_io_uring_register, this.fd, IORING_REGISTER_PROBE, addressOf(probe), PROBE_OPS, 0, 0);
+      this.probedOps = new Uint8Array(PROBE_OPS);
+      if (n >= 0) {
+        const count = Math.min(probe[1] ?? 0, PROBE_OPS);
+        for (let i = 0; i < count; i++) {
+          const at = 16 + i * 8;
+          const flags = (probe[at + 2] ?? 0) | ((probe[at + 3] ?? 0) << 8);
+          if ((flags & IO_URING_OP_SUPPORTED) !== 0) this.probedOps[probe[at] ?? 0] = 1;
+        }
+      }
+    }
+    return this.probedOps[opcode] === 1;
   }
 
   /** Completions ready to reap. */

@@ -1,6 +1,11 @@
+import { mkdtempSync, openSync, closeSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
+import { addressOf } from '../../src/sys/libc.js';
 import {
   CQE_BYTES,
+  IoUring,
   IoUringFeature,
   IoUringOp,
   IORING_FSYNC_DATASYNC,
@@ -174,5 +179,46 @@ describe('uring executor helpers', () => {
     const words = iovecs([0x1000, 512]);
     expect(skipIovecs(words, 4, 0, 0)).toBe(0);
     expect(iov(words, 0)).toEqual([0x1000, 512]);
+  });
+});
+
+describe('IoUring on this kernel: probe and fixed files', () => {
+  it('reports the opcodes the kernel implements and not the ones it does not', () => {
+    const ring = IoUring.create({ entries: 4 });
+    try {
+      expect(ring.supportsOp(IoUringOp.READV)).toBe(true);
+      expect(ring.supportsOp(IoUringOp.READ)).toBe(true);
+      expect(ring.supportsOp(255)).toBe(false);
+    } finally {
+      ring.close();
+    }
+  });
+
+  it('reads with a one-buffer READ through a registered file named by index, at the given offset', () => {
+    const dir = mkdtempSync(join(tmpdir(), 'vublk-uring-'));
+    const path = join(dir, 'data');
+    writeFileSync(path, Buffer.from('0123456789abcdef'));
+    const fd = openSync(path, 'r');
+    const ring = IoUring.create({ entries: 4 });
+    try {
+      expect(ring.registerFiles([fd])).toBe(true);
+      const buffer = Buffer.alloc(6);
+      expect(ring.prepare(IoUringOp.READ, SqeFlag.FIXED_FILE, 0, 4, addressOf(buffer), 6, 0, 7)).toBe(true);
+      expect(ring.submitAndWait(1)).toBe(true);
+      const results: number[][] = [];
+      ring.reap((userData, res) => results.push([userData, res]));
+      expect(results).toEqual([[7, 6]]);
+      expect(buffer.toString()).toBe('456789');
+      // Index 1 was never registered: the kernel refuses it (EBADF), nothing is read.
+      expect(ring.prepare(IoUringOp.READ, SqeFlag.FIXED_FILE, 1, 0, addressOf(buffer), 6, 0, 8)).toBe(true);
+      expect(ring.submitAndWait(1)).toBe(true);
+      results.length = 0;
+      ring.reap((userData, res) => results.push([userData, res]));
+      expect(results).toEqual([[8, -9]]);
+    } finally {
+      ring.close();
+      closeSync(fd);
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 });
