@@ -642,17 +642,24 @@ export class NbdClient {
       completed += this.parseStaged();
       if (this.stateValue !== 'connected') return completed;
       if (this.rxState === Rx.Data && this.rxStart === this.rxEnd) {
-        // Read data goes straight from the socket into the caller's buffers.
+        // Read data goes straight from the socket into the caller's buffers, and whatever follows it (the
+        // next reply's header, if it has arrived) into the empty staging buffer in the same call: one syscall
+        // per reply. After large data only a header's worth, so the next large data is not copied either.
         const part = this.rxPart as Part;
-        const count = part.op.segments!.fill(this.rxDataPos, this.rxDataLeft, this.iovWords, 0, IOV_MAX);
+        let count = part.op.segments!.fill(this.rxDataPos, this.rxDataLeft, this.iovWords, 0, IOV_MAX);
+        this.rxStart = 0;
+        this.rxEnd = 0;
+        if (count < IOV_MAX) writeIovec(this.iovWords, count++, this.rxAddress, this.rxLargeData ? CHUNK_HEADER_SIZE + 8 : this.rx.length);
         const n = readVector(this.socket, this.iovAddress, count);
         calls++;
         if (n === -Errno.EAGAIN || n === -Errno.EINTR) break;
         if (n < 0) throw new SyscallError('readv', -n, 'NBD socket');
         if (n === 0) throw new NbdClientError('the server closed the connection', 'NBD_EOF');
-        this.rxDataPos += n;
-        this.rxDataLeft -= n;
-        this.counters.bytesRead += n;
+        const data = Math.min(n, this.rxDataLeft);
+        this.rxEnd = n - data;
+        this.rxDataPos += data;
+        this.rxDataLeft -= data;
+        this.counters.bytesRead += data;
         if (this.rxDataLeft === 0) completed += this.endData();
         continue;
       }
@@ -1075,6 +1082,9 @@ export class NbdClient {
     if (this.stateValue === 'closed') return;
     const deadline = this.nextDeadline();
     if (deadline === this.armedDeadline) return;
+    // An armed timer that fires no later than needed stays: an early or needless expiry costs one pump (which
+    // re-arms), whereas following every idle/busy flip of the in-flight count cost two syscalls per batch.
+    if (this.armedDeadline >= 0 && (deadline < 0 || deadline > this.armedDeadline)) return;
     if (deadline < 0) this.timer.disarm();
     else this.timer.arm(Math.max(0, deadline - this.now()));
     this.armedDeadline = deadline;
