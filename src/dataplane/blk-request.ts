@@ -51,9 +51,10 @@ export class BlkRequest {
     this.segLen = new Uint32Array(segCapacity);
   }
 
-  decodeHeaderFields(): void {
-    this.type = this.headerView.getUint32(0, true);
-    this.sector = readLe64(this.headerView, 8);
+  /** Decodes type and sector from the copied header, or from a header found in place (`view` at `at`). */
+  decodeHeaderFields(view: DataView = this.headerView, at = 0): void {
+    this.type = view.getUint32(at, true);
+    this.sector = readLe64(view, at + 8);
   }
 
   drop(reason: string): DispositionCode {
@@ -124,15 +125,21 @@ export function parseRequest(
   if (readableBytes < REQUEST_HEADER_SIZE) {
     return request.complete(BlkStatus.IOERR, `only ${readableBytes} readable bytes, a request header needs ${REQUEST_HEADER_SIZE}`);
   }
-  let copied = 0;
-  for (let i = 0; copied < REQUEST_HEADER_SIZE; i++) {
-    const take = Math.min(chain.len[i] ?? 0, REQUEST_HEADER_SIZE - copied);
-    if (take > 0 && !memory.readInto(chain.addr[i] ?? Infinity, request.header, copied, take)) {
-      return request.complete(BlkStatus.IOERR, 'request header is outside guest memory');
+  const inPlace = (chain.len[0] ?? 0) >= REQUEST_HEADER_SIZE ? memory.locate(chain.addr[0] ?? Infinity, REQUEST_HEADER_SIZE) : -1;
+  if (inPlace >= 0) {
+    // The usual layout: the whole header in the first descriptor, inside one region. Read where it lies.
+    request.decodeHeaderFields(memory.hitView, inPlace);
+  } else {
+    let copied = 0;
+    for (let i = 0; copied < REQUEST_HEADER_SIZE; i++) {
+      const take = Math.min(chain.len[i] ?? 0, REQUEST_HEADER_SIZE - copied);
+      if (take > 0 && !memory.readInto(chain.addr[i] ?? Infinity, request.header, copied, take)) {
+        return request.complete(BlkStatus.IOERR, 'request header is outside guest memory');
+      }
+      copied += take;
     }
-    copied += take;
+    request.decodeHeaderFields();
   }
-  request.decodeHeaderFields();
 
   const type = request.type;
   const readsData = type === BlkRequestType.IN || type === BlkRequestType.GET_ID;

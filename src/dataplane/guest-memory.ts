@@ -119,10 +119,11 @@ export class GuestMemory {
   }
 
   /**
-   * Offset of [gpa, gpa+length) in the window `hit` (set here), or -1 if outside the table. Length ≤ WINDOW_OVERLAP
-   * (larger: -1). Allocates nothing, unlike `slice`: it runs for every request header and status byte.
+   * Offset of [gpa, gpa+length) in the window `hitView` / `hitBytes` now show (valid until the next call), or
+   * -1 if outside the table. Length ≤ WINDOW_OVERLAP (larger: -1). Allocates nothing, unlike `slice`: it
+   * runs for every request header and status byte.
    */
-  private locate(gpa: number, length: number): number {
+  locate(gpa: number, length: number): number {
     if (length > WINDOW_OVERLAP) return -1;
     const region = this.regionOf(gpa);
     if (region === undefined || length > region.guestEnd - gpa) return -1;
@@ -130,6 +131,11 @@ export class GuestMemory {
     const index = Math.floor(offset / WINDOW_STRIDE);
     this.hit = region.window(index);
     return offset - index * WINDOW_STRIDE;
+  }
+
+  /** The window of the last successful `locate`. */
+  get hitView(): DataView {
+    return this.hit.view;
   }
 
   /**

@@ -247,7 +247,9 @@ export class NetworkExecutor implements RequestExecutor, ChannelMember {
     for (let i = 0; i < pairs; i += 2) {
       if (this.finish(this.done[i]!, this.done[i + 1]!)) delivered++;
     }
-    this.done.splice(0, pairs);
+    // Completions that arrived while finishing (none, usually) stay for the next reap.
+    if (this.done.length === pairs) this.done.length = 0;
+    else this.done.splice(0, pairs);
     if (this.submittedSinceKick) this.submitPending();
     return delivered;
   }
