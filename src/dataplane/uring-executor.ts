@@ -131,9 +131,6 @@ export class UringExecutor implements RequestExecutor {
   /** FALLOC_FL_ZERO_RANGE was refused once (tmpfs): zero ranges go to the synchronous fallback. */
   private zeroRangeRefused = false;
   private closed = false;
-  /** What SQEs name the image by: index 0 of the ring's fixed files with FIXED_FILE, else the fd. */
-  private readonly sqeFd: number;
-  private readonly fileFlag: number;
   /** READ / WRITE (one buffer) are available: a one-piece transfer skips the kernel's iovec import. */
   private readonly singleBufferOps: boolean;
   /** See batchNow; -1 when the next read must go to the clock. */
@@ -143,7 +140,11 @@ export class UringExecutor implements RequestExecutor {
   private readonly limits: DeviceLimits;
 
   /** Sets up the ring; throws SyscallError when io_uring is unavailable. */
-  constructor(fd: number, limits: DeviceLimits, options: EngineOptions = {}) {
+  constructor(
+    private readonly fd: number,
+    limits: DeviceLimits,
+    options: EngineOptions = {},
+  ) {
     const depth = Math.max(1, Math.min(options.depth ?? DEFAULT_URING_DEPTH, 0x8000));
     this.depth = depth;
     this.memAlign = options.memAlign ?? 1;
@@ -158,14 +159,6 @@ export class UringExecutor implements RequestExecutor {
     } catch (error) {
       this.ring.close();
       throw error;
-    }
-    // The image as fixed file 0: no fget/fput per request. Old kernels without it keep the plain fd.
-    if (this.ring.registerFiles([fd])) {
-      this.sqeFd = 0;
-      this.fileFlag = SqeFlag.FIXED_FILE;
-    } else {
-      this.sqeFd = fd;
-      this.fileFlag = 0;
     }
     this.singleBufferOps = this.ring.supportsOp(IoUringOp.READ) && this.ring.supportsOp(IoUringOp.WRITE);
     this.sync = new SyncExecutor(fd, limits, options);
@@ -475,8 +468,7 @@ export class UringExecutor implements RequestExecutor {
   }
 
   private prepare(opcode: number, flags: number, offset: number, address: number, length: number, opFlags: number, userData: number): void {
-    const fileFlag = opcode === IoUringOp.NOP ? 0 : this.fileFlag;
-    if (!this.ring.prepare(opcode, flags | fileFlag, this.sqeFd, offset, address, length, opFlags, userData)) {
+    if (!this.ring.prepare(opcode, flags, this.fd, offset, address, length, opFlags, userData)) {
       throw new Error('io_uring engine: submission queue full (invariant broken)');
     }
     this.outstandingCqes++;

@@ -24,7 +24,6 @@ const syscall7 = libc.func('long syscall(long nr, long a, long b, long c, long d
 export const SYS_io_uring_setup = 425;
 export const SYS_io_uring_enter = 426;
 export const SYS_io_uring_register = 427;
-export const IORING_REGISTER_FILES = 2;
 export const IORING_REGISTER_EVENTFD = 4;
 export const IORING_REGISTER_PROBE = 8;
 /** io_uring_probe_op.flags: the kernel implements the opcode. */
@@ -66,8 +65,6 @@ export const IoUringOp = {
 
 /** IOSQE_* flags of an SQE. */
 export const SqeFlag = {
-  /** `fd` is an index into the files registered with registerFiles (no fget/fput per request). */
-  FIXED_FILE: 1 << 0,
   IO_DRAIN: 1 << 1,
   IO_LINK: 1 << 2,
 } as const;
@@ -412,15 +409,6 @@ export class IoUring {
     const word = new Int32Array([eventFd]);
     const n = syscall7(SYS_io_uring_register, this.fd, IORING_REGISTER_EVENTFD, addressOf(new Uint8Array(word.buffer)), 1, 0, 0);
     if (n < 0) throw new SyscallError('io_uring_register(EVENTFD)', lastErrno());
-  }
-
-  /**
-   * Registers `fds` as the ring's fixed files (SQEs then name them by index with SqeFlag.FIXED_FILE).
-   * False when the kernel refuses (the caller keeps using plain fds).
-   */
-  registerFiles(fds: readonly number[]): boolean {
-    const words = new Int32Array(fds);
-    return syscall7(SYS_io_uring_register, this.fd, IORING_REGISTER_FILES, addressOf(new Uint8Array(words.buffer)), fds.length, 0, 0) >= 0;
   }
 
   /** Whether the kernel implements `opcode` (IORING_REGISTER_PROBE, Linux 5.6; false where probing fails). */
