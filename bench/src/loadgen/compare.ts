@@ -163,8 +163,11 @@ function machineFacts(qsd: string | null, dir: string): Record<string, string> {
   };
 }
 
-/** Seconds of the row's own load a per-run daemon gets before its measured run (`perRunDaemon` rows). */
-const PER_RUN_WARMUP_SEC = 1;
+/**
+ * Seconds of a row's own load, unmeasured, that each daemon serves before it is measured on that row: per-run
+ * daemons before every run, long-lived daemons once before round 1.
+ */
+const WARMUP_SEC = 1;
 
 function benchArgs(w: Workload, socket: string, runtime: number, ramp: number, seed: number): string[] {
   return [
@@ -560,6 +563,22 @@ export async function benchCompare(flags: CompareFlags): Promise<number> {
     const runs = scenarios.reduce((n, s) => n + s.running.length, 0);
     log(`${daemons.size} back-end daemons up; ${scenarios.length} scenarios, ${runs} runs × ${rounds} rounds of ${ramp}+${runtime} s`);
 
+    // Unmeasured: every long-lived daemon serves each row's load once before round 1, so that round measures it in
+    // the state later rounds do (vublk compiles each code path, such as large NBD replies, on first use; a host
+    // runs long-lived daemons). QSD gets the same pass (fio starts anew every run).
+    for (const scenario of scenarios) {
+      if (scenario.freshImage || scenario.perRunDaemon) continue;
+      for (const id of scenario.running) {
+        const daemon = daemons.get(id);
+        if (daemon === undefined) continue;
+        await runChild(
+          [process.execPath, BENCH_CLI, ...benchArgs(scenario.workload, daemon.sockets[0] as string, WARMUP_SEC, 0, 0)],
+          WARMUP_SEC * 1000 + 60_000,
+        );
+      }
+    }
+    log(`warm-up: ${WARMUP_SEC} s of each row's load on every long-lived daemon`);
+
     for (let round = 1; round <= rounds; round++) {
       for (const scenario of scenarios) {
         // Rotate the order every round so no back-end always runs first or last.
@@ -582,7 +601,7 @@ export async function benchCompare(flags: CompareFlags): Promise<number> {
             fresh = new DaemonProcess(backend.label, daemonCommand(backend, runImage, socket, qsd ?? ''), [socket]);
             if (round === 1 && !commands.includes(display(fresh.argv, dir).replace(/-\d+\.qcow2/, '-1.qcow2'))) {
               commands.push(
-                `# ${backend.label} (${scenario.freshImage ? 'a fresh image and daemon every run' : `a daemon of its own every run, warmed up with ${PER_RUN_WARMUP_SEC} s of the same load`})`,
+                `# ${backend.label} (${scenario.freshImage ? 'a fresh image and daemon every run' : `a daemon of its own every run, warmed up with ${WARMUP_SEC} s of the same load`})`,
                 display(fresh.argv, dir),
               );
             }
@@ -599,8 +618,8 @@ export async function benchCompare(flags: CompareFlags): Promise<number> {
               // Unmeasured: a daemon just started is not what a host runs (vublk's JIT, its pool threads, librbd's
               // caches warm up in the first second), and the row measures each back-end in its steady state.
               await runChild(
-                [process.execPath, BENCH_CLI, ...benchArgs(scenario.workload, fresh.sockets[0] as string, PER_RUN_WARMUP_SEC, 0, round)],
-                PER_RUN_WARMUP_SEC * 1000 + 60_000,
+                [process.execPath, BENCH_CLI, ...benchArgs(scenario.workload, fresh.sockets[0] as string, WARMUP_SEC, 0, round)],
+                WARMUP_SEC * 1000 + 60_000,
               );
             }
           }
@@ -711,7 +730,7 @@ export function renderReport(input: ReportInput): { markdown: string; summary: s
     '(each stays up for the whole benchmark, idle while another is measured; `locking=off` so several share an image), and',
     'drives each with `vublk-bench run`: the TypeScript vhost-user front-end as a load generator, no VM. fio runs the same',
     "workload on the O_DIRECT file directly, as the device's limit. Per scenario the back-ends run back to back, order rotated",
-    `every round, ${rounds} rounds of ${ramp} s warm-up + ${runtime} s measured; tables show medians over the rounds, ratios are medians of`,
+    `every round, ${rounds} rounds of ${ramp} s warm-up + ${runtime} s measured, after one unmeasured ${WARMUP_SEC} s pass of every row on every daemon; tables show medians over the rounds, ratios are medians of`,
     'the per-round ratios (measured the same minute, under the same host load). **Daemon CPU µs/request** is utime+stime of the',
     "daemon process (`/proc/PID/stat`) over the run divided by every request of the run (warm-up included); fio's is its own",
     'process (it is generator and engine at once). **load** is the 1-minute load average when the run started.',
