@@ -267,8 +267,7 @@ export class UringExecutor implements RequestExecutor {
     let total = 0;
     // Bounded: each round either reaps something or stops; continuations are submitted between rounds.
     for (let round = 0; round < 4; round++) {
-      // With DEFER_TASKRUN completions are posted only inside io_uring_enter(GETEVENTS).
-      if ((this.ring.deferTaskrun && this.outstandingCqes > 0) || this.ring.pendingSubmissions > 0) this.ring.submitAndWait(0);
+      if (this.ring.pendingSubmissions > 0) this.ring.submitAndWait(0);
       const n = this.ring.reap(this.onCqe);
       total += n;
       if (n === 0 || this.ring.pendingSubmissions === 0) break;

@@ -335,11 +335,6 @@ export class IoUring {
     return address;
   }
 
-  /** Whether completions are only posted inside io_uring_enter(GETEVENTS). */
-  get deferTaskrun(): boolean {
-    return (this.params.flags & IoUringSetup.DEFER_TASKRUN) !== 0;
-  }
-
   /** SQEs that can still be prepared before the next submission. */
   get sqSpace(): number {
     return this.sqEntries - this.unsubmitted;
@@ -375,7 +370,7 @@ export class IoUring {
    */
   submitAndWait(minComplete: number): boolean {
     Atomics.store(this.sqRing, this.sqTailWord, this.sqTail);
-    const flags = minComplete > 0 || this.deferTaskrun ? IORING_ENTER_GETEVENTS : 0;
+    const flags = minComplete > 0 ? IORING_ENTER_GETEVENTS : 0;
     for (;;) {
       const n = syscall7(SYS_io_uring_enter, this.fd, this.unsubmitted, minComplete, flags, 0, 0);
       if (n >= 0) {
@@ -402,8 +397,7 @@ export class IoUring {
   }
 
   /**
-   * Registers an eventfd the kernel signals when completions are posted (or, with DEFER_TASKRUN, when work
-   * waits to be run by the next io_uring_enter(GETEVENTS)): lets an epoll loop sleep on the ring.
+   * Registers an eventfd the kernel signals when completions are posted: lets an epoll loop sleep on the ring.
    */
   registerEventFd(eventFd: number): void {
     const word = new Int32Array([eventFd]);
