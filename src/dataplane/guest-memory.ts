@@ -144,13 +144,6 @@ export class GuestMemory {
    */
   readInto(gpa: number, target: Uint8Array, at: number, length: number): boolean {
     if (length > SMALL_COPY) return this.read(gpa, target.subarray(at, at + length));
-    const from = this.locate(gpa, length);
-    if (from >= 0) {
-      // The common case: one region.
-      const bytes = this.hit.bytes;
-      for (let i = 0; i < length; i++) target[at + i] = bytes[from + i]!;
-      return true;
-    }
     let done = 0;
     while (done < length) {
       const region = this.regionOf(gpa + done);

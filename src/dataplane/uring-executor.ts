@@ -16,9 +16,10 @@
  * - DISCARD / WRITE_ZEROES on a file: one FALLOCATE per range (PUNCH_HOLE, or ZERO_RANGE for WRITE_ZEROES
  *   without UNMAP), the ranges one after another. The first SQE carries IOSQE_IO_DRAIN, so the request
  *   starts only once everything submitted before it has completed, without the worker waiting (its later
- *   ranges are not ordered against requests that came after it: virtio-blk orders nothing in flight). A range the kernel refuses (EOPNOTSUPP: no ZERO_RANGE on tmpfs; EINVAL: a kernel before
- *   FALLOCATE) is redone synchronously by the SyncExecutor's rules (discard is a hint; zeroes are then
- *   written); once ZERO_RANGE failed, later zero ranges go straight to that fallback, behind a draining NOP.
+ *   ranges are not ordered against requests that came after it: virtio-blk orders nothing in flight).
+ *   A range the kernel refuses (EOPNOTSUPP: no ZERO_RANGE on tmpfs; EINVAL: a kernel before FALLOCATE)
+ *   is redone synchronously by the SyncExecutor's rules (discard is a hint; zeroes are then written);
+ *   once ZERO_RANGE failed, later zero ranges go straight to that fallback, behind a draining NOP.
  * - DISCARD / WRITE_ZEROES on a block device (BLKDISCARD / BLKZEROOUT are ioctls, not io_uring operations):
  *   `canAccept` refuses them while anything is in flight, then they run synchronously.
  * - GET_ID (and requests whose iovecs do not fit a slot, or whose bounce does not fit the pool) run
@@ -481,23 +482,17 @@ export class UringExecutor implements RequestExecutor {
     this.slotSubmittedDone[slot] = done;
     const read = this.slotType[slot] === BlkRequestType.IN;
     const pieces = (this.slotIovCount[slot] ?? 0) - first;
-    const linkFlag = writeThrough ? SqeFlag.IO_LINK : 0;
-    const offset = (this.slotOffset[slot] ?? 0) + done;
-    if (pieces === 1 && this.singleBufferOps) {
-      const opcode = read ? IoUringOp.READ : IoUringOp.WRITE;
-      this.prepare(
-        opcode,
-        linkFlag,
-        offset,
-        this.iov.entryAddress(slot, first),
-        this.iov.entryLength(slot, first),
-        0,
-        encodeUserData(slot, KIND_RW),
-      );
-    } else {
-      const opcode = read ? IoUringOp.READV : IoUringOp.WRITEV;
-      this.prepare(opcode, linkFlag, offset, this.iov.addressOf(slot, first), pieces, 0, encodeUserData(slot, KIND_RW));
-    }
+    // One piece: READ / WRITE with the buffer itself, so the kernel imports no iovec array.
+    const single = pieces === 1 && this.singleBufferOps;
+    this.prepare(
+      single ? (read ? IoUringOp.READ : IoUringOp.WRITE) : read ? IoUringOp.READV : IoUringOp.WRITEV,
+      writeThrough ? SqeFlag.IO_LINK : 0,
+      (this.slotOffset[slot] ?? 0) + done,
+      single ? this.iov.entryAddress(slot, first) : this.iov.addressOf(slot, first),
+      single ? this.iov.entryLength(slot, first) : pieces,
+      0,
+      encodeUserData(slot, KIND_RW),
+    );
     this.slotPending[slot] = (this.slotPending[slot] ?? 0) + 1;
     if (writeThrough) {
       this.slotFlags[slot] = (this.slotFlags[slot] ?? 0) & ~SlotFlag.synced;
