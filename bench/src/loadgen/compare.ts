@@ -169,6 +169,11 @@ function machineFacts(qsd: string | null, dir: string): Record<string, string> {
  */
 const WARMUP_SEC = 1;
 
+/** Serves WARMUP_SEC of `workload` on the daemon at `socket`, unmeasured. */
+function warmUp(workload: Workload, socket: string, seed: number): Promise<unknown> {
+  return runChild([process.execPath, BENCH_CLI, ...benchArgs(workload, socket, WARMUP_SEC, 0, seed)], WARMUP_SEC * 1000 + 60_000);
+}
+
 function benchArgs(w: Workload, socket: string, runtime: number, ramp: number, seed: number): string[] {
   return [
     'run',
@@ -571,10 +576,7 @@ export async function benchCompare(flags: CompareFlags): Promise<number> {
       for (const id of scenario.running) {
         const daemon = daemons.get(id);
         if (daemon === undefined) continue;
-        await runChild(
-          [process.execPath, BENCH_CLI, ...benchArgs(scenario.workload, daemon.sockets[0] as string, WARMUP_SEC, 0, 0)],
-          WARMUP_SEC * 1000 + 60_000,
-        );
+        await warmUp(scenario.workload, daemon.sockets[0] as string, 0);
       }
     }
     log(`warm-up: ${WARMUP_SEC} s of each row's load on every long-lived daemon`);
@@ -617,10 +619,7 @@ export async function benchCompare(flags: CompareFlags): Promise<number> {
             if (scenario.perRunDaemon) {
               // Unmeasured: a daemon just started is not what a host runs (vublk's JIT, its pool threads, librbd's
               // caches warm up in the first second), and the row measures each back-end in its steady state.
-              await runChild(
-                [process.execPath, BENCH_CLI, ...benchArgs(scenario.workload, fresh.sockets[0] as string, WARMUP_SEC, 0, round)],
-                WARMUP_SEC * 1000 + 60_000,
-              );
+              await warmUp(scenario.workload, fresh.sockets[0] as string, round);
             }
           }
           const result = await measureOnce(scenario, backend, daemon, img, runtime, ramp, round, fio);
