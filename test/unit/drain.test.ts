@@ -42,7 +42,10 @@ afterAll(() => {
 class TinyDriver {
   private nextDesc = 0;
   availIdx = 0;
-  constructor(private readonly fx: MemoryFixture) {}
+  constructor(
+    private readonly fx: MemoryFixture,
+    private readonly size = SIZE,
+  ) {}
 
   private desc(index: number, offset: number, len: number, flags: number, next: number): void {
     const at = DESC + index * 16;
@@ -62,7 +65,7 @@ class TinyDriver {
     this.desc(head + 1, base + 0x200, 512, DescFlag.NEXT | DescFlag.WRITE, head + 2);
     this.desc(head + 2, base + 0x800, 1, DescFlag.WRITE, 0);
     this.nextDesc += 3;
-    this.fx.view.setUint16(AVAIL + 4 + 2 * (this.availIdx % SIZE), head, true);
+    this.fx.view.setUint16(AVAIL + 4 + 2 * (this.availIdx % this.size), head, true);
     this.availIdx++;
     this.fx.view.setUint16(AVAIL + 2, this.availIdx, true);
     return head;
@@ -77,9 +80,9 @@ class TinyDriver {
   }
 }
 
-function setup(eventIdx: boolean, executorHook?: (flush: () => void) => void) {
+function setup(eventIdx: boolean, executorHook?: (flush: () => void) => void, size = SIZE) {
   const fx = memoryFixture();
-  const driver = new TinyDriver(fx);
+  const driver = new TinyDriver(fx, size);
   const counterBuffer = createCounterBuffer(1);
   const sync = new SyncExecutor(imageFd, limits);
   let interrupts = 0;
@@ -105,12 +108,7 @@ function setup(eventIdx: boolean, executorHook?: (flush: () => void) => void) {
     waitIdle: () => true,
     close: () => sync.close(),
   };
-  const queue = new SplitQueue(
-    fx.memory,
-    { size: SIZE, descGpa: fx.gpa(DESC), availGpa: fx.gpa(AVAIL), usedGpa: fx.gpa(USED) },
-    eventIdx,
-    0,
-  );
+  const queue = new SplitQueue(fx.memory, { size, descGpa: fx.gpa(DESC), availGpa: fx.gpa(AVAIL), usedGpa: fx.gpa(USED) }, eventIdx, 0);
   const ctx: DrainContext = {
     queue,
     memory: fx.memory,
@@ -190,5 +188,27 @@ describe('drain bracket', () => {
     drainQueue(ctx);
     expect(driver.usedIdx()).toBe(1);
     expect(interrupts()).toBe(0);
+  });
+
+  // Interrupt coalescing (COALESCE_MIN_REMAINING in drain.ts): one drain over many requests, completed inline.
+  function interruptsAt(requests: number): number[] {
+    const at: number[] = [];
+    const { driver, ctx } = setup(false, undefined, 128); // 3 descriptors per request
+    ctx.interrupt = () => at.push(driver.usedIdx());
+    for (let i = 0; i < requests; i++) driver.publishRead(i);
+    drainQueue(ctx);
+    expect(driver.usedIdx()).toBe(requests);
+    return at;
+  }
+
+  it('a long drain tells the driver once half its window has completed, then as the window empties, and at the end', () => {
+    // Checks come every 8 pops (a quarter of 32); at 8 the driver has 24 still queued: no interrupt yet.
+    expect(interruptsAt(32)).toEqual([16, 24, 32]);
+  });
+
+  it('a shallow window is told as soon as fewer than COALESCE_MIN_REMAINING requests are left', () => {
+    // Checks every 4 pops: at 4, 8 are left (deferred); at 8, 4 are left (told); then the end.
+    expect(interruptsAt(12)).toEqual([8, 12]);
+    expect(interruptsAt(4)).toEqual([4]);
   });
 });
