@@ -35,6 +35,11 @@ export interface Transport {
   writeZeroes(tag: number, offset: number, length: number, mayUnmap: boolean): void;
   /** Sends what was submitted (one syscall per batch). */
   kick(): void;
+  /**
+   * The worker's epoll reported `fd` ready. Between these calls a transport that found its fds empty makes
+   * no read syscall in `poll` (a drain polls several times); `fd` being level-triggered makes that safe.
+   */
+  ready(): void;
   /** Progresses I/O without blocking and delivers every completion available. */
   poll(deliver: TransportDeliver): void;
   /** A change of the connection's health since the last call, for the log ('' when none). */
@@ -55,8 +60,9 @@ class NbdTransport implements Transport {
         connectTimeoutMs: backend.connectTimeoutMs,
         reconnectTimeoutMs: backend.reconnectTimeoutMs,
         requestTimeoutMs: backend.requestTimeoutMs,
-        // The executor kicks (flush) after every batch it submits.
+        // The executor kicks (flush) after every batch it submits, and passes on its epoll's reports (ready).
         callerFlushes: true,
+        readyHints: true,
       },
       backend.info,
       (tag, errno) => this.deliver?.(tag, errno),
@@ -84,6 +90,9 @@ class NbdTransport implements Transport {
   }
   kick(): void {
     this.client.flush();
+  }
+  ready(): void {
+    this.client.socketReady();
   }
   poll(deliver: TransportDeliver): void {
     this.deliver = deliver;
@@ -143,8 +152,17 @@ class RbdTransport implements Transport {
   kick(): void {
     // librbd sends at submission.
   }
+  /** The eventfd was reported readable since the last poll drained it. */
+  private signalled = true;
+  ready(): void {
+    this.signalled = true;
+  }
   poll(deliver: TransportDeliver): void {
-    this.queue.reap((tag, result) => deliver(tag, result < 0 ? -result : 0));
+    // Completions are taken from librbd at every poll; the eventfd is read only after epoll reported it, so
+    // completions that arrive meanwhile leave it readable and the next epoll round comes back here.
+    const drainSignal = this.signalled;
+    this.signalled = false;
+    this.queue.reap((tag, result) => deliver(tag, result < 0 ? -result : 0), drainSignal);
   }
   healthChange(): string {
     return '';

@@ -217,6 +217,10 @@ export class NetworkExecutor implements RequestExecutor, ChannelMember {
     this.submittedSinceKick = true;
   }
 
+  completionReady(): void {
+    this.channel.transport.ready();
+  }
+
   submitPending(): boolean {
     if (this.submittedSinceKick) {
       this.submittedSinceKick = false;
@@ -309,6 +313,7 @@ export class NetworkExecutor implements RequestExecutor, ChannelMember {
       const left = deadline - performance.now();
       if (left <= 0) return false;
       waitReadable(this.completionFd, Math.min(left, 100));
+      this.completionReady();
     }
     return this.active === 0;
   }

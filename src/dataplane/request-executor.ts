@@ -66,6 +66,11 @@ export interface RequestExecutor {
   readonly completionFd: number;
   /** Watch completionFd level-triggered (a transport that may stop early and stay readable: network back-ends). */
   readonly completionLevelTriggered?: boolean;
+  /**
+   * The worker's epoll reported completionFd ready (called before the drain it triggers). A level-triggered
+   * executor may skip reading its fds between these calls once a read found nothing (network back-ends).
+   */
+  completionReady?(): void;
   /** Requests submitted but not yet completed. */
   readonly inFlight: number;
   onComplete: (completion: Completion) => void;

@@ -135,6 +135,7 @@ export class RingServer {
   dispatch(fd: number): boolean {
     if (fd === this.kickFd || fd === this.executor.completionFd) {
       // Edge-triggered: the counters are never read back (2^64 events to saturate).
+      if (fd === this.executor.completionFd) this.executor.completionReady?.();
       this.wake();
       return true;
     }
@@ -159,6 +160,7 @@ export class RingServer {
   watchdog(): void {
     if (!this.busy) return;
     this.counters.add(Counter.watchdogDrains);
+    this.executor.completionReady?.(); // a wake-up was lost: do not trust what the executor last saw either
     this.drain();
   }
 

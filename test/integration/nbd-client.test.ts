@@ -7,6 +7,7 @@ import { existsSync, writeFileSync, truncateSync, rmSync } from 'node:fs';
 import { imageBytes } from '../support/session-harness.js';
 import { join } from 'node:path';
 import { NbdClient } from '../../src/backend/nbd/nbd-client.js';
+import { waitReadable } from '../../src/sys/poll-wait.js';
 import { NbdHandshakeError } from '../../src/backend/nbd/handshake.js';
 import { NbdProtocolError } from '../../protocol/nbd.js';
 import { parseNbdUri } from '../../src/backend/nbd/nbd-uri.js';
@@ -111,6 +112,33 @@ describe('NBD client against nbdkit', () => {
     expect(await driven.read(16 << 20, buffer, 0, 65536)).toBe(0);
     expect(buffer.bytes.subarray(0, 32768).every((b) => b === 0)).toBe(true);
     expect(driven.client.counters).toMatchObject({ connects: 1, connectionsLost: 0, protocolErrors: 0, serverErrors: 0 });
+  });
+
+  it('readyHints: once a read found the socket empty, pumps read again only after socketReady()', async (context) => {
+    requireTool(context, 'nbdkit');
+    const socket = join(scratch(), 'nbd.sock');
+    track(await startNbdkit({ unix: socket }, ['memory', '1M']));
+    const done = new Map<number, number>();
+    const gated = track(NbdClient.open({ ...parseNbdUri(`nbd+unix:///?socket=${socket}`), readyHints: true }, (c, e) => done.set(c, e)));
+    const buffer = new HostBuffer(4096);
+    gated.pump(); // nothing in flight: the read finds the socket empty
+    gated.submitRead(1, 0, buffer.segments(0, 4096));
+    gated.flush();
+    expect(waitReadable(gated.fd, 10_000), 'the reply arrives').toBe(true);
+    gated.pump();
+    expect(done.has(1), 'no read syscall before the caller reports the fd ready').toBe(false);
+    gated.socketReady();
+    gated.pump();
+    expect(done.get(1)).toBe(0);
+
+    // Without readyHints (the default) every pump reads.
+    const plain = track(NbdClient.open(parseNbdUri(`nbd+unix:///?socket=${socket}`), (c, e) => done.set(c + 100, e)));
+    plain.pump();
+    plain.submitRead(1, 0, buffer.segments(0, 4096));
+    plain.flush();
+    expect(waitReadable(plain.fd, 10_000)).toBe(true);
+    plain.pump();
+    expect(done.get(101)).toBe(0);
   });
 
   it('memory plugin without structured replies (--no-sr): simple replies carry the read data', async (context) => {

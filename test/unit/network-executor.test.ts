@@ -44,6 +44,10 @@ class ScriptedTransport implements Transport {
     this.record(`zeroes ${offset}+${length}${mayUnmap ? ' unmap' : ''}`, tag);
   }
   kick(): void {}
+  readyReports = 0;
+  ready(): void {
+    this.readyReports++;
+  }
   poll(deliver: TransportDeliver): void {
     for (const [tag, errno] of this.answers.splice(0)) deliver(tag, errno);
   }
@@ -244,5 +248,13 @@ describe('network executor', () => {
     executors.splice(executors.indexOf(executor), 1);
     executor.close();
     expect(transport.closed).toBe(true);
+  });
+
+  it("passes the worker's epoll reports on to the transport (completionReady)", () => {
+    const { transport, executor } = setup();
+    expect(transport.readyReports).toBe(0);
+    executor.completionReady();
+    executor.completionReady();
+    expect(transport.readyReports).toBe(2);
   });
 });

@@ -107,6 +107,12 @@ export interface NbdClientOptions {
    * again (two epoll_ctl per batch). Default false: submissions are sent by a pump on writability.
    */
   callerFlushes?: boolean;
+  /**
+   * The caller tells the client when its epoll reports `fd` ready (`socketReady()`): once a read finds the
+   * socket empty, pumps make no further read syscall until then (a drain pumps several times; each used
+   * to end in a recv that returned EAGAIN). Default false: every pump reads.
+   */
+  readyHints?: boolean;
 }
 
 /** errno 0 = success; otherwise a positive errno (EIO, ENOSPC, EPERM, EINVAL, ENOTSUP, ...). */
@@ -231,9 +237,16 @@ export class NbdClient {
   private readonly interest = new InterestSet();
   private readonly timer = new OneShotTimer();
   private readonly wake = createEventFd();
-  private readonly options: Required<Omit<NbdClientOptions, 'now' | 'callerFlushes'>>;
+  private readonly options: Required<Omit<NbdClientOptions, 'now' | 'callerFlushes' | 'readyHints'>>;
   private readonly now: () => number;
   private readonly callerFlushes: boolean;
+  private readonly readyHints: boolean;
+  /**
+   * With readyHints: false from a read that found the socket empty (EAGAIN, or fewer bytes than asked) until
+   * the caller's epoll reports the fd again. Safe because every epoll set between the socket and the
+   * caller is level-triggered: bytes that arrive after that read keep the fd ready.
+   */
+  private mayRead = true;
 
   // connection
   private socket = -1;
@@ -308,6 +321,7 @@ export class NbdClient {
     };
     this.now = options.now ?? (() => performance.now());
     this.callerFlushes = options.callerFlushes ?? false;
+    this.readyHints = options.readyHints ?? false;
     this.backoffMs = this.options.initialBackoffMs;
     this.headers = Buffer.alloc(this.options.maxInFlight * REQUEST_HEADER_SIZE);
     this.headersAddress = addressOf(this.headers);
@@ -515,6 +529,11 @@ export class NbdClient {
     return delivered;
   }
 
+  /** readyHints: the caller's epoll reported `fd` ready, so the next pump reads the socket again. */
+  socketReady(): void {
+    this.mayRead = true;
+  }
+
   /**
    * Sends what the submissions since the last pump queued, without waiting for the socket to be reported
    * writable (saves one epoll round per batch). Never calls onComplete.
@@ -635,12 +654,18 @@ export class NbdClient {
 
   // ------------------------------------------------------------------ receive
 
-  /** Reads and handles replies until the socket is drained or the budget is spent. Throws on protocol errors and EOF. */
+  /**
+   * Reads and handles replies until the socket is drained or the budget is spent. Throws on protocol errors
+   * and EOF. A read that returns fewer bytes than asked found the socket empty: the loop stops there rather
+   * than spend a syscall on the EAGAIN (the caller's level-triggered epoll reports what arrives later).
+   */
   private receive(): number {
     let completed = 0;
+    let drained = false;
     for (let calls = 0; calls < PUMP_SYSCALL_BUDGET; ) {
       completed += this.parseStaged();
       if (this.stateValue !== 'connected') return completed;
+      if (drained || !this.mayRead) break;
       if (this.rxState === Rx.Data && this.rxStart === this.rxEnd) {
         // Read data goes straight from the socket into the caller's buffers, and whatever follows it (the
         // next reply's header, if it has arrived) into the empty staging buffer in the same call: one syscall
@@ -650,11 +675,18 @@ export class NbdClient {
         this.rxStart = 0;
         this.rxEnd = 0;
         if (count < IOV_MAX) writeIovec(this.iovWords, count++, this.rxAddress, this.rxLargeData ? CHUNK_HEADER_SIZE + 8 : this.rx.length);
+        let asked = 0;
+        for (let i = 0; i < count; i++) asked += this.iovWords[i * 4 + 2] ?? 0; // every piece is below 4 GiB
         const n = readVector(this.socket, this.iovAddress, count);
         calls++;
-        if (n === -Errno.EAGAIN || n === -Errno.EINTR) break;
+        if (n === -Errno.EAGAIN || n === -Errno.EINTR) {
+          this.foundEmpty(n);
+          break;
+        }
         if (n < 0) throw new SyscallError('readv', -n, 'NBD socket');
         if (n === 0) throw new NbdClientError('the server closed the connection', 'NBD_EOF');
+        // Fewer bytes than the iovecs hold: the socket ran dry.
+        if (n < asked) drained = this.foundEmpty(-Errno.EAGAIN);
         const data = Math.min(n, this.rxDataLeft);
         this.rxEnd = n - data;
         this.rxDataPos += data;
@@ -674,12 +706,22 @@ export class NbdClient {
       const want = this.rxLargeData && this.rxState === Rx.Header && this.rxEnd === 0 ? CHUNK_HEADER_SIZE + 8 : this.rx.length - this.rxEnd;
       const n = receiveInto(this.socket, this.rxAddress + this.rxEnd, want);
       calls++;
-      if (n === -Errno.EAGAIN || n === -Errno.EINTR) break;
+      if (n === -Errno.EAGAIN || n === -Errno.EINTR) {
+        this.foundEmpty(n);
+        break;
+      }
       if (n < 0) throw new SyscallError('recv', -n, 'NBD socket');
       if (n === 0) throw new NbdClientError('the server closed the connection', 'NBD_EOF');
+      if (n < want) drained = this.foundEmpty(-Errno.EAGAIN);
       this.rxEnd += n;
     }
     return completed;
+  }
+
+  /** A read found the socket empty (EAGAIN) or was interrupted (EINTR, which says nothing about the socket). */
+  private foundEmpty(result: number): true {
+    if (this.readyHints && result === -Errno.EAGAIN) this.mayRead = false;
+    return true;
   }
 
   /** Handles every complete message in the staging buffer. Bounded by the staging buffer's size. */
@@ -967,6 +1009,7 @@ export class NbdClient {
     this.structured = info.structuredReplies;
     this.handshake = null;
     this.stateValue = 'connected';
+    this.mayRead = true; // a new socket: nothing is known about it yet
     this.epoch = (this.epoch + 1) >>> 0;
     this.counters.connects++;
     // Healthy again only once the server answers something; with nothing to resend there is nothing to prove.

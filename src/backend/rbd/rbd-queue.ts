@@ -121,9 +121,14 @@ export class RbdQueue {
     if (c !== 0) this.started(tag, c, this.lib.rbdAioWriteZeroes(this.image, offset, length, c, WRITE_ZEROES_FLAGS, 0));
   }
 
-  /** Delivers every completion available now; returns how many. Never blocks. */
-  reap(onComplete: RbdCompletionHandler): number {
-    drainEventFd(this.fd);
+  /**
+   * Delivers every completion available now; returns how many. Never blocks. `drainSignal` false: the
+   * caller knows the eventfd was read since its epoll last reported it, so the read is skipped (a
+   * completion queued meanwhile is still taken here, and the eventfd it signalled stays readable).
+   */
+  reap(onComplete: RbdCompletionHandler, drainSignal = true): number {
+    // Read before polling: a completion queued after the poll then still leaves the eventfd readable.
+    if (drainSignal) drainEventFd(this.fd);
     let delivered = 0;
     // Bounded: each round takes up to POLL_BATCH; the completions in flight bound the rounds.
     for (let round = 0; round <= this.tags.size / POLL_BATCH + 1; round++) {
