@@ -622,6 +622,8 @@ export async function benchCompare(flags: CompareFlags): Promise<number> {
               await warmUp(scenario.workload, fresh.sockets[0] as string, round);
             }
           }
+          // Dirty pages a write run left behind are written back now, not during whichever run comes next.
+          spawnSync('sync', [], { timeout: 300_000 });
           const result = await measureOnce(scenario, backend, daemon, img, runtime, ramp, round, fio);
           if (fresh !== null) {
             await fresh.stop();
@@ -729,7 +731,8 @@ export function renderReport(input: ReportInput): { markdown: string; summary: s
     '(each stays up for the whole benchmark, idle while another is measured; `locking=off` so several share an image), and',
     'drives each with `vublk-bench run`: the TypeScript vhost-user front-end as a load generator, no VM. fio runs the same',
     "workload on the O_DIRECT file directly, as the device's limit. Per scenario the back-ends run back to back, order rotated",
-    `every round, ${rounds} rounds of ${ramp} s warm-up + ${runtime} s measured, after one unmeasured ${WARMUP_SEC} s pass of every row on every daemon; tables show medians over the rounds, ratios are medians of`,
+    `every round, ${rounds} rounds of ${ramp} s warm-up + ${runtime} s measured, after one unmeasured ${WARMUP_SEC} s pass of every row on every daemon, each run after a \`sync\` (so the`,
+    'writeback of what a write run dirtied does not land on the next run); tables show medians over the rounds, ratios are medians of',
     'the per-round ratios (measured the same minute, under the same host load). **Daemon CPU µs/request** is utime+stime of the',
     "daemon process (`/proc/PID/stat`) over the run divided by every request of the run (warm-up included); fio's is its own",
     'process (it is generator and engine at once). **load** is the 1-minute load average when the run started.',
