@@ -208,6 +208,10 @@ export class Qcow2Executor implements RequestExecutor {
     for (const inner of this.inners.values()) total += inner.reap();
     this.retryDeferred();
     this.pushQueued();
+    // What the completions above released (a deferred write's retry, a write's next extent) must reach the
+    // kernel now: this reap may be the drain's last call, and a poisoned or idle ring is not drained again
+    // until something wakes the worker, which a sub-request that was never submitted cannot do.
+    for (const inner of this.inners.values()) inner.submitPending();
     return total;
   }
 

@@ -147,13 +147,15 @@ export class RingServer {
   }
 
   /**
-   * Work a wake-up is owed for: requests in flight, or (while serving) requests in the avail ring. A
-   * poisoned or stopped ring owes nothing.
+   * Work a wake-up is owed for: requests in flight (a poisoned ring's too), or (while serving) requests in
+   * the avail ring. A stopped ring owes nothing.
    */
   get busy(): boolean {
     const ctx = this.context;
-    if (ctx === null || ctx.poisoned) return false;
-    return this.executor.inFlight > 0 || (ctx.accepting && ctx.queue.pending() !== 0);
+    if (ctx === null) return false;
+    // A poisoned ring still publishes what it had in flight (the driver may wait for it before resetting).
+    if (this.executor.inFlight > 0) return true;
+    return !ctx.poisoned && ctx.accepting && ctx.queue.pending() !== 0;
   }
 
   /** The worker's watchdog fired with this ring busy: drain, and count it (a wake-up was owed). */
