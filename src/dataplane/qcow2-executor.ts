@@ -192,10 +192,7 @@ export class Qcow2Executor implements RequestExecutor {
   }
 
   submitPending(): boolean {
-    this.retryDeferred();
-    this.pushQueued();
-    let ok = true;
-    for (const inner of this.inners.values()) if (!inner.submitPending()) ok = false;
+    const ok = this.advance();
     // Deferred work with nothing in flight: nothing will wake the worker but the drain's retry timer.
     if (this.deferred.length > 0 && this.active === this.deferred.length) return false;
     return ok;
@@ -206,20 +203,29 @@ export class Qcow2Executor implements RequestExecutor {
     if (this.poll !== null) while (this.poll.wait(this.pollReady, 0) === this.pollReady.length);
     let total = this.deliverHeld();
     for (const inner of this.inners.values()) total += inner.reap();
-    this.retryDeferred();
-    this.pushQueued();
     // What the completions above released (a deferred write's retry, a write's next extent) must reach the
     // kernel now: this reap may be the drain's last call, and a poisoned or idle ring is not drained again
     // until something wakes the worker, which a sub-request that was never submitted cannot do.
-    for (const inner of this.inners.values()) inner.submitPending();
+    this.advance();
     return total;
+  }
+
+  /**
+   * Retries deferred parents, pushes queued sub-requests into the engines and hands them to the kernel.
+   * False when an engine refused its submission (it must be retried).
+   */
+  private advance(): boolean {
+    this.retryDeferred();
+    this.pushQueued();
+    let ok = true;
+    for (const inner of this.inners.values()) if (!inner.submitPending()) ok = false;
+    return ok;
   }
 
   waitIdle(timeoutMs: number): boolean {
     const deadline = performance.now() + timeoutMs;
     while (this.active > 0) {
       this.reap();
-      for (const inner of this.inners.values()) inner.submitPending();
       if (this.active === 0) break;
       const left = deadline - performance.now();
       if (left <= 0) return false;
@@ -248,11 +254,9 @@ export class Qcow2Executor implements RequestExecutor {
         inner.submitPending();
         inner.reap();
       }
-      this.retryDeferred();
-      this.pushQueued();
       // What was pushed (continuations) must reach the kernel now: this ring's own drain, which would submit
       // it, may not run until something wakes it.
-      for (const inner of this.inners.values()) inner.submitPending();
+      this.advance();
     } finally {
       this.holding = false;
     }

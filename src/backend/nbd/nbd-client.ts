@@ -680,13 +680,16 @@ export class NbdClient {
         const n = readVector(this.socket, this.iovAddress, count);
         calls++;
         if (n === -Errno.EAGAIN || n === -Errno.EINTR) {
-          this.foundEmpty(n);
+          if (n === -Errno.EAGAIN) this.socketEmpty(); // EINTR says nothing about the socket
           break;
         }
         if (n < 0) throw new SyscallError('readv', -n, 'NBD socket');
         if (n === 0) throw new NbdClientError('the server closed the connection', 'NBD_EOF');
         // Fewer bytes than the iovecs hold: the socket ran dry.
-        if (n < asked) drained = this.foundEmpty(-Errno.EAGAIN);
+        if (n < asked) {
+          drained = true;
+          this.socketEmpty();
+        }
         const data = Math.min(n, this.rxDataLeft);
         this.rxEnd = n - data;
         this.rxDataPos += data;
@@ -707,21 +710,23 @@ export class NbdClient {
       const n = receiveInto(this.socket, this.rxAddress + this.rxEnd, want);
       calls++;
       if (n === -Errno.EAGAIN || n === -Errno.EINTR) {
-        this.foundEmpty(n);
+        if (n === -Errno.EAGAIN) this.socketEmpty();
         break;
       }
       if (n < 0) throw new SyscallError('recv', -n, 'NBD socket');
       if (n === 0) throw new NbdClientError('the server closed the connection', 'NBD_EOF');
-      if (n < want) drained = this.foundEmpty(-Errno.EAGAIN);
+      if (n < want) {
+        drained = true;
+        this.socketEmpty();
+      }
       this.rxEnd += n;
     }
     return completed;
   }
 
-  /** A read found the socket empty (EAGAIN) or was interrupted (EINTR, which says nothing about the socket). */
-  private foundEmpty(result: number): true {
-    if (this.readyHints && result === -Errno.EAGAIN) this.mayRead = false;
-    return true;
+  /** A read found the socket empty: with readyHints, no more reads until the caller reports the fd ready. */
+  private socketEmpty(): void {
+    if (this.readyHints) this.mayRead = false;
   }
 
   /** Handles every complete message in the staging buffer. Bounded by the staging buffer's size. */
