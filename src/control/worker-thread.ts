@@ -3,20 +3,13 @@
  * eventfd wake-up) and resolves each command's promise when the worker acknowledges it. Commands of
  * different sessions are independent: each waits only for its own acknowledgement.
  */
-import { fileURLToPath } from 'node:url';
 import { Worker } from 'node:worker_threads';
 import { createEventFd, signalEventFd } from '../sys/eventfd.js';
 import { closeFd } from '../sys/fd.js';
 import type { WorkerCommand, WorkerEvent, WorkerInit, WorkerMessage, WorkerAck } from '../dataplane/worker-protocol.js';
 import { VublkError } from '../errors.js';
 
-/**
- * The worker's entry loads its module graph with require (an ES module graph without top-level await,
- * Node >= 20.19): synchronous file reads, where the ESM loader's import() takes a thread-pool round trip
- * per file. A pool boots while the first front-ends' handshakes wait for it, on a host where every VM is
- * starting too: each hop there waits for a CPU.
- */
-const WORKER_ENTRY = `require(${JSON.stringify(fileURLToPath(new URL('../dataplane/queue-worker.js', import.meta.url)))});`;
+const WORKER_URL = new URL('../dataplane/queue-worker.js', import.meta.url);
 /** A worker that does not acknowledge within this time is considered wedged. */
 const ACK_TIMEOUT_MS = 10_000;
 
@@ -46,8 +39,7 @@ export class WorkerThread {
   ) {
     this.controlFd = createEventFd();
     this.label = `pool worker ${index}`;
-    this.worker = new Worker(WORKER_ENTRY, {
-      eval: true,
+    this.worker = new Worker(WORKER_URL, {
       workerData: { worker: index, controlFd: this.controlFd } satisfies WorkerInit,
       name: `vublk-worker-${index}`,
     });

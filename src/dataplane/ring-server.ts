@@ -13,7 +13,6 @@
  * inflight tracking (INFLIGHT_SHMFD) mirrors. `stop()` stops popping and waits, bounded, for everything in
  * flight to complete and be published before it reports last_avail_idx, so the index is exact.
  */
-import { createRequire } from 'node:module';
 import { signalEventFd } from '../sys/eventfd.js';
 import type { EpollSet } from './epoll.js';
 import { RetryTimer } from './retry-timer.js';
@@ -23,8 +22,10 @@ import { descriptorTableBytes, availRingBytes, usedRingBytes } from '../../proto
 import { Counter, QueueCounters } from './counters.js';
 import { SyncExecutor } from './sync-executor.js';
 import { UringExecutor } from './uring-executor.js';
+import { NetworkExecutor } from './network-executor.js';
 import { cachePolicy, type EngineOptions, type IoEngineName, type RequestExecutor } from './request-executor.js';
 import { engineOptions } from './raw-image.js';
+import { createQcow2Executor } from './qcow2-executor.js';
 import {
   completeRequest,
   createRequestScratch,
@@ -41,17 +42,6 @@ import { InflightQueue, InflightRegionError } from './inflight-queue.js';
 
 /** Kick-less (polling-mode) rings are drained on this tick. */
 const POLL_TICK_NANOS = 1_000_000;
-
-/**
- * The qcow2 and network executors (with the NBD/RBD clients, node:net and zlib under them) load on the first
- * ring that needs them, not when a worker boots: a pool boots while the first front-ends' handshakes wait
- * for it, and a raw-file daemon never pays for them. Synchronous (require of an ES module, Node >= 20.19)
- * because a worker never returns to its event loop once it serves.
- */
-const loadModule = createRequire(import.meta.url);
-const networkExecutorModule = (): typeof import('./network-executor.js') => loadModule('./network-executor.js');
-const qcow2ExecutorModule = (): typeof import('./qcow2-executor.js') => loadModule('./qcow2-executor.js');
-
 /** How long a ring stop or memory change waits for requests in flight. */
 export const QUIESCE_TIMEOUT_MS = 5_000;
 
@@ -104,7 +94,7 @@ export class RingServer {
     const options: EngineOptions = { ...engineOptions(this.init.image), onBounce: () => this.counters.add(Counter.bounced) };
     if (this.init.network !== undefined) {
       // NBD / RBD: the disk's transport on this worker, shared by its queues here (network-executor.ts).
-      const network = new (networkExecutorModule().NetworkExecutor)(this.init.network, this.init.limits, {
+      const network = new NetworkExecutor(this.init.network, this.init.limits, {
         ignoreFlush: options.ignoreFlush === true,
         onHealthChange: (reason) => this.post({ type: 'event', kind: 'backend', queue: this.queue, reason }),
       });
@@ -116,14 +106,7 @@ export class RingServer {
     const wrap = (makeRaw: (fd: number) => RequestExecutor): RequestExecutor => {
       if (qcow2 === undefined) return makeRaw(this.init.imageFd);
       const policy = cachePolicy(this.init.image?.cache ?? 'writeback');
-      return qcow2ExecutorModule().createQcow2Executor(
-        qcow2,
-        this.init.imageFd,
-        this.init.limits,
-        policy.direct,
-        policy.ignoreFlush,
-        makeRaw,
-      );
+      return createQcow2Executor(qcow2, this.init.imageFd, this.init.limits, policy.direct, policy.ignoreFlush, makeRaw);
     };
     if (setting !== 'sync') {
       try {
