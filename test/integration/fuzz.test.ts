@@ -16,6 +16,7 @@
 // the qcow2 executor under the same model, the image read back with qemu-img convert.
 //
 // The seed is printed at the start and in every failure; the same seed replays the same chains.
+// VUBLK_FUZZ_DEBUG=1 also prints the end of the daemon's log when a batch fails.
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { execFileSync } from 'node:child_process';
 import { tmpdir } from 'node:os';
@@ -1207,6 +1208,7 @@ describe('random-chain fuzzer', () => {
         }
       } catch (error) {
         const message = error instanceof Error ? error.message : String(error);
+        if (process.env['VUBLK_FUZZ_DEBUG']) console.log(daemon.output().slice(-6000));
         throw new Error(`[fuzz seed ${SEED}] ${message}`, { cause: error });
       }
       const seconds = (performance.now() - started) / 1000;
