@@ -70,12 +70,17 @@ export function memfdMappingCount(pid: number, name = 'memfd:'): number {
 
 /** Waits for the process to exit; resolves with its exit code and signal, rejects after `timeoutMs`. */
 export function waitForExit(child: ChildProcess, timeoutMs: number): Promise<{ code: number | null; signal: NodeJS.Signals | null }> {
-  if (child.exitCode !== null || child.signalCode !== null) return Promise.resolve({ code: child.exitCode, signal: child.signalCode });
+  // 'close', not 'exit': it comes once the child's stdout and stderr have ended too, so every line the child
+  // wrote before it exited has been read. After 'exit' alone, a log line written just before _exit could still
+  // be in the pipe, missing from the output the test looks at next (seen in CI: the second-signal warning).
+  const exited = (): boolean => child.exitCode !== null || child.signalCode !== null;
+  const streamsOpen = [child.stdout, child.stderr].some((s) => s !== null && !s.destroyed && !s.readableEnded);
+  if (exited() && !streamsOpen) return Promise.resolve({ code: child.exitCode, signal: child.signalCode });
   return new Promise((resolve, reject) => {
     const timer = setTimeout(() => reject(new Error(`process ${child.pid} did not exit within ${timeoutMs} ms`)), timeoutMs);
-    child.once('exit', (code, signal) => {
+    child.once('close', () => {
       clearTimeout(timer);
-      resolve({ code, signal });
+      resolve({ code: child.exitCode, signal: child.signalCode });
     });
   });
 }
