@@ -43,6 +43,23 @@ function blockData(id: number, block: number): Buffer {
 }
 
 /** The id a block holds, or -1 when it is neither zero nor one whole write of this block. */
+/** What a block that is neither one write's pattern nor zeroes holds: runs of (id, block) words by byte offset. */
+function describeBlock(bytes: Buffer, block: number): string {
+  const base = block * BLOCK;
+  const runs: string[] = [];
+  let start = 0;
+  let current = '';
+  for (let at = 0; at <= BLOCK; at += 8) {
+    const word = at < BLOCK ? `id ${bytes.readUInt32LE(base + at)} block ${bytes.readUInt32LE(base + at + 4)}` : '';
+    if (word !== current) {
+      if (at > 0) runs.push(`[${start}, ${at}): ${current}`);
+      start = at;
+      current = word;
+    }
+  }
+  return runs.join('; ');
+}
+
 function blockId(bytes: Buffer, block: number): number {
   const base = block * BLOCK;
   const id = bytes.readUInt32LE(base);
@@ -173,7 +190,8 @@ describe(`qcow2 crash: kill -9 during writes (engine ${process.env['VUBLK_IO_ENG
         const ok = id === durable[b] || (id > 0 && later[b]!.has(id));
         if (!ok)
           throw new Error(
-            `iteration ${iteration}, seed ${SEED}: block ${b} holds id ${id}, expected ${durable[b]} or one of [${[...later[b]!].join(', ')}]`,
+            `iteration ${iteration}, seed ${SEED}: block ${b} holds id ${id}, expected ${durable[b]} or one of [${[...later[b]!].join(', ')}]` +
+              (id === -1 ? ` (${describeBlock(bytes, b)})` : ''),
           );
         durable[b] = id;
         later[b]!.clear();
