@@ -118,7 +118,7 @@ export class Qcow2Executor implements RequestExecutor {
   private held: Completion[] = [];
   /** Signalled when held completions wait (it sits in the completion epoll set); -1 without one. */
   private readonly wakeFd: number;
-  /** Reads served by the fast path (tests and the benchmark's reading). */
+  /** Reads served by the fast path (for tests). */
   fastReads = 0;
 
   constructor(
@@ -153,8 +153,9 @@ export class Qcow2Executor implements RequestExecutor {
 
   submit(memory: GuestMemory, request: BlkRequest, head: number, capacityBytes: number, writeback: boolean): void {
     // A read is mapped once: the fast path hands it over, or the general path starts from the same extents.
-    const mapped = request.type === BlkRequestType.IN && this.mapRead(request.sector * SECTOR_SIZE, request.dataBytes);
-    if (mapped && this.fastRead(memory, request, head)) return;
+    const isRead = request.type === BlkRequestType.IN;
+    const mapError = isRead ? this.mapRead(request.sector * SECTOR_SIZE, request.dataBytes) : null;
+    if (isRead && mapError === null && this.fastRead(memory, request, head)) return;
     const parent: Parent = {
       memory,
       head,
@@ -174,7 +175,7 @@ export class Qcow2Executor implements RequestExecutor {
     this.active++;
     switch (request.type) {
       case BlkRequestType.IN:
-        this.startRead(parent, mapped);
+        this.startRead(parent, mapError);
         return;
       case BlkRequestType.OUT:
         if (!this.startWrite(parent)) this.deferred.push(parent);
@@ -301,14 +302,14 @@ export class Qcow2Executor implements RequestExecutor {
 
   // --- reads ---------------------------------------------------------------------------------------
 
-  /** Fills `readExtents` with where the range lives; false when mapping failed (startRead reports why). */
-  private mapRead(offset: number, length: number): boolean {
+  /** Fills `readExtents` with where the range lives; returns why it could not (startRead reports it), or null. */
+  private mapRead(offset: number, length: number): Error | null {
     this.readExtents.length = 0;
     try {
       this.handle.mapRead(offset, length, this.readExtents);
-      return true;
-    } catch {
-      return false;
+      return null;
+    } catch (error) {
+      return error instanceof Error ? error : new Error(String(error));
     }
   }
 
@@ -341,18 +342,13 @@ export class Qcow2Executor implements RequestExecutor {
     return true;
   }
 
-  /** `mapped`: `readExtents` already holds this read's mapping (submit made it); else map now and report a failure. */
-  private startRead(parent: Parent, mapped: boolean): void {
-    const extents = this.readExtents;
-    if (!mapped) {
-      extents.length = 0;
-      try {
-        this.handle.mapRead(parent.offset, parent.dataBytes, extents);
-      } catch (error) {
-        this.complete(parent, BlkStatus.IOERR, (error as Error).message);
-        return;
-      }
+  /** `readExtents` holds this read's mapping (submit made it), unless `mapError` says why there is none. */
+  private startRead(parent: Parent, mapError: Error | null): void {
+    if (mapError !== null) {
+      this.complete(parent, BlkStatus.IOERR, mapError.message);
+      return;
     }
+    const extents = this.readExtents;
     parent.pending = 1;
     const cursor = { seg: 0, skip: 0 };
     for (const extent of extents) {

@@ -42,7 +42,6 @@ function blockData(id: number, block: number): Buffer {
   return data;
 }
 
-/** The id a block holds, or -1 when it is neither zero nor one whole write of this block. */
 /** What a block that is neither one write's pattern nor zeroes holds: runs of (id, block) words by byte offset. */
 function describeBlock(bytes: Buffer, block: number): string {
   const base = block * BLOCK;
@@ -60,6 +59,7 @@ function describeBlock(bytes: Buffer, block: number): string {
   return runs.join('; ');
 }
 
+/** The id a block holds, or -1 when it is neither zero nor one whole write of this block. */
 function blockId(bytes: Buffer, block: number): number {
   const base = block * BLOCK;
   const id = bytes.readUInt32LE(base);

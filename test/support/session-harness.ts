@@ -73,9 +73,9 @@ export function waitForExit(child: ChildProcess, timeoutMs: number): Promise<{ c
   // 'close', not 'exit': it comes once the child's stdout and stderr have ended too, so every line the child
   // wrote before it exited has been read. After 'exit' alone, a log line written just before _exit could still
   // be in the pipe, missing from the output the test looks at next (seen in CI: the second-signal warning).
-  const exited = (): boolean => child.exitCode !== null || child.signalCode !== null;
+  const exited = child.exitCode !== null || child.signalCode !== null;
   const streamsOpen = [child.stdout, child.stderr].some((s) => s !== null && !s.destroyed && !s.readableEnded);
-  if (exited() && !streamsOpen) return Promise.resolve({ code: child.exitCode, signal: child.signalCode });
+  if (exited && !streamsOpen) return Promise.resolve({ code: child.exitCode, signal: child.signalCode });
   return new Promise((resolve, reject) => {
     const timer = setTimeout(() => reject(new Error(`process ${child.pid} did not exit within ${timeoutMs} ms`)), timeoutMs);
     child.once('close', () => {
