@@ -1,6 +1,13 @@
 // The side-by-side benchmark's pure parts: /proc parsers, fio's JSON, the scenario table and its aggregation.
 import { describe, expect, it } from 'vitest';
-import { cpuMicrosPerRequest, parseHostCpuTicks, parseStatCpuTicks, parseStatusNumber } from '../../bench/src/loadgen/proc-stats.js';
+import { readFileSync } from 'node:fs';
+import {
+  cpuMicrosPerRequest,
+  parseHostCpuTicks,
+  parseStatCpuTicks,
+  parseStatusNumber,
+  processThreadKinds,
+} from '../../bench/src/loadgen/proc-stats.js';
 import { fioArgs, parseFioJson } from '../../bench/src/loadgen/fio.js';
 import {
   BACKENDS,
@@ -32,6 +39,14 @@ describe('/proc parsers', () => {
     expect(parseStatusNumber(status, 'VmHWM')).toBe(120000);
     expect(parseStatusNumber(status, 'Threads')).toBe(11);
     expect(parseStatusNumber(status, 'VmSwap')).toBeNaN();
+  });
+
+  it('counts the threads of a live process by kind; a process that is gone gives NaN', () => {
+    // This process submits nothing to io_uring: every task is its own, and the count is the status line's.
+    const kinds = processThreadKinds(process.pid);
+    expect(kinds.ioUringWorkers).toBe(0);
+    expect(kinds.own).toBe(parseStatusNumber(readFileSync('/proc/self/status', 'utf8'), 'Threads'));
+    expect(processThreadKinds(2 ** 22 + 1).own).toBeNaN();
   });
 
   it('splits /proc/stat into busy and idle (idle + iowait) jiffies', () => {

@@ -803,7 +803,7 @@ export function renderReport(input: ReportInput): { markdown: string; summary: s
       const idleSame = idleVublk.every((s) => s.threads === idleVublk[0]?.threads);
       const servingSame = vublkServing.every((s) => s.threadsPeak === vublkServing[0]?.threadsPeak);
       targetLines.push(
-        `| #9 thread count independent of the number of disks | idle ${idleVublk.map((s) => `${s.disks} disks: ${s.threads}`).join(', ')}; serving ${vublkServing.map((s) => `${s.disks} disks: ${s.threadsPeak}`).join(', ')} | ${idleSame && servingSame ? '**met**' : '**missed**'} | threads (/proc/PID/status) | |`,
+        `| #9 thread count independent of the number of disks | idle ${idleVublk.map((s) => `${s.disks} disks: ${s.threads}`).join(', ')}; serving ${vublkServing.map((s) => `${s.disks} disks: ${s.threadsPeak}`).join(', ')} | ${idleSame && servingSame ? '**met**' : '**missed**'} | threads started by the daemon (/proc/PID/task; io_uring's kernel workers iou-wrk-* left out) | |`,
       );
     }
   }

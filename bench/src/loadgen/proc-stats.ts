@@ -4,7 +4,7 @@
  * so they are unit-tested; the readers around them only add readFileSync.
  */
 import { spawnSync } from 'node:child_process';
-import { readFileSync } from 'node:fs';
+import { readdirSync, readFileSync } from 'node:fs';
 
 /** utime + stime in clock ticks from the text of /proc/PID/stat (the command name may hold spaces and parens). */
 export function parseStatCpuTicks(stat: string): number {
@@ -65,13 +65,37 @@ export function processMemoryMiB(pid: number, key = 'VmRSS'): number {
   }
 }
 
-/** Number of threads of a process; NaN when it is gone. */
-export function processThreads(pid: number): number {
+/**
+ * The threads of a process by kind; NaN when it is gone. `ioUringWorkers` are the kernel's io-wq workers
+ * (`iou-wrk-*`, `iou-sqp-*`): they show up as tasks of the process that submitted to io_uring, come and go
+ * with blocking I/O (a buffered write the kernel cannot do inline) and are bounded by the kernel per
+ * submitting thread, not by the number of disks. `own` is every other thread: the ones the process started.
+ */
+export function processThreadKinds(pid: number): { own: number; ioUringWorkers: number } {
+  let own = 0;
+  let ioUringWorkers = 0;
+  let tids: string[];
   try {
-    return parseStatusNumber(readFileSync(`/proc/${pid}/status`, 'utf8'), 'Threads');
+    tids = readdirSync(`/proc/${pid}/task`);
   } catch {
-    return NaN;
+    return { own: NaN, ioUringWorkers: NaN };
   }
+  for (const tid of tids) {
+    let name: string;
+    try {
+      name = readFileSync(`/proc/${pid}/task/${tid}/comm`, 'utf8');
+    } catch {
+      continue; // the thread ended between the listing and the read
+    }
+    if (/^iou-(wrk|sqp)-/.test(name)) ioUringWorkers++;
+    else own++;
+  }
+  return { own, ioUringWorkers };
+}
+
+/** Number of threads the process started itself (io_uring's kernel workers left out); NaN when it is gone. */
+export function processThreads(pid: number): number {
+  return processThreadKinds(pid).own;
 }
 
 export function hostCpuTicks(): { busy: number; idle: number } {
