@@ -130,6 +130,12 @@ export class Daemon implements AdminTarget {
         }
         if (network?.readOnly && !spec.options.readOnly)
           log.info({ image: network.location }, 'the server exports the image read-only: the disk is read-only');
+        const nbdConnections = network?.backend.kind === 'nbd' ? network.backend.connections : undefined;
+        if (nbdConnections === 1 && (spec.options.connections ?? 1) > 1)
+          log.warn(
+            { image: network!.location, connections: spec.options.connections },
+            'the NBD server does not advertise multi-conn: one connection for the disk, not connections=',
+          );
         log.info(
           {
             image: spec.options.imagePath,
@@ -138,6 +144,7 @@ export class Daemon implements AdminTarget {
             readOnly: disk.limits.readOnly,
             throttle: throttleJson(disk.throttle.limits),
             ...(network !== null ? { backend: network.kind, queuesPinned: network.pinQueues } : {}),
+            ...(nbdConnections !== undefined ? { nbdConnections } : {}),
           },
           'disk ready',
         );

@@ -487,6 +487,14 @@ export const DISK_OPTIONS: readonly AnyDiskOption[] = [
     admin: 'request-timeout',
   }),
   option({
+    field: 'connections',
+    key: 'connections',
+    help: 'NBD: connections each worker thread keeps to the export when the server advertises multi-conn, requests going to the least busy (default 2; without multi-conn the disk has one)',
+    type: wholeNumber(1, 16, '<n>'),
+    reload: 'restart',
+    admin: 'connections',
+  }),
+  option({
     field: 'rbdConf',
     key: 'conf',
     help: "RBD: ceph.conf to read (default: librados' search, /etc/ceph/ceph.conf)",

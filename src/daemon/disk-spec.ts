@@ -148,9 +148,9 @@ export function checkDistinct(specs: readonly DiskSpec[]): void {
 }
 
 const RBD_KEYS = ['conf', 'id', 'keyring', 'mon-host', 'lock', 'osd-timeout'] as const;
-const NBD_KEYS = ['reconnect-timeout', 'request-timeout'] as const;
+const NBD_KEYS = ['reconnect-timeout', 'request-timeout', 'connections'] as const;
 const RBD_FIELDS = ['rbdConf', 'rbdId', 'rbdKeyring', 'rbdMonHost', 'rbdLock', 'osdTimeout'] as const;
-const NBD_FIELDS = ['reconnectTimeout', 'requestTimeout'] as const;
+const NBD_FIELDS = ['reconnectTimeout', 'requestTimeout', 'connections'] as const;
 
 /** buffer-align is about O_DIRECT on a local image: refused where it would silently do nothing. */
 function checkBufferAlign(fields: DiskFields, fail: (detail: string, key?: string) => never): void {

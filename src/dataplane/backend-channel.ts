@@ -1,7 +1,8 @@
 /**
  * One network transport (an NBD connection, an RbdQueue) per disk per worker thread, shared by every queue
  * of that disk the worker runs. NBD without multi-conn and RBD (one RbdQueue per image handle) require all
- * queues of the disk on one worker and one transport; with NBD multi-conn each worker has its own.
+ * queues of the disk on one worker and one transport; with NBD multi-conn each worker has its own, of
+ * `connections` NBD connections.
  *
  * Each queue's executor is a member. Tags carry the member id (high part) and the member's slot (low 16
  * bits), so whichever member polls the transport routes every completion to its owner; a member that is not
@@ -11,6 +12,7 @@
  * The registry is module state: every worker thread has its own copy of this module.
  */
 import { NbdClient } from '../backend/nbd/nbd-client.js';
+import { InterestSet } from '../sys/interest-set.js';
 import { RbdQueue } from '../backend/rbd/rbd-queue.js';
 import type { IoSegments } from '../backend/nbd/io-segments.js';
 import type { NetworkBackend } from './network-backend.js';
@@ -47,78 +49,131 @@ export interface Transport {
   close(): void;
 }
 
+/**
+ * One or more NBD connections (`backend.connections`, more than one only with multi-conn) behind one fd: an
+ * epoll set of the clients' fds. Each request goes to the connection with the fewest parts queued or on the
+ * wire, preferring connected ones, so a connection that is down holds no new requests while another is up.
+ * A FLUSH may go to any connection: with multi-conn the server makes it cover the writes completed on all of
+ * them, which is what a virtio FLUSH promises (writes completed before it). Each connection reconnects on its
+ * own, with its own timeouts.
+ */
 class NbdTransport implements Transport {
   readonly supportsFua = true;
-  private readonly client: NbdClient;
+  readonly fd: number;
+  private readonly clients: NbdClient[] = [];
+  private readonly fds = new InterestSet();
+  /** Where the search for the least busy connection starts: rotates, so ties spread. */
+  private start = 0;
   private deliver: TransportDeliver | null = null;
+  private readonly onComplete = (tag: number, errno: number): void => this.deliver?.(tag, errno);
 
   constructor(backend: Extract<NetworkBackend, { kind: 'nbd' }>) {
-    this.client = NbdClient.connectInBackground(
-      {
-        endpoint: backend.endpoint,
-        exportName: backend.exportName,
-        connectTimeoutMs: backend.connectTimeoutMs,
-        reconnectTimeoutMs: backend.reconnectTimeoutMs,
-        requestTimeoutMs: backend.requestTimeoutMs,
-        // The executor kicks (flush) after every batch it submits, and passes on its epoll's reports (ready).
-        callerFlushes: true,
-        readyHints: true,
-      },
-      backend.info,
-      (tag, errno) => this.deliver?.(tag, errno),
-    );
+    const count = Math.max(1, backend.connections);
+    try {
+      for (let i = 0; i < count; i++) {
+        const client = NbdClient.connectInBackground(
+          {
+            endpoint: backend.endpoint,
+            exportName: backend.exportName,
+            connectTimeoutMs: backend.connectTimeoutMs,
+            reconnectTimeoutMs: backend.reconnectTimeoutMs,
+            requestTimeoutMs: backend.requestTimeoutMs,
+            // The executor kicks (flush) after every batch it submits, and passes on its epoll's reports (ready).
+            callerFlushes: true,
+            readyHints: true,
+          },
+          backend.info,
+          this.onComplete,
+        );
+        this.clients.push(client);
+        this.fds.watch(client.fd, true, false);
+      }
+    } catch (error) {
+      this.close();
+      throw error;
+    }
+    this.fd = this.fds.fd;
   }
 
-  get fd(): number {
-    return this.client.fd;
+  /** The connection for the next request. Bounded by the connection count (at most 16). */
+  private pick(): NbdClient {
+    const clients = this.clients;
+    const count = clients.length;
+    if (count === 1) return clients[0]!;
+    let best = clients[this.start]!;
+    let bestUp = best.state === 'connected';
+    for (let i = 1; i < count; i++) {
+      const client = clients[(this.start + i) % count]!;
+      const up = client.state === 'connected';
+      if ((up && !bestUp) || (up === bestUp && client.queuedParts < best.queuedParts)) {
+        best = client;
+        bestUp = up;
+      }
+    }
+    this.start = (this.start + 1) % count;
+    return best;
   }
 
   read(tag: number, offset: number, segments: IoSegments): void {
-    this.client.submitRead(tag, offset, segments);
+    this.pick().submitRead(tag, offset, segments);
   }
   write(tag: number, offset: number, segments: IoSegments, fua: boolean): void {
-    this.client.submitWrite(tag, offset, segments, fua);
+    this.pick().submitWrite(tag, offset, segments, fua);
   }
   flush(tag: number): void {
-    this.client.submitFlush(tag);
+    this.pick().submitFlush(tag);
   }
   discard(tag: number, offset: number, length: number): void {
-    this.client.submitTrim(tag, offset, length);
+    this.pick().submitTrim(tag, offset, length);
   }
   writeZeroes(tag: number, offset: number, length: number, mayUnmap: boolean): void {
-    this.client.submitWriteZeroes(tag, offset, length, mayUnmap);
+    this.pick().submitWriteZeroes(tag, offset, length, mayUnmap);
   }
   kick(): void {
-    this.client.flush();
+    for (const client of this.clients) client.flush();
   }
   ready(): void {
-    this.client.socketReady();
+    for (const client of this.clients) client.socketReady();
   }
   poll(deliver: TransportDeliver): void {
     this.deliver = deliver;
     try {
-      this.client.pump();
+      for (const client of this.clients) client.pump();
     } finally {
       this.deliver = null;
     }
   }
   /** null until the first connect succeeds or fails (connecting at ring start is not news). */
   private healthy: boolean | null = null;
+  /** Healthy: every connection is up. The message names the first one that is not. */
   healthChange(): string {
-    const connected = this.client.state === 'connected' && this.client.lastError === '';
-    const healthy = this.healthy === null && !connected && this.client.counters.connectFailures === 0 ? null : connected;
+    const down = this.clients.find((c) => !(c.state === 'connected' && c.lastError === ''));
+    const connected = down === undefined;
+    const neverFailed = this.clients.every((c) => c.counters.connectFailures === 0);
+    const healthy = this.healthy === null && !connected && neverFailed ? null : connected;
     if (healthy === this.healthy) return '';
     const first = this.healthy === null;
     this.healthy = healthy;
     if (first && healthy === true) return '';
-    this.healthy = healthy;
-    const c = this.client.counters;
+    let connects = 0;
+    let resubmitted = 0;
+    let timedOut = 0;
+    for (const { counters } of this.clients) {
+      connects += counters.connects;
+      resubmitted += counters.resubmitted;
+      timedOut += counters.timedOutRequests;
+    }
+    const which = this.clients.length > 1 ? ` (${this.clients.length} connections)` : '';
     return healthy
-      ? `NBD connection up again (connects ${c.connects}, requests resent ${c.resubmitted}, failed after the reconnect timeout ${c.timedOutRequests})`
-      : `NBD connection lost: ${this.client.lastError || this.client.state}; reconnecting (requests wait up to the reconnect timeout)`;
+      ? `NBD connection up again${which} (connects ${connects}, requests resent ${resubmitted}, failed after the reconnect timeout ${timedOut})`
+      : `NBD connection lost${which}: ${down!.lastError || down!.state}; reconnecting (requests wait up to the reconnect timeout)`;
   }
   close(): void {
-    this.client.close();
+    for (const client of this.clients.splice(0)) {
+      this.fds.forget(client.fd);
+      client.close();
+    }
+    this.fds.close();
   }
 }
 

@@ -20,6 +20,12 @@ export interface NbdBackend {
   connectTimeoutMs: number;
   reconnectTimeoutMs: number;
   requestTimeoutMs: number;
+  /**
+   * Connections each worker keeps to the export (1 unless the server advertises multi-conn): a server
+   * serialises the replies of one connection, so spreading one queue's requests over several keeps more of
+   * its threads busy (docs/nbd.md, "Connections").
+   */
+  connections: number;
 }
 
 export interface RbdBackend {

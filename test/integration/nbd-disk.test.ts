@@ -129,6 +129,77 @@ describe('vublk over NBD', () => {
     ).toBe(true);
   });
 
+  /** Requests per NBD connection, from nbdkit's log filter (`connection=N Read|Write|Flush ...` lines). */
+  function requestsPerConnection(logFile: string): Map<number, number> {
+    const counts = new Map<number, number>();
+    for (const match of readFileSync(logFile, 'utf8').matchAll(/connection=(\d+) (Read|Write|Flush) /g)) {
+      const id = Number(match[1]);
+      counts.set(id, (counts.get(id) ?? 0) + 1);
+    }
+    return counts;
+  }
+
+  it('connections=3 with multi-conn: one worker spreads one queue over three connections; the file holds every byte', async (context) => {
+    requireTool(context, 'nbdkit');
+    const work = dir();
+    const image = path.join(work, 'disk.raw');
+    writeFileSync(image, '');
+    truncateSync(image, 16 * MiB);
+    const nbdSocket = path.join(work, 'nbd.sock');
+    const logFile = path.join(work, 'nbdkit.log');
+    // The delay keeps requests on the wire, so the least busy connection is not always the same one.
+    await keep(
+      startNbdkit({ unix: nbdSocket }, [
+        '--filter=log',
+        '--filter=delay',
+        'file',
+        image,
+        `logfile=${logFile}`,
+        'delay-read=1ms',
+        'delay-write=1ms',
+      ]),
+    );
+    const daemon = await serveNbd(`nbd+unix:///?socket=${nbdSocket}`, ',connections=3', ['--threads', '1']);
+    const ready = await daemon.waitForLog((l) => l.msg === 'disk ready');
+    expect(ready['nbdConnections']).toBe(3);
+    const result = await bench(verifyArgs(daemon.socketPath, { size: '2M', bs: '16k', iodepth: 16, seed: 11 }));
+    expectVerified(result, daemon);
+    expect(
+      readFileSync(image)
+        .subarray(0, 2 * MiB)
+        .equals(pattern(11, 2 * MiB)),
+    ).toBe(true);
+    // The probe connection at start carried no request; the worker's three carried all of them.
+    const perConnection = requestsPerConnection(logFile);
+    expect([...perConnection.keys()].length, JSON.stringify([...perConnection])).toBe(3);
+    for (const [id, count] of perConnection) expect(count, `connection ${id}`).toBeGreaterThan(10);
+  });
+
+  it('connections=4 where the server does not advertise multi-conn: one connection, and a warning says so', async (context) => {
+    requireTool(context, 'nbdkit');
+    const work = dir();
+    const nbdSocket = path.join(work, 'nbd.sock');
+    const logFile = path.join(work, 'nbdkit.log');
+    await keep(
+      startNbdkit({ unix: nbdSocket }, [
+        '--filter=multi-conn',
+        '--filter=log',
+        'memory',
+        '16M',
+        'multi-conn-mode=disable',
+        `logfile=${logFile}`,
+      ]),
+    );
+    const daemon = await serveNbd(`nbd+unix:///?socket=${nbdSocket}`, ',connections=4,num-queues=2', ['--threads', '2']);
+    const ready = await daemon.waitForLog((l) => l.msg === 'disk ready');
+    expect(ready['nbdConnections']).toBe(1);
+    expect(ready['queuesPinned']).toBe(true);
+    expect(daemon.logs().some((l) => l.level === 40 && String(l.msg).includes('does not advertise multi-conn'))).toBe(true);
+    const result = await bench(verifyArgs(daemon.socketPath, { size: '2M', bs: '16k', queues: 2, iodepth: 8, seed: 12 }));
+    expectVerified(result, daemon);
+    expect([...requestsPerConnection(logFile).keys()].length).toBe(1);
+  });
+
   it('injected EIO (nbdkit error filter) becomes IOERR and io_errors; the daemon stays up and serves on', async (context) => {
     requireTool(context, 'nbdkit');
     const work = dir();

@@ -93,6 +93,7 @@ describe('the disk option table', () => {
       'connect-timeout': 3,
       'reconnect-timeout': 10,
       'request-timeout': 0,
+      connections: 4,
       conf: '/etc/ceph/c.conf',
       id: 'vublk',
       keyring: '/k',
@@ -104,7 +105,7 @@ describe('the disk option table', () => {
     };
     // Network options apply only to their kind of image.
     const rbdKeys = ['conf', 'id', 'keyring', 'mon-host', 'lock', 'osd-timeout'];
-    const nbdKeys = ['connect-timeout', 'reconnect-timeout', 'request-timeout'];
+    const nbdKeys = ['connect-timeout', 'reconnect-timeout', 'request-timeout', 'connections'];
     for (const row of DISK_OPTIONS) {
       if (row.key === 'socket' || row.key === 'socket-fd' || row.key === 'image') continue;
       const sample = samples[row.key];
@@ -148,6 +149,10 @@ describe('the disk option table', () => {
     );
     expect(() => parseDiskArgument('image=rbd:vms,socket=/x.sock', 0)).toThrow(/image: .*expected rbd:POOL\/IMAGE/);
     expect(() => parseDiskArgument('image=nbds://h/e,socket=/x.sock', 0)).toThrow(/TLS \(nbds\) is not supported/);
+    expect(() => parseDiskArgument('image=/x.img,socket=/x.sock,connections=2', 0)).toThrow(/connections: only applies to nbd/);
+    expect(() => parseDiskArgument('image=nbd://h/e,socket=/x.sock,connections=0', 0)).toThrow(/connections/);
+    expect(() => parseDiskArgument('image=nbd://h/e,socket=/x.sock,connections=17', 0)).toThrow(/connections/);
+    expect(parseDiskArgument('image=nbd://h/e,socket=/x.sock,connections=16', 0).options.connections).toBe(16);
   });
 
   it('says where a retired key went', () => {

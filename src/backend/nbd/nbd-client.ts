@@ -376,6 +376,11 @@ export class NbdClient {
     return this.stateValue;
   }
 
+  /** Parts waiting to go on the wire or on it: how busy this connection is (cheap, for load balancing). */
+  get queuedParts(): number {
+    return this.waiting.length + this.inFlightCount;
+  }
+
   /** Requests accepted and not yet completed. */
   get pending(): number {
     const n = this.ready.length;
