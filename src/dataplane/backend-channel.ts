@@ -51,8 +51,8 @@ export interface Transport {
 
 /**
  * One or more NBD connections (`backend.connections`, more than one only with multi-conn) behind one fd: an
- * epoll set of the clients' fds. Each request goes to the connection with the fewest parts queued or on the
- * wire, preferring connected ones, so a connection that is down holds no new requests while another is up.
+ * epoll set of the clients' fds. Each request goes to the connected connection with the fewest parts queued
+ * or on the wire, so a connection that is down holds no new requests while another is up.
  * A FLUSH may go to any connection: with multi-conn the server makes it cover the writes completed on all of
  * them, which is what a virtio FLUSH promises (writes completed before it). Each connection reconnects on its
  * own, with its own timeouts.
@@ -95,23 +95,22 @@ class NbdTransport implements Transport {
     this.fd = this.fds.fd;
   }
 
-  /** The connection for the next request. Bounded by the connection count (at most 16). */
+  /**
+   * The connection for the next request: the connected one with the fewest parts queued or on the wire
+   * (ties rotate); the first when none is connected, so a connection the server never accepts (a client
+   * limit such as qemu-nbd's --shared) holds no request. Bounded by the connection count (at most 16).
+   */
   private pick(): NbdClient {
     const clients = this.clients;
     const count = clients.length;
     if (count === 1) return clients[0]!;
-    let best = clients[this.start]!;
-    let bestUp = best.state === 'connected';
-    for (let i = 1; i < count; i++) {
+    let best: NbdClient | null = null;
+    for (let i = 0; i < count; i++) {
       const client = clients[(this.start + i) % count]!;
-      const up = client.state === 'connected';
-      if ((up && !bestUp) || (up === bestUp && client.queuedParts < best.queuedParts)) {
-        best = client;
-        bestUp = up;
-      }
+      if (client.state === 'connected' && (best === null || client.queuedParts < best.queuedParts)) best = client;
     }
     this.start = (this.start + 1) % count;
-    return best;
+    return best ?? clients[0]!;
   }
 
   read(tag: number, offset: number, segments: IoSegments): void {

@@ -175,6 +175,21 @@ describe('vublk over NBD', () => {
     for (const [id, count] of perConnection) expect(count, `connection ${id}`).toBeGreaterThan(10);
   });
 
+  it('connections=3 to a server that takes two clients: the third never connects and holds no request', async (context) => {
+    requireTool(context, 'nbdkit');
+    const work = dir();
+    const nbdSocket = path.join(work, 'nbd.sock');
+    // limit=2: a third client is turned away. delay-open: the guest's first requests arrive before any
+    // connection is up, and must wait for one that will come up rather than be spread over all three.
+    await keep(startNbdkit({ unix: nbdSocket }, ['--filter=limit', '--filter=delay', 'memory', '16M', 'limit=2', 'delay-open=300ms']));
+    // A short reconnect timeout: a request left on the connection that never comes up would fail within it.
+    const daemon = await serveNbd(`nbd+unix:///?socket=${nbdSocket}`, ',connections=3,reconnect-timeout=2', ['--threads', '1']);
+    const result = await bench(verifyArgs(daemon.socketPath, { size: '2M', bs: '16k', iodepth: 16, seed: 13 }));
+    expectVerified(result, daemon);
+    // The third connection is reported down (it keeps trying, with backoff); the disk serves on.
+    await daemon.waitForLog((l) => l.msg === 'network back-end' && /NBD connection lost \(3 connections\)/.test(String(l['reason'])));
+  });
+
   it('connections=4 where the server does not advertise multi-conn: one connection, and a warning says so', async (context) => {
     requireTool(context, 'nbdkit');
     const work = dir();
