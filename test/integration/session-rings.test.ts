@@ -92,6 +92,11 @@ describe('GET_VRING_BASE and restart', () => {
     const { frontend, blk } = await connect(daemon, defer, { numQueues: 2 });
     const queue = frontend.queue(0);
     for (let n = 800; n < 810; n++) await blk.write(writeOf(n).sector, writeOf(n).out);
+    // The device may serve what it finds in the avail ring without a kick while it is still draining (virtio
+    // allows it; a CI run once saw the six below served before GET_VRING_BASE). Wait until it has re-armed
+    // kicks for entry 10 (avail_event, EVENT_IDX) and had time for the check that follows, so it is asleep.
+    await waitUntil(() => queue.ring.availEvent === 10, 5_000, 'the device re-arming kicks at entry 10');
+    await sleep(100);
     // Six more, published but not kicked: a stopped back-end must leave them in the avail ring.
     const pending = Array.from({ length: 6 }, (_, i) => blk.submit(writeOf(810 + i), { kick: false }));
     const base = await frontend.getVringBase(0);
