@@ -6,7 +6,7 @@
  * and I/O resumes; start-up errors (no server, no export) are clear. Skips with the reason when nbdkit or
  * qemu-nbd is missing (fails under VUBLK_E2E_REQUIRED=1).
  */
-import { afterEach, describe, expect, it } from 'vitest';
+import { afterEach, describe, expect, it, type TestContext } from 'vitest';
 import { readFileSync, writeFileSync, truncateSync } from 'node:fs';
 import path from 'node:path';
 import { startDaemon, type DaemonProcess } from '../support/daemon-process.js';
@@ -53,6 +53,15 @@ async function keep(server: Promise<ServerProcess>): Promise<ServerProcess> {
   return started;
 }
 
+/** nbdkit on a Unix socket in a fresh directory; `args(work)`: its filters, plugin and parameters. */
+async function nbdkitInDir(context: TestContext, args: (work: string) => string[]): Promise<{ work: string; nbdSocket: string }> {
+  requireTool(context, 'nbdkit');
+  const work = dir();
+  const nbdSocket = path.join(work, 'nbd.sock');
+  await keep(startNbdkit({ unix: nbdSocket }, args(work)));
+  return { work, nbdSocket };
+}
+
 function expectVerified(result: BenchResult, daemon: DaemonProcess): void {
   expect(result.code, `${result.stdout}${result.stderr}\ndaemon:\n${daemon.output().slice(-3000)}`).toBe(0);
   expect(result.stdout).toContain('verify: OK, every byte matches');
@@ -68,6 +77,11 @@ function exitOf(daemon: DaemonProcess): Promise<number | null> {
       resolve(code);
     });
   });
+}
+
+/** The image file holds, at [0, bytes), what `vublk-bench --verify --seed S` wrote: the server has the bytes. */
+function expectImageHolds(image: string, seed: number, bytes: number): void {
+  expect(readFileSync(image).subarray(0, bytes).equals(pattern(seed, bytes)), `${image} holds seed ${seed}`).toBe(true);
 }
 
 /** The pattern `vublk-bench --verify --seed S` writes at [0, bytes). */
@@ -104,11 +118,7 @@ describe('vublk over NBD', () => {
     const result = await bench(verifyArgs(daemon.socketPath, { size: '4M', bs: '16k', queues: 2, iodepth: 4, seed: 7 }));
     expectVerified(result, daemon);
     // FLUSH went to the server; qemu-nbd wrote through its page cache into the file.
-    expect(
-      readFileSync(image)
-        .subarray(0, 4 * MiB)
-        .equals(pattern(7, 4 * MiB)),
-    ).toBe(true);
+    expectImageHolds(image, 7, 4 * MiB);
   });
 
   it('nbdkit file plugin behind the delay filter: verify passes with 5 ms per request', async (context) => {
@@ -122,11 +132,7 @@ describe('vublk over NBD', () => {
     const daemon = await serveNbd(`nbd+unix:///?socket=${nbdSocket}`);
     const result = await bench(verifyArgs(daemon.socketPath, { size: '2M', bs: '64k', iodepth: 16, seed: 3 }));
     expectVerified(result, daemon);
-    expect(
-      readFileSync(image)
-        .subarray(0, 2 * MiB)
-        .equals(pattern(3, 2 * MiB)),
-    ).toBe(true);
+    expectImageHolds(image, 3, 2 * MiB);
   });
 
   /** Requests per NBD connection, from nbdkit's log filter (`connection=N Read|Write|Flush ...` lines). */
@@ -140,35 +146,29 @@ describe('vublk over NBD', () => {
   }
 
   it('connections=3 with multi-conn: one worker spreads one queue over three connections; the file holds every byte', async (context) => {
-    requireTool(context, 'nbdkit');
-    const work = dir();
-    const image = path.join(work, 'disk.raw');
-    writeFileSync(image, '');
-    truncateSync(image, 16 * MiB);
-    const nbdSocket = path.join(work, 'nbd.sock');
-    const logFile = path.join(work, 'nbdkit.log');
     // The delay keeps requests on the wire, so the least busy connection is not always the same one.
-    await keep(
-      startNbdkit({ unix: nbdSocket }, [
+    const { work, nbdSocket } = await nbdkitInDir(context, (work) => {
+      const image = path.join(work, 'disk.raw');
+      writeFileSync(image, '');
+      truncateSync(image, 16 * MiB);
+      return [
         '--filter=log',
         '--filter=delay',
         'file',
         image,
-        `logfile=${logFile}`,
+        `logfile=${path.join(work, 'nbdkit.log')}`,
         'delay-read=1ms',
         'delay-write=1ms',
-      ]),
-    );
+      ];
+    });
+    const image = path.join(work, 'disk.raw');
+    const logFile = path.join(work, 'nbdkit.log');
     const daemon = await serveNbd(`nbd+unix:///?socket=${nbdSocket}`, ',connections=3', ['--threads', '1']);
     const ready = await daemon.waitForLog((l) => l.msg === 'disk ready');
     expect(ready['nbdConnections']).toBe(3);
     const result = await bench(verifyArgs(daemon.socketPath, { size: '2M', bs: '16k', iodepth: 16, seed: 11 }));
     expectVerified(result, daemon);
-    expect(
-      readFileSync(image)
-        .subarray(0, 2 * MiB)
-        .equals(pattern(11, 2 * MiB)),
-    ).toBe(true);
+    expectImageHolds(image, 11, 2 * MiB);
     // The probe connection at start carried no request; the worker's three carried all of them.
     const perConnection = requestsPerConnection(logFile);
     expect([...perConnection.keys()].length, JSON.stringify([...perConnection])).toBe(3);
@@ -176,12 +176,16 @@ describe('vublk over NBD', () => {
   });
 
   it('connections=3 to a server that takes two clients: the third never connects and holds no request', async (context) => {
-    requireTool(context, 'nbdkit');
-    const work = dir();
-    const nbdSocket = path.join(work, 'nbd.sock');
     // limit=2: a third client is turned away. delay-open: the guest's first requests arrive before any
     // connection is up, and must wait for one that will come up rather than be spread over all three.
-    await keep(startNbdkit({ unix: nbdSocket }, ['--filter=limit', '--filter=delay', 'memory', '16M', 'limit=2', 'delay-open=300ms']));
+    const { nbdSocket } = await nbdkitInDir(context, () => [
+      '--filter=limit',
+      '--filter=delay',
+      'memory',
+      '16M',
+      'limit=2',
+      'delay-open=300ms',
+    ]);
     // A short reconnect timeout: a request left on the connection that never comes up would fail within it.
     const daemon = await serveNbd(`nbd+unix:///?socket=${nbdSocket}`, ',connections=3,reconnect-timeout=2', ['--threads', '1']);
     const result = await bench(verifyArgs(daemon.socketPath, { size: '2M', bs: '16k', iodepth: 16, seed: 13 }));
@@ -191,20 +195,15 @@ describe('vublk over NBD', () => {
   });
 
   it('connections=4 where the server does not advertise multi-conn: one connection, and a warning says so', async (context) => {
-    requireTool(context, 'nbdkit');
-    const work = dir();
-    const nbdSocket = path.join(work, 'nbd.sock');
+    const { work, nbdSocket } = await nbdkitInDir(context, (work) => [
+      '--filter=multi-conn',
+      '--filter=log',
+      'memory',
+      '16M',
+      'multi-conn-mode=disable',
+      `logfile=${path.join(work, 'nbdkit.log')}`,
+    ]);
     const logFile = path.join(work, 'nbdkit.log');
-    await keep(
-      startNbdkit({ unix: nbdSocket }, [
-        '--filter=multi-conn',
-        '--filter=log',
-        'memory',
-        '16M',
-        'multi-conn-mode=disable',
-        `logfile=${logFile}`,
-      ]),
-    );
     const daemon = await serveNbd(`nbd+unix:///?socket=${nbdSocket}`, ',connections=4,num-queues=2', ['--threads', '2']);
     const ready = await daemon.waitForLog((l) => l.msg === 'disk ready');
     expect(ready['nbdConnections']).toBe(1);
@@ -303,11 +302,7 @@ describe('vublk over NBD', () => {
     // The operator saw it: the connection was lost, then came back (each worker's connection says so once).
     await daemon.waitForLog((l) => l.msg === 'network back-end' && /NBD connection lost/.test(String(l['reason'])));
     await daemon.waitForLog((l) => l.msg === 'network back-end' && /NBD connection up again/.test(String(l['reason'])));
-    expect(
-      readFileSync(image)
-        .subarray(0, 48 * MiB)
-        .equals(pattern(21, 48 * MiB)),
-    ).toBe(true);
+    expectImageHolds(image, 21, 48 * MiB);
   });
 
   it('a server away longer than reconnect-timeout: requests fail with IOERR, and the disk recovers when it returns', {
