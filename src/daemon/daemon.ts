@@ -134,7 +134,7 @@ export class Daemon implements AdminTarget {
         if (nbdConnections === 1 && (spec.options.connections ?? 1) > 1)
           log.warn(
             { image: network!.location, connections: spec.options.connections },
-            'the NBD server does not advertise multi-conn: one connection for the disk, not connections=',
+            'the NBD server does not advertise multi-conn: the disk uses one connection, connections= is ignored',
           );
         log.info(
           {

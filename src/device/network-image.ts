@@ -46,8 +46,8 @@ export const NBD_DEFAULT_REQUEST_TIMEOUT_S = 60;
 /**
  * Two: a server answers one connection's requests one reply at a time (nbdkit and qemu-nbd take a per-
  * connection lock to send), so a queue whose requests all share one connection leaves the server's threads
- * waiting on each other. Measured with nbdkit, 128 KiB reads at QD8: nbdkit spent 52–59 µs per request over
- * two connections against 66–86 µs over one (docs/benchmarks.md).
+ * waiting on each other. Measured with nbdkit, 128 KiB reads at QD8: nbdkit spent 43–66 µs per request over
+ * two connections against 66–71 µs over one (docs/nbd.md, "Connections").
  */
 export const NBD_DEFAULT_CONNECTIONS = 2;
 
