@@ -109,6 +109,8 @@ export class VhostUserSession {
   /** Set by closeAfterStoppingRings: no ring starts again. */
   private stopping = false;
   private noMemoryWarned = false;
+  /** The device is started (a ring ran since the last stop, reset or connect): see startDevice. */
+  private deviceActive = false;
   private featuresLogged = false;
   private readonly handlers: Record<number, Handler>;
 
@@ -539,6 +541,8 @@ export class VhostUserSession {
     const { index } = decodeVringState(message.header.request, message.payload);
     const ring = this.ring(message.header.request, index);
     await this.stopRing(ring);
+    // Before the reply: a migration's destination starts only once the source answered its last GET_VRING_BASE.
+    await this.stopDevice();
     // The ring is now stopped: it restarts with the next SET_VRING_KICK, poison and NEEDS_RESET cleared.
     ring.kickArmed = false;
     closeFd(ring.kickFd);
@@ -634,6 +638,7 @@ export class VhostUserSession {
       this.regions.length > 0 &&
       !this.logUnusable;
     if (shouldRun && !ring.running) {
+      if (!this.deviceActive) await this.startDevice();
       await this.queues.start(
         ring.index,
         {
@@ -676,6 +681,37 @@ export class VhostUserSession {
       { queue: ring.index, base: ring.base, pagesLogged: this.disk.counters.read(ring.index, 'dirtyPagesLogged') },
       'ring stopped',
     );
+  }
+
+  /**
+   * The device starts with its first ring, not with every ring start: a ring restarted by the control plane
+   * (memory table, features, dirty log) keeps the device started. What the image needs (RBD lock=migratable
+   * takes the exclusive lock) is awaited here, so no request is popped before; a failure is logged and the
+   * rings start anyway (with the lock held elsewhere librbd refuses the writes: IOERR, counted).
+   */
+  private async startDevice(): Promise<void> {
+    this.deviceActive = true;
+    try {
+      const done = await this.disk.deviceStarted();
+      if (done !== null) this.log.info(done);
+    } catch (error) {
+      this.log.error(
+        { error: error instanceof Error ? error.message : String(error) },
+        'device started without its image lock: writes fail with IOERR while another client holds it',
+      );
+    }
+  }
+
+  /** The front-end stopped the last ring (GET_VRING_BASE), reset the device or left: the image's stop step. */
+  private async stopDevice(): Promise<void> {
+    if (!this.deviceActive || this.rings.some((ring) => ring.running)) return;
+    this.deviceActive = false;
+    try {
+      const done = await this.disk.deviceStopped();
+      if (done !== null) this.log.info(done);
+    } catch (error) {
+      this.log.error({ error: error instanceof Error ? error.message : String(error) }, 'device stop step of the image failed');
+    }
   }
 
   private async restartRing(ring: VringConfig): Promise<void> {
@@ -743,6 +779,7 @@ export class VhostUserSession {
       await this.stopRing(ring);
       ring.reset();
     }
+    await this.stopDevice();
     // The rings start over: nothing of the old ones may be resubmitted.
     this.inflight?.clear();
     this.status = 0;
@@ -765,6 +802,7 @@ export class VhostUserSession {
     // Rings stop concurrently: they may sit on different workers, and one slow worker must not hold the others.
     const stops = await Promise.allSettled(this.rings.map((ring) => this.stopRing(ring)));
     const failed = stops.filter((s) => s.status === 'rejected').length;
+    await this.stopDevice();
     try {
       if (failed > 0) {
         // A ring that did not confirm its stop may still read guest memory: leak the mappings, never crash.

@@ -522,8 +522,8 @@ export const DISK_OPTIONS: readonly AnyDiskOption[] = [
   option({
     field: 'rbdLock',
     key: 'lock',
-    help: "RBD: exclusive (take the image's exclusive lock and keep it) or none (live-migration target)",
-    type: oneOf(['exclusive', 'none'] as const),
+    help: "RBD: exclusive (take the image's exclusive lock at start and keep it), migratable (hold it while the guest's device runs, so a live migration hands it over) or none",
+    type: oneOf(['exclusive', 'migratable', 'none'] as const),
     reload: 'restart',
     admin: 'lock',
   }),

@@ -355,6 +355,16 @@ export class BlkDisk {
     }
   }
 
+  /** The guest's device starts (first ring of a session): what the image needs then (RBD lock=migratable). */
+  async deviceStarted(): Promise<string | null> {
+    return (await this.network?.deviceStarted?.()) ?? null;
+  }
+
+  /** The front-end stopped the device, reset it or left (RBD lock=migratable gives its lock up). */
+  async deviceStopped(): Promise<string | null> {
+    return (await this.network?.deviceStopped?.()) ?? null;
+  }
+
   /** Whether every queue of the disk must run on one worker (the network image has one connection). */
   get pinQueues(): boolean {
     return this.network?.pinQueues ?? false;

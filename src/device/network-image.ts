@@ -36,7 +36,7 @@ export interface NetworkImageOptions {
   rbdId?: string | undefined;
   rbdKeyring?: string | undefined;
   rbdMonHost?: string | undefined;
-  rbdLock?: 'exclusive' | 'none' | undefined;
+  rbdLock?: 'exclusive' | 'migratable' | 'none' | undefined;
   osdTimeout?: number | undefined;
 }
 
@@ -73,6 +73,13 @@ export interface NetworkImage {
   readonly backend: NetworkBackend;
   /** Grows the image where it lives (RBD); NBD exports cannot be resized from here. */
   resize(bytes: number): Promise<void>;
+  /**
+   * The guest's device is starting (the session's first ring): RBD `lock=migratable` takes the exclusive
+   * lock here, waiting up to connect-timeout for a previous owner (a migration source) to give it up.
+   */
+  deviceStarted?(): Promise<string>;
+  /** The front-end stopped the device, reset it or left: RBD `lock=migratable` gives the lock up. */
+  deviceStopped?(): Promise<string>;
   close(): Promise<void>;
 }
 
@@ -209,6 +216,18 @@ async function openRbd(spec: RbdSpec): Promise<NetworkImage> {
     pinQueues: true,
     backend: { kind: 'rbd', key: backendKey('rbd'), handle: image.handle, eventFd: image.eventFd },
     resize: (bytes) => image.resize(bytes),
+    ...(spec.lock === 'migratable' && !spec.readOnly
+      ? {
+          deviceStarted: async () => {
+            await image.acquireLock(spec.connectTimeoutSeconds * 1000);
+            return `exclusive lock of ${rbdImageName(spec)} taken`;
+          },
+          deviceStopped: async () => {
+            await image.releaseLock();
+            return `exclusive lock of ${rbdImageName(spec)} released`;
+          },
+        }
+      : {}),
     close: () => image.close(),
   };
 }

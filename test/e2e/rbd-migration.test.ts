@@ -1,10 +1,11 @@
 // Live migration between two hosts over shared Ceph RBD storage (docs/rbd.md, "Live migration with shared
 // RBD storage"): one micro cluster (test/support/ceph/micro-cluster.sh), one image, two vublk daemons serving
-// it with lock=none. A real guest doing O_DIRECT write/read-back rounds moves from a QEMU on vublk A to a
+// it with lock=migratable. A real guest doing O_DIRECT write/read-back rounds moves from a QEMU on vublk A to a
 // QEMU started with -incoming on vublk B, then back to a fresh QEMU on A; a migration cancelled in pre-copy
 // sits in between. Checked: no I/O error or mismatch in the guest before and after each switch-over, the
-// sentinel only the dirty log carries, the exclusive lock's owner (`rbd lock ls`) is the destination's
-// client after each switch-over and still the source's after the cancel, and `rbd export` holds the
+// sentinel only the dirty log carries, the exclusive lock's owner (`rbd lock ls`) is nobody before a guest
+// runs, the running guest's daemon from its boot on (a third client's write is refused meanwhile), the
+// destination's after each switch-over and still the source's after the cancel, and `rbd export` holds the
 // guest's patterns where it wrote them and nothing elsewhere. Skips with the reason when Ceph or QEMU is
 // missing (fails under VUBLK_E2E_REQUIRED=1). The cluster is shut down cleanly at the end.
 import { readFileSync } from 'node:fs';
@@ -51,7 +52,7 @@ function sectorsMatchingNeither(actual: Buffer, a: Buffer, b: Buffer): number[] 
   return bad;
 }
 
-describe('live migration between two vublk daemons on one Ceph RBD image (lock=none)', () => {
+describe('live migration between two vublk daemons on one Ceph RBD image (lock=migratable)', () => {
   if (missing !== null) {
     if (required) it('Ceph and QEMU are available (VUBLK_E2E_REQUIRED=1)', () => expect.fail(missing));
     else it.skip(`not available: ${missing}`, () => undefined);
@@ -72,7 +73,7 @@ describe('live migration between two vublk daemons on one Ceph RBD image (lock=n
     await cluster.run('rbd', ['create', '--size', String(IMAGE_BYTES / MiB), IMAGE]);
     for (const name of ['vublk-a', 'vublk-b']) {
       const socket = path.join(dir, `${name}.sock`);
-      const disk = `image=rbd:${IMAGE},lock=none,conf=${cluster.conf},id=vublk,keyring=${cluster.vublkKeyring},socket=${socket}`;
+      const disk = `image=rbd:${IMAGE},lock=migratable,conf=${cluster.conf},id=vublk,keyring=${cluster.vublkKeyring},socket=${socket}`;
       daemons.push(await startServingDaemon(disk, socket, 60_000));
       sockets.push(socket);
       // The daemon opened the image before it listened: its client is the watcher not seen before.
@@ -87,7 +88,7 @@ describe('live migration between two vublk daemons on one Ceph RBD image (lock=n
         await sleep(500);
       }
     }
-    // lock=none: neither daemon took the lock at open.
+    // lock=migratable: a daemon takes the lock when a guest's device starts, not at open.
     expect(await rbdLockOwners(cluster, IMAGE)).toEqual([]);
   }, 360_000);
 
@@ -110,9 +111,20 @@ describe('live migration between two vublk daemons on one Ceph RBD image (lock=n
     const first = await startVm({ name: 'qemu-1', dir, disk: vhostUserDisk(sockets[0]!), incomingPort: null });
     vms.push(first);
     await waitForBoot(first, context);
-    expect(await owner(), `the source's writes take the lock\n${context()}`).toBe('vublk A');
+    expect(await owner(), `the source took the lock when the guest's device started\n${context()}`).toBe('vublk A');
+    // The lock is pinned while the guest runs: a third client's write is refused (with lock=none it would
+    // simply take the lock and write).
+    const intruder = await cluster
+      .run('rbd', ['bench', '--io-type', 'write', '--io-size', '4096', '--io-total', '4096', IMAGE], 60_000)
+      .then(
+        () => 'written',
+        (error: Error) => error.message,
+      );
+    expect(intruder, `a third writer is refused while the guest runs on A\n${context()}`).toMatch(/Read-only file system/);
+    expect(await owner(), `the lock stays with the running guest's daemon\n${context()}`).toBe('vublk A');
 
-    // A → B: after the switch-over the destination's writes ask for the lock and the idle source hands it over.
+    // A → B: the source gives the lock up when QEMU stops its device at switch-over (before it answers the last
+    // GET_VRING_BASE), and the destination takes it when its device starts.
     const there = await hopTo(first, 1, { dir, name: 'qemu-2', disk: vhostUserDisk(sockets[1]!), vms, context });
     report.push(there.summary);
     expect(await owner(), `the lock follows the guest to the destination\n${context()}`).toBe('vublk B');

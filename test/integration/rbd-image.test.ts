@@ -16,6 +16,10 @@ import { RbdError, type RbdErrorCode } from '../../src/backend/rbd/rbd-error.js'
 import { addressOf } from '../../src/sys/libc.js';
 import { waitReadable } from '../../src/sys/poll-wait.js';
 import { cephMissing, startMicroCluster, type MicroCluster } from '../support/ceph/micro-cluster.js';
+import { rbdLockOwners, rbdWatchers } from '../support/ceph/rbd-clients.js';
+import { startDaemon, type DaemonProcess } from '../support/daemon-process.js';
+import { BlkRequestType, BlkStatus } from '../../protocol/virtio-blk.js';
+import { VhostUserFrontend, VirtioBlkDriver } from '../../bench/src/frontend/index.js';
 import { Prng, seedFromEnv } from '../support/prng.js';
 
 const MiB = 1 << 20;
@@ -395,6 +399,71 @@ describe('RBD back-end against a real Ceph cluster', () => {
     await close(second, queue);
     await close(first);
   });
+
+  it('lock=migratable: a daemon takes the lock when the device starts and gives it up before it answers GET_VRING_BASE; a second one waits, then writes fail with IOERR until it can take it', async () => {
+    await cluster.run('rbd', ['create', '--size', '16M', 'rbd/mig1']);
+    const daemons: DaemonProcess[] = [];
+    const frontends: VhostUserFrontend[] = [];
+    const clients: number[] = [];
+    try {
+      // connect-timeout=2 bounds how long a device start waits for a lock held elsewhere.
+      for (let i = 0; i < 2; i++) {
+        const disk = `image=rbd:rbd/mig1,lock=migratable,connect-timeout=2,conf=${cluster.conf},id=vublk,keyring=${cluster.vublkKeyring},socket=vublk.sock`;
+        daemons.push(await startDaemon({ rawArgs: ['serve', '--disk', disk, '--metrics-listen', 'off', '--admin-socket', 'off'] }));
+        const fresh = (await rbdWatchers(cluster, 'rbd/mig1')).filter((id) => !clients.includes(id));
+        expect(fresh, 'each daemon has one client watching the image').toHaveLength(1);
+        clients.push(fresh[0]!);
+      }
+      const owners = async (): Promise<string[]> =>
+        (await rbdLockOwners(cluster, 'rbd/mig1')).map((id) => (id === clients[0] ? 'A' : id === clients[1] ? 'B' : `client.${id}`));
+      expect(await owners(), 'opened, no device started: nobody holds the lock').toEqual([]);
+
+      // A's device starts (the handshake starts its ring): A takes the lock before serving anything.
+      frontends.push(await VhostUserFrontend.connect(daemons[0]!.socketPath));
+      const a = new VirtioBlkDriver(frontends[0]!);
+      expect(await owners()).toEqual(['A']);
+      await a.write(8, Buffer.alloc(4096, 0xa1));
+
+      // B's device start finds the lock pinned by A: it asks for connect-timeout, then starts without it.
+      frontends.push(await VhostUserFrontend.connect(daemons[1]!.socketPath));
+      const b = new VirtioBlkDriver(frontends[1]!);
+      await daemons[1]!.waitForLog((line) => /device started without its image lock/.test(String(line.msg)), 15_000);
+      expect((await b.execute({ type: BlkRequestType.OUT, sector: 16, out: Buffer.alloc(4096, 0xb1) })).status).toBe(BlkStatus.IOERR);
+      expect((await b.read(8, 4096)).equals(Buffer.alloc(4096, 0xa1)), 'B reads what A wrote').toBe(true);
+      expect(await owners()).toEqual(['A']);
+
+      // The front-end stops A's device (a migration's switch-over): the lock is free when the reply arrives,
+      // so a client already connected takes it at once, without waiting (then gives it back).
+      const probe = await open('rbd:rbd/mig1', { lock: 'none' });
+      const baseA = await frontends[0]!.stopQueue(0);
+      await expect(probe.acquireLock(0), 'free once GET_VRING_BASE was answered').resolves.toBeUndefined();
+      await probe.releaseLock();
+      await close(probe);
+      expect(await owners()).toEqual([]);
+      expect(daemons[0]!.logs().some((line) => line.msg === 'exclusive lock of rbd:rbd/mig1 released')).toBe(true);
+
+      // B's device stops and starts again: now it takes the lock, and its writes go through.
+      const baseB = await frontends[1]!.stopQueue(0);
+      await frontends[1]!.startQueue(0, baseB);
+      expect(await owners()).toEqual(['B']);
+      await b.write(16, Buffer.alloc(4096, 0xb2));
+      expect((await b.read(16, 4096)).equals(Buffer.alloc(4096, 0xb2))).toBe(true);
+
+      // A restarted (a cancelled migration) cannot take it back while B runs.
+      await frontends[0]!.startQueue(0, baseA);
+      expect((await a.execute({ type: BlkRequestType.OUT, sector: 24, out: Buffer.alloc(4096, 0xa2) })).status).toBe(BlkStatus.IOERR);
+      expect(await owners()).toEqual(['B']);
+
+      // B's front-end leaves: the lock goes with it.
+      frontends[1]!.close();
+      const deadline = Date.now() + 10_000;
+      while ((await owners()).length > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 100));
+      expect(await owners(), 'released when the front-end disconnects').toEqual([]);
+    } finally {
+      for (const fe of frontends) fe.close();
+      for (const daemon of daemons) await daemon.stop();
+    }
+  }, 120_000);
 
   it('a worker thread drives I/O on a handle opened by the main thread, woken by its epoll set', async () => {
     const image = await open();

@@ -64,6 +64,10 @@ describe('rbd: image spec', () => {
     expect(rbdImageName(parseRbdSpec('rbd:a/b'))).toBe('rbd:a/b');
   });
 
+  it('takes each lock mode by name', () => {
+    for (const lock of ['exclusive', 'migratable', 'none'] as const) expect(parseRbdSpec('rbd:a/b', { lock }).lock).toBe(lock);
+  });
+
   it.each([
     ['img.raw', /not an rbd: image/],
     ['rbd:', /expected rbd:POOL\/IMAGE/],
@@ -92,7 +96,7 @@ describe('rbd: image spec', () => {
     [{ connectTimeout: '5s' }, /whole number of seconds/],
     [{ connectTimeout: '-1' }, /whole number of seconds/],
     [{ osdTimeout: '100000' }, /osd-timeout must be between/],
-    [{ lock: 'shared' }, /lock must be exclusive or none/],
+    [{ lock: 'shared' }, /lock must be exclusive, migratable or none/],
   ])('rejects option %o', (options, message) => {
     expect(specError('rbd:pool/img', options).message).toMatch(message);
   });

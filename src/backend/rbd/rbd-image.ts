@@ -35,6 +35,9 @@ export interface RbdOpenOptions {
   conf?: Record<string, string>;
 }
 
+/** How often acquireLock asks again while another client holds the lock. */
+const LOCK_RETRY_MS = 200;
+
 type AsyncFn<A extends unknown[], R> = { async: (...args: [...A, (err: unknown, result: R) => void]) => void };
 
 function call<A extends unknown[], R>(fn: AsyncFn<A, R>, ...args: A): Promise<R> {
@@ -181,6 +184,8 @@ export class RbdImage {
       handle = out[0];
       const lockHeld = !spec.readOnly && spec.lock === 'exclusive';
       if (lockHeld) await RbdImage.takeLock(lib, handle, name, spec.id);
+      // migratable: the lock is taken when the guest's device starts; refuse now what could never take it.
+      else if (!spec.readOnly && spec.lock === 'migratable') RbdImage.requireLockFeature(lib, handle, name);
       eventFd = createEventFd();
       const n = lib.rbdSetImageNotification(handle, eventFd, EVENT_TYPE_EVENTFD);
       if (n < 0) throw new RbdError('VUBLK_ERR_RBD_FAILED', `rbd_set_image_notification on ${name} failed`, n);
@@ -194,9 +199,9 @@ export class RbdImage {
     }
   }
 
-  private static async takeLock(lib: LibRbd, handle: number, name: string, id: string): Promise<void> {
+  private static requireLockFeature(lib: LibRbd, handle: number, name: string): void {
     const features: [number] = [0];
-    let r = lib.rbdGetFeatures(handle, features);
+    const r = lib.rbdGetFeatures(handle, features);
     if (r < 0) throw new RbdError('VUBLK_ERR_RBD_FAILED', `reading the features of ${name} failed`, r);
     if ((features[0] & RBD_FEATURE_EXCLUSIVE_LOCK) === 0) {
       throw new RbdError(
@@ -204,11 +209,15 @@ export class RbdImage {
         `${name} has no exclusive-lock feature, so two daemons could write it at once: enable it (rbd feature enable ${name.slice(4)} exclusive-lock) or open with lock=none`,
       );
     }
-    r = await call(lib.rbdLockAcquire, handle, RBD_LOCK_MODE_EXCLUSIVE);
+  }
+
+  private static async takeLock(lib: LibRbd, handle: number, name: string, id: string): Promise<void> {
+    RbdImage.requireLockFeature(lib, handle, name);
+    const r = await call(lib.rbdLockAcquire, handle, RBD_LOCK_MODE_EXCLUSIVE);
     if (r === -Errno.EROFS || r === -Errno.EBUSY || r === -Errno.EEXIST) {
       throw new RbdError(
         'VUBLK_ERR_RBD_LOCKED',
-        `${name} is in use: another client holds its exclusive lock (see 'rbd lock ls ${name.slice(4)}' and 'rbd status ${name.slice(4)}'; open with lock=none only for a live migration)`,
+        `${name} is in use: another client holds its exclusive lock (see 'rbd lock ls ${name.slice(4)}' and 'rbd status ${name.slice(4)}'; a disk that live-migrates between daemons uses lock=migratable)`,
         r,
       );
     }
@@ -261,10 +270,25 @@ export class RbdImage {
     if (r < 0 && r !== -Errno.EINVAL) throw new RbdError('VUBLK_ERR_RBD_FAILED', `releasing the exclusive lock of ${this.name} failed`, r);
   }
 
-  /** Takes the exclusive lock and keeps it (the target of a migration, once the source released it). */
-  async acquireLock(): Promise<void> {
+  /**
+   * Takes the exclusive lock and keeps it (the target of a migration, once the source released it). While
+   * another client holds it (VUBLK_ERR_RBD_LOCKED) it tries again every LOCK_RETRY_MS for up to `waitMs`:
+   * a migration source gives the lock up while the destination is already starting.
+   */
+  async acquireLock(waitMs = 0): Promise<void> {
     this.live();
-    await RbdImage.takeLock(this.lib, this.handle, this.name, this.spec.id);
+    const deadline = Date.now() + waitMs;
+    for (;;) {
+      try {
+        await RbdImage.takeLock(this.lib, this.handle, this.name, this.spec.id);
+        return;
+      } catch (error) {
+        const left = deadline - Date.now();
+        if (!(error instanceof RbdError) || error.code !== 'VUBLK_ERR_RBD_LOCKED' || left <= 0) throw error;
+        await new Promise((resolve) => setTimeout(resolve, Math.min(LOCK_RETRY_MS, left)));
+        this.live();
+      }
+    }
   }
 
   /** Grows (or shrinks) the image in the cluster; the guest sees the new size after a config change. */

@@ -11,7 +11,13 @@ export const RBD_PREFIX = 'rbd:';
 export type RbdLockMode =
   /** Take the lock at open and keep it: a second daemon opening the image for writing is refused. */
   | 'exclusive'
-  /** Do not take it (librbd still hands it over cooperatively per write): for live migration between hosts. */
+  /**
+   * Take the lock when the guest's device starts (its first ring) and give it up when the front-end stops the
+   * device (GET_VRING_BASE of the last ring, a reset, a disconnect): a second writer is refused while the guest
+   * runs, and a live migration hands the lock from the source to the destination at switch-over.
+   */
+  | 'migratable'
+  /** Do not take it (librbd still hands it over cooperatively per write). */
   | 'none';
 
 export interface RbdSpec {
@@ -101,7 +107,8 @@ export function parseRbdSpec(image: string, options: RbdSpecOptions = {}): RbdSp
 
   let lock: RbdLockMode = 'exclusive';
   if (options.lock !== undefined) {
-    if (options.lock !== 'exclusive' && options.lock !== 'none') fail(`lock must be exclusive or none, got '${options.lock}'`);
+    if (options.lock !== 'exclusive' && options.lock !== 'migratable' && options.lock !== 'none')
+      fail(`lock must be exclusive, migratable or none, got '${options.lock}'`);
     lock = options.lock;
   }
   const monHost = options.monHost;
