@@ -211,12 +211,16 @@ class RbdTransport implements Transport {
   ready(): void {
     this.signalled = true;
   }
+  /** The caller's deliver for the poll in progress (a field, so the handler below is made once, not per poll). */
+  private deliver: TransportDeliver | null = null;
+  private readonly onReaped = (tag: number, result: number): void => this.deliver?.(tag, result < 0 ? -result : 0);
   poll(deliver: TransportDeliver): void {
     // Completions are taken from librbd at every poll; the eventfd is read only after epoll reported it, so
     // completions that arrive meanwhile leave it readable and the next epoll round comes back here.
     const drainSignal = this.signalled;
     this.signalled = false;
-    this.queue.reap((tag, result) => deliver(tag, result < 0 ? -result : 0), drainSignal);
+    this.deliver = deliver;
+    this.queue.reap(this.onReaped, drainSignal);
   }
   healthChange(): string {
     return '';

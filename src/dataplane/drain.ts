@@ -57,6 +57,8 @@ export interface DrainContext {
   interrupt(): void;
   /** Live migration: marks guest pages the device writes (data, status, used ring). Absent in unit tests. */
   dirtyLog?: RingDirtyLog;
+  /** The drain's bookkeeping, made on the first drain and reused (a drain runs per wake-up: no garbage). */
+  notify?: NotifyState;
 }
 
 export function createRequestScratch(limits: DeviceLimits): { scratch: ChainScratch; request: BlkRequest } {
@@ -84,7 +86,7 @@ export const MIN_COMPLETION_BATCH = 4;
 export const COALESCE_MIN_REMAINING = 8;
 
 /** Where the last interrupt decision was taken, within one drain. */
-interface NotifyState {
+export interface NotifyState {
   notifiedUsed: number;
   sinceCheck: number;
   batch: number;
@@ -109,13 +111,13 @@ const MAX_DRAIN_ROUNDS = 8;
 
 /** Runs one drain. Returns 0 when there is nothing to retry, or the nanoseconds to wait before retrying a stall. */
 export function drainQueue(ctx: DrainContext): number {
-  const notify: NotifyState = {
-    notifiedUsed: ctx.queue.usedIdx,
-    sinceCheck: 0,
-    batch: MIN_COMPLETION_BATCH,
-    submitRefused: false,
-    blockedInFlight: -1,
-  };
+  // Not re-entered for one ring (a drain never starts another), so the state can be the ring's own.
+  const notify = (ctx.notify ??= { notifiedUsed: 0, sinceCheck: 0, batch: 0, submitRefused: false, blockedInFlight: -1 });
+  notify.notifiedUsed = ctx.queue.usedIdx;
+  notify.sinceCheck = 0;
+  notify.batch = MIN_COMPLETION_BATCH;
+  notify.submitRefused = false;
+  notify.blockedInFlight = -1;
   let wait = 0;
   for (let round = 0; ; round++) {
     notify.blockedInFlight = -1;

@@ -86,6 +86,11 @@ export class NetworkExecutor implements RequestExecutor, ChannelMember {
 
   /** Completions routed to this queue and not yet published: (slot, errno) pairs. */
   private readonly done: number[] = [];
+  /**
+   * Entries of `done` in use. The array itself never shrinks: truncating it (length = 0) made V8 drop its
+   * backing store, and the next completion allocated a new one, once per reap.
+   */
+  private doneLength = 0;
   private submittedSinceKick = false;
 
   // submission scratch: the request's host pieces
@@ -231,7 +236,9 @@ export class NetworkExecutor implements RequestExecutor, ChannelMember {
 
   /** ChannelMember: a completion for one of this queue's slots. */
   accept(slot: number, errno: number, direct: boolean): void {
-    this.done.push(slot, errno);
+    this.done[this.doneLength] = slot;
+    this.done[this.doneLength + 1] = errno;
+    this.doneLength += 2;
     if (!direct && !this.wakeSignalled) {
       this.wakeSignalled = true;
       signalEventFd(this.wakeFd);
@@ -247,13 +254,13 @@ export class NetworkExecutor implements RequestExecutor, ChannelMember {
     if (change !== '') this.options.onHealthChange?.(change);
     let delivered = 0;
     // Bounded: each pair is taken once; follow-up operations complete in a later poll.
-    const pairs = this.done.length;
+    const pairs = this.doneLength;
     for (let i = 0; i < pairs; i += 2) {
       if (this.finish(this.done[i]!, this.done[i + 1]!)) delivered++;
     }
     // Completions that arrived while finishing (none, usually) stay for the next reap.
-    if (this.done.length === pairs) this.done.length = 0;
-    else this.done.splice(0, pairs);
+    if (this.doneLength > pairs) this.done.copyWithin(0, pairs, this.doneLength);
+    this.doneLength -= pairs;
     if (this.submittedSinceKick) this.submitPending();
     return delivered;
   }

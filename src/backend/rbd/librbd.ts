@@ -93,6 +93,7 @@ function bind(rados: LibraryHandle, rbd: LibraryHandle) {
     rbdAioWriteZeroes: rbd.func(
       'int rbd_aio_write_zeroes(uintptr_t image, uint64_t off, size_t len, uintptr_t completion, int zeroFlags, int opFlags)',
     ) as Fn<[number, number, number, number, number, number], number>,
+    rbdAioGetArg: rbd.func('uintptr_t rbd_aio_get_arg(uintptr_t completion)') as Fn<[number], number>,
     rbdAioGetReturnValue: rbd.func('intptr_t rbd_aio_get_return_value(uintptr_t completion)') as Fn<[number], number>,
     rbdAioRelease: rbd.func('void rbd_aio_release(uintptr_t completion)') as Fn<[number], void>,
     rbdPollIoEvents: rbd.func('int rbd_poll_io_events(uintptr_t image, uintptr_t completions, int count)') as Fn<

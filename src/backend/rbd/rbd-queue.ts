@@ -5,7 +5,10 @@
  * How completions arrive: librbd completes requests on its own threads. With rbd_set_image_notification
  * (EVENT_TYPE_EVENTFD) it queues each finished completion on the image and writes to our eventfd; `reap`
  * reads the eventfd, then drains rbd_poll_io_events. Completions are created with no callback, so no
- * JavaScript ever runs on a librbd thread.
+ * JavaScript ever runs on a librbd thread. Each carries, as its arg, the small id of its entry here (tag,
+ * iovec slot): reaping looks the entry up by rbd_aio_get_arg, not by the completion's address, so nothing on
+ * the request path allocates (an address is a double beyond the small-integer range: as a Map key it was
+ * boxed on every insert).
  *
  * Invariants:
  * - One RbdQueue per image handle, used by one thread: the notification and its completion list are per
@@ -43,13 +46,16 @@ export class RbdQueue {
   /** eventfd in the worker's epoll (level: readable while unread; read by `reap`). */
   readonly fd: number;
   private readonly lib: LibRbd;
-  /** completion pointer -> caller's tag */
-  private readonly tags = new Map<number, number>();
-  /** completion pointer -> iovec slot this queue filled for it (submitRead / submitWrite) */
-  private readonly slotOf = new Map<number, number>();
-  /** Owned iovec arrays (RBD_MAX_SEGMENTS entries each), grown on demand up to the requests in flight. */
-  private readonly slots: { buffer: Buffer; words: Uint32Array; address: number }[] = [];
-  private readonly freeSlots: number[] = [];
+  /**
+   * Requests in flight by id (the completion's arg): the caller's tag, and whether the id's own iovec array
+   * holds the request's segments. Ids are reused through `freeIds`; the arrays grow by doubling.
+   */
+  private tagOf = new Float64Array(64).fill(Number.NaN);
+  private readonly freeIds: number[] = [];
+  private nextId = 0;
+  private submitted = 0;
+  /** Owned iovec arrays (RBD_MAX_SEGMENTS entries each) by id, made on an id's first segment list. */
+  private readonly iovecs: ({ buffer: Buffer; words: Uint32Array; address: number } | undefined)[] = [];
   /** Requests librbd refused at submit: delivered by the next reap. */
   private readonly refused: { tag: number; result: number }[] = [];
   private readonly completionOut = Buffer.alloc(8);
@@ -75,7 +81,7 @@ export class RbdQueue {
 
   /** Requests submitted and not yet reaped. */
   get inFlight(): number {
-    return this.tags.size + this.refused.length;
+    return this.submitted + this.refused.length;
   }
 
   /**
@@ -93,32 +99,37 @@ export class RbdQueue {
 
   /** Reads into the iovec array at `iovAddress` (`iovCount` struct iovec, kept valid until reaped). */
   submitReadv(tag: number, offset: number, iovAddress: number, iovCount: number): void {
-    const c = this.completion(tag);
-    if (c !== 0) this.started(tag, c, this.lib.rbdAioReadv(this.image, iovAddress, iovCount, offset, c));
+    const id = this.takeId(tag);
+    const c = this.completion(id);
+    if (c !== 0) this.started(id, c, this.lib.rbdAioReadv(this.image, iovAddress, iovCount, offset, c));
   }
 
   /** Writes the iovec array at `iovAddress` (kept valid and unchanged until reaped). */
   submitWritev(tag: number, offset: number, iovAddress: number, iovCount: number): void {
-    const c = this.completion(tag);
-    if (c !== 0) this.started(tag, c, this.lib.rbdAioWritev(this.image, iovAddress, iovCount, offset, c));
+    const id = this.takeId(tag);
+    const c = this.completion(id);
+    if (c !== 0) this.started(id, c, this.lib.rbdAioWritev(this.image, iovAddress, iovCount, offset, c));
   }
 
   /** Completes once every write completed before it is durable in the cluster (and librbd's cache). */
   submitFlush(tag: number): void {
-    const c = this.completion(tag);
-    if (c !== 0) this.started(tag, c, this.lib.rbdAioFlush(this.image, c));
+    const id = this.takeId(tag);
+    const c = this.completion(id);
+    if (c !== 0) this.started(id, c, this.lib.rbdAioFlush(this.image, c));
   }
 
   /** Deallocates the range; reads of it return zeroes afterwards (librbd zeroes partial objects). */
   submitDiscard(tag: number, offset: number, length: number): void {
-    const c = this.completion(tag);
-    if (c !== 0) this.started(tag, c, this.lib.rbdAioDiscard(this.image, offset, length, c));
+    const id = this.takeId(tag);
+    const c = this.completion(id);
+    if (c !== 0) this.started(id, c, this.lib.rbdAioDiscard(this.image, offset, length, c));
   }
 
   /** Writes zeroes without sending a buffer (librbd may deallocate whole objects). */
   submitWriteZeroes(tag: number, offset: number, length: number): void {
-    const c = this.completion(tag);
-    if (c !== 0) this.started(tag, c, this.lib.rbdAioWriteZeroes(this.image, offset, length, c, WRITE_ZEROES_FLAGS, 0));
+    const id = this.takeId(tag);
+    const c = this.completion(id);
+    if (c !== 0) this.started(id, c, this.lib.rbdAioWriteZeroes(this.image, offset, length, c, WRITE_ZEROES_FLAGS, 0));
   }
 
   /**
@@ -131,18 +142,19 @@ export class RbdQueue {
     if (drainSignal) drainEventFd(this.fd);
     let delivered = 0;
     // Bounded: each round takes up to POLL_BATCH; the completions in flight bound the rounds.
-    for (let round = 0; round <= this.tags.size / POLL_BATCH + 1; round++) {
+    for (let round = 0; round <= this.submitted / POLL_BATCH + 1; round++) {
       const n = this.lib.rbdPollIoEvents(this.image, this.polledAddress, POLL_BATCH);
       if (n <= 0) break;
       for (let i = 0; i < n; i++) {
         const c = (this.polledWords[i * 2] ?? 0) + (this.polledWords[i * 2 + 1] ?? 0) * TWO_32;
+        const id = this.lib.rbdAioGetArg(c);
         const result = this.lib.rbdAioGetReturnValue(c);
         this.lib.rbdAioRelease(c);
-        this.releaseSlot(c);
-        const tag = this.tags.get(c);
         // A completion we did not submit cannot happen (one queue per image); skip it rather than crash.
-        if (tag === undefined) continue;
-        this.tags.delete(c);
+        if (!(id < this.nextId) || Number.isNaN(this.tagOf[id]!)) continue;
+        const tag = this.tagOf[id]!;
+        this.freeId(id);
+        this.submitted--;
         delivered++;
         onComplete(tag, result);
       }
@@ -183,8 +195,8 @@ export class RbdQueue {
       this.refuse(tag, -22 /* EINVAL */);
       return;
     }
-    const slot = this.freeSlots.pop() ?? this.newSlot();
-    const { words, address } = this.slots[slot]!;
+    const id = this.takeId(tag);
+    const { words, address } = this.iovecs[id] ?? this.newIovec(id);
     for (let i = 0; i < count; i++) {
       const a = segments.addresses[i] ?? 0;
       const len = segments.lengths[i] ?? 0;
@@ -194,52 +206,69 @@ export class RbdQueue {
       words[w + 2] = len % TWO_32;
       words[w + 3] = Math.floor(len / TWO_32);
     }
-    const c = this.completion(tag);
-    if (c === 0) {
-      this.freeSlots.push(slot);
-      return;
-    }
+    const c = this.completion(id);
+    if (c === 0) return;
     const r = write
       ? this.lib.rbdAioWritev(this.image, address, count, offset, c)
       : this.lib.rbdAioReadv(this.image, address, count, offset, c);
-    if (r >= 0) this.slotOf.set(c, slot);
-    else this.freeSlots.push(slot);
-    this.started(tag, c, r);
+    this.started(id, c, r);
   }
 
-  private newSlot(): number {
+  private newIovec(id: number): { buffer: Buffer; words: Uint32Array; address: number } {
     const buffer = Buffer.alloc(RBD_MAX_SEGMENTS * IOVEC_BYTES);
-    this.slots.push({ buffer, words: new Uint32Array(buffer.buffer, buffer.byteOffset, RBD_MAX_SEGMENTS * 4), address: addressOf(buffer) });
-    return this.slots.length - 1;
+    const iovec = { buffer, words: new Uint32Array(buffer.buffer, buffer.byteOffset, RBD_MAX_SEGMENTS * 4), address: addressOf(buffer) };
+    this.iovecs[id] = iovec;
+    return iovec;
   }
 
-  private releaseSlot(c: number): void {
-    const slot = this.slotOf.get(c);
-    if (slot === undefined) return;
-    this.slotOf.delete(c);
-    this.freeSlots.push(slot);
+  /** An id for a request of `tag` (reused; ids stay below the most requests ever in flight at once). */
+  private takeId(tag: number): number {
+    let id = this.freeIds.pop();
+    if (id === undefined) {
+      id = this.nextId++;
+      if (id >= this.tagOf.length) {
+        const grown = new Float64Array(this.tagOf.length * 2).fill(Number.NaN);
+        grown.set(this.tagOf);
+        this.tagOf = grown;
+      }
+    }
+    this.tagOf[id] = tag;
+    return id;
   }
 
-  private completion(tag: number): number {
+  private freeId(id: number): void {
+    this.tagOf[id] = Number.NaN;
+    this.freeIds.push(id);
+  }
+
+  /** A completion whose arg is `id`; 0 (the request refused, its id freed) when none could be made. */
+  private completion(id: number): number {
     if (this.closed) {
-      this.refuse(tag, -9 /* EBADF */);
+      this.refuseId(id, -9 /* EBADF */);
       return 0;
     }
-    const r = this.lib.rbdAioCreateCompletion(0, 0, this.completionOutAddress);
+    const r = this.lib.rbdAioCreateCompletion(id, 0, this.completionOutAddress);
     if (r < 0) {
-      this.refuse(tag, r);
+      this.refuseId(id, r);
       return 0;
     }
     return (this.completionOutWords[0] ?? 0) + (this.completionOutWords[1] ?? 0) * TWO_32;
   }
 
-  private started(tag: number, c: number, r: number): void {
+  private started(id: number, c: number, r: number): void {
     if (r < 0) {
       this.lib.rbdAioRelease(c);
-      this.refuse(tag, r);
+      this.refuseId(id, r);
       return;
     }
-    this.tags.set(c, tag);
+    this.submitted++;
+  }
+
+  /** A request librbd never took: its id is free again, its tag answered by the next reap. */
+  private refuseId(id: number, result: number): void {
+    const tag = this.tagOf[id]!;
+    this.freeId(id);
+    this.refuse(tag, result);
   }
 
   private refuse(tag: number, result: number): void {
