@@ -316,6 +316,7 @@ export class Daemon implements AdminTarget {
       connected: listener.hasSession,
       connections: listener.connections,
       throttle: throttleJson(disk.throttle.limits),
+      ...lockOwnerField(disk.lockOwner()),
     }));
   }
 
@@ -413,6 +414,11 @@ function exitNow(log: Logger, code: number): never {
   throw new Error('unreachable: _exit returned');
 }
 
+/** `lock-owner` in GET /admin/disks, for disks whose image has an exclusive lock (RBD). */
+function lockOwnerField(owner: boolean | null): { 'lock-owner'?: boolean } {
+  return owner === null ? {} : { 'lock-owner': owner };
+}
+
 function metricsSource({ disk, listener }: RunningDisk): DiskMetricsSource {
   return {
     name: disk.name,
@@ -421,6 +427,7 @@ function metricsSource({ disk, listener }: RunningDisk): DiskMetricsSource {
     throttleLimits: disk.throttle.limits,
     connected: listener.hasSession,
     connections: listener.connections,
+    lockOwner: () => disk.lockOwner(),
   };
 }
 

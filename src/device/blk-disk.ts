@@ -355,6 +355,19 @@ export class BlkDisk {
     }
   }
 
+  /**
+   * Whether the daemon holds the image's exclusive lock (RBD); null for images without one, or when the
+   * question cannot be answered (the image closing).
+   */
+  lockOwner(): boolean | null {
+    if (this.network?.lockOwner === undefined) return null;
+    try {
+      return this.network.lockOwner();
+    } catch {
+      return null;
+    }
+  }
+
   /** The guest's device starts (first ring of a session): what the image needs then (RBD lock=migratable). */
   async deviceStarted(): Promise<string | null> {
     return (await this.network?.deviceStarted?.()) ?? null;

@@ -80,6 +80,8 @@ export interface NetworkImage {
   deviceStarted?(): Promise<string>;
   /** The front-end stopped the device, reset it or left: RBD `lock=migratable` gives the lock up. */
   deviceStopped?(): Promise<string>;
+  /** RBD: whether this daemon's client holds the image's exclusive lock now (a local check, no round trip). */
+  lockOwner?(): boolean;
   close(): Promise<void>;
 }
 
@@ -216,6 +218,7 @@ async function openRbd(spec: RbdSpec): Promise<NetworkImage> {
     pinQueues: true,
     backend: { kind: 'rbd', key: backendKey('rbd'), handle: image.handle, eventFd: image.eventFd },
     resize: (bytes) => image.resize(bytes),
+    lockOwner: () => image.isLockOwner(),
     ...(spec.lock === 'migratable' && !spec.readOnly
       ? {
           deviceStarted: async () => {

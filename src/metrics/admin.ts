@@ -32,6 +32,8 @@ export interface AdminDiskInfo {
   connected: boolean;
   connections: number;
   throttle: ThrottleJson;
+  /** RBD disks: the daemon holds the image's exclusive lock now. */
+  'lock-owner'?: boolean;
 }
 
 export interface AdminTarget {

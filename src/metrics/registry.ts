@@ -20,6 +20,8 @@ export interface DiskMetricsSource {
   readonly connected: boolean;
   /** Front-end connections accepted since start. */
   readonly connections: number;
+  /** RBD: the daemon holds the image's exclusive lock; null for images without one. Read at each scrape. */
+  lockOwner(): boolean | null;
 }
 
 export interface MetricsRegistryOptions {
@@ -191,6 +193,20 @@ export function createMetricsRegistry(disks: () => readonly DiskMetricsSource[],
     collect() {
       this.reset();
       for (const disk of disks()) this.set({ disk: disk.name }, disk.connected ? 1 : 0);
+    },
+  });
+
+  new Gauge<'disk'>({
+    name: 'vublk_rbd_lock_owner',
+    help: "1 while the daemon's client holds the RBD image's exclusive lock, else 0 (RBD disks only).",
+    labelNames: ['disk'],
+    registers,
+    collect() {
+      this.reset();
+      for (const disk of disks()) {
+        const owner = disk.lockOwner();
+        if (owner !== null) this.set({ disk: disk.name }, owner ? 1 : 0);
+      }
     },
   });
 

@@ -17,7 +17,9 @@ import { addressOf } from '../../src/sys/libc.js';
 import { waitReadable } from '../../src/sys/poll-wait.js';
 import { cephMissing, startMicroCluster, type MicroCluster } from '../support/ceph/micro-cluster.js';
 import { rbdLockOwners, rbdWatchers } from '../support/ceph/rbd-clients.js';
-import { startDaemon, type DaemonProcess } from '../support/daemon-process.js';
+import { CLI, startDaemon, type DaemonProcess } from '../support/daemon-process.js';
+import { METRICS_ARGS, metricsUrl, scrape } from '../support/metrics-scrape.js';
+import { sampleValue } from '../support/prom-text.js';
 import { BlkRequestType, BlkStatus } from '../../protocol/virtio-blk.js';
 import { VhostUserFrontend, VirtioBlkDriver } from '../../bench/src/frontend/index.js';
 import { Prng, seedFromEnv } from '../support/prng.js';
@@ -409,13 +411,25 @@ describe('RBD back-end against a real Ceph cluster', () => {
       // connect-timeout=2 bounds how long a device start waits for a lock held elsewhere.
       for (let i = 0; i < 2; i++) {
         const disk = `image=rbd:rbd/mig1,lock=migratable,connect-timeout=2,conf=${cluster.conf},id=vublk,keyring=${cluster.vublkKeyring},socket=vublk.sock`;
-        daemons.push(await startDaemon({ rawArgs: ['serve', '--disk', disk, '--metrics-listen', 'off', '--admin-socket', 'off'] }));
+        // admin.sock: relative, in the daemon's own directory (its working directory).
+        daemons.push(await startDaemon({ rawArgs: ['serve', '--disk', disk, ...METRICS_ARGS, '--admin-socket', 'admin.sock'] }));
         const fresh = (await rbdWatchers(cluster, 'rbd/mig1')).filter((id) => !clients.includes(id));
         expect(fresh, 'each daemon has one client watching the image').toHaveLength(1);
         clients.push(fresh[0]!);
       }
-      const owners = async (): Promise<string[]> =>
-        (await rbdLockOwners(cluster, 'rbd/mig1')).map((id) => (id === clients[0] ? 'A' : id === clients[1] ? 'B' : `client.${id}`));
+      const urls = [await metricsUrl(daemons[0]!), await metricsUrl(daemons[1]!)];
+      // What the cluster says (rbd lock ls), checked against what each daemon reports (vublk_rbd_lock_owner).
+      const owners = async (): Promise<string[]> => {
+        const listed = (await rbdLockOwners(cluster, 'rbd/mig1')).map((id) =>
+          id === clients[0] ? 'A' : id === clients[1] ? 'B' : `client.${id}`,
+        );
+        const reported: string[] = [];
+        for (const [i, name] of ['A', 'B'].entries()) {
+          if (sampleValue(await scrape(urls[i]!), 'vublk_rbd_lock_owner', { disk: 'disk0' }) === 1) reported.push(name);
+        }
+        expect(reported, 'the daemons report the lock the cluster lists').toEqual(listed);
+        return listed;
+      };
       expect(await owners(), 'opened, no device started: nobody holds the lock').toEqual([]);
 
       // A's device starts (the handshake starts its ring): A takes the lock before serving anything.
@@ -423,6 +437,13 @@ describe('RBD back-end against a real Ceph cluster', () => {
       const a = new VirtioBlkDriver(frontends[0]!);
       expect(await owners()).toEqual(['A']);
       await a.write(8, Buffer.alloc(4096, 0xa1));
+      // `vublk disks` says the same through the admin socket.
+      const lockOwnerListed = (daemon: DaemonProcess): unknown => {
+        const adminSocket = path.join(path.dirname(daemon.socketPath), 'admin.sock');
+        const listed = execFileSync(process.execPath, [CLI, 'disks', '--admin-socket', adminSocket], { encoding: 'utf8', timeout: 20_000 });
+        return (JSON.parse(listed) as { disks: { 'lock-owner'?: boolean }[] }).disks[0]?.['lock-owner'];
+      };
+      expect([lockOwnerListed(daemons[0]!), lockOwnerListed(daemons[1]!)]).toEqual([true, false]);
 
       // B's device start finds the lock pinned by A: it asks for connect-timeout, then starts without it.
       frontends.push(await VhostUserFrontend.connect(daemons[1]!.socketPath));
@@ -457,7 +478,7 @@ describe('RBD back-end against a real Ceph cluster', () => {
       // B's front-end leaves: the lock goes with it.
       frontends[1]!.close();
       const deadline = Date.now() + 10_000;
-      while ((await owners()).length > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 100));
+      while ((await rbdLockOwners(cluster, 'rbd/mig1')).length > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 100));
       expect(await owners(), 'released when the front-end disconnects').toEqual([]);
     } finally {
       for (const fe of frontends) fe.close();

@@ -28,6 +28,7 @@ function disk(
       throttleLimits: { iops: 0, iopsBurst: 0, bps: 0, bpsBurst: 0 },
       connected: false,
       connections: 0,
+      lockOwner: () => null,
       ...extra,
     },
   };
@@ -39,6 +40,20 @@ async function scrape(sources: DiskMetricsSource[]) {
 }
 
 describe('metrics registry', () => {
+  it('vublk_rbd_lock_owner: 1 or 0 for disks with an exclusive lock, read at each scrape; no sample for others', async () => {
+    let held = true;
+    const rbd = disk('vm1', 1, { lockOwner: () => held });
+    const file = disk('scratch', 1);
+    const registry = createMetricsRegistry(() => [rbd.source, file.source], { defaultMetrics: false });
+    let m = parseExposition(await registry.metrics());
+    expect(m.types.get('vublk_rbd_lock_owner')).toBe('gauge');
+    expect(sampleValue(m, 'vublk_rbd_lock_owner', { disk: 'vm1' })).toBe(1);
+    expect(select(m, 'vublk_rbd_lock_owner').map((sample) => sample.labels['disk'])).toEqual(['vm1']);
+    held = false;
+    m = parseExposition(await registry.metrics());
+    expect(sampleValue(m, 'vublk_rbd_lock_owner', { disk: 'vm1' })).toBe(0);
+  });
+
   it('exports every family with disk/queue labels, read from the shared counters at scrape time', async () => {
     const a = disk('a', 2, { connected: true, connections: 3, throttleLimits: { iops: 100, iopsBurst: 200, bps: 1000, bpsBurst: 1000 } });
     const registry = createMetricsRegistry(() => [a.source], { defaultMetrics: false });
