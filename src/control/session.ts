@@ -638,7 +638,11 @@ export class VhostUserSession {
       this.regions.length > 0 &&
       !this.logUnusable;
     if (shouldRun && !ring.running) {
-      if (!this.deviceActive) await this.startDevice();
+      if (!this.deviceActive) {
+        await this.startDevice();
+        // The front-end may have left (or a stop begun) while the image's start step waited.
+        if (this.ended || this.stopping) return;
+      }
       await this.queues.start(
         ring.index,
         {
@@ -695,10 +699,10 @@ export class VhostUserSession {
       const done = await this.disk.deviceStarted();
       if (done !== null) this.log.info(done);
     } catch (error) {
-      this.log.error(
-        { error: error instanceof Error ? error.message : String(error) },
-        'device started without its image lock: writes fail with IOERR while another client holds it',
-      );
+      const detail = { error: error instanceof Error ? error.message : String(error) };
+      if (this.ended || this.stopping)
+        this.log.info(detail, 'device start abandoned: the front-end left while it waited for the image lock');
+      else this.log.error(detail, 'device started without its image lock: writes fail with IOERR while another client holds it');
     }
   }
 

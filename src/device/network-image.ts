@@ -195,6 +195,32 @@ async function openNbd(uri: string, options: NetworkImageOptions): Promise<Netwo
   };
 }
 
+/**
+ * lock=migratable: the lock follows the device. A stop that comes while a start still waits for the lock
+ * (the front-end left) ends that wait, and a lock the start took after all is given back: `generation`
+ * counts the stops.
+ */
+function migratableLock(image: RbdImage, spec: RbdSpec): Pick<NetworkImage, 'deviceStarted' | 'deviceStopped'> {
+  const name = rbdImageName(spec);
+  let generation = 0;
+  return {
+    deviceStarted: async () => {
+      const started = generation;
+      await image.acquireLock(spec.connectTimeoutSeconds * 1000, () => generation !== started);
+      if (generation !== started) {
+        await image.releaseLock();
+        return `exclusive lock of ${name} taken and given back: the device stopped meanwhile`;
+      }
+      return `exclusive lock of ${name} taken`;
+    },
+    deviceStopped: async () => {
+      generation++;
+      await image.releaseLock();
+      return `exclusive lock of ${name} released`;
+    },
+  };
+}
+
 async function openRbd(spec: RbdSpec): Promise<NetworkImage> {
   // librbd's cache is off: a write completes when the OSDs have it, and FLUSH has nothing to lose.
   const image = await RbdImage.open(spec, { conf: { rbd_cache: 'false' } });
@@ -219,18 +245,7 @@ async function openRbd(spec: RbdSpec): Promise<NetworkImage> {
     backend: { kind: 'rbd', key: backendKey('rbd'), handle: image.handle, eventFd: image.eventFd },
     resize: (bytes) => image.resize(bytes),
     lockOwner: () => image.isLockOwner(),
-    ...(spec.lock === 'migratable' && !spec.readOnly
-      ? {
-          deviceStarted: async () => {
-            await image.acquireLock(spec.connectTimeoutSeconds * 1000);
-            return `exclusive lock of ${rbdImageName(spec)} taken`;
-          },
-          deviceStopped: async () => {
-            await image.releaseLock();
-            return `exclusive lock of ${rbdImageName(spec)} released`;
-          },
-        }
-      : {}),
+    ...(spec.lock === 'migratable' && !spec.readOnly ? migratableLock(image, spec) : {}),
     close: () => image.close(),
   };
 }

@@ -18,6 +18,7 @@ import { waitReadable } from '../../src/sys/poll-wait.js';
 import { cephMissing, startMicroCluster, type MicroCluster } from '../support/ceph/micro-cluster.js';
 import { rbdLockOwners, rbdWatchers } from '../support/ceph/rbd-clients.js';
 import { CLI, startDaemon, type DaemonProcess } from '../support/daemon-process.js';
+import { BENCH_CLI } from '../../bench/src/paths.js';
 import { METRICS_ARGS, metricsUrl, scrape } from '../support/metrics-scrape.js';
 import { sampleValue } from '../support/prom-text.js';
 import { BlkRequestType, BlkStatus } from '../../protocol/virtio-blk.js';
@@ -402,6 +403,19 @@ describe('RBD back-end against a real Ceph cluster', () => {
     await close(first);
   });
 
+  it('closing an image while it still asks for the lock waits for that call, then the wait ends with the refusal', async () => {
+    const holder = await open('rbd:rbd/img1');
+    const waiter = await open('rbd:rbd/img1', { lock: 'none' });
+    const acquiring = waiter.acquireLock(5_000);
+    await new Promise((r) => setTimeout(r, 300));
+    const started = Date.now();
+    await close(waiter);
+    await expect(acquiring).rejects.toMatchObject({ code: expect.stringMatching(/VUBLK_ERR_RBD_(LOCKED|FAILED)/) });
+    expect(Date.now() - started, 'close did not wait out the 5 s lock wait').toBeLessThan(3_000);
+    expect(holder.isLockOwner()).toBe(true);
+    await close(holder);
+  });
+
   it('lock=migratable: a daemon takes the lock when the device starts and gives it up before it answers GET_VRING_BASE; a second one waits, then writes fail with IOERR until it can take it', async () => {
     await cluster.run('rbd', ['create', '--size', '16M', 'rbd/mig1']);
     const daemons: DaemonProcess[] = [];
@@ -480,6 +494,34 @@ describe('RBD back-end against a real Ceph cluster', () => {
       const deadline = Date.now() + 10_000;
       while ((await rbdLockOwners(cluster, 'rbd/mig1')).length > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 100));
       expect(await owners(), 'released when the front-end disconnects').toEqual([]);
+
+      // A front-end that leaves while its device start still waits for the lock: once the holder lets go, the
+      // daemon must not hold a lock no guest uses.
+      let logSince = daemons[0]!.logs().length;
+      frontends[0]!.close();
+      await daemons[0]!.waitForLog((line) => line.msg === 'front-end disconnected', 10_000, logSince);
+      const holder = await open('rbd:rbd/mig1');
+      logSince = daemons[0]!.logs().length;
+      // The front-end's handshake waits for the device start, so it runs in a process of its own, killed then.
+      const generator = spawn(process.execPath, [BENCH_CLI, 'run', '--socket', daemons[0]!.socketPath, '--runtime', '5'], {
+        stdio: 'ignore',
+      });
+      await daemons[0]!.waitForLog((line) => line.msg === 'front-end connected', 10_000, logSince);
+      await new Promise((r) => setTimeout(r, 500));
+      generator.kill('SIGKILL');
+      await daemons[0]!.waitForLog((line) => line.msg === 'front-end disconnected', 10_000, logSince);
+      await close(holder);
+      await new Promise((r) => setTimeout(r, 2_500));
+      expect(await owners(), 'the abandoned start took no lock').toEqual([]);
+      // The session notices the disconnect once the start step is over (its handler runs to the end): the
+      // device then stops as for any front-end that leaves, and gives the lock back.
+      const after = daemons[0]!
+        .logs()
+        .slice(logSince)
+        .map((line) => line.msg);
+      expect(after.indexOf('exclusive lock of rbd:rbd/mig1 released'), JSON.stringify(after)).toBeGreaterThan(
+        after.indexOf('front-end disconnected'),
+      );
     } finally {
       for (const fe of frontends) fe.close();
       for (const daemon of daemons) await daemon.stop();

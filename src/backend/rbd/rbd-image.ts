@@ -141,6 +141,11 @@ async function connect(lib: LibRbd, spec: RbdSpec, options: RbdOpenOptions): Pro
 
 export class RbdImage {
   private closed = false;
+  /**
+   * Cluster calls on the handle still running on a pool thread (lock, release, resize): rbd_close must not
+   * race them (librbd would free the image under them), so close waits for them first.
+   */
+  private readonly running = new Set<Promise<unknown>>();
 
   private constructor(
     private readonly lib: LibRbd,
@@ -225,6 +230,13 @@ export class RbdImage {
     if (r < 0) throw new RbdError('VUBLK_ERR_RBD_FAILED', `taking the exclusive lock of ${name} failed`, r);
   }
 
+  private track<T>(promise: Promise<T>): Promise<T> {
+    this.running.add(promise);
+    const done = (): void => void this.running.delete(promise);
+    promise.then(done, done);
+    return promise;
+  }
+
   private live(): void {
     if (this.closed) throw new RbdError('VUBLK_ERR_RBD_FAILED', `${this.name} is closed`);
   }
@@ -266,25 +278,26 @@ export class RbdImage {
    */
   async releaseLock(): Promise<void> {
     this.live();
-    const r = await call(this.lib.rbdLockRelease, this.handle);
+    const r = await this.track(call(this.lib.rbdLockRelease, this.handle));
     if (r < 0 && r !== -Errno.EINVAL) throw new RbdError('VUBLK_ERR_RBD_FAILED', `releasing the exclusive lock of ${this.name} failed`, r);
   }
 
   /**
    * Takes the exclusive lock and keeps it (the target of a migration, once the source released it). While
    * another client holds it (VUBLK_ERR_RBD_LOCKED) it tries again every LOCK_RETRY_MS for up to `waitMs`:
-   * a migration source gives the lock up while the destination is already starting.
+   * a migration source gives the lock up while the destination is already starting. `cancelled` is asked
+   * before each new try (the device stopped meanwhile): then the last refusal is thrown.
    */
-  async acquireLock(waitMs = 0): Promise<void> {
+  async acquireLock(waitMs = 0, cancelled: () => boolean = () => false): Promise<void> {
     this.live();
     const deadline = Date.now() + waitMs;
     for (;;) {
       try {
-        await RbdImage.takeLock(this.lib, this.handle, this.name, this.spec.id);
+        await this.track(RbdImage.takeLock(this.lib, this.handle, this.name, this.spec.id));
         return;
       } catch (error) {
         const left = deadline - Date.now();
-        if (!(error instanceof RbdError) || error.code !== 'VUBLK_ERR_RBD_LOCKED' || left <= 0) throw error;
+        if (!(error instanceof RbdError) || error.code !== 'VUBLK_ERR_RBD_LOCKED' || left <= 0 || cancelled()) throw error;
         await new Promise((resolve) => setTimeout(resolve, Math.min(LOCK_RETRY_MS, left)));
         this.live();
       }
@@ -295,7 +308,7 @@ export class RbdImage {
   async resize(bytes: number): Promise<void> {
     this.live();
     if (!Number.isSafeInteger(bytes) || bytes < 0) throw new RbdError('VUBLK_ERR_RBD_SPEC', `resize: ${bytes} is not a size in bytes`);
-    const r = await call(this.lib.rbdResize, this.handle, bytes);
+    const r = await this.track(call(this.lib.rbdResize, this.handle, bytes));
     if (r === -Errno.EROFS) throw new RbdError('VUBLK_ERR_RBD_FAILED', `${this.name} is read-only: cannot resize`, r);
     if (r === -Errno.EACCES || r === -Errno.EPERM)
       throw new RbdError('VUBLK_ERR_RBD_PERMISSION', `client.${this.spec.id} may not resize ${this.name}`, r);
@@ -306,6 +319,15 @@ export class RbdImage {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    // Bounded: each call is bounded by the cluster timeouts, and this wait by the connect timeout; a call still
+    // running then keeps the handle (and its lock, until the cluster expires this client's watch) rather
+    // than crash the daemon.
+    if (this.running.size > 0) {
+      const bound = new Promise((resolve) => setTimeout(resolve, this.spec.connectTimeoutSeconds * 1000).unref());
+      await Promise.race([Promise.allSettled([...this.running]), bound]);
+      if (this.running.size > 0)
+        throw new RbdError('VUBLK_ERR_RBD_FAILED', `closing ${this.name}: a cluster call on it is still running; the image is left open`);
+    }
     const r = await call(this.lib.rbdClose, this.handle);
     sys.close(this.eventFd);
     this.lib.radosIoctxDestroy(this.ioctx);
