@@ -10,8 +10,8 @@
  * nanoseconds). Publishing is a seqlock: the writer makes the sequence odd, stores the changed cells, makes
  * it even again; a reader retries while the sequence is odd or changed across its reads, so a snapshot
  * (a histogram with its sum) is always one publish's. Every access is an Atomics operation on an
- * Int32Array: their single total order is what makes the seqlock sound (plain float64 reads between two
- * Atomics.loads were measured to be reordered by the JIT: torn snapshots in test/unit/counters.test.ts).
+ * Int32Array: the memory model orders Atomics among themselves, not plain accesses against them, so plain
+ * float64 cells around the sequence word would be sound only on strongly ordered CPUs.
  * Why not Atomics.add on a BigInt64Array (the first version): every add allocated two BigInts, about 350 ns
  * and a few hundred bytes of garbage per drain for the worker's young-generation GC to collect.
  */
@@ -107,9 +107,10 @@ class CounterViews {
   snapshot<T>(queue: number, read: (words: Int32Array, base: number) => T): T {
     const seqIndex = queue * BLOCK_WORDS * 2;
     const base = queue * BLOCK_WORDS + 1;
-    let value = read(this.words, base);
-    // Bounded: a publish takes well under a microsecond; a writer that died mid-publish leaves the sequence
-    // odd for ever, and then the last read is returned rather than the caller spinning.
+    let value: T | undefined;
+    // Bounded: a publish takes well under a microsecond and a worker publishes once per drain. A writer that
+    // died mid-publish (the sequence odd for ever), or one publishing back to back faster than this reads,
+    // gets the last read returned, which may mix two publishes, rather than the caller spinning.
     for (let tries = 0; tries < MAX_READ_TRIES; tries++) {
       const before = Atomics.load(this.words, seqIndex);
       if ((before & 1) === 0) {
@@ -117,7 +118,7 @@ class CounterViews {
         if (Atomics.load(this.words, seqIndex) === before) return value;
       }
     }
-    return value;
+    return value ?? read(this.words, base);
   }
 }
 

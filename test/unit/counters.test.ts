@@ -68,9 +68,10 @@ describe('queue counters', () => {
           writer.observeLatency(LatencyOp.read, 1000);
           writer.flush();
           flushes++;
-          // A pause as between two drains (a worker publishes once per drain): a reader that always
-          // overlapped a publish would never get a snapshot, and gives up after a bounded number of tries.
-          for (let k = 0; k < 100; k++) Atomics.load(stop, 0);
+          // A pause as between two drains (a worker publishes once per drain; here ~7 µs apart). A writer
+          // publishing back to back can starve a reader still running unoptimised code (start-up), which then
+          // gives up after a bounded number of tries with whatever it read.
+          for (let k = 0; k < 1000; k++) Atomics.load(stop, 0);
         }
         parentPort.postMessage(flushes);
       });
