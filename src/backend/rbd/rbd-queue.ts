@@ -47,8 +47,8 @@ export class RbdQueue {
   readonly fd: number;
   private readonly lib: LibRbd;
   /**
-   * Requests in flight by id (the completion's arg): the caller's tag, and whether the id's own iovec array
-   * holds the request's segments. Ids are reused through `freeIds`; the arrays grow by doubling.
+   * The caller's tag of each request in flight, by id (the completion's arg); NaN for a free id. Ids are
+   * reused through `freeIds`, and `tagOf` grows by doubling.
    */
   private tagOf = new Float64Array(64).fill(Number.NaN);
   private readonly freeIds: number[] = [];
