@@ -8,6 +8,12 @@
  *
  * Back-pressure both ways: no message is read while replies wait to be sent, so a peer that sends requests
  * but never reads the answers fills its own socket, not the daemon's memory (at most one reply is queued).
+ *
+ * A peer that hangs up while a handler is still running (a device start waiting for an RBD lock) is reported
+ * at once through `onPeerGone`, so the handler can give up its wait; the stream itself closes only when the
+ * handler is done, as handlers assume they never run beside the teardown. Until then the hang-up is no longer
+ * watched: the poll is level-triggered, and a hang-up left armed would be reported again on every loop turn
+ * (a spinning CPU for as long as the handler runs).
  */
 import { pollFd, type PollEvents, type PollHandle } from '../sys/fd-poll.js';
 import { HEADER_SIZE, MAX_PAYLOAD_SIZE, HeaderFlag, decodeHeader, type MessageHeader } from '../../protocol/vhost-user.js';
@@ -31,12 +37,15 @@ export class MessageStream {
   private readonly poll: PollHandle;
   private closed = false;
   private busy = false;
+  /** The peer hung up while a handler ran (see the header); the stream closes when the handler is done. */
+  private peerGone = false;
   private readonly outbox: { bytes: Uint8Array; offset: number; fds: number[] }[] = [];
 
   constructor(
     readonly fd: number,
     private readonly onMessage: (message: IncomingMessage) => Promise<void>,
     private readonly onClose: (reason: CloseReason) => void,
+    private readonly onPeerGone: () => void = () => undefined,
   ) {
     this.poll = pollFd(fd, { readable: true, disconnect: true }, (status, events) => this.onPoll(status, events));
   }
@@ -69,6 +78,12 @@ export class MessageStream {
       this.close({ kind: 'protocol-error', detail: `poll failed with status ${status}` });
       return;
     }
+    if (events.disconnect && this.busy && !this.peerGone) {
+      this.peerGone = true;
+      this.rearm();
+      this.onPeerGone();
+      return;
+    }
     if (events.writable) this.flush();
     if (events.readable || events.disconnect || (events.writable && this.canRead)) this.readAvailable();
   }
@@ -96,6 +111,12 @@ export class MessageStream {
 
   private rearm(): void {
     if (this.closed) return;
+    // While a handler runs after a hang-up, nothing is left to watch for (see the header); a reply it still
+    // queues is sent once it is done (and fails then, closing the stream).
+    if (this.busy && this.peerGone) {
+      this.poll.stop();
+      return;
+    }
     this.poll.start({ readable: this.canRead, writable: this.outbox.length > 0, disconnect: true }, (s, e) => this.onPoll(s, e));
   }
 

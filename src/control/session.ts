@@ -108,6 +108,11 @@ export class VhostUserSession {
   private ended = false;
   /** Set by closeAfterStoppingRings: no ring starts again. */
   private stopping = false;
+  /**
+   * The front-end hung up while a message was still being handled (the stream reports it at once, and
+   * closes once the handler is done): a device start still waiting for its image lock gives up.
+   */
+  private peerGone = false;
   private noMemoryWarned = false;
   /** The device is started (a ring ran since the last stop, reset or connect): see startDevice. */
   private deviceActive = false;
@@ -163,6 +168,9 @@ export class VhostUserSession {
       fd,
       (message) => this.handle(message),
       (reason) => void this.teardown(reason),
+      () => {
+        this.peerGone = true;
+      },
     );
   }
 
@@ -631,7 +639,7 @@ export class VhostUserSession {
   /** Starts or stops the worker's ring so that it runs exactly when the configuration allows it. */
   private async reconcile(ring: VringConfig): Promise<void> {
     const shouldRun =
-      !this.stopping &&
+      !this.abandoned &&
       ring.kickArmed &&
       ring.addressed &&
       ring.isEnabled(this.protocolFeaturesNegotiated) &&
@@ -641,7 +649,7 @@ export class VhostUserSession {
       if (!this.deviceActive) {
         await this.startDevice();
         // The front-end may have left (or a stop begun) while the image's start step waited.
-        if (this.ended || this.stopping) return;
+        if (this.abandoned) return;
       }
       await this.queues.start(
         ring.index,
@@ -696,14 +704,18 @@ export class VhostUserSession {
   private async startDevice(): Promise<void> {
     this.deviceActive = true;
     try {
-      const done = await this.disk.deviceStarted();
+      const done = await this.disk.deviceStarted(() => this.abandoned);
       if (done !== null) this.log.info(done);
     } catch (error) {
       const detail = { error: error instanceof Error ? error.message : String(error) };
-      if (this.ended || this.stopping)
-        this.log.info(detail, 'device start abandoned: the front-end left while it waited for the image lock');
+      if (this.abandoned) this.log.info(detail, 'device start abandoned: the front-end left while it waited for the image lock');
       else this.log.error(detail, 'device started without its image lock: writes fail with IOERR while another client holds it');
     }
+  }
+
+  /** No ring may start any more: the front-end left (or hung up mid-message), or a clean stop began. */
+  private get abandoned(): boolean {
+    return this.ended || this.stopping || this.peerGone;
   }
 
   /** The front-end stopped the last ring (GET_VRING_BASE), reset the device or left: the image's stop step. */

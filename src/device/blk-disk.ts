@@ -368,9 +368,12 @@ export class BlkDisk {
     }
   }
 
-  /** The guest's device starts (first ring of a session): what the image needs then (RBD lock=migratable). */
-  async deviceStarted(): Promise<string | null> {
-    return (await this.network?.deviceStarted?.()) ?? null;
+  /**
+   * The guest's device starts (first ring of a session): what the image needs then (RBD lock=migratable).
+   * `abandoned` says the start is no longer wanted (the front-end left): a wait in progress ends early.
+   */
+  async deviceStarted(abandoned: () => boolean = () => false): Promise<string | null> {
+    return (await this.network?.deviceStarted?.(abandoned)) ?? null;
   }
 
   /** The front-end stopped the device, reset it or left (RBD lock=migratable gives its lock up). */

@@ -75,9 +75,10 @@ export interface NetworkImage {
   resize(bytes: number): Promise<void>;
   /**
    * The guest's device is starting (the session's first ring): RBD `lock=migratable` takes the exclusive
-   * lock here, waiting up to connect-timeout for a previous owner (a migration source) to give it up.
+   * lock here, waiting up to connect-timeout for a previous owner (a migration source) to give it up, or
+   * until `abandoned` says the start is no longer wanted (asked at every retry).
    */
-  deviceStarted?(): Promise<string>;
+  deviceStarted?(abandoned: () => boolean): Promise<string>;
   /** The front-end stopped the device, reset it or left: RBD `lock=migratable` gives the lock up. */
   deviceStopped?(): Promise<string>;
   /** RBD: whether this daemon's client holds the image's exclusive lock now (a local check, no round trip). */
@@ -204,9 +205,9 @@ function migratableLock(image: RbdImage, spec: RbdSpec): Pick<NetworkImage, 'dev
   const name = rbdImageName(spec);
   let generation = 0;
   return {
-    deviceStarted: async () => {
+    deviceStarted: async (abandoned) => {
       const started = generation;
-      await image.acquireLock(spec.connectTimeoutSeconds * 1000, () => generation !== started);
+      await image.acquireLock(spec.connectTimeoutSeconds * 1000, () => generation !== started || abandoned());
       if (generation !== started) {
         await image.releaseLock();
         return `exclusive lock of ${name} taken and given back: the device stopped meanwhile`;

@@ -513,8 +513,8 @@ describe('RBD back-end against a real Ceph cluster', () => {
       await close(holder);
       await new Promise((r) => setTimeout(r, 2_500));
       expect(await owners(), 'the abandoned start took no lock').toEqual([]);
-      // The session notices the disconnect once the start step is over (its handler runs to the end): the
-      // device then stops as for any front-end that leaves, and gives the lock back.
+      // The session ends the wait as soon as the front-end hangs up (see the next test), and its device stops as
+      // for any front-end that leaves: the lock it asked for is given back, never held for nobody.
       const after = daemons[0]!
         .logs()
         .slice(logSince)
@@ -527,6 +527,47 @@ describe('RBD back-end against a real Ceph cluster', () => {
       for (const daemon of daemons) await daemon.stop();
     }
   }, 120_000);
+
+  it('lock=migratable: a front-end that hangs up while its device start waits for the lock ends the wait at once, not after connect-timeout', async () => {
+    await cluster.run('rbd', ['create', '--size', '16M', 'rbd/mig2']);
+    // connect-timeout=60: the wait would outlast every deadline below if only its end noticed the hang-up.
+    const disk = `image=rbd:rbd/mig2,lock=migratable,connect-timeout=60,conf=${cluster.conf},id=vublk,keyring=${cluster.vublkKeyring},socket=vublk.sock`;
+    const daemon = await startDaemon({ rawArgs: ['serve', '--disk', disk, '--metrics-listen', 'off', '--admin-socket', 'off'] });
+    const holder = await open('rbd:rbd/mig2');
+    let holding = true;
+    try {
+      const [holderId] = await rbdLockOwners(cluster, 'rbd/mig2');
+      expect(holderId, 'another client holds the lock').toBeDefined();
+      const logSince = daemon.logs().length;
+      // The front-end's handshake waits for the device start, so it runs in a process of its own, killed then.
+      const generator = spawn(process.execPath, [BENCH_CLI, 'run', '--socket', daemon.socketPath, '--runtime', '5'], { stdio: 'ignore' });
+      await daemon.waitForLog((line) => line.msg === 'front-end connected', 10_000, logSince);
+      await new Promise((r) => setTimeout(r, 500));
+      generator.kill('SIGKILL');
+      await daemon.waitForLog((line) => line.msg === 'front-end disconnected', 10_000, logSince);
+      const after = daemon
+        .logs()
+        .slice(logSince)
+        .map((line) => String(line.msg));
+      expect(
+        after.findIndex((msg) => msg.startsWith('device start abandoned')),
+        `the wait ended before the session's teardown: ${JSON.stringify(after)}`,
+      ).toBeGreaterThanOrEqual(0);
+      expect(
+        after.some((msg) => msg.startsWith('exclusive lock of rbd:rbd/mig2 taken')),
+        'no lock was taken for nobody',
+      ).toBe(false);
+      expect(await rbdLockOwners(cluster, 'rbd/mig2'), 'the holder keeps its lock').toEqual([holderId]);
+      // The daemon asks no more: once the holder lets go, the lock stays free.
+      holding = false;
+      await close(holder);
+      await new Promise((r) => setTimeout(r, 1_000));
+      expect(await rbdLockOwners(cluster, 'rbd/mig2')).toEqual([]);
+    } finally {
+      if (holding) await close(holder).catch(() => undefined);
+      await daemon.stop();
+    }
+  }, 60_000);
 
   it('a worker thread drives I/O on a handle opened by the main thread, woken by its epoll set', async () => {
     const image = await open();
