@@ -187,6 +187,7 @@ describe('aggregation', () => {
     daemonCpuPercent: 50,
     hostIdlePercent: 20,
     generatorCpuPercent: 30,
+    serverCpuUsPerRequest: Number.NaN,
   });
 
   it('ratios are medians of per-round ratios, rounds missing on one side are ignored', () => {
@@ -264,6 +265,33 @@ describe('aggregation', () => {
     expect(report.markdown).toContain('| #9 O_DIRECT 4 KiB randread QD32: IOPS ≥ 0.85× fio | 0.94× | **met** |');
     expect(report.markdown).toContain('| #9 64 idle disks: RSS ≤ 80 MiB | 62.0 MiB | **met** |');
     expect(report.markdown).not.toContain('page-cached 4 KiB randread');
+    expect(report.markdown, 'no storage server ran: no server table').not.toContain('CPU µs/req (median)');
     expect(report.summary).toContain('Targets:');
+  });
+
+  it("shows the storage server's CPU per request by round where it was measured (RBD: the OSD)", () => {
+    const plan = planScenarios(new Set<Capability>(['rbd']), () => null, new Set(['rbd']));
+    const samples = [1, 2, 3].flatMap((round) => [
+      { ...sample('r-rw-qd32', 'vublk-rbd', round, 6000), serverCpuUsPerRequest: 150 + round },
+      { ...sample('r-rw-qd32', 'qsd-rbd', round, 6100), serverCpuUsPerRequest: 160 + round },
+    ]);
+    const report = renderReport({
+      facts: { nproc: '2' },
+      scenarios: plan.scenarios.filter((s) => s.id === 'r-rw-qd32'),
+      skipped: [],
+      samples: samples.map((s) => ({ ...s, loadAvg1: 1.5, generatorMicrosPerRequest: 1 })),
+      memory: [],
+      failures: [],
+      commands: [],
+      imageNotes: [],
+      rounds: 3,
+      runtime: 2,
+      ramp: 0.3,
+      imageBytes: 1 << 30,
+      scale: { idle: [], serving: [], commands: [] },
+    });
+    expect(report.markdown).toContain('| workload | back-end | ceph-osd CPU µs/req (median) | by round |');
+    expect(report.markdown).toContain('| 4 KiB randwrite QD32 over RBD | vublk image=rbd: | 152.0 | 151.0, 152.0, 153.0 |');
+    expect(report.markdown).toContain('|  | qemu-storage-daemon rbd blockdev | 162.0 | 161.0, 162.0, 163.0 |');
   });
 });

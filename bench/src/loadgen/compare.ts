@@ -39,6 +39,7 @@ import { runScale, type ScaleResult } from './scale.js';
 import {
   BACKENDS,
   GROUPS,
+  SERVER_OF_GROUP,
   TARGETS,
   backendById,
   capabilitiesFromHelp,
@@ -205,6 +206,8 @@ interface Images {
   missing: Map<ImageKind, string>;
   cleanup: Array<() => Promise<void>>;
   notes: string[];
+  /** The storage server's process behind an image kind (nbdkit, ceph-osd), when the benchmark started it. */
+  serverPids: Map<ImageKind, { name: string; pid: number }>;
 }
 
 function fileTarget(file: string, format: 'raw' | 'qcow2'): ImageTarget {
@@ -226,7 +229,7 @@ function qsdOptions(target: ImageTarget, options: string[]): string {
 }
 
 async function prepareImages(dir: string, bytes: number, kinds: Set<ImageKind>, log: (t: string) => void): Promise<Images> {
-  const images: Images = { targets: new Map(), missing: new Map(), cleanup: [], notes: [] };
+  const images: Images = { targets: new Map(), missing: new Map(), cleanup: [], notes: [], serverPids: new Map() };
   const cached = path.join(dir, 'cached.img');
   if (kinds.has('cached') || kinds.has('qcow2-full') || kinds.has('nbd')) {
     log(`creating ${bytes / MiB} MiB page-cached image ${cached}`);
@@ -280,6 +283,7 @@ async function prepareImages(dir: string, bytes: number, kinds: Set<ImageKind>, 
       if (!server.alive) images.missing.set('nbd', `nbdkit exited: ${server.output.trim()}`);
       else {
         images.cleanup.push(() => server.stop());
+        images.serverPids.set('nbd', { name: 'nbdkit', pid: server.pid });
         images.notes.push(`cp $DIR/cached.img $DIR/nbd.img; ${display(argv, dir)}`);
         images.targets.set('nbd', {
           vublkImage: `nbd://127.0.0.1:${port}/bench`,
@@ -297,6 +301,7 @@ async function prepareImages(dir: string, bytes: number, kinds: Set<ImageKind>, 
       images.targets.set('rbd', rbd.target);
       images.notes.push(...rbd.notes);
       if (rbd.stop !== null) images.cleanup.push(rbd.stop);
+      if (rbd.osdPid !== null) images.serverPids.set('rbd', { name: 'ceph-osd', pid: rbd.osdPid });
     }
   }
   return images;
@@ -320,7 +325,7 @@ export function parseKeyValueLines(text: string): Map<string, string> {
 async function prepareRbd(
   dir: string,
   log: (t: string) => void,
-): Promise<{ target: ImageTarget; notes: string[]; stop: (() => Promise<void>) | null } | string> {
+): Promise<{ target: ImageTarget; notes: string[]; stop: (() => Promise<void>) | null; osdPid: number | null } | string> {
   const target = (pool: string, name: string, conf: string): ImageTarget => ({
     vublkImage: `rbd:${pool}/${name}`,
     vublkKeys: [`conf=${conf}`],
@@ -331,7 +336,7 @@ async function prepareRbd(
   const envConf = process.env['VUBLK_BENCH_CEPH_CONF'];
   if (spec !== undefined && envConf !== undefined) {
     const [pool = 'rbd', name = 'bench'] = spec.split('/');
-    return { target: target(pool, name, envConf), notes: [`# RBD: ${spec} of the cluster in ${envConf}`], stop: null };
+    return { target: target(pool, name, envConf), notes: [`# RBD: ${spec} of the cluster in ${envConf}`], stop: null, osdPid: null };
   }
   const script = path.join(REPO_ROOT, 'test/support/ceph/micro-cluster.sh');
   if (!existsSync(script))
@@ -360,12 +365,24 @@ async function prepareRbd(
   }
   return {
     target: target('rbd', 'bench', conf),
+    // One OSD (micro-cluster.sh): its pid file is in the cluster's run directory.
+    osdPid: readPidFile(path.join(cephDir, 'run', 'osd.0.pid')),
     notes: [
       `test/support/ceph/micro-cluster.sh start $DIR/ceph --watch-pid $$   # prints CEPH_CONF`,
       'rbd -c $CEPH_CONF import 256MiB-of-random-data rbd/bench',
     ],
     stop,
   };
+}
+
+/** A daemon's pid file; null when it is missing or holds no pid. */
+function readPidFile(file: string): number | null {
+  try {
+    const pid = Number.parseInt(readFileSync(file, 'utf8').trim(), 10);
+    return Number.isSafeInteger(pid) && pid > 0 ? pid : null;
+  } catch {
+    return null;
+  }
 }
 
 function socketOf(dir: string, backend: BackendSpec): string {
@@ -438,6 +455,7 @@ async function measureOnce(
         p99Us: r.p99Us,
         p999Us: r.p999Us,
         cpuUsPerRequest: r.cpuMicrosPerRequest,
+        serverCpuUsPerRequest: NaN,
         daemonCpuPercent: NaN,
         generatorCpuPercent: NaN,
         loadAvg1,
@@ -448,6 +466,8 @@ async function measureOnce(
     }
   }
   if (daemon === null) return 'daemon not running';
+  const server = images.serverPids.get(backend.image);
+  const serverCpuBefore = server === undefined ? NaN : processCpuSeconds(server.pid);
   const cpuBefore = processCpuSeconds(daemon.pid);
   const wallBefore = performance.now();
   const result = await runChild(
@@ -455,6 +475,7 @@ async function measureOnce(
     (runtimeSec + ramp) * 1000 + 60_000,
   );
   const cpu = processCpuSeconds(daemon.pid) - cpuBefore;
+  const serverCpu = server === undefined ? NaN : processCpuSeconds(server.pid) - serverCpuBefore;
   const wallSec = (performance.now() - wallBefore) / 1000;
   let doc: BenchDocument | null = null;
   try {
@@ -475,6 +496,7 @@ async function measureOnce(
     p999Us: t.latency.p999Us,
     // Every request of the run (warm-up included) against the daemon's CPU over the same span.
     cpuUsPerRequest: cpuMicrosPerRequest(cpu, doc.result.allCompletions),
+    serverCpuUsPerRequest: cpuMicrosPerRequest(serverCpu, doc.result.allCompletions),
     // Over the generator's whole life (start-up and handshake included): the spin of --poll-us shows here.
     daemonCpuPercent: wallSec > 0 ? (cpu / wallSec) * 100 : NaN,
     generatorCpuPercent: doc.result.generator.cpuPercentOfOneCore,
@@ -841,6 +863,30 @@ export function renderReport(input: ReportInput): { markdown: string; summary: s
       }
     }
     push('', `Ratio columns: ${rows[0] ? label(rows[0].running[0] as string) : 'vublk'} / that row's back-end (in the same round).`, '');
+    const server = SERVER_OF_GROUP[group.id];
+    const serverRows = rows.filter((s) => m.some((x) => x.scenario === s.id && Number.isFinite(x.serverCpuUsPerRequest)));
+    if (server !== undefined && serverRows.length > 0) {
+      push(
+        `The storage server's own CPU per request (${server}, utime+stime over each run / the run's requests): on this`,
+        'shared host its cost per request moves between runs with its own state, and the IOPS with it, so compare the',
+        'rounds of a row before reading a ratio.',
+        '',
+        `| workload | back-end | ${server} CPU µs/req (median) | by round |`,
+        '|---|---|---:|---|',
+      );
+      for (const s of serverRows) {
+        for (const id of s.running) {
+          const byRound = m
+            .filter((x) => x.scenario === s.id && x.backend === id)
+            .sort((a, b) => a.round - b.round)
+            .map((x) => fmt(x.serverCpuUsPerRequest, 1));
+          push(
+            `| ${id === s.running[0] ? s.title : ''} | ${label(id)} | ${fmt(medianOf(m, s.id, id, 'serverCpuUsPerRequest'), 1)} | ${byRound.join(', ')} |`,
+          );
+        }
+      }
+      push('');
+    }
   }
 
   // ---------------------------------------------------------------- polling

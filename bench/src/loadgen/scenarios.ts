@@ -73,6 +73,9 @@ export interface Group {
   needs?: Capability;
 }
 
+/** The storage server process the benchmark runs for a group's image, whose CPU each run records (Sample.serverCpuUsPerRequest). */
+export const SERVER_OF_GROUP: Partial<Record<GroupId, string>> = { nbd: 'nbdkit', rbd: 'ceph-osd' };
+
 export const GROUPS: readonly Group[] = [
   {
     id: 'direct',
@@ -466,6 +469,11 @@ export interface Sample {
   daemonCpuPercent: number;
   hostIdlePercent: number;
   generatorCpuPercent: number;
+  /**
+   * CPU of the storage server the benchmark runs for this image (nbdkit, the Ceph OSD) per request, µs; NaN where
+   * there is none. On a shared host a server's cost per request moves between runs, and the IOPS with it.
+   */
+  serverCpuUsPerRequest: number;
 }
 
 export function medianOf(samples: readonly Sample[], scenario: string, backend: string, metric: keyof Sample): number {
