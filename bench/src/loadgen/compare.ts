@@ -530,7 +530,20 @@ export async function benchCompare(flags: CompareFlags): Promise<number> {
   const qsd = findQemuStorageDaemon();
   if (qsd === null) log('qemu-storage-daemon is not installed: its rows are skipped (apt-get install qemu-system-common)');
   const fio = which('fio');
-  const help = spawnSync(process.execPath, [DAEMON_CLI, 'serve', '--help'], { encoding: 'utf8' }).stdout ?? '';
+  // What the daemon offers decides which rows run: a help that did not come out would silently skip them all.
+  const helpRun = spawnSync(process.execPath, [DAEMON_CLI, 'serve', '--help'], { encoding: 'utf8', timeout: 60_000 });
+  if (helpRun.status !== 0 || !helpRun.stdout) {
+    throw new Error(
+      `\`${DAEMON_CLI} serve --help\` failed (${helpRun.error?.message ?? `exit ${helpRun.status ?? helpRun.signal}`}): ${
+        (helpRun.stderr ?? '')
+          .split('\n')
+          .find((line) => /error/i.test(line))
+          ?.trim()
+          .slice(0, 300) ?? 'no output'
+      }; build the daemon first (npm run build)`,
+    );
+  }
+  const help = helpRun.stdout;
   const caps = capabilitiesFromHelp(help);
   // The O_DIRECT image must sit on a disk: /var/tmp is on the root file system, /tmp may be tmpfs.
   const baseDir = existsSync('/var/tmp') ? '/var/tmp' : os.tmpdir();
