@@ -7,7 +7,7 @@ import type { BlkDisk } from '../device/blk-disk.js';
 import type { IoEngineName } from '../dataplane/request-executor.js';
 import type { DirtyLogTable, MemoryTable, RingStart, WorkerEvent } from '../dataplane/worker-protocol.js';
 import type { Logger } from '../log.js';
-import type { WorkerPool } from './worker-pool.js';
+import type { RingStopped, WorkerPool } from './worker-pool.js';
 
 export type WorkerEventListener = (event: WorkerEvent) => void;
 
@@ -44,8 +44,8 @@ export class DiskQueues {
     return this.pool.startRing(this.diskId, queue, { disk: this.disk.ringContext(), settings: this.disk.settings(), memory, log, ring });
   }
 
-  /** Stops the ring; returns where it stopped, or undefined when it was not running. */
-  stop(queue: number): Promise<number | undefined> {
+  /** Stops the ring; returns where it stopped (undefined when it was not running) and what it left in flight. */
+  stop(queue: number): Promise<RingStopped> {
     return this.pool.stopRing(this.diskId, queue);
   }
 
@@ -53,7 +53,8 @@ export class DiskQueues {
     return this.pool.setNotifyFd(this.diskId, queue, op, fd);
   }
 
-  updateMemory(table: MemoryTable): Promise<void> {
+  /** Returns how many requests over the previous table were left in flight. */
+  updateMemory(table: MemoryTable): Promise<number> {
     return this.pool.updateMemory(table);
   }
 

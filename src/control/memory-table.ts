@@ -9,7 +9,7 @@
  * the front-end must not shrink them (docs/operations.md, "Guest memory fds").
  */
 import type { MemoryRegion } from '../../protocol/vhost-user.js';
-import { mapShared, unmap } from '../sys/memory-map.js';
+import { mapShared, quarantine, unmap } from '../sys/memory-map.js';
 import { closeFd } from '../sys/fd.js';
 import { describeFd, guardAgainstShrink, isOpenReadWrite, type ShrinkGuard } from '../sys/file-seals.js';
 import { MAX_GUEST_ADDRESS, type RegionLayout } from '../dataplane/memory-regions.js';
@@ -28,6 +28,8 @@ export interface MappedRegion {
   mapLength: number;
   /** How the fd is kept from shrinking under the mapping. */
   shrinkGuard: ShrinkGuard;
+  /** A ring left requests in flight that may still use this mapping: it is quarantined, not unmapped. */
+  held?: boolean;
 }
 
 /** Regions are page-granular on every front-end vublk serves. */
@@ -90,7 +92,8 @@ export function mapRegion(region: MemoryRegion, fd: number): MappedRegion {
 }
 
 export function unmapRegion(region: MappedRegion): void {
-  unmap(region.mapAddress, region.mapLength);
+  if (region.held === true) quarantine(region.mapAddress, region.mapLength);
+  else unmap(region.mapAddress, region.mapLength);
 }
 
 /** Overlapping guest ranges would make translation ambiguous. */

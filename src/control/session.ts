@@ -384,7 +384,8 @@ export class VhostUserSession {
     this.memoryVersion++;
     const table = this.memoryTable();
     const layouts = table.regions;
-    await this.queues.updateMemory(table);
+    const leftInFlight = await this.queues.updateMemory(table);
+    if (leftInFlight > 0) this.holdMemory(previous, leftInFlight, 'memory table update');
     for (const region of previous) if (!next.includes(region)) unmapRegion(region);
     this.log.debug({ regions: layouts.length }, 'memory table updated');
     for (const ring of this.rings) await this.reconcile(ring);
@@ -686,7 +687,8 @@ export class VhostUserSession {
 
   private async stopRing(ring: VringConfig): Promise<void> {
     if (!ring.running) return;
-    const lastAvailIdx = await this.queues.stop(ring.index);
+    const { lastAvailIdx, leftInFlight } = await this.queues.stop(ring.index);
+    if (leftInFlight > 0) this.holdMemory(this.regions, leftInFlight, `queue ${ring.index} stop`);
     ring.running = false;
     if (lastAvailIdx !== undefined) ring.base = lastAvailIdx;
     this.log.info(
@@ -710,6 +712,22 @@ export class VhostUserSession {
       const detail = { error: error instanceof Error ? error.message : String(error) };
       if (this.abandoned) this.log.info(detail, 'device start abandoned: the front-end left while it waited for the image lock');
       else this.log.error(detail, 'device started without its image lock: writes fail with IOERR while another client holds it');
+    }
+  }
+
+  /**
+   * A ring left requests in flight (its back-end did not answer in time): they may still write the guest
+   * memory they point into, so these regions are quarantined instead of unmapped when they go (see
+   * sys/memory-map.ts quarantine), never given to a later mapping that a late write would corrupt.
+   */
+  private holdMemory(regions: readonly MappedRegion[], requests: number, when: string): void {
+    const fresh = regions.filter((region) => region.held !== true);
+    for (const region of fresh) region.held = true;
+    if (fresh.length > 0) {
+      this.log.warn(
+        { requests, regions: fresh.length, bytes: fresh.reduce((sum, r) => sum + r.mapLength, 0), at: when },
+        'requests left in flight: their guest memory is quarantined, not unmapped, when the session lets it go',
+      );
     }
   }
 

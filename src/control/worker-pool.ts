@@ -52,6 +52,12 @@ export interface PoolThread {
   exit(timeoutMs: number): Promise<boolean>;
 }
 
+/** Where a ring stopped, and the requests it left in flight (see RingServer.leftInFlight). */
+export interface RingStopped {
+  lastAvailIdx: number | undefined;
+  leftInFlight: number;
+}
+
 export type SpawnThread = (index: number, onEvent: (event: WorkerEvent) => void, onExit: (code: number) => void) => PoolThread;
 
 const spawnWorkerThread: SpawnThread = (index, onEvent, onExit) => new WorkerThread(index, onEvent, onExit);
@@ -134,16 +140,19 @@ export class WorkerPool {
     this.log.debug({ diskId, queue, worker, rings: this.load }, 'ring placed');
   }
 
-  /** Stops a ring; returns where it stopped (undefined when it was not running anywhere). */
-  async stopRing(diskId: number, queue: number): Promise<number | undefined> {
+  /**
+   * Stops a ring; returns where it stopped (undefined when it was not running anywhere) and how many requests
+   * it had to leave in flight (their guest memory must stay mapped).
+   */
+  async stopRing(diskId: number, queue: number): Promise<RingStopped> {
     const key = ringKey(diskId, queue);
     const placement = this.placements.get(key);
-    if (placement === undefined) return undefined;
+    if (placement === undefined) return { lastAvailIdx: undefined, leftInFlight: 0 };
     const thread = this.threads[placement.worker];
     try {
-      if (thread === undefined || thread.exited) return undefined;
+      if (thread === undefined || thread.exited) return { lastAvailIdx: undefined, leftInFlight: 0 };
       const ack = await thread.send({ op: 'stop', diskId, queue });
-      return ack.lastAvailIdx;
+      return { lastAvailIdx: ack.lastAvailIdx, leftInFlight: ack.leftInFlight ?? 0 };
     } finally {
       this.unplace(key);
     }
@@ -155,10 +164,14 @@ export class WorkerPool {
     await this.thread(placement.worker).send({ op, diskId, queue, fd });
   }
 
-  /** Sends a new version of a memory table to every worker running a ring over it. */
-  async updateMemory(table: MemoryTable): Promise<void> {
+  /**
+   * Sends a new version of a memory table to every worker running a ring over it; returns how many requests
+   * over the previous version the rings had to leave in flight (that memory must stay mapped).
+   */
+  async updateMemory(table: MemoryTable): Promise<number> {
     const workers = this.workersWhere((p) => p.memoryId === table.id);
-    await Promise.all(workers.map((w) => this.thread(w).send({ op: 'memory', memory: table })));
+    const acks = await Promise.all(workers.map((w) => this.thread(w).send({ op: 'memory', memory: table })));
+    return acks.reduce((sum, ack) => sum + (ack.leftInFlight ?? 0), 0);
   }
 
   /** Sends a new version of a session's dirty log to every worker running a ring of that session. */

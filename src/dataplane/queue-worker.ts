@@ -116,13 +116,19 @@ class PoolWorker {
       }
       const command = received.message as WorkerCommand;
       let error: string | undefined;
-      let lastAvailIdx: number | undefined;
+      let result: AckFields = {};
       try {
-        lastAvailIdx = this.apply(command);
+        result = this.apply(command);
       } catch (cause) {
         error = cause instanceof Error ? cause.message : String(cause);
       }
-      this.post({ type: 'ack', seq: command.seq, ...(lastAvailIdx === undefined ? {} : { lastAvailIdx }), ...(error ? { error } : {}) });
+      this.post({
+        type: 'ack',
+        seq: command.seq,
+        ...(result.lastAvailIdx === undefined ? {} : { lastAvailIdx: result.lastAvailIdx }),
+        ...(result.leftInFlight ? { leftInFlight: result.leftInFlight } : {}),
+        ...(error ? { error } : {}),
+      });
     }
   }
 
@@ -164,15 +170,19 @@ class PoolWorker {
     this.logs.delete(ring.memoryId);
   }
 
-  private apply(command: WorkerCommand): number | undefined {
+  private apply(command: WorkerCommand): AckFields {
     switch (command.op) {
-      case 'memory':
+      case 'memory': {
         // Only tables a ring here uses are kept: a table nobody here runs over needs no copy.
-        if (this.memories.has(command.memory.id)) this.memoryFor(command.memory);
-        return undefined;
+        if (!this.memories.has(command.memory.id)) return {};
+        this.memoryFor(command.memory);
+        let leftInFlight = 0;
+        for (const ring of this.rings.values()) if (ring.memoryId === command.memory.id) leftInFlight += ring.server.leftInFlight;
+        return { leftInFlight };
+      }
       case 'log':
         if (this.logs.has(command.log.id)) this.logFor(command.log);
-        return undefined;
+        return {};
       case 'start': {
         const key = ringKey(command.diskId, command.queue);
         const previous = this.rings.get(key);
@@ -195,37 +205,44 @@ class PoolWorker {
           this.forget(key, ring);
           throw error;
         }
-        return undefined;
+        return {};
       }
       case 'stop': {
         const key = ringKey(command.diskId, command.queue);
         const ring = this.rings.get(key);
-        if (ring === undefined) return undefined;
+        if (ring === undefined) return {};
         const lastAvailIdx = ring.server.stop();
+        const leftInFlight = ring.server.leftInFlight;
         this.forget(key, ring);
-        return lastAvailIdx;
+        return { lastAvailIdx, leftInFlight };
       }
       case 'setCall':
         this.ringFor(command.diskId, command.queue).server.setCall(command.fd);
-        return undefined;
+        return {};
       case 'setErr':
         this.ringFor(command.diskId, command.queue).server.setErr(command.fd);
-        return undefined;
+        return {};
       case 'settings':
         for (const ring of this.rings.values()) {
           if (ring.diskId === command.diskId) ring.server.applySettings(command.settings.capacityBytes, command.settings.writeback);
         }
-        return undefined;
+        return {};
       case 'exit':
         for (const [key, ring] of this.rings) this.forget(key, ring);
         this.running = false;
-        return undefined;
+        return {};
     }
   }
 
   private post(message: WorkerMessage): void {
     this.port.postMessage(message);
   }
+}
+
+/** What a command's ack reports besides success (WorkerAck). */
+interface AckFields {
+  lastAvailIdx?: number | undefined;
+  leftInFlight?: number;
 }
 
 const init = workerData as WorkerInit;

@@ -54,6 +54,12 @@ export class RingServer {
   private readonly request;
   private ring: RingStart | null = null;
   private context: DrainContext | null = null;
+  /**
+   * Requests the last quiesce had to leave in flight: the back-end did not answer within QUIESCE_TIMEOUT_MS
+   * (a stalled cluster). They may still read or write the guest memory they point into, so the session must
+   * not unmap it (it quarantines it: control/memory-table.ts).
+   */
+  leftInFlight = 0;
   /** Inflight tracking, taken over at the first start (a memory change restarts without resuming again). */
   private inflight: InflightQueue | null = null;
   /** The session's migration dirty log (DirtyLog.off unless the front-end set VHOST_F_LOG_ALL). */
@@ -208,7 +214,7 @@ export class RingServer {
     if (this.ring === null) return;
     if (this.poisoned) {
       // Nothing more is popped, but requests popped before the poison may still point into the old mapping.
-      this.executor.waitIdle(QUIESCE_TIMEOUT_MS);
+      this.leftInFlight = this.executor.waitIdle(QUIESCE_TIMEOUT_MS) ? 0 : this.executor.inFlight;
       return;
     }
     // Requests in flight point into the old mapping: let them finish (and publish) first.
@@ -225,7 +231,9 @@ export class RingServer {
     if (ctx === null) return undefined;
     ctx.accepting = false;
     const usedBefore = ctx.queue.usedIdx;
+    this.leftInFlight = 0;
     if (!this.executor.waitIdle(QUIESCE_TIMEOUT_MS)) {
+      this.leftInFlight = this.executor.inFlight;
       this.post({
         type: 'event',
         kind: 'error',

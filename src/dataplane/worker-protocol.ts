@@ -117,6 +117,11 @@ export interface WorkerAck {
   seq: number;
   /** For `stop`: where the ring stopped (GET_VRING_BASE answers with it). */
   lastAvailIdx?: number;
+  /**
+   * For `stop` and `memory`: requests the ring(s) had to leave in flight (the back-end did not answer in
+   * time). Absent when none: the memory they point into may then be unmapped.
+   */
+  leftInFlight?: number;
   error?: string;
 }
 

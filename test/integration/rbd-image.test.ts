@@ -671,6 +671,81 @@ describe('RBD back-end against a real Ceph cluster', () => {
     await close(patient, patientQueue);
   });
 
+  it('a cluster stall across a front-end leaving: the ring stops without its reads, their guest memory is quarantined (librbd finishing them late crashed the daemon before), and a front-end meanwhile reads the right data', async () => {
+    await cluster.run('rbd', ['create', '--size', '16M', 'rbd/stall']);
+    const osdPid = Number(readFileSync(path.join(cluster.dir, 'run/osd.0.pid'), 'utf8'));
+    const disk = `image=rbd:rbd/stall,conf=${cluster.conf},id=vublk,keyring=${cluster.vublkKeyring},socket=vublk.sock`;
+    const daemon = await startDaemon({ rawArgs: ['serve', '--disk', disk, ...METRICS_ARGS, '--admin-socket', 'off'] });
+    const url = await metricsUrl(daemon);
+    const data = Buffer.alloc(2 * MiB);
+    const prng = new Prng(seed);
+    for (let i = 0; i < data.length; i += 4) data.writeUInt32LE(prng.u32(), i);
+    // Eight 64 KiB reads, 128 KiB apart, from `first` on (sectors).
+    const reads = (first: number) =>
+      Array.from({ length: 8 }, (_, i) => ({ type: BlkRequestType.IN, sector: first + i * 256, inLength: 64 * 1024 }));
+    let stalled = false;
+    const stall = async () => {
+      process.kill(osdPid, 'SIGSTOP');
+      stalled = true;
+      await allThreadsStopped(osdPid);
+    };
+    const resume = () => {
+      process.kill(osdPid, 'SIGCONT');
+      stalled = false;
+    };
+    const frontends: VhostUserFrontend[] = [];
+    const connect = async () => {
+      const frontend = await VhostUserFrontend.connect(daemon.socketPath);
+      frontends.push(frontend);
+      return { frontend, driver: new VirtioBlkDriver(frontend) };
+    };
+    /** Leaves with reads in flight on a stalled cluster; resolves once the daemon quarantined their memory. */
+    const leaveWithReadsInFlight = async (first: number) => {
+      const { frontend, driver } = await connect();
+      const abandoned = driver.executeAll(reads(first)).catch(() => null);
+      await new Promise((r) => setTimeout(r, 300));
+      const since = daemon.logs().length;
+      frontend.close();
+      // The ring waits 5 s for them, then stops without them.
+      await daemon.waitForLog((line) => /guest memory is quarantined/.test(String(line.msg)), 30_000, since);
+      await abandoned;
+    };
+    try {
+      const { driver: writer } = await connect();
+      // Written first, so the reads go to the OSD (librbd answers reads of absent objects itself).
+      for (let at = 0; at < data.length; at += MiB) await writer.write(at / 512, data.subarray(at, at + MiB));
+      frontends[0]!.close();
+
+      // 1. Nobody connected when librbd finishes the abandoned reads: they land in quarantined memory.
+      await stall();
+      await leaveWithReadsInFlight(0);
+      resume();
+      await new Promise((r) => setTimeout(r, 2_000));
+      expect(daemon.running(), 'the daemon survived reads finished into memory its front-end had left').toBe(true);
+
+      // 2. A front-end connected when they finish: its own requests get their own completions and data.
+      await stall();
+      await leaveWithReadsInFlight(2048);
+      const { driver: next } = await connect();
+      const mine = next.executeAll(reads(0), { timeoutMs: 60_000 });
+      await new Promise((r) => setTimeout(r, 300));
+      resume();
+      (await mine).forEach((completion, i) => {
+        expect(completion.status, `read ${i} of the next front-end`).toBe(BlkStatus.OK);
+        const at = i * 128 * 1024;
+        expect(completion.data.equals(data.subarray(at, at + 64 * 1024)), `data of read ${i} of the next front-end`).toBe(true);
+      });
+      await next.write(3072, Buffer.alloc(4096, 0x5a));
+      expect((await next.read(3072, 4096)).equals(Buffer.alloc(4096, 0x5a))).toBe(true);
+      expect(daemon.running()).toBe(true);
+      expect(sampleValue(await scrape(url), 'vublk_guest_memory_quarantined_bytes')).toBeGreaterThan(0);
+    } finally {
+      if (stalled) resume();
+      for (const fe of frontends) fe.close();
+      await daemon.stop();
+    }
+  }, 120_000);
+
   it("a writer killed under I/O: flushed data survives, and a new exclusive open takes the dead holder's lock", async () => {
     const root = path.resolve(import.meta.dirname, '../..');
     // The child opens with the exclusive lock, writes and flushes a pattern, says so, then keeps writing

@@ -17,9 +17,17 @@ class StandInThread implements PoolThread {
   hold: (body: CommandBody) => boolean = () => false;
   private readonly held: (() => void)[] = [];
 
+  /** Requests this worker reports left in flight by a stop or a memory update (absent from the ack when 0). */
+  leftInFlight = 0;
+
   send(body: CommandBody): Promise<WorkerAck> {
     this.commands.push(body);
-    const ack: WorkerAck = { type: 'ack', seq: this.commands.length, ...(body.op === 'stop' ? { lastAvailIdx: 42 } : {}) };
+    const ack: WorkerAck = {
+      type: 'ack',
+      seq: this.commands.length,
+      ...(body.op === 'stop' ? { lastAvailIdx: 42 } : {}),
+      ...((body.op === 'stop' || body.op === 'memory') && this.leftInFlight > 0 ? { leftInFlight: this.leftInFlight } : {}),
+    };
     if (this.hold(body)) return new Promise((resolve) => this.held.push(() => resolve(ack)));
     return Promise.resolve(ack);
   }
@@ -113,6 +121,21 @@ describe('worker pool', () => {
     expect(pool.ringsPerWorker).toEqual([1, 2, 1]);
   });
 
+  it('passes on the requests a ring left in flight: from its stop, and summed over workers from a memory update', async () => {
+    const { spawn, threads } = standIns();
+    const pool = new WorkerPool(2, log, spawn);
+    const a = pool.addDisk(() => undefined);
+    await start(pool, a, 0, 7);
+    await start(pool, a, 1, 7);
+    expect(await pool.updateMemory(table(7, 1))).toBe(0);
+    threads[0]!.leftInFlight = 3;
+    threads[1]!.leftInFlight = 5;
+    expect(await pool.updateMemory(table(7, 2))).toBe(8);
+    expect(await pool.stopRing(a, 1)).toEqual({ lastAvailIdx: 42, leftInFlight: 5 });
+    threads[0]!.leftInFlight = 0;
+    expect(await pool.stopRing(a, 0)).toEqual({ lastAvailIdx: 42, leftInFlight: 0 });
+  });
+
   it('places each ring on the least-loaded worker, spawning threads only when needed, and re-balances on stop', async () => {
     const { spawn, threads } = standIns();
     const pool = new WorkerPool(3, log, spawn);
@@ -125,10 +148,10 @@ describe('worker pool', () => {
     await start(pool, b, 1, 2);
     expect(pool.ringsPerWorker).toEqual([2, 1, 1]);
     expect(threads.map((t) => t.ops())).toEqual([['start 1:0', 'start 2:1'], ['start 1:1'], ['start 2:0']]);
-    expect(await pool.stopRing(a, 1)).toBe(42);
+    expect(await pool.stopRing(a, 1)).toEqual({ lastAvailIdx: 42, leftInFlight: 0 });
     expect(pool.ringsPerWorker).toEqual([2, 0, 1]);
     // A stopped ring is not running anywhere: nothing to stop, no command sent.
-    expect(await pool.stopRing(a, 1)).toBeUndefined();
+    expect(await pool.stopRing(a, 1)).toEqual({ lastAvailIdx: undefined, leftInFlight: 0 });
     await start(pool, a, 1, 1);
     expect(threads[1]!.ops()).toEqual(['start 1:1', 'stop 1:1', 'start 1:1']);
     expect(pool.ringsPerWorker).toEqual([2, 1, 1]);
@@ -167,7 +190,7 @@ describe('worker pool', () => {
     const slowStop = pool.stopRing(slow, 0).then(() => (slowDone = true));
     // Three other sessions start rings (on both workers, worker 0 included) and stop them again.
     for (const [i, id] of others.entries()) await start(pool, id, 0, 2 + i);
-    for (const id of others) expect(await pool.stopRing(id, 0)).toBe(42);
+    for (const id of others) expect((await pool.stopRing(id, 0)).lastAvailIdx).toBe(42);
     expect(threads[0]!.ops().filter((op) => op.startsWith('start')).length).toBeGreaterThan(1);
     expect(slowDone).toBe(false);
     threads[0]!.release();
@@ -181,7 +204,7 @@ describe('worker pool', () => {
     const a = pool.addDisk(() => undefined);
     await start(pool, a, 0, 1);
     threads[0]!.exited = true;
-    expect(await pool.stopRing(a, 0)).toBeUndefined();
+    expect((await pool.stopRing(a, 0)).lastAvailIdx).toBeUndefined();
     await start(pool, a, 0, 1);
     expect(threads.length).toBe(1);
     expect(pool.runningThreads).toBe(1);

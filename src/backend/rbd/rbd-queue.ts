@@ -19,9 +19,14 @@
  *   Either way the memory the iovecs point to must stay mapped until the tag is reaped.
  * - Every submit is answered by exactly one reaped completion, also when librbd refuses it at submit time
  *   (then the error is queued here and the eventfd is signalled, so the loop wakes as usual).
+ * - A queue closed with requests still in flight (a ring stopped while the cluster did not answer) is kept
+ *   alive for the process's life (ORPHANS): librbd still holds pointers into its iovec arrays. Its completions
+ *   then reach whichever queue polls the image next, here or on another thread: the arg carries the queue's
+ *   serial beside the id, and a queue releases a completion of another serial without touching its own ids.
  */
 import { librbd, type LibRbd } from './librbd.js';
 import { addressOf, sys, POLLIN, IOV_MAX, IOVEC_BYTES } from '../../sys/libc.js';
+import { threadId } from 'node:worker_threads';
 import { drainEventFd, signalEventFd } from '../../sys/eventfd.js';
 
 /** (tag, result): result >= 0 on success (bytes for reads and writes, 0 otherwise), else a negative errno. */
@@ -39,6 +44,17 @@ export const RBD_MAX_SEGMENTS = IOV_MAX;
 /** Completions taken per rbd_poll_io_events call. */
 const POLL_BATCH = 64;
 const TWO_32 = 0x1_0000_0000;
+/**
+ * Queue serials fit the arg's high bits (arg = serial * 2^32 + id stays a safe integer below 2^53): the thread
+ * id's low 10 bits and a per-thread count of 11 bits, so queues alive at once on an image never share one.
+ */
+const SERIALS_PER_THREAD = 2048;
+let serialsMade = 0;
+function nextSerial(): number {
+  return (threadId % 1024) * SERIALS_PER_THREAD + (serialsMade++ % SERIALS_PER_THREAD);
+}
+/** Closed queues with requests librbd still holds (see the header); never freed. */
+const ORPHANS = new Set<RbdQueue>();
 /** rbd_aio_write_zeroes zero_flags: 0 (RBD_WRITE_ZEROES_FLAG_THICK_PROVISION would allocate). */
 const WRITE_ZEROES_FLAGS = 0;
 
@@ -66,6 +82,10 @@ export class RbdQueue {
   private readonly polledAddress = addressOf(this.polled);
   private readonly pollfd = Buffer.alloc(8);
   private closed = false;
+  /** This queue's serial: the high half of every completion arg it makes. */
+  private readonly serial = nextSerial();
+  /** Completions of other (closed) queues of the image taken and released here. */
+  foreignReaped = 0;
 
   /**
    * `image` and `eventFd`: RbdImage.handle and RbdImage.eventFd (numbers, valid in every thread). The image
@@ -147,10 +167,16 @@ export class RbdQueue {
       if (n <= 0) break;
       for (let i = 0; i < n; i++) {
         const c = (this.polledWords[i * 2] ?? 0) + (this.polledWords[i * 2 + 1] ?? 0) * TWO_32;
-        const id = this.lib.rbdAioGetArg(c);
+        const arg = this.lib.rbdAioGetArg(c);
         const result = this.lib.rbdAioGetReturnValue(c);
         this.lib.rbdAioRelease(c);
-        // A completion we did not submit cannot happen (one queue per image); skip it rather than crash.
+        // A closed queue's request, finished late: librbd is done with its memory, nobody waits for it.
+        if (Math.floor(arg / TWO_32) !== this.serial) {
+          this.foreignReaped++;
+          continue;
+        }
+        const id = arg % TWO_32;
+        // A completion we did not submit cannot happen; skip it rather than crash.
         if (!(id < this.nextId) || Number.isNaN(this.tagOf[id]!)) continue;
         const tag = this.tagOf[id]!;
         this.freeId(id);
@@ -187,6 +213,8 @@ export class RbdQueue {
   /** Refuses further submits (EBADF through reap). Call when idle (`waitIdle`), before RbdImage.close. */
   close(): void {
     this.closed = true;
+    // librbd may still write through this queue's iovec arrays (see the header).
+    if (this.submitted > 0) ORPHANS.add(this);
   }
 
   private submitSegments(tag: number, offset: number, segments: RbdSegments, write: boolean): void {
@@ -247,7 +275,7 @@ export class RbdQueue {
       this.refuseId(id, -9 /* EBADF */);
       return 0;
     }
-    const r = this.lib.rbdAioCreateCompletion(id, 0, this.completionOutAddress);
+    const r = this.lib.rbdAioCreateCompletion(this.serial * TWO_32 + id, 0, this.completionOutAddress);
     if (r < 0) {
       this.refuseId(id, r);
       return 0;
