@@ -91,9 +91,18 @@ export function mapRegion(region: MemoryRegion, fd: number): MappedRegion {
   }
 }
 
+/** Unmaps a region the session lets go of; a held one (MappedRegion.held) is quarantined instead. */
 export function unmapRegion(region: MappedRegion): void {
-  if (region.held === true) quarantine(region.mapAddress, region.mapLength);
-  else unmap(region.mapAddress, region.mapLength);
+  if (region.held !== true) {
+    unmap(region.mapAddress, region.mapLength);
+    return;
+  }
+  try {
+    quarantine(region.mapAddress, region.mapLength);
+  } catch {
+    // No placeholder could be made (the kernel's mapping limit): keeping the guest's own mapping is just as
+    // safe for a late write, and costs its memory until the daemon restarts.
+  }
 }
 
 /** Overlapping guest ranges would make translation ambiguous. */
