@@ -28,8 +28,14 @@ export interface MappedRegion {
   mapLength: number;
   /** How the fd is kept from shrinking under the mapping. */
   shrinkGuard: ShrinkGuard;
-  /** A ring left requests in flight that may still use this mapping: it is quarantined, not unmapped. */
-  held?: boolean;
+  /**
+   * A ring left requests in flight that may still use this mapping, so it is not unmapped when the session
+   * lets it go: 'quarantine' replaces it by placeholder memory (for back-ends that only write into guest
+   * memory late: librbd copies write data at submission, NBD requests end with their connection); 'keep'
+   * leaves the guest's own mapping (a late reader, such as a kernel worker finishing a buffered write, must
+   * still see the guest's data, not zeroes).
+   */
+  held?: 'quarantine' | 'keep';
 }
 
 /** Regions are page-granular on every front-end vublk serves. */
@@ -93,10 +99,11 @@ export function mapRegion(region: MemoryRegion, fd: number): MappedRegion {
 
 /** Unmaps a region the session lets go of; a held one (MappedRegion.held) is quarantined instead. */
 export function unmapRegion(region: MappedRegion): void {
-  if (region.held !== true) {
+  if (region.held === undefined) {
     unmap(region.mapAddress, region.mapLength);
     return;
   }
+  if (region.held === 'keep') return;
   try {
     quarantine(region.mapAddress, region.mapLength);
   } catch {

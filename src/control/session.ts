@@ -84,6 +84,8 @@ export class VhostUserSession {
   private readonly stream: MessageStream;
   private readonly rings: VringConfig[];
   private regions: MappedRegion[] = [];
+  /** Regions a memory table update removed while requests over them were still in flight: let go at the end. */
+  private retired: MappedRegion[] = [];
   /** This session's memory table as the workers know it: id unique in the daemon, version per change. */
   private readonly memoryId: number;
   private memoryVersion = 0;
@@ -385,8 +387,13 @@ export class VhostUserSession {
     const table = this.memoryTable();
     const layouts = table.regions;
     const leftInFlight = await this.queues.updateMemory(table);
-    if (leftInFlight > 0) this.holdMemory(previous, leftInFlight, 'memory table update');
-    for (const region of previous) if (!next.includes(region)) unmapRegion(region);
+    const removed = previous.filter((region) => !next.includes(region));
+    if (leftInFlight > 0) {
+      // The rings go on and will publish those requests: what they write must reach this guest's memory, so
+      // the old mappings stay as they are until the session ends.
+      this.holdMemory(removed, leftInFlight, 'memory table update');
+      this.retired.push(...removed);
+    } else removed.forEach(unmapRegion);
     this.log.debug({ regions: layouts.length }, 'memory table updated');
     for (const ring of this.rings) await this.reconcile(ring);
   }
@@ -721,12 +728,15 @@ export class VhostUserSession {
    * sys/memory-map.ts quarantine), never given to a later mapping that a late write would corrupt.
    */
   private holdMemory(regions: readonly MappedRegion[], requests: number, when: string): void {
-    const fresh = regions.filter((region) => region.held !== true);
-    for (const region of fresh) region.held = true;
+    const fresh = regions.filter((region) => region.held === undefined);
+    const mode = this.disk.network !== undefined ? 'quarantine' : 'keep';
+    for (const region of fresh) region.held = mode;
     if (fresh.length > 0) {
       this.log.warn(
-        { requests, regions: fresh.length, bytes: fresh.reduce((sum, r) => sum + r.mapLength, 0), at: when },
-        'requests left in flight: their guest memory is quarantined, not unmapped, when the session lets it go',
+        { requests, regions: fresh.length, bytes: fresh.reduce((sum, r) => sum + r.mapLength, 0), at: when, mode },
+        mode === 'quarantine'
+          ? 'requests left in flight: their guest memory is quarantined, not unmapped, when the session lets it go'
+          : 'requests left in flight: their guest memory stays mapped until the daemon restarts',
       );
     }
   }
@@ -842,10 +852,13 @@ export class VhostUserSession {
         // A ring that did not confirm its stop may still read guest memory: leak the mappings, never crash.
         this.log.error({ rings: failed }, 'rings did not stop at disconnect: guest memory mappings kept');
         this.regions = [];
+        this.retired = [];
       }
     } finally {
       for (const ring of this.rings) ring.reset();
       this.regions.forEach(unmapRegion);
+      this.retired.forEach(unmapRegion);
+      this.retired = [];
       this.regions = [];
       // Kept only when a ring did not confirm its stop (it may still write the region).
       if (failed === 0) this.inflight?.unmap();

@@ -223,8 +223,10 @@ function migratableLock(image: RbdImage, spec: RbdSpec): Pick<NetworkImage, 'dev
 }
 
 async function openRbd(spec: RbdSpec): Promise<NetworkImage> {
-  // librbd's cache is off: a write completes when the OSDs have it, and FLUSH has nothing to lose.
-  const image = await RbdImage.open(spec, { conf: { rbd_cache: 'false' } });
+  // librbd's cache is off: a write completes when the OSDs have it, and FLUSH has nothing to lose. Write data
+  // is copied at submission (Ceph's default, pinned here): a write left in flight by a ring that stopped
+  // never reads the guest memory again, which the session then quarantines (control/memory-table.ts).
+  const image = await RbdImage.open(spec, { conf: { rbd_cache: 'false', rbd_disable_zero_copy_writes: 'true' } });
   let size: number;
   try {
     size = image.size();

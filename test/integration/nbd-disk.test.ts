@@ -14,6 +14,8 @@ import { freePort, requireTool, startNbdkit, startQemuNbd, tempDir, type ServerP
 import { METRICS_ARGS, metricsUrl, queueCounts, scrape } from '../support/metrics-scrape.js';
 import { runBench, verifyArgs, type BenchResult } from '../support/bench-run.js';
 import { fillPattern, patternKey } from '../../bench/src/loadgen/pattern.js';
+import { VhostUserFrontend, VirtioBlkDriver } from '../../bench/src/frontend/index.js';
+import { BlkRequestType, BlkStatus } from '../../protocol/virtio-blk.js';
 
 const MiB = 1024 * 1024;
 
@@ -335,6 +337,43 @@ describe('vublk over NBD', () => {
       await new Promise((resolve) => setTimeout(resolve, 500));
     }
   });
+
+  it('a memory table sent while a read waits longer than the ring can: the old mapping stays until the session ends, and the late read lands in guest memory', async (context) => {
+    requireTool(context, 'nbdkit');
+    const work = dir();
+    const image = path.join(work, 'disk.raw');
+    writeFileSync(image, '');
+    truncateSync(image, 4 * MiB);
+    const nbdSocket = path.join(work, 'nbd.sock');
+    // Reads take 8 s: longer than the 5 s a ring waits for its requests before it re-maps without them.
+    await keep(startNbdkit({ unix: nbdSocket }, ['--filter=delay', 'file', image, 'delay-read=8', 'delay-write=0']));
+    const daemon = await serveNbd(`nbd+unix:///?socket=${nbdSocket}`);
+    const frontend = await VhostUserFrontend.connect(daemon.socketPath, { timeoutMs: 30_000 });
+    cleanups.push(() => frontend.close());
+    const driver = new VirtioBlkDriver(frontend);
+    const data = Buffer.alloc(64 * 1024);
+    for (let i = 0; i < data.length; i++) data[i] = (i * 7 + 3) & 0xff;
+    await driver.write(16, data);
+    const since = daemon.logs().length;
+    const read = driver.executeAll([{ type: BlkRequestType.IN, sector: 16, inLength: data.length }], { timeoutMs: 30_000 });
+    await new Promise((r) => setTimeout(r, 300));
+    // The same regions again (QEMU re-sends the whole table on any change): each is mapped anew, and the old
+    // mapping, which the read in flight points into, must not go away under it.
+    await frontend.setMemTable();
+    const [completion] = await read;
+    expect(daemon.running(), 'the daemon survived the read finishing into the old mapping').toBe(true);
+    expect(completion!.status).toBe(BlkStatus.OK);
+    expect(completion!.data.equals(data), 'the late read reached the guest').toBe(true);
+    expect(
+      daemon
+        .logs()
+        .slice(since)
+        .some((line) => /requests left in flight/.test(String(line.msg))),
+    ).toBe(true);
+    // The disk goes on serving.
+    await driver.write(64, Buffer.alloc(4096, 0x42));
+    expect((await driver.read(64, 4096)).equals(Buffer.alloc(4096, 0x42))).toBe(true);
+  }, 60_000);
 
   it('start-up errors name the cause: no server, no such export', async (context) => {
     requireTool(context, 'qemu-nbd');
