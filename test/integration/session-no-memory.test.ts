@@ -63,6 +63,8 @@ describe('a front-end that never sends guest memory', () => {
     const firmware = full & ((1n << 32n) | (1n << 30n) | 0x46n); // VERSION_1, PROTOCOL_FEATURES, SIZE_MAX, SEG_MAX, BLK_SIZE
     await frontend.setFeatures(firmware);
     await frontend.getFeatures();
+    // The daemon's log reaches us through its stdout, which may lag the socket's reply on a loaded host.
+    await daemon.waitForLog((l) => l.msg === 'features renegotiated', 10_000, since);
     const logs = daemon.logs().slice(since);
     expect(logs.filter((l) => l.msg === 'features negotiated')).toHaveLength(1);
     const renegotiated = logs.filter((l) => l.msg === 'features renegotiated');
