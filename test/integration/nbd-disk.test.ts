@@ -339,14 +339,13 @@ describe('vublk over NBD', () => {
   });
 
   it('a memory table sent while a read waits longer than the ring can: the old mapping stays until the session ends, and the late read lands in guest memory', async (context) => {
-    requireTool(context, 'nbdkit');
-    const work = dir();
-    const image = path.join(work, 'disk.raw');
-    writeFileSync(image, '');
-    truncateSync(image, 4 * MiB);
-    const nbdSocket = path.join(work, 'nbd.sock');
     // Reads take 8 s: longer than the 5 s a ring waits for its requests before it re-maps without them.
-    await keep(startNbdkit({ unix: nbdSocket }, ['--filter=delay', 'file', image, 'delay-read=8', 'delay-write=0']));
+    const { nbdSocket } = await nbdkitInDir(context, (work) => {
+      const image = path.join(work, 'disk.raw');
+      writeFileSync(image, '');
+      truncateSync(image, 4 * MiB);
+      return ['--filter=delay', 'file', image, 'delay-read=8', 'delay-write=0'];
+    });
     const daemon = await serveNbd(`nbd+unix:///?socket=${nbdSocket}`);
     const frontend = await VhostUserFrontend.connect(daemon.socketPath, { timeoutMs: 30_000 });
     cleanups.push(() => frontend.close());
