@@ -723,9 +723,9 @@ export class VhostUserSession {
   }
 
   /**
-   * A ring left requests in flight (its back-end did not answer in time): they may still write the guest
-   * memory they point into, so these regions are quarantined instead of unmapped when they go (see
-   * sys/memory-map.ts quarantine), never given to a later mapping that a late write would corrupt.
+   * A ring left requests in flight (its back-end did not answer in time): they may still use the guest memory
+   * they point into, so these regions are not unmapped when they go (MappedRegion.held: quarantined for a
+   * network disk, kept otherwise), never given to a later mapping that a late write would corrupt.
    */
   private holdMemory(regions: readonly MappedRegion[], requests: number, when: string): void {
     const fresh = regions.filter((region) => region.held === undefined);

@@ -57,7 +57,7 @@ export class RingServer {
   /**
    * Requests the last quiesce had to leave in flight: the back-end did not answer within QUIESCE_TIMEOUT_MS
    * (a stalled cluster). They may still read or write the guest memory they point into, so the session must
-   * not unmap it (it quarantines it: control/memory-table.ts).
+   * not unmap it (it holds it: MappedRegion.held in control/memory-table.ts).
    */
   leftInFlight = 0;
   /** Inflight tracking, taken over at the first start (a memory change restarts without resuming again). */

@@ -9,7 +9,7 @@ import { Counter, Gauge, Registry, collectDefaultMetrics } from 'prom-client';
 import { LATENCY_BUCKETS_SECONDS, LatencyOp, type CounterName, type CounterReader, type LatencyOpName } from '../dataplane/counters.js';
 import type { ResolvedDiskLimits } from '../throttle/disk-throttle.js';
 import { SnapshotHistogram, type HistogramSnapshot } from './snapshot-histogram.js';
-import { quarantinedMappings } from '../sys/memory-map.js';
+import { quarantinedBytes } from '../sys/memory-map.js';
 
 /** What the metrics need to know about one disk; read on every scrape. */
 export interface DiskMetricsSource {
@@ -216,7 +216,7 @@ export function createMetricsRegistry(disks: () => readonly DiskMetricsSource[],
     help: 'Guest memory mappings kept as placeholders instead of unmapped, because a ring stopped with requests its back-end had not answered (a stalled cluster); address space only, given back at restart (should stay 0).',
     registers,
     collect() {
-      this.set(quarantinedMappings().bytes);
+      this.set(quarantinedBytes());
     },
   });
 

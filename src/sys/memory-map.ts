@@ -23,25 +23,24 @@ export function unmap(address: number, length: number): void {
   check(sys.munmap(address, length), 'munmap');
 }
 
-const quarantined = { mappings: 0, bytes: 0 };
+let quarantined = 0;
 
 /**
  * Instead of unmapping memory that a request left in flight may still write (a storage library finishing a
  * read late): replaces the mapping in place with private anonymous memory, reserved lazily. MAP_FIXED swaps
  * it without a moment where the addresses are free, so nothing else can be mapped there (a late write would
  * land in it); what was mapped (guest RAM) is released at once, and only the pages a late write touches
- * cost memory. The addresses are never given back: the count and bytes are kept for the metrics.
+ * cost memory. The addresses are never given back: their total is kept for the metrics.
  */
 export function quarantine(address: number, length: number): void {
   const result = sys.mmap(address, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0);
   if (result !== address) throw new SyscallError('mmap', lastErrno(), `MAP_FIXED over ${length} bytes at 0x${address.toString(16)}`);
-  quarantined.mappings++;
-  quarantined.bytes += length;
+  quarantined += length;
 }
 
-/** Mappings quarantined in this process so far (see quarantine). */
-export function quarantinedMappings(): { mappings: number; bytes: number } {
-  return { ...quarantined };
+/** Bytes of mappings quarantined in this process so far (see quarantine). */
+export function quarantinedBytes(): number {
+  return quarantined;
 }
 
 export function createMemfd(name: string, size: number): number {

@@ -206,8 +206,8 @@ interface Images {
   missing: Map<ImageKind, string>;
   cleanup: Array<() => Promise<void>>;
   notes: string[];
-  /** The storage server's process behind an image kind (nbdkit, ceph-osd), when the benchmark started it. */
-  serverPids: Map<ImageKind, { name: string; pid: number }>;
+  /** Pid of the storage server behind an image kind (SERVER_OF_GROUP names it), when the benchmark started it. */
+  serverPids: Map<ImageKind, number>;
 }
 
 function fileTarget(file: string, format: 'raw' | 'qcow2'): ImageTarget {
@@ -283,7 +283,7 @@ async function prepareImages(dir: string, bytes: number, kinds: Set<ImageKind>, 
       if (!server.alive) images.missing.set('nbd', `nbdkit exited: ${server.output.trim()}`);
       else {
         images.cleanup.push(() => server.stop());
-        images.serverPids.set('nbd', { name: 'nbdkit', pid: server.pid });
+        images.serverPids.set('nbd', server.pid);
         images.notes.push(`cp $DIR/cached.img $DIR/nbd.img; ${display(argv, dir)}`);
         images.targets.set('nbd', {
           vublkImage: `nbd://127.0.0.1:${port}/bench`,
@@ -301,7 +301,7 @@ async function prepareImages(dir: string, bytes: number, kinds: Set<ImageKind>, 
       images.targets.set('rbd', rbd.target);
       images.notes.push(...rbd.notes);
       if (rbd.stop !== null) images.cleanup.push(rbd.stop);
-      if (rbd.osdPid !== null) images.serverPids.set('rbd', { name: 'ceph-osd', pid: rbd.osdPid });
+      if (rbd.osdPid !== null) images.serverPids.set('rbd', rbd.osdPid);
     }
   }
   return images;
@@ -466,8 +466,8 @@ async function measureOnce(
     }
   }
   if (daemon === null) return 'daemon not running';
-  const server = images.serverPids.get(backend.image);
-  const serverCpuBefore = server === undefined ? NaN : processCpuSeconds(server.pid);
+  const serverPid = images.serverPids.get(backend.image);
+  const serverCpuBefore = serverPid === undefined ? NaN : processCpuSeconds(serverPid);
   const cpuBefore = processCpuSeconds(daemon.pid);
   const wallBefore = performance.now();
   const result = await runChild(
@@ -475,7 +475,7 @@ async function measureOnce(
     (runtimeSec + ramp) * 1000 + 60_000,
   );
   const cpu = processCpuSeconds(daemon.pid) - cpuBefore;
-  const serverCpu = server === undefined ? NaN : processCpuSeconds(server.pid) - serverCpuBefore;
+  const serverCpu = serverPid === undefined ? NaN : processCpuSeconds(serverPid) - serverCpuBefore;
   const wallSec = (performance.now() - wallBefore) / 1000;
   let doc: BenchDocument | null = null;
   try {

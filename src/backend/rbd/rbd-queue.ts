@@ -84,8 +84,6 @@ export class RbdQueue {
   private closed = false;
   /** This queue's serial: the high half of every completion arg it makes. */
   private readonly serial = nextSerial();
-  /** Completions of other (closed) queues of the image taken and released here. */
-  foreignReaped = 0;
 
   /**
    * `image` and `eventFd`: RbdImage.handle and RbdImage.eventFd (numbers, valid in every thread). The image
@@ -171,10 +169,7 @@ export class RbdQueue {
         const result = this.lib.rbdAioGetReturnValue(c);
         this.lib.rbdAioRelease(c);
         // A closed queue's request, finished late: librbd is done with its memory, nobody waits for it.
-        if (Math.floor(arg / TWO_32) !== this.serial) {
-          this.foreignReaped++;
-          continue;
-        }
+        if (Math.floor(arg / TWO_32) !== this.serial) continue;
         const id = arg % TWO_32;
         // A completion we did not submit cannot happen; skip it rather than crash.
         if (!(id < this.nextId) || Number.isNaN(this.tagOf[id]!)) continue;
