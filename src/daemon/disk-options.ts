@@ -19,7 +19,7 @@ import { IO_ENGINE_SETTINGS } from '../dataplane/worker-protocol.js';
 import { CACHE_MODES, type CacheMode } from '../dataplane/request-executor.js';
 import { IMAGE_FORMATS } from '../backend/qcow2/index.js';
 import type { DiskOptions } from '../device/blk-disk.js';
-import type { NetworkImageOptions } from '../device/network-image.js';
+import { MAX_MERGE_MAX_BYTES, type NetworkImageOptions } from '../device/network-image.js';
 import { DEFAULT_MAX_DISCARD_SEG, DEFAULT_MAX_WRITE_ZEROES_SEG, MAX_RANGE_SEG } from '../dataplane/device-limits.js';
 
 export const DEFAULT_QUEUE_SIZE = 1024;
@@ -244,6 +244,20 @@ function amount(parse: (text: string) => number, placeholder: string, example: s
       if (typeof value === 'string' && value.trim() !== '') return text(value);
       throw new OptionValueError(`must be a number or a string such as "${example}", got ${describe(value)}`);
     },
+  };
+}
+
+/** A size, or `off` (0): a limit that can also be turned off. */
+function sizeOrOff(max: number): ValueType<number> {
+  const size = amount(parseSize, '<bytes|off>', '1M');
+  const check = (n: number): number => {
+    if (n > max) throw new OptionValueError(`must be at most ${max} bytes, got ${n}`);
+    return n;
+  };
+  return {
+    placeholder: size.placeholder,
+    text: (t) => (t === 'off' ? 0 : check(size.text(t))),
+    config: (v, base) => (v === 'off' || v === false ? 0 : check(size.config(v, base))),
   };
 }
 
@@ -493,6 +507,14 @@ export const DISK_OPTIONS: readonly AnyDiskOption[] = [
     type: wholeNumber(1, 16, '<n>'),
     reload: 'restart',
     admin: 'connections',
+  }),
+  option({
+    field: 'mergeMaxBytes',
+    key: 'merge',
+    help: 'NBD / RBD: adjacent READs (or WRITEs) submitted together go to the server as one request of at most this many bytes (default 1M; off = never)',
+    type: sizeOrOff(MAX_MERGE_MAX_BYTES),
+    reload: 'restart',
+    admin: 'merge',
   }),
   option({
     field: 'rbdConf',

@@ -177,6 +177,8 @@ function checkNetworkImage(fields: DiskFields, fail: (detail: string, key?: stri
   });
   if (!network) {
     if (fields.connectTimeout !== undefined) fail('only applies to nbd:// and rbd: images', 'connect-timeout');
+    // Files and block devices: the kernel's block layer merges adjacent requests already.
+    if (fields.mergeMaxBytes !== undefined) fail('only applies to nbd:// and rbd: images', 'merge');
     return;
   }
   if (fields.sizeBytes !== undefined)

@@ -42,9 +42,11 @@ export const Counter = {
   dirtyLogOutOfRange: 18,
   /** Drains the worker's watchdog ran: requests were outstanding and no wake-up came for WATCHDOG_MS. */
   watchdogDrains: 19,
+  /** Requests that rode in an earlier request's back-end operation (network images: request merging). */
+  merged: 20,
 } as const;
 export type CounterName = keyof typeof Counter;
-const SCALAR_COUNTERS = 20;
+const SCALAR_COUNTERS = 21;
 
 /** Operations with a latency histogram each. */
 export const LatencyOp = {

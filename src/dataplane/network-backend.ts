@@ -9,9 +9,15 @@
 import type { StreamEndpoint } from '../sys/net-socket.js';
 import type { NbdExportInfo } from '../backend/nbd/handshake.js';
 
-export interface NbdBackend {
-  kind: 'nbd';
+/** What every network back-end carries. */
+interface BackendCommon {
   key: string;
+  /** Largest READ / WRITE the executor makes by merging adjacent requests (bytes); 0 = no merging. */
+  mergeMaxBytes: number;
+}
+
+export interface NbdBackend extends BackendCommon {
+  kind: 'nbd';
   /** Numeric address (resolved on the control thread) or Unix socket. */
   endpoint: StreamEndpoint;
   exportName: string;
@@ -28,9 +34,8 @@ export interface NbdBackend {
   connections: number;
 }
 
-export interface RbdBackend {
+export interface RbdBackend extends BackendCommon {
   kind: 'rbd';
-  key: string;
   /** rbd_image_t opened on the control thread (valid in every thread of the process). */
   handle: number;
   /** The eventfd librbd signals completions on (owned by the control thread's RbdImage). */

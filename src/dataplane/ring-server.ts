@@ -102,6 +102,8 @@ export class RingServer {
       // NBD / RBD: the disk's transport on this worker, shared by its queues here (network-executor.ts).
       const network = new NetworkExecutor(this.init.network, this.init.limits, {
         ignoreFlush: options.ignoreFlush === true,
+        mergeMaxBytes: this.init.network.mergeMaxBytes,
+        onMerged: () => this.counters.add(Counter.merged),
         onHealthChange: (reason) => this.post({ type: 'event', kind: 'backend', queue: this.queue, reason }),
       });
       this.post({ type: 'event', kind: 'started', queue: this.queue, reason: `${this.init.network.kind} back-end` });

@@ -31,6 +31,8 @@ export interface NetworkImageOptions {
   requestTimeout?: number | undefined;
   /** NBD: connections per worker when the server advertises multi-conn (1 without it). */
   connections?: number | undefined;
+  /** Largest READ / WRITE made by merging adjacent requests, in bytes; 0 = no merging (`merge=`). */
+  mergeMaxBytes?: number | undefined;
   /** RBD: ceph.conf, cephx id, keyring, monitors, lock mode, OSD timeout (docs/rbd.md). */
   rbdConf?: string | undefined;
   rbdId?: string | undefined;
@@ -50,6 +52,19 @@ export const NBD_DEFAULT_REQUEST_TIMEOUT_S = 60;
  * two connections against 66–71 µs over one (docs/nbd.md, "Connections").
  */
 export const NBD_DEFAULT_CONNECTIONS = 2;
+/**
+ * 1 MiB: a 128 KiB sequential read at QD8 over RBD ran 1.7–2.1× faster merged (the OSD spent 85 µs per
+ * request against 180), and a larger operation only delays the first request of a merge more. The limit
+ * also keeps a merged operation inside one 4 MiB RBD object more often than not.
+ */
+export const DEFAULT_MERGE_MAX_BYTES = 1024 * 1024;
+export const MAX_MERGE_MAX_BYTES = 32 * 1024 * 1024;
+
+/** The merge limit of an image whose largest operation is `largest` bytes (0 = no limit of its own). */
+function mergeLimit(options: NetworkImageOptions, largest: number): number {
+  const wanted = options.mergeMaxBytes ?? DEFAULT_MERGE_MAX_BYTES;
+  return largest > 0 ? Math.min(wanted, largest) : wanted;
+}
 
 /** A network image the daemon opened; one per disk. */
 export interface NetworkImage {
@@ -117,7 +132,7 @@ export async function openNetworkImage(
   options: NetworkImageOptions & { imagePath: string; readOnly: boolean },
 ): Promise<NetworkImage | null> {
   const image = options.imagePath;
-  if (image.startsWith('rbd:')) return openRbd(rbdSpecOf(options));
+  if (image.startsWith('rbd:')) return openRbd(rbdSpecOf(options), mergeLimit(options, 0));
   if (/^nbds?(\+unix)?:\/\//i.test(image)) return openNbd(image, options);
   return null;
 }
@@ -177,6 +192,8 @@ async function openNbd(uri: string, options: NetworkImageOptions): Promise<Netwo
     requestTimeoutMs: (options.requestTimeout ?? NBD_DEFAULT_REQUEST_TIMEOUT_S) * 1000,
     // Without multi-conn a FLUSH on one connection would not cover writes acknowledged on another.
     connections: info.canMultiConn ? (options.connections ?? NBD_DEFAULT_CONNECTIONS) : 1,
+    // A merge past the server's largest payload would only be split again.
+    mergeMaxBytes: mergeLimit(options, info.maximumPayload),
   };
   return {
     kind: 'nbd',
@@ -222,7 +239,7 @@ function migratableLock(image: RbdImage, spec: RbdSpec): Pick<NetworkImage, 'dev
   };
 }
 
-async function openRbd(spec: RbdSpec): Promise<NetworkImage> {
+async function openRbd(spec: RbdSpec, mergeMaxBytes: number): Promise<NetworkImage> {
   // librbd's cache is off: a write completes when the OSDs have it, and FLUSH has nothing to lose. Write data
   // is copied at submission (Ceph's default, pinned here): a write left in flight by a ring that stopped
   // never reads the guest memory again, which the session then quarantines (control/memory-table.ts).
@@ -245,7 +262,7 @@ async function openRbd(spec: RbdSpec): Promise<NetworkImage> {
     canDiscard: true,
     canWriteZeroes: true,
     pinQueues: true,
-    backend: { kind: 'rbd', key: backendKey('rbd'), handle: image.handle, eventFd: image.eventFd },
+    backend: { kind: 'rbd', key: backendKey('rbd'), handle: image.handle, eventFd: image.eventFd, mergeMaxBytes },
     resize: (bytes) => image.resize(bytes),
     lockOwner: () => image.isLockOwner(),
     ...(spec.lock === 'migratable' && !spec.readOnly ? migratableLock(image, spec) : {}),

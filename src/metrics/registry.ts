@@ -154,6 +154,12 @@ export function createMetricsRegistry(disks: () => readonly DiskMetricsSource[],
   );
   perQueue(
     'counter',
+    'vublk_merged_requests_total',
+    'READ / WRITE requests that joined the back-end operation of the request before them (network images, merge=).',
+    'merged',
+  );
+  perQueue(
+    'counter',
     'vublk_watchdog_drains_total',
     'Drains run because requests were outstanding and no wake-up came within the worker watchdog period (a lost notification; should stay 0).',
     'watchdogDrains',

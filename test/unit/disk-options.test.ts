@@ -94,6 +94,7 @@ describe('the disk option table', () => {
       'reconnect-timeout': 10,
       'request-timeout': 0,
       connections: 4,
+      merge: '512K',
       conf: '/etc/ceph/c.conf',
       id: 'vublk',
       keyring: '/k',
@@ -105,7 +106,7 @@ describe('the disk option table', () => {
     };
     // Network options apply only to their kind of image.
     const rbdKeys = ['conf', 'id', 'keyring', 'mon-host', 'lock', 'osd-timeout'];
-    const nbdKeys = ['connect-timeout', 'reconnect-timeout', 'request-timeout', 'connections'];
+    const nbdKeys = ['connect-timeout', 'reconnect-timeout', 'request-timeout', 'connections', 'merge'];
     for (const row of DISK_OPTIONS) {
       if (row.key === 'socket' || row.key === 'socket-fd' || row.key === 'image') continue;
       const sample = samples[row.key];
@@ -153,6 +154,16 @@ describe('the disk option table', () => {
     expect(() => parseDiskArgument('image=nbd://h/e,socket=/x.sock,connections=0', 0)).toThrow(/connections/);
     expect(() => parseDiskArgument('image=nbd://h/e,socket=/x.sock,connections=17', 0)).toThrow(/connections/);
     expect(parseDiskArgument('image=nbd://h/e,socket=/x.sock,connections=16', 0).options.connections).toBe(16);
+    // merge=: a size or off, for either kind of network image; files have the kernel's merging.
+    expect(parseDiskArgument('image=rbd:p/i,socket=/x.sock,merge=2M', 0).options.mergeMaxBytes).toBe(2 * 1024 * 1024);
+    expect(parseDiskArgument('image=nbd://h/e,socket=/x.sock,merge=off', 0).options.mergeMaxBytes).toBe(0);
+    expect(parseDiskArgument('image=rbd:p/i,socket=/x.sock', 0).options.mergeMaxBytes).toBeUndefined();
+    expect(() => parseDiskArgument('image=rbd:p/i,socket=/x.sock,merge=64M', 0)).toThrow(/merge: must be at most 33554432 bytes/);
+    expect(() => parseDiskArgument('image=rbd:p/i,socket=/x.sock,merge=lots', 0)).toThrow(/merge:/);
+    expect(() => parseDiskArgument('image=/x.img,socket=/x.sock,merge=1M', 0)).toThrow(/merge: only applies to nbd:\/\/ and rbd: images/);
+    expect(
+      parseConfig('disks:\n  - { image: "rbd:p/i", socket: /x.sock, merge: off }\n', '/etc/v.yaml').disks[0]!.fields.mergeMaxBytes,
+    ).toBe(0);
   });
 
   it('says where a retired key went', () => {

@@ -2,11 +2,13 @@
  * The network executor's request semantics over a scripted transport (the only stand-in: real NBD and RBD
  * servers are in test/integration/nbd-disk.test.ts and test/e2e/rbd-guest.test.ts): completions routed to
  * the queue that owns them when two queues share a transport, errno → status, DISCARD / WRITE_ZEROES as
- * barriers with their ranges one after another, write-through as FUA or write + flush, cache=unsafe flushes.
+ * barriers with their ranges one after another, write-through as FUA or write + flush, cache=unsafe flushes,
+ * and request merging (adjacent READs or WRITEs of one batch in one operation).
  */
 import { afterEach, describe, expect, it } from 'vitest';
 import { BlkRequestType, BlkStatus } from '../../protocol/virtio-blk.js';
 import { BlkRequest } from '../../src/dataplane/blk-request.js';
+import type { IoSegments } from '../../src/backend/nbd/io-segments.js';
 import type { Completion } from '../../src/dataplane/request-executor.js';
 import { BackendChannel, type Transport, type TransportDeliver } from '../../src/dataplane/backend-channel.js';
 import { NetworkExecutor } from '../../src/dataplane/network-executor.js';
@@ -21,6 +23,8 @@ class ScriptedTransport implements Transport {
   readonly fd = createEventFd();
   readonly ops: string[] = [];
   readonly tags: number[] = [];
+  /** Each READ / WRITE's iovec list as (host address, length) pairs. */
+  readonly lists: [number, number][][] = [];
   private readonly answers: [number, number][] = [];
   closed = false;
   constructor(readonly supportsFua: boolean) {}
@@ -28,11 +32,18 @@ class ScriptedTransport implements Transport {
     this.ops.push(op);
     this.tags.push(tag);
   }
-  read(tag: number, offset: number): void {
-    this.record(`read ${offset}`, tag);
+  private list(segments: IoSegments): void {
+    const pairs: [number, number][] = [];
+    for (let i = 0; i < segments.count; i++) pairs.push([segments.addresses[i]!, segments.lengths[i]!]);
+    this.lists.push(pairs);
   }
-  write(tag: number, offset: number, _segments: unknown, fua: boolean): void {
+  read(tag: number, offset: number, segments: IoSegments): void {
+    this.record(`read ${offset}`, tag);
+    this.list(segments);
+  }
+  write(tag: number, offset: number, segments: IoSegments, fua: boolean): void {
     this.record(`write ${offset}${fua ? ' fua' : ''}`, tag);
+    this.list(segments);
   }
   flush(tag: number): void {
     this.record('flush', tag);
@@ -256,5 +267,133 @@ describe('network executor', () => {
     executor.completionReady();
     executor.completionReady();
     expect(transport.readyReports).toBe(2);
+  });
+
+  describe('request merging', () => {
+    const merging = (supportsFua = true, mergeMaxBytes = 16384) => {
+      let merged = 0;
+      const parts = setup(supportsFua, { mergeMaxBytes, onMerged: () => merged++ });
+      return { ...parts, merged: () => merged };
+    };
+    const host = (offset: number): number => {
+      let address = 0;
+      fixture.memory.forEachHostPiece(fixture.gpa(offset), 1, (a) => {
+        address = a;
+      });
+      return address;
+    };
+
+    it('sends adjacent READs of one batch as one operation over both buffer lists, and completes each', () => {
+      const { transport, executor, done, merged } = merging();
+      executor.submit(fixture.memory, request(BlkRequestType.IN, 8, [[65536, 4096]], 100), 1, CAPACITY, true);
+      executor.submit(
+        fixture.memory,
+        request(
+          BlkRequestType.IN,
+          16,
+          [
+            [8192, 1024],
+            [20480, 3072],
+          ],
+          101,
+        ),
+        2,
+        CAPACITY,
+        true,
+      );
+      // Nothing goes out before the batch ends: the drain submits, then calls submitPending once.
+      expect(transport.ops).toEqual([]);
+      expect(executor.inFlight).toBe(2);
+      executor.submitPending();
+      expect(transport.ops).toEqual(['read 4096']);
+      expect(transport.lists[0]).toEqual([
+        [host(65536), 4096],
+        [host(8192), 1024],
+        [host(20480), 3072],
+      ]);
+      expect(merged()).toBe(1);
+      transport.answer(transport.tags[0]!);
+      executor.reap();
+      expect(done.map((c) => [c.head, c.status, c.written, c.statusGpa])).toEqual([
+        [1, BlkStatus.OK, 4096, fixture.gpa(100)],
+        [2, BlkStatus.OK, 4096, fixture.gpa(101)],
+      ]);
+      expect(executor.inFlight).toBe(0);
+    });
+
+    it('keeps apart what does not continue the operation: a gap, another type, the size limit, a later batch', () => {
+      const { transport, executor, merged } = merging(true, 8192);
+      const submit = (type: number, sector: number, head: number): void =>
+        executor.submit(fixture.memory, request(type, sector, [[4096 * head, 4096]], 100 + head), head, CAPACITY, true);
+      submit(BlkRequestType.IN, 0, 1);
+      submit(BlkRequestType.IN, 16, 2); // a gap of 4 KiB
+      submit(BlkRequestType.OUT, 24, 3); // a WRITE after a READ
+      submit(BlkRequestType.OUT, 32, 4); // joins 3: 8 KiB, the limit
+      submit(BlkRequestType.OUT, 40, 5); // would make 12 KiB
+      executor.submitPending();
+      submit(BlkRequestType.OUT, 48, 6); // continues 5, but in the next batch
+      executor.submitPending();
+      expect(transport.ops).toEqual(['read 0', 'read 8192', 'write 12288', 'write 20480', 'write 24576']);
+      expect(transport.lists.map((l) => l.length)).toEqual([1, 1, 2, 1, 1]);
+      expect(merged()).toBe(1);
+    });
+
+    it('a FLUSH or a write-through WRITE does not join a writeback one; a FLUSH sends the open operation first', () => {
+      const { transport, executor } = merging();
+      executor.submit(fixture.memory, request(BlkRequestType.OUT, 0, [[0, 4096]], 100), 1, CAPACITY, true);
+      executor.submit(fixture.memory, request(BlkRequestType.OUT, 8, [[4096, 4096]], 101), 2, CAPACITY, false);
+      executor.submit(fixture.memory, request(BlkRequestType.FLUSH, 0, [], 102), 3, CAPACITY, true);
+      executor.submit(fixture.memory, request(BlkRequestType.OUT, 16, [[8192, 4096]], 103), 4, CAPACITY, true);
+      executor.submitPending();
+      expect(transport.ops).toEqual(['write 0', 'write 4096 fua', 'flush', 'write 8192']);
+    });
+
+    it('a failed operation fails every request in it', () => {
+      const { transport, executor, done } = merging();
+      for (let i = 0; i < 3; i++) {
+        executor.submit(fixture.memory, request(BlkRequestType.IN, i * 8, [[4096 * i, 4096]], 100 + i), 10 + i, CAPACITY, true);
+      }
+      executor.reap(); // a reap also sends the open operation (the drain reaps between batches)
+      expect(transport.ops).toEqual(['read 0']);
+      transport.answer(transport.tags[0]!, 5);
+      executor.reap();
+      expect(done.map((c) => [c.head, c.status, c.written])).toEqual([
+        [10, BlkStatus.IOERR, 0],
+        [11, BlkStatus.IOERR, 0],
+        [12, BlkStatus.IOERR, 0],
+      ]);
+      expect(done.every((c) => /read: EIO/.test(c.error))).toBe(true);
+    });
+
+    it('write-through without FUA: the merged WRITE is followed by one flush, then both complete', () => {
+      const { transport, executor, done } = merging(false);
+      executor.submit(fixture.memory, request(BlkRequestType.OUT, 0, [[0, 4096]], 100), 1, CAPACITY, false);
+      executor.submit(fixture.memory, request(BlkRequestType.OUT, 8, [[4096, 4096]], 101), 2, CAPACITY, false);
+      executor.submitPending();
+      expect(transport.ops).toEqual(['write 0']);
+      transport.answer(transport.tags[0]!);
+      executor.reap();
+      expect(transport.ops).toEqual(['write 0', 'flush']);
+      expect(done).toEqual([]);
+      transport.answer(transport.tags[1]!);
+      executor.reap();
+      expect(done.map((c) => [c.head, c.status])).toEqual([
+        [1, BlkStatus.OK],
+        [2, BlkStatus.OK],
+      ]);
+    });
+
+    it('a request whose buffer leaves guest memory fails alone; the operation it would have joined goes on', () => {
+      const { transport, executor, done } = merging();
+      executor.submit(fixture.memory, request(BlkRequestType.IN, 0, [[0, 4096]], 100), 1, CAPACITY, true);
+      const bad = request(BlkRequestType.IN, 8, [], 101);
+      bad.addSegment(fixture.gpa(0) + (1 << 30), 4096);
+      executor.submit(fixture.memory, bad, 2, CAPACITY, true);
+      executor.submit(fixture.memory, request(BlkRequestType.IN, 8, [[8192, 4096]], 102), 3, CAPACITY, true);
+      expect(done.map((c) => [c.head, c.status])).toEqual([[2, BlkStatus.IOERR]]);
+      executor.submitPending();
+      expect(transport.ops).toEqual(['read 0']);
+      expect(transport.lists[0]!.map(([, length]) => length)).toEqual([4096, 4096]);
+    });
   });
 });
