@@ -12,6 +12,7 @@ import path from 'node:path';
 import { startDaemon, type DaemonProcess } from '../support/daemon-process.js';
 import { freePort, requireTool, startNbdkit, startQemuNbd, tempDir, type ServerProcess } from '../support/nbd-servers.js';
 import { METRICS_ARGS, metricsUrl, queueCounts, scrape } from '../support/metrics-scrape.js';
+import { sampleValue } from '../support/prom-text.js';
 import { runBench, verifyArgs, type BenchResult } from '../support/bench-run.js';
 import { fillPattern, patternKey } from '../../bench/src/loadgen/pattern.js';
 import { VhostUserFrontend, VirtioBlkDriver } from '../../bench/src/frontend/index.js';
@@ -135,6 +136,66 @@ describe('vublk over NBD', () => {
     const result = await bench(verifyArgs(daemon.socketPath, { size: '2M', bs: '64k', iodepth: 16, seed: 3 }));
     expectVerified(result, daemon);
     expectImageHolds(image, 3, 2 * MiB);
+  });
+
+  /** READ and WRITE commands nbdkit's log filter saw, with their byte counts. */
+  function dataCommands(logFile: string): { reads: number[]; writes: number[] } {
+    const found = { reads: [] as number[], writes: [] as number[] };
+    for (const match of readFileSync(logFile, 'utf8').matchAll(/ (Read|Write) id=\d+ offset=0x[0-9a-f]+ count=(0x[0-9a-f]+)/g)) {
+      (match[1] === 'Read' ? found.reads : found.writes).push(Number(match[2]));
+    }
+    return found;
+  }
+
+  it('merge=: adjacent requests reach the server as fewer, larger commands, the data is right, and the counter says how many joined', async (context) => {
+    // 4 MiB of 16 KiB writes at QD16, read back in 32 KiB reads: sequential, so a batch of requests is contiguous.
+    const size = 4 * MiB;
+    const guestWrites = size / (16 * 1024);
+    const guestReads = size / (32 * 1024);
+    for (const [setting, seed] of [
+      ['', 11],
+      [',merge=64K', 12],
+      [',merge=off', 13],
+    ] as const) {
+      const { work, nbdSocket } = await nbdkitInDir(context, (work) => {
+        const image = path.join(work, 'disk.raw');
+        writeFileSync(image, '');
+        truncateSync(image, 16 * MiB);
+        return ['--filter=log', 'file', image, `logfile=${path.join(work, 'nbdkit.log')}`];
+      });
+      const daemon = await serveNbd(`nbd+unix:///?socket=${nbdSocket}${setting}`, '', [...METRICS_ARGS]);
+      const base = await metricsUrl(daemon);
+      const result = await bench(verifyArgs(daemon.socketPath, { size: '4M', bs: '16k', iodepth: 16, seed }));
+      expectVerified(result, daemon);
+      expectImageHolds(path.join(work, 'disk.raw'), seed, size);
+      const { reads, writes } = dataCommands(path.join(work, 'nbdkit.log'));
+      // Every byte went to the server exactly once, in commands no larger than the limit.
+      expect(
+        writes.reduce((a, b) => a + b, 0),
+        setting,
+      ).toBe(size);
+      expect(
+        reads.reduce((a, b) => a + b, 0),
+        setting,
+      ).toBe(size);
+      const limit = setting === ',merge=64K' ? 64 * 1024 : setting === ',merge=off' ? 32 * 1024 : MiB;
+      expect(Math.max(...writes, ...reads), setting).toBeLessThanOrEqual(limit);
+      // The counter is exact: each request that joined another saved one command.
+      // (Counters are published just after a drain's interrupt: read until the last drain is in, bounded.)
+      const expected = guestWrites - writes.length + guestReads - reads.length;
+      let merged = -1;
+      for (let i = 0; i < 50 && merged !== expected; i++) {
+        if (i > 0) await new Promise((r) => setTimeout(r, 20));
+        merged = sampleValue(await scrape(base), 'vublk_merged_requests_total', { disk: 'disk0', queue: '0' });
+      }
+      expect(merged, setting).toBe(expected);
+      if (setting === ',merge=off') expect(merged).toBe(0);
+      else
+        expect(writes.length + reads.length, `${setting}: commands ${writes.length}+${reads.length}`).toBeLessThan(
+          (guestWrites + guestReads) / 2,
+        );
+      await daemon.stop();
+    }
   });
 
   /** Requests per NBD connection, from nbdkit's log filter (`connection=N Read|Write|Flush ...` lines). */
