@@ -169,10 +169,17 @@ function machineFacts(qsd: string | null, dir: string): Record<string, string> {
  * daemons before every run, long-lived daemons once before round 1.
  */
 const WARMUP_SEC = 1;
+/**
+ * A daemon started for its run (RBD rows) is warmed up longer: at ~10,000 requests a second vublk's worker and V8's
+ * helper threads (JIT, GC) need ~30,000 requests to settle. Measured, daemon CPU per 4 KiB RBD read in consecutive
+ * 1 s runs after start: vublk 96, 76, 69, 62–66 µs; qemu-storage-daemon 64–72 µs from the first second on. After one
+ * second of warm-up, the measured run would still include vublk's second and third.
+ */
+const PER_RUN_WARMUP_SEC = 3;
 
-/** Serves WARMUP_SEC of `workload` on the daemon at `socket`, unmeasured. */
-function warmUp(workload: Workload, socket: string, seed: number): Promise<unknown> {
-  return runChild([process.execPath, BENCH_CLI, ...benchArgs(workload, socket, WARMUP_SEC, 0, seed)], WARMUP_SEC * 1000 + 60_000);
+/** Serves `seconds` of `workload` on the daemon at `socket`, unmeasured. */
+function warmUp(workload: Workload, socket: string, seed: number, seconds = WARMUP_SEC): Promise<unknown> {
+  return runChild([process.execPath, BENCH_CLI, ...benchArgs(workload, socket, seconds, 0, seed)], seconds * 1000 + 60_000);
 }
 
 function benchArgs(w: Workload, socket: string, runtime: number, ramp: number, seed: number): string[] {
@@ -638,7 +645,7 @@ export async function benchCompare(flags: CompareFlags): Promise<number> {
             fresh = new DaemonProcess(backend.label, daemonCommand(backend, runImage, socket, qsd ?? ''), [socket]);
             if (round === 1 && !commands.includes(display(fresh.argv, dir).replace(/-\d+\.qcow2/, '-1.qcow2'))) {
               commands.push(
-                `# ${backend.label} (${scenario.freshImage ? 'a fresh image and daemon every run' : `a daemon of its own every run, warmed up with ${WARMUP_SEC} s of the same load`})`,
+                `# ${backend.label} (${scenario.freshImage ? 'a fresh image and daemon every run' : `a daemon of its own every run, warmed up with ${PER_RUN_WARMUP_SEC} s of the same load`})`,
                 display(fresh.argv, dir),
               );
             }
@@ -653,8 +660,8 @@ export async function benchCompare(flags: CompareFlags): Promise<number> {
             daemon = fresh;
             if (scenario.perRunDaemon) {
               // Unmeasured: a daemon just started is not what a host runs (vublk's JIT, its pool threads, librbd's
-              // caches warm up in the first second), and the row measures each back-end in its steady state.
-              await warmUp(scenario.workload, fresh.sockets[0] as string, round);
+              // caches warm up in the first seconds), and the row measures each back-end in its steady state.
+              await warmUp(scenario.workload, fresh.sockets[0] as string, round, PER_RUN_WARMUP_SEC);
             }
           }
           // Dirty pages a write run left behind are written back now, not during whichever run comes next.
