@@ -383,6 +383,34 @@ describe('network executor', () => {
       ]);
     });
 
+    it('a request that would take the operation past 1024 buffer pieces starts one of its own', () => {
+      const { transport, executor, done, merged } = merging(true, 4 << 20);
+      const many = (sector: number, count: number, statusOffset: number): BlkRequest => {
+        const r = new BlkRequest(count + 2);
+        r.type = BlkRequestType.IN;
+        r.sector = sector;
+        r.statusGpa = fixture.gpa(statusOffset);
+        for (let i = 0; i < count; i++) r.addSegment(fixture.gpa(i * 512), 512);
+        return r;
+      };
+      executor.submit(fixture.memory, many(0, 1000, 100), 1, CAPACITY, true);
+      executor.submit(fixture.memory, many(1000, 100, 101), 2, CAPACITY, true); // 1,100 pieces: alone
+      executor.submit(fixture.memory, many(1100, 1, 102), 3, CAPACITY, true); // joins request 2
+      executor.submitPending();
+      expect(transport.ops).toEqual(['read 0', `read ${1000 * 512}`]);
+      expect(transport.lists.map((l) => l.length)).toEqual([1000, 101]);
+      expect(transport.lists[1]![0]).toEqual([host(0), 512]);
+      expect(merged()).toBe(1);
+      transport.answer(transport.tags[1]!);
+      transport.answer(transport.tags[0]!);
+      executor.reap();
+      expect(done.map((c) => [c.head, c.written])).toEqual([
+        [2, 51200],
+        [3, 512],
+        [1, 512000],
+      ]);
+    });
+
     it('a request whose buffer leaves guest memory fails alone; the operation it would have joined goes on', () => {
       const { transport, executor, done } = merging();
       executor.submit(fixture.memory, request(BlkRequestType.IN, 0, [[0, 4096]], 100), 1, CAPACITY, true);
