@@ -15,10 +15,18 @@ export type LogLevel = (typeof LOG_LEVELS)[number];
 export const LOG_FORMATS = ['auto', 'json', 'pretty'] as const;
 export type LogFormat = (typeof LOG_FORMATS)[number];
 
-/** `auto`: pretty when stdout is a terminal, JSON otherwise. */
+/**
+ * `auto`: pretty when stdout is a terminal, JSON otherwise.
+ *
+ * JSON lines are written synchronously. pino's default stream writes asynchronously on a libuv thread, and
+ * a daemon that ends with _exit (a second signal, a worker that would not stop) killed that write with the
+ * process: its flushSync writes what is queued, not the line already handed to that thread, so the last
+ * line ("second signal: exiting immediately") was lost now and then. vublk logs per event, never per
+ * request, so this costs one write(2) per line.
+ */
 export function createLogger(level: LogLevel = 'info', format: LogFormat = 'json'): Logger {
   const options = { level, base: { service: 'vublk' }, timestamp: pino.stdTimeFunctions.isoTime };
-  return isPrettyLog(format) ? pino(options, prettyDestination()) : pino(options);
+  return isPrettyLog(format) ? pino(options, prettyDestination()) : pino(options, pino.destination({ dest: 1, sync: true }));
 }
 
 /** Whether `format` prints human-readable lines (`auto` on a terminal) rather than JSON. */
