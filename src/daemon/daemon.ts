@@ -15,10 +15,9 @@ import { openNetworkImage } from '../device/network-image.js';
 import { ExportListener } from '../control/export-listener.js';
 import { DiskQueues } from '../control/disk-queues.js';
 import { WorkerPool } from '../control/worker-pool.js';
-import { pino } from 'pino';
 import { sys } from '../sys/libc.js';
 import type { DiskSpec } from './disk-spec.js';
-import { errorFields, type Logger } from '../log.js';
+import { errorFields, flushLogSync, type Logger } from '../log.js';
 import type { DiskLimits, ResolvedDiskLimits } from '../throttle/disk-throttle.js';
 import { loadConfigFile, type ServeConfig } from './config-file.js';
 import { planReload, type ReloadPlan } from './reload.js';
@@ -404,12 +403,7 @@ function acceptedHosts(bound: { host: string; port: number }): string[] {
 
 /** Writes out buffered log lines, then ends the process without joining worker threads. */
 function exitNow(log: Logger, code: number): never {
-  const stream = (log as unknown as Record<symbol, { flushSync?: () => void } | undefined>)[pino.symbols.streamSym];
-  try {
-    stream?.flushSync?.();
-  } catch {
-    // Nothing more can be done about a log that cannot be written.
-  }
+  flushLogSync(log);
   sys.exitNow(code);
   throw new Error('unreachable: _exit returned');
 }
