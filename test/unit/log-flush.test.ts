@@ -20,10 +20,12 @@ describe('flushLogSync', () => {
     try {
       // The same kind of stream as pino's default (asynchronous sonic-boom), on a file.
       const log = pino({ base: null, timestamp: false }, pino.destination({ dest: fd, sync: false }));
+      // Twice as many tasks as threads: a thread that frees itself (another test's file I/O) takes the next
+      // task, not the write.
       const threads = Number(process.env['UV_THREADPOOL_SIZE'] ?? 4);
       const busy = Array.from(
-        { length: threads },
-        () => new Promise<void>((resolve) => pbkdf2('vublk', 'salt', 400_000, 64, 'sha512', () => resolve())),
+        { length: 2 * threads },
+        () => new Promise<void>((resolve) => pbkdf2('vublk', 'salt', 200_000, 64, 'sha512', () => resolve())),
       );
       log.warn('second signal: exiting immediately');
       log.error('and one more line');
