@@ -226,12 +226,10 @@ export class NetworkExecutor implements RequestExecutor, ChannelMember {
       this.openBytes + request.dataBytes <= this.mergeMaxBytes;
     if (!joins) this.sendOpen();
     const before = this.pieceCount;
-    for (let s = 0; s < request.segCount; s++) {
-      if (!memory.forEachHostPiece(request.segGpa[s] ?? 0, request.segLen[s] ?? 0, this.collect)) {
-        this.pieceCount = before;
-        this.completeNow(head, request, BlkStatus.IOERR, 'data buffer left guest memory', started);
-        return;
-      }
+    if (!this.collectPieces(memory, request)) {
+      this.pieceCount = before;
+      this.completeNow(head, request, BlkStatus.IOERR, 'data buffer left guest memory', started);
+      return;
     }
     const pieces = this.pieceCount - before;
     if (pieces > MAX_PIECES) {
@@ -244,7 +242,7 @@ export class NetworkExecutor implements RequestExecutor, ChannelMember {
       // collected only as far as the scratch goes, so collect them again from the start).
       this.pieceCount = before;
       this.sendOpen();
-      for (let s = 0; s < request.segCount; s++) memory.forEachHostPiece(request.segGpa[s] ?? 0, request.segLen[s] ?? 0, this.collect);
+      this.collectPieces(memory, request);
     }
     const slot = this.takeSlot(head, request, type, started);
     if (this.openLeader >= 0) {
@@ -263,6 +261,14 @@ export class NetworkExecutor implements RequestExecutor, ChannelMember {
     }
     this.submittedSinceKick = true;
     if (this.mergeMaxBytes === 0) this.sendOpen();
+  }
+
+  /** Appends the host pieces of the request's buffers to the scratch; false when a buffer leaves guest memory. */
+  private collectPieces(memory: GuestMemory, request: BlkRequest): boolean {
+    for (let s = 0; s < request.segCount; s++) {
+      if (!memory.forEachHostPiece(request.segGpa[s] ?? 0, request.segLen[s] ?? 0, this.collect)) return false;
+    }
+    return true;
   }
 
   /** Claims a slot for a request about to go to the transport. */
