@@ -14,11 +14,6 @@ interface BackendCommon {
   key: string;
   /** Largest READ / WRITE the executor makes by merging adjacent requests (bytes); 0 = no merging. */
   mergeMaxBytes: number;
-  /**
-   * Bytes of READ / WRITE data one queue keeps in flight at most (0 = no bound of its own): a request over it
-   * waits in the ring until completions make room, and one always goes when nothing is in flight.
-   */
-  inflightBytesMax: number;
 }
 
 export interface NbdBackend extends BackendCommon {

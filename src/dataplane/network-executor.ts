@@ -65,11 +65,6 @@ export interface NetworkExecutorOptions {
   ignoreFlush?: boolean;
   /** Largest merged READ / WRITE in bytes; 0 turns merging off (default: no merging). */
   mergeMaxBytes?: number;
-  /**
-   * Bytes of READ / WRITE data in flight at most (0: no bound). A request that would pass it waits in the ring
-   * (`canAccept`) until completions make room; one always goes when nothing is in flight.
-   */
-  inflightBytesMax?: number;
   /** Told of each request that joined an earlier one's operation (for the merge counter). */
   onMerged?: () => void;
   /** Told when the connection is lost or back (for the control plane's log). */
@@ -103,9 +98,6 @@ export class NetworkExecutor implements RequestExecutor, ChannelMember {
   private readonly ranges: (RangeSegment[] | null)[] = new Array<RangeSegment[] | null>(NETWORK_DEPTH).fill(null);
   private readonly freeSlots: number[] = [];
   private active = 0;
-  /** READ / WRITE data bytes of the slots in flight (against `inflightBytesMax`). */
-  private inflightBytes = 0;
-  private readonly inflightBytesMax: number;
   /** A DISCARD / WRITE_ZEROES is in flight: nothing else starts. */
   private barrierSlot = -1;
 
@@ -152,7 +144,6 @@ export class NetworkExecutor implements RequestExecutor, ChannelMember {
   ) {
     for (let slot = NETWORK_DEPTH - 1; slot >= 0; slot--) this.freeSlots.push(slot);
     this.mergeMaxBytes = Math.max(0, options.mergeMaxBytes ?? 0);
-    this.inflightBytesMax = Math.max(0, options.inflightBytesMax ?? 0);
     // GET_ID, unknown types and (cache=unsafe) FLUSH: answered without an image.
     this.sync = new SyncExecutor(-1, limits, { ignoreFlush: true });
     this.sync.onComplete = (c) => this.onComplete(c);
@@ -170,9 +161,6 @@ export class NetworkExecutor implements RequestExecutor, ChannelMember {
   canAccept(request: BlkRequest): boolean {
     if (this.freeSlots.length === 0 || this.barrierSlot >= 0) return false;
     if (request.type === BlkRequestType.DISCARD || request.type === BlkRequestType.WRITE_ZEROES) return this.active === 0;
-    // The byte budget holds a READ / WRITE back, never refuses it: with nothing in flight any size goes.
-    const data = request.type === BlkRequestType.IN || request.type === BlkRequestType.OUT;
-    if (data && this.inflightBytes > 0 && this.inflightBytesMax > 0) return this.inflightBytes + request.dataBytes <= this.inflightBytesMax;
     return true;
   }
 
@@ -291,7 +279,6 @@ export class NetworkExecutor implements RequestExecutor, ChannelMember {
     this.statusGpa[slot] = request.statusGpa;
     this.type[slot] = type;
     this.dataBytes[slot] = request.dataBytes;
-    if (type === BlkRequestType.IN || type === BlkRequestType.OUT) this.inflightBytes += request.dataBytes;
     this.started[slot] = started;
     this.phase[slot] = Phase.Main;
     this.errno[slot] = 0;
@@ -410,7 +397,6 @@ export class NetworkExecutor implements RequestExecutor, ChannelMember {
     c.type = type;
     c.status = code === 0 ? BlkStatus.OK : code === Errno.EOPNOTSUPP ? BlkStatus.UNSUPP : BlkStatus.IOERR;
     c.dataBytes = this.dataBytes[slot]!;
-    if (type === BlkRequestType.IN || type === BlkRequestType.OUT) this.inflightBytes -= c.dataBytes;
     c.written = code === 0 && type === BlkRequestType.IN ? c.dataBytes : 0;
     c.latencyNanos = (now - this.started[slot]!) * 1e6;
     c.error = code === 0 ? '' : `${blkRequestName(type)}: ${errnoName(code)}`;

@@ -103,7 +103,6 @@ export class RingServer {
       const network = new NetworkExecutor(this.init.network, this.init.limits, {
         ignoreFlush: options.ignoreFlush === true,
         mergeMaxBytes: this.init.network.mergeMaxBytes,
-        inflightBytesMax: this.init.network.inflightBytesMax,
         onMerged: () => this.counters.add(Counter.merged),
         onHealthChange: (reason) => this.post({ type: 'event', kind: 'backend', queue: this.queue, reason }),
       });

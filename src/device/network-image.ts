@@ -194,8 +194,6 @@ async function openNbd(uri: string, options: NetworkImageOptions): Promise<Netwo
     connections: info.canMultiConn ? (options.connections ?? NBD_DEFAULT_CONNECTIONS) : 1,
     // A merge past the server's largest payload would only be split again.
     mergeMaxBytes: mergeLimit(options, info.maximumPayload),
-    // The NBD client sends write data from guest memory and keeps no copy: the queue's depth bounds it.
-    inflightBytesMax: 0,
   };
   return {
     kind: 'nbd',
@@ -241,36 +239,11 @@ function migratableLock(image: RbdImage, spec: RbdSpec): Pick<NetworkImage, 'dev
   };
 }
 
-/**
- * librbd options vublk sets on every RBD disk, over the ceph.conf ones (docs/rbd.md, "librbd settings"):
- * - rbd_cache off: a write completes when the OSDs have it, and FLUSH has nothing to lose.
- * - rbd_disable_zero_copy_writes (Ceph's default, pinned): write data is copied at submission, so a write left
- *   in flight by a ring that stopped never reads guest memory again (the session quarantines that memory,
- *   control/memory-table.ts).
- * - rbd_non_blocking_aio off: librbd starts a request in the calling thread (the worker) instead of handing it
- *   to its own thread pool first; one thread hand-off (a futex wake and a context switch) less per request,
- *   about 3 µs of CPU per 4 KiB read on the micro cluster. What could make that call wait is gone: the
- *   cache (off) and the Objecter's in-flight throttles (next), whose bound vublk keeps itself without
- *   blocking (RBD_QUEUE_INFLIGHT_BYTES, and NETWORK_DEPTH requests per queue).
- * - objecter_inflight_ops / objecter_inflight_op_bytes 0 (no limit): at the limit, the Objecter blocks the
- *   submitting thread, which is now the worker serving every queue it holds.
- */
-const RBD_CLIENT_CONF: Readonly<Record<string, string>> = {
-  rbd_cache: 'false',
-  rbd_disable_zero_copy_writes: 'true',
-  rbd_non_blocking_aio: 'false',
-  objecter_inflight_ops: '0',
-  objecter_inflight_op_bytes: '0',
-};
-/**
- * Bytes of READ / WRITE data one RBD queue keeps in flight at most: in place of the Objecter's byte throttle
- * (100 MiB per image, turned off above), a bound on the copies of write data librbd holds; a request over it
- * waits in the ring. At its default depth (32 × 4 KiB, or 8 × 1 MiB merged) a queue stays far below it.
- */
-export const RBD_QUEUE_INFLIGHT_BYTES = 64 * 1024 * 1024;
-
 async function openRbd(spec: RbdSpec, mergeMaxBytes: number): Promise<NetworkImage> {
-  const image = await RbdImage.open(spec, { conf: RBD_CLIENT_CONF });
+  // librbd's cache is off: a write completes when the OSDs have it, and FLUSH has nothing to lose. Write data
+  // is copied at submission (Ceph's default, pinned here): a write left in flight by a ring that stopped
+  // never reads the guest memory again, which the session then quarantines (control/memory-table.ts).
+  const image = await RbdImage.open(spec, { conf: { rbd_cache: 'false', rbd_disable_zero_copy_writes: 'true' } });
   let size: number;
   try {
     size = image.size();
@@ -289,14 +262,7 @@ async function openRbd(spec: RbdSpec, mergeMaxBytes: number): Promise<NetworkIma
     canDiscard: true,
     canWriteZeroes: true,
     pinQueues: true,
-    backend: {
-      kind: 'rbd',
-      key: backendKey('rbd'),
-      handle: image.handle,
-      eventFd: image.eventFd,
-      mergeMaxBytes,
-      inflightBytesMax: RBD_QUEUE_INFLIGHT_BYTES,
-    },
+    backend: { kind: 'rbd', key: backendKey('rbd'), handle: image.handle, eventFd: image.eventFd, mergeMaxBytes },
     resize: (bytes) => image.resize(bytes),
     lockOwner: () => image.isLockOwner(),
     ...(spec.lock === 'migratable' && !spec.readOnly ? migratableLock(image, spec) : {}),

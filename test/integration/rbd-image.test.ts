@@ -774,41 +774,6 @@ describe('RBD back-end against a real Ceph cluster', () => {
     }
   });
 
-  it("librbd settings the daemon applies (read back through the client's admin socket), and 1 MiB writes at QD128, over a queue's 64 MiB byte budget, all complete", async () => {
-    await cluster.run('rbd', ['create', '--size', '96M', 'rbd/budget']);
-    const dir = mkdtempSync(path.join(os.tmpdir(), 'vublk-rbd-asok-'));
-    const asok = path.join(dir, 'client.asok');
-    // The cluster's ceph.conf plus an admin socket of the daemon's own ([client] overrides [global]).
-    const conf = path.join(dir, 'ceph.conf');
-    writeFileSync(conf, `${readFileSync(cluster.conf, 'utf8')}\n[client]\nadmin_socket = ${asok}\n`);
-    const disk = `image=rbd:rbd/budget,conf=${conf},id=vublk,keyring=${cluster.vublkKeyring},socket=vublk.sock`;
-    const daemon = await startDaemon({ rawArgs: ['serve', '--disk', disk, ...METRICS_ARGS, '--admin-socket', 'off'] });
-    try {
-      const setting = (key: string): string =>
-        (
-          JSON.parse(execFileSync('ceph', ['--admin-daemon', asok, 'config', 'get', key], { encoding: 'utf8', timeout: 30_000 })) as Record<
-            string,
-            string
-          >
-        )[key]!;
-      expect(setting('rbd_non_blocking_aio'), 'requests start in the worker thread').toBe('false');
-      expect(setting('objecter_inflight_ops'), "the Objecter never blocks the worker: vublk's depth bounds ops").toBe('0');
-      expect(setting('objecter_inflight_op_bytes'), "vublk's per-queue budget bounds bytes instead").toBe('0');
-      expect(setting('rbd_cache')).toBe('false');
-      // 96 writes of 1 MiB wanted in flight at once, 64 MiB allowed: the rest wait in the ring for room and go
-      // as writes complete (a budget that never freed room would stall this run into its timeout).
-      const result = await runBench(verifyArgs(daemon.socketPath, { size: '96M', bs: '1M', iodepth: 128, seed: 31 }), 120_000);
-      expect(result.code, `${result.stdout}${result.stderr}\n${daemon.output().slice(-3000)}`).toBe(0);
-      expect(result.stdout).toContain('verify: OK, every byte matches');
-      const m = await scrape(await metricsUrl(daemon));
-      expect(sampleValue(m, 'vublk_requests_total', { disk: 'disk0', queue: '0', op: 'write' })).toBe(96);
-      expect(sampleValue(m, 'vublk_io_errors_total', { disk: 'disk0', queue: '0' })).toBe(0);
-    } finally {
-      await daemon.stop();
-      rmSync(dir, { recursive: true, force: true });
-    }
-  });
-
   it("a writer killed under I/O: flushed data survives, and a new exclusive open takes the dead holder's lock", async () => {
     const root = path.resolve(import.meta.dirname, '../..');
     // The child opens with the exclusive lock, writes and flushes a pattern, says so, then keeps writing

@@ -261,36 +261,6 @@ describe('network executor', () => {
     expect(transport.closed).toBe(true);
   });
 
-  it('byte budget (inflightBytesMax): holds READ / WRITE back while over it, never FLUSH, and lets one through alone', () => {
-    const { transport, executor, done } = setup(true, { inflightBytesMax: 8192 });
-    const read = (sector: number, bytes: number, status: number) => request(BlkRequestType.IN, sector, [[0, bytes]], status);
-    const big = request(BlkRequestType.OUT, 64, [[0, 16384]], 803);
-    // Alone, a request over the whole budget still goes: the queue can never stall on it.
-    expect(executor.canAccept(big)).toBe(true);
-    executor.submit(fixture.memory, read(0, 4096, 800), 1, CAPACITY, true);
-    expect(executor.canAccept(read(8, 4096, 801))).toBe(true); // 4096 + 4096 = the budget exactly
-    executor.submit(fixture.memory, read(8, 4096, 801), 2, CAPACITY, true);
-    executor.submitPending();
-    expect(executor.canAccept(read(16, 512, 802))).toBe(false);
-    expect(executor.canAccept(big)).toBe(false);
-    expect(executor.canAccept(request(BlkRequestType.FLUSH, 0, [], 804))).toBe(true);
-    // Room is freed per request as it completes.
-    transport.answer(transport.tags[0]!);
-    executor.reap();
-    expect(done.map((c) => c.head)).toEqual([1]);
-    expect(executor.canAccept(read(16, 4096, 802))).toBe(true);
-    expect(executor.canAccept(read(16, 4096 + 512, 802))).toBe(false);
-    executor.submit(fixture.memory, read(16, 4096, 802), 3, CAPACITY, true);
-    executor.submitPending();
-    expect(executor.canAccept(read(32, 512, 805))).toBe(false);
-    transport.answer(transport.tags[1]!);
-    transport.answer(transport.tags[2]!);
-    executor.reap();
-    expect(done.map((c) => c.head)).toEqual([1, 2, 3]);
-    expect(executor.inFlight).toBe(0);
-    expect(executor.canAccept(big)).toBe(true);
-  });
-
   it("passes the worker's epoll reports on to the transport (completionReady)", () => {
     const { transport, executor } = setup();
     expect(transport.readyReports).toBe(0);
