@@ -774,6 +774,46 @@ describe('RBD back-end against a real Ceph cluster', () => {
     }
   });
 
+  it("the librbd settings the daemon applies, read back through its client admin socket; 128 MiB of 1 MiB writes wanted in flight at once (more than the Objecter's 100 MiB limit) all complete", async () => {
+    await cluster.run('rbd', ['create', '--size', '128M', 'rbd/big-writes']);
+    const dir = mkdtempSync(path.join(os.tmpdir(), 'vublk-rbd-asok-'));
+    const asok = path.join(dir, 'client.asok');
+    // The cluster's ceph.conf plus an admin socket of the daemon's own ([client] overrides [global]).
+    const conf = path.join(dir, 'ceph.conf');
+    writeFileSync(conf, `${readFileSync(cluster.conf, 'utf8')}\n[client]\nadmin_socket = ${asok}\n`);
+    const disk = `image=rbd:rbd/big-writes,conf=${conf},id=vublk,keyring=${cluster.vublkKeyring},socket=vublk.sock`;
+    const daemon = await startDaemon({ rawArgs: ['serve', '--disk', disk, ...METRICS_ARGS, '--admin-socket', 'off'] });
+    try {
+      const setting = (key: string): string =>
+        (
+          JSON.parse(execFileSync('ceph', ['--admin-daemon', asok, 'config', 'get', key], { encoding: 'utf8', timeout: 30_000 })) as Record<
+            string,
+            string
+          >
+        )[key]!;
+      expect(setting('rbd_cache'), 'a write completes when the OSDs have it').toBe('false');
+      expect(setting('rbd_disable_zero_copy_writes'), 'write data copied at submission').toBe('true');
+      // 128 writes of 1 MiB wanted in flight at once: the Objecter lets 100 MiB through and holds the rest in
+      // librbd's own threads until replies free room (vublk's worker never waits for it).
+      const result = await runBench(verifyArgs(daemon.socketPath, { size: '128M', bs: '1M', iodepth: 128, seed: 31 }), 120_000);
+      expect(result.code, `${result.stdout}${result.stderr}\n${daemon.output().slice(-3000)}`).toBe(0);
+      expect(result.stdout).toContain('verify: OK, every byte matches');
+      const m = await scrape(await metricsUrl(daemon));
+      expect(sampleValue(m, 'vublk_requests_total', { disk: 'disk0', queue: '0', op: 'write' })).toBe(128);
+      expect(sampleValue(m, 'vublk_io_errors_total', { disk: 'disk0', queue: '0' })).toBe(0);
+      const objecter = (
+        JSON.parse(execFileSync('ceph', ['--admin-daemon', asok, 'perf', 'dump'], { encoding: 'utf8', timeout: 30_000 })) as {
+          'throttle-objecter_bytes'?: { max?: number; get_sum?: number };
+        }
+      )['throttle-objecter_bytes'];
+      expect(objecter?.max, "librbd's default in-flight byte limit").toBe(100 * MiB);
+      expect(objecter?.get_sum ?? 0, 'every write went through the Objecter').toBeGreaterThanOrEqual(128 * MiB);
+    } finally {
+      await daemon.stop();
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
   it("a writer killed under I/O: flushed data survives, and a new exclusive open takes the dead holder's lock", async () => {
     const root = path.resolve(import.meta.dirname, '../..');
     // The child opens with the exclusive lock, writes and flushes a pattern, says so, then keeps writing
