@@ -784,13 +784,10 @@ describe('RBD back-end against a real Ceph cluster', () => {
     const disk = `image=rbd:rbd/big-writes,conf=${conf},id=vublk,keyring=${cluster.vublkKeyring},socket=vublk.sock`;
     const daemon = await startDaemon({ rawArgs: ['serve', '--disk', disk, ...METRICS_ARGS, '--admin-socket', 'off'] });
     try {
-      const setting = (key: string): string =>
-        (
-          JSON.parse(execFileSync('ceph', ['--admin-daemon', asok, 'config', 'get', key], { encoding: 'utf8', timeout: 30_000 })) as Record<
-            string,
-            string
-          >
-        )[key]!;
+      // The daemon's librados answers on its admin socket with JSON (`ceph --admin-daemon`).
+      const adminSocket = <T>(...command: string[]): T =>
+        JSON.parse(execFileSync('ceph', ['--admin-daemon', asok, ...command], { encoding: 'utf8', timeout: 30_000 })) as T;
+      const setting = (key: string): string => adminSocket<Record<string, string>>('config', 'get', key)[key]!;
       expect(setting('rbd_cache'), 'a write completes when the OSDs have it').toBe('false');
       expect(setting('rbd_disable_zero_copy_writes'), 'write data copied at submission').toBe('true');
       // 128 writes of 1 MiB wanted in flight at once: the Objecter lets 100 MiB through and holds the rest in
@@ -801,11 +798,9 @@ describe('RBD back-end against a real Ceph cluster', () => {
       const m = await scrape(await metricsUrl(daemon));
       expect(sampleValue(m, 'vublk_requests_total', { disk: 'disk0', queue: '0', op: 'write' })).toBe(128);
       expect(sampleValue(m, 'vublk_io_errors_total', { disk: 'disk0', queue: '0' })).toBe(0);
-      const objecter = (
-        JSON.parse(execFileSync('ceph', ['--admin-daemon', asok, 'perf', 'dump'], { encoding: 'utf8', timeout: 30_000 })) as {
-          'throttle-objecter_bytes'?: { max?: number; get_sum?: number };
-        }
-      )['throttle-objecter_bytes'];
+      const objecter = adminSocket<{ 'throttle-objecter_bytes'?: { max?: number; get_sum?: number } }>('perf', 'dump')[
+        'throttle-objecter_bytes'
+      ];
       expect(objecter?.max, "librbd's default in-flight byte limit").toBe(100 * MiB);
       expect(objecter?.get_sum ?? 0, 'every write went through the Objecter').toBeGreaterThanOrEqual(128 * MiB);
     } finally {
