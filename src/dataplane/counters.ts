@@ -15,6 +15,8 @@
  * Why not Atomics.add on a BigInt64Array (the first version): every add allocated two BigInts, about 350 ns
  * and a few hundred bytes of garbage per drain for the worker's young-generation GC to collect.
  */
+import { performance } from 'node:perf_hooks';
+
 export const Counter = {
   reads: 0,
   writes: 1,
@@ -71,8 +73,15 @@ export const COUNTERS_PER_QUEUE = SCALAR_COUNTERS + LATENCY_OPS * HISTOGRAM_CELL
 
 /** 8-byte words per queue block: the sequence word (an int32 in the first half) and the counters. */
 const BLOCK_WORDS = COUNTERS_PER_QUEUE + 1;
-/** A reader gives up waiting for a consistent snapshot after this many tries (a writer that died mid-publish). */
-const MAX_READ_TRIES = 10_000;
+/** Tries a reader spins for a consistent snapshot before it starts yielding its CPU between tries. */
+const SPIN_TRIES = 1_000;
+/**
+ * How long a reader waits for a publish to end, yielding between tries, before it takes what it read: far
+ * longer than a scheduler time slice, so a writer preempted in the middle of a publish runs again first.
+ */
+const READ_WAIT_MS = 100;
+/** Each yield between tries (Atomics.wait on a cell nobody signals: a sleep that works on every thread). */
+const YIELD_MS = 0.05;
 
 export function createCounterBuffer(queues: number): SharedArrayBuffer {
   return new SharedArrayBuffer(queues * BLOCK_WORDS * 8);
@@ -96,8 +105,12 @@ function storeCell(words: Int32Array, cell: number, value: number, previous: num
 /** One counter buffer as int32 words: the sequence word of a block at its first word, then its cells. */
 class CounterViews {
   readonly words: Int32Array;
+  /** Per queue: a sequence value a reader waited READ_WAIT_MS on in vain (its writer died), else -1. */
+  private readonly abandoned: Int32Array;
+  private readonly pause = new Int32Array(new SharedArrayBuffer(4));
   constructor(buffer: SharedArrayBuffer) {
     this.words = new Int32Array(buffer);
+    this.abandoned = new Int32Array(this.queues).fill(-1);
   }
   get queues(): number {
     return this.words.length / 2 / BLOCK_WORDS;
@@ -110,15 +123,27 @@ class CounterViews {
     const seqIndex = queue * BLOCK_WORDS * 2;
     const base = queue * BLOCK_WORDS + 1;
     let value: T | undefined;
-    // Bounded: a publish takes well under a microsecond and a worker publishes once per drain. A writer that
-    // died mid-publish (the sequence odd for ever), or one publishing back to back faster than this reads,
-    // gets the last read returned, which may mix two publishes, rather than the caller spinning.
-    for (let tries = 0; tries < MAX_READ_TRIES; tries++) {
+    let deadline = 0;
+    // Bounded by READ_WAIT_MS. A publish takes well under a microsecond, so spinning covers the usual overlap;
+    // a writer preempted mid-publish (the sequence odd until the scheduler runs it again, milliseconds on a
+    // busy host: spinning 10,000 tries returned torn histograms then) is waited for with the CPU given up.
+    // A writer that died mid-publish (the sequence odd for ever) gets the last read returned, which may mix
+    // two publishes, once per sequence value: `abandoned` makes later reads of that state not wait again.
+    for (let tries = 0; ; tries++) {
       const before = Atomics.load(this.words, seqIndex);
       if ((before & 1) === 0) {
         value = read(this.words, base);
         if (Atomics.load(this.words, seqIndex) === before) return value;
       }
+      if (tries < SPIN_TRIES) continue;
+      if (before === this.abandoned[queue]) break;
+      const now = performance.now();
+      if (deadline === 0) deadline = now + READ_WAIT_MS;
+      else if (now >= deadline) {
+        this.abandoned[queue] = before;
+        break;
+      }
+      Atomics.wait(this.pause, 0, 0, YIELD_MS);
     }
     return value ?? read(this.words, base);
   }

@@ -3,7 +3,7 @@
 // racing a writer on another thread only ever sees whole publishes (the seqlock).
 import { Worker } from 'node:worker_threads';
 import { describe, expect, it } from 'vitest';
-import { Counter, CounterReader, LatencyOp, QueueCounters, createCounterBuffer } from '../../src/dataplane/counters.js';
+import { COUNTERS_PER_QUEUE, Counter, CounterReader, LatencyOp, QueueCounters, createCounterBuffer } from '../../src/dataplane/counters.js';
 
 describe('queue counters', () => {
   it('publishes adds, gauges and latencies per queue at flush, not before', () => {
@@ -51,6 +51,29 @@ describe('queue counters', () => {
     expect(new CounterReader(buffer).read(0, 'bytesWritten')).toBe(3 * (2 ** 48 + 1));
   });
 
+  it('a writer stopped mid-publish: reads end with the last values, then read the next whole publish', () => {
+    const buffer = createCounterBuffer(2);
+    const writer = new QueueCounters(buffer, 1);
+    writer.add(Counter.reads, 3);
+    writer.flush();
+    // The sequence word of queue 1 left odd, as by a writer that died between its two sequence stores.
+    const seq = new Int32Array(buffer);
+    const seqIndex = (COUNTERS_PER_QUEUE + 1) * 2;
+    const published = Atomics.load(seq, seqIndex);
+    Atomics.store(seq, seqIndex, published + 1);
+    const reader = new CounterReader(buffer);
+    expect(reader.read(1, 'reads')).toBe(3);
+    expect(reader.read(1, 'reads')).toBe(3);
+    expect(reader.read(0, 'reads')).toBe(0);
+    // The writer finishes (a preempted one, not a dead one): its next publish is read whole.
+    Atomics.store(seq, seqIndex, published);
+    writer.add(Counter.reads, 2);
+    writer.observeLatency(LatencyOp.read, 1000);
+    writer.flush();
+    expect(reader.read(1, 'reads')).toBe(5);
+    expect(reader.latency(1, 'read')).toMatchObject({ count: 1, sumSeconds: 1e-6 });
+  });
+
   it('a reader on another thread never sees half a publish', async () => {
     const buffer = createCounterBuffer(2);
     // The writer publishes, in each flush, one read of exactly 1 µs: in every whole snapshot of the histogram
@@ -68,9 +91,8 @@ describe('queue counters', () => {
           writer.observeLatency(LatencyOp.read, 1000);
           writer.flush();
           flushes++;
-          // A pause as between two drains (a worker publishes once per drain; here ~7 µs apart). A writer
-          // publishing back to back can starve a reader still running unoptimised code (start-up), which then
-          // gives up after a bounded number of tries with whatever it read.
+          // A pause as between two drains (a worker publishes once per drain; here ~7 µs apart). With busy
+          // CPUs this thread is also preempted in the middle of a publish: the reader must wait it out.
           for (let k = 0; k < 1000; k++) Atomics.load(stop, 0);
         }
         parentPort.postMessage(flushes);
