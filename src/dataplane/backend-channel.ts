@@ -11,7 +11,7 @@
  *
  * The registry is module state: every worker thread has its own copy of this module.
  */
-import { NbdClient } from '../backend/nbd/nbd-client.js';
+import { NbdClient, type NbdClientCounters } from '../backend/nbd/nbd-client.js';
 import { InterestSet } from '../sys/interest-set.js';
 import { RbdQueue } from '../backend/rbd/rbd-queue.js';
 import type { IoSegments } from '../backend/nbd/io-segments.js';
@@ -57,7 +57,7 @@ export interface Transport {
  * them, which is what a virtio FLUSH promises (writes completed before it). Each connection reconnects on its
  * own, with its own timeouts.
  */
-class NbdTransport implements Transport {
+export class NbdTransport implements Transport {
   readonly supportsFua = true;
   readonly fd: number;
   private readonly clients: NbdClient[] = [];
@@ -97,20 +97,45 @@ class NbdTransport implements Transport {
 
   /**
    * The connection for the next request: the connected one with the fewest parts queued or on the wire
-   * (ties rotate); the first when none is connected, so a connection the server never accepts (a client
-   * limit such as qemu-nbd's --shared) holds no request. Bounded by the connection count (at most 16).
+   * (ties rotate). When none is connected, the one down for the shortest time (a just-lost connection
+   * rather than one past its reconnect timeout, which would fail the request at once; ties rotate too,
+   * e.g. at ring start, when every connection is still making its first attempt); `poll` hands what
+   * waits there to whichever connection comes up first, so a connection the server never accepts (a
+   * client limit such as qemu-nbd's --shared) keeps no request. Bounded by the connection count (at most 16).
    */
   private pick(): NbdClient {
     const clients = this.clients;
     const count = clients.length;
     if (count === 1) return clients[0]!;
     let best: NbdClient | null = null;
+    let freshest: NbdClient | null = null;
     for (let i = 0; i < count; i++) {
       const client = clients[(this.start + i) % count]!;
-      if (client.state === 'connected' && (best === null || client.queuedParts < best.queuedParts)) best = client;
+      if (client.state === 'connected') {
+        if (best === null || client.queuedParts < best.queuedParts) best = client;
+      } else if (best === null && (freshest === null || client.downSince > freshest.downSince)) {
+        freshest = client;
+      }
     }
     this.start = (this.start + 1) % count;
-    return best ?? clients[0]!;
+    return best ?? freshest!;
+  }
+
+  /**
+   * Requests waiting on a connection that is down go to the least busy connected one: they would otherwise
+   * wait for their own connection's reconnect, or fail after its timeout while another could serve them.
+   */
+  private handOver(): void {
+    const clients = this.clients;
+    for (const from of clients) {
+      if (from.waitingWhileDown === 0) continue;
+      let to: NbdClient | null = null;
+      for (const client of clients) {
+        if (client.state === 'connected' && (to === null || client.queuedParts < to.queuedParts)) to = client;
+      }
+      if (to === null) return;
+      if (from.handWaitingTo(to) > 0) to.flush();
+    }
   }
 
   read(tag: number, offset: number, segments: IoSegments): void {
@@ -128,6 +153,10 @@ class NbdTransport implements Transport {
   writeZeroes(tag: number, offset: number, length: number, mayUnmap: boolean): void {
     this.pick().submitWriteZeroes(tag, offset, length, mayUnmap);
   }
+  /** Each connection's state and counters, in connection order (diagnostics and tests). */
+  connections(): Array<{ state: string; counters: Readonly<NbdClientCounters> }> {
+    return this.clients.map((client) => ({ state: client.state, counters: client.counters }));
+  }
   kick(): void {
     for (const client of this.clients) client.flush();
   }
@@ -141,6 +170,7 @@ class NbdTransport implements Transport {
     } finally {
       this.deliver = null;
     }
+    if (this.clients.length > 1) this.handOver();
   }
   /** null until the first connect succeeds or fails (connecting at ring start is not news). */
   private healthy: boolean | null = null;
@@ -156,15 +186,17 @@ class NbdTransport implements Transport {
     if (first && healthy === true) return '';
     let connects = 0;
     let resubmitted = 0;
+    let handedOver = 0;
     let timedOut = 0;
     for (const { counters } of this.clients) {
       connects += counters.connects;
       resubmitted += counters.resubmitted;
+      handedOver += counters.handedOver;
       timedOut += counters.timedOutRequests;
     }
     const which = this.clients.length > 1 ? ` (${this.clients.length} connections)` : '';
     return healthy
-      ? `NBD connection up again${which} (connects ${connects}, requests resent ${resubmitted}, failed after the reconnect timeout ${timedOut})`
+      ? `NBD connection up again${which} (connects ${connects}, requests resent ${resubmitted}, handed to another connection ${handedOver}, failed after the reconnect timeout ${timedOut})`
       : `NBD connection lost${which}: ${down!.lastError || down!.state}; reconnecting (requests wait up to the reconnect timeout)`;
   }
   close(): void {

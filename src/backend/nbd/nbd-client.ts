@@ -18,9 +18,11 @@
  *   own range, so a hostile server can corrupt what it serves but never memory outside the request.
  * - Requests larger than the server's maximum payload (or 2 GiB for trim/zeroes) are split into parts; a
  *   request completes when its last part does, with the first error any part saw.
- * - While disconnected, requests wait. Once `reconnectTimeoutMs` has passed since the connection was lost,
- *   every waiting request completes with EIO (counted in `timedOutRequests`) and new ones fail at once until
- *   the server is back; reconnect attempts continue with capped exponential backoff for the client's life.
+ * - While disconnected, requests wait, unless the owner of several connections to one multi-conn export
+ *   hands them to a connected one (`handWaitingTo`). Once `reconnectTimeoutMs` has passed since the
+ *   connection was lost, every waiting request completes with EIO (counted in `timedOutRequests`) and new
+ *   ones fail at once until the server is back; reconnect attempts continue with capped exponential backoff
+ *   for the client's life.
  */
 import { performance } from 'node:perf_hooks';
 import {
@@ -130,6 +132,8 @@ export interface NbdClientCounters {
   stalls: number;
   /** Requests (parts) sent again after a reconnect. */
   resubmitted: number;
+  /** Requests (parts) handed to another, connected, connection of the same export while this one was down. */
+  handedOver: number;
   /** Requests completed with EIO because the server stayed away longer than reconnectTimeoutMs. */
   timedOutRequests: number;
   /** Requests the server answered with an error. */
@@ -167,6 +171,8 @@ class Operation {
 
 /** One wire request. */
 class Part {
+  /** Order within the client that holds the part (a handover renumbers it in the receiving client). */
+  seq: number;
   /** Slot in the in-flight table while on the wire, else -1. */
   slot = -1;
   /** Bytes of header+payload sent so far. */
@@ -179,14 +185,16 @@ class Part {
   errno = 0;
   constructor(
     readonly op: Operation,
-    readonly seq: number,
+    seq: number,
     readonly command: number,
     readonly flags: number,
     readonly offset: number,
     readonly length: number,
     /** Where this part's data starts within the operation's segments. */
     readonly dataStart: number,
-  ) {}
+  ) {
+    this.seq = seq;
+  }
 
   get payloadBytes(): number {
     return this.command === Command.WRITE ? this.length : 0;
@@ -221,6 +229,7 @@ export class NbdClient {
     protocolErrors: 0,
     stalls: 0,
     resubmitted: 0,
+    handedOver: 0,
     timedOutRequests: 0,
     serverErrors: 0,
     requests: 0,
@@ -379,6 +388,40 @@ export class NbdClient {
   /** Parts waiting to go on the wire or on it: how busy this connection is (cheap, for load balancing). */
   get queuedParts(): number {
     return this.waiting.length + this.inFlightCount;
+  }
+
+  /**
+   * When this connection went down (ms, the client's clock): -1 while connected and answering, Infinity
+   * while its first attempt is under way (not known to be down).
+   */
+  get downSince(): number {
+    if (this.unhealthySince >= 0) return this.unhealthySince;
+    return this.stateValue === 'connected' ? -1 : Number.POSITIVE_INFINITY;
+  }
+
+  /** Parts waiting while the connection is down, which another connection could send now. */
+  get waitingWhileDown(): number {
+    return this.stateValue === 'connecting' || this.stateValue === 'disconnected' ? this.waiting.length : 0;
+  }
+
+  /**
+   * Moves every part waiting here to `other`, a connected client of the same export (multi-conn: any
+   * connection may carry any request, and a FLUSH on one covers writes completed on all). Only while this
+   * connection is down: then nothing of it is on the wire (a lost connection requeues its wire), so each
+   * operation's remaining parts move together and its completion comes from `other`, exactly once.
+   * Parts were cut to this connection's maximum payload and flagged for its FUA support; a connection whose
+   * handshake said otherwise gets none. Returns the parts moved; the caller flushes `other`, which sends them.
+   */
+  handWaitingTo(other: NbdClient): number {
+    if (this.waitingWhileDown === 0 || other === this || other.stateValue !== 'connected') return 0;
+    if (other.info.maximumPayload < this.info.maximumPayload || other.info.canFua !== this.info.canFua) return 0;
+    const parts = this.waiting.splice(0);
+    for (const part of parts) {
+      part.seq = other.seq++;
+      other.waiting.push(part);
+    }
+    this.counters.handedOver += parts.length;
+    return parts.length;
   }
 
   /** Requests accepted and not yet completed. */
