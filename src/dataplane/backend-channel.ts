@@ -24,6 +24,27 @@ const SLOT_SPAN = 1 << SLOT_BITS;
 /** errno 0 = success, else a positive errno. */
 export type TransportDeliver = (tag: number, errno: number) => void;
 
+/** Connection events a transport counts (cumulative totals, in this order: `eventTotals`). */
+export const BackendEvent = {
+  /** Handshakes completed, the first of each connection included. */
+  connects: 0,
+  /** Connection attempts that failed (refused, timed out, handshake refused). */
+  connectFailures: 1,
+  /** Connections that broke (EOF, socket error, protocol error, stall). */
+  connectionsLost: 2,
+  /** Requests sent again on a connection after it came back. */
+  resent: 3,
+  /** Requests moved from a connection that was down to one that was up. */
+  handedOver: 4,
+  /** Requests failed with EIO because no connection came back within the reconnect timeout. */
+  timedOut: 5,
+  /** Connections reset because a request got no reply within the request timeout. */
+  stalls: 6,
+  /** Connections reset because the server broke the protocol. */
+  protocolErrors: 7,
+} as const;
+export const BACKEND_EVENTS = 8;
+
 /** The operations the network executor needs from a back-end connection. */
 export interface Transport {
   /** Level-triggered: readable while the transport has progress to make (replies, timers, completions). */
@@ -46,6 +67,10 @@ export interface Transport {
   poll(deliver: TransportDeliver): void;
   /** A change of the connection's health since the last call, for the log ('' when none). */
   healthChange(): string;
+  /** Changes whenever an event total changes (cheap: read every poll); 0 for a transport without events. */
+  readonly eventSerial: number;
+  /** Writes the event totals since the transport opened into `out` (BackendEvent order). */
+  eventTotals(out: Float64Array): void;
   close(): void;
 }
 
@@ -153,6 +178,24 @@ export class NbdTransport implements Transport {
   writeZeroes(tag: number, offset: number, length: number, mayUnmap: boolean): void {
     this.pick().submitWriteZeroes(tag, offset, length, mayUnmap);
   }
+  get eventSerial(): number {
+    let serial = 0;
+    for (const client of this.clients) serial += client.eventSerial;
+    return serial;
+  }
+  eventTotals(out: Float64Array): void {
+    out.fill(0);
+    for (const { counters: c } of this.clients) {
+      out[BackendEvent.connects]! += c.connects;
+      out[BackendEvent.connectFailures]! += c.connectFailures;
+      out[BackendEvent.connectionsLost]! += c.connectionsLost;
+      out[BackendEvent.resent]! += c.resubmitted;
+      out[BackendEvent.handedOver]! += c.handedOver;
+      out[BackendEvent.timedOut]! += c.timedOutRequests;
+      out[BackendEvent.stalls]! += c.stalls;
+      out[BackendEvent.protocolErrors]! += c.protocolErrors;
+    }
+  }
   /** Each connection's state and counters, in connection order (diagnostics and tests). */
   connections(): Array<{ state: string; counters: Readonly<NbdClientCounters> }> {
     return this.clients.map((client) => ({ state: client.state, counters: client.counters }));
@@ -257,6 +300,11 @@ class RbdTransport implements Transport {
   healthChange(): string {
     return '';
   }
+  /** librbd reconnects inside librados and reports nothing of it per request: no events here. */
+  readonly eventSerial = 0;
+  eventTotals(out: Float64Array): void {
+    out.fill(0);
+  }
   close(): void {
     this.queue.close();
   }
@@ -266,6 +314,8 @@ class RbdTransport implements Transport {
 export interface ChannelMember {
   /** A completion for slot `slot` of this member. `direct`: delivered while this member itself polls. */
   accept(slot: number, errno: number, direct: boolean): void;
+  /** Connection events since the last report (BackendEvent order), told to whichever member polled. */
+  backendEvents(deltas: Float64Array): void;
 }
 
 export class BackendChannel {
@@ -278,6 +328,12 @@ export class BackendChannel {
     if (member === undefined) return;
     member.accept(tag % SLOT_SPAN, errno, member === this.poller);
   };
+
+  /** The transport's event serial and totals as last reported to a member. */
+  private reportedSerial = 0;
+  private readonly reported = new Float64Array(BACKEND_EVENTS);
+  private readonly totals = new Float64Array(BACKEND_EVENTS);
+  private readonly deltas = new Float64Array(BACKEND_EVENTS);
 
   constructor(
     readonly key: string,
@@ -312,6 +368,17 @@ export class BackendChannel {
       this.transport.poll(this.route);
     } finally {
       this.poller = null;
+    }
+    const serial = this.transport.eventSerial;
+    if (serial !== this.reportedSerial) {
+      // Events are rare (connects, losses): the totals are summed only when the serial says one happened.
+      this.reportedSerial = serial;
+      this.transport.eventTotals(this.totals);
+      for (let i = 0; i < BACKEND_EVENTS; i++) {
+        this.deltas[i] = this.totals[i]! - this.reported[i]!;
+        this.reported[i] = this.totals[i]!;
+      }
+      member.backendEvents(this.deltas);
     }
     return this.transport.healthChange();
   }

@@ -46,9 +46,19 @@ export const Counter = {
   watchdogDrains: 19,
   /** Requests that rode in an earlier request's back-end operation (network images: request merging). */
   merged: 20,
+  // Network back-end connection events (NBD), in BackendEvent order (backend-channel.ts), counted by whichever
+  // queue of the disk polled the worker's connections when they happened.
+  backendConnects: 21,
+  backendConnectFailures: 22,
+  backendConnectionsLost: 23,
+  backendResent: 24,
+  backendHandedOver: 25,
+  backendTimedOut: 26,
+  backendStalls: 27,
+  backendProtocolErrors: 28,
 } as const;
 export type CounterName = keyof typeof Counter;
-const SCALAR_COUNTERS = 21;
+const SCALAR_COUNTERS = 29;
 
 /** Operations with a latency histogram each. */
 export const LatencyOp = {

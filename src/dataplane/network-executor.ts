@@ -69,6 +69,8 @@ export interface NetworkExecutorOptions {
   onMerged?: () => void;
   /** Told when the connection is lost or back (for the control plane's log). */
   onHealthChange?: (reason: string) => void;
+  /** Told of connection events since the last report (BackendEvent order; for the queue's counters). */
+  onBackendEvents?: (deltas: Float64Array) => void;
 }
 
 export class NetworkExecutor implements RequestExecutor, ChannelMember {
@@ -335,6 +337,11 @@ export class NetworkExecutor implements RequestExecutor, ChannelMember {
       this.wakeSignalled = true;
       signalEventFd(this.wakeFd);
     }
+  }
+
+  /** ChannelMember: connection events seen while this queue polled. */
+  backendEvents(deltas: Float64Array): void {
+    this.options.onBackendEvents?.(deltas);
   }
 
   reap(): number {

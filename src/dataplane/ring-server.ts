@@ -23,6 +23,7 @@ import { Counter, QueueCounters } from './counters.js';
 import { SyncExecutor } from './sync-executor.js';
 import { UringExecutor } from './uring-executor.js';
 import { NetworkExecutor } from './network-executor.js';
+import { BACKEND_EVENTS } from './backend-channel.js';
 import { cachePolicy, type EngineOptions, type IoEngineName, type RequestExecutor } from './request-executor.js';
 import { engineOptions } from './raw-image.js';
 import { createQcow2Executor } from './qcow2-executor.js';
@@ -105,6 +106,9 @@ export class RingServer {
         mergeMaxBytes: this.init.network.mergeMaxBytes,
         onMerged: () => this.counters.add(Counter.merged),
         onHealthChange: (reason) => this.post({ type: 'event', kind: 'backend', queue: this.queue, reason }),
+        onBackendEvents: (deltas) => {
+          for (let i = 0; i < BACKEND_EVENTS; i++) if (deltas[i]! > 0) this.counters.add(Counter.backendConnects + i, deltas[i]);
+        },
       });
       this.post({ type: 'event', kind: 'started', queue: this.queue, reason: `${this.init.network.kind} back-end` });
       return network;

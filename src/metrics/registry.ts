@@ -164,6 +164,47 @@ export function createMetricsRegistry(disks: () => readonly DiskMetricsSource[],
     'Drains run because requests were outstanding and no wake-up came within the worker watchdog period (a lost notification; should stay 0).',
     'watchdogDrains',
   );
+  // Network back-end connections (NBD): a worker's connections serve every queue of the disk it runs, so an
+  // event is counted on whichever of those queues polled them when it happened; sum over queues per disk.
+  const backendEvents: Array<[string, string, CounterName]> = [
+    [
+      'vublk_backend_connects_total',
+      'Network back-end connections made (handshakes completed), the first ones included.',
+      'backendConnects',
+    ],
+    [
+      'vublk_backend_connect_failures_total',
+      'Network back-end connection attempts that failed (refused, timed out, export refused).',
+      'backendConnectFailures',
+    ],
+    [
+      'vublk_backend_connections_lost_total',
+      'Network back-end connections that broke (EOF, socket error, protocol error, stall).',
+      'backendConnectionsLost',
+    ],
+    ['vublk_backend_requests_resent_total', 'Requests sent again on a network back-end connection after it came back.', 'backendResent'],
+    [
+      'vublk_backend_requests_handed_over_total',
+      'Requests moved from a network back-end connection that was down to one that was up (NBD multi-conn).',
+      'backendHandedOver',
+    ],
+    [
+      'vublk_backend_requests_timed_out_total',
+      'Requests failed because no network back-end connection came back within reconnect-timeout (also in vublk_io_errors_total).',
+      'backendTimedOut',
+    ],
+    [
+      'vublk_backend_stalls_total',
+      'Network back-end connections reset because a request got no reply within request-timeout.',
+      'backendStalls',
+    ],
+    [
+      'vublk_backend_protocol_errors_total',
+      'Network back-end connections reset because the server broke the protocol.',
+      'backendProtocolErrors',
+    ],
+  ];
+  for (const [name, help, counter] of backendEvents) perQueue('counter', name, help, counter);
   perQueue('counter', 'vublk_dirty_log_pages_total', 'Guest pages marked in the live-migration dirty log.', 'dirtyPagesLogged');
   perQueue(
     'counter',

@@ -12,7 +12,7 @@ import path from 'node:path';
 import { startDaemon, type DaemonProcess } from '../support/daemon-process.js';
 import { freePort, requireTool, startNbdkit, startQemuNbd, tempDir, type ServerProcess } from '../support/nbd-servers.js';
 import { METRICS_ARGS, metricsUrl, queueCounts, scrape } from '../support/metrics-scrape.js';
-import { sampleValue } from '../support/prom-text.js';
+import { sampleValue, select, type Exposition } from '../support/prom-text.js';
 import { runBench, verifyArgs, type BenchResult } from '../support/bench-run.js';
 import { fillPattern, patternKey } from '../../bench/src/loadgen/pattern.js';
 import { VhostUserFrontend, VirtioBlkDriver } from '../../bench/src/frontend/index.js';
@@ -63,6 +63,11 @@ async function nbdkitInDir(context: TestContext, args: (work: string) => string[
   const nbdSocket = path.join(work, 'nbd.sock');
   await keep(startNbdkit({ unix: nbdSocket }, args(work)));
   return { work, nbdSocket };
+}
+
+/** A per-queue counter added up over the disk's queues (connection events land on whichever queue polled). */
+function diskTotal(m: Exposition, name: string): number {
+  return select(m, name, { disk: 'disk0' }).reduce((sum, sample) => sum + sample.value, 0);
 }
 
 function expectVerified(result: BenchResult, daemon: DaemonProcess): void {
@@ -257,11 +262,21 @@ describe('vublk over NBD', () => {
       'delay-open=300ms',
     ]);
     // A short reconnect timeout: a request left on the connection that never comes up would fail within it.
-    const daemon = await serveNbd(`nbd+unix:///?socket=${nbdSocket}`, ',connections=3,reconnect-timeout=2', ['--threads', '1']);
+    const daemon = await serveNbd(`nbd+unix:///?socket=${nbdSocket}`, ',connections=3,reconnect-timeout=2', [
+      '--threads',
+      '1',
+      ...METRICS_ARGS,
+    ]);
+    const base = await metricsUrl(daemon);
     const result = await bench(verifyArgs(daemon.socketPath, { size: '2M', bs: '16k', iodepth: 16, seed: 13 }));
     expectVerified(result, daemon);
     // The third connection is reported down (it keeps trying, with backoff); the disk serves on.
     await daemon.waitForLog((l) => l.msg === 'network back-end' && /NBD connection lost \(3 connections\)/.test(String(l['reason'])));
+    // And counted: two connections made, the third's attempts failed, no request waited for it until the timeout.
+    const m = await scrape(base);
+    expect(diskTotal(m, 'vublk_backend_connects_total')).toBeGreaterThanOrEqual(2);
+    expect(diskTotal(m, 'vublk_backend_connect_failures_total')).toBeGreaterThanOrEqual(1);
+    expect(diskTotal(m, 'vublk_backend_requests_timed_out_total')).toBe(0);
   });
 
   it('connections=4 where the server does not advertise multi-conn: one connection, and a warning says so', async (context) => {
@@ -367,11 +382,21 @@ describe('vublk over NBD', () => {
     server = await startQemuNbd({ unix: nbdSocket }, image);
     const result = await run;
     expectVerified(result, daemon);
-    const counts = queueCounts(await scrape(base), 0);
+    const m = await scrape(base);
+    const counts = queueCounts(m, 0);
     expect(counts.ioErrors).toBe(0);
     // The operator saw it: the connection was lost, then came back (each worker's connection says so once).
     await daemon.waitForLog((l) => l.msg === 'network back-end' && /NBD connection lost/.test(String(l['reason'])));
     await daemon.waitForLog((l) => l.msg === 'network back-end' && /NBD connection up again/.test(String(l['reason'])));
+    // And counted: connections lost, and made again (each worker's queue finished its writes on one); the
+    // writes on the wire at the kill went again.
+    const lost = diskTotal(m, 'vublk_backend_connections_lost_total');
+    expect(lost).toBeGreaterThanOrEqual(1);
+    expect(diskTotal(m, 'vublk_backend_connects_total')).toBeGreaterThan(lost);
+    expect(diskTotal(m, 'vublk_backend_requests_resent_total') + diskTotal(m, 'vublk_backend_requests_handed_over_total')).toBeGreaterThan(
+      0,
+    );
+    expect(diskTotal(m, 'vublk_backend_requests_timed_out_total')).toBe(0);
     expectImageHolds(image, 21, 48 * MiB);
   });
 
@@ -392,7 +417,12 @@ describe('vublk over NBD', () => {
     await server.kill();
     const failing = await bench([...verifyArgs(daemon.socketPath, { size: '1M', bs: '4k', seed: 61, only: true }), '--timeout', '20000']);
     expect(failing.code, failing.stdout + failing.stderr).not.toBe(0);
-    expect(queueCounts(await scrape(base), 0).ioErrors).toBeGreaterThan(0);
+    const m = await scrape(base);
+    expect(queueCounts(m, 0).ioErrors).toBeGreaterThan(0);
+    // The requests that waited out reconnect-timeout are counted as such, beside the failed attempts.
+    expect(diskTotal(m, 'vublk_backend_requests_timed_out_total')).toBeGreaterThan(0);
+    expect(diskTotal(m, 'vublk_backend_requests_timed_out_total')).toBeLessThanOrEqual(diskTotal(m, 'vublk_io_errors_total'));
+    expect(diskTotal(m, 'vublk_backend_connect_failures_total')).toBeGreaterThan(0);
     expect(daemon.running()).toBe(true);
     server = await startQemuNbd({ unix: nbdSocket }, image);
     // Reconnect attempts continue (backoff up to 2 s): the first requests after the return may still fail.

@@ -10,7 +10,14 @@ import { BlkRequestType, BlkStatus } from '../../protocol/virtio-blk.js';
 import { BlkRequest } from '../../src/dataplane/blk-request.js';
 import type { IoSegments } from '../../src/backend/nbd/io-segments.js';
 import type { Completion } from '../../src/dataplane/request-executor.js';
-import { BackendChannel, type Transport, type TransportDeliver } from '../../src/dataplane/backend-channel.js';
+import {
+  BACKEND_EVENTS,
+  BackendChannel,
+  BackendEvent,
+  type Transport,
+  type TransportDeliver,
+} from '../../src/dataplane/backend-channel.js';
+import { Counter } from '../../src/dataplane/counters.js';
 import { NetworkExecutor } from '../../src/dataplane/network-executor.js';
 import { createEventFd } from '../../src/sys/eventfd.js';
 import { closeFd } from '../../src/sys/fd.js';
@@ -64,6 +71,14 @@ class ScriptedTransport implements Transport {
   }
   healthChange(): string {
     return '';
+  }
+  /** Event totals the test sets (BackendEvent order); the serial is their sum, as the NBD transport's. */
+  readonly events = new Float64Array(BACKEND_EVENTS);
+  get eventSerial(): number {
+    return this.events.reduce((a, b) => a + b, 0);
+  }
+  eventTotals(out: Float64Array): void {
+    out.set(this.events);
   }
   answer(tag: number, errno = 0): void {
     this.answers.push([tag, errno]);
@@ -259,6 +274,40 @@ describe('network executor', () => {
     executors.splice(executors.indexOf(executor), 1);
     executor.close();
     expect(transport.closed).toBe(true);
+  });
+
+  it('reports connection events once, as deltas, to the queue that polled; counters follow BackendEvent order', () => {
+    const seen: number[][] = [];
+    const { transport, channel } = setup(true, { onBackendEvents: (d: Float64Array) => seen.push([...d]) });
+    const other: number[][] = [];
+    const q1 = new NetworkExecutor(channel, limits, { onBackendEvents: (d: Float64Array) => other.push([...d]) });
+    executors.push(q1);
+    const q0 = executors[executors.length - 2]!;
+    q0.reap();
+    expect(seen).toEqual([]); // nothing happened yet
+    transport.events[BackendEvent.connects] = 3;
+    q0.reap();
+    q0.reap(); // no new event: no second report
+    transport.events[BackendEvent.connectionsLost] = 1;
+    transport.events[BackendEvent.resent] = 4;
+    transport.events[BackendEvent.handedOver] = 2;
+    q1.reap();
+    const zero = new Array(BACKEND_EVENTS).fill(0);
+    const expected0 = [...zero];
+    expected0[BackendEvent.connects] = 3;
+    const expected1 = [...zero];
+    expected1[BackendEvent.connectionsLost] = 1;
+    expected1[BackendEvent.resent] = 4;
+    expected1[BackendEvent.handedOver] = 2;
+    expect(seen).toEqual([expected0]);
+    expect(other).toEqual([expected1]);
+    // The ring server adds delta i to Counter.backendConnects + i: the two orders must agree.
+    const names = Object.keys(BackendEvent);
+    for (const name of names) {
+      const counter = `backend${name[0]!.toUpperCase()}${name.slice(1)}` as keyof typeof Counter;
+      expect(Counter[counter], name).toBe(Counter.backendConnects + BackendEvent[name as keyof typeof BackendEvent]);
+    }
+    expect(names.length).toBe(BACKEND_EVENTS);
   });
 
   it("passes the worker's epoll reports on to the transport (completionReady)", () => {

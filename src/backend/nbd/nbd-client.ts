@@ -399,6 +399,14 @@ export class NbdClient {
     return this.stateValue === 'connected' ? -1 : Number.POSITIVE_INFINITY;
   }
 
+  /** Changes whenever a connection event is counted (the sum of those counters: each only grows). */
+  get eventSerial(): number {
+    const c = this.counters;
+    return (
+      c.connects + c.connectFailures + c.connectionsLost + c.resubmitted + c.handedOver + c.timedOutRequests + c.stalls + c.protocolErrors
+    );
+  }
+
   /** Parts waiting while the connection is down, which another connection could send now. */
   get waitingWhileDown(): number {
     return this.stateValue === 'connecting' || this.stateValue === 'disconnected' ? this.waiting.length : 0;
