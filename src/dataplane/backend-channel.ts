@@ -69,6 +69,8 @@ export interface Transport {
   healthChange(): string;
   /** Changes whenever an event total changes (cheap: read every poll); 0 for a transport without events. */
   readonly eventSerial: number;
+  /** Connections not up right now (connecting, or waiting to reconnect); 0 for a transport without any. */
+  readonly connectionsDown: number;
   /** Writes the event totals since the transport opened into `out` (BackendEvent order). */
   eventTotals(out: Float64Array): void;
   close(): void;
@@ -177,6 +179,11 @@ export class NbdTransport implements Transport {
   }
   writeZeroes(tag: number, offset: number, length: number, mayUnmap: boolean): void {
     this.pick().submitWriteZeroes(tag, offset, length, mayUnmap);
+  }
+  get connectionsDown(): number {
+    let down = 0;
+    for (const client of this.clients) if (client.state !== 'connected') down++;
+    return down;
   }
   get eventSerial(): number {
     let serial = 0;
@@ -302,6 +309,7 @@ class RbdTransport implements Transport {
   }
   /** librbd reconnects inside librados and reports nothing of it per request: no events here. */
   readonly eventSerial = 0;
+  readonly connectionsDown = 0;
   eventTotals(out: Float64Array): void {
     out.fill(0);
   }
@@ -316,6 +324,8 @@ export interface ChannelMember {
   accept(slot: number, errno: number, direct: boolean): void;
   /** Connection events since the last report (BackendEvent order), told to whichever member polled. */
   backendEvents(deltas: Float64Array): void;
+  /** The transport's connections not up, told to one member (the oldest) when it changes. */
+  backendConnectionsDown(count: number): void;
 }
 
 export class BackendChannel {
@@ -329,6 +339,13 @@ export class BackendChannel {
     member.accept(tag % SLOT_SPAN, errno, member === this.poller);
   };
 
+  /**
+   * The member that reports how many connections are down: the oldest still joined, so one queue per worker
+   * carries the gauge and the disk's sum over queues counts each connection once.
+   */
+  private owner: ChannelMember | null = null;
+  /** What the owner last reported (-1: nothing yet, e.g. it just became the owner). */
+  private reportedDown = -1;
   /** The transport's event serial and totals as last reported to a member. */
   private reportedSerial = 0;
   private readonly reported = new Float64Array(BACKEND_EVENTS);
@@ -343,12 +360,27 @@ export class BackendChannel {
   join(member: ChannelMember): number {
     const id = this.nextId++;
     this.members.set(id, member);
+    if (this.owner === null) {
+      this.owner = member;
+      this.reportedDown = -1;
+    }
     return id;
   }
 
   /** Removes a member; closes the transport (and forgets the channel) when it was the last. */
   leave(id: number): void {
+    const member = this.members.get(id);
     this.members.delete(id);
+    if (member === this.owner) {
+      // The next oldest reports from its next poll on (a connection that is down keeps polls coming: its
+      // reconnect timer wakes every member).
+      this.owner = null;
+      for (const next of this.members.values()) {
+        this.owner = next;
+        break;
+      }
+      this.reportedDown = -1;
+    }
     if (this.members.size > 0) return;
     channels.delete(this.key);
     this.transport.close();
@@ -379,6 +411,13 @@ export class BackendChannel {
         this.reported[i] = this.totals[i]!;
       }
       member.backendEvents(this.deltas);
+    }
+    if (member === this.owner) {
+      const down = this.transport.connectionsDown;
+      if (down !== this.reportedDown) {
+        this.reportedDown = down;
+        member.backendConnectionsDown(down);
+      }
     }
     return this.transport.healthChange();
   }

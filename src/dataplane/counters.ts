@@ -56,9 +56,14 @@ export const Counter = {
   backendTimedOut: 26,
   backendStalls: 27,
   backendProtocolErrors: 28,
+  /**
+   * A gauge: the worker's connections to the disk's network back-end that are not up right now, published by
+   * one queue per worker (the oldest of the disk's queues there), 0 on the others.
+   */
+  backendConnectionsDown: 29,
 } as const;
 export type CounterName = keyof typeof Counter;
-const SCALAR_COUNTERS = 29;
+const SCALAR_COUNTERS = 30;
 
 /** Operations with a latency histogram each. */
 export const LatencyOp = {

@@ -71,6 +71,8 @@ export interface NetworkExecutorOptions {
   onHealthChange?: (reason: string) => void;
   /** Told of connection events since the last report (BackendEvent order; for the queue's counters). */
   onBackendEvents?: (deltas: Float64Array) => void;
+  /** Told how many of the transport's connections are down, when this queue reports it (for a gauge). */
+  onConnectionsDown?: (count: number) => void;
 }
 
 export class NetworkExecutor implements RequestExecutor, ChannelMember {
@@ -339,6 +341,15 @@ export class NetworkExecutor implements RequestExecutor, ChannelMember {
     }
   }
 
+  /** What this queue last reported of the connections down (its gauge); 0 until it reports. */
+  private connectionsDown = 0;
+
+  /** ChannelMember: this queue is the one that reports the transport's connections down. */
+  backendConnectionsDown(count: number): void {
+    this.connectionsDown = count;
+    this.options.onConnectionsDown?.(count);
+  }
+
   /** ChannelMember: connection events seen while this queue polled. */
   backendEvents(deltas: Float64Array): void {
     this.options.onBackendEvents?.(deltas);
@@ -441,6 +452,8 @@ export class NetworkExecutor implements RequestExecutor, ChannelMember {
   close(): void {
     // Requests still in flight (a stop that timed out) are answered by nobody: the channel drops them.
     this.channel.leave(this.memberId);
+    // The queue no longer reports for the transport: its gauge must not keep counting connections.
+    if (this.connectionsDown !== 0) this.backendConnectionsDown(0);
     this.wakeSet.close();
     closeFd(this.wakeFd);
     this.sync.close();

@@ -106,6 +106,7 @@ export class RingServer {
         mergeMaxBytes: this.init.network.mergeMaxBytes,
         onMerged: () => this.counters.add(Counter.merged),
         onHealthChange: (reason) => this.post({ type: 'event', kind: 'backend', queue: this.queue, reason }),
+        onConnectionsDown: (count) => this.counters.setGauge(Counter.backendConnectionsDown, count),
         onBackendEvents: (deltas) => {
           for (let i = 0; i < BACKEND_EVENTS; i++) if (deltas[i]! > 0) this.counters.add(Counter.backendConnects + i, deltas[i]);
         },

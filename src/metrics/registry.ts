@@ -205,6 +205,12 @@ export function createMetricsRegistry(disks: () => readonly DiskMetricsSource[],
     ],
   ];
   for (const [name, help, counter] of backendEvents) perQueue('counter', name, help, counter);
+  perQueue(
+    'gauge',
+    'vublk_backend_connections_down',
+    'Network back-end connections not up right now (connecting, or waiting to reconnect); one queue per worker carries them.',
+    'backendConnectionsDown',
+  );
   perQueue('counter', 'vublk_dirty_log_pages_total', 'Guest pages marked in the live-migration dirty log.', 'dirtyPagesLogged');
   perQueue(
     'counter',

@@ -70,6 +70,18 @@ function diskTotal(m: Exposition, name: string): number {
   return select(m, name, { disk: 'disk0' }).reduce((sum, sample) => sum + sample.value, 0);
 }
 
+/** Scrapes until the disk's `vublk_backend_connections_down` is `expected` (it follows the connections). */
+async function expectConnectionsDown(base: string, expected: number, timeoutMs = 15_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  let down = Number.NaN;
+  while (Date.now() < deadline) {
+    down = diskTotal(await scrape(base), 'vublk_backend_connections_down');
+    if (down === expected) return;
+    await new Promise((resolve) => setTimeout(resolve, 100));
+  }
+  expect(down, `vublk_backend_connections_down after ${timeoutMs} ms`).toBe(expected);
+}
+
 function expectVerified(result: BenchResult, daemon: DaemonProcess): void {
   expect(result.code, `${result.stdout}${result.stderr}\ndaemon:\n${daemon.output().slice(-3000)}`).toBe(0);
   expect(result.stdout).toContain('verify: OK, every byte matches');
@@ -435,6 +447,43 @@ describe('vublk over NBD', () => {
       await new Promise((resolve) => setTimeout(resolve, 500));
     }
   });
+
+  it('vublk_backend_connections_down follows the connections of an attached disk, each counted once', async (context) => {
+    requireTool(context, 'qemu-nbd');
+    const work = dir();
+    const image = path.join(work, 'disk.raw');
+    writeFileSync(image, '');
+    truncateSync(image, 16 * MiB);
+    const nbdSocket = path.join(work, 'nbd.sock');
+    let server = await startQemuNbd({ unix: nbdSocket }, image);
+    cleanups.push(() => server.kill());
+    // Two queues on one worker share its two connections: the disk has two, whichever queues report them.
+    const daemon = await serveNbd(`nbd+unix:///?socket=${nbdSocket}`, ',num-queues=2,connections=2,reconnect-timeout=60', [
+      '--threads',
+      '1',
+      ...METRICS_ARGS,
+    ]);
+    const base = await metricsUrl(daemon);
+    const frontend = await VhostUserFrontend.connect(daemon.socketPath, { timeoutMs: 30_000, numQueues: 2 });
+    cleanups.push(() => frontend.close());
+    const driver = new VirtioBlkDriver(frontend);
+    await driver.write(0, Buffer.alloc(4096, 0x11), { queue: 0 });
+    await driver.write(8, Buffer.alloc(4096, 0x22), { queue: 1 });
+    await expectConnectionsDown(base, 0);
+    await server.kill();
+    await expectConnectionsDown(base, 2);
+    const perQueue = select(await scrape(base), 'vublk_backend_connections_down', { disk: 'disk0' }).map((sample) => sample.value);
+    expect(perQueue.sort(), 'one queue of the worker carries the gauge').toEqual([0, 2]);
+    server = await startQemuNbd({ unix: nbdSocket }, image);
+    await expectConnectionsDown(base, 0);
+    expect((await driver.read(8, 4096, { queue: 1 })).equals(Buffer.alloc(4096, 0x22))).toBe(true);
+    // The server goes again and the front-end leaves while it is away: the worker closes the connections,
+    // and the queue that carried them stops counting them.
+    await server.kill();
+    await expectConnectionsDown(base, 2);
+    frontend.close();
+    await expectConnectionsDown(base, 0);
+  }, 60_000);
 
   it('a memory table sent while a read waits longer than the ring can: the old mapping stays until the session ends, and the late read lands in guest memory', async (context) => {
     // Reads take 8 s: longer than the 5 s a ring waits for its requests before it re-maps without them.

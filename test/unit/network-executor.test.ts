@@ -80,6 +80,7 @@ class ScriptedTransport implements Transport {
   eventTotals(out: Float64Array): void {
     out.set(this.events);
   }
+  connectionsDown = 0;
   answer(tag: number, errno = 0): void {
     this.answers.push([tag, errno]);
   }
@@ -308,6 +309,35 @@ describe('network executor', () => {
       expect(Counter[counter], name).toBe(Counter.backendConnects + BackendEvent[name as keyof typeof BackendEvent]);
     }
     expect(names.length).toBe(BACKEND_EVENTS);
+  });
+
+  it('one queue, the oldest, reports the connections down; when it leaves it reports 0 and the next takes over', () => {
+    const down0: number[] = [];
+    const down1: number[] = [];
+    const { transport, channel } = setup(true, { onConnectionsDown: (n: number) => down0.push(n) });
+    const q0 = executors[executors.length - 1]!;
+    const q1 = new NetworkExecutor(channel, limits, { onConnectionsDown: (n: number) => down1.push(n) });
+    transport.connectionsDown = 2;
+    q1.reap();
+    q0.reap();
+    q0.reap(); // unchanged: not reported again
+    transport.connectionsDown = 1;
+    q1.reap(); // not the owner: never reports
+    q0.reap();
+    expect(down0).toEqual([2, 1]);
+    expect(down1).toEqual([]);
+    // The owner leaves: its own gauge goes to 0, and q1 reports the current count from its next poll.
+    executors.splice(executors.indexOf(q0), 1);
+    q0.close();
+    expect(down0).toEqual([2, 1, 0]);
+    q1.reap();
+    expect(down1).toEqual([1]);
+    transport.connectionsDown = 0;
+    q1.reap();
+    expect(down1).toEqual([1, 0]);
+    // Closing with 0 reported adds nothing.
+    q1.close();
+    expect(down1).toEqual([1, 0]);
   });
 
   it("passes the worker's epoll reports on to the transport (completionReady)", () => {
