@@ -78,7 +78,8 @@ function start(options: StartOptions): Started {
   let log = '';
   child.stdout?.setEncoding('utf8').on('data', (text: string) => (log += text));
   child.stderr?.setEncoding('utf8').on('data', (text: string) => (log += text));
-  const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
+  // 'close', not 'exit': by then the output pipes are read to their end, so log() holds the last lines.
+  const exited = new Promise<number | null>((resolve) => child.once('close', (code) => resolve(code)));
   const notes: string[] = [];
   let running = true;
   let exitedAt = 0;
@@ -221,6 +222,8 @@ describe('socket activation and sd_notify', () => {
       env: { LISTEN_FDNAMES: 'not-a-disk-name' },
     });
     await d.waitForNote((n) => n.startsWith('READY=1'));
+    // The log is written asynchronously: a line logged before READY=1 may reach the pipe after it.
+    await d.waitForLog('serving on a socket-activated fd');
     expect(logLines(d.log()).find((l) => l['msg'] === 'serving on a socket-activated fd')).toMatchObject({
       disk: 'vm0',
       fdName: 'not-a-disk-name',
@@ -237,6 +240,7 @@ describe('socket activation and sd_notify', () => {
       env: { LISTEN_FDNAMES: 'vm0' },
     });
     await d.waitForNote((n) => n.startsWith('READY=1'));
+    await d.waitForLog('replaces its configured socket path');
     expect(logLines(d.log()).find((l) => String(l['msg']).includes('replaces its configured socket path'))).toMatchObject({
       disk: 'vm0',
       matchedBy: 'name',
@@ -279,7 +283,8 @@ describe('socket activation and sd_notify', () => {
       env: { LISTEN_PID: '1' },
     });
     await ignored.waitForNote((n) => n.startsWith('READY=1'));
-    expect(ignored.log()).toContain('ignoring socket activation variables');
+    // Logged before READY=1, but the log is written asynchronously and may reach the pipe after it.
+    await ignored.waitForLog('ignoring socket activation variables');
     expect(existsSync(path.join(ignored.dir, 'own.sock'))).toBe(true);
     ignored.child.kill('SIGTERM');
     expect(await ignored.exited).toBe(0);
