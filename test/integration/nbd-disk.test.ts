@@ -50,6 +50,25 @@ async function serveNbd(image: string, extra = '', args: string[] = []): Promise
   return Object.assign(daemon, { socketPath: socket });
 }
 
+/** qemu-nbd on a Unix socket serving a new sparse raw file of `mib` MiB; it can be killed and started again. */
+async function qemuNbdOnFile(mib: number): Promise<{ image: string; nbdSocket: string; kill(): Promise<void>; restart(): Promise<void> }> {
+  const work = dir();
+  const image = path.join(work, 'disk.raw');
+  writeFileSync(image, '');
+  truncateSync(image, mib * MiB);
+  const nbdSocket = path.join(work, 'nbd.sock');
+  let server = await startQemuNbd({ unix: nbdSocket }, image);
+  cleanups.push(() => server.kill());
+  return {
+    image,
+    nbdSocket,
+    kill: () => server.kill(),
+    restart: async () => {
+      server = await startQemuNbd({ unix: nbdSocket }, image);
+    },
+  };
+}
+
 async function keep(server: Promise<ServerProcess>): Promise<ServerProcess> {
   const started = await server;
   cleanups.push(() => started.kill());
@@ -348,13 +367,7 @@ describe('vublk over NBD', () => {
     timeout: 120_000,
   }, async (context) => {
     requireTool(context, 'qemu-nbd');
-    const work = dir();
-    const image = path.join(work, 'disk.raw');
-    writeFileSync(image, '');
-    truncateSync(image, 64 * MiB);
-    const nbdSocket = path.join(work, 'nbd.sock');
-    let server = await startQemuNbd({ unix: nbdSocket }, image);
-    cleanups.push(() => server.kill());
+    const { image, nbdSocket, ...server } = await qemuNbdOnFile(64);
     const daemon = await serveNbd(`nbd+unix:///?socket=${nbdSocket}`, ',num-queues=2,reconnect-timeout=60', [...METRICS_ARGS]);
     const base = await metricsUrl(daemon);
     const run = bench(
@@ -391,7 +404,7 @@ describe('vublk over NBD', () => {
     // The kill landed inside the write pass (queue 0 alone writes 384 of the 768 blocks).
     expect(writesAtKill).toBeLessThan(384);
     await new Promise((resolve) => setTimeout(resolve, 1000));
-    server = await startQemuNbd({ unix: nbdSocket }, image);
+    await server.restart();
     const result = await run;
     expectVerified(result, daemon);
     const m = await scrape(base);
@@ -416,13 +429,7 @@ describe('vublk over NBD', () => {
     timeout: 90_000,
   }, async (context) => {
     requireTool(context, 'qemu-nbd');
-    const work = dir();
-    const image = path.join(work, 'disk.raw');
-    writeFileSync(image, '');
-    truncateSync(image, 16 * MiB);
-    const nbdSocket = path.join(work, 'nbd.sock');
-    let server = await startQemuNbd({ unix: nbdSocket }, image);
-    cleanups.push(() => server.kill());
+    const { image, nbdSocket, ...server } = await qemuNbdOnFile(16);
     const daemon = await serveNbd(`nbd+unix:///?socket=${nbdSocket}`, ',reconnect-timeout=1', [...METRICS_ARGS]);
     const base = await metricsUrl(daemon);
     expectVerified(await bench(verifyArgs(daemon.socketPath, { size: '1M', bs: '4k', seed: 61 })), daemon);
@@ -436,7 +443,7 @@ describe('vublk over NBD', () => {
     expect(diskTotal(m, 'vublk_backend_requests_timed_out_total')).toBeLessThanOrEqual(diskTotal(m, 'vublk_io_errors_total'));
     expect(diskTotal(m, 'vublk_backend_connect_failures_total')).toBeGreaterThan(0);
     expect(daemon.running()).toBe(true);
-    server = await startQemuNbd({ unix: nbdSocket }, image);
+    await server.restart();
     // Reconnect attempts continue (backoff up to 2 s): the first requests after the return may still fail.
     const deadline = Date.now() + 30_000;
     for (;;) {
@@ -450,13 +457,7 @@ describe('vublk over NBD', () => {
 
   it('vublk_backend_connections_down follows the connections of an attached disk, each counted once', async (context) => {
     requireTool(context, 'qemu-nbd');
-    const work = dir();
-    const image = path.join(work, 'disk.raw');
-    writeFileSync(image, '');
-    truncateSync(image, 16 * MiB);
-    const nbdSocket = path.join(work, 'nbd.sock');
-    let server = await startQemuNbd({ unix: nbdSocket }, image);
-    cleanups.push(() => server.kill());
+    const { image, nbdSocket, ...server } = await qemuNbdOnFile(16);
     // Two queues on one worker share its two connections: the disk has two, whichever queues report them.
     const daemon = await serveNbd(`nbd+unix:///?socket=${nbdSocket}`, ',num-queues=2,connections=2,reconnect-timeout=60', [
       '--threads',
@@ -474,7 +475,7 @@ describe('vublk over NBD', () => {
     await expectConnectionsDown(base, 2);
     const perQueue = select(await scrape(base), 'vublk_backend_connections_down', { disk: 'disk0' }).map((sample) => sample.value);
     expect(perQueue.sort(), 'one queue of the worker carries the gauge').toEqual([0, 2]);
-    server = await startQemuNbd({ unix: nbdSocket }, image);
+    await server.restart();
     await expectConnectionsDown(base, 0);
     expect((await driver.read(8, 4096, { queue: 1 })).equals(Buffer.alloc(4096, 0x22))).toBe(true);
     // The server goes again and the front-end leaves while it is away: the worker closes the connections,
