@@ -67,11 +67,9 @@ function limit(m: Exposition, disk: string, kind: string): number {
 }
 
 function exited(daemon: DaemonProcess, timeoutMs = 15_000): Promise<number | null> {
-  const { child } = daemon;
-  if (child.exitCode !== null || child.signalCode !== null) return Promise.resolve(child.exitCode);
   return new Promise((resolve, reject) => {
     const timer = setTimeout(() => reject(new Error(`daemon did not exit within ${timeoutMs} ms; output:\n${daemon.output()}`)), timeoutMs);
-    child.once('exit', (code) => {
+    void daemon.exited().then((code) => {
       clearTimeout(timer);
       resolve(code);
     });

@@ -266,10 +266,7 @@ describe('metrics listener lifecycle', () => {
       expect(list.code).toBe(0);
 
       daemon.child.kill('SIGTERM');
-      const code = await new Promise<number | null>((resolve) => {
-        if (daemon.child.exitCode !== null) resolve(daemon.child.exitCode);
-        else daemon.child.once('exit', (c) => resolve(c));
-      });
+      const code = await daemon.exited();
       expect(code).toBe(0);
       expect(existsSync(daemon.socketPath)).toBe(false);
       expect(existsSync(metricsPath)).toBe(false);
@@ -295,10 +292,7 @@ describe('metrics listener lifecycle', () => {
     const { port } = blocker.address() as net.AddressInfo;
     try {
       const daemon = await startDaemon({ size: '8M', args: ['--metrics-listen', `127.0.0.1:${port}`], waitForSocket: false });
-      const code = await new Promise<number | null>((resolve) => {
-        if (daemon.child.exitCode !== null) resolve(daemon.child.exitCode);
-        else daemon.child.once('exit', (c) => resolve(c));
-      });
+      const code = await daemon.exited();
       expect(code).toBe(1);
       expect(daemon.output()).toMatch(new RegExp(`metrics listener 127\\.0\\.0\\.1:${port}: .*EADDRINUSE`));
       expect(existsSync(daemon.socketPath)).toBe(false);

@@ -109,9 +109,8 @@ function expectVerified(result: BenchResult, daemon: DaemonProcess): void {
 /** The daemon's exit code (deadline 20 s). */
 function exitOf(daemon: DaemonProcess): Promise<number | null> {
   return new Promise((resolve, reject) => {
-    if (!daemon.running()) return resolve(daemon.child.exitCode);
     const timer = setTimeout(() => reject(new Error(`the daemon did not exit:\n${daemon.output()}`)), 20_000);
-    daemon.child.once('exit', (code) => {
+    void daemon.exited().then((code) => {
       clearTimeout(timer);
       resolve(code);
     });

@@ -29,6 +29,11 @@ export interface DaemonProcess {
   waitForLog(match: (line: LogLine) => boolean, timeoutMs?: number, since?: number): Promise<LogLine>;
   /** SIGTERM, then SIGKILL after 5 s; resolves with the exit code. */
   stop(): Promise<number | null>;
+  /**
+   * Resolves with the exit code once the process has exited and its output has been read to the end (the
+   * child's 'close': at 'exit' the last lines may still be in the pipe).
+   */
+  exited(): Promise<number | null>;
 }
 
 export interface StartOptions {
@@ -88,7 +93,7 @@ export async function startDaemon(options: StartOptions = {}): Promise<DaemonPro
     }
   });
   child.stderr?.setEncoding('utf8').on('data', (text: string) => (output += text));
-  const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
+  const exited = new Promise<number | null>((resolve) => child.once('close', (code) => resolve(code)));
   const running = (): boolean => child.exitCode === null && child.signalCode === null;
 
   const daemon: DaemonProcess = {
@@ -123,8 +128,9 @@ export async function startDaemon(options: StartOptions = {}): Promise<DaemonPro
         return code;
       }
       await rm(dir, { recursive: true, force: true });
-      return child.exitCode;
+      return exited;
     },
+    exited: () => exited,
   };
 
   if (options.waitForSocket ?? true) {
@@ -163,7 +169,8 @@ export function runCli(args: string[], timeoutMs = 20_000): Promise<{ code: numb
       child.kill('SIGKILL');
       reject(new Error(`vublk ${args.join(' ')} did not exit within ${timeoutMs / 1000} s; stderr: ${stderr}`));
     }, timeoutMs);
-    child.once('exit', (code) => {
+    // 'close', not 'exit': the output pipes are read to their end by then.
+    child.once('close', (code) => {
       clearTimeout(timer);
       resolve({ code, stdout, stderr });
     });
