@@ -134,18 +134,27 @@ export class NbdTransport implements Transport {
     const clients = this.clients;
     const count = clients.length;
     if (count === 1) return clients[0]!;
-    let best: NbdClient | null = null;
-    let freshest: NbdClient | null = null;
-    for (let i = 0; i < count; i++) {
-      const client = clients[(this.start + i) % count]!;
-      if (client.state === 'connected') {
-        if (best === null || client.queuedParts < best.queuedParts) best = client;
-      } else if (best === null && (freshest === null || client.downSince > freshest.downSince)) {
-        freshest = client;
-      }
+    const start = this.start;
+    this.start = (start + 1) % count;
+    const best = this.leastBusyConnected(start);
+    if (best !== null) return best;
+    let freshest = clients[start]!;
+    for (let i = 1; i < count; i++) {
+      const client = clients[(start + i) % count]!;
+      if (client.downSince > freshest.downSince) freshest = client;
     }
-    this.start = (this.start + 1) % count;
-    return best ?? freshest!;
+    return freshest;
+  }
+
+  /** The connected connection with the fewest parts queued or on the wire, searched from `start`; null when none is up. */
+  private leastBusyConnected(start: number): NbdClient | null {
+    const clients = this.clients;
+    let best: NbdClient | null = null;
+    for (let i = 0; i < clients.length; i++) {
+      const client = clients[(start + i) % clients.length]!;
+      if (client.state === 'connected' && (best === null || client.queuedParts < best.queuedParts)) best = client;
+    }
+    return best;
   }
 
   /**
@@ -153,13 +162,9 @@ export class NbdTransport implements Transport {
    * wait for their own connection's reconnect, or fail after its timeout while another could serve them.
    */
   private handOver(): void {
-    const clients = this.clients;
-    for (const from of clients) {
+    for (const from of this.clients) {
       if (from.waitingWhileDown === 0) continue;
-      let to: NbdClient | null = null;
-      for (const client of clients) {
-        if (client.state === 'connected' && (to === null || client.queuedParts < to.queuedParts)) to = client;
-      }
+      const to = this.leastBusyConnected(0);
       if (to === null) return;
       if (from.handWaitingTo(to) > 0) to.flush();
     }
@@ -234,20 +239,15 @@ export class NbdTransport implements Transport {
     const first = this.healthy === null;
     this.healthy = healthy;
     if (first && healthy === true) return '';
-    let connects = 0;
-    let resubmitted = 0;
-    let handedOver = 0;
-    let timedOut = 0;
-    for (const { counters } of this.clients) {
-      connects += counters.connects;
-      resubmitted += counters.resubmitted;
-      handedOver += counters.handedOver;
-      timedOut += counters.timedOutRequests;
-    }
     const which = this.clients.length > 1 ? ` (${this.clients.length} connections)` : '';
-    return healthy
-      ? `NBD connection up again${which} (connects ${connects}, requests resent ${resubmitted}, handed to another connection ${handedOver}, failed after the reconnect timeout ${timedOut})`
-      : `NBD connection lost${which}: ${down!.lastError || down!.state}; reconnecting (requests wait up to the reconnect timeout)`;
+    if (!healthy)
+      return `NBD connection lost${which}: ${down!.lastError || down!.state}; reconnecting (requests wait up to the reconnect timeout)`;
+    const totals = new Float64Array(BACKEND_EVENTS); // a rare line: a fresh array is fine
+    this.eventTotals(totals);
+    return (
+      `NBD connection up again${which} (connects ${totals[BackendEvent.connects]}, requests resent ${totals[BackendEvent.resent]}, ` +
+      `handed to another connection ${totals[BackendEvent.handedOver]}, failed after the reconnect timeout ${totals[BackendEvent.timedOut]})`
+    );
   }
   close(): void {
     for (const client of this.clients.splice(0)) {
