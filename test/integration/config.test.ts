@@ -66,16 +66,6 @@ function limit(m: Exposition, disk: string, kind: string): number {
   return sampleValue(m, 'vublk_throttle_limit', { disk, kind });
 }
 
-function exited(daemon: DaemonProcess, timeoutMs = 15_000): Promise<number | null> {
-  return new Promise((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`daemon did not exit within ${timeoutMs} ms; output:\n${daemon.output()}`)), timeoutMs);
-    void daemon.exited().then((code) => {
-      clearTimeout(timer);
-      resolve(code);
-    });
-  });
-}
-
 /** Waits for the next log line matching after `after` lines were already seen. */
 async function nextLog(daemon: DaemonProcess, after: number, match: (line: LogLine) => boolean, timeoutMs = 10_000): Promise<LogLine> {
   return daemon.waitForLog((line) => daemon.logs().indexOf(line) >= after && match(line), timeoutMs);
@@ -259,7 +249,7 @@ describe('serving from a config file', () => {
       }
 
       daemon.child.kill('SIGTERM');
-      expect(await exited(daemon)).toBe(0);
+      expect(await daemon.exited(15_000)).toBe(0);
       expect(existsSync(path.join(dir, 'alpha.sock'))).toBe(false);
       expect(existsSync(path.join(dir, 'beta.sock'))).toBe(false);
       expect(daemon.logs().map((l) => l.msg)).toEqual(expect.arrayContaining(['shutting down', 'stopped']));

@@ -106,17 +106,6 @@ function expectVerified(result: BenchResult, daemon: DaemonProcess): void {
   expect(result.stdout).toContain('verify: OK, every byte matches');
 }
 
-/** The daemon's exit code (deadline 20 s). */
-function exitOf(daemon: DaemonProcess): Promise<number | null> {
-  return new Promise((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`the daemon did not exit:\n${daemon.output()}`)), 20_000);
-    void daemon.exited().then((code) => {
-      clearTimeout(timer);
-      resolve(code);
-    });
-  });
-}
-
 /** The image file holds, at [0, bytes), what `vublk-bench --verify --seed S` wrote: the server has the bytes. */
 function expectImageHolds(image: string, seed: number, bytes: number): void {
   expect(readFileSync(image).subarray(0, bytes).equals(pattern(seed, bytes)), `${image} holds seed ${seed}`).toBe(true);
@@ -532,7 +521,7 @@ describe('vublk over NBD', () => {
     cleanups.push(async () => {
       await nobody.stop();
     });
-    const code = await exitOf(nobody);
+    const code = await nobody.exited(20_000);
     expect(code).not.toBe(0);
     expect(nobody.output()).toMatch(/unreachable/);
 
@@ -548,7 +537,7 @@ describe('vublk over NBD', () => {
     cleanups.push(async () => {
       await wrong.stop();
     });
-    const code2 = await exitOf(wrong);
+    const code2 = await wrong.exited(20_000);
     expect(code2).not.toBe(0);
     expect(wrong.output()).toMatch(/no export 'other'/);
   });

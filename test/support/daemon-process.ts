@@ -31,9 +31,10 @@ export interface DaemonProcess {
   stop(): Promise<number | null>;
   /**
    * Resolves with the exit code once the process has exited and its output has been read to the end (the
-   * child's 'close': at 'exit' the last lines may still be in the pipe).
+   * child's 'close': at 'exit' the last lines may still be in the pipe). With `timeoutMs`, rejects with the
+   * output when it has not exited by then.
    */
-  exited(): Promise<number | null>;
+  exited(timeoutMs?: number): Promise<number | null>;
 }
 
 export interface StartOptions {
@@ -130,7 +131,16 @@ export async function startDaemon(options: StartOptions = {}): Promise<DaemonPro
       await rm(dir, { recursive: true, force: true });
       return exited;
     },
-    exited: () => exited,
+    exited(timeoutMs) {
+      if (timeoutMs === undefined) return exited;
+      return new Promise((resolve, reject) => {
+        const timer = setTimeout(() => reject(new Error(`the daemon did not exit within ${timeoutMs} ms; output:\n${output}`)), timeoutMs);
+        void exited.then((code) => {
+          clearTimeout(timer);
+          resolve(code);
+        });
+      });
+    },
   };
 
   if (options.waitForSocket ?? true) {
