@@ -115,19 +115,19 @@ class DrivenTransport {
 
 const BLOCK = 4096;
 const WRITES = 12;
+/** Far longer than either test takes to complete its writes: a write left waiting for a lost connection fails at it. */
+const RECONNECT_TIMEOUT_MS = 5000;
 
 async function setUp(
   context: Parameters<typeof requireTool>[0],
-  nbdkitArgs: string[],
   refuseFirst: number,
   limit: number,
-  reconnectTimeoutMs: number,
 ): Promise<{ gate: Gatekeeper; driven: DrivenTransport; nbdSocket: string }> {
   requireTool(context, 'nbdkit');
   const work = tempDir();
   cleanups.push(work.remove);
   const nbdSocket = join(work.dir, 'nbd.sock');
-  const server = await startNbdkit({ unix: nbdSocket }, nbdkitArgs);
+  const server = await startNbdkit({ unix: nbdSocket }, ['memory', '16M']);
   cleanups.push(() => server.kill());
   const gate = await Gatekeeper.start(join(work.dir, 'gate.sock'), nbdSocket, refuseFirst, limit);
   cleanups.push(() => gate.stop());
@@ -144,7 +144,7 @@ async function setUp(
     exportName: '',
     info,
     connectTimeoutMs: 2000,
-    reconnectTimeoutMs,
+    reconnectTimeoutMs: RECONNECT_TIMEOUT_MS,
     requestTimeoutMs: 30_000,
     connections: 3,
   });
@@ -179,7 +179,7 @@ const allTags = Array.from({ length: WRITES }, (_, i) => i + 1);
 describe('NBD transport with several connections', () => {
   it('at start, requests waiting on a connection the server turns away move to one that comes up', async (context) => {
     // The first connection is refused and every retry of it finds two live ones (the limit): it never comes up.
-    const { gate, driven, nbdSocket } = await setUp(context, ['memory', '16M'], 1, 2, 5000);
+    const { gate, driven, nbdSocket } = await setUp(context, 1, 2);
     // Submitted before any handshake has finished: spread over all three (a third on the first).
     const buffer = submitWrites(driven.transport, 41);
     const started = Date.now();
@@ -198,7 +198,7 @@ describe('NBD transport with several connections', () => {
   });
 
   it('a connection lost under I/O: what was on its wire is resent on the others, not held for its reconnect', async (context) => {
-    const { gate, driven, nbdSocket } = await setUp(context, ['memory', '16M'], 0, 3, 5000);
+    const { gate, driven, nbdSocket } = await setUp(context, 0, 3);
     await driven.until(() => driven.transport.connections().every((c) => c.state === 'connected'), 10_000, 'three connections');
     gate.limit = 2; // the cut connection's reconnects are turned away
     // The first connection's replies are held back, so its requests are still on its wire when it is cut.
