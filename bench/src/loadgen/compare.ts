@@ -170,12 +170,16 @@ function machineFacts(qsd: string | null, dir: string): Record<string, string> {
  */
 const WARMUP_SEC = 1;
 /**
- * A daemon started for its run (RBD rows) is warmed up longer: at ~10,000 requests a second vublk's worker and V8's
- * helper threads (JIT, GC) need ~30,000 requests to settle. Measured, daemon CPU per 4 KiB RBD read in consecutive
- * 1 s runs after start: vublk 96, 76, 69, 62–66 µs; qemu-storage-daemon 64–72 µs from the first second on. After one
- * second of warm-up, the measured run would still include vublk's second and third.
+ * A daemon started for its run (RBD rows) is warmed up with the row's load in PER_RUN_WARMUP_SESSIONS front-end
+ * sessions of PER_RUN_WARMUP_SEC each, so that the measured session is its third. vublk's JIT settles per session,
+ * not per second: with --trace-opt --trace-deopt, a daemon's first session optimized 116 functions, its second
+ * re-optimized 60 after 7 deoptimizations (new maps and call targets: the session's ring, executor and channel
+ * are new objects), its third none. Per 4 KiB RBD read, in consecutive 5 s sessions on one daemon: V8's helper
+ * threads 2.9, 1.7, 0, 0 µs and the worker 10.3, 9.0, 8.8, 8.4 µs; qemu-storage-daemon's main thread 7.0–7.4 µs
+ * from the first session on. One warm-up session of any length left the measured run in the second session.
  */
-const PER_RUN_WARMUP_SEC = 3;
+const PER_RUN_WARMUP_SESSIONS = 2;
+const PER_RUN_WARMUP_SEC = 2;
 
 /** Serves `seconds` of `workload` on the daemon at `socket`, unmeasured. */
 function warmUp(workload: Workload, socket: string, seed: number, seconds = WARMUP_SEC): Promise<unknown> {
@@ -645,7 +649,7 @@ export async function benchCompare(flags: CompareFlags): Promise<number> {
             fresh = new DaemonProcess(backend.label, daemonCommand(backend, runImage, socket, qsd ?? ''), [socket]);
             if (round === 1 && !commands.includes(display(fresh.argv, dir).replace(/-\d+\.qcow2/, '-1.qcow2'))) {
               commands.push(
-                `# ${backend.label} (${scenario.freshImage ? 'a fresh image and daemon every run' : `a daemon of its own every run, warmed up with ${PER_RUN_WARMUP_SEC} s of the same load`})`,
+                `# ${backend.label} (${scenario.freshImage ? 'a fresh image and daemon every run' : `a daemon of its own every run, warmed up with ${PER_RUN_WARMUP_SESSIONS} sessions of ${PER_RUN_WARMUP_SEC} s of the same load`})`,
                 display(fresh.argv, dir),
               );
             }
@@ -661,7 +665,9 @@ export async function benchCompare(flags: CompareFlags): Promise<number> {
             if (scenario.perRunDaemon) {
               // Unmeasured: a daemon just started is not what a host runs (vublk's JIT, its pool threads, librbd's
               // caches warm up in the first seconds), and the row measures each back-end in its steady state.
-              await warmUp(scenario.workload, fresh.sockets[0] as string, round, PER_RUN_WARMUP_SEC);
+              for (let session = 0; session < PER_RUN_WARMUP_SESSIONS; session++) {
+                await warmUp(scenario.workload, fresh.sockets[0] as string, round, PER_RUN_WARMUP_SEC);
+              }
             }
           }
           // Dirty pages a write run left behind are written back now, not during whichever run comes next.

@@ -53,7 +53,7 @@ export interface Scenario {
   freshImage?: boolean;
   /**
    * The daemon is started for each run and stopped after it, so only one back-end holds the image at a time (RBD's
-   * exclusive lock); it gets unmeasured seconds of the same load first (compare.ts PER_RUN_WARMUP_SEC).
+   * exclusive lock); it gets unmeasured sessions of the same load first (compare.ts PER_RUN_WARMUP_SESSIONS).
    */
   perRunDaemon?: boolean;
   /**
