@@ -374,11 +374,7 @@ export class BackendChannel {
     if (member === this.owner) {
       // The next oldest reports from its next poll on (a connection that is down keeps polls coming: its
       // reconnect timer wakes every member).
-      this.owner = null;
-      for (const next of this.members.values()) {
-        this.owner = next;
-        break;
-      }
+      this.owner = this.members.values().next().value ?? null;
       this.reportedDown = -1;
     }
     if (this.members.size > 0) return;

@@ -663,8 +663,8 @@ export async function benchCompare(flags: CompareFlags): Promise<number> {
             }
             daemon = fresh;
             if (scenario.perRunDaemon) {
-              // Unmeasured: a daemon just started is not what a host runs (vublk's JIT, its pool threads, librbd's
-              // caches warm up in the first seconds), and the row measures each back-end in its steady state.
+              // Unmeasured: a daemon just started is not what a host runs (vublk's JIT settles over its first two
+              // sessions, librbd's caches in the first seconds), and the row measures each back-end in its steady state.
               for (let session = 0; session < PER_RUN_WARMUP_SESSIONS; session++) {
                 await warmUp(scenario.workload, fresh.sockets[0] as string, round, PER_RUN_WARMUP_SEC);
               }
