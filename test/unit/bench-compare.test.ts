@@ -23,7 +23,7 @@ import {
   type Sample,
 } from '../../bench/src/loadgen/scenarios.js';
 import { commonWindowSec } from '../../bench/src/loadgen/scale.js';
-import { parseKeyValueLines, renderReport } from '../../bench/src/loadgen/compare.js';
+import { parseKeyValueLines, renderReport, stealToRerun } from '../../bench/src/loadgen/compare.js';
 
 describe('/proc parsers', () => {
   it('reads utime+stime even when the command name holds spaces and parentheses', () => {
@@ -49,8 +49,12 @@ describe('/proc parsers', () => {
     expect(processThreadKinds(2 ** 22 + 1).own).toBeNaN();
   });
 
-  it('splits /proc/stat into busy and idle (idle + iowait) jiffies', () => {
-    expect(parseHostCpuTicks('cpu  100 5 50 1000 20 1 2 3 0 0\ncpu0 1 2 3\n')).toEqual({ busy: 100 + 5 + 50 + 1 + 2 + 3, idle: 1020 });
+  it('splits /proc/stat into busy, idle (idle + iowait) and stolen jiffies', () => {
+    expect(parseHostCpuTicks('cpu  100 5 50 1000 20 1 2 3 0 0\ncpu0 1 2 3\n')).toEqual({
+      busy: 100 + 5 + 50 + 1 + 2,
+      idle: 1020,
+      steal: 3,
+    });
   });
 
   it('CPU per request in µs, NaN without requests', () => {
@@ -186,6 +190,7 @@ describe('aggregation', () => {
     cpuUsPerRequest: 2,
     daemonCpuPercent: 50,
     hostIdlePercent: 20,
+    hostStealPercent: 0,
     generatorCpuPercent: 30,
     serverCpuUsPerRequest: Number.NaN,
   });
@@ -251,6 +256,7 @@ describe('aggregation', () => {
       samples: samples.map((s) => ({ ...s, loadAvg1: 1.5, generatorMicrosPerRequest: 1 })),
       memory: [],
       failures: [],
+      stealReruns: [],
       commands: ['qemu-storage-daemon …'],
       imageNotes: [],
       rounds: 1,
@@ -267,6 +273,18 @@ describe('aggregation', () => {
     expect(report.markdown).not.toContain('page-cached 4 KiB randread');
     expect(report.markdown, 'no storage server ran: no server table').not.toContain('CPU µs/req (median)');
     expect(report.summary).toContain('Targets:');
+    expect(report.markdown).toContain('| rounds run again for steal | none |');
+  });
+
+  it('runs a round again while the hypervisor took 3 % of the CPU or more in one of its runs, at most twice', () => {
+    const calm = [sample('r-rr-qd32', 'vublk-rbd', 1, 18_000), sample('r-rr-qd32', 'qsd-rbd', 1, 17_000)];
+    const stolen = [calm[0] as Sample, { ...(calm[1] as Sample), hostStealPercent: 9.5 }];
+    expect(stealToRerun(calm, 0)).toBeNull();
+    expect(stealToRerun([{ ...(calm[0] as Sample), hostStealPercent: 2.9 }], 0)).toBeNull();
+    expect(stealToRerun(stolen, 0)).toBe(9.5);
+    expect(stealToRerun(stolen, 1)).toBe(9.5);
+    expect(stealToRerun(stolen, 2), 'after two re-runs the round is kept').toBeNull();
+    expect(stealToRerun([{ ...(calm[0] as Sample), hostStealPercent: Number.NaN }], 0)).toBeNull();
   });
 
   it("shows the storage server's CPU per request by round where it was measured (RBD: the OSD)", () => {
@@ -282,6 +300,7 @@ describe('aggregation', () => {
       samples: samples.map((s) => ({ ...s, loadAvg1: 1.5, generatorMicrosPerRequest: 1 })),
       memory: [],
       failures: [],
+      stealReruns: ['round 2 r-rw-qd32: 9.5 %'],
       commands: [],
       imageNotes: [],
       rounds: 3,
@@ -293,5 +312,7 @@ describe('aggregation', () => {
     expect(report.markdown).toContain('| workload | back-end | ceph-osd CPU µs/req (median) | by round |');
     expect(report.markdown).toContain('| 4 KiB randwrite QD32 over RBD | vublk image=rbd: | 152.0 | 151.0, 152.0, 153.0 |');
     expect(report.markdown).toContain('|  | qemu-storage-daemon rbd blockdev | 162.0 | 161.0, 162.0, 163.0 |');
+    expect(report.markdown).toContain('| rounds run again for steal | 1: round 2 r-rw-qd32: 9.5 % |');
+    expect(report.markdown).toMatch(/\| 4 KiB randwrite QD32 over RBD \| vublk image=rbd: \|.*\| 20 \| 0\.0 \|/);
   });
 });

@@ -24,13 +24,17 @@ export function parseStatusNumber(status: string, key: string): number {
   return match ? Number(match[1]) : NaN;
 }
 
-/** Busy and idle jiffies of all CPUs together, from the first line of /proc/stat. */
-export function parseHostCpuTicks(procStat: string): { busy: number; idle: number } {
+/**
+ * Busy, idle (idle + iowait) and stolen jiffies of all CPUs together, from the first line of /proc/stat. Steal is
+ * the time the hypervisor ran something else on this VM's vCPUs: neither the daemons' work nor idle.
+ */
+export function parseHostCpuTicks(procStat: string): { busy: number; idle: number; steal: number } {
   const line = procStat.split('\n')[0] ?? '';
   const v = line.trim().split(/\s+/).slice(1).map(Number);
   const idle = (v[3] ?? 0) + (v[4] ?? 0);
+  const steal = v[7] ?? 0;
   const total = v.slice(0, 8).reduce((a, b) => a + b, 0);
-  return { busy: total - idle, idle };
+  return { busy: total - idle - steal, idle, steal };
 }
 
 /** Microseconds of CPU per request from a CPU-seconds delta and a request count (NaN when nothing completed). */
@@ -98,6 +102,6 @@ export function processThreads(pid: number): number {
   return processThreadKinds(pid).own;
 }
 
-export function hostCpuTicks(): { busy: number; idle: number } {
+export function hostCpuTicks(): { busy: number; idle: number; steal: number } {
   return parseHostCpuTicks(readFileSync('/proc/stat', 'utf8'));
 }

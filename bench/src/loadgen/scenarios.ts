@@ -468,6 +468,8 @@ export interface Sample {
   /** Daemon CPU over the run's wall time, % of one core (NaN for fio). */
   daemonCpuPercent: number;
   hostIdlePercent: number;
+  /** Share of the host's CPU time the hypervisor took from this VM during the run (see STEAL_RERUN_PERCENT). */
+  hostStealPercent: number;
   generatorCpuPercent: number;
   /**
    * CPU of the storage server the benchmark runs for this image (nbdkit, the Ceph OSD) per request, µs; NaN where
