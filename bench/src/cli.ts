@@ -155,6 +155,11 @@ program
   .option('--groups <list>', 'only these groups, comma-separated: direct, cached, qcow2, nbd, rbd, scale (default: all)')
   .option('--no-scale', 'skip the many-disks part')
   .option('--scale-disks <n>', 'disks of the serving part of the scale test (2 queues each)', '32')
+  .option(
+    '--steal-rerun <percent|off>',
+    "run a row's round again (all its back-ends, up to twice) when the hypervisor took this share of the CPU during one of its runs",
+    '3',
+  )
   .action(async (flags: Record<string, string | boolean | undefined>) => {
     const { benchCompare } = await import('./loadgen/compare.js');
     process.exitCode = await benchCompare(flags);

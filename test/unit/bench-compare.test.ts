@@ -23,7 +23,7 @@ import {
   type Sample,
 } from '../../bench/src/loadgen/scenarios.js';
 import { commonWindowSec } from '../../bench/src/loadgen/scale.js';
-import { parseKeyValueLines, renderReport, stealToRerun } from '../../bench/src/loadgen/compare.js';
+import { parseKeyValueLines, parseStealRerun, renderReport, stealToRerun } from '../../bench/src/loadgen/compare.js';
 
 describe('/proc parsers', () => {
   it('reads utime+stime even when the command name holds spaces and parentheses', () => {
@@ -257,6 +257,7 @@ describe('aggregation', () => {
       memory: [],
       failures: [],
       stealReruns: [],
+      stealRerunPercent: Number.POSITIVE_INFINITY,
       commands: ['qemu-storage-daemon …'],
       imageNotes: [],
       rounds: 1,
@@ -274,6 +275,7 @@ describe('aggregation', () => {
     expect(report.markdown, 'no storage server ran: no server table').not.toContain('CPU µs/req (median)');
     expect(report.summary).toContain('Targets:');
     expect(report.markdown).toContain('| rounds run again for steal | none |');
+    expect(report.markdown).toContain('rounds were not run again for steal in this run (`--steal-rerun off`)');
   });
 
   it('runs a round again while the hypervisor took 3 % of the CPU or more in one of its runs, at most twice', () => {
@@ -285,6 +287,15 @@ describe('aggregation', () => {
     expect(stealToRerun(stolen, 1)).toBe(9.5);
     expect(stealToRerun(stolen, 2), 'after two re-runs the round is kept').toBeNull();
     expect(stealToRerun([{ ...(calm[0] as Sample), hostStealPercent: Number.NaN }], 0)).toBeNull();
+    expect(stealToRerun(calm, 0, 0), '--steal-rerun 0: every round runs again').toBe(0);
+    expect(stealToRerun(stolen, 0, Number.POSITIVE_INFINITY), '--steal-rerun off').toBeNull();
+  });
+
+  it('--steal-rerun takes a share from 0 to 100 or off, and refuses anything else', () => {
+    expect(parseStealRerun('3')).toBe(3);
+    expect(parseStealRerun('0')).toBe(0);
+    expect(parseStealRerun('off')).toBe(Number.POSITIVE_INFINITY);
+    for (const bad of ['', '-1', '101', 'x', 'NaN']) expect(() => parseStealRerun(bad), bad).toThrow(/--steal-rerun/);
   });
 
   it("shows the storage server's CPU per request by round where it was measured (RBD: the OSD)", () => {
@@ -301,6 +312,7 @@ describe('aggregation', () => {
       memory: [],
       failures: [],
       stealReruns: ['round 2 r-rw-qd32: 9.5 %'],
+      stealRerunPercent: 3,
       commands: [],
       imageNotes: [],
       rounds: 3,
@@ -313,6 +325,7 @@ describe('aggregation', () => {
     expect(report.markdown).toContain('| 4 KiB randwrite QD32 over RBD | vublk image=rbd: | 152.0 | 151.0, 152.0, 153.0 |');
     expect(report.markdown).toContain('|  | qemu-storage-daemon rbd blockdev | 162.0 | 161.0, 162.0, 163.0 |');
     expect(report.markdown).toContain('| rounds run again for steal | 1: round 2 r-rw-qd32: 9.5 % |');
+    expect(report.markdown).toContain('a round of a row with a run at 3 % or more is run again');
     expect(report.markdown).toMatch(/\| 4 KiB randwrite QD32 over RBD \| vublk image=rbd: \|.*\| 20 \| 0\.0 \|/);
   });
 });

@@ -76,6 +76,7 @@ export interface CompareFlags {
   groups?: string | boolean;
   scale?: boolean;
   scaleDisks?: string | boolean;
+  stealRerun?: string | boolean;
 }
 
 type RunningScenario = Scenario & { running: string[] };
@@ -190,10 +191,23 @@ const PER_RUN_WARMUP_SEC = 2;
 const STEAL_RERUN_PERCENT = 3;
 const STEAL_RERUNS = 2;
 
-/** The largest steal share of a row's round when that round is to run again (attempt counts from 0), else null. */
-export function stealToRerun(round: readonly Sample[], attempt: number): number | null {
+/** `--steal-rerun`: a share of 0–100 %, or `off` (Infinity: never run a round again). */
+export function parseStealRerun(value: string): number {
+  if (value === 'off') return Number.POSITIVE_INFINITY;
+  const percent = Number(value);
+  if (value.trim() === '' || !Number.isFinite(percent) || percent < 0 || percent > 100) {
+    throw new Error(`--steal-rerun ${value}: give a share of the CPU from 0 to 100 (%), or off`);
+  }
+  return percent;
+}
+
+/**
+ * The largest steal share of a row's round when that round is to run again (attempt counts from 0), else null.
+ * `thresholdPercent` 0 runs every round again STEAL_RERUNS times (a way to exercise the path).
+ */
+export function stealToRerun(round: readonly Sample[], attempt: number, thresholdPercent = STEAL_RERUN_PERCENT): number | null {
   const stolen = Math.max(0, ...round.map((x) => x.hostStealPercent).filter(Number.isFinite));
-  return stolen >= STEAL_RERUN_PERCENT && attempt < STEAL_RERUNS ? stolen : null;
+  return stolen >= thresholdPercent && attempt < STEAL_RERUNS ? stolen : null;
 }
 
 /** Serves `seconds` of `workload` on the daemon at `socket`, unmeasured. */
@@ -552,6 +566,7 @@ export async function benchCompare(flags: CompareFlags): Promise<number> {
         )
       : null;
   const scaleDisks = Number(flagString(flags.scaleDisks, '32'));
+  const stealRerunPercent = parseStealRerun(flagString(flags.stealRerun, String(STEAL_RERUN_PERCENT)));
   const doScale = flags.scale !== false && (only === null || only.has('scale'));
   const started = Date.now();
   const log = (text: string): void => void process.stderr.write(`[${((Date.now() - started) / 1000).toFixed(0).padStart(4)} s] ${text}\n`);
@@ -711,7 +726,7 @@ export async function benchCompare(flags: CompareFlags): Promise<number> {
                 `${result.mibps.toFixed(1).padStart(7)} MiB/s p50 ${result.p50Us.toFixed(1).padStart(7)} µs  CPU ${result.cpuUsPerRequest.toFixed(2)} µs/req  load ${result.loadAvg1.toFixed(2)}`,
             );
           }
-          const stolen = stealToRerun(got, attempt);
+          const stolen = stealToRerun(got, attempt, stealRerunPercent);
           if (stolen !== null) {
             stealReruns.push(`round ${round} ${scenario.id}: ${stolen.toFixed(1)} %`);
             log(
@@ -750,6 +765,7 @@ export async function benchCompare(flags: CompareFlags): Promise<number> {
       memory,
       failures,
       stealReruns,
+      stealRerunPercent,
       commands,
       imageNotes: img.notes,
       rounds,
@@ -793,6 +809,8 @@ interface ReportInput {
   memory: Array<{ id: string; rssMiB: number; hwmMiB: number; threads: number }>;
   failures: string[];
   stealReruns: string[];
+  /** --steal-rerun: the steal share (%) that runs a round again; Infinity when off. */
+  stealRerunPercent: number;
   commands: string[];
   imageNotes: string[];
   rounds: number;
@@ -826,8 +844,11 @@ export function renderReport(input: ReportInput): { markdown: string; summary: s
     'the per-round ratios (measured the same minute, under the same host load). **Daemon CPU µs/request** is utime+stime of the',
     "daemon process (`/proc/PID/stat`) over the run divided by every request of the run (warm-up included); fio's is its own",
     'process (it is generator and engine at once). **load** is the 1-minute load average when the run started. **steal %** is',
-    `the share of the host's CPU time the hypervisor gave to other VMs during the run (\`/proc/stat\`); a round of a row with a run at`,
-    `${STEAL_RERUN_PERCENT} % or more is run again, all its back-ends, up to ${STEAL_RERUNS} times (rounds run again: listed under Machine).`,
+    `the share of the host's CPU time the hypervisor gave to other VMs during the run (\`/proc/stat\`); ${
+      Number.isFinite(input.stealRerunPercent)
+        ? `a round of a row with a run at ${input.stealRerunPercent} % or more is run again, all its back-ends, up to ${STEAL_RERUNS} times (rounds run again: listed under Machine).`
+        : 'rounds were not run again for steal in this run (`--steal-rerun off`).'
+    }`,
     '',
     '### Machine',
     '',
