@@ -288,6 +288,34 @@ case $workload in
     [ $((offset + 6 * length)) -le $((size * 512)) ] || fail "migrate: disk too small ($size sectors)"
     tr 'a-z' 'A-Z' </pattern.bin >/tmp/pattern.upper
     upper=$(md5sum /tmp/pattern.upper | cut -d' ' -f1)
+    # For a mismatch: which 256 KiB pieces of a read held this round's pattern (U or L), the other round's (u
+    # or l: the write was lost), zeroes (0: the device's data never reached this memory) or anything else (?).
+    piece=262144
+    [ $((length % piece)) = 0 ] || piece=$length
+    zero_md5=$(dd if=/dev/zero bs=$piece count=1 status=none | md5sum | cut -c1-8)
+    lower_md5s=""
+    upper_md5s=""
+    i=0
+    while [ $i -lt $((length / piece)) ]; do
+      lower_md5s="$lower_md5s $(dd if=/pattern.bin bs=$piece skip=$i count=1 status=none | md5sum | cut -c1-8)"
+      upper_md5s="$upper_md5s $(dd if=/tmp/pattern.upper bs=$piece skip=$i count=1 status=none | md5sum | cut -c1-8)"
+      i=$((i + 1))
+    done
+    piece_map() { # FILE IS_UPPER: one letter per piece, the expected pattern in capitals
+      i=0
+      map=""
+      for l in $lower_md5s; do
+        u=$(echo $upper_md5s | cut -d' ' -f$((i + 1)))
+        g=$(dd if="$1" bs=$piece skip=$i count=1 status=none | md5sum | cut -c1-8)
+        if [ "$g" = "$u" ]; then [ "$2" = 1 ] && map="${map}U" || map="${map}u"
+        elif [ "$g" = "$l" ]; then [ "$2" = 1 ] && map="${map}l" || map="${map}L"
+        elif [ "$g" = "$zero_md5" ]; then map="${map}0"
+        else map="${map}?"
+        fi
+        i=$((i + 1))
+      done
+      echo "$map"
+    }
     # Sentinel, driven by the host through the console, for pages only the device writes after pre-copy
     # sent them. A dd holds one O_DIRECT buffer for its whole life: it reads block A (before the migration)
     # and blocks writing it into a FIFO nobody reads. "fill N" (sent during pre-copy) drains block A, so dd
@@ -349,7 +377,10 @@ case $workload in
           dd if=/dev/vda of=/tmp/read$w bs="$length" count=1 iflag=skip_bytes,direct skip=$at status=none ||
             { say "FAIL migrate read error round=$round writer=$w"; exit 1; }
           got=$(md5sum /tmp/read$w | cut -d' ' -f1)
-          [ "$got" = "$want" ] || { say "FAIL migrate mismatch round=$round writer=$w md5=$got expected=$want"; exit 1; }
+          [ "$got" = "$want" ] || {
+            say "FAIL migrate mismatch round=$round writer=$w md5=$got expected=$want pieces=$(piece_map /tmp/read$w $((round % 2)))"
+            exit 1
+          }
         ) &
         pids="$pids $!"
       done
