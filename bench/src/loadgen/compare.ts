@@ -201,12 +201,17 @@ export function parseStealRerun(value: string): number {
   return percent;
 }
 
+/** The largest steal share (%) among `samples`; 0 when none was measured. */
+function largestSteal(samples: readonly Sample[]): number {
+  return Math.max(0, ...samples.map((x) => x.hostStealPercent).filter(Number.isFinite));
+}
+
 /**
  * The largest steal share of a row's round when that round is to run again (attempt counts from 0), else null.
  * `thresholdPercent` 0 runs every round again STEAL_RERUNS times (a way to exercise the path).
  */
 export function stealToRerun(round: readonly Sample[], attempt: number, thresholdPercent = STEAL_RERUN_PERCENT): number | null {
-  const stolen = Math.max(0, ...round.map((x) => x.hostStealPercent).filter(Number.isFinite));
+  const stolen = largestSteal(round);
   return stolen >= thresholdPercent && attempt < STEAL_RERUNS ? stolen : null;
 }
 
@@ -856,7 +861,7 @@ export function renderReport(input: ReportInput): { markdown: string; summary: s
     '|---|---|',
     ...Object.entries(facts).map(([k, v]) => `| ${k} | ${v} |`),
     `| host CPU idle during the runs (median) | ${fmt(median(m.map((x) => x.hostIdlePercent)))} % |`,
-    `| host CPU taken by the hypervisor during the runs (median, max) | ${fmt(median(m.map((x) => x.hostStealPercent)), 1)} %, ${fmt(Math.max(0, ...m.map((x) => x.hostStealPercent).filter(Number.isFinite)), 1)} % |`,
+    `| host CPU taken by the hypervisor during the runs (median, max) | ${fmt(median(m.map((x) => x.hostStealPercent)), 1)} %, ${fmt(largestSteal(m), 1)} % |`,
     `| rounds run again for steal | ${input.stealReruns.length === 0 ? 'none' : `${input.stealReruns.length}: ${input.stealReruns.join('; ')}`} |`,
     `| 1-minute load average during the runs (median, min–max) | ${fmt(median(m.map((x) => x.loadAvg1)), 2)} (${fmt(Math.min(...m.map((x) => x.loadAvg1)), 2)}–${fmt(Math.max(...m.map((x) => x.loadAvg1)), 2)}) |`,
     '',
