@@ -42,8 +42,10 @@ export const BackendEvent = {
   stalls: 6,
   /** Connections reset because the server broke the protocol. */
   protocolErrors: 7,
+  /** Reads the back-end answered with fewer bytes than asked (RBD past its end); the rest was zeroed. */
+  shortReads: 8,
 } as const;
-export const BACKEND_EVENTS = 8;
+export const BACKEND_EVENTS = 9;
 
 /** The operations the network executor needs from a back-end connection. */
 export interface Transport {
@@ -304,14 +306,27 @@ class RbdTransport implements Transport {
     this.deliver = deliver;
     this.queue.reap(this.onReaped, drainSignal);
   }
+  /** Short reads reported to the log so far. */
+  private shortReadsLogged = 0;
   healthChange(): string {
-    return '';
+    const count = this.queue.shortReads;
+    if (count === this.shortReadsLogged) return '';
+    const { asked, read } = this.queue.lastShortRead;
+    const since = count - this.shortReadsLogged;
+    this.shortReadsLogged = count;
+    return (
+      `librbd answered ${since} read${since === 1 ? '' : 's'} short (the latest: ${read} of ${asked} bytes; the image ends ` +
+      'sooner than the disk size, e.g. shrunk by another client): the rest was zeroed'
+    );
   }
-  /** librbd reconnects inside librados and reports nothing of it per request: no events here. */
-  readonly eventSerial = 0;
+  /** librbd reconnects inside librados and reports nothing of it per request: only short reads are events. */
+  get eventSerial(): number {
+    return this.queue.shortReads;
+  }
   readonly connectionsDown = 0;
   eventTotals(out: Float64Array): void {
     out.fill(0);
+    out[BackendEvent.shortReads] = this.queue.shortReads;
   }
   close(): void {
     this.queue.close();

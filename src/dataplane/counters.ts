@@ -46,7 +46,7 @@ export const Counter = {
   watchdogDrains: 19,
   /** Requests that rode in an earlier request's back-end operation (network images: request merging). */
   merged: 20,
-  // Network back-end connection events (NBD), in BackendEvent order (backend-channel.ts), counted by whichever
+  // Network back-end events (NBD connections; short reads), in BackendEvent order (backend-channel.ts), counted by whichever
   // queue of the disk polled the worker's connections when they happened.
   backendConnects: 21,
   backendConnectFailures: 22,
@@ -56,14 +56,15 @@ export const Counter = {
   backendTimedOut: 26,
   backendStalls: 27,
   backendProtocolErrors: 28,
+  backendShortReads: 29,
   /**
    * A gauge: the worker's connections to the disk's network back-end that are not up right now, published by
    * one queue per worker (the oldest of the disk's queues there), 0 on the others.
    */
-  backendConnectionsDown: 29,
+  backendConnectionsDown: 30,
 } as const;
 export type CounterName = keyof typeof Counter;
-const SCALAR_COUNTERS = 30;
+const SCALAR_COUNTERS = 31;
 
 /** Operations with a latency histogram each. */
 export const LatencyOp = {

@@ -203,6 +203,11 @@ export function createMetricsRegistry(disks: () => readonly DiskMetricsSource[],
       'Network back-end connections reset because the server broke the protocol.',
       'backendProtocolErrors',
     ],
+    [
+      'vublk_backend_short_reads_total',
+      'Reads the network back-end answered with fewer bytes than asked (RBD: the image ends sooner than the disk); the rest was zeroed.',
+      'backendShortReads',
+    ],
   ];
   for (const [name, help, counter] of backendEvents) perQueue('counter', name, help, counter);
   perQueue(

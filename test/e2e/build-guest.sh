@@ -289,7 +289,8 @@ case $workload in
     tr 'a-z' 'A-Z' </pattern.bin >/tmp/pattern.upper
     upper=$(md5sum /tmp/pattern.upper | cut -d' ' -f1)
     # For a mismatch: which 256 KiB pieces of a read held this round's pattern (U or L), the other round's (u
-    # or l: the write was lost), zeroes (0: the device's data never reached this memory) or anything else (?).
+    # or l: the write was lost), zeroes (0: the device's data never reached this memory) or anything else (?);
+    # once for the read that failed, once for a second read of the same region right after.
     piece=262144
     [ $((length % piece)) = 0 ] || piece=$length
     zero_md5=$(dd if=/dev/zero bs=$piece count=1 status=none | md5sum | cut -c1-8)
@@ -378,7 +379,10 @@ case $workload in
             { say "FAIL migrate read error round=$round writer=$w"; exit 1; }
           got=$(md5sum /tmp/read$w | cut -d' ' -f1)
           [ "$got" = "$want" ] || {
-            say "FAIL migrate mismatch round=$round writer=$w md5=$got expected=$want pieces=$(piece_map /tmp/read$w $((round % 2)))"
+            # Read the region again: if the device now returns the right data, it was lost on the way into
+            # this memory (a dirty-log bit, or the destination's write); if not, the storage returned it.
+            dd if=/dev/vda of=/tmp/reread$w bs="$length" count=1 iflag=skip_bytes,direct skip=$at status=none || echo >/tmp/reread$w
+            say "FAIL migrate mismatch round=$round writer=$w md5=$got expected=$want pieces=$(piece_map /tmp/read$w $((round % 2))) reread=$(piece_map /tmp/reread$w $((round % 2)))"
             exit 1
           }
         ) &

@@ -372,6 +372,94 @@ describe('RBD back-end against a real Ceph cluster', () => {
     await close(again);
   });
 
+  it('a read past the end of an image another client shrank: librbd answers it short, the rest of the buffer is zeroed and counted', async () => {
+    await cluster.run('rbd', ['create', '--size', '8M', 'rbd/shrunk']);
+    const data = Buffer.alloc(8 * MiB);
+    new Prng(seed).fill(data);
+    const writer = await open('rbd:rbd/shrunk');
+    const writes = new RbdQueue(writer.handle, writer.eventFd);
+    expect(
+      drive(writes, (pending) => {
+        pending.set(1, { buffers: [data] });
+        writes.submitWrite(1, 0, segmentsOf([data]));
+      }).get(1),
+    ).toBe(0);
+    await close(writer, writes);
+
+    // Another client shrinks the image to 6 MiB while this handle holds it (a read-only handle watches nothing).
+    const reader = await open('rbd:rbd/shrunk');
+    const queue = new RbdQueue(reader.handle, reader.eventFd);
+    await cluster.run('rbd', ['resize', '--allow-shrink', '--size', '6M', 'rbd/shrunk']);
+    // The lock owner runs the resize for that client; the handle then knows the new end.
+    for (let i = 0; i < 100 && reader.size() !== 6 * MiB; i++) await new Promise((r) => setTimeout(r, 100));
+    expect(reader.size()).toBe(6 * MiB);
+    // 5 MiB .. 7 MiB in three pieces (the data plane's segment list): 1 MiB of image, then past its end.
+    const pieces = [Buffer.alloc(768 * 1024, 0xee), Buffer.alloc(512 * 1024, 0xee), Buffer.alloc(768 * 1024, 0xee)];
+    // Through the caller's own iovec array: 6 MiB - 512 KiB .. 6 MiB + 512 KiB.
+    const whole = Buffer.alloc(MiB, 0xee);
+    const results = drive(queue, (pending) => {
+      pending.set(1, { buffers: pieces });
+      queue.submitRead(1, 5 * MiB, segmentsOf(pieces));
+      const iov = iovOver([whole]);
+      pending.set(2, { buffers: [whole], iov });
+      queue.submitReadv(2, 6 * MiB - 512 * 1024, iov.address, 1);
+    });
+    expect(results.get(1), 'librbd reads up to the end it knows').toBe(MiB);
+    expect(results.get(2)).toBe(512 * 1024);
+    const got = Buffer.concat(pieces);
+    expect(got.subarray(0, MiB).equals(data.subarray(5 * MiB, 6 * MiB)), 'the part inside the image').toBe(true);
+    expect(
+      got.subarray(MiB).every((b) => b === 0),
+      'past the end: zeroes, not what the buffer held',
+    ).toBe(true);
+    expect(whole.subarray(0, 512 * 1024).equals(data.subarray(6 * MiB - 512 * 1024, 6 * MiB))).toBe(true);
+    expect(whole.subarray(512 * 1024).every((b) => b === 0)).toBe(true);
+    expect(queue.shortReads).toBe(2);
+    expect(queue.lastShortRead).toEqual({ asked: MiB, read: 512 * 1024 });
+    // A whole read inside the image is not one.
+    const inside = Buffer.alloc(64 * 1024, 0xee);
+    expect(
+      drive(queue, (pending) => {
+        pending.set(3, { buffers: [inside] });
+        queue.submitRead(3, 0, segmentsOf([inside]));
+      }).get(3),
+    ).toBe(64 * 1024);
+    expect(inside.equals(data.subarray(0, 64 * 1024))).toBe(true);
+    expect(queue.shortReads).toBe(2);
+    await close(reader, queue);
+  });
+
+  it('through the daemon: a guest read past the end of a shrunk image completes with zeroes there, counted and logged', async () => {
+    await cluster.run('rbd', ['create', '--size', '8M', 'rbd/shrunk2']);
+    const disk = `image=rbd:rbd/shrunk2,conf=${cluster.conf},id=vublk,keyring=${cluster.vublkKeyring},socket=vublk.sock`;
+    const daemon = await startDaemon({ rawArgs: ['serve', '--disk', disk, ...METRICS_ARGS, '--admin-socket', 'off'] });
+    const frontend = await VhostUserFrontend.connect(daemon.socketPath);
+    try {
+      const url = await metricsUrl(daemon);
+      const driver = new VirtioBlkDriver(frontend);
+      const data = Buffer.alloc(MiB);
+      new Prng(seed).fill(data);
+      await driver.write((5 * MiB) / 512, data);
+      // Another client shrinks the image under the daemon (the lock owner runs the resize for it).
+      await cluster.run('rbd', ['resize', '--allow-shrink', '--size', '5632K', 'rbd/shrunk2']);
+      const since = daemon.logs().length;
+      const got = await driver.read((5 * MiB) / 512, MiB);
+      expect(got.subarray(0, 512 * 1024).equals(data.subarray(0, 512 * 1024)), 'the part still in the image').toBe(true);
+      expect(
+        got.subarray(512 * 1024).every((b) => b === 0),
+        'past the end: zeroes',
+      ).toBe(true);
+      const line = await daemon.waitForLog((l) => l.msg === 'network back-end', 10_000, since);
+      expect(String(line.reason)).toMatch(/librbd answered 1 read short \(the latest: 524288 of 1048576 bytes/);
+      const m = await scrape(url);
+      expect(sampleValue(m, 'vublk_backend_short_reads_total', { disk: 'disk0', queue: '0' })).toBe(1);
+      expect(sampleValue(m, 'vublk_io_errors_total', { disk: 'disk0', queue: '0' })).toBe(0);
+    } finally {
+      frontend.close();
+      await daemon.stop();
+    }
+  });
+
   it('exclusive lock: a second writer is refused; with lock=none it cannot write until the owner releases', async () => {
     const first = await open();
     const firstError = await expectOpenError(

@@ -19,13 +19,19 @@
  *   Either way the memory the iovecs point to must stay mapped until the tag is reaped.
  * - Every submit is answered by exactly one reaped completion, also when librbd refuses it at submit time
  *   (then the error is queued here and the eventfd is signalled, so the loop wakes as usual).
+ * - A read is answered only once all of its buffer holds image data: librbd reports the bytes it read, and
+ *   returns fewer when the read runs past the end of the image as it knows it (shrunk by another client);
+ *   the rest of the buffer is zeroed here, as QEMU's rbd driver does, and counted (`shortReads`), never left
+ *   holding whatever the guest had there before.
  * - A queue closed with requests still in flight (a ring stopped while the cluster did not answer) is kept
  *   alive for the process's life (ORPHANS): librbd still holds pointers into its iovec arrays. Its completions
  *   then reach whichever queue polls the image next, here or on another thread: the arg carries the queue's
  *   serial beside the id, and a queue releases a completion of another serial without touching its own ids.
  */
 import { librbd, type LibRbd } from './librbd.js';
+import koffi from 'koffi';
 import { addressOf, sys, POLLIN, IOV_MAX, IOVEC_BYTES } from '../../sys/libc.js';
+import { zeroMemory } from '../../sys/net-socket.js';
 import { threadId } from 'node:worker_threads';
 import { drainEventFd, signalEventFd } from '../../sys/eventfd.js';
 
@@ -67,6 +73,13 @@ export class RbdQueue {
    * reused through `freeIds`, and `tagOf` grows by doubling.
    */
   private tagOf = new Float64Array(64).fill(Number.NaN);
+  /**
+   * Per id, for a read in flight: where its iovec array is (0: not a read), how many entries it has and the
+   * bytes they cover (NaN: not summed at submit, see `checkRead`).
+   */
+  private readIov = new Float64Array(64);
+  private readIovCount = new Int32Array(64);
+  private readAsked = new Float64Array(64);
   private readonly freeIds: number[] = [];
   private nextId = 0;
   private submitted = 0;
@@ -82,6 +95,10 @@ export class RbdQueue {
   private readonly polledAddress = addressOf(this.polled);
   private readonly pollfd = Buffer.alloc(8);
   private closed = false;
+  /** Reads librbd answered with fewer bytes than asked (the rest was zeroed here). */
+  shortReads = 0;
+  /** The latest short read, for the log: bytes asked, bytes librbd read. */
+  lastShortRead = { asked: 0, read: 0 };
   /** This queue's serial: the high half of every completion arg it makes. */
   private readonly serial = nextSerial();
 
@@ -118,6 +135,7 @@ export class RbdQueue {
   /** Reads into the iovec array at `iovAddress` (`iovCount` struct iovec, kept valid until reaped). */
   submitReadv(tag: number, offset: number, iovAddress: number, iovCount: number): void {
     const id = this.takeId(tag);
+    this.markRead(id, iovAddress, iovCount, Number.NaN);
     const c = this.completion(id);
     if (c !== 0) this.started(id, c, this.lib.rbdAioReadv(this.image, iovAddress, iovCount, offset, c));
   }
@@ -174,6 +192,7 @@ export class RbdQueue {
         // A completion we did not submit cannot happen; skip it rather than crash.
         if (!(id < this.nextId) || Number.isNaN(this.tagOf[id]!)) continue;
         const tag = this.tagOf[id]!;
+        if (result >= 0 && this.readIov[id] !== 0) this.checkRead(id, result);
         this.freeId(id);
         this.submitted--;
         delivered++;
@@ -220,15 +239,18 @@ export class RbdQueue {
     }
     const id = this.takeId(tag);
     const { words, address } = this.iovecs[id] ?? this.newIovec(id);
+    let bytes = 0;
     for (let i = 0; i < count; i++) {
       const a = segments.addresses[i] ?? 0;
       const len = segments.lengths[i] ?? 0;
+      bytes += len;
       const w = i * 4;
       words[w] = a % TWO_32;
       words[w + 1] = Math.floor(a / TWO_32);
       words[w + 2] = len % TWO_32;
       words[w + 3] = Math.floor(len / TWO_32);
     }
+    if (!write) this.markRead(id, address, count, bytes);
     const c = this.completion(id);
     if (c === 0) return;
     const r = write
@@ -253,6 +275,15 @@ export class RbdQueue {
         const grown = new Float64Array(this.tagOf.length * 2).fill(Number.NaN);
         grown.set(this.tagOf);
         this.tagOf = grown;
+        const iov = new Float64Array(grown.length);
+        iov.set(this.readIov);
+        this.readIov = iov;
+        const counts = new Int32Array(grown.length);
+        counts.set(this.readIovCount);
+        this.readIovCount = counts;
+        const asked = new Float64Array(grown.length);
+        asked.set(this.readAsked);
+        this.readAsked = asked;
       }
     }
     this.tagOf[id] = tag;
@@ -261,7 +292,45 @@ export class RbdQueue {
 
   private freeId(id: number): void {
     this.tagOf[id] = Number.NaN;
+    this.readIov[id] = 0;
     this.freeIds.push(id);
+  }
+
+  /** The request of `id` is a read of `bytes` into the `count` iovecs at `iovAddress` (checked when it completes). */
+  private markRead(id: number, iovAddress: number, count: number, bytes: number): void {
+    this.readIov[id] = count > 0 ? iovAddress : 0;
+    this.readIovCount[id] = count;
+    this.readAsked[id] = bytes;
+  }
+
+  /**
+   * A read of `id` completed with `read` bytes: zeroes what librbd left unwritten past them. Safe: the
+   * iovecs are the ones librbd was given, still valid until this completion is reaped (the header).
+   */
+  private checkRead(id: number, read: number): void {
+    let asked = this.readAsked[id]!;
+    // The usual case, without touching the iovecs: a read whose size was summed at submit came back whole.
+    if (read >= asked) return;
+    const count = this.readIovCount[id]!;
+    const iov = new BigUint64Array(koffi.view(this.readIov[id]!, count * IOVEC_BYTES) as ArrayBuffer);
+    if (Number.isNaN(asked)) {
+      asked = 0;
+      for (let i = 0; i < count; i++) asked += Number(iov[i * 2 + 1]);
+      if (read >= asked) return;
+    }
+    let skip = read;
+    for (let i = 0; i < count; i++) {
+      const base = Number(iov[i * 2]);
+      const length = Number(iov[i * 2 + 1]);
+      if (skip >= length) {
+        skip -= length;
+        continue;
+      }
+      zeroMemory(base + skip, length - skip);
+      skip = 0;
+    }
+    this.shortReads++;
+    this.lastShortRead = { asked, read };
   }
 
   /** A completion whose arg is `id`; 0 (the request refused, its id freed) when none could be made. */
