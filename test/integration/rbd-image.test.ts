@@ -454,6 +454,10 @@ describe('RBD back-end against a real Ceph cluster', () => {
       const m = await scrape(url);
       expect(sampleValue(m, 'vublk_backend_short_reads_total', { disk: 'disk0', queue: '0' })).toBe(1);
       expect(sampleValue(m, 'vublk_io_errors_total', { disk: 'disk0', queue: '0' })).toBe(0);
+      // A write wholly past the image's end fails (librbd refuses it); the guest sees IOERR, counted.
+      const past = await driver.execute({ type: BlkRequestType.OUT, sector: (6 * MiB) / 512, out: Buffer.alloc(4096, 0x33) });
+      expect(past.status).toBe(BlkStatus.IOERR);
+      expect(sampleValue(await scrape(url), 'vublk_io_errors_total', { disk: 'disk0', queue: '0' })).toBe(1);
     } finally {
       frontend.close();
       await daemon.stop();
