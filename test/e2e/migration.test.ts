@@ -2,7 +2,9 @@
 // attached to one vublk to a QEMU attached to another vublk on the same image (shared storage), then back.
 // Under TCG the guest keeps writing during pre-copy, so guest buffers the device fills after their page was
 // sent reach the destination only through vublk's dirty log: a missing bit shows as a mismatch (or a stuck
-// request) in the guest after the switch-over. (The same on a shared Ceph RBD image: rbd-migration.test.ts.)
+// request) in the guest after the switch-over, and, more directly, as guest RAM that differs between the source
+// and the paused destination (migration-harness.ts compares them page by page at every switch-over). (The
+// same on a shared Ceph RBD image: rbd-migration.test.ts.)
 import { mkdtemp, rm, truncate, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';

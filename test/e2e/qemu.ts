@@ -80,8 +80,8 @@ let availability: string | null | undefined;
  * The QEMU command line of the e2e guest (TCG, q35, no devices but `disk`, console on stdio): `kernelArgs`
  * after the fixed ones select the workload. Guest RAM is a shared memfd, which vhost-user back-ends map.
  */
-export function guestQemuArgs(options: { cpus: number; memoryMiB: number; disk: string[]; kernelArgs: string[] }): string[] {
-  const { cpus, memoryMiB, disk, kernelArgs } = options;
+export function guestQemuArgs(options: { cpus: number; memoryKiB: number; disk: string[]; kernelArgs: string[] }): string[] {
+  const { cpus, memoryKiB, disk, kernelArgs } = options;
   return [
     '-accel',
     'tcg',
@@ -90,9 +90,9 @@ export function guestQemuArgs(options: { cpus: number; memoryMiB: number; disk: 
     '-smp',
     String(cpus),
     '-m',
-    String(memoryMiB),
+    `${memoryKiB}K`,
     '-object',
-    `memory-backend-memfd,id=mem,size=${memoryMiB}M,share=on`,
+    `memory-backend-memfd,id=mem,size=${memoryKiB}K,share=on`,
     '-numa',
     'node,memdev=mem',
     ...disk,
@@ -162,7 +162,7 @@ export function runGuest(options: GuestOptions): Promise<GuestResult> {
   const args = guestQemuArgs({
     // virtio_blk uses min(num-queues, CPUs) queues, so multi-queue needs as many vCPUs.
     cpus: numQueues,
-    memoryMiB,
+    memoryKiB: memoryMiB * 1024,
     disk,
     kernelArgs: [
       `vublk.test=${workload}`,

@@ -2,7 +2,8 @@
 // RBD storage"): one micro cluster (test/support/ceph/micro-cluster.sh), one image, two vublk daemons serving
 // it with lock=migratable. A real guest doing O_DIRECT write/read-back rounds moves from a QEMU on vublk A to a
 // QEMU started with -incoming on vublk B, then back to a fresh QEMU on A; a migration cancelled in pre-copy
-// sits in between. Checked: no I/O error or mismatch in the guest before and after each switch-over, the
+// sits in between. Checked: no I/O error or mismatch in the guest before and after each switch-over, guest
+// RAM equal page by page between the source and the paused destination at each switch-over, the
 // sentinel only the dirty log carries, the exclusive lock's owner (`rbd lock ls`) is nobody before a guest
 // runs, the running guest's daemon from its boot on (a third client's write is refused meanwhile), the
 // destination's after each switch-over and still the source's after the cancel, and `rbd export` holds the
