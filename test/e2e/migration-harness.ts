@@ -58,8 +58,6 @@ export interface VmOptions {
   cpus?: number;
   /** More QEMU arguments (e.g. -S: a destination that stays paused after the switch-over until `cont`). */
   extraArgs?: string[];
-  /** More guest kernel arguments. */
-  kernelArgs?: string[];
 }
 
 export function sleep(ms: number): Promise<void> {
@@ -85,7 +83,7 @@ export function vhostUserDisk(socketPath: string, numQueues = 1): string[] {
 
 /** Starts a QEMU running the `migrate` workload (or waiting for it with -incoming) and connects its QMP. */
 export async function startVm(options: VmOptions): Promise<Vm> {
-  const { name, dir, disk, incomingPort, cpus = 1, extraArgs = [], kernelArgs = [] } = options;
+  const { name, dir, disk, incomingPort, cpus = 1, extraArgs = [] } = options;
   const qmpPath = path.join(dir, `${name}.qmp`);
   const args = [
     // Both QEMUs share nothing but the image: each maps its own guest RAM, shared with its own vublk.
@@ -94,7 +92,7 @@ export async function startVm(options: VmOptions): Promise<Vm> {
       cpus,
       memoryKiB: MEMORY_KIB,
       disk,
-      kernelArgs: ['init_on_alloc=0', ...kernelArgs, 'vublk.test=migrate', `vublk.offset=${PATTERN_OFFSET}`, 'vublk.timeout=1800'],
+      kernelArgs: ['init_on_alloc=0', 'vublk.test=migrate', `vublk.offset=${PATTERN_OFFSET}`, 'vublk.timeout=1800'],
     }),
     '-qmp',
     `unix:${qmpPath},server=on,wait=off`,
@@ -135,7 +133,7 @@ export async function startVm(options: VmOptions): Promise<Vm> {
 }
 
 /**
- * The guest's RAM as QEMU holds it (the memory-backend-memfd, read through /proc/PID/fd): 256 MiB, guest
+ * The guest's RAM as QEMU holds it (the memory-backend-memfd, read through /proc/PID/fd): MEMORY_KIB, guest
  * physical address = offset (q35 below 4 GiB).
  */
 export function guestRam(vm: Vm): Buffer {
@@ -264,13 +262,17 @@ async function queryMigration(
   return info;
 }
 
-async function waitForRunning(vm: Vm, context: () => string): Promise<void> {
+/**
+ * Waits (30 s at most) until `vm` runs, or, for `paused`, until a destination started with -S has loaded the
+ * migration stream (paused, no longer inmigrate).
+ */
+async function waitForStatus(vm: Vm, wanted: 'running' | 'paused', context: () => string): Promise<void> {
   const deadline = Date.now() + 30_000;
   for (;;) {
     const status = await vm.qmp.execute<{ status: string; running: boolean }>('query-status');
-    if (status.running) return;
-    if (Date.now() > deadline) expect.fail(`${vm.name} is ${status.status}, not running\n${context()}`);
-    await sleep(200);
+    if (wanted === 'running' ? status.running : status.status === wanted) return;
+    if (Date.now() > deadline) expect.fail(`${vm.name} is ${status.status}, not ${wanted}\n${context()}`);
+    await sleep(100);
   }
 }
 
@@ -307,26 +309,15 @@ export async function migrate(source: Vm, destination: Vm, port: number, hop: nu
     await sleep(200);
     info = await queryMigration(source, destination, deadline, context);
   }
-  await waitForLoaded(destination, context);
+  await waitForStatus(destination, 'paused', context);
   const lost = differingPages(guestRam(source), guestRam(destination));
   expect(
     lost.slice(0, 16),
     `${lost.length} guest pages differ between ${source.name} and ${destination.name} after the switch-over\n${context()}`,
   ).toEqual([]);
   await destination.qmp.execute('cont');
-  await waitForRunning(destination, context);
+  await waitForStatus(destination, 'running', context);
   return info;
-}
-
-/** Waits until a destination started with -S has loaded the migration stream (paused, not inmigrate). */
-async function waitForLoaded(vm: Vm, context: () => string): Promise<void> {
-  const deadline = Date.now() + 30_000;
-  for (;;) {
-    const status = await vm.qmp.execute<{ status: string }>('query-status');
-    if (status.status === 'paused') return;
-    if (Date.now() > deadline) expect.fail(`${vm.name} is ${status.status}, not paused after the migration\n${context()}`);
-    await sleep(100);
-  }
 }
 
 export interface HopResult {
@@ -408,7 +399,7 @@ export async function cancelledHop(source: Vm, options: HopOptions): Promise<Can
     await sleep(200);
     info = await queryMigration(source, destination, deadline, context, ['cancelled']);
   }
-  await waitForRunning(source, context);
+  await waitForStatus(source, 'running', context);
   await destination.kill();
   const reached = await waitForRounds(source, before, ROUNDS_AFTER, context);
   const summary = `${source.name} → ${name} cancelled after ${transferred} bytes of pre-copy; ${source.name} ran rounds ${before + 1}..${reached}`;

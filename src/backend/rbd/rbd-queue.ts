@@ -272,18 +272,11 @@ export class RbdQueue {
     if (id === undefined) {
       id = this.nextId++;
       if (id >= this.tagOf.length) {
-        const grown = new Float64Array(this.tagOf.length * 2).fill(Number.NaN);
-        grown.set(this.tagOf);
-        this.tagOf = grown;
-        const iov = new Float64Array(grown.length);
-        iov.set(this.readIov);
-        this.readIov = iov;
-        const counts = new Int32Array(grown.length);
-        counts.set(this.readIovCount);
-        this.readIovCount = counts;
-        const asked = new Float64Array(grown.length);
-        asked.set(this.readAsked);
-        this.readAsked = asked;
+        const length = this.tagOf.length * 2;
+        this.tagOf = doubled(this.tagOf, new Float64Array(length).fill(Number.NaN));
+        this.readIov = doubled(this.readIov, new Float64Array(length));
+        this.readIovCount = doubled(this.readIovCount, new Int32Array(length));
+        this.readAsked = doubled(this.readAsked, new Float64Array(length));
       }
     }
     this.tagOf[id] = tag;
@@ -367,6 +360,12 @@ export class RbdQueue {
     this.refused.push({ tag, result });
     signalEventFd(this.fd);
   }
+}
+
+/** `grown` (a larger array of the same kind) with `current`'s entries copied to its start. */
+function doubled<T extends Float64Array | Int32Array>(current: T, grown: T): T {
+  grown.set(current);
+  return grown;
 }
 
 /** A struct iovec array in one Buffer, for callers without their own (tests, tools). */
